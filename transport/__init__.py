@@ -1,0 +1,48 @@
+"""The event bus on kombu: envelope, naming, topology, publishing with confirms, consuming with acks.
+
+This package knows kombu and py-amqp and nothing about sagas.
+"""
+
+from ._bus import ATTEMPT_HEADER, ConnectionLost, DeadLetter, EventBus, Inbound, redact_url
+from ._envelope import CONTENT_TYPE, DEFAULT_MAX_EVENT_SIZE, Event, decode, encode, new_id
+from ._errors import (
+    BrokerUnavailable,
+    DecodeError,
+    EventTooLarge,
+    InvalidEvent,
+    InvalidEventName,
+    PublishError,
+    PublishTimeout,
+    TransportError,
+    Unroutable,
+)
+from ._names import topic_matches, validate_event_name, validate_pattern
+from ._topology import Subscription
+
+__all__ = [
+    "ATTEMPT_HEADER",
+    "CONTENT_TYPE",
+    "DEFAULT_MAX_EVENT_SIZE",
+    "BrokerUnavailable",
+    "ConnectionLost",
+    "DeadLetter",
+    "DecodeError",
+    "Event",
+    "EventBus",
+    "EventTooLarge",
+    "Inbound",
+    "InvalidEvent",
+    "InvalidEventName",
+    "PublishError",
+    "PublishTimeout",
+    "Subscription",
+    "TransportError",
+    "Unroutable",
+    "decode",
+    "encode",
+    "new_id",
+    "redact_url",
+    "topic_matches",
+    "validate_event_name",
+    "validate_pattern",
+]

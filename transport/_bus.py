@@ -1,0 +1,608 @@
+"""The event bus: one connection to the broker, publishing with confirms, consuming with acks.
+
+An :class:`EventBus` is not thread-safe for consuming: the thread that calls :meth:`EventBus.consume`
+and :meth:`EventBus.drain` must also do every ack, retry and dead-letter, because neither kombu nor
+py-amqp is thread-safe. Publishing is guarded by a lock, so a bus used only to publish can be shared.
+
+Safe defaults, set here:
+
+* every message is persistent (``delivery_mode=2``) and JSON;
+* every publish waits for the broker's confirm, with a timeout; batches pipeline their confirms;
+* nothing is ever acked unless it was handled, or copied to a retry or dead-letter queue and that copy
+  was confirmed.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import kombu
+import structlog
+from kombu.message import Message
+
+from . import _memory
+from ._envelope import CONTENT_TYPE, DEFAULT_MAX_EVENT_SIZE, Event, decode, encode
+from ._errors import (
+    BrokerUnavailable,
+    DecodeError,
+    PublishError,
+    PublishTimeout,
+    TransportError,
+    Unroutable,
+)
+from ._topology import Subscription, dead_queue, declare, delay_queue
+
+log = structlog.get_logger("transport")
+
+#: AMQP header with the attempt number of a retried message (1 for the first delivery).
+ATTEMPT_HEADER = "x-sagas-attempt"
+#: Headers a dead letter carries.
+DL_QUEUE = "x-sagas-queue"
+DL_REASON = "x-sagas-reason"
+DL_ERROR_TYPE = "x-sagas-error-type"
+DL_ERROR_MESSAGE = "x-sagas-error-message"
+DL_TRACEBACK = "x-sagas-traceback"
+DL_ATTEMPTS = "x-sagas-attempts"
+DL_DEAD_AT = "x-sagas-dead-at"
+DL_ROUTING_KEY = "x-sagas-routing-key"
+_DL_HEADERS = (DL_QUEUE, DL_REASON, DL_ERROR_TYPE, DL_ERROR_MESSAGE, DL_TRACEBACK, DL_ATTEMPTS, DL_DEAD_AT,
+               DL_ROUTING_KEY, ATTEMPT_HEADER)
+_MAX_TRACEBACK = 4000
+
+
+class ConnectionLost(TransportError):
+    """The connection to the broker broke; reconnect and consume again."""
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (each host of a ``;``-separated list)."""
+    parts = []
+    for one in url.split(";"):
+        try:
+            u = urlsplit(one)
+            if u.password is not None:
+                host = u.hostname or ""
+                if u.port:
+                    host = f"{host}:{u.port}"
+                one = urlunsplit(u._replace(netloc=f"{u.username or ''}:***@{host}"))
+        except ValueError:
+            one = "<unparseable url>"
+        parts.append(one)
+    return ";".join(parts)
+
+
+def is_memory_url(url: str) -> bool:
+    return url.startswith("memory://")
+
+
+@dataclass(slots=True)
+class Inbound:
+    """A message received on a subscription. ``event`` is None when it could not be decoded."""
+
+    subscription: Subscription
+    message: Message
+    event: Event | None
+    error: str | None
+    attempt: int
+    received_at: float
+
+    @property
+    def message_id(self) -> str:
+        mid = self.message.properties.get("message_id")
+        return str(mid) if mid else ""
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """One message in the dead-letter queue, as ``sagas dead ls`` shows it."""
+
+    id: str
+    queue: str
+    routing_key: str
+    reason: str
+    error_type: str
+    error_message: str
+    traceback: str
+    attempts: int
+    dead_at: str
+    content_type: str
+    size: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f: getattr(self, f) for f in self.__slots__}
+
+
+class _Confirms:
+    """Pipelined publisher confirms on a py-amqp channel (``confirm_select`` + ``basic_ack`` events)."""
+
+    def __init__(self, channel: Any) -> None:
+        self.seq = 0
+        self.pending: dict[int, str] = {}
+        self.failed: dict[str, str] = {}
+        channel.confirm_select()
+        channel.events["basic_ack"].add(self._on_ack)
+        channel.events["basic_nack"].add(self._on_nack)
+        channel.events["basic_return"].add(self._on_return)
+
+    def sent(self, message_id: str) -> int:
+        self.seq += 1
+        self.pending[self.seq] = message_id
+        return self.seq
+
+    def _settle(self, tag: int, multiple: bool, failure: str | None) -> None:
+        if multiple:
+            for seq in [s for s in self.pending if s <= tag]:
+                mid = self.pending.pop(seq)
+                if failure:
+                    self.failed[mid] = failure
+        else:
+            mid = self.pending.pop(tag, "")
+            if failure and mid:
+                self.failed[mid] = failure
+
+    def _on_ack(self, tag: int, multiple: bool) -> None:
+        self._settle(tag, multiple, None)
+
+    def _on_nack(self, tag: int, multiple: bool) -> None:
+        self._settle(tag, multiple, "the broker refused the message (nack)")
+
+    def _on_return(self, exc: Exception, exchange: str, routing_key: str, message: Any) -> None:
+        mid = message.properties.get("message_id", "")
+        self.failed[mid] = f"unroutable: no queue is bound to {exchange!r} for {routing_key!r}"
+
+
+class EventBus:
+    """A connection to the event bus: ``memory://`` or ``amqp://`` (``amqps://`` for TLS).
+
+    ``url`` may list several brokers separated by ``;`` for fail-over. Nothing connects until
+    :meth:`connect` (or the first publish).
+    """
+
+    def __init__(
+        self,
+        url: str = "memory://",
+        *,
+        exchange: str = "sagas",
+        max_event_size: int = DEFAULT_MAX_EVENT_SIZE,
+        publish_timeout: float = 10.0,
+        connect_timeout: float = 5.0,
+        heartbeat: float = 30.0,
+        ssl: bool | Mapping[str, Any] | None = None,
+        confirm_window: int = 1000,
+    ) -> None:
+        if not exchange or not exchange.replace(".", "").replace("-", "").replace("_", "").isalnum():
+            raise TransportError(f"invalid exchange name {exchange!r}: use letters, digits, '.', '-' and '_'")
+        self.url = url
+        self.exchange = exchange
+        self.dead_queue = dead_queue(exchange)
+        self.max_event_size = max_event_size
+        self.publish_timeout = publish_timeout
+        self.connect_timeout = connect_timeout
+        self.heartbeat = heartbeat
+        self.ssl = ssl
+        self.confirm_window = confirm_window
+        self.memory = is_memory_url(url)
+        self._lock = threading.RLock()
+        self._conn: kombu.Connection | None = None
+        self._pub: Any = None
+        self._confirms: _Confirms | None = None
+        self._consume_ch: Any = None
+        self._consumer_tags: list[str] = []
+        self._declared_exchange = False
+
+    # -- connection ------------------------------------------------------------------------------
+
+    def __repr__(self) -> str:
+        return f"EventBus({redact_url(self.url)!r}, exchange={self.exchange!r})"
+
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None and self._pub is not None
+
+    def _new_connection(self) -> kombu.Connection:
+        if self.memory:
+            return kombu.Connection("memory://", transport=_memory.Transport)
+        return kombu.Connection(
+            self.url,
+            heartbeat=self.heartbeat,
+            connect_timeout=self.connect_timeout,
+            ssl=self.ssl,
+            transport_options={"confirm_publish": False},
+        )
+
+    def connect(self, timeout: float | None = None) -> None:
+        """Connect, retrying with backoff for up to ``timeout`` seconds; raise :class:`BrokerUnavailable`."""
+        with self._lock:
+            if self.connected:
+                return
+            deadline = time.monotonic() + (self.connect_timeout if timeout is None else timeout)
+            delay = 0.1
+            while True:
+                conn = self._new_connection()
+                try:
+                    conn.connect()
+                    pub = conn.channel()
+                    confirms = None if self.memory else _Confirms(pub)
+                    declare(pub, self.exchange)
+                except Exception as exc:
+                    _close_quietly(conn)
+                    if not _is_connection_error(conn, exc):
+                        raise
+                    if time.monotonic() + delay > deadline:
+                        raise BrokerUnavailable(
+                            f"cannot reach the broker at {redact_url(self.url)}: {exc}"
+                        ) from None
+                    time.sleep(delay)
+                    delay = min(delay * 2, 2.0)
+                    continue
+                self._conn, self._pub, self._confirms = conn, pub, confirms
+                self._declared_exchange = True
+                log.debug("bus.connected", broker=redact_url(self.url), exchange=self.exchange)
+                return
+
+    def close(self) -> None:
+        """Close the connection. Unacked messages go back to their queues (broker side)."""
+        with self._lock:
+            conn, self._conn, self._pub, self._confirms = self._conn, None, None, None
+            self._consume_ch = None
+            self._consumer_tags = []
+            if conn is not None:
+                _close_quietly(conn)
+
+    def __enter__(self) -> EventBus:
+        self.connect()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _lost(self, exc: BaseException) -> ConnectionLost:
+        self.close()
+        return ConnectionLost(f"connection to {redact_url(self.url)} lost: {exc}")
+
+    @property
+    def connection_errors(self) -> tuple[type[BaseException], ...]:
+        conn = self._conn or self._new_connection()
+        return tuple(conn.connection_errors) + tuple(conn.channel_errors) + (OSError,)
+
+    def health(self, timeout: float = 5.0) -> bool:
+        """Whether the broker answers within ``timeout`` seconds."""
+        try:
+            self.connect(timeout=timeout)
+        except TransportError:
+            return False
+        return True
+
+    # -- publishing --------------------------------------------------------------------------------
+
+    def publish(self, event: Event, *, mandatory: bool = False, timeout: float | None = None) -> None:
+        """Publish ``event`` and return once the broker confirmed it.
+
+        Raises :class:`PublishError` (or a subclass) if the broker refused it, did not confirm it within
+        ``timeout`` (default ``publish_timeout``), or, with ``mandatory``, nobody is bound to receive it.
+        """
+        self.publish_many([event], mandatory=mandatory, timeout=timeout)
+
+    def publish_many(self, events: Iterable[Event], *, mandatory: bool = False,
+                     timeout: float | None = None) -> None:
+        """Publish several events with pipelined confirms; return once all are confirmed.
+
+        On failure, :class:`PublishError` says which event ids were not confirmed; the others were.
+        """
+        items = [(self.exchange, e.type, encode(e, self.max_event_size), e.id, {}, mandatory) for e in events]
+        self._publish_raw(items, timeout)
+
+    def _publish_raw(self, items: Sequence[tuple[str, str, bytes, str, dict[str, Any], bool]],
+                     timeout: float | None, content_type: str = CONTENT_TYPE) -> None:
+        if not items:
+            return
+        limit = self.publish_timeout if timeout is None else timeout
+        deadline = time.monotonic() + limit
+        with self._lock:
+            if not self.connected:
+                self.connect(timeout=max(0.0, min(self.connect_timeout, deadline - time.monotonic())))
+            ch, confirms = self._pub, self._confirms
+            ids = []
+            try:
+                for exchange, routing_key, body, message_id, headers, mandatory in items:
+                    message = ch.prepare_message(
+                        body, content_type=content_type, content_encoding="utf-8", headers=headers,
+                        properties={"message_id": message_id, "delivery_mode": 2},
+                    )
+                    ch.basic_publish(message, exchange=exchange, routing_key=routing_key, mandatory=mandatory)
+                    ids.append(message_id)
+                    if confirms is not None:
+                        confirms.sent(message_id)
+                        if len(confirms.pending) >= self.confirm_window:
+                            self._wait_confirms(confirms, deadline, self.confirm_window // 2)
+                if confirms is not None:
+                    self._wait_confirms(confirms, deadline, 0)
+            except Unroutable:
+                raise
+            except PublishTimeout:
+                self.close()
+                raise
+            except Exception as exc:
+                if self._conn is not None and _is_connection_error(self._conn, exc):
+                    self.close()
+                    raise PublishError(f"publish failed, the broker connection broke: {exc}") from None
+                raise
+            if confirms is not None and confirms.failed:
+                failed = {i: confirms.failed.pop(i) for i in ids if i in confirms.failed}
+                confirms.failed.clear()
+                if failed:
+                    first = next(iter(failed.values()))
+                    cls = Unroutable if first.startswith("unroutable") else PublishError
+                    err = cls(f"{len(failed)} of {len(ids)} message(s) not taken by the broker: {first}")
+                    err.failed = failed  # type: ignore[attr-defined]
+                    raise err
+
+    def _wait_confirms(self, confirms: _Confirms, deadline: float, until_pending: int) -> None:
+        assert self._conn is not None
+        while len(confirms.pending) > until_pending:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise PublishTimeout(
+                    f"the broker did not confirm {len(confirms.pending)} message(s) in time; "
+                    "they may or may not have been taken"
+                )
+            try:
+                self._conn.drain_events(timeout=min(remaining, 1.0))
+            except socket.timeout:
+                continue
+
+    # -- consuming ---------------------------------------------------------------------------------
+
+    def declare(self, subscription: Subscription) -> None:
+        """Declare the queue of ``subscription``, its bindings and its delay queues."""
+        with self._lock:
+            self.connect()
+            declare(self._pub, self.exchange, subscription)
+
+    def consume(self, subscriptions: Sequence[Subscription], on_message: Callable[[Inbound], None]) -> None:
+        """Start consuming. ``on_message`` runs inside :meth:`drain`, on the calling thread."""
+        self.connect()
+        assert self._conn is not None
+        ch = self._consume_ch = self._conn.channel()
+        for sub in subscriptions:
+            declare(ch, self.exchange, sub)
+            ch.basic_qos(0, sub.prefetch, False)
+            tag = f"{sub.queue}.{uuid.uuid4().hex[:8]}"
+            ch.basic_consume(queue=sub.queue, no_ack=False, consumer_tag=tag,
+                             callback=self._receiver(ch, sub, on_message))
+            self._consumer_tags.append(tag)
+
+    def cancel(self) -> None:
+        """Stop receiving new messages; messages already received can still be acked."""
+        ch, tags, self._consumer_tags = self._consume_ch, self._consumer_tags, []
+        if ch is None:
+            return
+        for tag in tags:
+            try:
+                ch.basic_cancel(tag)
+            except Exception as exc:
+                if self._conn is None or not _is_connection_error(self._conn, exc):
+                    raise
+
+    def _receiver(self, ch: Any, sub: Subscription, on_message: Callable[[Inbound], None]) -> Callable[[Any], None]:
+        max_size = self.max_event_size
+
+        def receive(raw: Any) -> None:
+            message = raw if isinstance(raw, Message) else ch.message_to_python(raw)
+            headers = message.headers or {}
+            attempt = _int(headers.get(ATTEMPT_HEADER), 1) + _int(headers.get("x-delivery-count"), 0)
+            try:
+                event, error = decode(message.body, message.content_type, max_size), None
+            except DecodeError as exc:
+                event, error = None, exc.reason
+            inbound = Inbound(sub, message, event, error, attempt, time.monotonic())
+            if event is not None and not sub.durable:
+                message.ack()  # at-most-once: acked before it is handled
+            on_message(inbound)
+
+        return receive
+
+    def drain(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` for broker traffic and dispatch it. Returns whether anything came.
+
+        Raises :class:`ConnectionLost` if the connection broke.
+        """
+        conn = self._conn
+        if conn is None:
+            raise ConnectionLost("not connected")
+        try:
+            if not self.memory:
+                conn.heartbeat_check()
+            conn.drain_events(timeout=timeout)
+            return True
+        except socket.timeout:
+            return False
+        except Exception as exc:
+            if _is_connection_error(conn, exc):
+                raise self._lost(exc) from None
+            raise
+
+    def ack(self, inbound: Inbound) -> None:
+        """Acknowledge a handled message (at-least-once). No-op for at-most-once (acked on arrival)."""
+        if inbound.subscription.durable or inbound.event is None:
+            self._settle(inbound.message.ack)
+
+    def _settle(self, op: Callable[[], None]) -> None:
+        try:
+            op()
+        except Exception as exc:
+            if self._conn is not None and _is_connection_error(self._conn, exc):
+                raise self._lost(exc) from None
+            raise
+
+    def retry(self, inbound: Inbound, delay: float, error: BaseException | None = None) -> None:
+        """Send the message back to its queue after ``delay`` seconds (one of the subscription's
+        ``retry_delays``), with the attempt count raised; ack the original once the copy is confirmed."""
+        sub = inbound.subscription
+        if not sub.durable:
+            raise TransportError("at-most-once messages are not retried")
+        headers = dict(inbound.message.headers or {})
+        headers.pop("x-delivery-count", None)
+        headers[ATTEMPT_HEADER] = inbound.attempt + 1
+        headers.setdefault(DL_ROUTING_KEY, str(inbound.message.delivery_info.get("routing_key", ""))[:255])
+        self._copy(inbound, "", delay_queue(sub.queue, delay), headers, mandatory=True)
+        self._settle(inbound.message.ack)
+
+    def dead_letter(self, inbound: Inbound, reason: str, error: BaseException | None = None) -> None:
+        """Copy the message, with ``reason`` and ``error`` in its headers, to the dead-letter queue; ack
+        the original once the copy is confirmed."""
+        headers = dict(inbound.message.headers or {})
+        headers.pop("x-delivery-count", None)
+        headers.update({
+            DL_QUEUE: inbound.subscription.queue,
+            DL_REASON: reason[:1000],
+            DL_ATTEMPTS: inbound.attempt,
+            DL_DEAD_AT: datetime.now(UTC).isoformat(),
+        })
+        headers.setdefault(DL_ROUTING_KEY, str(inbound.message.delivery_info.get("routing_key", ""))[:255])
+        if error is not None:
+            headers[DL_ERROR_TYPE] = f"{type(error).__module__}.{type(error).__qualname__}"
+            headers[DL_ERROR_MESSAGE] = str(error)[:1000]
+            tb = "".join(traceback.format_exception(error, limit=-8))
+            headers[DL_TRACEBACK] = tb[-_MAX_TRACEBACK:]
+        self._copy(inbound, "", self.dead_queue, headers, mandatory=True)
+        if inbound.subscription.durable or inbound.event is None:
+            self._settle(inbound.message.ack)
+
+    def _copy(self, inbound: Inbound, exchange: str, routing_key: str, headers: dict[str, Any],
+              mandatory: bool) -> None:
+        message = inbound.message
+        body = message.body if isinstance(message.body, bytes) else str(message.body).encode()
+        mid = inbound.message_id or f"dl-{uuid.uuid4().hex}"
+        try:
+            self._publish_raw([(exchange, routing_key, body, mid, headers, mandatory)], None,
+                              content_type=message.content_type or "")
+        except PublishError as exc:
+            if self._conn is None:
+                raise ConnectionLost(str(exc)) from None
+            raise
+
+    # -- dead letters ------------------------------------------------------------------------------
+
+    def dead_letters(self, limit: int = 1000) -> list[DeadLetter]:
+        """Up to ``limit`` dead letters, oldest first. They stay in the queue."""
+        with self._lock:
+            self.connect()
+            assert self._conn is not None
+            ch = self._conn.channel()
+            out: list[DeadLetter] = []
+            try:
+                for _ in range(limit):
+                    message = ch.basic_get(self.dead_queue, no_ack=False)
+                    if message is None:
+                        break
+                    if not isinstance(message, Message):
+                        message = ch.message_to_python(message)
+                    out.append(_dead_letter_of(message))
+            finally:
+                ch.close()  # unacked messages go back to the queue
+            return out
+
+    def replay_dead(self, ids: Iterable[str] | None = None, *, timeout: float | None = None) -> list[str]:
+        """Put dead letters back on the queue they came from, with a fresh attempt count.
+
+        ``ids=None`` replays all. Returns the ids replayed. Each is acked off the dead-letter queue
+        only after its copy was confirmed.
+        """
+        wanted = None if ids is None else set(ids)
+        replayed: list[str] = []
+        with self._lock:
+            self.connect()
+            assert self._conn is not None
+            ch = self._conn.channel()
+            try:
+                depth = ch.queue_declare(queue=self.dead_queue, passive=True).message_count
+                for _ in range(depth):
+                    message = ch.basic_get(self.dead_queue, no_ack=False)
+                    if message is None:
+                        break
+                    if not isinstance(message, Message):
+                        message = ch.message_to_python(message)
+                    dl = _dead_letter_of(message)
+                    if wanted is not None and dl.id not in wanted:
+                        continue
+                    if not dl.queue:
+                        raise TransportError(f"dead letter {dl.id} does not say which queue it came from")
+                    headers = {k: v for k, v in (message.headers or {}).items()
+                               if k not in _DL_HEADERS and k not in ("x-death", "x-first-death-exchange",
+                                                                    "x-first-death-queue",
+                                                                    "x-first-death-reason",
+                                                                    "x-delivery-count")}
+                    body = message.body if isinstance(message.body, bytes) else str(message.body).encode()
+                    self._publish_raw([("", dl.queue, body, dl.id, headers, True)], timeout,
+                                      content_type=message.content_type or "")
+                    message.ack()
+                    replayed.append(dl.id)
+            finally:
+                if self._conn is not None:
+                    _close_channel_quietly(ch)
+        return replayed
+
+
+def _dead_letter_of(message: Message) -> DeadLetter:
+    h = message.headers or {}
+    death = (h.get("x-death") or [{}])[0] if isinstance(h.get("x-death"), list) else {}
+    queue = str(h.get(DL_QUEUE) or death.get("queue") or "")
+    reason = str(h.get(DL_REASON) or (f"broker dead-lettered it: {death.get('reason')}" if death else ""))
+    if not h.get(DL_REASON) and death.get("reason") == "delivery_limit":
+        reason = "delivered too many times without an ack (worker crash loop?)"
+    body = message.body or b""
+    routing_key = str(h.get(DL_ROUTING_KEY) or (death.get("routing-keys") or [""])[0])
+    return DeadLetter(
+        id=str(message.properties.get("message_id") or ""),
+        queue=queue,
+        routing_key=routing_key,
+        reason=reason,
+        error_type=str(h.get(DL_ERROR_TYPE, "")),
+        error_message=str(h.get(DL_ERROR_MESSAGE, "")),
+        traceback=str(h.get(DL_TRACEBACK, "")),
+        attempts=_int(h.get(DL_ATTEMPTS), 0),
+        dead_at=str(h.get(DL_DEAD_AT, "")),
+        content_type=str(message.content_type or ""),
+        size=len(body),
+    )
+
+
+def _int(value: object, default: int) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    try:
+        return int(str(value)) if value is not None else default
+    except ValueError:
+        return default
+
+
+def _is_connection_error(conn: kombu.Connection, exc: BaseException) -> bool:
+    try:
+        errors = tuple(conn.connection_errors) + tuple(conn.recoverable_connection_errors)
+    except Exception:  # noqa: BLE001 - a broken transport cannot tell; treat the error as a connection error
+        return True
+    return isinstance(exc, errors + (OSError, ConnectionError))
+
+
+def _close_quietly(conn: kombu.Connection) -> None:
+    try:
+        conn.release()
+    except Exception as exc:  # noqa: BLE001 - the connection is being thrown away; the reason is logged
+        log.debug("bus.close_failed", error=repr(exc))
+
+
+def _close_channel_quietly(ch: Any) -> None:
+    try:
+        ch.close()
+    except Exception as exc:  # noqa: BLE001 - closing requeues; a failure means the connection is gone
+        log.debug("bus.channel_close_failed", error=repr(exc))

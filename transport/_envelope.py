@@ -1,0 +1,167 @@
+"""The event envelope and its JSON codec.
+
+Only JSON goes over the wire. The body of every message is one JSON object::
+
+    {"id": "...", "type": "ocis.sharing.share_created", "source": "sharing",
+     "time": "2026-11-27T01:02:03.456789Z", "correlation_id": "...", "causation_id": null,
+     "headers": {"k": "v"}, "payload": {...}}
+
+Decoding is strict: anything that is not exactly such an object is a :class:`DecodeError`, whose
+reason travels with the message into the dead-letter queue.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from ._errors import DecodeError, EventTooLarge, InvalidEvent, InvalidEventName
+from ._names import validate_event_name
+
+CONTENT_TYPE = "application/json"
+#: Default cap on the encoded size of one event: 1 MiB.
+DEFAULT_MAX_EVENT_SIZE = 1024 * 1024
+MAX_ID_LENGTH = 128
+MAX_HEADERS = 64
+MAX_HEADER_LENGTH = 1024
+
+_FIELDS = ("id", "type", "source", "time", "correlation_id", "causation_id", "headers", "payload")
+_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+_decoder = json.JSONDecoder()
+
+
+def new_id() -> str:
+    """A new random event id."""
+    return uuid.uuid4().hex
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One event: a name, a JSON-object payload and the metadata that ties it to other events.
+
+    ``correlation_id`` groups every event of one piece of work (it defaults to the event's own id);
+    ``causation_id`` is the id of the event this one reacts to, if any.
+    """
+
+    type: str
+    payload: Mapping[str, Any] = field(default_factory=dict)
+    source: str = ""
+    id: str = field(default_factory=new_id)
+    time: datetime = field(default_factory=_now)
+    correlation_id: str = ""
+    causation_id: str | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        validate_event_name(self.type)
+        if not isinstance(self.payload, Mapping):
+            raise InvalidEvent(f"the payload must be a JSON object (a mapping), not {type(self.payload).__name__}")
+        _check_id("id", self.id)
+        if not isinstance(self.source, str):
+            raise InvalidEvent("source must be a str (the name of the publishing service)")
+        if not self.correlation_id:
+            object.__setattr__(self, "correlation_id", self.id)
+        _check_id("correlation_id", self.correlation_id)
+        if self.causation_id is not None:
+            _check_id("causation_id", self.causation_id)
+        if not isinstance(self.time, datetime) or self.time.tzinfo is None:
+            raise InvalidEvent("time must be a timezone-aware datetime")
+        _check_headers(self.headers)
+
+    def follow_up(self, type: str, payload: Mapping[str, Any] | None = None, *, source: str = "",
+                  headers: Mapping[str, str] | None = None) -> Event:
+        """A new event caused by this one: same correlation id, causation id set to this event's id."""
+        return Event(type=type, payload=payload or {}, source=source, correlation_id=self.correlation_id,
+                     causation_id=self.id, headers=headers or {})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The envelope as a JSON-ready dict."""
+        return {
+            "id": self.id,
+            "type": self.type,
+            "source": self.source,
+            "time": self.time.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            "correlation_id": self.correlation_id,
+            "causation_id": self.causation_id,
+            "headers": dict(self.headers),
+            "payload": self.payload,
+        }
+
+
+def _check_id(name: str, value: object) -> None:
+    if not isinstance(value, str) or not value or len(value) > MAX_ID_LENGTH or not value.isprintable():
+        raise InvalidEvent(f"{name} must be a printable, non-empty str of at most {MAX_ID_LENGTH} characters")
+
+
+def _check_headers(headers: object) -> None:
+    if not isinstance(headers, Mapping):
+        raise InvalidEvent("headers must be a mapping of str to str")
+    if len(headers) > MAX_HEADERS:
+        raise InvalidEvent(f"at most {MAX_HEADERS} headers are allowed, got {len(headers)}")
+    for k, v in headers.items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise InvalidEvent("headers must map str to str")
+        if not k or len(k) > MAX_HEADER_LENGTH or len(v) > MAX_HEADER_LENGTH or not k.isprintable():
+            raise InvalidEvent(f"header names must be printable and header values at most {MAX_HEADER_LENGTH} chars")
+
+
+def encode(event: Event, max_size: int = DEFAULT_MAX_EVENT_SIZE) -> bytes:
+    """Encode ``event`` to its JSON body. Raises :class:`EventTooLarge` past ``max_size`` bytes."""
+    try:
+        body = _encoder.encode(event.to_dict()).encode("utf-8")
+    except (TypeError, ValueError) as exc:
+        raise InvalidEvent(f"the payload of {event.type} is not JSON-serialisable: {exc}") from exc
+    if len(body) > max_size:
+        raise EventTooLarge(
+            f"event {event.type} encodes to {len(body)} bytes, over the limit of {max_size}; "
+            "send a reference (a path or URL) instead of the data, or raise max_event_size"
+        )
+    return body
+
+
+def decode(body: bytes | str, content_type: str | None, max_size: int = DEFAULT_MAX_EVENT_SIZE) -> Event:
+    """Decode and validate a message body. Raises :class:`DecodeError` with the reason."""
+    if content_type != CONTENT_TYPE:
+        raise DecodeError(f"content type {content_type!r} is not accepted; only {CONTENT_TYPE} is")
+    if len(body) > max_size:
+        raise DecodeError(f"message of {len(body)} bytes exceeds the limit of {max_size}")
+    try:
+        text = body.decode("utf-8") if isinstance(body, bytes | bytearray) else body
+        data = _decoder.decode(text)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise DecodeError(f"body is not valid UTF-8 JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise DecodeError(f"body must be a JSON object, not {type(data).__name__}")
+    missing = [f for f in _FIELDS if f not in data]
+    if missing:
+        raise DecodeError(f"envelope is missing field(s): {', '.join(missing)}")
+    extra = sorted(set(data) - set(_FIELDS))
+    if extra:
+        raise DecodeError(f"envelope has unknown field(s): {', '.join(extra[:5])}")
+    for name in ("id", "type", "source", "time", "correlation_id"):
+        if not isinstance(data[name], str):
+            raise DecodeError(f"envelope field {name!r} must be a string")
+    if data["causation_id"] is not None and not isinstance(data["causation_id"], str):
+        raise DecodeError("envelope field 'causation_id' must be a string or null")
+    if not isinstance(data["payload"], dict):
+        raise DecodeError("envelope field 'payload' must be a JSON object")
+    try:
+        time = datetime.fromisoformat(data["time"])
+    except ValueError:
+        raise DecodeError(f"envelope field 'time' is not an ISO 8601 time: {data['time'][:64]!r}") from None
+    if time.tzinfo is None:
+        raise DecodeError("envelope field 'time' has no timezone")
+    try:
+        return Event(type=data["type"], payload=data["payload"], source=data["source"], id=data["id"],
+                     time=time, correlation_id=data["correlation_id"], causation_id=data["causation_id"],
+                     headers=data["headers"])
+    except (InvalidEvent, InvalidEventName) as exc:
+        raise DecodeError(f"invalid envelope: {exc}") from None

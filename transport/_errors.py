@@ -1,0 +1,43 @@
+"""Typed errors of the event bus. Every one says what went wrong and what to do about it."""
+
+from __future__ import annotations
+
+
+class TransportError(Exception):
+    """Base class of every error the transport raises."""
+
+
+class InvalidEventName(TransportError, ValueError):
+    """An event name or subscription pattern breaks the naming rules."""
+
+
+class InvalidEvent(TransportError, ValueError):
+    """An event could not be built: a field has the wrong type or value."""
+
+
+class EventTooLarge(TransportError, ValueError):
+    """The encoded event is larger than the bus allows (``max_event_size``)."""
+
+
+class DecodeError(TransportError):
+    """A received message is not a valid event. ``reason`` is kept with the dead letter."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class PublishError(TransportError):
+    """The broker did not take the event. Nothing was confirmed; publishing again is safe."""
+
+
+class PublishTimeout(PublishError):
+    """The broker did not confirm in time (it may be down or blocked)."""
+
+
+class Unroutable(PublishError):
+    """A mandatory message matched no queue: nobody is bound to receive it."""
+
+
+class BrokerUnavailable(TransportError):
+    """No connection to the broker could be made within the time allowed."""

@@ -1,0 +1,203 @@
+"""kombu's memory transport, made to behave like RabbitMQ where the framework depends on it.
+
+kombu's ``memory://`` keeps everything in process-global structures. It has topic routing, but gets
+``#`` wrong, and it has no per-queue TTL, dead-letter exchange, auto-delete or mandatory routing.
+This module subclasses it to add exactly those, so that the same topology (delay queues with TTL
+that dead-letter back to the work queue, transient auto-delete queues) behaves the same on both
+transports. It keeps its own global state, apart from plain ``kombu.transport.memory``.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import threading
+import time
+from collections import defaultdict
+from queue import Empty, Queue
+from typing import Any
+
+from kombu.transport import memory, virtual
+from kombu.transport.virtual.exchange import TopicExchange as _KombuTopicExchange
+
+from ._errors import Unroutable
+from ._names import topic_matches
+
+_SOURCE_QUEUE = "x-sagas-source-queue"
+
+
+class TopicExchange(_KombuTopicExchange):  # type: ignore[misc]
+    """Topic exchange with RabbitMQ's semantics: ``#`` matches zero or more words."""
+
+    def lookup(self, table: Any, exchange: str, routing_key: str, default: Any) -> set[str]:
+        return {queue for rkey, _pattern, queue in table if topic_matches(rkey, routing_key)}
+
+    def prepare_bind(self, queue: str, exchange: str, routing_key: str, arguments: Any) -> tuple[str, str, str]:
+        return routing_key, routing_key, queue
+
+
+class Channel(memory.Channel):  # type: ignore[misc]
+    """Memory channel with TTL + dead-lettering, auto-delete queues and mandatory routing."""
+
+    do_restore = True
+    queues: dict[str, Queue[Any]] = {}
+    #: queue name -> declared arguments (``x-message-ttl``, ``x-dead-letter-*``, ``auto_delete``)
+    queue_args: dict[str, dict[str, Any]] = {}
+    #: queue name -> number of consumers, for auto-delete
+    consumer_counts: defaultdict[str, int] = defaultdict(int)
+    #: heap of (due, seq, queue, message) for messages waiting out a queue's TTL
+    delayed: list[tuple[float, int, str, Any]] = []
+    lock = threading.Lock()
+    _seq = itertools.count()
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.exchange_types = dict(self.exchange_types)
+        self.exchange_types["topic"] = TopicExchange(self)
+
+    def _new_queue(self, queue: str, **kwargs: Any) -> None:
+        args = dict(kwargs.get("arguments") or {})
+        args["auto_delete"] = bool(kwargs.get("auto_delete"))
+        self.queue_args.setdefault(queue, args)
+        super()._new_queue(queue, **kwargs)
+
+    def _has_queue(self, queue: str, **kwargs: Any) -> bool:
+        return queue in self.queues
+
+    def _queue_for(self, queue: str) -> Queue[Any]:
+        try:
+            return self.queues[queue]
+        except KeyError:
+            return self.queues.setdefault(queue, Queue())
+
+    def _put(self, queue: str, message: Any, **kwargs: Any) -> None:
+        if queue not in self.queues:
+            # RabbitMQ drops a message sent to a queue that does not exist; so do we.
+            if kwargs.get("mandatory"):
+                raise Unroutable(f"no queue named {queue!r}")
+            return
+        ttl = self.queue_args.get(queue, {}).get("x-message-ttl")
+        if ttl is not None:
+            with self.lock:
+                heapq.heappush(self.delayed, (time.monotonic() + ttl / 1000.0, next(self._seq), queue, message))
+            return
+        self.queues[queue].put(message)
+
+    def _lookup(self, exchange: str, routing_key: str, default: Any = None) -> list[str]:
+        if not exchange:
+            return [routing_key]
+        try:
+            return list(self.typeof(exchange).lookup(self.get_table(exchange), exchange, routing_key, None))
+        except KeyError:
+            return []
+
+    def basic_publish(self, message: Any, exchange: str, routing_key: str, **kwargs: Any) -> None:
+        if kwargs.get("mandatory"):
+            queues = self._lookup(exchange, routing_key)
+            if not any(q in self.queues for q in queues):
+                raise Unroutable(f"no queue is bound to {exchange!r} for {routing_key!r}")
+        super().basic_publish(message, exchange, routing_key, **kwargs)
+
+    def _get(self, queue: str, timeout: float | None = None) -> Any:
+        if self.delayed:
+            self._promote_due()
+        message = self._queue_for(queue).get(block=False)
+        # Remember where it came from, so that a reject or a requeue goes back to this queue only.
+        message["properties"][_SOURCE_QUEUE] = queue
+        return message
+
+    def _restore(self, message: Any) -> None:
+        """Requeue an unacked message to the queue it came from, marked redelivered (as RabbitMQ does)."""
+        raw = message.serializable()
+        raw["redelivered"] = True
+        queue = raw["properties"].get(_SOURCE_QUEUE)
+        if queue in self.queues:
+            self.queues[queue].put(raw)
+
+    def _promote_due(self) -> None:
+        """Dead-letter every message whose TTL has passed, as RabbitMQ does at a queue's head."""
+        now = time.monotonic()
+        due = []
+        with self.lock:
+            while self.delayed and self.delayed[0][0] <= now:
+                due.append(heapq.heappop(self.delayed))
+        for _due, _seq, queue, message in due:
+            self._dead_letter(queue, message)
+
+    def _dead_letter(self, queue: str, message: Any) -> None:
+        args = self.queue_args.get(queue, {})
+        exchange = args.get("x-dead-letter-exchange")
+        if exchange is None:
+            return
+        routing_key = args.get("x-dead-letter-routing-key") or message["properties"]["delivery_info"]["routing_key"]
+        message["properties"]["delivery_info"].update(exchange=exchange, routing_key=routing_key)
+        for target in self._lookup(exchange, routing_key):
+            if target in self.queues:
+                self._put(target, message)
+
+    def basic_reject(self, delivery_tag: str, requeue: bool = False) -> None:
+        if not requeue:
+            message = self.qos.get(delivery_tag)
+            queue = self._tag_queue(message)
+            if queue is not None:
+                self._dead_letter(queue, message.serializable())
+        super().basic_reject(delivery_tag, requeue=requeue)
+
+    def _tag_queue(self, message: Any) -> str | None:
+        queue: str | None = message.properties.get(_SOURCE_QUEUE)
+        return queue
+
+    def basic_consume(self, queue: str, no_ack: bool, callback: Any, consumer_tag: str, **kwargs: Any) -> Any:
+        with self.lock:
+            self.consumer_counts[queue] += 1
+        return super().basic_consume(queue, no_ack, callback, consumer_tag, **kwargs)
+
+    def basic_cancel(self, consumer_tag: str) -> None:
+        queue = self._tag_to_queue.get(consumer_tag)
+        super().basic_cancel(consumer_tag)
+        if queue is None:
+            return
+        with self.lock:
+            self.consumer_counts[queue] -= 1
+            gone = self.consumer_counts[queue] <= 0 and self.queue_args.get(queue, {}).get("auto_delete")
+        if gone:
+            self.queue_delete(queue)
+
+    def queue_delete(self, queue: str, if_unused: bool = False, if_empty: bool = False, **kwargs: Any) -> int:
+        size = self._size(queue) if queue in self.queues else 0
+        if if_empty and size:
+            return 0
+        for exchange, routing_key, args in list(self.state.queue_bindings(queue)):
+            self.queue_unbind(queue, exchange, routing_key, args)
+        self.state.queue_bindings_delete(queue)
+        self.queues.pop(queue, None)
+        self.queue_args.pop(queue, None)
+        return int(size)
+
+    def close(self) -> None:
+        # kombu's memory channel empties its *instance* view of the queues on close; the queues are
+        # broker state and outlive any one channel, as on RabbitMQ.
+        virtual.Channel.close(self)
+
+
+class Transport(memory.Transport):  # type: ignore[misc]
+    """The ``memory://`` transport used by this framework (see the module docstring)."""
+
+    Channel = Channel
+    global_state = virtual.BrokerState()
+    driver_name = "sagas-memory"
+
+    #: how long an idle poll sleeps between looks at the queues
+    polling_interval = 0.005
+
+
+def reset() -> None:
+    """Forget every queue, exchange and delayed message (for tests)."""
+    Channel.queues.clear()
+    Channel.queue_args.clear()
+    Channel.consumer_counts.clear()
+    del Channel.delayed[:]
+    Transport.global_state.clear()
+
+
+__all__ = ["Channel", "Empty", "Transport", "reset"]
