@@ -1,0 +1,240 @@
+"""Services and their handlers.
+
+Decorators only record a handler; nothing subscribes at import time. A :class:`Worker` finds the
+handlers of every service in an :class:`App` when it starts.
+"""
+
+from __future__ import annotations
+
+import enum
+import inspect
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from transport import Event, Subscription, validate_pattern
+from transport._topology import DEFAULT_PREFETCH
+
+from ._errors import ConfigurationError
+from ._types import Handler
+
+_NAME_RE = re.compile(r"[a-z][a-z0-9_-]{0,62}")
+
+
+class Delivery(enum.StrEnum):
+    """The delivery guarantee of one subscription."""
+
+    #: Acked on arrival, on a transient queue: delivered zero or one time. Nothing is kept while no
+    #: instance is connected, and nothing is redelivered after a crash.
+    AT_MOST_ONCE = "at-most-once"
+    #: Acked after the handler returns, on a durable quorum queue: delivered until a handler returns,
+    #: retried with backoff, then dead-lettered with the error. A handler may see an event twice.
+    AT_LEAST_ONCE = "at-least-once"
+
+
+AT_MOST_ONCE = Delivery.AT_MOST_ONCE
+AT_LEAST_ONCE = Delivery.AT_LEAST_ONCE
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    """Retry policy of an at-least-once handler: ``attempts`` in all, waiting ``initial * factor**n``
+    seconds (at most ``maximum``) between them, then the message goes to the dead-letter queue."""
+
+    attempts: int = 5
+    initial: float = 1.0
+    factor: float = 2.0
+    maximum: float = 300.0
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1:
+            raise ConfigurationError("Retry.attempts must be at least 1 (1 means: never retry)")
+        if self.initial <= 0 or self.factor < 1 or self.maximum < self.initial:
+            raise ConfigurationError("Retry needs initial > 0, factor >= 1 and maximum >= initial")
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
+        return float(min(self.initial * self.factor ** (attempt - 1), self.maximum))
+
+    @property
+    def delays(self) -> tuple[float, ...]:
+        return tuple(self.delay(a) for a in range(1, self.attempts))
+
+
+class Context:
+    """What a handler gets besides the event: who it is, the attempt, a logger, and a way to publish
+    follow-up events. Follow-ups carry the event's correlation id and have it as causation id. They are
+    sent with pipelined confirms after the handler returns and before the message is acked, so they
+    go out only if the handler succeeds."""
+
+    __slots__ = ("attempt", "event", "handler", "log", "outbox", "service")
+
+    def __init__(self, event: Event, service: str, handler: str, attempt: int) -> None:
+        self.event = event
+        self.service = service
+        self.handler = handler
+        self.attempt = attempt
+        self.outbox: list[Event] = []
+        self.log = structlog.get_logger(f"sagas.handler.{service}")
+
+    def publish(self, type: str, payload: Mapping[str, Any] | None = None, *,
+                headers: Mapping[str, str] | None = None) -> Event:
+        """Queue a follow-up event; returns it (with its id)."""
+        event = self.event.follow_up(type, payload, source=self.service, headers=headers)
+        self.outbox.append(event)
+        return event
+
+
+@dataclass(frozen=True, slots=True)
+class HandlerSpec:
+    """A handler as a decorator recorded it."""
+
+    service: str
+    name: str
+    fn: Callable[..., Any]
+    patterns: tuple[str, ...]
+    delivery: Delivery
+    retry: Retry
+    idempotent: bool
+    broadcast: bool
+    prefetch: int
+    wants_context: bool
+
+    @property
+    def key(self) -> str:
+        """Stable identity of the handler: ``service.name`` (the inbox is keyed by it)."""
+        return f"{self.service}.{self.name}"
+
+    def subscription(self, exchange: str, instance: str) -> Subscription:
+        queue = f"{exchange}.{self.service}.{self.name}"
+        if self.broadcast:
+            queue = f"{queue}.{instance}"
+        durable = self.delivery is Delivery.AT_LEAST_ONCE
+        return Subscription(
+            queue=queue,
+            patterns=self.patterns,
+            durable=durable,
+            exclusive=self.broadcast,
+            prefetch=self.prefetch,
+            retry_delays=self.retry.delays if durable else (),
+        )
+
+
+class Service:
+    """A named service whose handlers react to events.
+
+    Every running instance of a service shares each handler's queue, so instances compete for the
+    work; different services each get every event they subscribe to.
+    """
+
+    def __init__(self, name: str) -> None:
+        if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+            raise ConfigurationError(
+                f"invalid service name {name!r}: use 1-63 lowercase letters, digits, '_' or '-', "
+                "starting with a letter"
+            )
+        self.name = name
+        self._handlers: dict[str, HandlerSpec] = {}
+
+    def __repr__(self) -> str:
+        return f"Service({self.name!r})"
+
+    @property
+    def handlers(self) -> tuple[HandlerSpec, ...]:
+        return tuple(self._handlers.values())
+
+    def on(
+        self,
+        pattern: str,
+        *patterns: str,
+        delivery: Delivery | str = Delivery.AT_LEAST_ONCE,
+        retry: Retry | None = None,
+        idempotent: bool = False,
+        broadcast: bool = False,
+        name: str | None = None,
+        prefetch: int = DEFAULT_PREFETCH,
+    ) -> Callable[[Handler], Handler]:
+        """Declare a handler for events matching ``pattern`` (``*`` one word, ``#`` zero or more).
+
+        The handler is ``fn(event)`` or ``fn(event, ctx)``. Options: ``delivery`` (at-least-once by
+        default), ``retry`` (a :class:`Retry`), ``idempotent`` (skip events whose id this handler
+        already handled, through the inbox store), ``broadcast`` (every instance gets every event;
+        at-most-once only), ``name`` (the queue name part, default the function name).
+        The function is returned unchanged.
+        """
+        if callable(pattern):
+            raise ConfigurationError(
+                f"@{self.name}.on needs the event name or pattern to subscribe to, "
+                f"e.g. @{self.name}.on('ocis.sharing.share_created')"
+            )
+        all_patterns = (pattern, *patterns)
+        for p in all_patterns:
+            validate_pattern(p)
+        try:
+            mode = Delivery(delivery)
+        except ValueError:
+            raise ConfigurationError(
+                f"delivery must be one of {', '.join(d.value for d in Delivery)}, not {delivery!r}"
+            ) from None
+        if broadcast and mode is Delivery.AT_LEAST_ONCE:
+            raise ConfigurationError(
+                "broadcast handlers get a transient queue per instance: declare them with "
+                "delivery=AT_MOST_ONCE"
+            )
+        if retry is not None and mode is Delivery.AT_MOST_ONCE:
+            raise ConfigurationError("at-most-once handlers are never retried; drop the retry= option")
+        if prefetch < 1:
+            raise ConfigurationError("prefetch must be at least 1")
+
+        def register(fn: Handler) -> Handler:
+            hname = name or getattr(fn, "__name__", "")
+            if not _NAME_RE.fullmatch(hname or ""):
+                raise ConfigurationError(f"invalid handler name {hname!r}: pass name='...' (lowercase)")
+            if hname in self._handlers:
+                raise ConfigurationError(f"service {self.name!r} already has a handler named {hname!r}")
+            self._handlers[hname] = HandlerSpec(
+                service=self.name, name=hname, fn=fn, patterns=all_patterns, delivery=mode,
+                retry=retry or Retry(), idempotent=idempotent, broadcast=broadcast, prefetch=prefetch,
+                wants_context=_arity(fn) >= 2,
+            )
+            return fn
+
+        return register
+
+
+def _arity(fn: Callable[..., Any]) -> int:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return 1
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return 2
+    if not 1 <= len(positional) <= 2:
+        raise ConfigurationError(
+            f"handler {getattr(fn, '__qualname__', fn)!r} must take (event) or (event, ctx)"
+        )
+    return len(positional)
+
+
+@dataclass
+class App:
+    """The services one worker process runs (``sagas run module:app``)."""
+
+    services: list[Service] = field(default_factory=list)
+    exchange: str = "sagas"
+
+    def __init__(self, *services: Service, exchange: str = "sagas") -> None:
+        names = [s.name for s in services]
+        dupes = {n for n in names if names.count(n) > 1}
+        if dupes:
+            raise ConfigurationError(f"services named more than once: {', '.join(sorted(dupes))}")
+        self.services = list(services)
+        self.exchange = exchange
+
+    @property
+    def handlers(self) -> list[HandlerSpec]:
+        return [h for s in self.services for h in s.handlers]

@@ -1,0 +1,388 @@
+"""The worker: consumes every handler's queue, runs handlers, and acks, retries or dead-letters.
+
+One thread (the one that calls :meth:`Worker.run`) owns the broker connection and the store: it
+receives messages, does every ack and publish, and keeps heartbeats going. Handlers run on a small
+thread pool, so a long handler never starves the connection. The order for one message is::
+
+    receive -> (inbox: seen? ack and stop) -> handler -> publish follow-ups (confirmed)
+            -> inbox: remember -> ack
+
+and on failure: retry through a delay queue (copy confirmed, then ack), or after the last attempt,
+dead-letter with the error (copy confirmed, then ack).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import signal
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any
+
+import structlog
+
+from transport import (
+    BrokerUnavailable,
+    ConnectionLost,
+    Event,
+    EventBus,
+    Inbound,
+    PublishError,
+    TransportError,
+    redact_url,
+)
+
+from ._errors import ConfigurationError, Reject
+from ._service import App, Context, Delivery, HandlerSpec, Service
+from ._store import open_store
+from ._types import InboxStore
+
+log = structlog.get_logger("sagas.worker")
+
+#: Exit code of a worker that lost its broker for longer than the grace period.
+EXIT_BROKER_UNAVAILABLE = 3
+
+
+@dataclass(slots=True)
+class _Outcome:
+    inbound: Inbound
+    spec: HandlerSpec
+    generation: int
+    error: BaseException | None = None
+    outbox: list[Event] = field(default_factory=list)
+    duration: float = 0.0
+
+
+class Worker:
+    """Runs the services of an :class:`App` against a broker and a store.
+
+    Nothing happens in ``__init__``; :meth:`start` connects, :meth:`run` loops until :meth:`stop`
+    (or SIGTERM/SIGINT with ``install_signals``), then finishes in-flight work and acks it.
+    """
+
+    def __init__(
+        self,
+        app: App | Service,
+        *,
+        broker: str | None = None,
+        store: str | InboxStore | None = None,
+        exchange: str | None = None,
+        concurrency: int = 4,
+        grace_period: float = 60.0,
+        instance: str | None = None,
+        bus: EventBus | None = None,
+    ) -> None:
+        if isinstance(app, Service):
+            app = App(app)
+        if not isinstance(app, App):
+            raise ConfigurationError(f"a worker runs an App (or one Service), not {type(app).__name__}")
+        if concurrency < 1:
+            raise ConfigurationError("concurrency must be at least 1")
+        self.app = app
+        self.broker = broker or os.environ.get("SAGAS_BROKER_URL") or "memory://"
+        self.exchange = exchange or app.exchange
+        self.concurrency = concurrency
+        self.grace_period = grace_period
+        self.instance = instance or f"{socket.gethostname()}-{os.getpid()}-{id(self):x}"[:60].lower()
+        self._store_arg = store
+        self._bus_arg = bus
+        self.store: InboxStore | None = None
+        self.bus: EventBus | None = None
+        self._routes: dict[str, HandlerSpec] = {}
+        self._ready: deque[tuple[int, Inbound]] = deque()
+        self._outcomes: queue.SimpleQueue[_Outcome] = queue.SimpleQueue()
+        self._inflight = 0
+        self._generation = 0
+        self._pool: ThreadPoolExecutor | None = None
+        self._stop = threading.Event()
+        self._started = False
+        self.handled = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Open the store, connect to the broker (within the grace period) and start consuming."""
+        if self._started:
+            return
+        handlers = self.app.handlers
+        if not handlers:
+            raise ConfigurationError("the app has no handlers: declare some with @service.on(...)")
+        self.store = open_store(self._store_arg)
+        self.bus = self._bus_arg or EventBus(self.broker, exchange=self.exchange)
+        self._routes = {}
+        for spec in handlers:
+            sub = spec.subscription(self.exchange, self.instance)
+            self._routes[sub.queue] = spec
+        self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="sagas-handler")
+        self._connect(time.monotonic() + self.grace_period)
+        self._started = True
+        log.info("worker.started", broker=redact_url(self.broker), exchange=self.exchange,
+                 services=[s.name for s in self.app.services], handlers=len(self._routes),
+                 concurrency=self.concurrency)
+
+    def _connect(self, deadline: float) -> None:
+        assert self.bus is not None
+        subs = [spec.subscription(self.exchange, self.instance) for spec in self._routes.values()]
+        delay = 0.2
+        while True:
+            try:
+                self.bus.connect(timeout=max(0.1, min(5.0, deadline - time.monotonic())))
+                self.bus.consume(subs, self._on_message)
+                return
+            except (BrokerUnavailable, ConnectionLost, PublishError, OSError) as exc:
+                self.bus.close()
+                if time.monotonic() >= deadline or self._stop.is_set():
+                    raise BrokerUnavailable(
+                        f"broker {redact_url(self.broker)} unreachable for the grace period "
+                        f"({self.grace_period:.0f}s): {exc}"
+                    ) from None
+                log.warning("worker.broker_unreachable", error=str(exc), retry_in=round(delay, 2))
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    def stop(self) -> None:
+        """Ask the worker to stop gracefully (thread-safe, signal-safe)."""
+        self._stop.set()
+
+    def run(self, *, install_signals: bool = False) -> int:
+        """Run until stopped. Returns the process exit code: 0, or 3 if the broker stayed away."""
+        if install_signals:
+            self._install_signals()
+        try:
+            self.start()
+            while not self._stop.is_set():
+                self.step()
+        except BrokerUnavailable as exc:
+            log.error("worker.broker_unavailable", error=str(exc))
+            self._close()
+            return EXIT_BROKER_UNAVAILABLE
+        self.shutdown()
+        return 0
+
+    def _install_signals(self) -> None:
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            if self._stop.is_set():
+                raise KeyboardInterrupt
+            log.info("worker.stopping", signal=signal.Signals(signum).name)
+            self.stop()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+
+    def shutdown(self) -> None:
+        """Stop receiving, finish the messages already being handled, ack them, and disconnect."""
+        if not self._started:
+            return
+        bus = self.bus
+        assert bus is not None
+        with contextlib.suppress(TransportError, *bus.connection_errors):
+            bus.cancel()
+        # At-most-once messages were acked on arrival: handle them. At-least-once ones that did not
+        # start go back to the queue when the connection closes.
+        self._ready = deque(item for item in self._ready if not item[1].subscription.durable)
+        deadline = time.monotonic() + 60
+        while (self._inflight or self._ready) and time.monotonic() < deadline:
+            try:
+                self._process_outcomes()
+                self._dispatch()
+                if self._inflight:
+                    self._wait_outcome(0.05)
+            except ConnectionLost:
+                break
+        self._close()
+        log.info("worker.stopped", handled=self.handled)
+
+    def _close(self) -> None:
+        if self.bus is not None:
+            self.bus.close()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        if self.store is not None:
+            self.store.close()
+        self._started = False
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[Worker]:
+        """Run in a background thread for the duration of a ``with`` block, then stop gracefully."""
+        self.start()
+        errors: list[BaseException] = []
+
+        def loop() -> None:
+            try:
+                while not self._stop.is_set():
+                    self.step()
+                self.shutdown()
+            except BaseException as exc:
+                errors.append(exc)
+                raise
+
+        thread = threading.Thread(target=loop, name="sagas-worker", daemon=True)
+        thread.start()
+        try:
+            yield self
+        finally:
+            self.stop()
+            thread.join(timeout=90)
+        if errors:
+            raise errors[0]
+
+    # -- the loop ------------------------------------------------------------------------------------
+
+    def step(self, timeout: float = 0.05) -> None:
+        """One turn of the loop: settle finished handlers, start ready ones, read from the broker."""
+        assert self.bus is not None
+        try:
+            self._process_outcomes()
+            self._dispatch()
+            if self._inflight >= self.concurrency:
+                self._wait_outcome(timeout)
+            self.bus.drain(0.001 if (self._inflight or self._ready) else timeout)
+        except ConnectionLost as exc:
+            self._on_connection_lost(exc)
+
+    def _on_message(self, inbound: Inbound) -> None:
+        self._ready.append((self._generation, inbound))
+
+    def _dispatch(self) -> None:
+        assert self.bus is not None and self.store is not None and self._pool is not None
+        while self._ready and self._inflight < self.concurrency:
+            generation, inbound = self._ready.popleft()
+            spec = self._routes[inbound.subscription.queue]
+            event = inbound.event
+            if event is None:
+                self.bus.dead_letter(inbound, f"undecodable message: {inbound.error}")
+                log.warning("message.dead_lettered", service=spec.service, handler=spec.name,
+                            message_id=inbound.message_id, reason=inbound.error, outcome="dead-letter")
+                continue
+            if spec.idempotent and self.store.seen(spec.key, event.id):
+                self.bus.ack(inbound)
+                log.info("message.handled", event_id=event.id, event_type=event.type, service=spec.service,
+                         handler=spec.name, attempt=inbound.attempt, outcome="duplicate", duration_ms=0.0)
+                continue
+            self._inflight += 1
+            future = self._pool.submit(_run_handler, spec, inbound, generation)
+            future.add_done_callback(self._outcome_ready)
+
+    def _outcome_ready(self, future: Future[_Outcome]) -> None:
+        self._outcomes.put(future.result())
+
+    def _wait_outcome(self, timeout: float) -> None:
+        try:
+            outcome = self._outcomes.get(timeout=timeout)
+        except queue.Empty:
+            return
+        self._settle(outcome)
+        self._process_outcomes()
+
+    def _process_outcomes(self) -> None:
+        while True:
+            try:
+                outcome = self._outcomes.get_nowait()
+            except queue.Empty:
+                return
+            self._settle(outcome)
+
+    def _settle(self, o: _Outcome) -> None:
+        """Ack, retry or dead-letter one finished message (on the I/O thread)."""
+        assert self.bus is not None and self.store is not None
+        self._inflight -= 1
+        spec, inbound = o.spec, o.inbound
+        event = inbound.event
+        assert event is not None
+        durable = spec.delivery is Delivery.AT_LEAST_ONCE
+        if durable and o.generation != self._generation:
+            # The connection this message came on is gone, so it will be redelivered. If the handler
+            # succeeded with nothing to publish, remember it so the redelivery is skipped.
+            if o.error is None and not o.outbox and spec.idempotent:
+                self.store.remember(spec.key, event.id)
+            return
+        error = o.error
+        if error is None and o.outbox:
+            try:
+                self.bus.publish_many(o.outbox)
+            except ConnectionLost:
+                raise
+            except TransportError as exc:
+                if not self.bus.connected:
+                    raise ConnectionLost(str(exc)) from None
+                error = exc
+        outcome = "ok"
+        if error is None:
+            if spec.idempotent:
+                self.store.remember(spec.key, event.id)
+            self.bus.ack(inbound)
+            self.handled += 1
+        elif isinstance(error, Reject) or not durable or inbound.attempt >= spec.retry.attempts:
+            if isinstance(error, Reject):
+                reason = f"rejected by handler {spec.key}: {error}"
+            elif durable:
+                reason = f"handler {spec.key} failed {inbound.attempt} time(s): {error!r}"
+            else:
+                reason = f"at-most-once handler {spec.key} failed: {error!r}"
+            self.bus.dead_letter(inbound, reason, error)
+            outcome = "dead-letter"
+        else:
+            self.bus.retry(inbound, spec.retry.delay(inbound.attempt), error)
+            outcome = "retry"
+        fields: dict[str, Any] = {
+            "event_id": event.id, "event_type": event.type, "service": spec.service, "handler": spec.name,
+            "attempt": inbound.attempt, "outcome": outcome, "duration_ms": round(o.duration * 1000, 3),
+        }
+        if error is None:
+            log.info("message.handled", **fields)
+        else:
+            log.warning("message.failed", error=repr(error)[:500], **fields)
+
+    def _on_connection_lost(self, exc: ConnectionLost) -> None:
+        log.warning("worker.connection_lost", error=str(exc))
+        self._generation += 1
+        # Unacked at-least-once messages will be redelivered; at-most-once ones were acked: keep them.
+        self._ready = deque(item for item in self._ready if not item[1].subscription.durable)
+        assert self.bus is not None
+        self.bus.close()
+        self._connect(time.monotonic() + self.grace_period)
+        log.info("worker.reconnected", broker=redact_url(self.broker))
+
+    # -- helpers for tests and the demo ---------------------------------------------------------------
+
+    def run_until(self, predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
+        """Step the loop on this thread until ``predicate()`` is true or ``timeout`` passes."""
+        self.start()
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > deadline:
+                return False
+            self.step(0.01)
+        return True
+
+
+def _run_handler(spec: HandlerSpec, inbound: Inbound, generation: int) -> _Outcome:
+    """Run one handler on a pool thread. Never raises: the outcome carries the error."""
+    event = inbound.event
+    assert event is not None
+    outcome = _Outcome(inbound, spec, generation)
+    ctx = Context(event, spec.service, spec.name, inbound.attempt)
+    t0 = time.perf_counter()
+    with structlog.contextvars.bound_contextvars(
+        event_id=event.id, event_type=event.type, correlation_id=event.correlation_id,
+        service=spec.service, handler=spec.name, attempt=inbound.attempt,
+    ):
+        try:
+            if spec.wants_context:
+                spec.fn(event, ctx)
+            else:
+                spec.fn(event)
+        except Exception as exc:  # noqa: BLE001 - every handler error is retried or dead-lettered
+            outcome.error = exc
+        else:
+            outcome.outbox = ctx.outbox
+    outcome.duration = time.perf_counter() - t0
+    return outcome
