@@ -100,6 +100,8 @@ class Worker:
         self._ready: deque[tuple[int, Inbound]] = deque()
         self._outcomes: queue.SimpleQueue[_Outcome] = queue.SimpleQueue()
         self._inflight = 0
+        #: (handler key, event id) of idempotent messages being handled, and duplicates waiting on them
+        self._busy: dict[tuple[str, str], list[tuple[int, Inbound]]] = {}
         self._generation = 0
         self._pool: ThreadPoolExecutor | None = None
         self._stop = threading.Event()
@@ -255,6 +257,8 @@ class Worker:
         assert self.bus is not None and self.store is not None and self._pool is not None
         while self._ready and self._inflight < self.concurrency:
             generation, inbound = self._ready.popleft()
+            if inbound.subscription.durable and generation != self._generation:
+                continue  # came on a connection that broke: the broker redelivers it
             spec = self._routes[inbound.subscription.queue]
             event = inbound.event
             if event is None:
@@ -262,11 +266,19 @@ class Worker:
                 log.warning("message.dead_lettered", service=spec.service, handler=spec.name,
                             message_id=inbound.message_id, reason=inbound.error, outcome="dead-letter")
                 continue
-            if spec.idempotent and self.store.seen(spec.key, event.id):
-                self.bus.ack(inbound)
-                log.info("message.handled", event_id=event.id, event_type=event.type, service=spec.service,
-                         handler=spec.name, attempt=inbound.attempt, outcome="duplicate", duration_ms=0.0)
-                continue
+            if spec.idempotent:
+                busy = self._busy.get((spec.key, event.id))
+                if busy is not None:
+                    # The same event is being handled right now: decide once that one has settled.
+                    busy.append((generation, inbound))
+                    continue
+                if self.store.seen(spec.key, event.id):
+                    self.bus.ack(inbound)
+                    log.info("message.handled", event_id=event.id, event_type=event.type,
+                             service=spec.service, handler=spec.name, attempt=inbound.attempt,
+                             outcome="duplicate", duration_ms=0.0)
+                    continue
+                self._busy[(spec.key, event.id)] = []
             self._inflight += 1
             future = self._pool.submit(_run_handler, spec, inbound, generation)
             future.add_done_callback(self._outcome_ready)
@@ -294,6 +306,20 @@ class Worker:
         """Ack, retry or dead-letter one finished message (on the I/O thread)."""
         assert self.bus is not None and self.store is not None
         self._inflight -= 1
+        spec, inbound = o.spec, o.inbound
+        event = inbound.event
+        assert event is not None
+        if spec.idempotent:
+            try:
+                self._settle_one(o)
+            finally:
+                # Duplicates that waited on this one go first, and now meet the inbox.
+                self._ready.extendleft(reversed(self._busy.pop((spec.key, event.id), [])))
+        else:
+            self._settle_one(o)
+
+    def _settle_one(self, o: _Outcome) -> None:
+        assert self.bus is not None and self.store is not None
         spec, inbound = o.spec, o.inbound
         event = inbound.event
         assert event is not None

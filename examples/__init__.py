@@ -1,0 +1,1 @@
+"""Runnable examples: ``sagas run examples.NAME:app``."""
