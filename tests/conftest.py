@@ -65,3 +65,22 @@ def broker_url(request: pytest.FixtureRequest) -> Iterator[str]:
     else:
         require(AMQP_URL, "RabbitMQ")
         yield AMQP_URL
+
+
+@pytest.fixture
+def buses(broker_url: str, unique: str) -> Iterator[list[object]]:
+    """Buses and workers created by a test; their queues and exchange are deleted afterwards."""
+    made: list[object] = []
+    yield made
+    from transport import EventBus
+
+    queues: set[str] = set()
+    for thing in made:
+        bus = getattr(thing, "bus", thing)
+        if isinstance(bus, EventBus):
+            queues |= bus.declared_queues
+            bus.close()
+    cleaner = EventBus(broker_url, exchange=unique)
+    cleaner.declared_queues |= queues
+    cleaner.delete_topology()
+    cleaner.close()

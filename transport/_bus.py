@@ -197,7 +197,8 @@ class EventBus:
         self._confirms: _Confirms | None = None
         self._consume_ch: Any = None
         self._consumer_tags: list[str] = []
-        self._declared_exchange = False
+        #: every queue this bus declared (operators and tests use it to clean up)
+        self.declared_queues: set[str] = set()
 
     # -- connection ------------------------------------------------------------------------------
 
@@ -232,7 +233,7 @@ class EventBus:
                     conn.connect()
                     pub = conn.channel()
                     confirms = None if self.memory else _Confirms(pub)
-                    declare(pub, self.exchange)
+                    self.declared_queues.update(declare(pub, self.exchange))
                 except Exception as exc:
                     _close_quietly(conn)
                     if not _is_connection_error(conn, exc):
@@ -245,7 +246,6 @@ class EventBus:
                     delay = min(delay * 2, 2.0)
                     continue
                 self._conn, self._pub, self._confirms = conn, pub, confirms
-                self._declared_exchange = True
                 log.debug("bus.connected", broker=redact_url(self.url), exchange=self.exchange)
                 return
 
@@ -366,7 +366,7 @@ class EventBus:
         """Declare the queue of ``subscription``, its bindings and its delay queues."""
         with self._lock:
             self.connect()
-            declare(self._pub, self.exchange, subscription)
+            self.declared_queues.update(declare(self._pub, self.exchange, subscription))
 
     def consume(self, subscriptions: Sequence[Subscription], on_message: Callable[[Inbound], None]) -> None:
         """Start consuming. ``on_message`` runs inside :meth:`drain`, on the calling thread."""
@@ -374,7 +374,7 @@ class EventBus:
         assert self._conn is not None
         ch = self._consume_ch = self._conn.channel()
         for sub in subscriptions:
-            declare(ch, self.exchange, sub)
+            self.declared_queues.update(declare(ch, self.exchange, sub))
             ch.basic_qos(0, sub.prefetch, False)
             tag = f"{sub.queue}.{uuid.uuid4().hex[:8]}"
             ch.basic_consume(queue=sub.queue, no_ack=False, consumer_tag=tag,
@@ -490,6 +490,16 @@ class EventBus:
             if self._conn is None:
                 raise ConnectionLost(str(exc)) from None
             raise
+
+    def delete_topology(self) -> None:
+        """Delete every queue this bus declared, and the exchange. For tests and teardown scripts:
+        the messages in those queues are lost."""
+        with self._lock:
+            self.connect()
+            for queue in sorted(self.declared_queues):
+                self._pub.queue_delete(queue=queue)
+            self._pub.exchange_delete(exchange=self.exchange)
+            self.declared_queues.clear()
 
     # -- dead letters ------------------------------------------------------------------------------
 

@@ -76,8 +76,9 @@ def dead_queue(exchange: str) -> str:
     return f"{exchange}.dead"
 
 
-def declare(channel: Any, exchange: str, sub: Subscription | None = None) -> None:
-    """Declare the exchange, the dead-letter queue and, if given, one subscription with its delay queues."""
+def declare(channel: Any, exchange: str, sub: Subscription | None = None) -> list[str]:
+    """Declare the exchange, the dead-letter queue and, if given, one subscription with its delay queues.
+    Returns the names of the queues declared."""
     dlq = dead_queue(exchange)
     channel.exchange_declare(exchange=exchange, type="topic", durable=True, auto_delete=False)
     # Classic, not quorum: browsing dead letters requeues them, and a quorum queue's delivery limit
@@ -85,7 +86,7 @@ def declare(channel: Any, exchange: str, sub: Subscription | None = None) -> Non
     channel.queue_declare(queue=dlq, durable=True, exclusive=False, auto_delete=False,
                           arguments={"x-queue-type": "classic"})
     if sub is None:
-        return
+        return [dlq]
     if sub.durable:
         args: dict[str, Any] = {
             "x-queue-type": "quorum",
@@ -100,7 +101,9 @@ def declare(channel: Any, exchange: str, sub: Subscription | None = None) -> Non
                               arguments=dict(sub.arguments) or None)
     for pattern in sub.patterns:
         channel.queue_bind(queue=sub.queue, exchange=exchange, routing_key=pattern)
+    declared = [dlq, sub.queue]
     for delay in sorted(set(sub.retry_delays)):
+        declared.append(delay_queue(sub.queue, delay))
         channel.queue_declare(
             queue=delay_queue(sub.queue, delay), durable=True, exclusive=False, auto_delete=False,
             arguments={
@@ -110,3 +113,4 @@ def declare(channel: Any, exchange: str, sub: Subscription | None = None) -> Non
                 "x-dead-letter-routing-key": sub.queue,
             },
         )
+    return declared
