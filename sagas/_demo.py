@@ -32,7 +32,7 @@ class MailSink:
         self._lock = threading.Lock()
         self._controller = Controller(self, hostname=host, port=port)
 
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802 - aiosmtpd hook
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         with self._lock:
             self.mails.append(message_from_bytes(envelope.content))
         return "250 OK"

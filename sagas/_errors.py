@@ -13,7 +13,7 @@ class ConfigurationError(SagasError, ValueError):
     """A service, handler, app or option is declared wrongly; the message says how to fix it."""
 
 
-class Reject(SagasError):  # noqa: N818 - it is an instruction, not a condition
+class Reject(SagasError):
     """Raise from a handler to dead-letter the message at once, without retries (a permanent error,
     such as a payload the handler can never process). The message is the reason kept with it."""
 

@@ -190,8 +190,8 @@ class Service:
             raise ConfigurationError("prefetch must be at least 1")
 
         def register(fn: Handler) -> Handler:
-            hname = name or getattr(fn, "__name__", "")
-            if not _NAME_RE.fullmatch(hname or ""):
+            hname: str = name or str(getattr(fn, "__name__", ""))
+            if not _NAME_RE.fullmatch(hname):
                 raise ConfigurationError(f"invalid handler name {hname!r}: pass name='...' (lowercase)")
             if hname in self._handlers:
                 raise ConfigurationError(f"service {self.name!r} already has a handler named {hname!r}")

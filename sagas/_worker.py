@@ -40,7 +40,7 @@ from transport import (
     redact_url,
 )
 
-from ._errors import ConfigurationError, Reject
+from ._errors import ConfigurationError, Reject, SagasError
 from ._service import App, Context, Delivery, HandlerSpec, Service
 from ._store import open_store
 from ._types import InboxStore
@@ -54,6 +54,7 @@ EXIT_BROKER_UNAVAILABLE = 3
 @dataclass(slots=True)
 class _Outcome:
     inbound: Inbound
+    event: Event
     spec: HandlerSpec
     generation: int
     error: BaseException | None = None
@@ -66,7 +67,12 @@ class Worker:
 
     Nothing happens in ``__init__``; :meth:`start` connects, :meth:`run` loops until :meth:`stop`
     (or SIGTERM/SIGINT with ``install_signals``), then finishes in-flight work and acks it.
+    ``bus`` and ``store`` exist once the worker has started.
     """
+
+    bus: EventBus
+    store: InboxStore
+    _pool: ThreadPoolExecutor
 
     def __init__(
         self,
@@ -94,8 +100,6 @@ class Worker:
         self.instance = instance or f"{socket.gethostname()}-{os.getpid()}-{id(self):x}"[:60].lower()
         self._store_arg = store
         self._bus_arg = bus
-        self.store: InboxStore | None = None
-        self.bus: EventBus | None = None
         self._routes: dict[str, HandlerSpec] = {}
         self._ready: deque[tuple[int, Inbound]] = deque()
         self._outcomes: queue.SimpleQueue[_Outcome] = queue.SimpleQueue()
@@ -103,7 +107,6 @@ class Worker:
         #: (handler key, event id) of idempotent messages being handled, and duplicates waiting on them
         self._busy: dict[tuple[str, str], list[tuple[int, Inbound]]] = {}
         self._generation = 0
-        self._pool: ThreadPoolExecutor | None = None
         self._stop = threading.Event()
         self._started = False
         self.handled = 0
@@ -131,7 +134,6 @@ class Worker:
                  concurrency=self.concurrency)
 
     def _connect(self, deadline: float) -> None:
-        assert self.bus is not None
         subs = [spec.subscription(self.exchange, self.instance) for spec in self._routes.values()]
         delay = 0.2
         while True:
@@ -184,7 +186,6 @@ class Worker:
         if not self._started:
             return
         bus = self.bus
-        assert bus is not None
         with contextlib.suppress(TransportError, *bus.connection_errors):
             bus.cancel()
         # At-most-once messages were acked on arrival: handle them. At-least-once ones that did not
@@ -203,11 +204,11 @@ class Worker:
         log.info("worker.stopped", handled=self.handled)
 
     def _close(self) -> None:
-        if self.bus is not None:
+        if hasattr(self, "bus"):
             self.bus.close()
-        if self._pool is not None:
+        if hasattr(self, "_pool"):
             self._pool.shutdown(wait=True)
-        if self.store is not None:
+        if hasattr(self, "store"):
             self.store.close()
         self._started = False
 
@@ -240,7 +241,8 @@ class Worker:
 
     def step(self, timeout: float = 0.05) -> None:
         """One turn of the loop: settle finished handlers, start ready ones, read from the broker."""
-        assert self.bus is not None
+        if not self._started:
+            raise SagasError("the worker is not running: call start() first")
         try:
             self._process_outcomes()
             self._dispatch()
@@ -254,7 +256,6 @@ class Worker:
         self._ready.append((self._generation, inbound))
 
     def _dispatch(self) -> None:
-        assert self.bus is not None and self.store is not None and self._pool is not None
         while self._ready and self._inflight < self.concurrency:
             generation, inbound = self._ready.popleft()
             if inbound.subscription.durable and generation != self._generation:
@@ -280,7 +281,7 @@ class Worker:
                     continue
                 self._busy[(spec.key, event.id)] = []
             self._inflight += 1
-            future = self._pool.submit(_run_handler, spec, inbound, generation)
+            future = self._pool.submit(_run_handler, spec, inbound, event, generation)
             future.add_done_callback(self._outcome_ready)
 
     def _outcome_ready(self, future: Future[_Outcome]) -> None:
@@ -304,11 +305,8 @@ class Worker:
 
     def _settle(self, o: _Outcome) -> None:
         """Ack, retry or dead-letter one finished message (on the I/O thread)."""
-        assert self.bus is not None and self.store is not None
         self._inflight -= 1
-        spec, inbound = o.spec, o.inbound
-        event = inbound.event
-        assert event is not None
+        spec, event = o.spec, o.event
         if spec.idempotent:
             try:
                 self._settle_one(o)
@@ -319,10 +317,7 @@ class Worker:
             self._settle_one(o)
 
     def _settle_one(self, o: _Outcome) -> None:
-        assert self.bus is not None and self.store is not None
-        spec, inbound = o.spec, o.inbound
-        event = inbound.event
-        assert event is not None
+        spec, inbound, event = o.spec, o.inbound, o.event
         durable = spec.delivery is Delivery.AT_LEAST_ONCE
         if durable and o.generation != self._generation:
             # The connection this message came on is gone, so it will be redelivered. If the handler
@@ -372,7 +367,6 @@ class Worker:
         self._generation += 1
         # Unacked at-least-once messages will be redelivered; at-most-once ones were acked: keep them.
         self._ready = deque(item for item in self._ready if not item[1].subscription.durable)
-        assert self.bus is not None
         self.bus.close()
         self._connect(time.monotonic() + self.grace_period)
         log.info("worker.reconnected", broker=redact_url(self.broker))
@@ -390,11 +384,9 @@ class Worker:
         return True
 
 
-def _run_handler(spec: HandlerSpec, inbound: Inbound, generation: int) -> _Outcome:
+def _run_handler(spec: HandlerSpec, inbound: Inbound, event: Event, generation: int) -> _Outcome:
     """Run one handler on a pool thread. Never raises: the outcome carries the error."""
-    event = inbound.event
-    assert event is not None
-    outcome = _Outcome(inbound, spec, generation)
+    outcome = _Outcome(inbound, event, spec, generation)
     ctx = Context(event, spec.service, spec.name, inbound.attempt)
     t0 = time.perf_counter()
     with structlog.contextvars.bound_contextvars(

@@ -14,7 +14,6 @@ Safe defaults, set here:
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 import traceback
@@ -25,8 +24,8 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-import kombu
 import structlog
+from kombu.connection import Connection
 from kombu.message import Message
 
 from . import _memory
@@ -57,6 +56,8 @@ DL_ROUTING_KEY = "x-sagas-routing-key"
 _DL_HEADERS = (DL_QUEUE, DL_REASON, DL_ERROR_TYPE, DL_ERROR_MESSAGE, DL_TRACEBACK, DL_ATTEMPTS, DL_DEAD_AT,
                DL_ROUTING_KEY, ATTEMPT_HEADER)
 _MAX_TRACEBACK = 4000
+#: one message to send: (exchange, routing key, body, message id, AMQP headers, mandatory)
+_Outgoing = tuple[str, str, bytes, str, dict[str, Any], bool]
 
 
 class ConnectionLost(TransportError):
@@ -192,7 +193,7 @@ class EventBus:
         self.confirm_window = confirm_window
         self.memory = is_memory_url(url)
         self._lock = threading.RLock()
-        self._conn: kombu.Connection | None = None
+        self._conn: Connection | None = None
         self._pub: Any = None
         self._confirms: _Confirms | None = None
         self._consume_ch: Any = None
@@ -209,10 +210,10 @@ class EventBus:
     def connected(self) -> bool:
         return self._conn is not None and self._pub is not None
 
-    def _new_connection(self) -> kombu.Connection:
+    def _new_connection(self) -> Connection:
         if self.memory:
-            return kombu.Connection("memory://", transport=_memory.Transport)
-        return kombu.Connection(
+            return Connection("memory://", transport=_memory.Transport)
+        return Connection(
             self.url,
             heartbeat=self.heartbeat,
             connect_timeout=self.connect_timeout,
@@ -298,10 +299,12 @@ class EventBus:
 
         On failure, :class:`PublishError` says which event ids were not confirmed; the others were.
         """
-        items = [(self.exchange, e.type, encode(e, self.max_event_size), e.id, {}, mandatory) for e in events]
+        items: list[_Outgoing] = [
+            (self.exchange, e.type, encode(e, self.max_event_size), e.id, {}, mandatory) for e in events
+        ]
         self._publish_raw(items, timeout)
 
-    def _publish_raw(self, items: Sequence[tuple[str, str, bytes, str, dict[str, Any], bool]],
+    def _publish_raw(self, items: Sequence[_Outgoing],
                      timeout: float | None, content_type: str = CONTENT_TYPE) -> None:
         if not items:
             return
@@ -346,8 +349,15 @@ class EventBus:
                     err.failed = failed  # type: ignore[attr-defined]
                     raise err
 
+    def _connection(self) -> Connection:
+        """The live connection, connecting first if needed."""
+        self.connect()
+        if self._conn is None:
+            raise ConnectionLost(f"not connected to {redact_url(self.url)}")
+        return self._conn
+
     def _wait_confirms(self, confirms: _Confirms, deadline: float, until_pending: int) -> None:
-        assert self._conn is not None
+        conn = self._connection()
         while len(confirms.pending) > until_pending:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -356,8 +366,8 @@ class EventBus:
                     "they may or may not have been taken"
                 )
             try:
-                self._conn.drain_events(timeout=min(remaining, 1.0))
-            except socket.timeout:
+                conn.drain_events(timeout=min(remaining, 1.0))
+            except TimeoutError:
                 continue
 
     # -- consuming ---------------------------------------------------------------------------------
@@ -370,9 +380,7 @@ class EventBus:
 
     def consume(self, subscriptions: Sequence[Subscription], on_message: Callable[[Inbound], None]) -> None:
         """Start consuming. ``on_message`` runs inside :meth:`drain`, on the calling thread."""
-        self.connect()
-        assert self._conn is not None
-        ch = self._consume_ch = self._conn.channel()
+        ch = self._consume_ch = self._connection().channel()
         for sub in subscriptions:
             self.declared_queues.update(declare(ch, self.exchange, sub))
             ch.basic_qos(0, sub.prefetch, False)
@@ -424,7 +432,7 @@ class EventBus:
                 conn.heartbeat_check()
             conn.drain_events(timeout=timeout)
             return True
-        except socket.timeout:
+        except TimeoutError:
             return False
         except Exception as exc:
             if _is_connection_error(conn, exc):
@@ -506,9 +514,7 @@ class EventBus:
     def dead_letters(self, limit: int = 1000) -> list[DeadLetter]:
         """Up to ``limit`` dead letters, oldest first. They stay in the queue."""
         with self._lock:
-            self.connect()
-            assert self._conn is not None
-            ch = self._conn.channel()
+            ch = self._connection().channel()
             out: list[DeadLetter] = []
             try:
                 for _ in range(limit):
@@ -531,9 +537,7 @@ class EventBus:
         wanted = None if ids is None else set(ids)
         replayed: list[str] = []
         with self._lock:
-            self.connect()
-            assert self._conn is not None
-            ch = self._conn.channel()
+            ch = self._connection().channel()
             try:
                 depth = ch.queue_declare(queue=self.dead_queue, passive=True).message_count
                 for _ in range(depth):
@@ -596,15 +600,15 @@ def _int(value: object, default: int) -> int:
         return default
 
 
-def _is_connection_error(conn: kombu.Connection, exc: BaseException) -> bool:
+def _is_connection_error(conn: Connection, exc: BaseException) -> bool:
     try:
         errors = tuple(conn.connection_errors) + tuple(conn.recoverable_connection_errors)
     except Exception:  # noqa: BLE001 - a broken transport cannot tell; treat the error as a connection error
         return True
-    return isinstance(exc, errors + (OSError, ConnectionError))
+    return isinstance(exc, (*errors, OSError, ConnectionError))
 
 
-def _close_quietly(conn: kombu.Connection) -> None:
+def _close_quietly(conn: Connection) -> None:
     try:
         conn.release()
     except Exception as exc:  # noqa: BLE001 - the connection is being thrown away; the reason is logged

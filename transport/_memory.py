@@ -15,7 +15,7 @@ import threading
 import time
 from collections import defaultdict
 from queue import Empty, Queue
-from typing import Any
+from typing import Any, ClassVar
 
 from kombu.transport import memory, virtual
 from kombu.transport.virtual.exchange import TopicExchange as _KombuTopicExchange
@@ -26,7 +26,7 @@ from ._names import topic_matches
 _SOURCE_QUEUE = "x-sagas-source-queue"
 
 
-class TopicExchange(_KombuTopicExchange):  # type: ignore[misc]
+class TopicExchange(_KombuTopicExchange):
     """Topic exchange with RabbitMQ's semantics: ``#`` matches zero or more words."""
 
     def lookup(self, table: Any, exchange: str, routing_key: str, default: Any) -> set[str]:
@@ -36,24 +36,26 @@ class TopicExchange(_KombuTopicExchange):  # type: ignore[misc]
         return routing_key, routing_key, queue
 
 
-class Channel(memory.Channel):  # type: ignore[misc]
+class Channel(memory.Channel):
     """Memory channel with TTL + dead-lettering, auto-delete queues and mandatory routing."""
 
     do_restore = True
-    queues: dict[str, Queue[Any]] = {}
+    # Broker state is process-global, as in kombu's memory transport: class attributes on purpose.
+    queues = {}  # type: ignore[var-annotated]  # noqa: RUF012 - kombu's own global, redefined
     #: queue name -> declared arguments (``x-message-ttl``, ``x-dead-letter-*``, ``auto_delete``)
-    queue_args: dict[str, dict[str, Any]] = {}
+    queue_args: ClassVar[dict[str, dict[str, Any]]] = {}
     #: queue name -> number of consumers, for auto-delete
-    consumer_counts: defaultdict[str, int] = defaultdict(int)
+    consumer_counts: ClassVar[defaultdict[str, int]] = defaultdict(int)
     #: heap of (due, seq, queue, message) for messages waiting out a queue's TTL
-    delayed: list[tuple[float, int, str, Any]] = []
+    delayed: ClassVar[list[tuple[float, int, str, Any]]] = []
     lock = threading.Lock()
     _seq = itertools.count()
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.exchange_types = dict(self.exchange_types)
-        self.exchange_types["topic"] = TopicExchange(self)
+        types: dict[str, Any] = dict(self.exchange_types)
+        types["topic"] = TopicExchange(self)
+        self.exchange_types = types
 
     def _new_queue(self, queue: str, **kwargs: Any) -> None:
         args = dict(kwargs.get("arguments") or {})
@@ -65,10 +67,10 @@ class Channel(memory.Channel):  # type: ignore[misc]
         return queue in self.queues
 
     def _queue_for(self, queue: str) -> Queue[Any]:
-        try:
-            return self.queues[queue]
-        except KeyError:
-            return self.queues.setdefault(queue, Queue())
+        found: Queue[Any] | None = self.queues.get(queue)
+        if found is None:
+            found = self.queues.setdefault(queue, Queue())
+        return found
 
     def _put(self, queue: str, message: Any, **kwargs: Any) -> None:
         if queue not in self.queues:
@@ -180,7 +182,7 @@ class Channel(memory.Channel):  # type: ignore[misc]
         virtual.Channel.close(self)
 
 
-class Transport(memory.Transport):  # type: ignore[misc]
+class Transport(memory.Transport):
     """The ``memory://`` transport used by this framework (see the module docstring)."""
 
     Channel = Channel

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import pickle
 import threading
@@ -220,8 +221,9 @@ def test_failing_handler_is_retried_with_backoff_then_dead_lettered(
         bus.publish(event)
         dead = wait_for(lambda: bus.dead_letters(), what="the dead letter")
         assert [a for a, _ in attempts] == [1, 2, 3]
-        gaps = [b - a for (_, a), (_, b) in zip(attempts, attempts[1:], strict=False)]
-        assert gaps[0] >= 0.05 and gaps[1] >= 0.1, gaps
+        gaps = [b - a for (_, a), (_, b) in itertools.pairwise(attempts)]
+        assert gaps[0] >= 0.05, gaps
+        assert gaps[1] >= 0.1, gaps
         (letter,) = dead
         assert letter.id == event.id
         assert letter.attempts == 3
