@@ -1,0 +1,174 @@
+"""The sagas command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from sagas import App, Event, EventBus, Reject, Service, Worker
+from sagas._cli import cli
+from tests.helpers import wait_for
+
+COMMANDS = [["run"], ["publish"], ["dead", "ls"], ["dead", "replay"], ["health"], ["demo"]]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
+def test_every_command_has_help_with_an_example(command: list[str]) -> None:
+    """Each command's --help shows an example."""
+    result = CliRunner().invoke(cli, [*command, "--help"])
+    assert result.exit_code == 0
+    assert "Example" in result.output
+
+
+def test_publish_then_dead_ls_and_replay(broker_url: str, unique: str, buses: list[object]) -> None:
+    """A rejected event shows in `dead ls` with its error, and `dead replay` puts it back."""
+    handled: list[str] = []
+    svc = Service("cli")
+
+    @svc.on("ocis.cli.poked")
+    def poke(event: Event) -> None:
+        if not handled:
+            handled.append("rejected")
+            raise Reject("first time is bad")
+        handled.append(event.id)
+
+    worker = Worker(App(svc, exchange=unique), broker=broker_url, store="memory://")
+    bus = EventBus(broker_url, exchange=unique)
+    buses += [worker, bus]
+    runner = CliRunner()
+    common = ["--broker", broker_url, "--exchange", unique]
+    with worker.running():
+        out = runner.invoke(cli, ["publish", "ocis.cli.poked", '{"n": 1}', *common])
+        assert out.exit_code == 0, out.output
+        event_id = out.output.strip()
+        wait_for(lambda: bus.dead_letters(), what="dead letter")
+        listed = runner.invoke(cli, ["dead", "ls", "--json", *common])
+        (letter,) = json.loads(listed.output)
+        assert letter["id"] == event_id
+        assert "first time is bad" in letter["reason"]
+        text = runner.invoke(cli, ["dead", "ls", *common]).output
+        assert event_id in text
+        replay = runner.invoke(cli, ["dead", "replay", event_id, *common])
+        assert replay.exit_code == 0, replay.output
+        wait_for(lambda: event_id in handled, what="replayed event handled")
+    assert runner.invoke(cli, ["dead", "ls", *common]).output.strip() == "no dead letters"
+
+
+def test_dead_replay_needs_ids_or_all() -> None:
+    """`dead replay` without ids or --all is a usage error."""
+    result = CliRunner().invoke(cli, ["dead", "replay"])
+    assert result.exit_code == 2
+    assert "--all" in result.output
+
+
+def test_publish_rejects_bad_input() -> None:
+    """A payload that is not a JSON object is refused with a clear message."""
+    runner = CliRunner()
+    assert "not JSON" in runner.invoke(cli, ["publish", "ocis.a.b", "{nope"]).output
+    assert "JSON object" in runner.invoke(cli, ["publish", "ocis.a.b", "[1]"]).output
+
+
+def test_publish_with_an_invalid_name_fails_clearly() -> None:
+    """An invalid event name exits 2 and names the rule."""
+    proc = subprocess.run([sys.executable, "-m", "sagas", "publish", "Bad Name", "{}"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "invalid event name" in proc.stderr
+
+
+def test_health_exit_codes_and_no_credentials(amqp_url: str) -> None:
+    """`health` exits 0 when the broker answers, 1 when not, and never prints the password."""
+    runner = CliRunner()
+    assert runner.invoke(cli, ["health", "--broker", amqp_url]).exit_code == 0
+    bad = runner.invoke(cli, ["health", "--broker", "amqp://guest:s3cr3t-pw@127.0.0.1:1//", "--timeout", "1"])
+    assert bad.exit_code == 1
+    assert "s3cr3t-pw" not in bad.output
+    assert "unreachable" in bad.output
+
+
+APP = """
+from sagas import App, Service
+svc = Service("slowpoke")
+done = []
+@svc.on("ocis.slow.work")
+def work(event):
+    import time
+    print("started", event.id, flush=True)
+    time.sleep(1.0)
+    print("finished", event.id, flush=True)
+app = App(svc, exchange="{exchange}")
+"""
+
+
+def _start_worker(tmp_path: Path, exchange: str, broker: str, *extra: str) -> subprocess.Popen[str]:
+    (tmp_path / "slowapp.py").write_text(textwrap.dedent(APP.format(exchange=exchange)))
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "sagas", "run", "slowapp:app", "--broker", broker,
+         "--store", f"sqlite:///{tmp_path}/s.db", *extra],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_run_exits_3_when_the_broker_stays_away(tmp_path: Path, unique: str) -> None:
+    """A worker whose broker is unreachable past the grace period exits non-zero, redacting the URL."""
+    proc = _start_worker(tmp_path, unique, "amqp://guest:pw-xyz@127.0.0.1:1//", "--grace-period", "2")
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 3
+    assert "unreachable" in err
+    assert "pw-xyz" not in out + err
+
+
+@pytest.mark.rabbitmq
+def test_sigterm_finishes_in_flight_work(tmp_path: Path, unique: str, amqp_url: str) -> None:
+    """On SIGTERM, the handler that is running finishes and is acked before the worker exits 0."""
+    proc = _start_worker(tmp_path, unique, amqp_url)
+    bus = EventBus(amqp_url, exchange=unique)
+    try:
+        wait_for(lambda: _queue_ready(amqp_url, f"{unique}.slowpoke.work"), what="worker consuming")
+        event = Event("ocis.slow.work")
+        bus.publish(event)
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == f"started {event.id}"  # the handler runs for 1 s
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+        assert out.strip() == f"finished {event.id}"
+        assert _queue_depth(amqp_url, f"{unique}.slowpoke.work") == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        bus.declared_queues.add(f"{unique}.slowpoke.work")
+        bus.delete_topology()
+        bus.close()
+
+
+def _queue_ready(url: str, queue: str) -> bool:
+    import amqp
+
+    conn = amqp.Connection("127.0.0.1:5672", userid="guest", password="guest")
+    conn.connect()
+    try:
+        return bool(conn.channel().queue_declare(queue, passive=True).consumer_count)
+    except amqp.exceptions.NotFound:
+        return False
+    finally:
+        conn.close()
+
+
+def _queue_depth(url: str, queue: str) -> int:
+    import amqp
+
+    conn = amqp.Connection("127.0.0.1:5672", userid="guest", password="guest")
+    conn.connect()
+    try:
+        return int(conn.channel().queue_declare(queue, passive=True).message_count)
+    finally:
+        conn.close()
