@@ -38,7 +38,9 @@ def publish_share(bus: EventBus, share_id: str, sharer: str, grantee: str, path:
     return event
 
 
-@notifications.on(SHARE_CREATED, idempotent=True)
+# One mail in flight at a time: a crash can then repeat at most the one mail that the SMTP server took
+# just before the crash, and nothing else.
+@notifications.on(SHARE_CREATED, idempotent=True, concurrency=1)
 def mail_grantee(event: Event) -> None:
     share = event.payload
     missing = [k for k in ("share_id", "sharer", "grantee", "path") if not isinstance(share.get(k), str)]

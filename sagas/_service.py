@@ -102,6 +102,7 @@ class HandlerSpec:
     broadcast: bool
     prefetch: int
     wants_context: bool
+    concurrency: int | None = None
 
     @property
     def key(self) -> str:
@@ -156,13 +157,16 @@ class Service:
         broadcast: bool = False,
         name: str | None = None,
         prefetch: int = DEFAULT_PREFETCH,
+        concurrency: int | None = None,
     ) -> Callable[[Handler], Handler]:
         """Declare a handler for events matching ``pattern`` (``*`` one word, ``#`` zero or more).
 
         The handler is ``fn(event)`` or ``fn(event, ctx)``. Options: ``delivery`` (at-least-once by
         default), ``retry`` (a :class:`Retry`), ``idempotent`` (skip events whose id this handler
         already handled, through the inbox store), ``broadcast`` (every instance gets every event;
-        at-most-once only), ``name`` (the queue name part, default the function name).
+        at-most-once only), ``name`` (the queue name part, default the function name),
+        ``prefetch`` (messages the broker sends ahead), ``concurrency`` (at most this many calls of the
+        handler at once in one worker; default: the worker's pool size).
         The function is returned unchanged.
         """
         if callable(pattern):
@@ -188,6 +192,8 @@ class Service:
             raise ConfigurationError("at-most-once handlers are never retried; drop the retry= option")
         if prefetch < 1:
             raise ConfigurationError("prefetch must be at least 1")
+        if concurrency is not None and concurrency < 1:
+            raise ConfigurationError("concurrency must be at least 1 (or None for the worker's pool size)")
 
         def register(fn: Handler) -> Handler:
             hname: str = name or str(getattr(fn, "__name__", ""))
@@ -198,7 +204,7 @@ class Service:
             self._handlers[hname] = HandlerSpec(
                 service=self.name, name=hname, fn=fn, patterns=all_patterns, delivery=mode,
                 retry=retry or Retry(), idempotent=idempotent, broadcast=broadcast, prefetch=prefetch,
-                wants_context=_arity(fn) >= 2,
+                wants_context=_arity(fn) >= 2, concurrency=concurrency,
             )
             return fn
 

@@ -13,6 +13,7 @@ dead-letter with the error (copy confirmed, then ack).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import queue
@@ -106,6 +107,9 @@ class Worker:
         self._inflight = 0
         #: (handler key, event id) of idempotent messages being handled, and duplicates waiting on them
         self._busy: dict[tuple[str, str], list[tuple[int, Inbound]]] = {}
+        #: handlers running now, and messages waiting for a handler that is at its concurrency limit
+        self._running: collections.Counter[str] = collections.Counter()
+        self._waiting: dict[str, deque[tuple[int, Inbound]]] = collections.defaultdict(deque)
         self._generation = 0
         self._stop = threading.Event()
         self._started = False
@@ -190,7 +194,7 @@ class Worker:
             bus.cancel()
         # At-most-once messages were acked on arrival: handle them. At-least-once ones that did not
         # start go back to the queue when the connection closes.
-        self._ready = deque(item for item in self._ready if not item[1].subscription.durable)
+        self._drop_durable_pending()
         deadline = time.monotonic() + 60
         while (self._inflight or self._ready) and time.monotonic() < deadline:
             try:
@@ -279,7 +283,12 @@ class Worker:
                              service=spec.service, handler=spec.name, attempt=inbound.attempt,
                              outcome="duplicate", duration_ms=0.0)
                     continue
+            if spec.concurrency is not None and self._running[spec.key] >= spec.concurrency:
+                self._waiting[spec.key].append((generation, inbound))
+                continue
+            if spec.idempotent:
                 self._busy[(spec.key, event.id)] = []
+            self._running[spec.key] += 1
             self._inflight += 1
             future = self._pool.submit(_run_handler, spec, inbound, event, generation)
             future.add_done_callback(self._outcome_ready)
@@ -307,6 +316,10 @@ class Worker:
         """Ack, retry or dead-letter one finished message (on the I/O thread)."""
         self._inflight -= 1
         spec, event = o.spec, o.event
+        self._running[spec.key] -= 1
+        waiting = self._waiting.get(spec.key)
+        if waiting:
+            self._ready.appendleft(waiting.popleft())
         if spec.idempotent:
             try:
                 self._settle_one(o)
@@ -362,11 +375,18 @@ class Worker:
         else:
             log.warning("message.failed", error=repr(error)[:500], **fields)
 
+    def _drop_durable_pending(self) -> None:
+        """Forget at-least-once messages not yet started: unacked, they go back to their queue when the
+        connection closes. At-most-once ones were acked on arrival, so they stay to be handled."""
+        self._ready = deque(item for item in self._ready if not item[1].subscription.durable)
+        for key, waiting in self._waiting.items():
+            self._waiting[key] = deque(item for item in waiting if not item[1].subscription.durable)
+
     def _on_connection_lost(self, exc: ConnectionLost) -> None:
         log.warning("worker.connection_lost", error=str(exc))
         self._generation += 1
         # Unacked at-least-once messages will be redelivered; at-most-once ones were acked: keep them.
-        self._ready = deque(item for item in self._ready if not item[1].subscription.durable)
+        self._drop_durable_pending()
         self.bus.close()
         self._connect(time.monotonic() + self.grace_period)
         log.info("worker.reconnected", broker=redact_url(self.broker))

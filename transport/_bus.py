@@ -312,7 +312,10 @@ class EventBus:
         deadline = time.monotonic() + limit
         with self._lock:
             if not self.connected:
-                self.connect(timeout=max(0.0, min(self.connect_timeout, deadline - time.monotonic())))
+                try:
+                    self.connect(timeout=max(0.0, min(self.connect_timeout, deadline - time.monotonic())))
+                except BrokerUnavailable as exc:
+                    raise PublishError(f"not published: {exc}") from None
             ch, confirms = self._pub, self._confirms
             ids = []
             try:

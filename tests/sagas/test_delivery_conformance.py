@@ -377,3 +377,26 @@ def test_subscribing_to_an_invalid_pattern_raises() -> None:
         svc.on("ocis.a.b", broadcast=True)
     with pytest.raises(ConfigurationError, match="delivery must be"):
         svc.on("ocis.a.b", delivery="exactly-once")
+
+
+def test_handler_concurrency_limit(broker_url: str, unique: str, buses: list[object]) -> None:
+    """A handler declared with concurrency=1 never runs twice at once, even in a worker with a larger pool."""
+    lock = threading.Lock()
+    running, peak, done = [0], [0], []
+    svc = Service("serial")
+
+    @svc.on("ocis.serial.work", concurrency=1)
+    def work(event: Event) -> None:
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        threading.Event().wait(0.01)
+        with lock:
+            running[0] -= 1
+            done.append(event.id)
+
+    bus = make_bus(buses, broker_url, unique)
+    with make_worker(buses, App(svc, exchange=unique), broker_url, concurrency=4).running():
+        bus.publish_many([Event("ocis.serial.work") for _ in range(20)])
+        wait_for(lambda: len(done) == 20, what="20 handled")
+    assert peak[0] == 1

@@ -1,0 +1,255 @@
+"""Fault drills on a real RabbitMQ, with workers as separate processes. Each prints its figures.
+
+    python scripts/drills.py kill-worker     [-n 10000]   # kill -9 a worker halfway, restart it
+    python scripts/drills.py broker-restart  [-n 10000]   # rabbitmqctl stop_app / start_app while publishing
+    python scripts/drills.py at-most-once                 # kill -9 during an at-most-once handler
+    python scripts/drills.py notifications   [-n 1000]    # 1,000 shares, kill -9 the worker twice
+
+Needs RabbitMQ on 127.0.0.1:5672 (guest/guest, or SAGAS_DRILL_AMQP_URL) and, for broker-restart,
+rabbitmqctl on this machine. Every drill uses its own exchange and deletes its queues afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from sagas import Event, EventBus  # noqa: E402
+from sagas._demo import MailSink  # noqa: E402
+from transport import PublishError  # noqa: E402
+
+from sagas import configure_logging  # noqa: E402
+
+configure_logging(level="warning")
+URL = os.environ.get("SAGAS_DRILL_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
+
+
+def start_worker(app: str, exchange: str, out: Path, store: Path, **env: str) -> subprocess.Popen[bytes]:
+    e = {**os.environ, "DRILL_OUT": str(out), "DRILL_EXCHANGE": exchange, "SAGAS_EXCHANGE": exchange,
+         "PYTHONPATH": f"{ROOT}:{ROOT / 'scripts'}", **env}
+    log = open(out.with_suffix(".log"), "ab")  # noqa: SIM115 - handed to the child
+    return subprocess.Popen(
+        [sys.executable, "-m", "sagas", "--log-level", "warning", "run", app, "--broker", URL,
+         "--store", f"sqlite:///{store}", "--exchange", exchange],
+        env=e, stdout=log, stderr=log, cwd=ROOT,
+    )
+
+
+def lines(out: Path, tag: str) -> list[int]:
+    if not out.exists():
+        return []
+    result = []
+    for line in out.read_text().splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[0] == tag:
+            result.append(int(parts[1]))
+    return result
+
+
+def wait(pred, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def cleanup(exchange: str, queues: list[str]) -> None:
+    bus = EventBus(URL, exchange=exchange)
+    bus.declared_queues.update(queues)
+    bus.delete_topology()
+    bus.close()
+
+
+def kill_worker(n: int) -> None:
+    exchange = f"drill{uuid.uuid4().hex[:8]}"
+    with tempfile.TemporaryDirectory() as tmp:
+        out, store = Path(tmp) / "effects.txt", Path(tmp) / "s.db"
+        w = start_worker("drill_app:app", exchange, out, store)
+        bus = EventBus(URL, exchange=exchange)
+        wait(lambda: _consumers(f"{exchange}.drill.record") > 0, 30, "worker")
+        t0 = time.monotonic()
+        bus.publish_many([Event("drill.events.created", {"n": i}) for i in range(n)])
+        wait(lambda: len(lines(out, "alo")) >= n // 2, 120, "half handled")
+        handled_at_kill = len(lines(out, "alo"))
+        w.send_signal(signal.SIGKILL)
+        w.wait()
+        w = start_worker("drill_app:app", exchange, out, store)
+        wait(lambda: set(lines(out, "alo")) >= set(range(n)), 300, "every event handled")
+        elapsed = time.monotonic() - t0
+        w.send_signal(signal.SIGTERM)
+        w.wait(30)
+        got = lines(out, "alo")
+        dupes = len(got) - len(set(got))
+        print(f"kill-worker: published {n}, handled before kill -9 {handled_at_kill}, "
+              f"distinct handled {len(set(got))}, lost {n - len(set(got) & set(range(n)))}, "
+              f"redelivered duplicates {dupes} (at-least-once without inbox), {elapsed:.1f}s, "
+              f"worker exit after SIGTERM {w.returncode}")
+        bus.close()
+        cleanup(exchange, [f"{exchange}.drill.record", *[f"{exchange}.drill.record.delay.{d}" for d in
+                                                          (1000, 2000, 4000, 8000)]])
+
+
+def broker_restart(n: int) -> None:
+    exchange = f"drill{uuid.uuid4().hex[:8]}"
+    with tempfile.TemporaryDirectory() as tmp:
+        out, store = Path(tmp) / "effects.txt", Path(tmp) / "s.db"
+        w = start_worker("drill_app:app", exchange, out, store)
+        bus = EventBus(URL, exchange=exchange, publish_timeout=5, connect_timeout=2)
+        wait(lambda: _consumers(f"{exchange}.drill.record") > 0, 30, "worker")
+        ok: list[int] = []
+        failed: collections.Counter[str] = collections.Counter()
+        restarted = threading.Event()
+
+        def restart() -> None:
+            wait(lambda: len(ok) >= n // 3, 120, "a third published")
+            subprocess.run(["rabbitmqctl", "stop_app"], check=True, capture_output=True)
+            time.sleep(3)  # the broker stays down for a while: publishes must fail, not hang
+            subprocess.run(["rabbitmqctl", "start_app"], check=True, capture_output=True)
+            restarted.set()
+
+        threading.Thread(target=restart, daemon=True).start()
+        i = 0
+        t0 = time.monotonic()
+        while len(ok) < n:
+            started = time.monotonic()
+            try:
+                bus.publish(Event("drill.events.created", {"n": i}))
+                ok.append(i)
+            except PublishError as exc:
+                failed[type(exc).__name__] += 1
+                if time.monotonic() - started > bus.publish_timeout + bus.connect_timeout + 1:
+                    raise SystemExit(f"a failed publish took {time.monotonic() - started:.1f}s") from None
+                time.sleep(0.05)
+            i += 1
+        wait(restarted.is_set, 60, "restart")
+        wait(lambda: set(lines(out, "alo")) >= set(ok), 300, "every confirmed event handled")
+        w.send_signal(signal.SIGTERM)
+        w.wait(30)
+        got = set(lines(out, "alo"))
+        print(f"broker-restart: publish calls {i}, returned {len(ok)}, raised {sum(failed.values())} "
+              f"({dict(failed)}), confirmed and handled {len(got & set(ok))}/{len(ok)}, "
+              f"failed-publish events handled anyway {len(got - set(ok))}, {time.monotonic() - t0:.1f}s, "
+              f"worker exit {w.returncode}")
+        bus.close()
+        cleanup(exchange, [f"{exchange}.drill.record", *[f"{exchange}.drill.record.delay.{d}" for d in
+                                                          (1000, 2000, 4000, 8000)]])
+
+
+def at_most_once() -> None:
+    exchange = f"drill{uuid.uuid4().hex[:8]}"
+    with tempfile.TemporaryDirectory() as tmp:
+        out, store = Path(tmp) / "effects.txt", Path(tmp) / "s.db"
+        a = start_worker("drill_app:app", exchange, out, store, DRILL_AMO_SLEEP="30")
+        b = start_worker("drill_app:app", exchange, out, store, DRILL_AMO_SLEEP="30")
+        bus = EventBus(URL, exchange=exchange)
+        wait(lambda: _consumers(f"{exchange}.drill.seen") == 2, 30, "two workers")
+        bus.publish_many([Event("drill.presence.seen", {"n": i}) for i in range(2)])
+        wait(lambda: len(lines(out, "amo-start")) == 2, 30, "both handlers started")
+        a.send_signal(signal.SIGKILL)
+        b.send_signal(signal.SIGKILL)
+        a.wait()
+        b.wait()
+        c = start_worker("drill_app:app", exchange, out, store, DRILL_AMO_SLEEP="0")
+        wait(lambda: _consumers(f"{exchange}.drill.seen") == 1, 30, "new worker")
+        bus.publish(Event("drill.presence.seen", {"n": 99}))
+        wait(lambda: 99 in lines(out, "amo"), 30, "a new event")
+        c.send_signal(signal.SIGTERM)
+        c.wait(30)
+        starts = lines(out, "amo-start")
+        print(f"at-most-once: 2 events in flight when both workers were killed; deliveries after restart "
+              f"of those 2: {len([s for s in starts if s in (0, 1)]) - 2}; new event handled: "
+              f"{99 in lines(out, 'amo')}")
+        bus.close()
+        cleanup(exchange, [f"{exchange}.drill.record"])
+
+
+def notifications(n: int) -> None:
+    exchange = f"drill{uuid.uuid4().hex[:8]}"
+    with tempfile.TemporaryDirectory() as tmp, MailSink() as sink:
+        out, store = Path(tmp) / "effects.txt", Path(tmp) / "s.db"
+        env = {"SMTP_HOST": sink.host, "SMTP_PORT": str(sink.port)}
+        w = start_worker("examples.notifications:app", exchange, out, store, **env)
+        queue = f"{exchange}.notifications.mail_grantee"
+        wait(lambda: _consumers(queue) > 0, 30, "worker")
+        bus = EventBus(URL, exchange=exchange)
+        from examples.notifications import share_created
+
+        bus.publish_many([share_created(f"share-{i}", "einstein", f"u{i}", f"/f{i}") for i in range(n)])
+        kills = []
+        for fraction in (3, 2):  # kill at about a third, and again at about two thirds
+            target = n * (4 - fraction) // 3 if fraction == 2 else n // 3
+            wait(lambda t=target: len(sink.mails) >= t, 120, "mails")
+            w.send_signal(signal.SIGKILL)
+            w.wait()
+            kills.append(len(sink.mails))
+            w = start_worker("examples.notifications:app", exchange, out, store, **env)
+        wait(lambda: len({m["X-Share-Id"] for m in sink.mails}) >= n, 300, "every share mailed")
+        wait(lambda: _depth(queue) == 0, 60, "queue empty")
+        w.send_signal(signal.SIGTERM)
+        w.wait(30)
+        per_share = collections.Counter(m["X-Share-Id"] for m in sink.mails)
+        dupes = sum(c - 1 for c in per_share.values())
+        print(f"notifications: shares {n}, mailed {len(per_share)}, mails {len(sink.mails)}, "
+              f"duplicates {dupes} (2 kills, at mails {kills}), worker exit {w.returncode}")
+        bus.close()
+        cleanup(exchange, [queue, *[f"{queue}.delay.{d}" for d in (1000, 2000, 4000, 8000)]])
+
+
+def _amqp():  # type: ignore[no-untyped-def]
+    import amqp
+
+    c = amqp.Connection("127.0.0.1:5672", userid="guest", password="guest")
+    c.connect()
+    return c
+
+
+def _consumers(queue: str) -> int:
+    import amqp
+
+    c = _amqp()
+    try:
+        return int(c.channel().queue_declare(queue, passive=True).consumer_count)
+    except amqp.exceptions.NotFound:
+        return 0
+    finally:
+        c.close()
+
+
+def _depth(queue: str) -> int:
+    c = _amqp()
+    try:
+        return int(c.channel().queue_declare(queue, passive=True).message_count)
+    finally:
+        c.close()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("drill", choices=["kill-worker", "broker-restart", "at-most-once", "notifications"])
+    p.add_argument("-n", type=int, default=None)
+    a = p.parse_args()
+    if a.drill == "kill-worker":
+        kill_worker(a.n or 10_000)
+    elif a.drill == "broker-restart":
+        broker_restart(a.n or 10_000)
+    elif a.drill == "at-most-once":
+        at_most_once()
+    else:
+        notifications(a.n or 1000)
+
+
+if __name__ == "__main__":
+    main()
