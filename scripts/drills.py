@@ -26,11 +26,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from sagas import Event, EventBus  # noqa: E402
+from sagas import (  # noqa: E402
+    Event,
+    EventBus,
+    configure_logging,
+)
 from sagas._demo import MailSink  # noqa: E402
 from transport import PublishError  # noqa: E402
-
-from sagas import configure_logging  # noqa: E402
 
 configure_logging(level="warning")
 URL = os.environ.get("SAGAS_DRILL_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
