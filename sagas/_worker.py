@@ -113,7 +113,9 @@ class Worker:
         self._generation = 0
         self._stop = threading.Event()
         self._started = False
+        #: messages handled successfully, and reconnections after a lost connection
         self.handled = 0
+        self.reconnects = 0
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -389,6 +391,7 @@ class Worker:
         self._drop_durable_pending()
         self.bus.close()
         self._connect(time.monotonic() + self.grace_period)
+        self.reconnects += 1
         log.info("worker.reconnected", broker=redact_url(self.broker))
 
     # -- helpers for tests and the demo ---------------------------------------------------------------

@@ -1,0 +1,105 @@
+"""The worker and the bus under broker trouble: bounded publishes, reconnects, heartbeats, logs."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pytest
+import structlog
+
+from sagas import App, Event, EventBus, Service, Worker
+from tests.helpers import wait_for
+from transport import PublishError
+
+
+def test_publish_to_an_unreachable_broker_raises_in_bounded_time() -> None:
+    """With no broker listening, publish raises PublishError within the connect timeout, never hangs."""
+    bus = EventBus("amqp://guest:guest@127.0.0.1:1//", connect_timeout=1.0, publish_timeout=2.0)
+    t0 = time.monotonic()
+    with pytest.raises(PublishError, match="not published"):
+        bus.publish(Event("ocis.files.uploaded"))
+    assert time.monotonic() - t0 < 3.0
+
+
+@pytest.mark.rabbitmq
+def test_worker_reconnects_after_the_connection_breaks(amqp_url: str, unique: str) -> None:
+    """When its socket dies, the worker reconnects, consumes again, and nothing is lost."""
+    got: list[int] = []
+    svc = Service("survivor")
+    svc.on("ocis.files.uploaded", name="count")(lambda e: got.append(e.payload["i"]))
+    worker = Worker(App(svc, exchange=unique), broker=amqp_url, store="memory://")
+    bus = EventBus(amqp_url, exchange=unique)
+    try:
+        with worker.running():
+            bus.publish_many([Event("ocis.files.uploaded", {"i": i}) for i in range(100)])
+            wait_for(lambda: len(set(got)) == 100, what="first 100")
+            conn = worker.bus._conn
+            assert conn is not None
+            conn.connection.sock.shutdown(socket.SHUT_RDWR)  # the network goes away under the worker
+            bus.publish_many([Event("ocis.files.uploaded", {"i": i}) for i in range(100, 200)])
+            wait_for(lambda: len(set(got)) == 200, what="the next 100 after the reconnect")
+        assert worker.reconnects >= 1
+        assert set(got) == set(range(200))
+    finally:
+        bus.declared_queues |= worker.bus.declared_queues
+        bus.delete_topology()
+        bus.close()
+
+
+@pytest.mark.rabbitmq
+def test_heartbeats_continue_during_a_long_handler(amqp_url: str, unique: str) -> None:
+    """A handler that runs for several heartbeat intervals does not lose the connection or its message."""
+    calls: list[float] = []
+    svc = Service("slow")
+
+    @svc.on("ocis.files.uploaded")
+    def crunch(event: Event) -> None:
+        calls.append(time.monotonic())
+        threading.Event().wait(3.5)  # longer than 2 heartbeat intervals of 1 s
+
+    bus = EventBus(amqp_url, exchange=unique)
+    worker = Worker(App(svc, exchange=unique), broker=amqp_url, store="memory://",
+                    bus=EventBus(amqp_url, exchange=unique, heartbeat=1))
+    try:
+        with worker.running():
+            bus.publish(Event("ocis.files.uploaded"))
+            wait_for(lambda: worker.handled == 1, timeout=15, what="the long handler to finish")
+        assert len(calls) == 1
+        assert worker.reconnects == 0
+    finally:
+        bus.declared_queues |= worker.bus.declared_queues
+        bus.delete_topology()
+        bus.close()
+
+
+def test_every_handled_message_is_logged_with_its_fields(unique: str) -> None:
+    """The worker logs event id, type, service, handler, attempt, outcome and duration per message."""
+    svc = Service("logged")
+    svc.on("ocis.files.uploaded", name="note")(lambda e: None)
+    worker = Worker(App(svc, exchange=unique), broker="memory://", store="memory://")
+    bus = EventBus("memory://", exchange=unique)
+    event = Event("ocis.files.uploaded")
+    with structlog.testing.capture_logs() as logs:
+        worker.start()
+        bus.publish(event)
+        worker.run_until(lambda: worker.handled == 1)
+        worker.shutdown()
+    (entry,) = [e for e in logs if e["event"] == "message.handled"]
+    assert entry["event_id"] == event.id
+    assert entry["event_type"] == "ocis.files.uploaded"
+    assert entry["service"] == "logged"
+    assert entry["handler"] == "note"
+    assert entry["attempt"] == 1
+    assert entry["outcome"] == "ok"
+    assert entry["duration_ms"] >= 0
+
+
+def test_logging_redacts_credentials() -> None:
+    """configure_logging's processor hides passwords in URL fields."""
+    from sagas._logging import redact_credentials
+
+    out = redact_credentials(None, "info", {"broker": "amqp://svc:hunter2@rabbit:5672/ocis"})
+    assert "hunter2" not in out["broker"]
+    assert out["broker"] == "amqp://svc:***@rabbit:5672/ocis"
