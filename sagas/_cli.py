@@ -23,7 +23,7 @@ _broker = click.option(
 )
 _exchange = click.option(
     "--exchange", envvar="SAGAS_EXCHANGE", default=None,
-    help="Events exchange name (default: the app's, else 'sagas'). Env: SAGAS_EXCHANGE.",
+    help="Events exchange name (default 'sagas'; for `run`, the app's). Env: SAGAS_EXCHANGE.",
 )
 
 
@@ -151,12 +151,16 @@ def dead_replay(ids: tuple[str, ...], replay_all: bool, broker: str, exchange: s
     """
     if replay_all == bool(ids):
         raise click.UsageError("give either --all or one or more dead-letter ids")
+    skipped: dict[str, str] = {}
     with EventBus(broker, exchange=exchange or "sagas") as bus:
-        done = bus.replay_dead(None if replay_all else ids)
-    missing = set(ids) - set(done)
+        done = bus.replay_dead(None if replay_all else ids, skipped=skipped)
     click.echo(f"replayed {len(done)} message(s)")
+    for dead_id, why in skipped.items():
+        click.echo(f"kept {dead_id}: {why}", err=True)
+    missing = set(ids) - set(done) - set(skipped)
     if missing:
         click.echo(f"not found: {', '.join(sorted(missing))}", err=True)
+    if missing or skipped:
         sys.exit(1)
 
 

@@ -44,5 +44,7 @@ def configure_logging(*, json: bool = False, level: str | int = "info") -> None:
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(lvl),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-        cache_logger_on_first_use=True,
+        # Not cached: a process (or a test run) may configure more than once, and cached loggers would
+        # keep the old configuration.
+        cache_logger_on_first_use=False,
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import inspect
 import re
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,13 +23,14 @@ from ._errors import ConfigurationError
 from ._types import Handler
 
 _NAME_RE = re.compile(r"[a-z][a-z0-9_-]{0,62}")
+_FOLLOW_UP_NAMESPACE = uuid.UUID("6f1c2a52-9d1e-4c55-8f55-0b1e0f6a9c21")
 
 
 class Delivery(enum.StrEnum):
     """The delivery guarantee of one subscription."""
 
-    #: Acked on arrival, on a transient queue: delivered zero or one time. Nothing is kept while no
-    #: instance is connected, and nothing is redelivered after a crash.
+    #: Acked just before the handler runs, on an auto-delete queue: delivered zero or one time. Nothing
+    #: is kept while no instance is connected, and nothing is redelivered after a crash.
     AT_MOST_ONCE = "at-most-once"
     #: Acked after the handler returns, on a durable quorum queue: delivered until a handler returns,
     #: retried with backoff, then dead-lettered with the error. A handler may see an event twice.
@@ -82,8 +84,15 @@ class Context:
 
     def publish(self, type: str, payload: Mapping[str, Any] | None = None, *,
                 headers: Mapping[str, str] | None = None) -> Event:
-        """Queue a follow-up event; returns it (with its id)."""
-        event = self.event.follow_up(type, payload, source=self.service, headers=headers)
+        """Queue a follow-up event; returns it (with its id).
+
+        The id is derived from the handled event's id, this handler and the follow-up's position, so a
+        handler that runs again for the same event publishes the same ids, and receivers' inboxes can
+        drop the repeats."""
+        seed = f"{self.event.id}/{self.service}.{self.handler}/{len(self.outbox)}"
+        event = Event(type=type, payload=payload or {}, source=self.service,
+                      id=uuid.uuid5(_FOLLOW_UP_NAMESPACE, seed).hex, correlation_id=self.event.correlation_id,
+                      causation_id=self.event.id, headers=headers or {})
         self.outbox.append(event)
         return event
 

@@ -42,7 +42,7 @@ class SQLiteStore:
     """
 
     def __init__(self, path: str, *, synchronous: str = "NORMAL") -> None:
-        if synchronous.upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
+        if synchronous.upper() not in ("NORMAL", "FULL", "EXTRA"):
             raise ConfigurationError(f"synchronous must be NORMAL, FULL or EXTRA, not {synchronous!r}")
         self.path = path
         try:

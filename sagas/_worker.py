@@ -84,6 +84,7 @@ class Worker:
         exchange: str | None = None,
         concurrency: int = 4,
         grace_period: float = 60.0,
+        shutdown_timeout: float = 60.0,
         instance: str | None = None,
         bus: EventBus | None = None,
     ) -> None:
@@ -98,6 +99,12 @@ class Worker:
         self.exchange = exchange or app.exchange
         self.concurrency = concurrency
         self.grace_period = grace_period
+        self.shutdown_timeout = shutdown_timeout
+        if bus is not None and bus.exchange != self.exchange:
+            raise ConfigurationError(
+                f"the bus publishes to exchange {bus.exchange!r} but the app uses {self.exchange!r}: "
+                "create the EventBus with the same exchange"
+            )
         self.instance = instance or f"{socket.gethostname()}-{os.getpid()}-{id(self):x}"[:60].lower()
         self._store_arg = store
         self._bus_arg = bus
@@ -194,10 +201,9 @@ class Worker:
         bus = self.bus
         with contextlib.suppress(TransportError, *bus.connection_errors):
             bus.cancel()
-        # At-most-once messages were acked on arrival: handle them. At-least-once ones that did not
-        # start go back to the queue when the connection closes.
-        self._drop_durable_pending()
-        deadline = time.monotonic() + 60
+        # Messages that did not start are unacked: they go back to the queue when the connection closes.
+        self._drop_pending()
+        deadline = time.monotonic() + self.shutdown_timeout
         while (self._inflight or self._ready) and time.monotonic() < deadline:
             try:
                 self._process_outcomes()
@@ -213,7 +219,9 @@ class Worker:
         if hasattr(self, "bus"):
             self.bus.close()
         if hasattr(self, "_pool"):
-            self._pool.shutdown(wait=True)
+            # A handler still running after the shutdown timeout is abandoned; its message was not
+            # acked and goes back to the queue.
+            self._pool.shutdown(wait=self._inflight == 0, cancel_futures=True)
         if hasattr(self, "store"):
             self.store.close()
         self._started = False
@@ -264,7 +272,7 @@ class Worker:
     def _dispatch(self) -> None:
         while self._ready and self._inflight < self.concurrency:
             generation, inbound = self._ready.popleft()
-            if inbound.subscription.durable and generation != self._generation:
+            if generation != self._generation:
                 continue  # came on a connection that broke: the broker redelivers it
             spec = self._routes[inbound.subscription.queue]
             event = inbound.event
@@ -290,6 +298,8 @@ class Worker:
                 continue
             if spec.idempotent:
                 self._busy[(spec.key, event.id)] = []
+            if not inbound.subscription.durable:
+                self.bus.ack(inbound)  # at-most-once: acked before it is handled
             self._running[spec.key] += 1
             self._inflight += 1
             future = self._pool.submit(_run_handler, spec, inbound, event, generation)
@@ -377,18 +387,19 @@ class Worker:
         else:
             log.warning("message.failed", error=repr(error)[:500], **fields)
 
-    def _drop_durable_pending(self) -> None:
-        """Forget at-least-once messages not yet started: unacked, they go back to their queue when the
-        connection closes. At-most-once ones were acked on arrival, so they stay to be handled."""
-        self._ready = deque(item for item in self._ready if not item[1].subscription.durable)
-        for key, waiting in self._waiting.items():
-            self._waiting[key] = deque(item for item in waiting if not item[1].subscription.durable)
+    def _drop_pending(self) -> None:
+        """Forget messages that did not start: nothing acked them (an at-most-once message is acked just
+        before its handler starts), so they go back to their queue when the connection closes."""
+        self._ready.clear()
+        self._waiting.clear()
+        for waiting in self._busy.values():
+            waiting.clear()
 
     def _on_connection_lost(self, exc: ConnectionLost) -> None:
         log.warning("worker.connection_lost", error=str(exc))
         self._generation += 1
         # Unacked at-least-once messages will be redelivered; at-most-once ones were acked: keep them.
-        self._drop_durable_pending()
+        self._drop_pending()
         self.bus.close()
         self._connect(time.monotonic() + self.grace_period)
         self.reconnects += 1
@@ -421,7 +432,9 @@ def _run_handler(spec: HandlerSpec, inbound: Inbound, event: Event, generation: 
                 spec.fn(event, ctx)
             else:
                 spec.fn(event)
-        except Exception as exc:  # noqa: BLE001 - every handler error is retried or dead-lettered
+        except BaseException as exc:  # noqa: BLE001 - every handler error is retried or dead-lettered
+            # SystemExit or KeyboardInterrupt raised inside a handler thread would otherwise vanish with
+            # the thread's future and leave the message unsettled; they count as failures too.
             outcome.error = exc
         else:
             outcome.outbox = ctx.outbox

@@ -39,6 +39,15 @@ def require(url: str, what: str) -> None:
     pytest.skip(f"{message}; set it up or export SAGAS_TEST_* to run these tests")
 
 
+@pytest.fixture(autouse=True)
+def _default_logging() -> Iterator[None]:
+    """Undo any structlog configuration a test (such as a CLI call) made."""
+    yield
+    import structlog
+
+    structlog.reset_defaults()
+
+
 @pytest.fixture
 def unique() -> str:
     """A name no other test or run uses (for exchanges, queues and schemas)."""

@@ -13,6 +13,7 @@ from ._errors import (
     InvalidEventName,
     PublishError,
     PublishTimeout,
+    TopologyMismatch,
     TransportError,
     Unroutable,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "PublishError",
     "PublishTimeout",
     "Subscription",
+    "TopologyMismatch",
     "TransportError",
     "Unroutable",
     "decode",

@@ -35,6 +35,7 @@ from ._errors import (
     DecodeError,
     PublishError,
     PublishTimeout,
+    TopologyMismatch,
     TransportError,
     Unroutable,
 )
@@ -95,6 +96,7 @@ class Inbound:
     error: str | None
     attempt: int
     received_at: float
+    acked: bool = False
 
     @property
     def message_id(self) -> str:
@@ -210,13 +212,13 @@ class EventBus:
     def connected(self) -> bool:
         return self._conn is not None and self._pub is not None
 
-    def _new_connection(self) -> Connection:
+    def _new_connection(self, connect_timeout: float | None = None) -> Connection:
         if self.memory:
             return Connection("memory://", transport=_memory.Transport)
         return Connection(
             self.url,
             heartbeat=self.heartbeat,
-            connect_timeout=self.connect_timeout,
+            connect_timeout=self.connect_timeout if connect_timeout is None else connect_timeout,
             ssl=self.ssl,
             transport_options={"confirm_publish": False},
         )
@@ -276,11 +278,19 @@ class EventBus:
         return tuple(conn.connection_errors) + tuple(conn.channel_errors) + (OSError,)
 
     def health(self, timeout: float = 5.0) -> bool:
-        """Whether the broker answers within ``timeout`` seconds."""
+        """Whether the broker answers within ``timeout`` seconds (opens a channel; declares nothing)."""
+        if self.memory:
+            return True
+        conn = self._new_connection(connect_timeout=timeout)
         try:
-            self.connect(timeout=timeout)
-        except TransportError:
+            conn.connect()
+            conn.channel().close()
+        except Exception as exc:
+            if not _is_connection_error(conn, exc):
+                raise
             return False
+        finally:
+            _close_quietly(conn)
         return True
 
     # -- publishing --------------------------------------------------------------------------------
@@ -379,13 +389,31 @@ class EventBus:
         """Declare the queue of ``subscription``, its bindings and its delay queues."""
         with self._lock:
             self.connect()
-            self.declared_queues.update(declare(self._pub, self.exchange, subscription))
+            self._declare(self._pub, subscription)
+
+    def _declare(self, channel: Any, subscription: Subscription | None) -> None:
+        try:
+            self.declared_queues.update(declare(channel, self.exchange, subscription))
+        except Exception as exc:
+            conn = self._conn
+            if conn is None or not isinstance(exc, tuple(conn.channel_errors)):
+                raise
+            self.close()  # the channel is closed by the broker after such an error
+            code = getattr(exc, "code", None)
+            if code == 406:
+                raise TopologyMismatch(
+                    f"{exc}. A queue or exchange already exists with other settings; changing them is a "
+                    "migration: drain and delete the old queue, or give the handler a new name="
+                ) from None
+            if code == 403:
+                raise TransportError(f"{exc}. The broker user lacks a permission (see docs/security.md)") from None
+            raise TransportError(f"the broker refused to declare the topology: {exc}") from None
 
     def consume(self, subscriptions: Sequence[Subscription], on_message: Callable[[Inbound], None]) -> None:
         """Start consuming. ``on_message`` runs inside :meth:`drain`, on the calling thread."""
         ch = self._consume_ch = self._connection().channel()
         for sub in subscriptions:
-            self.declared_queues.update(declare(ch, self.exchange, sub))
+            self._declare(ch, sub)
             ch.basic_qos(0, sub.prefetch, False)
             tag = f"{sub.queue}.{uuid.uuid4().hex[:8]}"
             ch.basic_consume(queue=sub.queue, no_ack=False, consumer_tag=tag,
@@ -415,10 +443,7 @@ class EventBus:
                 event, error = decode(message.body, message.content_type, max_size), None
             except DecodeError as exc:
                 event, error = None, exc.reason
-            inbound = Inbound(sub, message, event, error, attempt, time.monotonic())
-            if event is not None and not sub.durable:
-                message.ack()  # at-most-once: acked before it is handled
-            on_message(inbound)
+            on_message(Inbound(sub, message, event, error, attempt, time.monotonic()))
 
         return receive
 
@@ -443,9 +468,10 @@ class EventBus:
             raise
 
     def ack(self, inbound: Inbound) -> None:
-        """Acknowledge a handled message (at-least-once). No-op for at-most-once (acked on arrival)."""
-        if inbound.subscription.durable or inbound.event is None:
+        """Acknowledge a message: at-least-once after it was handled, at-most-once just before. Once only."""
+        if not inbound.acked:
             self._settle(inbound.message.ack)
+            inbound.acked = True
 
     def _settle(self, op: Callable[[], None]) -> None:
         try:
@@ -465,8 +491,8 @@ class EventBus:
         headers.pop("x-delivery-count", None)
         headers[ATTEMPT_HEADER] = inbound.attempt + 1
         headers.setdefault(DL_ROUTING_KEY, str(inbound.message.delivery_info.get("routing_key", ""))[:255])
-        self._copy(inbound, "", delay_queue(sub.queue, delay), headers, mandatory=True)
-        self._settle(inbound.message.ack)
+        self._copy(inbound, delay_queue(sub.queue, delay), headers)
+        self.ack(inbound)
 
     def dead_letter(self, inbound: Inbound, reason: str, error: BaseException | None = None) -> None:
         """Copy the message, with ``reason`` and ``error`` in its headers, to the dead-letter queue; ack
@@ -485,18 +511,23 @@ class EventBus:
             headers[DL_ERROR_MESSAGE] = str(error)[:1000]
             tb = "".join(traceback.format_exception(error, limit=-8))
             headers[DL_TRACEBACK] = tb[-_MAX_TRACEBACK:]
-        self._copy(inbound, "", self.dead_queue, headers, mandatory=True)
-        if inbound.subscription.durable or inbound.event is None:
-            self._settle(inbound.message.ack)
+        self._copy(inbound, self.dead_queue, headers)
+        self.ack(inbound)
 
-    def _copy(self, inbound: Inbound, exchange: str, routing_key: str, headers: dict[str, Any],
-              mandatory: bool) -> None:
+    def _copy(self, inbound: Inbound, queue: str, headers: dict[str, Any]) -> None:
+        """Publish a copy of ``inbound`` to ``queue`` (default exchange, mandatory) and wait for the
+        confirm. If the queue went missing (deleted by hand), declare the topology again and retry once."""
         message = inbound.message
         body = message.body if isinstance(message.body, bytes) else str(message.body).encode()
         mid = inbound.message_id or f"dl-{uuid.uuid4().hex}"
+        item: _Outgoing = ("", queue, body, mid, headers, True)
         try:
-            self._publish_raw([(exchange, routing_key, body, mid, headers, mandatory)], None,
-                              content_type=message.content_type or "")
+            try:
+                self._publish_raw([item], None, content_type=message.content_type or "")
+            except Unroutable:
+                log.warning("bus.queue_missing", queue=queue, action="declaring the topology again")
+                self.declare(inbound.subscription)
+                self._publish_raw([item], None, content_type=message.content_type or "")
         except PublishError as exc:
             if self._conn is None:
                 raise ConnectionLost(str(exc)) from None
@@ -531,11 +562,13 @@ class EventBus:
                 ch.close()  # unacked messages go back to the queue
             return out
 
-    def replay_dead(self, ids: Iterable[str] | None = None, *, timeout: float | None = None) -> list[str]:
+    def replay_dead(self, ids: Iterable[str] | None = None, *, timeout: float | None = None,
+                    skipped: dict[str, str] | None = None) -> list[str]:
         """Put dead letters back on the queue they came from, with a fresh attempt count.
 
         ``ids=None`` replays all. Returns the ids replayed. Each is acked off the dead-letter queue
-        only after its copy was confirmed.
+        only after its copy was confirmed. A letter whose queue no longer exists stays in the
+        dead-letter queue; its id and the reason go into ``skipped`` if given.
         """
         wanted = None if ids is None else set(ids)
         replayed: list[str] = []
@@ -553,15 +586,22 @@ class EventBus:
                     if wanted is not None and dl.id not in wanted:
                         continue
                     if not dl.queue:
-                        raise TransportError(f"dead letter {dl.id} does not say which queue it came from")
+                        if skipped is not None:
+                            skipped[dl.id] = "it does not say which queue it came from"
+                        continue
                     headers = {k: v for k, v in (message.headers or {}).items()
                                if k not in _DL_HEADERS and k not in ("x-death", "x-first-death-exchange",
                                                                     "x-first-death-queue",
                                                                     "x-first-death-reason",
                                                                     "x-delivery-count")}
                     body = message.body if isinstance(message.body, bytes) else str(message.body).encode()
-                    self._publish_raw([("", dl.queue, body, dl.id, headers, True)], timeout,
-                                      content_type=message.content_type or "")
+                    try:
+                        self._publish_raw([("", dl.queue, body, dl.id, headers, True)], timeout,
+                                          content_type=message.content_type or "")
+                    except Unroutable:
+                        if skipped is not None:
+                            skipped[dl.id] = f"its queue {dl.queue!r} does not exist (any more)"
+                        continue
                     message.ack()
                     replayed.append(dl.id)
             finally:

@@ -28,11 +28,13 @@ class DecodeError(TransportError):
 
 
 class PublishError(TransportError):
-    """The broker did not take the event. Nothing was confirmed; publishing again is safe."""
+    """The broker did not confirm the event (or, for a batch, some of them: ``failed`` maps their ids
+    to the reason). Publishing again is the way to make sure; receivers may then see it twice."""
 
 
 class PublishTimeout(PublishError):
-    """The broker did not confirm in time (it may be down or blocked)."""
+    """The broker did not confirm in time (it may be down or blocked): the event may or may not have
+    been taken."""
 
 
 class Unroutable(PublishError):
@@ -41,3 +43,8 @@ class Unroutable(PublishError):
 
 class BrokerUnavailable(TransportError):
     """No connection to the broker could be made within the time allowed."""
+
+
+class TopologyMismatch(TransportError):
+    """A queue or exchange exists on the broker with other arguments (RabbitMQ's PRECONDITION_FAILED).
+    Changing a queue's arguments is a migration; the message says how."""

@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 from kombu.transport import memory, virtual
 from kombu.transport.virtual.exchange import TopicExchange as _KombuTopicExchange
 
-from ._errors import Unroutable
+from ._errors import TopologyMismatch, Unroutable
 from ._names import topic_matches
 
 _SOURCE_QUEUE = "x-sagas-source-queue"
@@ -60,8 +60,19 @@ class Channel(memory.Channel):
     def _new_queue(self, queue: str, **kwargs: Any) -> None:
         args = dict(kwargs.get("arguments") or {})
         args["auto_delete"] = bool(kwargs.get("auto_delete"))
-        self.queue_args.setdefault(queue, args)
+        known = self.queue_args.setdefault(queue, args)
+        if known != args:
+            # RabbitMQ refuses to re-declare a queue with other arguments (406 PRECONDITION_FAILED).
+            raise TopologyMismatch(
+                f"PRECONDITION_FAILED - queue {queue!r} exists with arguments {known}, not {args}. Changing "
+                "them is a migration: drain and delete the old queue, or give the handler a new name="
+            )
         super()._new_queue(queue, **kwargs)
+
+    def queue_declare(self, queue: str | None = None, passive: bool = False, **kwargs: Any) -> Any:
+        if passive and queue in self.queues:
+            return virtual.base.queue_declare_ok_t(queue, self._size(queue), 0)
+        return super().queue_declare(queue, passive, **kwargs)
 
     def _has_queue(self, queue: str, **kwargs: Any) -> bool:
         return queue in self.queues

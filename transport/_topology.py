@@ -35,7 +35,7 @@ class Subscription:
     """A queue to consume, bound to the events exchange by ``patterns``.
 
     ``durable=True`` is at-least-once (quorum queue, acked after handling); ``False`` is at-most-once
-    (transient auto-delete queue, acked on arrival). ``exclusive`` gives each worker its own queue
+    (auto-delete queue, acked just before handling). ``exclusive`` gives each worker its own queue
     (broadcast). ``retry_delays`` (seconds) are the delay levels a failed message can wait in.
     """
 
@@ -97,8 +97,12 @@ def declare(channel: Any, exchange: str, sub: Subscription | None = None) -> lis
         args.update(sub.arguments)
         channel.queue_declare(queue=sub.queue, durable=True, exclusive=False, auto_delete=False, arguments=args)
     else:
-        channel.queue_declare(queue=sub.queue, durable=False, exclusive=sub.exclusive, auto_delete=True,
-                              arguments=dict(sub.arguments) or None)
+        # Auto-delete: gone with its last consumer, so nothing is kept while no instance runs. Durable
+        # only because RabbitMQ 4 deprecates transient non-exclusive queues; messages in it do not
+        # outlive its consumers anyway.
+        args = {"x-queue-type": "classic", **sub.arguments}
+        channel.queue_declare(queue=sub.queue, durable=not sub.exclusive, exclusive=sub.exclusive,
+                              auto_delete=True, arguments=args)
     for pattern in sub.patterns:
         channel.queue_bind(queue=sub.queue, exchange=exchange, routing_key=pattern)
     declared = [dlq, sub.queue]
