@@ -17,6 +17,7 @@ from collections import defaultdict
 from queue import Empty, Queue
 from typing import Any, ClassVar
 
+from amqp.protocol import queue_declare_ok_t
 from kombu.transport import memory, virtual
 from kombu.transport.virtual.exchange import TopicExchange as _KombuTopicExchange
 
@@ -71,7 +72,7 @@ class Channel(memory.Channel):
 
     def queue_declare(self, queue: str | None = None, passive: bool = False, **kwargs: Any) -> Any:
         if passive and queue in self.queues:
-            return virtual.base.queue_declare_ok_t(queue, self._size(queue), 0)
+            return queue_declare_ok_t(queue, self._size(queue), 0)
         return super().queue_declare(queue, passive, **kwargs)
 
     def _has_queue(self, queue: str, **kwargs: Any) -> bool:
