@@ -13,6 +13,7 @@ reason travels with the message into the dead-letter queue.
 from __future__ import annotations
 
 import json
+import math
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -31,7 +32,22 @@ MAX_HEADER_LENGTH = 1024
 
 _FIELDS = ("id", "type", "source", "time", "correlation_id", "causation_id", "headers", "payload")
 _encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-_decoder = json.JSONDecoder()
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"number {text[:32]} is out of range")
+    return value
+
+
+# Strict JSON: NaN, Infinity and numbers that overflow to inf are refused, so that whatever decodes
+# can be encoded again.
+_decoder = json.JSONDecoder(parse_constant=_no_constant, parse_float=_finite_float)
 
 
 def new_id() -> str:
@@ -74,6 +90,11 @@ class Event:
             _check_id("causation_id", self.causation_id)
         if not isinstance(self.time, datetime) or self.time.tzinfo is None:
             raise InvalidEvent("time must be a timezone-aware datetime")
+        if self.time.utcoffset():
+            try:
+                object.__setattr__(self, "time", self.time.astimezone(UTC))
+            except OverflowError:
+                raise InvalidEvent(f"time {self.time.isoformat()} is out of range in UTC") from None
         _check_headers(self.headers)
 
     def follow_up(self, type: str, payload: Mapping[str, Any] | None = None, *, source: str = "",
@@ -88,7 +109,7 @@ class Event:
             "id": self.id,
             "type": self.type,
             "source": self.source,
-            "time": self.time.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            "time": self.time.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z",
             "correlation_id": self.correlation_id,
             "causation_id": self.causation_id,
             "headers": dict(self.headers),
@@ -138,6 +159,8 @@ def decode(body: bytes | str, content_type: str | None, max_size: int = DEFAULT_
         data = _decoder.decode(text)
     except (UnicodeDecodeError, ValueError) as exc:
         raise DecodeError(f"body is not valid UTF-8 JSON: {exc}") from None
+    except RecursionError:
+        raise DecodeError("body is nested too deeply") from None
     if not isinstance(data, dict):
         raise DecodeError(f"body must be a JSON object, not {type(data).__name__}")
     missing = [f for f in _FIELDS if f not in data]
