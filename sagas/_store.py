@@ -57,7 +57,7 @@ class SQLiteStore:
                 " consumer TEXT NOT NULL, message_id TEXT NOT NULL, handled_at REAL NOT NULL,"
                 " PRIMARY KEY (consumer, message_id)) WITHOUT ROWID"
             )
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"cannot open the SQLite store at {path!r}: {exc}") from exc
 
     def seen(self, consumer: str, message_id: str) -> bool:

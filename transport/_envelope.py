@@ -31,7 +31,8 @@ MAX_HEADERS = 64
 MAX_HEADER_LENGTH = 1024
 
 _FIELDS = ("id", "type", "source", "time", "correlation_id", "causation_id", "headers", "payload")
-_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+# ASCII output: every string, lone surrogates included, survives the round trip as an escape.
+_encoder = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), allow_nan=False)
 
 
 def _no_constant(name: str) -> Any:
@@ -137,7 +138,7 @@ def _check_headers(headers: object) -> None:
 def encode(event: Event, max_size: int = DEFAULT_MAX_EVENT_SIZE) -> bytes:
     """Encode ``event`` to its JSON body. Raises :class:`EventTooLarge` past ``max_size`` bytes."""
     try:
-        body = _encoder.encode(event.to_dict()).encode("utf-8")
+        body = _encoder.encode(event.to_dict()).encode("ascii")
     except (TypeError, ValueError) as exc:
         raise InvalidEvent(f"the payload of {event.type} is not JSON-serialisable: {exc}") from exc
     if len(body) > max_size:
