@@ -6,33 +6,86 @@ delivery guarantee each subscription picked.
 
 from transport import Event, EventBus
 
-from ._errors import ConfigurationError, Reject, SagasError, StoreError
+from ._errors import ConfigurationError, Failure, NoReply, Reject, SagasError, StoreError
 from ._logging import configure_logging
+from ._saga import (
+    COMPENSATE,
+    FAILED,
+    TIMEOUT,
+    Final,
+    On,
+    Request,
+    Saga,
+    SagaContext,
+    SagaDefinition,
+    Start,
+    State,
+    Step,
+    StepSaga,
+    compensate,
+    event,
+    failure,
+    reply,
+    timeout,
+)
+from ._saga_engine import SagaEngine
 from ._service import AT_LEAST_ONCE, AT_MOST_ONCE, App, Context, Delivery, HandlerSpec, Retry, Service
-from ._store import MemoryStore, PostgresStore, SQLiteStore, open_store
+from ._store import (
+    HistoryEntry,
+    MemoryStore,
+    PostgresStore,
+    SagaRecord,
+    SQLiteStore,
+    Store,
+    open_store,
+)
 from ._types import InboxStore
 from ._worker import Worker
 
 __all__ = [
     "AT_LEAST_ONCE",
     "AT_MOST_ONCE",
+    "COMPENSATE",
+    "FAILED",
+    "TIMEOUT",
     "App",
     "ConfigurationError",
     "Context",
     "Delivery",
     "Event",
     "EventBus",
+    "Failure",
+    "Final",
     "HandlerSpec",
+    "HistoryEntry",
     "InboxStore",
     "MemoryStore",
+    "NoReply",
+    "On",
     "PostgresStore",
     "Reject",
+    "Request",
     "Retry",
     "SQLiteStore",
+    "Saga",
+    "SagaContext",
+    "SagaDefinition",
+    "SagaEngine",
+    "SagaRecord",
     "SagasError",
     "Service",
+    "Start",
+    "State",
+    "Step",
+    "StepSaga",
+    "Store",
     "StoreError",
     "Worker",
+    "compensate",
     "configure_logging",
+    "event",
+    "failure",
     "open_store",
+    "reply",
+    "timeout",
 ]

@@ -18,8 +18,19 @@ class Reject(SagasError):
     such as a payload the handler can never process). The message is the reason kept with it."""
 
 
+class Failure(SagasError):
+    """Raise from a request handler (``@svc.handles``) to answer with a failure reply carrying this
+    reason, at once and without retries: the saga then compensates (a business failure, such as
+    "quota exceeded")."""
+
+
+class NoReply(SagasError):
+    """Raise from a request handler to acknowledge the request without answering it (for example, a
+    request this instance must ignore). The saga's deadline re-sends it; nothing is cached."""
+
+
 class StoreError(SagasError):
     """The store could not be opened or written."""
 
 
-__all__ = ["ConfigurationError", "Reject", "SagasError", "StoreError", "TransportError"]
+__all__ = ["ConfigurationError", "Failure", "NoReply", "Reject", "SagasError", "StoreError", "TransportError"]

@@ -10,7 +10,7 @@ import enum
 import inspect
 import re
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -112,6 +112,9 @@ class HandlerSpec:
     prefetch: int
     wants_context: bool
     concurrency: int | None = None
+    #: a request handler (``@svc.handles``): its return value is the reply
+    replies: bool = False
+    cache_replies: bool = False
 
     @property
     def key(self) -> str:
@@ -167,6 +170,8 @@ class Service:
         name: str | None = None,
         prefetch: int = DEFAULT_PREFETCH,
         concurrency: int | None = None,
+        _replies: bool = False,
+        _cache_replies: bool = False,
     ) -> Callable[[Handler], Handler]:
         """Declare a handler for events matching ``pattern`` (``*`` one word, ``#`` zero or more).
 
@@ -213,11 +218,37 @@ class Service:
             self._handlers[hname] = HandlerSpec(
                 service=self.name, name=hname, fn=fn, patterns=all_patterns, delivery=mode,
                 retry=retry or Retry(), idempotent=idempotent, broadcast=broadcast, prefetch=prefetch,
-                wants_context=_arity(fn) >= 2, concurrency=concurrency,
+                wants_context=_arity(fn) >= 2, concurrency=concurrency, replies=_replies,
+                cache_replies=_cache_replies,
             )
             return fn
 
         return register
+
+
+    def handles(
+        self,
+        request: str,
+        *,
+        cache_replies: bool = True,
+        retry: Retry | None = None,
+        name: str | None = None,
+        prefetch: int = DEFAULT_PREFETCH,
+        concurrency: int | None = None,
+    ) -> Callable[[Handler], Handler]:
+        """Declare the handler of a saga's request (``fn(event)`` or ``fn(event, ctx)``).
+
+        Its return value (a JSON object, or None) becomes the success reply. Raising :class:`Failure`
+        answers with a failure reply at once. Any other exception is retried (at-least-once, with
+        ``retry``) and becomes a failure reply once the retries run out. With ``cache_replies`` (the
+        default), the reply is kept by request id, so a re-sent request gets the same reply without the
+        work running again.
+        """
+        validate_pattern(request)
+        if "*" in request or "#" in request:
+            raise ConfigurationError("@handles takes one request type, not a pattern")
+        return self.on(request, retry=retry, name=name, prefetch=prefetch, concurrency=concurrency,
+                       _replies=True, _cache_replies=cache_replies)
 
 
 def _arity(fn: Callable[..., Any]) -> int:
@@ -241,14 +272,18 @@ class App:
 
     services: list[Service] = field(default_factory=list)
     exchange: str = "sagas"
+    sagas: list[type[Any]] = field(default_factory=list)
 
-    def __init__(self, *services: Service, exchange: str = "sagas") -> None:
+    def __init__(self, *services: Service, sagas: Sequence[type[Any]] = (), exchange: str = "sagas") -> None:
         names = [s.name for s in services]
         dupes = {n for n in names if names.count(n) > 1}
         if dupes:
             raise ConfigurationError(f"services named more than once: {', '.join(sorted(dupes))}")
         self.services = list(services)
+        self.sagas = list(sagas)
         self.exchange = exchange
+        for saga in self.sagas:
+            saga.definition()  # a wrong definition fails here, at start-up, with what to fix
 
     @property
     def handlers(self) -> list[HandlerSpec]:

@@ -1,20 +1,115 @@
 """Stores: memory (tests), SQLite (the default, one machine) and PostgreSQL (several machines).
 
-Every store is used from one thread, the worker's I/O thread. All SQL takes its values as parameters.
+A store keeps the inbox (handled message ids), the participants' reply cache, the sagas with their
+history, and the outbox. A saga's new state, its history entry, the inbox record of the message that
+caused it and the messages it sends are written in one transaction. Concurrency is optimistic: an
+update names the version it read, and fails with :class:`VersionConflict` if another worker got there
+first. Every store is used from one thread, the worker's I/O thread. All SQL takes values as
+parameters. The schema is created, and upgraded, when a store opens (``schema_version`` table).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
+import threading
 import time
-from typing import Any
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
 from ._errors import ConfigurationError, StoreError
 from ._types import InboxStore
 
 DEFAULT_STORE_URL = "sqlite:///sagas.db"
+SCHEMA_VERSION = 1
+
+
+class VersionConflict(StoreError):
+    """The saga changed since it was read (another worker handled a message for it). Retry."""
+
+
+class DuplicateSaga(StoreError):
+    """A saga of this type with this key exists already (a duplicate start event)."""
+
+
+@dataclass(slots=True)
+class SagaRecord:
+    """One saga instance as stored. ``state`` is the state's name, never an ordinal."""
+
+    id: str
+    type: str
+    key: str
+    state: str
+    data: dict[str, Any]
+    version: int = 0
+    deadline: float | None = None
+    attempts: int = 0
+    meta: dict[str, Any] = field(default_factory=dict)
+    final: bool = False
+    created_at: float = 0.0
+    updated_at: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "type": self.type, "key": self.key, "state": self.state, "final": self.final,
+                "data": self.data, "version": self.version, "deadline": self.deadline,
+                "attempts": self.attempts, "meta": self.meta, "created_at": self.created_at,
+                "updated_at": self.updated_at}
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryEntry:
+    """One transition of a saga."""
+
+    at: float
+    message_id: str
+    from_state: str
+    to_state: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    """A message a saga committed to send. ``sent`` once the broker confirmed it."""
+
+    id: int
+    saga_id: str
+    message_id: str
+    routing_key: str
+    body: str
+    mandatory: bool
+    created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Outgoing:
+    """A message to put in the outbox with a saga's state change."""
+
+    message_id: str
+    routing_key: str
+    body: str
+    mandatory: bool
+
+
+@runtime_checkable
+class Store(InboxStore, Protocol):
+    """Everything a worker needs from a store: the inbox, the reply cache, sagas and the outbox."""
+
+    def cached_reply(self, consumer: str, request_id: str) -> str | None: ...
+    def cache_reply(self, consumer: str, request_id: str, body: str) -> None: ...
+    def save_saga(self, record: SagaRecord, *, expected_version: int | None, history: HistoryEntry,
+                  inbox: tuple[str, str] | None, outbox: Sequence[Outgoing]) -> list[OutboxRow]: ...
+    def get_saga(self, saga_id: str) -> SagaRecord | None: ...
+    def find_saga(self, saga_type: str, key: str) -> SagaRecord | None: ...
+    def due_sagas(self, now: float, limit: int) -> list[SagaRecord]: ...
+    def list_sagas(self, saga_type: str | None = None, state: str | None = None,
+                   stuck_before: float | None = None, limit: int = 1000) -> list[SagaRecord]: ...
+    def saga_history(self, saga_id: str) -> list[HistoryEntry]: ...
+    def unsent(self, created_before: float, limit: int = 500) -> list[OutboxRow]: ...
+    def mark_sent(self, ids: Sequence[int]) -> None: ...
 
 
 class MemoryStore:
@@ -22,6 +117,13 @@ class MemoryStore:
 
     def __init__(self) -> None:
         self._inbox: set[tuple[str, str]] = set()
+        self._replies: dict[tuple[str, str], str] = {}
+        self._sagas: dict[str, SagaRecord] = {}
+        self._keys: dict[tuple[str, str], str] = {}
+        self._history: dict[str, list[HistoryEntry]] = {}
+        self._outbox: dict[int, tuple[OutboxRow, float | None]] = {}
+        self._next_row = 1
+        self._lock = threading.Lock()
 
     def seen(self, consumer: str, message_id: str) -> bool:
         return (consumer, message_id) in self._inbox
@@ -29,17 +131,265 @@ class MemoryStore:
     def remember(self, consumer: str, message_id: str) -> None:
         self._inbox.add((consumer, message_id))
 
+    def cached_reply(self, consumer: str, request_id: str) -> str | None:
+        return self._replies.get((consumer, request_id))
+
+    def cache_reply(self, consumer: str, request_id: str, body: str) -> None:
+        self._replies.setdefault((consumer, request_id), body)
+
+    def save_saga(self, record: SagaRecord, *, expected_version: int | None, history: HistoryEntry,
+                  inbox: tuple[str, str] | None, outbox: Sequence[Outgoing]) -> list[OutboxRow]:
+        with self._lock:
+            if expected_version is None:
+                if (record.type, record.key) in self._keys or record.id in self._sagas:
+                    raise DuplicateSaga(f"saga {record.type}/{record.key} exists")
+                self._keys[(record.type, record.key)] = record.id
+            else:
+                current = self._sagas.get(record.id)
+                if current is None or current.version != expected_version:
+                    raise VersionConflict(f"saga {record.id} is not at version {expected_version}")
+            self._sagas[record.id] = replace(record, data=json.loads(json.dumps(record.data)),
+                                             meta=json.loads(json.dumps(record.meta)))
+            self._history.setdefault(record.id, []).append(history)
+            if inbox is not None:
+                self._inbox.add(inbox)
+            rows = []
+            for out in outbox:
+                row = OutboxRow(self._next_row, record.id, out.message_id, out.routing_key, out.body,
+                                out.mandatory, time.time())
+                self._outbox[row.id] = (row, None)
+                self._next_row += 1
+                rows.append(row)
+            return rows
+
+    def get_saga(self, saga_id: str) -> SagaRecord | None:
+        r = self._sagas.get(saga_id)
+        return None if r is None else replace(r, data=json.loads(json.dumps(r.data)), meta=dict(r.meta))
+
+    def find_saga(self, saga_type: str, key: str) -> SagaRecord | None:
+        saga_id = self._keys.get((saga_type, key))
+        return None if saga_id is None else self.get_saga(saga_id)
+
+    def due_sagas(self, now: float, limit: int) -> list[SagaRecord]:
+        due = sorted((r for r in self._sagas.values() if r.deadline is not None and r.deadline <= now),
+                     key=lambda r: r.deadline or 0.0)
+        return [r for r in (self.get_saga(d.id) for d in due[:limit]) if r is not None]
+
+    def list_sagas(self, saga_type: str | None = None, state: str | None = None,
+                   stuck_before: float | None = None, limit: int = 1000) -> list[SagaRecord]:
+        out = []
+        for r in sorted(self._sagas.values(), key=lambda r: r.created_at):
+            if (saga_type and r.type != saga_type) or (state and r.state != state):
+                continue
+            if stuck_before is not None and (r.final or (r.deadline is not None and r.deadline > stuck_before)):
+                continue
+            out.append(r)
+        return out[:limit]
+
+    def saga_history(self, saga_id: str) -> list[HistoryEntry]:
+        return list(self._history.get(saga_id, []))
+
+    def unsent(self, created_before: float, limit: int = 500) -> list[OutboxRow]:
+        rows = [r for r, sent in self._outbox.values() if sent is None and r.created_at <= created_before]
+        return rows[:limit]
+
+    def mark_sent(self, ids: Sequence[int]) -> None:
+        now = time.time()
+        for i in ids:
+            if i in self._outbox:
+                self._outbox[i] = (self._outbox[i][0], now)
+
     def close(self) -> None:
         pass
 
 
-class SQLiteStore:
+# -- SQL stores ------------------------------------------------------------------------------------
+
+_SAGA_COLUMNS = "id, type, key, state, data, version, deadline, attempts, meta, final, created_at, updated_at"
+
+
+def _record(row: Sequence[Any]) -> SagaRecord:
+    return SagaRecord(id=row[0], type=row[1], key=row[2], state=row[3], data=json.loads(row[4]),
+                      version=int(row[5]), deadline=row[6], attempts=int(row[7]), meta=json.loads(row[8]),
+                      final=bool(row[9]), created_at=float(row[10]), updated_at=float(row[11]))
+
+
+class _SqlStore:
+    """The SQL shared by SQLite and PostgreSQL. Statements use ``?``; PostgreSQL swaps in ``%s``."""
+
+    _db: Any
+    _integrity_errors: tuple[type[BaseException], ...] = ()
+
+    def _sql(self, statement: str) -> str:
+        return statement
+
+    def _execute(self, statement: str, params: Sequence[Any] = ()) -> Any:
+        return self._db.execute(self._sql(statement), params)
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        raise NotImplementedError
+
+    def _create_schema(self, serial: str, real: str) -> None:
+        statements = [
+            "CREATE TABLE IF NOT EXISTS inbox (consumer TEXT NOT NULL, message_id TEXT NOT NULL,"
+            f" handled_at {real} NOT NULL, PRIMARY KEY (consumer, message_id))",
+            "CREATE TABLE IF NOT EXISTS reply_cache (consumer TEXT NOT NULL, request_id TEXT NOT NULL,"
+            f" body TEXT NOT NULL, cached_at {real} NOT NULL, PRIMARY KEY (consumer, request_id))",
+            "CREATE TABLE IF NOT EXISTS sagas (id TEXT PRIMARY KEY, type TEXT NOT NULL, key TEXT NOT NULL,"
+            " state TEXT NOT NULL, data TEXT NOT NULL, version INTEGER NOT NULL,"
+            f" deadline {real}, attempts INTEGER NOT NULL, meta TEXT NOT NULL, final INTEGER NOT NULL,"
+            f" created_at {real} NOT NULL, updated_at {real} NOT NULL, UNIQUE (type, key))",
+            # Finding due sagas reads this partial index only: O(due), not O(all).
+            "CREATE INDEX IF NOT EXISTS sagas_due ON sagas (deadline) WHERE deadline IS NOT NULL",
+            "CREATE INDEX IF NOT EXISTS sagas_by_state ON sagas (type, state)",
+            "CREATE TABLE IF NOT EXISTS saga_history (saga_id TEXT NOT NULL, seq INTEGER NOT NULL,"
+            f" at {real} NOT NULL, message_id TEXT NOT NULL, from_state TEXT NOT NULL,"
+            " to_state TEXT NOT NULL, reason TEXT NOT NULL, PRIMARY KEY (saga_id, seq))",
+            f"CREATE TABLE IF NOT EXISTS outbox (id {serial}, saga_id TEXT NOT NULL,"
+            " message_id TEXT NOT NULL, routing_key TEXT NOT NULL, body TEXT NOT NULL,"
+            f" mandatory INTEGER NOT NULL, created_at {real} NOT NULL, sent_at {real})",
+            "CREATE INDEX IF NOT EXISTS outbox_unsent ON outbox (created_at) WHERE sent_at IS NULL",
+            "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)",
+        ]
+        with self._transaction():
+            for statement in statements:
+                self._execute(statement)
+            row = self._execute("SELECT max(version) FROM schema_version").fetchone()
+            current = row[0] if row and row[0] is not None else 0
+            if current > SCHEMA_VERSION:
+                raise StoreError(f"the store's schema is version {current}, newer than this sagas "
+                                 f"({SCHEMA_VERSION}): upgrade sagas")
+            if current < SCHEMA_VERSION:
+                # Upgrades from older schema versions go here, one step at a time.
+                self._execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+
+    # inbox and reply cache
+
+    def seen(self, consumer: str, message_id: str) -> bool:
+        row = self._execute("SELECT 1 FROM inbox WHERE consumer = ? AND message_id = ?",
+                            (consumer, message_id)).fetchone()
+        return row is not None
+
+    def remember(self, consumer: str, message_id: str) -> None:
+        with self._transaction():
+            self._insert_inbox(consumer, message_id)
+
+    def _insert_inbox(self, consumer: str, message_id: str) -> None:
+        self._execute("INSERT INTO inbox (consumer, message_id, handled_at) VALUES (?, ?, ?)"
+                      " ON CONFLICT DO NOTHING", (consumer, message_id, time.time()))
+
+    def cached_reply(self, consumer: str, request_id: str) -> str | None:
+        row = self._execute("SELECT body FROM reply_cache WHERE consumer = ? AND request_id = ?",
+                            (consumer, request_id)).fetchone()
+        return None if row is None else str(row[0])
+
+    def cache_reply(self, consumer: str, request_id: str, body: str) -> None:
+        with self._transaction():
+            self._execute("INSERT INTO reply_cache (consumer, request_id, body, cached_at) VALUES (?, ?, ?, ?)"
+                          " ON CONFLICT DO NOTHING", (consumer, request_id, body, time.time()))
+
+    # sagas
+
+    def save_saga(self, record: SagaRecord, *, expected_version: int | None, history: HistoryEntry,
+                  inbox: tuple[str, str] | None, outbox: Sequence[Outgoing]) -> list[OutboxRow]:
+        values = (record.state, json.dumps(record.data), record.version, record.deadline, record.attempts,
+                  json.dumps(record.meta), int(record.final), record.updated_at)
+        rows: list[OutboxRow] = []
+        try:
+            with self._transaction():
+                if expected_version is None:
+                    self._execute(
+                        f"INSERT INTO sagas ({_SAGA_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (record.id, record.type, record.key, *values[:7], record.created_at, record.updated_at))
+                else:
+                    cur = self._execute(
+                        "UPDATE sagas SET state = ?, data = ?, version = ?, deadline = ?, attempts = ?,"
+                        " meta = ?, final = ?, updated_at = ? WHERE id = ? AND version = ?",
+                        (*values, record.id, expected_version))
+                    if cur.rowcount != 1:
+                        raise VersionConflict(f"saga {record.id} is not at version {expected_version}")
+                self._execute(
+                    "INSERT INTO saga_history (saga_id, seq, at, message_id, from_state, to_state, reason)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (record.id, record.version, history.at, history.message_id, history.from_state,
+                     history.to_state, history.reason))
+                if inbox is not None:
+                    self._insert_inbox(*inbox)
+                now = time.time()
+                for out in outbox:
+                    row = self._execute(
+                        "INSERT INTO outbox (saga_id, message_id, routing_key, body, mandatory, created_at)"
+                        " VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
+                        (record.id, out.message_id, out.routing_key, out.body, int(out.mandatory), now),
+                    ).fetchone()
+                    rows.append(OutboxRow(int(row[0]), record.id, out.message_id, out.routing_key, out.body,
+                                          out.mandatory, now))
+        except self._integrity_errors as exc:
+            raise DuplicateSaga(f"saga {record.type}/{record.key} exists: {exc}") from None
+        return rows
+
+    def get_saga(self, saga_id: str) -> SagaRecord | None:
+        row = self._execute(f"SELECT {_SAGA_COLUMNS} FROM sagas WHERE id = ?", (saga_id,)).fetchone()
+        return None if row is None else _record(row)
+
+    def find_saga(self, saga_type: str, key: str) -> SagaRecord | None:
+        row = self._execute(f"SELECT {_SAGA_COLUMNS} FROM sagas WHERE type = ? AND key = ?",
+                            (saga_type, key)).fetchone()
+        return None if row is None else _record(row)
+
+    def due_sagas(self, now: float, limit: int) -> list[SagaRecord]:
+        rows = self._execute(
+            f"SELECT {_SAGA_COLUMNS} FROM sagas WHERE deadline IS NOT NULL AND deadline <= ?"
+            " ORDER BY deadline LIMIT ?", (now, limit)).fetchall()
+        return [_record(r) for r in rows]
+
+    def list_sagas(self, saga_type: str | None = None, state: str | None = None,
+                   stuck_before: float | None = None, limit: int = 1000) -> list[SagaRecord]:
+        where: list[str] = ["1 = 1"]
+        params: list[Any] = []
+        if saga_type:
+            where.append("type = ?")
+            params.append(saga_type)
+        if state:
+            where.append("state = ?")
+            params.append(state)
+        if stuck_before is not None:
+            where.append("final = 0 AND (deadline IS NULL OR deadline <= ?)")
+            params.append(stuck_before)
+        rows = self._execute(f"SELECT {_SAGA_COLUMNS} FROM sagas WHERE {' AND '.join(where)}"
+                             " ORDER BY created_at LIMIT ?", (*params, limit)).fetchall()
+        return [_record(r) for r in rows]
+
+    def saga_history(self, saga_id: str) -> list[HistoryEntry]:
+        rows = self._execute("SELECT at, message_id, from_state, to_state, reason FROM saga_history"
+                             " WHERE saga_id = ? ORDER BY seq", (saga_id,)).fetchall()
+        return [HistoryEntry(float(r[0]), r[1], r[2], r[3], r[4]) for r in rows]
+
+    def unsent(self, created_before: float, limit: int = 500) -> list[OutboxRow]:
+        rows = self._execute(
+            "SELECT id, saga_id, message_id, routing_key, body, mandatory, created_at FROM outbox"
+            " WHERE sent_at IS NULL AND created_at <= ? ORDER BY id LIMIT ?", (created_before, limit)).fetchall()
+        return [OutboxRow(int(r[0]), r[1], r[2], r[3], r[4], bool(r[5]), float(r[6])) for r in rows]
+
+    def mark_sent(self, ids: Sequence[int]) -> None:
+        if not ids:
+            return
+        with self._transaction():
+            now = time.time()
+            for i in ids:
+                self._execute("UPDATE outbox SET sent_at = ? WHERE id = ?", (now, i))
+
+
+class SQLiteStore(_SqlStore):
     """An SQLite file in WAL mode.
 
     ``synchronous=NORMAL`` (the default here) survives any process crash; a power loss can roll back
     the last transactions. Pass ``synchronous="FULL"`` (``?synchronous=full`` in the URL) to survive
     that too, at about one fsync per commit.
     """
+
+    _integrity_errors = (sqlite3.IntegrityError,)
 
     def __init__(self, path: str, *, synchronous: str = "NORMAL") -> None:
         if synchronous.upper() not in ("NORMAL", "FULL", "EXTRA"):
@@ -52,31 +402,25 @@ class SQLiteStore:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
             self._db.execute("PRAGMA busy_timeout=10000")
-            self._db.execute(
-                "CREATE TABLE IF NOT EXISTS inbox ("
-                " consumer TEXT NOT NULL, message_id TEXT NOT NULL, handled_at REAL NOT NULL,"
-                " PRIMARY KEY (consumer, message_id)) WITHOUT ROWID"
-            )
+            self._create_schema(serial="INTEGER PRIMARY KEY AUTOINCREMENT", real="REAL")
         except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"cannot open the SQLite store at {path!r}: {exc}") from exc
 
-    def seen(self, consumer: str, message_id: str) -> bool:
-        row = self._db.execute(
-            "SELECT 1 FROM inbox WHERE consumer = ? AND message_id = ?", (consumer, message_id)
-        ).fetchone()
-        return row is not None
-
-    def remember(self, consumer: str, message_id: str) -> None:
-        self._db.execute(
-            "INSERT OR IGNORE INTO inbox (consumer, message_id, handled_at) VALUES (?, ?, ?)",
-            (consumer, message_id, time.time()),
-        )
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
 
     def close(self) -> None:
         self._db.close()
 
 
-class PostgresStore:
+class PostgresStore(_SqlStore):
     """PostgreSQL through psycopg 3 (``pip install 'sagas[postgres]'``), for workers on several machines.
 
     Tables live in ``schema`` (default ``public``), so several apps or test runs can share a database.
@@ -92,40 +436,36 @@ class PostgresStore:
             ) from None
         if not schema.replace("_", "").isalnum():
             raise ConfigurationError(f"invalid schema name {schema!r}")
-        self._sql = sql
         self.schema = schema
+        self._integrity_errors = (psycopg.errors.UniqueViolation,)
         try:
-            self._db: Any = psycopg.connect(url, autocommit=True, connect_timeout=10)
+            self._db = psycopg.connect(url, autocommit=True, connect_timeout=10)
             self._db.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
-            self._db.execute(sql.SQL(
-                "CREATE TABLE IF NOT EXISTS {}.inbox ("
-                " consumer TEXT NOT NULL, message_id TEXT NOT NULL,"
-                " handled_at TIMESTAMPTZ NOT NULL DEFAULT now(), PRIMARY KEY (consumer, message_id))"
-            ).format(sql.Identifier(schema)))
+            self._db.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
+            self._create_schema(serial="BIGSERIAL PRIMARY KEY", real="DOUBLE PRECISION")
         except psycopg.Error as exc:
             raise StoreError(f"cannot open the PostgreSQL store: {exc}") from None
-        self._seen = sql.SQL("SELECT 1 FROM {}.inbox WHERE consumer = %s AND message_id = %s").format(
-            sql.Identifier(schema))
-        self._remember = sql.SQL(
-            "INSERT INTO {}.inbox (consumer, message_id) VALUES (%s, %s) ON CONFLICT DO NOTHING"
-        ).format(sql.Identifier(schema))
 
-    def seen(self, consumer: str, message_id: str) -> bool:
-        return self._db.execute(self._seen, (consumer, message_id)).fetchone() is not None
+    def _sql(self, statement: str) -> str:
+        return statement.replace("?", "%s")
 
-    def remember(self, consumer: str, message_id: str) -> None:
-        self._db.execute(self._remember, (consumer, message_id))
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        with self._db.transaction():
+            yield
 
     def close(self) -> None:
         self._db.close()
 
 
-def open_store(url: str | InboxStore | None = None) -> InboxStore:
+def open_store(url: str | Store | None = None) -> Store:
     """Open a store from a URL: ``memory://``, ``sqlite:///relative.db``, ``sqlite:////abs/path.db``
     (optionally ``?synchronous=full``), or ``postgresql://user@host/db`` (optionally ``?schema=name``)."""
     if url is None:
         url = os.environ.get("SAGAS_STORE_URL") or DEFAULT_STORE_URL
     if not isinstance(url, str):
+        if not isinstance(url, Store):
+            raise ConfigurationError(f"{type(url).__name__} is not a store (see sagas.Store)")
         return url
     parts = urlsplit(url)
     query = dict(p.split("=", 1) for p in parts.query.split("&") if "=" in p)

@@ -21,8 +21,9 @@ import signal
 import socket
 import threading
 import time
+import uuid
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import FrameType
@@ -31,25 +32,47 @@ from typing import Any
 import structlog
 
 from transport import (
+    CONTENT_TYPE,
     BrokerUnavailable,
     ConnectionLost,
     Event,
     EventBus,
     Inbound,
     PublishError,
+    Subscription,
     TransportError,
+    encode,
     redact_url,
 )
+from transport import decode as decode_event
 
-from ._errors import ConfigurationError, Reject, SagasError
-from ._service import App, Context, Delivery, HandlerSpec, Service
-from ._store import open_store
-from ._types import InboxStore
+from ._errors import ConfigurationError, Failure, NoReply, Reject, SagasError
+from ._saga import REPLY_SUFFIX
+from ._saga_engine import REQUEST_ID_HEADER, SAGA_TYPE_HEADER, SagaEngine
+from ._service import App, Context, Delivery, HandlerSpec, Retry, Service
+from ._store import OutboxRow, Store, open_store
 
 log = structlog.get_logger("sagas.worker")
 
 #: Exit code of a worker that lost its broker for longer than the grace period.
 EXIT_BROKER_UNAVAILABLE = 3
+#: How a saga message whose step raised (a bug in a guard or action, or the store) is retried.
+SAGA_RETRY = Retry(attempts=5, initial=1.0, factor=2.0, maximum=30.0)
+_REPLY_IDS = uuid.UUID("7d0d2c8e-3f0a-4d7c-9d53-94a1c3b5e6f7")
+
+
+def _reply(spec: HandlerSpec, request: Event, ok: bool, *, result: Mapping[str, Any] | None = None,
+           reason: str | None = None) -> Event:
+    """The reply to a saga's request: stable id (a repeat is recognised), the request id in a header."""
+    return Event(
+        type=request.type + REPLY_SUFFIX,
+        payload={"ok": ok, "result": dict(result) if result else None, "reason": reason},
+        source=spec.service,
+        id=uuid.uuid5(_REPLY_IDS, f"{request.id}/{spec.key}").hex,
+        correlation_id=request.correlation_id,
+        causation_id=request.id,
+        headers={REQUEST_ID_HEADER: request.id, SAGA_TYPE_HEADER: request.headers.get(SAGA_TYPE_HEADER, "")},
+    )
 
 
 @dataclass(slots=True)
@@ -61,6 +84,7 @@ class _Outcome:
     error: BaseException | None = None
     outbox: list[Event] = field(default_factory=list)
     duration: float = 0.0
+    result: Any = None
 
 
 class Worker:
@@ -72,7 +96,7 @@ class Worker:
     """
 
     bus: EventBus
-    store: InboxStore
+    store: Store
     _pool: ThreadPoolExecutor
 
     def __init__(
@@ -80,11 +104,13 @@ class Worker:
         app: App | Service,
         *,
         broker: str | None = None,
-        store: str | InboxStore | None = None,
+        store: str | Store | None = None,
         exchange: str | None = None,
         concurrency: int = 4,
         grace_period: float = 60.0,
         shutdown_timeout: float = 60.0,
+        timer_interval: float = 0.2,
+        relay_interval: float = 5.0,
         instance: str | None = None,
         bus: EventBus | None = None,
     ) -> None:
@@ -120,6 +146,13 @@ class Worker:
         self._generation = 0
         self._stop = threading.Event()
         self._started = False
+        self.engine: SagaEngine | None = None
+        self._saga_routes: dict[str, str] = {}
+        self._subscriptions: list[Subscription] = []
+        self.timer_interval = timer_interval
+        self.relay_interval = relay_interval
+        self._next_timers = 0.0
+        self._next_relay = 0.0
         #: messages handled successfully, and reconnections after a lost connection
         self.handled = 0
         self.reconnects = 0
@@ -131,14 +164,23 @@ class Worker:
         if self._started:
             return
         handlers = self.app.handlers
-        if not handlers:
-            raise ConfigurationError("the app has no handlers: declare some with @service.on(...)")
+        if not handlers and not self.app.sagas:
+            raise ConfigurationError("the app has no handlers and no sagas: declare some with @service.on(...)")
         self.store = open_store(self._store_arg)
         self.bus = self._bus_arg or EventBus(self.broker, exchange=self.exchange)
         self._routes = {}
+        self._subscriptions = []
         for spec in handlers:
             sub = spec.subscription(self.exchange, self.instance)
             self._routes[sub.queue] = spec
+            self._subscriptions.append(sub)
+        self.engine = SagaEngine(self.app.sagas, self.store) if self.app.sagas else None
+        self._saga_routes = {}
+        for d in (self.engine.definitions.values() if self.engine else ()):
+            sub = Subscription(queue=f"{self.exchange}.saga.{d.type}", patterns=d.patterns, prefetch=256,
+                               retry_delays=SAGA_RETRY.delays)
+            self._saga_routes[sub.queue] = d.type
+            self._subscriptions.append(sub)
         self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="sagas-handler")
         self._connect(time.monotonic() + self.grace_period)
         self._started = True
@@ -147,7 +189,7 @@ class Worker:
                  concurrency=self.concurrency)
 
     def _connect(self, deadline: float) -> None:
-        subs = [spec.subscription(self.exchange, self.instance) for spec in self._routes.values()]
+        subs = self._subscriptions
         delay = 0.2
         while True:
             try:
@@ -262,6 +304,8 @@ class Worker:
             self._dispatch()
             if self._inflight >= self.concurrency:
                 self._wait_outcome(timeout)
+            if self.engine is not None and time.monotonic() >= self._next_timers:
+                self._run_timers()
             self.bus.drain(0.001 if (self._inflight or self._ready) else timeout)
         except ConnectionLost as exc:
             self._on_connection_lost(exc)
@@ -274,6 +318,10 @@ class Worker:
             generation, inbound = self._ready.popleft()
             if generation != self._generation:
                 continue  # came on a connection that broke: the broker redelivers it
+            saga_type = self._saga_routes.get(inbound.subscription.queue)
+            if saga_type is not None:
+                self._handle_saga(saga_type, inbound)
+                continue
             spec = self._routes[inbound.subscription.queue]
             event = inbound.event
             if event is None:
@@ -292,6 +340,17 @@ class Worker:
                     log.info("message.handled", event_id=event.id, event_type=event.type,
                              service=spec.service, handler=spec.name, attempt=inbound.attempt,
                              outcome="duplicate", duration_ms=0.0)
+                    continue
+            if spec.replies and spec.cache_replies:
+                cached = self.store.cached_reply(spec.key, event.id)
+                if cached is not None:
+                    # A re-sent request: answer as before, without running the work again.
+                    reply = decode_event(cached.encode(), CONTENT_TYPE)
+                    self.bus.publish(reply)
+                    self.bus.ack(inbound)
+                    log.info("message.handled", event_id=event.id, event_type=event.type,
+                             service=spec.service, handler=spec.name, attempt=inbound.attempt,
+                             outcome="cached-reply", duration_ms=0.0)
                     continue
             if spec.concurrency is not None and self._running[spec.key] >= spec.concurrency:
                 self._waiting[spec.key].append((generation, inbound))
@@ -351,6 +410,21 @@ class Worker:
                 self.store.remember(spec.key, event.id)
             return
         error = o.error
+        reply: Event | None = None
+        if spec.replies:
+            exhausted = error is not None and (not durable or inbound.attempt >= spec.retry.attempts)
+            if error is None:
+                if o.result is None or isinstance(o.result, Mapping):
+                    reply = _reply(spec, event, True, result=o.result)
+                else:
+                    error = Failure(f"handler returned {type(o.result).__name__}, not a JSON object")
+            if isinstance(error, NoReply):
+                error, o.outbox = None, [e for e in o.outbox if e is not reply]
+            elif error is not None and (isinstance(error, Failure | Reject) or exhausted):
+                reply = _reply(spec, event, False, reason=str(error) or type(error).__name__)
+                error = None
+            if reply is not None:
+                o.outbox.append(reply)
         if error is None and o.outbox:
             try:
                 self.bus.publish_many(o.outbox)
@@ -364,8 +438,12 @@ class Worker:
         if error is None:
             if spec.idempotent:
                 self.store.remember(spec.key, event.id)
+            if reply is not None and spec.cache_replies:
+                self.store.cache_reply(spec.key, event.id, encode(reply).decode())
             self.bus.ack(inbound)
             self.handled += 1
+            if reply is not None and not reply.payload["ok"]:
+                outcome = "failure-reply"
         elif isinstance(error, Reject) or not durable or inbound.attempt >= spec.retry.attempts:
             if isinstance(error, Reject):
                 reason = f"rejected by handler {spec.key}: {error}"
@@ -386,6 +464,75 @@ class Worker:
             log.info("message.handled", **fields)
         else:
             log.warning("message.failed", error=repr(error)[:500], **fields)
+
+    # -- sagas -----------------------------------------------------------------------------------------
+
+    def _handle_saga(self, saga_type: str, inbound: Inbound) -> None:
+        """Apply a message to its saga, inline on the I/O thread (no user I/O runs here): commit, publish
+        the outbox, then ack."""
+        assert self.engine is not None
+        event = inbound.event
+        if event is None:
+            self.bus.dead_letter(inbound, f"undecodable message: {inbound.error}")
+            return
+        t0 = time.perf_counter()
+        with structlog.contextvars.bound_contextvars(event_id=event.id, event_type=event.type,
+                                                     saga_type=saga_type):
+            try:
+                applied = self.engine.handle(saga_type, event)
+            except Exception as exc:  # noqa: BLE001 - a failing saga step is retried, then dead-lettered
+                if inbound.attempt >= SAGA_RETRY.attempts:
+                    self.bus.dead_letter(inbound, f"saga {saga_type} could not apply it: {exc!r}", exc)
+                    outcome = "dead-letter"
+                else:
+                    self.bus.retry(inbound, SAGA_RETRY.delay(inbound.attempt), exc)
+                    outcome = "retry"
+                log.warning("saga.message_failed", error=repr(exc)[:500], attempt=inbound.attempt, outcome=outcome)
+                return
+            self._publish_rows(applied.rows)
+            self.bus.ack(inbound)
+            self.handled += 1
+            log.info("message.handled", saga_id=applied.saga.id if applied.saga else None,
+                     attempt=inbound.attempt, outcome="moved" if applied.moved else "ignored",
+                     note=applied.note or None, duration_ms=round((time.perf_counter() - t0) * 1000, 3))
+
+    def _publish_rows(self, rows: list[OutboxRow]) -> None:
+        """Publish committed outbox rows with pipelined confirms, then mark them sent. A request nobody
+        is bound to receive fails its saga step at once."""
+        assert self.engine is not None
+        for _ in range(10):
+            if not rows:
+                return
+            try:
+                self.bus.publish_encoded([(r.routing_key, r.body.encode(), r.message_id, r.mandatory)
+                                          for r in rows])
+                failed: dict[str, str] = {}
+            except ConnectionLost:
+                raise
+            except PublishError as exc:
+                if not self.bus.connected:
+                    raise ConnectionLost(str(exc)) from None
+                failed = exc.failed
+                if not failed or any(not f.startswith("unroutable") for f in failed.values()):
+                    raise
+            self.store.mark_sent([r.id for r in rows])
+            more: list[OutboxRow] = []
+            for r in rows:
+                if r.message_id in failed:
+                    log.warning("saga.request_unroutable", saga_id=r.saga_id, request=r.routing_key)
+                    more += self.engine.request_unroutable(
+                        r.saga_id, r.message_id, f"no service is bound to receive {r.routing_key}")
+            rows = more
+
+    def _run_timers(self) -> None:
+        """Fire due deadlines, and republish outbox rows a crash left unsent."""
+        assert self.engine is not None
+        self._next_timers = time.monotonic() + self.timer_interval
+        self._publish_rows(self.engine.fire_due())
+        now = time.time()
+        if now >= self._next_relay:
+            self._next_relay = now + self.relay_interval
+            self._publish_rows(self.store.unsent(created_before=now - self.relay_interval))
 
     def _drop_pending(self) -> None:
         """Forget messages that did not start: nothing acked them (an at-most-once message is acked just
@@ -429,9 +576,9 @@ def _run_handler(spec: HandlerSpec, inbound: Inbound, event: Event, generation: 
     ):
         try:
             if spec.wants_context:
-                spec.fn(event, ctx)
+                outcome.result = spec.fn(event, ctx)
             else:
-                spec.fn(event)
+                outcome.result = spec.fn(event)
         except BaseException as exc:  # noqa: BLE001 - every handler error is retried or dead-lettered
             # SystemExit or KeyboardInterrupt raised inside a handler thread would otherwise vanish with
             # the thread's future and leave the message unsettled; they count as failures too.

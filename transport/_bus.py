@@ -314,6 +314,14 @@ class EventBus:
         ]
         self._publish_raw(items, timeout)
 
+    def publish_encoded(self, items: Sequence[tuple[str, bytes, str, bool]], *,
+                        timeout: float | None = None) -> None:
+        """Publish already-encoded events ``(routing key, body, message id, mandatory)`` with pipelined
+        confirms, as an outbox relay does. Raises :class:`PublishError` whose ``failed`` maps the ids
+        that were not taken to the reason; the others were confirmed."""
+        self._publish_raw([(self.exchange, rk, body, mid, {}, mandatory) for rk, body, mid, mandatory in items],
+                          timeout)
+
     def _publish_raw(self, items: Sequence[_Outgoing],
                      timeout: float | None, content_type: str = CONTENT_TYPE) -> None:
         if not items:
@@ -328,13 +336,18 @@ class EventBus:
                     raise PublishError(f"not published: {exc}") from None
             ch, confirms = self._pub, self._confirms
             ids = []
+            unroutable: dict[str, str] = {}
             try:
                 for exchange, routing_key, body, message_id, headers, mandatory in items:
                     message = ch.prepare_message(
                         body, content_type=content_type, content_encoding="utf-8", headers=headers,
                         properties={"message_id": message_id, "delivery_mode": 2},
                     )
-                    ch.basic_publish(message, exchange=exchange, routing_key=routing_key, mandatory=mandatory)
+                    try:
+                        ch.basic_publish(message, exchange=exchange, routing_key=routing_key, mandatory=mandatory)
+                    except Unroutable as exc:  # raised at once by the memory transport
+                        unroutable[message_id] = f"unroutable: {exc}"
+                        continue
                     ids.append(message_id)
                     if confirms is not None:
                         confirms.sent(message_id)
@@ -342,8 +355,6 @@ class EventBus:
                             self._wait_confirms(confirms, deadline, self.confirm_window // 2)
                 if confirms is not None:
                     self._wait_confirms(confirms, deadline, 0)
-            except Unroutable:
-                raise
             except PublishTimeout:
                 self.close()
                 raise
@@ -352,15 +363,15 @@ class EventBus:
                     self.close()
                     raise PublishError(f"publish failed, the broker connection broke: {exc}") from None
                 raise
+            failed = dict(unroutable)
             if confirms is not None and confirms.failed:
-                failed = {i: confirms.failed.pop(i) for i in ids if i in confirms.failed}
+                failed.update({i: confirms.failed.pop(i) for i in ids if i in confirms.failed})
                 confirms.failed.clear()
-                if failed:
-                    first = next(iter(failed.values()))
-                    cls = Unroutable if first.startswith("unroutable") else PublishError
-                    err = cls(f"{len(failed)} of {len(ids)} message(s) not taken by the broker: {first}")
-                    err.failed = failed  # type: ignore[attr-defined]
-                    raise err
+            if failed:
+                first = next(iter(failed.values()))
+                cls = Unroutable if all(f.startswith("unroutable") for f in failed.values()) else PublishError
+                raise cls(f"{len(failed)} of {len(items)} message(s) not taken by the broker: {first}",
+                          failed=failed)
 
     def _connection(self) -> Connection:
         """The live connection, connecting first if needed."""

@@ -31,6 +31,10 @@ class PublishError(TransportError):
     """The broker did not confirm the event (or, for a batch, some of them: ``failed`` maps their ids
     to the reason). Publishing again is the way to make sure; receivers may then see it twice."""
 
+    def __init__(self, message: str, *, failed: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.failed: dict[str, str] = failed or {}
+
 
 class PublishTimeout(PublishError):
     """The broker did not confirm in time (it may be down or blocked): the event may or may not have

@@ -1,0 +1,307 @@
+"""Running sagas: one message in, one committed state change and its outbox out.
+
+For each message (DESIGN: "Handling one saga message"):
+
+1. load the saga (by its id for a reply, by its key for a start or correlated event);
+2. if the message id is in the inbox, it is a duplicate: stop;
+3. trigger the type's one machine on a throw-away model: a pure step from (state, data, event) to
+   (new state, data, messages to send, next deadline);
+4. save the new state with version + 1, the history entry, the inbox record and the outbox rows in
+   one transaction (a version conflict means another worker got there first: load and try again);
+5. the worker publishes the outbox rows with pipelined confirms, marks them sent, then acks.
+
+Deadlines live in the store. :meth:`SagaEngine.fire_due` re-sends a waiting state's request with the
+same request id (with backoff and jitter) until its retries are spent, then takes the timeout
+transition. Nothing here touches the broker.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from transport import Event, encode
+
+from ._errors import ConfigurationError, SagasError
+from ._saga import COMPENSATE, FAILED, REPLY_SUFFIX, TIMEOUT, Saga, SagaContext, SagaDefinition
+from ._store import DuplicateSaga, HistoryEntry, OutboxRow, Outgoing, SagaRecord, VersionConflict
+
+log = structlog.get_logger("sagas.saga")
+
+_IDS = uuid.UUID("0b5c8a4e-54c4-4f7e-9a0f-6a3d8f1f2e11")
+_CONFLICT_RETRIES = 10
+REQUEST_ID_HEADER = "request_id"
+SAGA_TYPE_HEADER = "saga_type"
+
+
+class _Model:
+    """The throw-away model the type's machine is triggered on (``transitions`` needs ``state``)."""
+
+    __slots__ = ("state",)
+
+    def __init__(self, state: str) -> None:
+        self.state = state
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    """What handling one message did: the saga (if any), whether it moved, and rows to publish."""
+
+    saga: SagaRecord | None
+    moved: bool
+    rows: list[OutboxRow]
+    note: str = ""
+
+
+class SagaEngine:
+    """Applies messages and deadlines to the sagas of an app, through a store."""
+
+    def __init__(self, sagas: Sequence[type[Saga]], store: Any, *, clock: Callable[[], float] = time.time,
+                 rng: random.Random | None = None) -> None:
+        self.store = store
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.definitions: dict[str, SagaDefinition] = {}
+        for cls in sagas:
+            d = cls.definition()
+            if d.type in self.definitions:
+                raise ConfigurationError(f"two saga classes share the type {d.type!r}")
+            self.definitions[d.type] = d
+        self._reply_of: dict[str, dict[str, str]] = {
+            d.type: {rt: req for req, rt in d.requests.items()} for d in self.definitions.values()
+        }
+
+    # -- messages ----------------------------------------------------------------------------------
+
+    def handle(self, saga_type: str, event: Event) -> Applied:
+        """Apply ``event`` to the saga it belongs to. Retries on version conflicts."""
+        d = self.definitions[saga_type]
+        for _ in range(_CONFLICT_RETRIES):
+            try:
+                return self._handle_once(d, event)
+            except VersionConflict:
+                continue
+        raise SagasError(f"saga message {event.id} kept conflicting with other workers")
+
+    def _handle_once(self, d: SagaDefinition, event: Event) -> Applied:
+        consumer = f"saga:{d.type}"
+        if self.store.seen(consumer, event.id):
+            return Applied(None, False, [], "duplicate")
+        inbox = (consumer, event.id)
+        start = d.starts.get(event.type)
+        if start is not None:
+            key = _key(event.payload, start.key)
+            if key is None:
+                return Applied(None, False, [], f"start event without a usable {start.key!r}")
+            if self.store.find_saga(d.type, key) is not None:
+                return Applied(None, False, [], "duplicate start: the saga exists")
+            now = self.clock()
+            record = SagaRecord(id=uuid.uuid4().hex, type=d.type, key=key, state="", data={},
+                                created_at=now, updated_at=now)
+            ctx = SagaContext(record.id, d.type, "", {}, event)
+            if start.action is not None:
+                start.action(ctx)
+            try:
+                rows = self._enter(d, record, start.to, ctx, event.id, f"started by {event.type}", inbox,
+                                   expected_version=None)
+            except DuplicateSaga:
+                return Applied(None, False, [], "duplicate start: the saga exists")
+            return Applied(record, True, rows)
+        request_type = self._reply_of[d.type].get(event.type)
+        if request_type is not None:
+            found: SagaRecord | None = self.store.get_saga(event.correlation_id)
+            if found is None or found.type != d.type:
+                return Applied(None, False, [], f"reply for unknown saga {event.correlation_id[:64]!r}")
+            record = found
+            pending = record.meta.get("request") or {}
+            if record.final or pending.get("id") != event.headers.get(REQUEST_ID_HEADER):
+                return Applied(record, False, [], "late or duplicate reply: ignored")
+            ok = bool(event.payload.get("ok"))
+            result = event.payload.get("result") if ok else None
+            reason = None if ok else str(event.payload.get("reason") or "the participant failed")
+            trigger = f"{'reply' if ok else 'failure'}:{request_type}"
+            ctx = SagaContext(record.id, d.type, record.state, record.data, event,
+                              result if isinstance(result, Mapping) else {}, reason)
+            return self._trigger(d, record, trigger, ctx, event.id, reason or f"reply to {request_type}", inbox)
+        key_field = d.correlate.get(event.type)
+        if key_field is not None:
+            key = _key(event.payload, key_field)
+            waiting: SagaRecord | None = None if key is None else self.store.find_saga(d.type, key)
+            if waiting is None or waiting.final:
+                return Applied(waiting, False, [], "no waiting saga for this event")
+            ctx = SagaContext(waiting.id, d.type, waiting.state, waiting.data, event)
+            return self._trigger(d, waiting, f"event:{event.type}", ctx, event.id, event.type, inbox)
+        return Applied(None, False, [], f"{event.type} means nothing to saga type {d.type}")
+
+    def _trigger(self, d: SagaDefinition, record: SagaRecord, trigger: str, ctx: SagaContext,
+                 message_id: str, reason: str, inbox: tuple[str, str] | None) -> Applied:
+        if record.final:
+            return Applied(record, False, [], "the saga has ended")
+        model = _Model(record.state)
+        event = d.machine.events.get(trigger)
+        if event is None or not event.trigger(model, ctx=ctx):
+            return Applied(record, False, [], f"{trigger} does not apply in state {record.state}")
+        rows = self._enter(d, record, model.state, ctx, message_id, reason, inbox,
+                           expected_version=record.version)
+        return Applied(record, True, rows)
+
+    def _enter(self, d: SagaDefinition, record: SagaRecord, new_state: str, ctx: SagaContext,
+               message_id: str, reason: str, inbox: tuple[str, str] | None,
+               expected_version: int | None) -> list[OutboxRow]:
+        """Move ``record`` into ``new_state``: build its request and deadline, and commit."""
+        now = self.clock()
+        state = d.states[new_state]
+        previous = record.state
+        record.version += 1
+        record.state = new_state
+        record.data = ctx.data
+        record.updated_at = now
+        outgoing = [self._event_out(record, ctx, i, t, p) for i, (t, p) in enumerate(ctx.outbox)]
+        meta = dict(record.meta)
+        if new_state == FAILED:
+            meta["failed_from"], meta["reason"] = previous, reason
+        if state.final:
+            record.final, record.deadline, record.attempts = True, None, 0
+            meta["request"] = None
+        else:
+            spec = state.request_spec
+            if spec is not None:
+                payload = spec.payload(ctx) if spec.payload else ctx.data
+                request = Event(type=spec.type, payload=dict(payload), source=d.type, correlation_id=record.id,
+                                causation_id=ctx.event.id if ctx.event else None,
+                                headers={SAGA_TYPE_HEADER: d.type})
+                body = encode(request).decode()
+                meta["request"] = {"id": request.id, "type": spec.type, "body": body}
+                outgoing.append(Outgoing(request.id, spec.type, body, mandatory=True))
+                record.attempts = 1
+            else:
+                meta["request"] = None
+                record.attempts = 0
+            record.deadline = now + state.deadline_after(max(record.attempts, 1), self.rng)
+        record.meta = meta
+        history = HistoryEntry(now, message_id, previous or "-", new_state, reason)
+        rows: list[OutboxRow] = self.store.save_saga(record, expected_version=expected_version, history=history,
+                                                     inbox=inbox, outbox=outgoing)
+        log.info("saga.transition", saga_id=record.id, saga_type=d.type, from_state=previous or "-",
+                 to_state=new_state, reason=reason, final=record.final)
+        return rows
+
+    def _event_out(self, record: SagaRecord, ctx: SagaContext, index: int, type: str,
+                   payload: Mapping[str, Any]) -> Outgoing:
+        # Stable ids: the same transition re-applied publishes the same event ids.
+        event_id = uuid.uuid5(_IDS, f"{record.id}/{record.version}/{index}").hex
+        out = Event(type=type, payload=payload, source=record.type, id=event_id, correlation_id=record.id,
+                    causation_id=ctx.event.id if ctx.event else None)
+        return Outgoing(event_id, type, encode(out).decode(), mandatory=False)
+
+    # -- deadlines ---------------------------------------------------------------------------------
+
+    def fire_due(self, limit: int = 500) -> list[OutboxRow]:
+        """Fire every deadline that has passed (up to ``limit``). Returns rows to publish."""
+        rows: list[OutboxRow] = []
+        for record in self.store.due_sagas(self.clock(), limit):
+            try:
+                rows += self.fire(record)
+            except VersionConflict:
+                continue  # another worker fired it, or a message moved the saga meanwhile
+        return rows
+
+    def fire(self, record: SagaRecord) -> list[OutboxRow]:
+        d = self.definitions.get(record.type)
+        if d is None or record.final:
+            return []
+        state = d.states[record.state]
+        pending = record.meta.get("request")
+        now = self.clock()
+        message_id = f"deadline:{record.id}:{record.version}"
+        if pending and record.attempts < state.retries + 1:
+            record.attempts += 1
+            record.version += 1
+            record.deadline = now + state.deadline_after(record.attempts, self.rng)
+            record.updated_at = now
+            reason = f"deadline passed: re-sent {pending['type']} (attempt {record.attempts})"
+            rows: list[OutboxRow] = self.store.save_saga(
+                record, expected_version=record.version - 1,
+                history=HistoryEntry(now, message_id, record.state, record.state, reason), inbox=None,
+                outbox=[Outgoing(pending["id"], pending["type"], pending["body"], mandatory=True)])
+            log.info("saga.request_resent", saga_id=record.id, saga_type=d.type, state=record.state,
+                     request=pending["type"], attempt=record.attempts)
+            return rows
+        ctx = SagaContext(record.id, d.type, record.state, record.data, None, reason="timed out")
+        what = f"timed out in {record.state}" + (f" after {record.attempts} request(s)" if pending else "")
+        return self._trigger(d, record, TIMEOUT, ctx, message_id, what, None).rows
+
+    def request_unroutable(self, saga_id: str, request_id: str, reason: str) -> list[OutboxRow]:
+        """A request could not be routed: nobody serves it. Fail the step at once (no waiting)."""
+        for _ in range(_CONFLICT_RETRIES):
+            record = self.store.get_saga(saga_id)
+            if record is None or record.final:
+                return []
+            pending = record.meta.get("request") or {}
+            if pending.get("id") != request_id:
+                return []
+            d = self.definitions[record.type]
+            ctx = SagaContext(record.id, d.type, record.state, record.data, None, reason=reason)
+            trigger = f"failure:{pending['type']}"
+            try:
+                applied = self._trigger(d, record, trigger, ctx, f"unroutable:{request_id}", reason, None)
+                if not applied.moved:
+                    applied = self._trigger(d, record, TIMEOUT, ctx, f"unroutable:{request_id}", reason, None)
+                return applied.rows
+            except VersionConflict:
+                continue
+        return []
+
+    # -- operators ---------------------------------------------------------------------------------
+
+    def retry(self, saga_id: str) -> list[OutboxRow]:
+        """Operator: send the current request again now (fresh attempts); a saga parked in ``failed``
+        goes back to the state it failed in and starts that state again."""
+        record = self._require(saga_id)
+        d = self.definitions[record.type]
+        if record.state == FAILED:
+            back = record.meta.get("failed_from")
+            if not back or back not in d.states or back == FAILED:
+                raise SagasError(f"saga {saga_id} has no state to go back to")
+            record.final = False
+            ctx = SagaContext(record.id, d.type, record.state, record.data, None)
+            return self._enter(d, record, back, ctx, f"operator:retry:{record.version}", "operator: retry",
+                               None, expected_version=record.version)
+        if record.final:
+            raise SagasError(f"saga {saga_id} has ended in {record.state}; only a failed saga can be retried")
+        ctx = SagaContext(record.id, d.type, record.state, record.data, None)
+        return self._enter(d, record, record.state, ctx, f"operator:retry:{record.version}", "operator: retry",
+                           None, expected_version=record.version)
+
+    def compensate(self, saga_id: str) -> list[OutboxRow]:
+        """Operator: start compensating a saga now, where its type says how from its state."""
+        record = self._require(saga_id)
+        d = self.definitions[record.type]
+        if COMPENSATE not in d.triggers_from(record.state):
+            raise SagasError(f"saga type {d.type} defines no compensation from state {record.state!r}")
+        ctx = SagaContext(record.id, d.type, record.state, record.data, None, reason="operator: compensate")
+        return self._trigger(d, record, COMPENSATE, ctx, f"operator:compensate:{record.version}",
+                             "operator: compensate", None).rows
+
+    def _require(self, saga_id: str) -> SagaRecord:
+        record: SagaRecord | None = self.store.get_saga(saga_id)
+        if record is None or record.type not in self.definitions:
+            raise SagasError(f"no saga {saga_id!r} of a type this app knows")
+        return record
+
+
+def _key(payload: Mapping[str, Any], field: str) -> str | None:
+    value = payload.get(field)
+    if isinstance(value, bool) or not isinstance(value, str | int) or value == "":
+        return None
+    return str(value)[:255]
+
+
+def is_reply(event_type: str) -> bool:
+    return event_type.endswith(REPLY_SUFFIX)
