@@ -86,4 +86,44 @@ def run_demo(shares: int = 5) -> int:
             click.echo(f"  to {mail['To']:<24} {mail['Subject']}")
         ok = len(sink.mails) == shares
         click.echo("\nevery share mailed exactly once" if ok else "\nMISMATCH: see above")
-        return 0 if ok else 1
+        return (0 if ok else 1) | run_postprocessing(f"{tmp}/postprocessing.db")
+
+
+def run_postprocessing(store_path: str) -> int:
+    """The post-processing saga on memory with SQLite: a few uploads, and each one's outcome."""
+    from examples.postprocessing import app
+    from transport import Event
+
+    from ._service import App
+    from ._worker import Worker
+
+    exchange = f"demo{os.getpid()}pp"
+    uploads = [("report.pdf", 120_000), ("eicar-test.com", 68), ("holiday.mov", 50 * 1024 * 1024),
+               ("notes.txt", 2_000)]
+    expected = {"report.pdf": "continue", "eicar-test.com": "delete", "holiday.mov": "abort",
+                "notes.txt": "continue"}
+    worker = Worker(App(*app.services, sagas=app.sagas, exchange=exchange), broker="memory://",
+                    store=f"sqlite:///{store_path}", timer_interval=0.05)
+    bus = EventBus("memory://", exchange=exchange)
+    click.echo("\npost-processing saga: antivirus scan, policy check, then finish (or revert the upload)")
+    with worker.running():
+        for i, (name, size) in enumerate(uploads):
+            bus.publish(Event("ocis.storage.bytes_received",
+                              {"upload_id": f"upload-{i}", "name": name, "size": size, "user": "marie"}))
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            sagas = worker.store.list_sagas(saga_type="postprocessing")
+            if len(sagas) == len(uploads) and all(s.final for s in sagas):
+                break
+            time.sleep(0.02)
+        sagas = {s.data.get("name"): s for s in worker.store.list_sagas(saga_type="postprocessing")}
+        ok = True
+        for name, _size in uploads:
+            saga = sagas.get(name)
+            outcome = saga.data.get("outcome") if saga else None
+            ok &= outcome == expected[name] and bool(saga and saga.final)
+            steps = " -> ".join(h.to_state for h in worker.store.saga_history(saga.id)) if saga else "-"
+            click.echo(f"  {name:<16} outcome={outcome!s:<9} {steps}")
+    bus.close()
+    click.echo("every upload ended with the expected outcome" if ok else "MISMATCH: see above")
+    return 0 if ok else 1
