@@ -116,10 +116,10 @@ def run_postprocessing(store_path: str) -> int:
             if len(sagas) == len(uploads) and all(s.final for s in sagas):
                 break
             time.sleep(0.02)
-        sagas = {s.data.get("name"): s for s in worker.store.list_sagas(saga_type="postprocessing")}
+        by_name = {s.data.get("name"): s for s in worker.store.list_sagas(saga_type="postprocessing")}
         ok = True
         for name, _size in uploads:
-            saga = sagas.get(name)
+            saga = by_name.get(name)
             outcome = saga.data.get("outcome") if saga else None
             ok &= outcome == expected[name] and bool(saga and saga.final)
             steps = " -> ".join(h.to_state for h in worker.store.saga_history(saga.id)) if saga else "-"
