@@ -92,9 +92,9 @@ class Postprocessing(Saga):
     start = Start("ocis.storage.bytes_received", key="upload_id", to="scanning", action=_begin)
     correlate = {READY: "upload_id"}
     states = [
-        State("scanning", Request(SCAN, _upload), timeout=2.0, retries=4, on_timeout="reverting"),
-        State("checking", Request(CHECK, _upload), timeout=2.0, retries=4, on_timeout="reverting"),
-        State("reverting", Request(REVERT, _upload), timeout=2.0, retries=6),
+        State("scanning", Request(SCAN, _upload), timeout=5.0, retries=4, on_timeout="reverting"),
+        State("checking", Request(CHECK, _upload), timeout=5.0, retries=4, on_timeout="reverting"),
+        State("reverting", Request(REVERT, _upload), timeout=5.0, retries=6),
         State("finishing", timeout=10.0, on_timeout="done"),
         Final("done"),
     ]

@@ -4,6 +4,8 @@
     python scripts/drills.py broker-restart  [-n 10000]   # rabbitmqctl stop_app / start_app while publishing
     python scripts/drills.py at-most-once                 # kill -9 during an at-most-once handler
     python scripts/drills.py notifications   [-n 1000]    # 1,000 shares, kill -9 the worker twice
+    python scripts/drills.py postprocessing  [-n 500]     # 2 workers, PostgreSQL, faults, kill -9 one
+    python scripts/drills.py deadlines                    # deadlines fire after a restart / on another worker
 
 Needs RabbitMQ on 127.0.0.1:5672 (guest/guest, or SAGAS_DRILL_AMQP_URL) and, for broker-restart,
 rabbitmqctl on this machine. Every drill uses its own exchange and deletes its queues afterwards.
@@ -38,13 +40,13 @@ configure_logging(level="warning")
 URL = os.environ.get("SAGAS_DRILL_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
 
 
-def start_worker(app: str, exchange: str, out: Path, store: Path, **env: str) -> subprocess.Popen[bytes]:
+def start_worker(app: str, exchange: str, out: Path, store: Path | str, **env: str) -> subprocess.Popen[bytes]:
     e = {**os.environ, "DRILL_OUT": str(out), "DRILL_EXCHANGE": exchange, "SAGAS_EXCHANGE": exchange,
          "PYTHONPATH": f"{ROOT}:{ROOT / 'scripts'}", **env}
     log = open(out.with_suffix(".log"), "ab")  # noqa: SIM115 - handed to the child
     return subprocess.Popen(
         [sys.executable, "-m", "sagas", "--log-level", "warning", "run", app, "--broker", URL,
-         "--store", f"sqlite:///{store}", "--exchange", exchange],
+         "--store", store if isinstance(store, str) else f"sqlite:///{store}", "--exchange", exchange],
         env=e, stdout=log, stderr=log, cwd=ROOT,
     )
 
@@ -210,6 +212,130 @@ def notifications(n: int) -> None:
         cleanup(exchange, [queue, *[f"{queue}.delay.{d}" for d in (1000, 2000, 4000, 8000)]])
 
 
+PG = os.environ.get("SAGAS_DRILL_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+def _upload(i: int) -> Event:
+    # a mix: every 5th is infected (delete), every 7th otherwise is 20 MiB (abort), the rest are clean
+    name = f"eicar-{i}.com" if i % 5 == 0 else f"file-{i}.txt"
+    size = 20 * 1024 * 1024 if i % 7 == 0 else 1000 + i
+    return Event("ocis.storage.bytes_received", {"upload_id": f"up-{i}", "name": name, "size": size, "user": "marie"})
+
+
+def _expected(i: int) -> str:
+    return "delete" if i % 5 == 0 else "abort" if i % 7 == 0 else "continue"
+
+
+def _pg_store(schema: str):  # type: ignore[no-untyped-def]
+    from sagas import open_store
+
+    return open_store(f"{PG}?schema={schema}")
+
+
+def _drop_schema(schema: str) -> None:
+    import psycopg
+    from psycopg import sql
+
+    with psycopg.connect(PG, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+
+
+def postprocessing(n: int) -> None:
+    exchange = f"drill{uuid.uuid4().hex[:8]}"
+    schema = exchange
+    store_url = f"{PG}?schema={schema}"
+    env = {"FAIL_RATE": "0.2", "DROP_RATE": "0.1"}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "w.txt"
+        store = _pg_store(schema)
+        workers = [start_worker("examples.postprocessing:app", exchange, out, store_url, **env) for _ in range(2)]
+        wait(lambda: _consumers(f"{exchange}.saga.postprocessing") == 2, 60, "two workers")
+        bus = EventBus(URL, exchange=exchange)
+        t0 = time.monotonic()
+        bus.publish_many([_upload(i) for i in range(n)])
+        wait(lambda: sum(1 for s in store.list_sagas(limit=n + 10) if s.final) >= n // 2, 300, "half final")
+        final_at_kill = sum(1 for s in store.list_sagas(limit=n + 10) if s.final)
+        workers[0].send_signal(signal.SIGKILL)
+        workers[0].wait()
+        workers[0] = start_worker("examples.postprocessing:app", exchange, out, store_url, **env)
+
+        def all_final() -> bool:
+            sagas = store.list_sagas(limit=n + 10)
+            return len(sagas) == n and all(s.final for s in sagas)
+
+        wait(all_final, 600, "every saga final")
+        elapsed = time.monotonic() - t0
+        sagas = store.list_sagas(limit=n + 10)
+        wrong = [s.key for s in sagas if s.data.get("outcome") != _expected(int(s.key.split("-")[1]))]
+        outcomes = collections.Counter(s.data.get("outcome") for s in sagas)
+        states = collections.Counter(s.state for s in sagas)
+        stuck = store.list_sagas(stuck_before=time.time() - 60)
+        resends = sum(1 for s in sagas for h in store.saga_history(s.id) if h.reason.startswith("deadline passed"))
+        for w in workers:
+            w.send_signal(signal.SIGTERM)
+        codes = [w.wait(60) for w in workers]
+        print(f"postprocessing: {n} uploads, 2 workers (RabbitMQ + PostgreSQL), FAIL_RATE=0.2 DROP_RATE=0.1, "
+              f"kill -9 one worker at {final_at_kill} final; all {len(sagas)} final after {elapsed:.1f}s; "
+              f"states {dict(states)}; outcomes {dict(outcomes)}; wrong outcomes {len(wrong)}; "
+              f"stuck {len(stuck)}; requests re-sent by deadlines {resends}; worker exits {codes}")
+        bus.close()
+        store.close()
+        _drop_schema(schema)
+
+
+def deadlines() -> None:
+    """Sagas wait on a request nobody answers (DROP_RATE=1). Kill the only worker, let deadlines pass,
+    start another: it fires them. Then kill that one and restart the first: it fires them too."""
+    exchange = f"drill{uuid.uuid4().hex[:8]}"
+    schema = exchange
+    store_url = f"{PG}?schema={schema}"
+    env = {"DROP_RATE": "1.0"}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "w.txt"
+        store = _pg_store(schema)
+        a = start_worker("examples.postprocessing:app", exchange, out, store_url, **env)
+        wait(lambda: _consumers(f"{exchange}.saga.postprocessing") == 1, 60, "worker A")
+        bus = EventBus(URL, exchange=exchange)
+        bus.publish_many([_upload(i) for i in range(1, 21) if i % 5 and i % 7])  # clean uploads
+        count = len([i for i in range(1, 21) if i % 5 and i % 7])
+        wait(lambda: len(store.list_sagas()) == count, 60, "sagas started")
+        a.send_signal(signal.SIGKILL)
+        a.wait()
+        killed_at = time.time()
+        wait(lambda: all(s.deadline is not None and s.deadline < time.time() - 1 for s in store.list_sagas()),
+             60, "deadlines to pass while no worker runs")
+
+        def resent_after(t: float) -> int:
+            return sum(1 for s in store.list_sagas() for h in store.saga_history(s.id)
+                       if h.reason.startswith("deadline passed") and h.at > t)
+
+        assert resent_after(killed_at) == 0
+        b = start_worker("examples.postprocessing:app", exchange, out, store_url, **env)
+        started_b = time.time()
+        wait(lambda: resent_after(started_b) >= count, 60, "worker B to fire the deadlines")
+        fired_by_b = resent_after(started_b)
+        b.send_signal(signal.SIGKILL)
+        b.wait()
+        killed_b = time.time()
+        wait(lambda: all(s.final or (s.deadline is not None and s.deadline < time.time() - 0.5)
+                         for s in store.list_sagas()), 60, "deadlines to pass again")
+        a = start_worker("examples.postprocessing:app", exchange, out, store_url, **env)
+        restarted = time.time()
+        wait(lambda: resent_after(restarted) + sum(1 for s in store.list_sagas() if s.final) > 0, 60,
+             "restarted worker A to fire deadlines")
+        wait(lambda: all(s.final for s in store.list_sagas()), 120, "every saga final")
+        fired_by_a = sum(1 for s in store.list_sagas() for h in store.saga_history(s.id)
+                         if h.at > restarted and h.message_id.startswith("deadline:"))
+        outcomes = collections.Counter((s.state, s.data.get("outcome")) for s in store.list_sagas())
+        a.send_signal(signal.SIGTERM)
+        a.wait(60)
+        print(f"deadlines: {count} sagas waiting on unanswered requests; worker A killed; no deadline fired while "
+              f"no worker ran; worker B (started {started_b - killed_at:.1f}s after) re-sent {fired_by_b} requests; "
+              f"B killed {killed_b - started_b:.1f}s later; restarted A fired {fired_by_a} deadline transitions; "
+              f"final: {dict(outcomes)}")
+        bus.close()
+        store.close()
+        _drop_schema(schema)
+
+
 def _amqp():  # type: ignore[no-untyped-def]
     import amqp
 
@@ -240,7 +366,8 @@ def _depth(queue: str) -> int:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("drill", choices=["kill-worker", "broker-restart", "at-most-once", "notifications"])
+    p.add_argument("drill", choices=["kill-worker", "broker-restart", "at-most-once", "notifications",
+                                     "postprocessing", "deadlines"])
     p.add_argument("-n", type=int, default=None)
     a = p.parse_args()
     if a.drill == "kill-worker":
@@ -249,6 +376,10 @@ def main() -> None:
         broker_restart(a.n or 10_000)
     elif a.drill == "at-most-once":
         at_most_once()
+    elif a.drill == "postprocessing":
+        postprocessing(a.n or 500)
+    elif a.drill == "deadlines":
+        deadlines()
     else:
         notifications(a.n or 1000)
 
