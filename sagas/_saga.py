@@ -164,7 +164,7 @@ class Start:
 
     event: str
     key: str
-    to: str
+    to: str = ""
     action: Action | None = None
 
     def __post_init__(self) -> None:
@@ -336,6 +336,8 @@ def compile_saga(cls: type[Saga]) -> SagaDefinition:
         if st.on_timeout is not None and st.on_timeout not in states:
             raise ConfigurationError(f"{where}: state {st.name!r} times out to unknown state {st.on_timeout!r}")
     for s in starts.values():
+        if not s.to:
+            raise ConfigurationError(f"{where}: Start({s.event!r}) needs to=<the first state>")
         if s.to not in states:
             raise ConfigurationError(f"{where}: start event {s.event} leads to unknown state {s.to!r}")
     for t in transitions:
