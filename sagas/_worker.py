@@ -528,11 +528,16 @@ class Worker:
         """Fire due deadlines, and republish outbox rows a crash left unsent."""
         assert self.engine is not None
         self._next_timers = time.monotonic() + self.timer_interval
-        self._publish_rows(self.engine.fire_due())
-        now = time.time()
-        if now >= self._next_relay:
-            self._next_relay = now + self.relay_interval
-            self._publish_rows(self.store.unsent(created_before=now - self.relay_interval))
+        try:
+            self._publish_rows(self.engine.fire_due())
+            now = time.time()
+            if now >= self._next_relay:
+                self._next_relay = now + self.relay_interval
+                self._publish_rows(self.store.unsent(created_before=now - self.relay_interval))
+        except (ConnectionLost, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the store may be restarting; the next tick tries again
+            log.error("worker.timers_failed", error=repr(exc)[:500])
 
     def _drop_pending(self) -> None:
         """Forget messages that did not start: nothing acked them (an at-most-once message is acked just
