@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
 import sys
-from typing import Any
+import time
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
+from typing import Any, NoReturn
+from urllib.parse import urlsplit
 
 import click
 
-from transport import Event, EventBus, TransportError, redact_url
+from transport import Event, EventBus, PublishError, TransportError, redact_url
 
 from ._errors import SagasError
 from ._logging import configure_logging
+from ._saga import FAILED, Saga
 from ._service import App, Service
+from ._store import OutboxRow, SagaRecord, Store, VersionConflict, open_store
 
 _broker = click.option(
     "--broker", envvar="SAGAS_BROKER_URL", default="memory://", show_default=True,
@@ -45,6 +52,68 @@ def _load_app(spec: str) -> App:
     return obj
 
 
+def _load_saga_class(spec: str) -> type[Saga]:
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise click.BadParameter("expected module:SagaClass, e.g. examples.postprocessing:Postprocessing")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise click.BadParameter(f"cannot import {module_name!r}: {exc}") from None
+    obj = getattr(module, attr, None)
+    if obj is None:
+        raise click.BadParameter(f"module {module_name!r} has no attribute {attr!r}")
+    if not (isinstance(obj, type) and issubclass(obj, Saga)) or obj is Saga:
+        found = obj.__name__ if isinstance(obj, type) else type(obj).__name__
+        raise click.BadParameter(f"{spec!r} is not a subclass of sagas.Saga (found {found})")
+    return obj
+
+
+_store = click.option(
+    "--store", envvar="SAGAS_STORE_URL", default="sqlite:///sagas.db", show_default=True,
+    help="Store URL: sqlite:///path, memory:// or postgresql://... Env: SAGAS_STORE_URL.",
+)
+
+
+def _fail(message: str) -> NoReturn:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(1)
+
+
+@contextlib.contextmanager
+def _existing_store(url: str) -> Iterator[Store]:
+    """Open the store at ``url`` for an operator command, and close it. A SQLite file that does not exist
+    is an error (opening it would create an empty store and hide a wrong --store)."""
+    parts = urlsplit(url)
+    if parts.scheme == "sqlite":
+        path = parts.path[1:] if parts.path.startswith("/") else parts.path
+        if path and path != ":memory:" and not os.path.exists(path):
+            _fail(f"no SQLite store at {path!r}: give --store (or SAGAS_STORE_URL) the one the workers use")
+    try:
+        store = open_store(url)
+    except SagasError as exc:
+        _fail(str(exc))
+    try:
+        yield store
+    finally:
+        close = getattr(store, "close", None)
+        if callable(close):
+            close()
+
+
+def _iso(ts: float | None, timespec: str = "seconds") -> str:
+    if ts is None:
+        return "-"
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec=timespec).replace("+00:00", "Z")
+
+
+def _table(rows: Sequence[Sequence[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+
+
 @click.group()
 @click.option("--log-json", is_flag=True, envvar="SAGAS_LOG_JSON", help="Log JSON lines instead of text.")
 @click.option("--log-level", default="info", show_default=True, envvar="SAGAS_LOG_LEVEL")
@@ -57,8 +126,7 @@ def cli(log_json: bool, log_level: str) -> None:
 @click.argument("app")
 @_broker
 @_exchange
-@click.option("--store", envvar="SAGAS_STORE_URL", default="sqlite:///sagas.db", show_default=True,
-              help="Store URL: sqlite:///path, memory:// or postgresql://... Env: SAGAS_STORE_URL.")
+@_store
 @click.option("--concurrency", default=4, show_default=True, help="Handlers running at once.")
 @click.option("--grace-period", default=60.0, show_default=True,
               help="Exit non-zero (3) if the broker stays unreachable this many seconds.")
@@ -179,6 +247,239 @@ def health(broker: str, timeout: float) -> None:
     bus.close()
     click.echo(f"{'ok' if ok else 'unreachable'}: {redact_url(broker)}")
     sys.exit(0 if ok else 1)
+
+
+@cli.command("ls")
+@_store
+@click.option("--type", "saga_type", default=None, help="Only sagas of this type.")
+@click.option("--state", default=None, help="Only sagas in this state.")
+@click.option("--stuck", is_flag=True,
+              help="Only sagas that have not ended and whose deadline is missing or passed --stuck-after ago.")
+@click.option("--stuck-after", default=60.0, show_default=True,
+              help="With --stuck: seconds a deadline must be overdue.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per line.")
+@click.option("--limit", default=1000, show_default=True, help="At most this many sagas, oldest first.")
+def saga_ls(store: str, saga_type: str | None, state: str | None, stuck: bool, stuck_after: float, as_json: bool,
+            limit: int) -> None:
+    """List sagas with their type, state and deadline, oldest first.
+
+    \b
+    Example:
+      sagas ls --store sqlite:///sagas.db --type postprocessing --stuck
+    """
+    with _existing_store(store) as st:
+        try:
+            records = st.list_sagas(saga_type, state, time.time() - stuck_after if stuck else None, limit)
+        except SagasError as exc:
+            _fail(str(exc))
+    if as_json:
+        for r in records:
+            click.echo(json.dumps(r.to_dict(), sort_keys=True))
+        return
+    if not records:
+        click.echo("no sagas")
+        return
+    rows = [("ID", "TYPE", "STATE", "FINAL", "DEADLINE", "UPDATED")]
+    rows += [(r.id, r.type, r.state, "yes" if r.final else "no", _iso(r.deadline), _iso(r.updated_at))
+             for r in records]
+    for line in _table(rows):
+        click.echo(line)
+
+
+@cli.command()
+@click.argument("saga_id")
+@_store
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object: the saga and its history.")
+def show(saga_id: str, store: str, as_json: bool) -> None:
+    """Show one saga: state, data, deadline, attempts, why it failed, and its history.
+
+    \b
+    Example:
+      sagas show 3f2a9c0e5b6d4c1e8a7f6b5c4d3e2f10 --store sqlite:///sagas.db
+    """
+    with _existing_store(store) as st:
+        try:
+            record = st.get_saga(saga_id)
+            history = st.saga_history(saga_id) if record is not None else []
+        except SagasError as exc:
+            _fail(str(exc))
+    if record is None:
+        _fail(f"no saga {saga_id!r} in the store {redact_url(store)}")
+    if as_json:
+        out = record.to_dict()
+        out["history"] = [{"at": h.at, "message_id": h.message_id, "from_state": h.from_state,
+                           "to_state": h.to_state, "reason": h.reason} for h in history]
+        click.echo(json.dumps(out, indent=2, sort_keys=True))
+        return
+    for line in _describe(record):
+        click.echo(line)
+    click.echo("history:")
+    if not history:
+        click.echo("  (none)")
+    width = max((len(f"{h.from_state} -> {h.to_state}") for h in history), default=0)
+    for h in history:
+        moved = f"{h.from_state} -> {h.to_state}".ljust(width)
+        click.echo(f"  {_iso(h.at, 'milliseconds')}  {moved}  {h.reason}  [{h.message_id}]")
+
+
+def _describe(r: SagaRecord) -> list[str]:
+    now = time.time()
+    if r.deadline is None:
+        deadline = "-"
+    else:
+        left = r.deadline - now
+        deadline = f"{_iso(r.deadline, 'milliseconds')} ({f'in {left:.1f}s' if left >= 0 else f'{-left:.1f}s ago'})"
+    lines = [
+        f"saga:      {r.id}",
+        f"type:      {r.type}",
+        f"key:       {r.key}",
+        f"state:     {r.state}" + (" (final)" if r.final else ""),
+        f"version:   {r.version}",
+        f"deadline:  {deadline}",
+        f"attempts:  {r.attempts}",
+        f"created:   {_iso(r.created_at, 'milliseconds')}",
+        f"updated:   {_iso(r.updated_at, 'milliseconds')}",
+    ]
+    pending = r.meta.get("request")
+    if isinstance(pending, dict) and pending.get("type"):
+        lines.append(f"waiting:   reply to {pending['type']} (request {pending.get('id', '?')})")
+    if r.meta.get("reason") or r.meta.get("failed_from"):
+        label = "failed:   " if r.state == FAILED else "last fail:"
+        lines.append(f"{label} in {r.meta.get('failed_from') or '?'}: {r.meta.get('reason') or '?'}")
+    extra = {k: v for k, v in r.meta.items() if k not in ("request", "reason", "failed_from")}
+    if extra:
+        lines.append(f"meta:      {json.dumps(extra, sort_keys=True)}")
+    lines.append("data:")
+    lines += ["  " + line for line in json.dumps(r.data, indent=2, sort_keys=True).splitlines()]
+    return lines
+
+
+@cli.command()
+@click.argument("saga_class")
+@click.option("--format", "fmt", type=click.Choice(["mermaid", "dot"]), default="mermaid", show_default=True,
+              help="Mermaid stateDiagram-v2 text, or Graphviz DOT text.")
+@click.option("--id", "saga_id", default=None, help="Highlight the current state of this saga (needs --store).")
+@_store
+def graph(saga_class: str, fmt: str, saga_id: str | None, store: str) -> None:
+    """Print the state diagram of SAGA_CLASS (module:Class), optionally with one saga's state highlighted.
+
+    \b
+    Example:
+      sagas graph examples.postprocessing:Postprocessing --format dot | dot -Tsvg > postprocessing.svg
+    """
+    from ._graph import draw
+
+    cls = _load_saga_class(saga_class)
+    try:
+        definition = cls.definition()
+    except SagasError as exc:
+        _fail(str(exc))
+    current = None
+    if saga_id is not None:
+        with _existing_store(store) as st:
+            try:
+                record = st.get_saga(saga_id)
+            except SagasError as exc:
+                _fail(str(exc))
+        if record is None:
+            _fail(f"no saga {saga_id!r} in the store {redact_url(store)}")
+        if record.type != definition.type or record.state not in definition.states:
+            _fail(f"saga {saga_id} is a {record.type} saga in state {record.state!r}, "
+                  f"not one of {saga_class} ({definition.type})")
+        current = record.state
+    click.echo(draw(definition, fmt, current), nl=False)
+
+
+_app_option = click.option("--app", "app_spec", envvar="SAGAS_APP", required=True,
+                           help="The app (module:attribute) that declares the saga types. Env: SAGAS_APP.")
+_timeout = click.option("--timeout", default=10.0, show_default=True,
+                        help="Seconds to wait for the broker and its confirms.")
+
+
+@cli.command()
+@click.argument("saga_id")
+@_app_option
+@_broker
+@_exchange
+@_store
+@_timeout
+def retry(saga_id: str, app_spec: str, broker: str, exchange: str | None, store: str, timeout: float) -> None:
+    """Send a waiting saga's request again now, or take a saga parked in 'failed' back to the state it
+    failed in and start that state again.
+
+    \b
+    Example:
+      sagas retry 3f2a9c0e5b6d4c1e8a7f6b5c4d3e2f10 --app examples.postprocessing:app --store sqlite:///sagas.db
+    """
+    _operate("retry", saga_id, app_spec, broker, exchange, store, timeout)
+
+
+@cli.command()
+@click.argument("saga_id")
+@_app_option
+@_broker
+@_exchange
+@_store
+@_timeout
+def compensate(saga_id: str, app_spec: str, broker: str, exchange: str | None, store: str, timeout: float) -> None:
+    """Start compensating a saga now, where its type declares how from its current state.
+
+    \b
+    Example:
+      sagas compensate 3f2a9c0e5b6d4c1e8a7f6b5c4d3e2f10 --app examples.postprocessing:app --store sqlite:///sagas.db
+    """
+    _operate("compensate", saga_id, app_spec, broker, exchange, store, timeout)
+
+
+def _operate(action: str, saga_id: str, app_spec: str, broker: str, exchange: str | None, store: str,
+             timeout: float) -> None:
+    from ._saga_engine import SagaEngine
+
+    app = _load_app(app_spec)
+    with _existing_store(store) as st:
+        try:
+            engine = SagaEngine(app.sagas, st)
+            before = st.get_saga(saga_id)
+            rows = engine.retry(saga_id) if action == "retry" else engine.compensate(saga_id)
+            after = st.get_saga(saga_id)
+        except VersionConflict:
+            _fail(f"saga {saga_id} changed while the {action} was being applied (a worker moved it): "
+                  "look at it again with `sagas show`, then repeat the command if it still applies")
+        except SagasError as exc:
+            _fail(str(exc))
+        if before is None or after is None or after.version == before.version:
+            _fail(f"{action} did not change saga {saga_id} (it is in {before.state if before else '?'})")
+        click.echo(f"{action}: saga {saga_id} ({after.type}) {before.state} -> {after.state}")
+        _publish_rows(st, rows, broker, exchange or app.exchange, timeout)
+
+
+def _publish_rows(store: Store, rows: list[OutboxRow], broker: str, exchange: str, timeout: float) -> None:
+    """Publish committed outbox rows and mark the confirmed ones sent. The others stay in the outbox."""
+    if not rows:
+        return
+    bus = EventBus(broker, exchange=exchange, publish_timeout=timeout, connect_timeout=min(timeout, 5.0))
+    failed: dict[str, str] = {}
+    try:
+        bus.publish_encoded([(r.routing_key, r.body.encode(), r.message_id, r.mandatory) for r in rows])
+    except PublishError as exc:
+        # With ``failed`` set, the broker answered for each message; without it, any may be lost.
+        failed = exc.failed or {r.message_id: str(exc) for r in rows}
+    except TransportError as exc:
+        failed = {r.message_id: str(exc) for r in rows}
+    finally:
+        bus.close()
+    sent = [r for r in rows if r.message_id not in failed]
+    try:
+        store.mark_sent([r.id for r in sent])
+    except SagasError as exc:
+        click.echo(f"warning: published, but could not mark the messages sent ({exc}); the relay may send "
+                   "them again, and receivers drop the repeats", err=True)
+    for r in sent:
+        click.echo(f"published {r.routing_key} ({r.message_id})")
+    if failed:
+        first = next(iter(failed.values()))
+        click.echo(f"warning: {len(rows) - len(sent)} message(s) not published ({first}); they stay in the "
+                   "store's outbox and a running worker's relay sends them", err=True)
 
 
 @cli.command()

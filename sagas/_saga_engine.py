@@ -270,6 +270,7 @@ class SagaEngine:
             if not back or back not in d.states or back == FAILED:
                 raise SagasError(f"saga {saga_id} has no state to go back to")
             record.final = False
+            record.meta = {k: v for k, v in record.meta.items() if k not in ("failed_from", "reason")}
             ctx = SagaContext(record.id, d.type, record.state, record.data, None)
             return self._enter(d, record, back, ctx, f"operator:retry:{record.version}", "operator: retry",
                                None, expected_version=record.version)
@@ -283,11 +284,16 @@ class SagaEngine:
         """Operator: start compensating a saga now, where its type says how from its state."""
         record = self._require(saga_id)
         d = self.definitions[record.type]
+        if record.final:
+            raise SagasError(f"saga {saga_id} has ended in {record.state}; there is nothing to compensate")
         if COMPENSATE not in d.triggers_from(record.state):
             raise SagasError(f"saga type {d.type} defines no compensation from state {record.state!r}")
         ctx = SagaContext(record.id, d.type, record.state, record.data, None, reason="operator: compensate")
-        return self._trigger(d, record, COMPENSATE, ctx, f"operator:compensate:{record.version}",
-                             "operator: compensate", None).rows
+        applied = self._trigger(d, record, COMPENSATE, ctx, f"operator:compensate:{record.version}",
+                                "operator: compensate", None)
+        if not applied.moved:
+            raise SagasError(f"saga {saga_id} did not move: {applied.note}")
+        return applied.rows
 
     def _require(self, saga_id: str) -> SagaRecord:
         record: SagaRecord | None = self.store.get_saga(saga_id)

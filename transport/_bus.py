@@ -233,7 +233,8 @@ class EventBus:
             while True:
                 conn = self._new_connection()
                 try:
-                    conn.connect()
+                    # One attempt per loop turn: kombu's own connect() would wait 2 s and retry.
+                    conn.ensure_connection(max_retries=0, reraise_as_library_errors=False)
                     pub = conn.channel()
                     confirms = None if self.memory else _Confirms(pub)
                     self.declared_queues.update(declare(pub, self.exchange))
@@ -283,7 +284,7 @@ class EventBus:
             return True
         conn = self._new_connection(connect_timeout=timeout)
         try:
-            conn.connect()
+            conn.ensure_connection(max_retries=0, reraise_as_library_errors=False)
             conn.channel().close()
         except Exception as exc:
             if not _is_connection_error(conn, exc):
