@@ -281,7 +281,8 @@ def _compile_steps(cls: type[StepSaga]) -> tuple[list[State], list[On]]:
         transitions.append(reply(step.request, step.name, nxt, action=_keep_result(step.name)))
         transitions.append(failure(step.request, step.name, _undo_target(steps, i)))
         transitions.append(compensate(step.name, _undo_target(steps, i)))
-        if step.compensation:
+        if step.compensation and i + 1 < len(steps):
+            # (the last step's compensation never runs: when it completes, the saga has completed)
             undo = f"undo_{step.name}"
             states.append(State(undo, Request(step.compensation, step.compensation_payload), step.timeout,
                                 step.retries, step.backoff, on_timeout=FAILED))

@@ -99,8 +99,13 @@ class SagaEngine:
             key = _key(event.payload, start.key)
             if key is None:
                 return Applied(None, False, [], f"start event without a usable {start.key!r}")
-            if self.store.find_saga(d.type, key) is not None:
-                return Applied(None, False, [], "duplicate start: the saga exists")
+            existing: SagaRecord | None = self.store.find_saga(d.type, key)
+            if existing is not None:
+                trigger = f"event:{event.type}"
+                if not existing.final and trigger in d.triggers_from(existing.state):
+                    ctx = SagaContext(existing.id, d.type, existing.state, existing.data, event)
+                    return self._trigger(d, existing, trigger, ctx, event.id, event.type, inbox)
+                return Applied(existing, False, [], "duplicate start: the saga exists")
             now = self.clock()
             record = SagaRecord(id=uuid.uuid4().hex, type=d.type, key=key, state="", data={},
                                 created_at=now, updated_at=now)
@@ -205,7 +210,7 @@ class SagaEngine:
     def fire_due(self, limit: int = 500) -> list[OutboxRow]:
         """Fire every deadline that has passed (up to ``limit``). Returns rows to publish."""
         rows: list[OutboxRow] = []
-        for record in self.store.due_sagas(self.clock(), limit):
+        for record in self.store.due_sagas(self.clock(), limit, types=tuple(self.definitions)):
             try:
                 rows += self.fire(record)
             except VersionConflict:

@@ -104,7 +104,7 @@ class Store(InboxStore, Protocol):
                   inbox: tuple[str, str] | None, outbox: Sequence[Outgoing]) -> list[OutboxRow]: ...
     def get_saga(self, saga_id: str) -> SagaRecord | None: ...
     def find_saga(self, saga_type: str, key: str) -> SagaRecord | None: ...
-    def due_sagas(self, now: float, limit: int) -> list[SagaRecord]: ...
+    def due_sagas(self, now: float, limit: int, types: Sequence[str] | None = None) -> list[SagaRecord]: ...
     def list_sagas(self, saga_type: str | None = None, state: str | None = None,
                    stuck_before: float | None = None, limit: int = 1000) -> list[SagaRecord]: ...
     def saga_history(self, saga_id: str) -> list[HistoryEntry]: ...
@@ -148,8 +148,7 @@ class MemoryStore:
                 current = self._sagas.get(record.id)
                 if current is None or current.version != expected_version:
                     raise VersionConflict(f"saga {record.id} is not at version {expected_version}")
-            self._sagas[record.id] = replace(record, data=json.loads(json.dumps(record.data)),
-                                             meta=json.loads(json.dumps(record.meta)))
+            self._sagas[record.id] = _copy(record)
             self._history.setdefault(record.id, []).append(history)
             if inbox is not None:
                 self._inbox.add(inbox)
@@ -164,16 +163,16 @@ class MemoryStore:
 
     def get_saga(self, saga_id: str) -> SagaRecord | None:
         r = self._sagas.get(saga_id)
-        return None if r is None else replace(r, data=json.loads(json.dumps(r.data)), meta=dict(r.meta))
+        return None if r is None else _copy(r)
 
     def find_saga(self, saga_type: str, key: str) -> SagaRecord | None:
         saga_id = self._keys.get((saga_type, key))
         return None if saga_id is None else self.get_saga(saga_id)
 
-    def due_sagas(self, now: float, limit: int) -> list[SagaRecord]:
-        due = sorted((r for r in self._sagas.values() if r.deadline is not None and r.deadline <= now),
-                     key=lambda r: r.deadline or 0.0)
-        return [r for r in (self.get_saga(d.id) for d in due[:limit]) if r is not None]
+    def due_sagas(self, now: float, limit: int, types: Sequence[str] | None = None) -> list[SagaRecord]:
+        due = sorted((r for r in self._sagas.values() if r.deadline is not None and r.deadline <= now
+                      and (types is None or r.type in types)), key=lambda r: r.deadline or 0.0)
+        return [_copy(r) for r in due[:limit]]
 
     def list_sagas(self, saga_type: str | None = None, state: str | None = None,
                    stuck_before: float | None = None, limit: int = 1000) -> list[SagaRecord]:
@@ -183,7 +182,7 @@ class MemoryStore:
                 continue
             if stuck_before is not None and (r.final or (r.deadline is not None and r.deadline > stuck_before)):
                 continue
-            out.append(r)
+            out.append(_copy(r))
         return out[:limit]
 
     def saga_history(self, saga_id: str) -> list[HistoryEntry]:
@@ -201,6 +200,11 @@ class MemoryStore:
 
     def close(self) -> None:
         pass
+
+
+def _copy(record: SagaRecord) -> SagaRecord:
+    """A deep copy, as a row read back from a database would be."""
+    return replace(record, data=json.loads(json.dumps(record.data)), meta=json.loads(json.dumps(record.meta)))
 
 
 # -- SQL stores ------------------------------------------------------------------------------------
@@ -338,10 +342,11 @@ class _SqlStore:
                             (saga_type, key)).fetchone()
         return None if row is None else _record(row)
 
-    def due_sagas(self, now: float, limit: int) -> list[SagaRecord]:
+    def due_sagas(self, now: float, limit: int, types: Sequence[str] | None = None) -> list[SagaRecord]:
+        only = "" if types is None else f" AND type IN ({', '.join('?' for _ in types)})"
         rows = self._execute(
-            f"SELECT {_SAGA_COLUMNS} FROM sagas WHERE deadline IS NOT NULL AND deadline <= ?"
-            " ORDER BY deadline LIMIT ?", (now, limit)).fetchall()
+            f"SELECT {_SAGA_COLUMNS} FROM sagas WHERE deadline IS NOT NULL AND deadline <= ?{only}"
+            " ORDER BY deadline LIMIT ?", (now, *(types or ()), limit)).fetchall()
         return [_record(r) for r in rows]
 
     def list_sagas(self, saga_type: str | None = None, state: str | None = None,

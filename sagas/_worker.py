@@ -329,13 +329,14 @@ class Worker:
                 log.warning("message.dead_lettered", service=spec.service, handler=spec.name,
                             message_id=inbound.message_id, reason=inbound.error, outcome="dead-letter")
                 continue
-            if spec.idempotent:
+            dedupe = spec.idempotent or (spec.replies and spec.cache_replies)
+            if dedupe:
                 busy = self._busy.get((spec.key, event.id))
                 if busy is not None:
                     # The same event is being handled right now: decide once that one has settled.
                     busy.append((generation, inbound))
                     continue
-                if self.store.seen(spec.key, event.id):
+                if spec.idempotent and self.store.seen(spec.key, event.id):
                     self.bus.ack(inbound)
                     log.info("message.handled", event_id=event.id, event_type=event.type,
                              service=spec.service, handler=spec.name, attempt=inbound.attempt,
@@ -355,7 +356,7 @@ class Worker:
             if spec.concurrency is not None and self._running[spec.key] >= spec.concurrency:
                 self._waiting[spec.key].append((generation, inbound))
                 continue
-            if spec.idempotent:
+            if dedupe:
                 self._busy[(spec.key, event.id)] = []
             if not inbound.subscription.durable:
                 self.bus.ack(inbound)  # at-most-once: acked before it is handled
@@ -391,7 +392,7 @@ class Worker:
         waiting = self._waiting.get(spec.key)
         if waiting:
             self._ready.appendleft(waiting.popleft())
-        if spec.idempotent:
+        if spec.idempotent or (spec.replies and spec.cache_replies):
             try:
                 self._settle_one(o)
             finally:

@@ -1,0 +1,713 @@
+"""The saga engine driven by hand: one message in, one committed state change and its outbox out.
+
+No broker: each test builds the participants' replies itself (an Event of type ``<request>.reply``,
+correlation id = the saga id, header ``request_id`` = the request's id) and moves a fake clock.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from examples.postprocessing import CHECK, READY, REVERT, SCAN, Postprocessing
+from sagas import (
+    FAILED,
+    Event,
+    Final,
+    MemoryStore,
+    Request,
+    Saga,
+    SagaEngine,
+    SagaRecord,
+    SagasError,
+    Start,
+    State,
+    Step,
+    StepSaga,
+    event,
+    reply,
+)
+from sagas._saga_engine import REQUEST_ID_HEADER, Applied
+from sagas._store import HistoryEntry, OutboxRow, VersionConflict
+from transport import CONTENT_TYPE, decode
+
+T0 = 1_000_000.0
+TRIP_REQUESTED = "ocis.trip.requested"
+HOTEL, CANCEL_HOTEL = "ocis.trip.book_hotel", "ocis.trip.cancel_hotel"
+CAR, RETURN_CAR = "ocis.trip.rent_car", "ocis.trip.return_car"
+FLIGHT = "ocis.trip.book_flight"
+MAIL = "ocis.trip.mail_agent"
+
+
+class Trip(StepSaga):
+    """Three steps; the first two can be undone (the last one has nothing after it that could fail)."""
+
+    type = "trip"
+    start = Start(TRIP_REQUESTED, key="trip_id", to="")
+    steps = [
+        Step("hotel", HOTEL, compensation=CANCEL_HOTEL, timeout=1.0, retries=2),
+        Step("car", CAR, compensation=RETURN_CAR, timeout=1.0, retries=2),
+        Step("flight", FLIGHT, timeout=1.0, retries=2),
+    ]
+
+
+class Errand(StepSaga):
+    """Three steps; the middle one has nothing to undo."""
+
+    type = "errand"
+    start = Start(TRIP_REQUESTED, key="trip_id", to="")
+    steps = [
+        Step("hotel", HOTEL, compensation=CANCEL_HOTEL, timeout=1.0),
+        Step("mail", MAIL, timeout=1.0),
+        Step("flight", FLIGHT, timeout=1.0),
+    ]
+
+
+class Lookalike(Saga):
+    """Another type that sends the same request as Trip's first step (so gets the same replies)."""
+
+    type = "lookalike"
+    start = Start("ocis.lookalike.requested", key="id", to="booking")
+    states = [State("booking", Request(HOTEL), timeout=1.0), Final("done")]
+    transitions = [reply(HOTEL, "booking", "done")]
+
+
+class Stubborn(Saga):
+    """A state that sends a request but handles no failure of it: only its timeout leads out."""
+
+    type = "stubborn"
+    start = Start("ocis.stubborn.requested", key="id", to="asking")
+    states = [State("asking", Request(HOTEL), timeout=5.0, retries=5, on_timeout="gave_up"),
+              Final("gave_up"), Final("done")]
+    transitions = [reply(HOTEL, "asking", "done")]
+
+
+class Harness:
+    """An engine on a memory store with a clock the test moves."""
+
+    def __init__(self, *sagas: type[Saga]) -> None:
+        self.now = [T0]
+        self.store = MemoryStore()
+        self.engine = self.make_engine(*sagas)
+
+    def make_engine(self, *sagas: type[Saga]) -> SagaEngine:
+        return SagaEngine(list(sagas), self.store, clock=lambda: self.now[0], rng=random.Random(0))
+
+    def start(self, saga_type: str, event_type: str = TRIP_REQUESTED, **payload: Any) -> Applied:
+        return self.engine.handle(saga_type, Event(event_type, payload or {"trip_id": "t1"}))
+
+    def saga(self, saga_id: str) -> SagaRecord:
+        record = self.store.get_saga(saga_id)
+        assert record is not None
+        return record
+
+    def pending(self, saga_id: str) -> Event:
+        """The request the saga waits on, as it was sent."""
+        request = self.saga(saga_id).meta["request"]
+        assert request is not None
+        return decode(request["body"], CONTENT_TYPE)
+
+    def answer(self, saga_type: str, saga_id: str, ok: bool = True, result: dict[str, Any] | None = None,
+               reason: str | None = None) -> Applied:
+        return self.engine.handle(saga_type, reply_to(self.pending(saga_id), ok, result, reason))
+
+    def states(self, saga_id: str) -> list[str]:
+        return [h.to_state for h in self.store.saga_history(saga_id)]
+
+
+def reply_to(request: Event, ok: bool = True, result: dict[str, Any] | None = None,
+             reason: str | None = None, *, request_id: str | None = None) -> Event:
+    """A participant's reply to ``request`` (as a worker builds it)."""
+    return Event(type=request.type + ".reply",
+                 payload={"ok": ok, "result": result if ok else None, "reason": None if ok else reason},
+                 source="participant", correlation_id=request.correlation_id, causation_id=request.id,
+                 headers={REQUEST_ID_HEADER: request_id or request.id})
+
+
+def requests(rows: list[OutboxRow]) -> list[Event]:
+    return [decode(r.body, CONTENT_TYPE) for r in rows]
+
+
+@pytest.fixture
+def trip() -> Harness:
+    return Harness(Trip, Errand, Lookalike, Stubborn)
+
+
+def _started(h: Harness, saga_type: str = "trip", key: str = "t1") -> str:
+    applied = h.start(saga_type, trip_id=key)
+    assert applied.saga is not None
+    assert applied.moved
+    return applied.saga.id
+
+
+# -- starting ----------------------------------------------------------------------------------------
+
+
+def test_start_creates_one_saga_per_key(trip: Harness) -> None:
+    """Each start event with a new key starts one saga in the first step, which sends its request."""
+    a = trip.start("trip", trip_id="t1")
+    b = trip.start("trip", trip_id="t2")
+    assert a.saga is not None
+    assert b.saga is not None
+    assert a.saga.id != b.saga.id
+    assert {s.key for s in trip.store.list_sagas(saga_type="trip")} == {"t1", "t2"}
+    for applied in (a, b):
+        (row,) = applied.rows
+        (request,) = requests(applied.rows)
+        assert row.routing_key == HOTEL
+        assert row.mandatory
+        assert request.correlation_id == applied.saga.id
+        assert row.message_id == request.id == trip.saga(applied.saga.id).meta["request"]["id"]
+        assert trip.saga(applied.saga.id).state == "hotel"
+        assert trip.saga(applied.saga.id).attempts == 1
+
+
+def test_repeated_start_event_is_a_noop(trip: Harness) -> None:
+    """The same start event (same id) handled twice starts one saga; the second is a duplicate."""
+    start = Event(TRIP_REQUESTED, {"trip_id": "t1"})
+    first = trip.engine.handle("trip", start)
+    again = trip.engine.handle("trip", start)
+    assert first.moved
+    assert not again.moved
+    assert again.rows == []
+    assert again.note == "duplicate"
+    assert len(trip.store.list_sagas(saga_type="trip")) == 1
+
+
+def test_second_start_event_for_one_key_never_creates_a_second_saga(trip: Harness) -> None:
+    """Another start event (another id) with the same key leaves the existing saga alone."""
+    saga_id = _started(trip)
+    again = trip.engine.handle("trip", Event(TRIP_REQUESTED, {"trip_id": "t1", "extra": 1}))
+    assert not again.moved
+    assert again.rows == []
+    assert "duplicate start" in again.note
+    (only,) = trip.store.list_sagas(saga_type="trip")
+    assert only.id == saga_id
+    assert only.version == 1
+
+
+def test_start_event_without_a_key_starts_nothing(trip: Harness) -> None:
+    """A start event whose key field is missing or empty starts no saga."""
+    for payload in ({}, {"trip_id": ""}, {"trip_id": None}, {"trip_id": True}):
+        applied = trip.engine.handle("trip", Event(TRIP_REQUESTED, payload))
+        assert not applied.moved
+        assert "usable 'trip_id'" in applied.note
+    assert trip.store.list_sagas() == []
+
+
+# -- replies -----------------------------------------------------------------------------------------
+
+
+def test_repeated_reply_is_a_noop(trip: Harness) -> None:
+    """A reply handled once is in the inbox: the same message again changes nothing."""
+    saga_id = _started(trip)
+    answer = reply_to(trip.pending(saga_id), result={"room": 12})
+    assert trip.engine.handle("trip", answer).moved
+    version = trip.saga(saga_id).version
+    again = trip.engine.handle("trip", answer)
+    assert not again.moved
+    assert again.rows == []
+    assert again.note == "duplicate"
+    assert trip.saga(saga_id).version == version
+    assert trip.saga(saga_id).state == "car"
+    assert trip.saga(saga_id).data["hotel"] == {"room": 12}
+
+
+def test_late_reply_is_ignored(trip: Harness) -> None:
+    """A reply whose request id is not the pending request's (an older request) moves nothing."""
+    saga_id = _started(trip)
+    stale = reply_to(trip.pending(saga_id), request_id="0" * 32)
+    applied = trip.engine.handle("trip", stale)
+    assert not applied.moved
+    assert applied.rows == []
+    assert "late or duplicate reply" in applied.note
+    assert trip.saga(saga_id).state == "hotel"
+    assert trip.saga(saga_id).version == 1
+
+
+def test_reply_to_a_previous_step_is_ignored(trip: Harness) -> None:
+    """A second reply (new message id) to the request of a step the saga has left is ignored."""
+    saga_id = _started(trip)
+    hotel_request = trip.pending(saga_id)
+    assert trip.engine.handle("trip", reply_to(hotel_request)).moved
+    applied = trip.engine.handle("trip", reply_to(hotel_request, ok=False, reason="changed my mind"))
+    assert not applied.moved
+    assert trip.saga(saga_id).state == "car"
+
+
+def test_reply_after_the_saga_ended_is_ignored(trip: Harness) -> None:
+    """Once the saga is final, even a reply carrying its last request's id moves nothing."""
+    saga_id = _started(trip)
+    trip.answer("trip", saga_id)
+    trip.answer("trip", saga_id)
+    last = trip.pending(saga_id)
+    assert trip.engine.handle("trip", reply_to(last)).moved
+    ended = trip.saga(saga_id)
+    assert ended.state == "completed"
+    assert ended.final
+    assert ended.deadline is None
+    applied = trip.engine.handle("trip", reply_to(last, ok=False, reason="too late"))
+    assert not applied.moved
+    assert applied.rows == []
+    assert trip.saga(saga_id).version == ended.version
+
+
+def test_reply_correlated_to_a_saga_of_another_type_is_ignored(trip: Harness) -> None:
+    """A reply that reaches a saga type's queue but names a saga of another type moves nothing."""
+    trip_id = _started(trip)
+    look = trip.start("lookalike", "ocis.lookalike.requested", id="l1")
+    assert look.saga is not None
+    answer = reply_to(trip.pending(trip_id))
+    applied = trip.engine.handle("lookalike", answer)
+    assert not applied.moved
+    assert "unknown saga" in applied.note
+    assert trip.saga(trip_id).state == "hotel"
+    assert trip.saga(look.saga.id).state == "booking"
+    assert trip.engine.handle("trip", answer).moved  # its own type still takes it
+
+
+def test_reply_for_an_unknown_saga_is_ignored(trip: Harness) -> None:
+    """A reply whose correlation id names no saga is ignored."""
+    ghost = Event(HOTEL, correlation_id="f" * 32)
+    applied = trip.engine.handle("trip", reply_to(ghost))
+    assert applied.saga is None
+    assert not applied.moved
+
+
+# -- compensation ------------------------------------------------------------------------------------
+
+
+def test_failing_third_step_compensates_steps_two_then_one(trip: Harness) -> None:
+    """When step 3 fails, step 2's compensation is sent, then step 1's; the saga ends compensated."""
+    saga_id = _started(trip)
+    trip.answer("trip", saga_id, result={"room": 12})
+    trip.answer("trip", saga_id, result={"plate": "B-1"})
+    sent: list[Event] = []
+    applied = trip.answer("trip", saga_id, ok=False, reason="no seats")
+    sent += requests(applied.rows)
+    applied = trip.answer("trip", saga_id, result={"returned": True})
+    sent += requests(applied.rows)
+    applied = trip.answer("trip", saga_id, result={"cancelled": True})
+    assert applied.rows == []
+    assert [e.type for e in sent] == [RETURN_CAR, CANCEL_HOTEL]
+    assert all(e.correlation_id == saga_id for e in sent)
+    # A compensation's payload is the saga's data: what the steps returned.
+    assert sent[0].payload["car"] == {"plate": "B-1"}
+    assert sent[1].payload["hotel"] == {"room": 12}
+    assert trip.states(saga_id) == ["hotel", "car", "flight", "undo_car", "undo_hotel", "compensated"]
+    history = trip.store.saga_history(saga_id)
+    assert history[3].reason == "no seats"
+    assert trip.saga(saga_id).final
+    assert trip.saga(saga_id).state == "compensated"
+
+
+def test_step_without_compensation_is_skipped(trip: Harness) -> None:
+    """Compensating skips a completed step that has nothing to undo."""
+    saga_id = _started(trip, "errand")
+    trip.answer("errand", saga_id)
+    applied = trip.answer("errand", saga_id)
+    assert [e.type for e in requests(applied.rows)] == [FLIGHT]
+    applied = trip.answer("errand", saga_id, ok=False, reason="no seats")
+    assert [e.type for e in requests(applied.rows)] == [CANCEL_HOTEL]
+    trip.answer("errand", saga_id)
+    assert trip.states(saga_id) == ["hotel", "mail", "flight", "undo_hotel", "compensated"]
+
+
+def test_first_step_failing_ends_compensated_at_once(trip: Harness) -> None:
+    """A failure of the first step has nothing to undo: the saga ends compensated, sending nothing."""
+    saga_id = _started(trip)
+    applied = trip.answer("trip", saga_id, ok=False, reason="fully booked")
+    assert applied.rows == []
+    assert trip.saga(saga_id).state == "compensated"
+
+
+def test_failing_compensation_parks_the_saga_in_failed(trip: Harness) -> None:
+    """A compensation that fails parks the saga in 'failed', with the reason and where it failed."""
+    saga_id = _started(trip)
+    trip.answer("trip", saga_id)
+    trip.answer("trip", saga_id)
+    trip.answer("trip", saga_id, ok=False, reason="no seats")
+    applied = trip.answer("trip", saga_id, ok=False, reason="the car lot is closed")
+    assert applied.rows == []
+    parked = trip.saga(saga_id)
+    assert parked.state == FAILED
+    assert parked.final
+    assert parked.deadline is None
+    assert parked.meta["reason"] == "the car lot is closed"
+    assert parked.meta["failed_from"] == "undo_car"
+    assert parked.meta["request"] is None
+    assert trip.states(saga_id)[-1] == FAILED
+
+
+def test_failure_reply_without_a_reason_gets_one(trip: Harness) -> None:
+    """A failure reply with no reason still records why the saga failed."""
+    saga_id = _started(trip)
+    trip.answer("trip", saga_id)
+    trip.answer("trip", saga_id, ok=False)
+    trip.answer("trip", saga_id, ok=False)
+    assert trip.saga(saga_id).meta["reason"] == "the participant failed"
+
+
+# -- correlated events -------------------------------------------------------------------------------
+
+
+def test_correlated_event_moves_the_waiting_saga() -> None:
+    """An event listed in `correlate` finds its saga by the payload key and moves it."""
+    h = Harness(Postprocessing)
+    saga_id = _started_upload(h)
+    h.answer("postprocessing", saga_id, result={"infected": False})
+    applied = h.answer("postprocessing", saga_id, result={"allowed": True})
+    (finished,) = requests(applied.rows)
+    assert finished.type == "ocis.postprocessing.finished"
+    assert finished.payload == {"upload_id": "u1", "outcome": "continue"}
+    assert h.saga(saga_id).state == "finishing"
+    assert not h.engine.handle("postprocessing", Event(READY, {"upload_id": "other"})).moved
+    assert h.engine.handle("postprocessing", Event(READY, {"upload_id": "u1"})).moved
+    assert h.saga(saga_id).state == "done"
+    assert not h.engine.handle("postprocessing", Event(READY, {"upload_id": "u1"})).moved
+
+
+def _started_upload(h: Harness, upload_id: str = "u1", name: str = "a.txt") -> str:
+    applied = h.start("postprocessing", "ocis.storage.bytes_received", upload_id=upload_id, name=name,
+                      size=10, user="marie")
+    assert applied.saga is not None
+    return applied.saga.id
+
+
+def test_guards_pick_the_first_transition_that_passes() -> None:
+    """Of two replies from one state, the guarded one is taken when its guard passes."""
+    h = Harness(Postprocessing)
+    clean, infected = _started_upload(h, "u1"), _started_upload(h, "u2", "eicar.com")
+    assert [e.type for e in requests(h.answer("postprocessing", clean, result={"infected": False}).rows)] \
+        == [CHECK]
+    assert [e.type for e in requests(h.answer("postprocessing", infected, result={"infected": True}).rows)] \
+        == [REVERT]
+    assert h.saga(infected).data["outcome"] == "delete"
+
+
+# -- deadlines ---------------------------------------------------------------------------------------
+
+
+def _fire_at(h: Harness, at: float) -> list[OutboxRow]:
+    h.now[0] = at
+    return h.engine.fire_due()
+
+
+def test_deadline_resends_the_same_request_until_retries_are_spent(trip: Harness) -> None:
+    """Past the deadline the same request (same id, same body) is sent again with attempts + 1 and a
+    longer wait; when the retries are spent, the timeout transition compensates."""
+    saga_id = _started(trip)
+    trip.answer("trip", saga_id)  # now in 'car', retries=2
+    first = trip.saga(saga_id)
+    request_id = first.meta["request"]["id"]
+    body = first.meta["request"]["body"]
+    assert first.attempts == 1
+    assert first.deadline is not None
+    waits = [first.deadline - trip.now[0]]
+    assert _fire_at(trip, first.deadline - 0.001) == []  # not yet
+    for attempt in (2, 3):
+        deadline = trip.saga(saga_id).deadline
+        assert deadline is not None
+        (row,) = _fire_at(trip, deadline)
+        assert row.message_id == request_id
+        assert row.body == body
+        assert row.routing_key == CAR
+        again = trip.saga(saga_id)
+        assert again.state == "car"
+        assert again.attempts == attempt
+        assert again.deadline is not None
+        waits.append(again.deadline - trip.now[0])
+    assert waits[0] < waits[1] < waits[2]
+    assert 0.9 <= waits[0] <= 1.1
+    assert 1.8 <= waits[1] <= 2.2
+    assert 3.6 <= waits[2] <= 4.4
+    deadline = trip.saga(saga_id).deadline
+    assert deadline is not None
+    (undo,) = requests(_fire_at(trip, deadline))
+    assert undo.type == CANCEL_HOTEL
+    assert trip.saga(saga_id).state == "undo_hotel"
+    history = trip.store.saga_history(saga_id)
+    assert [h.to_state for h in history] == ["hotel", "car", "car", "car", "undo_hotel"]
+    assert "re-sent ocis.trip.rent_car (attempt 2)" in history[2].reason
+    assert history[-1].reason == "timed out in car after 3 request(s)"
+
+
+def test_timeout_takes_on_timeout_with_its_action() -> None:
+    """In the state-machine style, spent retries take the `timeout` transition (and run its action)."""
+    h = Harness(Postprocessing)
+    saga_id = _started_upload(h)
+    sends = 1
+    while h.saga(saga_id).state == "scanning":
+        deadline = h.saga(saga_id).deadline
+        assert deadline is not None
+        rows = _fire_at(h, deadline)
+        sends += sum(1 for r in rows if r.routing_key == SCAN)
+    assert sends == 5  # first send + retries=4
+    assert h.saga(saga_id).state == "reverting"
+    assert h.saga(saga_id).data["outcome"] == "abort"
+
+
+def test_state_without_request_times_out_to_on_timeout() -> None:
+    """A waiting state that sends nothing takes on_timeout at its deadline, without re-sending."""
+    h = Harness(Postprocessing)
+    saga_id = _started_upload(h)
+    h.answer("postprocessing", saga_id, result={"infected": False})
+    h.answer("postprocessing", saga_id, result={"allowed": True})
+    record = h.saga(saga_id)
+    assert record.state == "finishing"
+    assert record.attempts == 0
+    assert record.deadline is not None
+    assert _fire_at(h, record.deadline) == []
+    assert h.saga(saga_id).state == "done"
+
+
+def test_fire_due_fires_only_the_due_sagas(trip: Harness) -> None:
+    """fire_due touches only sagas whose deadline has passed."""
+    early = trip.start("trip", trip_id="early")
+    trip.now[0] += 0.5
+    late = trip.start("trip", trip_id="late")
+    assert early.saga is not None
+    assert late.saga is not None
+    early_deadline = trip.saga(early.saga.id).deadline
+    late_deadline = trip.saga(late.saga.id).deadline
+    assert early_deadline is not None
+    assert late_deadline is not None
+    assert early_deadline < late_deadline
+    rows = _fire_at(trip, (early_deadline + late_deadline) / 2)
+    assert [r.saga_id for r in rows] == [early.saga.id]
+    assert trip.saga(early.saga.id).attempts == 2
+    assert trip.saga(late.saga.id).attempts == 1
+    assert trip.saga(late.saga.id).version == 1
+
+
+def test_fire_due_respects_its_limit(trip: Harness) -> None:
+    """fire_due(limit=n) fires at most n deadlines, the earliest first."""
+    ids = []
+    for i in range(3):
+        applied = trip.start("trip", trip_id=f"t{i}")
+        assert applied.saga is not None
+        ids.append(applied.saga.id)
+        trip.now[0] += 0.01
+    trip.now[0] += 5
+    by_deadline = sorted(ids, key=lambda i: trip.saga(i).deadline or 0.0)
+    assert [r.saga_id for r in trip.engine.fire_due(limit=2)] == by_deadline[:2]
+    assert [r.saga_id for r in trip.engine.fire_due(limit=2)] == by_deadline[2:]
+
+
+# -- unroutable requests -------------------------------------------------------------------------------
+
+
+def test_unroutable_request_fails_the_step_at_once(trip: Harness) -> None:
+    """A request nobody is bound to receive fails its step now, not at the deadline."""
+    saga_id = _started(trip)
+    trip.answer("trip", saga_id)
+    car = trip.pending(saga_id)
+    assert trip.engine.request_unroutable(saga_id, "0" * 32, "nobody") == []  # not the pending one
+    assert trip.saga(saga_id).state == "car"
+    (undo,) = requests(trip.engine.request_unroutable(saga_id, car.id, "no service is bound to receive it"))
+    assert undo.type == CANCEL_HOTEL
+    assert trip.saga(saga_id).state == "undo_hotel"
+    assert trip.store.saga_history(saga_id)[-1].reason == "no service is bound to receive it"
+    assert trip.engine.request_unroutable(saga_id, car.id, "again") == []
+
+
+def test_unroutable_request_without_a_failure_transition_times_out(trip: Harness) -> None:
+    """Where the state handles no failure, an unroutable request takes the timeout transition."""
+    applied = trip.start("stubborn", "ocis.stubborn.requested", id="s1")
+    assert applied.saga is not None
+    request = trip.pending(applied.saga.id)
+    trip.engine.request_unroutable(applied.saga.id, request.id, "nobody")
+    assert trip.saga(applied.saga.id).state == "gave_up"
+
+
+def test_unroutable_compensation_parks_the_saga(trip: Harness) -> None:
+    """An unroutable compensation request parks the saga in 'failed' with the reason."""
+    saga_id = _started(trip)
+    trip.answer("trip", saga_id)
+    trip.answer("trip", saga_id, ok=False, reason="no cars")
+    undo = trip.pending(saga_id)
+    assert undo.type == CANCEL_HOTEL
+    trip.engine.request_unroutable(saga_id, undo.id, "no service is bound to receive it")
+    assert trip.saga(saga_id).state == FAILED
+    assert trip.saga(saga_id).meta["reason"] == "no service is bound to receive it"
+
+
+# -- operators ---------------------------------------------------------------------------------------
+
+
+def _parked(h: Harness, key: str = "t1") -> str:
+    saga_id = _started(h, key=key)
+    h.answer("trip", saga_id)
+    h.answer("trip", saga_id)
+    h.answer("trip", saga_id, ok=False, reason="no seats")
+    h.answer("trip", saga_id, ok=False, reason="the car lot is closed")
+    assert h.saga(saga_id).state == FAILED
+    return saga_id
+
+
+def test_retry_of_a_failed_saga_goes_back_to_where_it_failed(trip: Harness) -> None:
+    """Operator retry takes a failed saga back to `failed_from`, sends that state's request afresh, and
+    the saga can then finish."""
+    saga_id = _parked(trip)
+    old_request = trip.store.saga_history(saga_id)
+    rows = trip.engine.retry(saga_id)
+    (request,) = requests(rows)
+    back = trip.saga(saga_id)
+    assert back.state == "undo_car"
+    assert not back.final
+    assert request.type == RETURN_CAR
+    assert back.meta["request"]["id"] == request.id
+    assert back.attempts == 1
+    assert back.deadline is not None
+    assert trip.store.saga_history(saga_id)[len(old_request)].reason == "operator: retry"
+    trip.answer("trip", saga_id)
+    trip.answer("trip", saga_id)
+    assert trip.saga(saga_id).state == "compensated"
+
+
+def test_retry_of_a_waiting_saga_sends_its_request_again(trip: Harness) -> None:
+    """Operator retry of a waiting saga sends the current state's request now, with fresh attempts."""
+    saga_id = _started(trip)
+    deadline = trip.saga(saga_id).deadline
+    assert deadline is not None
+    _fire_at(trip, deadline)
+    assert trip.saga(saga_id).attempts == 2
+    (request,) = requests(trip.engine.retry(saga_id))
+    assert request.type == HOTEL
+    assert trip.saga(saga_id).attempts == 1
+    assert trip.saga(saga_id).state == "hotel"
+
+
+def test_retry_of_a_saga_that_ended_well_is_refused(trip: Harness) -> None:
+    """Only a failed saga can be retried once it has ended."""
+    saga_id = _started(trip)
+    for _ in range(3):
+        trip.answer("trip", saga_id)
+    with pytest.raises(SagasError, match="only a failed saga can be retried"):
+        trip.engine.retry(saga_id)
+    with pytest.raises(SagasError, match="no saga"):
+        trip.engine.retry("nope")
+
+
+def test_operator_compensate_follows_the_compensate_transition(trip: Harness) -> None:
+    """Operator compensate takes a saga where its type's compensate transition says."""
+    saga_id = _started(trip)
+    trip.answer("trip", saga_id)
+    trip.answer("trip", saga_id)
+    assert trip.saga(saga_id).state == "flight"
+    (undo,) = requests(trip.engine.compensate(saga_id))
+    assert undo.type == RETURN_CAR
+    assert trip.saga(saga_id).state == "undo_car"
+    assert trip.store.saga_history(saga_id)[-1].reason == "operator: compensate"
+
+
+def test_operator_compensate_where_none_is_defined_is_refused(trip: Harness) -> None:
+    """Compensating from a state without a compensate transition raises, naming the state; so does
+    compensating a saga that has ended."""
+    saga_id = _started(trip)
+    trip.answer("trip", saga_id)
+    trip.answer("trip", saga_id, ok=False, reason="no cars")
+    assert trip.saga(saga_id).state == "undo_hotel"
+    with pytest.raises(SagasError, match="no compensation from state 'undo_hotel'"):
+        trip.engine.compensate(saga_id)
+    assert trip.saga(saga_id).state == "undo_hotel"
+    parked = _parked(trip, key="t2")
+    with pytest.raises(SagasError):
+        trip.engine.compensate(parked)
+
+
+# -- concurrency -------------------------------------------------------------------------------------
+
+
+def test_saving_a_stale_record_raises_version_conflict(trip: Harness) -> None:
+    """A record read before another engine moved the saga cannot be saved over it."""
+    saga_id = _started(trip)
+    stale = trip.saga(saga_id)
+    other = trip.make_engine(Trip, Errand, Lookalike, Stubborn)
+    assert other.handle("trip", reply_to(trip.pending(saga_id))).moved
+    stale.version += 1
+    stale.state = "compensated"
+    with pytest.raises(VersionConflict):
+        trip.store.save_saga(stale, expected_version=stale.version - 1,
+                             history=HistoryEntry(T0, "m", "hotel", "compensated", "stale"), inbox=None, outbox=[])
+    assert trip.saga(saga_id).state == "car"
+    assert trip.states(saga_id) == ["hotel", "car"]
+
+
+class _Interleaving:
+    """A store that, just before the first saga save, lets ``meanwhile`` run (another engine)."""
+
+    def __init__(self, store: MemoryStore, meanwhile: Callable[[], None]) -> None:
+        self._store = store
+        self._meanwhile: Callable[[], None] | None = meanwhile
+        self.conflicts = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    def save_saga(self, record: SagaRecord, **kw: Any) -> list[OutboxRow]:
+        if self._meanwhile is not None:
+            meanwhile, self._meanwhile = self._meanwhile, None
+            meanwhile()
+        try:
+            return self._store.save_saga(record, **kw)
+        except VersionConflict:
+            self.conflicts += 1
+            raise
+
+
+def test_two_engines_applying_two_replies_concurrently(trip: Harness) -> None:
+    """Two engines apply different replies to one saga at the same time: one wins, the other conflicts,
+    reloads, and finds its reply is now late."""
+    saga_id = _started(trip)
+    request = trip.pending(saga_id)
+    success = reply_to(request, result={"room": 1})
+    failure = reply_to(request, ok=False, reason="overbooked")  # a second reply to the same request
+    winner = trip.make_engine(Trip)
+    racing = _Interleaving(trip.store, lambda: winner.handle("trip", failure))
+    loser = SagaEngine([Trip], racing, clock=lambda: trip.now[0], rng=random.Random(1))
+    applied = loser.handle("trip", success)
+    assert racing.conflicts == 1
+    assert not applied.moved
+    assert "late or duplicate" in applied.note
+    assert trip.saga(saga_id).state == "compensated"
+    assert trip.states(saga_id) == ["hotel", "compensated"]
+
+
+# -- known gaps ----------------------------------------------------------------------------------------
+
+
+class Resumable(Saga):
+    """Reacts to its own start event once it is waiting (which compile_saga accepts without `correlate`)."""
+
+    type = "resumable"
+    start = Start("ocis.resumable.requested", key="id", to="waiting")
+    states = [State("waiting", timeout=5.0), Final("done")]
+    transitions = [event("ocis.resumable.requested", "waiting", "done")]
+
+
+def test_transition_on_the_start_event_fires_for_a_waiting_saga() -> None:
+    """An event: transition that compiles on the start event moves the saga that event names."""
+    h = Harness(Resumable)
+    first = h.engine.handle("resumable", Event("ocis.resumable.requested", {"id": "r1"}))
+    assert first.saga is not None
+    again = h.engine.handle("resumable", Event("ocis.resumable.requested", {"id": "r1"}))
+    assert again.moved
+    assert h.saga(first.saga.id).state == "done"
+
+
+def test_due_sagas_of_unknown_types_do_not_starve_known_ones(trip: Harness) -> None:
+    """Due sagas of a type this engine does not know never keep it from firing its own deadlines."""
+    foreign = trip.start("errand", trip_id="e1")  # another app's saga in the same store
+    trip.now[0] += 0.5
+    own = trip.start("trip", trip_id="t1")
+    assert foreign.saga is not None
+    assert own.saga is not None
+    trip_only = trip.make_engine(Trip)
+    trip.now[0] += 10
+    for _ in range(3):  # three timer ticks
+        trip_only.fire_due(limit=1)
+    assert trip.saga(own.saga.id).attempts > 1

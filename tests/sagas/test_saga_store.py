@@ -1,0 +1,368 @@
+"""The saga part of the store contract, identical on memory, SQLite and PostgreSQL (``sagas._store``)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sagas import MemoryStore, SagaRecord, SQLiteStore, Store, open_store
+from sagas._store import DuplicateSaga, HistoryEntry, Outgoing, VersionConflict
+
+T0 = 1_000_000.0
+Opener = Callable[[], Store]
+
+
+def _drop_schema(url: str, schema: str) -> None:
+    import psycopg
+    from psycopg import sql
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+
+
+@contextmanager
+def _opener(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Opener]:
+    """Yield a function that opens a store of ``kind``, on the same storage at every call."""
+    opened: list[Store] = []
+    memory = MemoryStore()
+    if kind == "sqlite":
+        url = f"sqlite:///{tmp_path}/sagas.db"
+    elif kind == "postgres":
+        postgres_url: str = request.getfixturevalue("postgres_url")
+        schema: str = request.getfixturevalue("unique")
+        url = f"{postgres_url}?schema={schema}"
+        request.addfinalizer(lambda: _drop_schema(postgres_url, schema))
+
+    def open_again() -> Store:
+        store: Store = memory if kind == "memory" else open_store(url)
+        opened.append(store)
+        return store
+
+    try:
+        yield open_again
+    finally:
+        for store in opened:
+            store.close()
+
+
+BACKENDS = ["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+
+
+@pytest.fixture(params=BACKENDS)
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    """A freshly opened, empty store of each backend."""
+    with _opener(request.param, request, tmp_path) as open_again:
+        yield open_again()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def reopen(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Opener]:
+    """Opens a durable store; every call opens the same storage again."""
+    with _opener(request.param, request, tmp_path) as open_again:
+        yield open_again
+
+
+def _record(key: str, *, saga_id: str | None = None, type: str = "trip", state: str = "hotel", version: int = 1,
+            deadline: float | None = None, final: bool = False, created_at: float = T0,
+            data: dict[str, Any] | None = None, meta: dict[str, Any] | None = None) -> SagaRecord:
+    return SagaRecord(id=saga_id or f"id-{type}-{key}", type=type, key=key, state=state,
+                      data=data if data is not None else {"key": key}, version=version, deadline=deadline,
+                      attempts=1, meta=meta if meta is not None else {}, final=final, created_at=created_at,
+                      updated_at=created_at)
+
+
+def _entry(record: SagaRecord, from_state: str = "-", reason: str = "test") -> HistoryEntry:
+    return HistoryEntry(record.updated_at, f"m-{record.id}-{record.version}", from_state, record.state, reason)
+
+
+def _insert(store: Store, record: SagaRecord, *, inbox: tuple[str, str] | None = None,
+            outbox: list[Outgoing] | None = None) -> Any:
+    return store.save_saga(record, expected_version=None, history=_entry(record), inbox=inbox, outbox=outbox or [])
+
+
+def _move(store: Store, record: SagaRecord, state: str, *, inbox: tuple[str, str] | None = None,
+          outbox: list[Outgoing] | None = None, deadline: float | None = None, final: bool = False) -> Any:
+    previous = record.state
+    record.version += 1
+    record.state, record.deadline, record.final = state, deadline, final
+    record.updated_at += 1
+    return store.save_saga(record, expected_version=record.version - 1, history=_entry(record, previous),
+                           inbox=inbox, outbox=outbox or [])
+
+
+def _out(n: int, routing_key: str = "ocis.trip.book_hotel") -> Outgoing:
+    return Outgoing(f"msg-{n}", routing_key, f'{{"n": {n}}}', mandatory=n % 2 == 0)
+
+
+# -- insert, update, versions ------------------------------------------------------------------------
+
+
+def test_insert_then_update_with_version_check(store: Store) -> None:
+    """A saga is inserted, read back as saved, and updated when the expected version matches."""
+    record = _record("t1", deadline=T0 + 5, data={"nested": {"list": [1, 2.5, "é", None]}},
+                     meta={"request": {"id": "r1", "type": "ocis.trip.book_hotel", "body": "{}"}})
+    _insert(store, record)
+    got = store.get_saga(record.id)
+    assert got == record
+    assert store.find_saga("trip", "t1") == record
+    _move(store, record, "car", deadline=T0 + 9)
+    got = store.get_saga(record.id)
+    assert got is not None
+    assert (got.state, got.version, got.deadline, got.final) == ("car", 2, T0 + 9, False)
+    assert got == record
+    _move(store, record, "completed", final=True)
+    got = store.get_saga(record.id)
+    assert got is not None
+    assert got.final
+    assert got.deadline is None
+    assert got.version == 3
+
+
+def test_unknown_saga_is_none(store: Store) -> None:
+    """Looking up a saga that does not exist gives None."""
+    assert store.get_saga("nope") is None
+    assert store.find_saga("trip", "nope") is None
+    assert store.saga_history("nope") == []
+
+
+def test_stale_version_raises_version_conflict_and_writes_nothing(store: Store) -> None:
+    """An update naming a version the saga is no longer at fails with VersionConflict, and nothing of
+    that transaction (state, history, inbox, outbox) is kept."""
+    record = _record("t1")
+    _insert(store, record)
+    stale = store.get_saga(record.id)
+    assert stale is not None
+    _move(store, record, "car")
+    with pytest.raises(VersionConflict):
+        _move(store, stale, "compensated", inbox=("saga:trip", "late-msg"), outbox=[_out(1)])
+    got = store.get_saga(record.id)
+    assert got is not None
+    assert got.state == "car"
+    assert got.version == 2
+    assert [h.to_state for h in store.saga_history(record.id)] == ["hotel", "car"]
+    assert not store.seen("saga:trip", "late-msg")
+    assert store.unsent(created_before=time.time() + 60) == []
+
+
+def test_update_of_a_missing_saga_is_a_version_conflict(store: Store) -> None:
+    """Updating a saga that was never inserted is a VersionConflict, not a silent insert."""
+    record = _record("t1")
+    with pytest.raises(VersionConflict):
+        _move(store, record, "car")
+    assert store.get_saga(record.id) is None
+
+
+def test_same_type_and_key_raises_duplicate_saga_and_writes_nothing(store: Store) -> None:
+    """A second saga of one type with one key is refused with DuplicateSaga; its inbox and outbox are
+    not kept. The same key under another type is a different saga."""
+    _insert(store, _record("t1"))
+    with pytest.raises(DuplicateSaga):
+        _insert(store, _record("t1", saga_id="another-id"), inbox=("saga:trip", "dup-start"), outbox=[_out(1)])
+    assert store.get_saga("another-id") is None
+    assert not store.seen("saga:trip", "dup-start")
+    assert store.unsent(created_before=time.time() + 60) == []
+    _insert(store, _record("t1", type="errand"))
+    assert store.find_saga("errand", "t1") is not None
+
+
+# -- history, inbox, outbox ----------------------------------------------------------------------------
+
+
+def test_history_is_kept_in_order(store: Store) -> None:
+    """Every transition's history entry is returned, oldest first."""
+    record = _record("t1")
+    _insert(store, record)
+    for state in ("car", "flight", "undo_car", "undo_hotel"):
+        _move(store, record, state)
+    _move(store, record, "compensated", final=True)
+    history = store.saga_history(record.id)
+    assert [(h.from_state, h.to_state) for h in history] == [
+        ("-", "hotel"), ("hotel", "car"), ("car", "flight"), ("flight", "undo_car"), ("undo_car", "undo_hotel"),
+        ("undo_hotel", "compensated"),
+    ]
+    assert [h.at for h in history] == sorted(h.at for h in history)
+    assert history[0] == _entry(_record("t1"))
+    assert store.saga_history(_record("other").id) == []
+
+
+def test_inbox_row_is_written_with_the_state_change(store: Store) -> None:
+    """The message that caused a state change is in the inbox once the change is saved."""
+    record = _record("t1")
+    _insert(store, record, inbox=("saga:trip", "start-msg"))
+    assert store.seen("saga:trip", "start-msg")
+    assert not store.seen("saga:errand", "start-msg")
+    _move(store, record, "car", inbox=("saga:trip", "reply-msg"))
+    assert store.seen("saga:trip", "reply-msg")
+    _move(store, record, "flight", inbox=None)  # a deadline: no inbox record
+    assert store.get_saga(record.id) is not None
+
+
+def test_outbox_rows_are_returned_then_unsent_until_marked_sent(store: Store) -> None:
+    """save_saga returns its outbox rows; they are unsent until mark_sent, in order, limited."""
+    record = _record("t1")
+    before = time.time()
+    first = _insert(store, record, outbox=[_out(1), _out(2)])
+    second = _move(store, record, "car", outbox=[_out(3, "ocis.trip.rent_car")])
+    after = time.time()
+    rows = [*first, *second]
+    assert [r.message_id for r in rows] == ["msg-1", "msg-2", "msg-3"]
+    assert [r.id for r in rows] == sorted({r.id for r in rows})
+    assert all(r.saga_id == record.id for r in rows)
+    assert [(r.routing_key, r.body, r.mandatory) for r in rows] == [
+        ("ocis.trip.book_hotel", '{"n": 1}', False), ("ocis.trip.book_hotel", '{"n": 2}', True),
+        ("ocis.trip.rent_car", '{"n": 3}', False),
+    ]
+    assert all(before - 1 <= r.created_at <= after + 1 for r in rows)
+    assert store.unsent(created_before=after + 1) == rows
+    assert store.unsent(created_before=after + 1, limit=2) == rows[:2]
+    assert store.unsent(created_before=before - 10) == []
+    store.mark_sent([rows[0].id, rows[2].id])
+    assert store.unsent(created_before=after + 1) == [rows[1]]
+    store.mark_sent([rows[1].id])
+    store.mark_sent([])
+    assert store.unsent(created_before=after + 1) == []
+
+
+# -- queries -------------------------------------------------------------------------------------------
+
+
+def test_due_sagas_are_the_due_ones_by_deadline_within_the_limit(store: Store) -> None:
+    """due_sagas(now) returns sagas whose deadline has passed, earliest first, at most `limit`."""
+    for key, deadline in (("c", T0 + 3), ("a", T0 + 1), ("later", T0 + 100), ("b", T0 + 2), ("exact", T0 + 10)):
+        _insert(store, _record(key, deadline=deadline))
+    _insert(store, _record("ended", state="completed", final=True, deadline=None))
+    assert [r.key for r in store.due_sagas(T0 + 10, 100)] == ["a", "b", "c", "exact"]
+    assert [r.key for r in store.due_sagas(T0 + 10, 2)] == ["a", "b"]
+    assert store.due_sagas(T0, 100) == []
+    assert [r.key for r in store.due_sagas(T0 + 1000, 100)] == ["a", "b", "c", "exact", "later"]
+
+
+def test_list_sagas_filters_by_type_state_and_stuck_before(store: Store) -> None:
+    """list_sagas filters by type, by state, and by 'stuck': not final, deadline passed or none."""
+    _insert(store, _record("t1", deadline=T0 + 10, created_at=T0))
+    _insert(store, _record("t2", state="car", deadline=T0 + 50, created_at=T0 + 1))
+    _insert(store, _record("t3", state="completed", final=True, created_at=T0 + 2))
+    _insert(store, _record("e1", type="errand", deadline=T0 + 5, created_at=T0 + 3))
+    _insert(store, _record("e2", type="errand", state="mail", deadline=None, created_at=T0 + 4))
+
+    def keys(**kw: Any) -> list[str]:
+        return [r.key for r in store.list_sagas(**kw)]
+
+    assert keys() == ["t1", "t2", "t3", "e1", "e2"]
+    assert keys(saga_type="trip") == ["t1", "t2", "t3"]
+    assert keys(state="hotel") == ["t1", "e1"]
+    assert keys(saga_type="errand", state="hotel") == ["e1"]
+    assert keys(stuck_before=T0 + 20) == ["t1", "e1", "e2"]
+    assert keys(saga_type="trip", stuck_before=T0 + 20) == ["t1"]
+    assert keys(stuck_before=T0) == ["e2"]
+    assert keys(limit=2) == ["t1", "t2"]
+    assert keys(saga_type="nothing") == []
+
+
+def test_saved_record_is_copied_in(store: Store) -> None:
+    """Changing a record after saving it changes nothing stored."""
+    record = _record("t1", data={"items": [1]}, meta={"request": {"id": "r1"}})
+    _insert(store, record)
+    record.data["items"].append(2)
+    record.meta["request"]["id"] = "changed"
+    record.state = "elsewhere"
+    got = store.get_saga(record.id)
+    assert got is not None
+    assert (got.state, got.data, got.meta) == ("hotel", {"items": [1]}, {"request": {"id": "r1"}})
+
+
+def _snapshot_case(store: Store) -> SagaRecord:
+    record = _record("t1", deadline=T0, data={"items": [1]}, meta={"request": {"id": "r1"}})
+    _insert(store, record)
+    return record
+
+
+def test_records_from_get_find_and_due_are_copies(store: Store, request: pytest.FixtureRequest) -> None:
+    """Changing a record returned by get_saga, find_saga or due_sagas (data or meta) changes nothing
+    stored."""
+    record = _snapshot_case(store)
+    for got in (store.get_saga(record.id), store.find_saga("trip", "t1"), *store.due_sagas(T0, 10)):
+        assert got is not None
+        got.data["items"].append(99)
+        got.state = "changed"
+        got.meta["request"]["id"] = "changed"
+    again = store.get_saga(record.id)
+    assert again is not None
+    assert (again.state, again.data, again.meta) == ("hotel", {"items": [1]}, {"request": {"id": "r1"}})
+
+
+def test_records_from_list_sagas_are_copies(store: Store, request: pytest.FixtureRequest) -> None:
+    """Changing a record returned by list_sagas changes nothing stored."""
+    record = _snapshot_case(store)
+    (listed,) = store.list_sagas()
+    listed.state = "changed"
+    listed.version = 42
+    listed.data["items"].append(99)
+    again = store.get_saga(record.id)
+    assert again is not None
+    assert (again.state, again.version, again.data) == ("hotel", 1, {"items": [1]})
+
+
+# -- durability and SQL specifics ----------------------------------------------------------------------
+
+
+def test_sagas_survive_closing_and_reopening_the_store(reopen: Opener) -> None:
+    """A durable store, closed and opened again on the same storage, still has the sagas, their history
+    and their unsent outbox rows."""
+    first = reopen()
+    record = _record("t1", deadline=T0 + 1)
+    rows = _insert(first, record, inbox=("saga:trip", "start-msg"), outbox=[_out(1)])
+    _move(first, record, "car", deadline=T0 + 2)
+    first.close()
+    second = reopen()
+    assert second.get_saga(record.id) == record
+    assert [h.to_state for h in second.saga_history(record.id)] == ["hotel", "car"]
+    assert second.seen("saga:trip", "start-msg")
+    assert [r.message_id for r in second.unsent(created_before=time.time() + 60)] == [rows[0].message_id]
+    assert [r.key for r in second.due_sagas(T0 + 5, 10)] == ["t1"]
+    _move(second, record, "flight")  # and it goes on from the stored version
+    assert second.get_saga(record.id) == record
+
+
+@pytest.mark.postgres
+def test_postgres_sagas_survive_a_store_restart(postgres_url: str, unique: str) -> None:
+    """A PostgreSQL store closed and reopened on the same schema finds the sagas it had."""
+    url = f"{postgres_url}?schema={unique}"
+    try:
+        first = open_store(url)
+        for i in range(3):
+            _insert(first, _record(f"t{i}", created_at=T0 + i))
+        first.close()
+        second = open_store(url)
+        try:
+            assert [r.key for r in second.list_sagas(saga_type="trip")] == ["t0", "t1", "t2"]
+            with pytest.raises(DuplicateSaga):
+                _insert(second, _record("t0", saga_id="again"))
+        finally:
+            second.close()
+    finally:
+        _drop_schema(postgres_url, unique)
+
+
+def test_sqlite_finds_due_sagas_through_the_partial_index(tmp_path: Path) -> None:
+    """The due-sagas query of the SQLite store is answered from the partial index sagas_due."""
+    store = open_store(f"sqlite:///{tmp_path}/sagas.db")
+    try:
+        assert isinstance(store, SQLiteStore)
+        for i in range(50):
+            _insert(store, _record(f"t{i}", deadline=None if i % 2 else T0 + i))
+        plan = store._db.execute(
+            "EXPLAIN QUERY PLAN SELECT id, type, key, state, data, version, deadline, attempts, meta, final,"
+            " created_at, updated_at FROM sagas WHERE deadline IS NOT NULL AND deadline <= ?"
+            " ORDER BY deadline LIMIT ?", (T0 + 10, 10)).fetchall()
+        details = " ".join(str(row[-1]) for row in plan)
+        assert "sagas_due" in details, details
+        assert "TEMP B-TREE" not in details, details  # the index gives the order too
+        assert [r.key for r in store.due_sagas(T0 + 10, 10)] == ["t0", "t2", "t4", "t6", "t8", "t10"]
+    finally:
+        store.close()
