@@ -1,0 +1,112 @@
+"""A state-machine-style saga compensates the steps it finished, in reverse order (memory:// and RabbitMQ)."""
+
+from __future__ import annotations
+
+import threading
+
+from sagas import (
+    App,
+    Event,
+    EventBus,
+    Failure,
+    Final,
+    Request,
+    Saga,
+    SagaContext,
+    Service,
+    Start,
+    State,
+    Worker,
+    failure,
+    reply,
+)
+from tests.helpers import wait_for
+
+RESERVE, RELEASE = "shop.stock.reserve", "shop.stock.release"
+CHARGE, REFUND = "shop.payment.charge", "shop.payment.refund"
+SHIP = "shop.shipping.ship"
+
+
+def _keep(ctx: SagaContext) -> None:
+    assert ctx.event is not None
+    ctx.data.update(ctx.event.payload)
+
+
+class Order(Saga):
+    type = "order"
+    start = Start("shop.orders.placed", key="order_id", to="reserving", action=_keep)
+    states = [
+        State("reserving", Request(RESERVE), timeout=5.0),
+        State("charging", Request(CHARGE), timeout=5.0, on_timeout="releasing"),
+        State("shipping", Request(SHIP), timeout=5.0, on_timeout="refunding"),
+        State("refunding", Request(REFUND), timeout=5.0),
+        State("releasing", Request(RELEASE), timeout=5.0),
+        Final("shipped"),
+        Final("cancelled"),
+    ]
+    transitions = [
+        reply(RESERVE, "reserving", "charging"),
+        failure(RESERVE, "reserving", "cancelled"),
+        reply(CHARGE, "charging", "shipping"),
+        failure(CHARGE, "charging", "releasing"),
+        reply(SHIP, "shipping", "shipped"),
+        failure(SHIP, "shipping", "refunding"),
+        reply(REFUND, "refunding", "releasing"),
+        reply(RELEASE, "releasing", "cancelled"),
+    ]
+
+
+def _shop(calls: list[str]) -> list[Service]:
+    lock = threading.Lock()
+    stock, payment, shipping = Service("stock"), Service("payment"), Service("shipping")
+
+    def record(name: str, event: Event) -> None:
+        with lock:
+            calls.append(f"{name}:{event.payload['order_id']}")
+
+    @stock.handles(RESERVE)
+    def reserve(event: Event) -> dict[str, str]:
+        record("reserve", event)
+        return {"reserved": "yes"}
+
+    @stock.handles(RELEASE)
+    def release(event: Event) -> None:
+        record("release", event)
+
+    @payment.handles(CHARGE)
+    def charge(event: Event) -> None:
+        record("charge", event)
+
+    @payment.handles(REFUND)
+    def refund(event: Event) -> None:
+        record("refund", event)
+
+    @shipping.handles(SHIP)
+    def ship(event: Event) -> None:
+        record("ship", event)
+        if event.payload.get("address") == "nowhere":
+            raise Failure("cannot ship to nowhere")
+
+    return [stock, payment, shipping]
+
+
+def test_state_style_saga_compensates_in_reverse_order(broker_url: str, unique: str, buses: list[object]) -> None:
+    """When shipping fails, the payment is refunded and then the stock released: the reverse of the steps
+    that completed; an order that ships runs no compensation."""
+    calls: list[str] = []
+    worker = Worker(App(*_shop(calls), sagas=[Order], exchange=unique), broker=broker_url, store="memory://",
+                    timer_interval=0.05)
+    bus = EventBus(broker_url, exchange=unique)
+    buses += [worker, bus]
+    with worker.running():
+        bus.publish(Event("shop.orders.placed", {"order_id": "o1", "address": "nowhere"}))
+        bus.publish(Event("shop.orders.placed", {"order_id": "o2", "address": "Paris"}))
+        wait_for(lambda: all(s.final for s in worker.store.list_sagas()) and len(worker.store.list_sagas()) == 2,
+                 what="both orders final")
+        states = {s.key: s.state for s in worker.store.list_sagas()}
+        history = [h.to_state for h in worker.store.saga_history(worker.store.find_saga("order", "o1").id)]
+    assert states == {"o1": "cancelled", "o2": "shipped"}
+    assert [c for c in calls if c.endswith(":o1")] == ["reserve:o1", "charge:o1", "ship:o1", "refund:o1",
+                                                       "release:o1"]
+    assert [c for c in calls if c.endswith(":o2")] == ["reserve:o2", "charge:o2", "ship:o2"]
+    assert history == ["reserving", "charging", "shipping", "refunding", "releasing", "cancelled"]
