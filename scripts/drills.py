@@ -268,6 +268,8 @@ def postprocessing(n: int) -> None:
         outcomes = collections.Counter(s.data.get("outcome") for s in sagas)
         states = collections.Counter(s.state for s in sagas)
         stuck = store.list_sagas(stuck_before=time.time() - 60)
+        ls_stuck = subprocess.run([sys.executable, "-m", "sagas", "ls", "--stuck", "--json", "--store", store_url],
+                                  capture_output=True, text=True, cwd=ROOT, check=True).stdout.strip()
         resends = sum(1 for s in sagas for h in store.saga_history(s.id) if h.reason.startswith("deadline passed"))
         for w in workers:
             w.send_signal(signal.SIGTERM)
@@ -275,7 +277,8 @@ def postprocessing(n: int) -> None:
         print(f"postprocessing: {n} uploads, 2 workers (RabbitMQ + PostgreSQL), FAIL_RATE=0.2 DROP_RATE=0.1, "
               f"kill -9 one worker at {final_at_kill} final; all {len(sagas)} final after {elapsed:.1f}s; "
               f"states {dict(states)}; outcomes {dict(outcomes)}; wrong outcomes {len(wrong)}; "
-              f"stuck {len(stuck)}; requests re-sent by deadlines {resends}; worker exits {codes}")
+              f"stuck {len(stuck)}; `sagas ls --stuck --json` printed {len(ls_stuck.splitlines())} line(s); "
+              f"requests re-sent by deadlines {resends}; worker exits {codes}")
         bus.close()
         store.close()
         _drop_schema(schema)
