@@ -34,17 +34,25 @@ _exchange = click.option(
 )
 
 
-def _load_app(spec: str) -> App:
+def _import_attribute(spec: str, example: str, default: str | None = None) -> Any:
+    """The object named by ``module:attribute`` (the current folder is importable, as for python -m)."""
     module_name, _, attr = spec.partition(":")
-    if not module_name:
-        raise click.BadParameter("expected module:attribute, e.g. examples.notifications:app")
+    attr = attr or (default or "")
+    if not module_name or not attr:
+        raise click.BadParameter(f"expected module:attribute, e.g. {example}")
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise click.BadParameter(f"cannot import {module_name!r}: {exc}") from None
-    obj = getattr(module, attr or "app", None)
+    if not hasattr(module, attr):
+        raise click.BadParameter(f"module {module_name!r} has no attribute {attr!r}")
+    return getattr(module, attr)
+
+
+def _load_app(spec: str) -> App:
+    obj = _import_attribute(spec, "examples.notifications:app", default="app")
     if isinstance(obj, Service):
         obj = App(obj)
     if not isinstance(obj, App):
@@ -53,18 +61,7 @@ def _load_app(spec: str) -> App:
 
 
 def _load_saga_class(spec: str) -> type[Saga]:
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise click.BadParameter("expected module:SagaClass, e.g. examples.postprocessing:Postprocessing")
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise click.BadParameter(f"cannot import {module_name!r}: {exc}") from None
-    obj = getattr(module, attr, None)
-    if obj is None:
-        raise click.BadParameter(f"module {module_name!r} has no attribute {attr!r}")
+    obj = _import_attribute(spec, "examples.postprocessing:Postprocessing")
     if not (isinstance(obj, type) and issubclass(obj, Saga)) or obj is Saga:
         found = obj.__name__ if isinstance(obj, type) else type(obj).__name__
         raise click.BadParameter(f"{spec!r} is not a subclass of sagas.Saga (found {found})")

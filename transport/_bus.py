@@ -18,7 +18,7 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -561,18 +561,18 @@ class EventBus:
         """Up to ``limit`` dead letters, oldest first. They stay in the queue."""
         with self._lock:
             ch = self._connection().channel()
-            out: list[DeadLetter] = []
             try:
-                for _ in range(limit):
-                    message = ch.basic_get(self.dead_queue, no_ack=False)
-                    if message is None:
-                        break
-                    if not isinstance(message, Message):
-                        message = ch.message_to_python(message)
-                    out.append(_dead_letter_of(message))
+                return [_dead_letter_of(m) for m in self._browse_dead(ch, limit)]
             finally:
                 ch.close()  # unacked messages go back to the queue
-            return out
+
+    def _browse_dead(self, ch: Any, limit: int) -> Iterator[Message]:
+        """Get up to ``limit`` dead letters on ``ch`` without acking them."""
+        for _ in range(limit):
+            message = ch.basic_get(self.dead_queue, no_ack=False)
+            if message is None:
+                return
+            yield message if isinstance(message, Message) else ch.message_to_python(message)
 
     def replay_dead(self, ids: Iterable[str] | None = None, *, timeout: float | None = None,
                     skipped: dict[str, str] | None = None) -> list[str]:
@@ -588,12 +588,7 @@ class EventBus:
             ch = self._connection().channel()
             try:
                 depth = ch.queue_declare(queue=self.dead_queue, passive=True).message_count
-                for _ in range(depth):
-                    message = ch.basic_get(self.dead_queue, no_ack=False)
-                    if message is None:
-                        break
-                    if not isinstance(message, Message):
-                        message = ch.message_to_python(message)
+                for message in self._browse_dead(ch, depth):
                     dl = _dead_letter_of(message)
                     if wanted is not None and dl.id not in wanted:
                         continue
