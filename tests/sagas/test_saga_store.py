@@ -366,3 +366,32 @@ def test_sqlite_finds_due_sagas_through_the_partial_index(tmp_path: Path) -> Non
         assert [r.key for r in store.due_sagas(T0 + 10, 10)] == ["t0", "t2", "t4", "t6", "t8", "t10"]
     finally:
         store.close()
+
+
+def test_two_workers_fire_one_due_deadline_once(reopen: Opener) -> None:
+    """Two engines on one SQLite file or PostgreSQL schema (two connections, as two workers have) both
+    see a due saga; the version check lets exactly one of them re-send its request."""
+    from sagas import Event, Final, Request, Saga, SagaEngine, Start, State, reply
+
+    class Waiter(Saga):
+        type = "waiter"
+        start = Start("ocis.waiter.started", key="k", to="waiting")
+        states = [State("waiting", Request("ocis.waiter.ping"), timeout=1.0, retries=3), Final("done")]
+        transitions = [reply("ocis.waiter.ping", "waiting", "done")]
+
+    now = [T0]
+    first, second = reopen(), reopen()
+    a = SagaEngine([Waiter], first, clock=lambda: now[0])
+    b = SagaEngine([Waiter], second, clock=lambda: now[0])
+    a.handle("waiter", Event("ocis.waiter.started", {"k": "x"}))
+    now[0] += 5
+    due_a, due_b = first.due_sagas(now[0], 10), second.due_sagas(now[0], 10)
+    assert [r.key for r in due_a] == [r.key for r in due_b] == ["x"]
+    rows = a.fire(due_a[0])
+    with pytest.raises(VersionConflict):
+        b.fire(due_b[0])
+    assert len(rows) == 1
+    (saga,) = first.list_sagas()
+    assert saga.attempts == 2
+    reasons = [h.reason for h in first.saga_history(saga.id)]
+    assert reasons.count("deadline passed: re-sent ocis.waiter.ping (attempt 2)") == 1
