@@ -1,0 +1,122 @@
+"""A classic order saga in the state-machine style: reserve stock, wait for the payment, ship.
+
+``shop.orders.placed`` ``{order_id, items, pay}`` starts one saga per order. The saga reserves stock,
+then asks for the payment (``shop.orders.awaiting_payment``) and waits for ``shop.payments.authorized``
+for that order. Its own timeout transition cancels an order
+whose payment does not come within ``ORDER_PAYMENT_TIMEOUT`` seconds (default 3): the stock is released.
+If shipping fails, the payment is refunded and then the stock released: the compensations run in the
+reverse order of the steps that completed. The participants are simulated: the payment service pays
+every order whose ``pay`` is true, and the carrier cannot ship to ``"nowhere"``.
+
+    sagas run examples.order:app
+    sagas publish shop.orders.placed '{"order_id": "o1", "items": 2, "pay": true, "address": "Paris"}'
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+from sagas import (
+    App,
+    Context,
+    Event,
+    Failure,
+    Final,
+    Request,
+    Saga,
+    SagaContext,
+    Service,
+    Start,
+    State,
+    failure,
+    reply,
+    timeout,
+)
+from sagas import event as on_event
+
+RESERVE, RELEASE = "shop.stock.reserve", "shop.stock.release"
+REFUND, SHIP = "shop.payments.refund", "shop.shipping.ship"
+PAID, AWAITING = "shop.payments.authorized", "shop.orders.awaiting_payment"
+
+
+def _keep(ctx: SagaContext) -> None:
+    assert ctx.event is not None
+    ctx.data.update(ctx.event.payload)
+
+
+def _ask_for_payment(ctx: SagaContext) -> None:
+    ctx.publish(AWAITING, {"order_id": ctx.data["order_id"], "pay": ctx.data.get("pay", False)})
+
+
+def _why(reason: str) -> Callable[[SagaContext], None]:
+    def note(ctx: SagaContext) -> None:
+        ctx.data["cancelled_because"] = reason
+
+    return note
+
+
+class Order(Saga):
+    type = "order"
+    start = Start("shop.orders.placed", key="order_id", to="reserving", action=_keep)
+    correlate = {PAID: "order_id"}
+    states = [
+        State("reserving", Request(RESERVE), timeout=5),
+        State("awaiting_payment", timeout=float(os.environ.get("ORDER_PAYMENT_TIMEOUT", "3"))),
+        State("shipping", Request(SHIP), timeout=5, on_timeout="refunding"),
+        State("refunding", Request(REFUND), timeout=5),
+        State("releasing", Request(RELEASE), timeout=5),
+        Final("shipped"),
+        Final("cancelled"),
+    ]
+    transitions = [
+        reply(RESERVE, "reserving", "awaiting_payment", action=_ask_for_payment),
+        failure(RESERVE, "reserving", "cancelled", action=_why("out of stock")),
+        on_event(PAID, "awaiting_payment", "shipping"),
+        # The author's own timeout transition: no payment, no order.
+        timeout("awaiting_payment", "releasing", action=_why("payment not received in time")),
+        reply(SHIP, "shipping", "shipped"),
+        failure(SHIP, "shipping", "refunding", action=_why("could not ship")),
+        reply(REFUND, "refunding", "releasing"),
+        reply(RELEASE, "releasing", "cancelled"),
+    ]
+
+
+stock, payments, shipping = Service("stock"), Service("payments"), Service("shipping")
+
+#: What the simulated participants did, in order.
+effects: list[str] = []
+
+
+@stock.handles(RESERVE)
+def reserve(event: Event) -> None:
+    if int(event.payload.get("items", 1)) > 100:
+        raise Failure("not enough stock")
+    effects.append(f"reserve {event.payload['order_id']}")
+
+
+@stock.handles(RELEASE)
+def release(event: Event) -> None:
+    effects.append(f"release {event.payload['order_id']}")
+
+
+@payments.on(AWAITING, name="charge")
+def charge(event: Event, ctx: Context) -> None:
+    if event.payload.get("pay"):
+        effects.append(f"charge {event.payload['order_id']}")
+        ctx.publish(PAID, {"order_id": event.payload["order_id"]})
+
+
+@payments.handles(REFUND)
+def refund(event: Event) -> None:
+    effects.append(f"refund {event.payload['order_id']}")
+
+
+@shipping.handles(SHIP)
+def ship(event: Event) -> None:
+    if event.payload.get("address") == "nowhere":
+        raise Failure("cannot ship to nowhere")
+    effects.append(f"ship {event.payload['order_id']}")
+
+
+app = App(stock, payments, shipping, sagas=[Order])
