@@ -62,3 +62,18 @@ def test_order_ships_cancels_unpaid_and_compensates_failed_shipping(unique: str,
                                                                  "release lost"]
     assert [e for e in order.effects if e.endswith(" unpaid")] == ["reserve unpaid", "release unpaid"]
     assert [e for e in order.effects if e.endswith(" paid")] == ["reserve paid", "charge paid", "ship paid"]
+
+
+def test_readme_and_docs_show_the_diagram_sagas_graph_draws() -> None:
+    """The post-processing diagram in the README and the docs is the one `sagas graph` prints today."""
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    from sagas._cli import cli
+
+    drawn = CliRunner().invoke(cli, ["graph", "examples.postprocessing:Postprocessing"]).output.strip()
+    root = Path(__file__).resolve().parents[2]
+    assert drawn.startswith("stateDiagram-v2")
+    assert (root / "docs" / "postprocessing.mmd").read_text().strip() == drawn
+    assert f"```mermaid\n{drawn}\n```" in (root / "README.md").read_text()
