@@ -194,6 +194,9 @@ class EventBus:
         self.ssl = ssl
         self.confirm_window = confirm_window
         self.memory = is_memory_url(url)
+        #: the brokers of a ``;``-separated URL, tried in turn (fail-over); ``_next_host`` goes first
+        self._hosts = [h for h in url.split(";") if h] or [url]
+        self._next_host = 0
         self._lock = threading.RLock()
         self._conn: Connection | None = None
         self._pub: Any = None
@@ -215,8 +218,9 @@ class EventBus:
     def _new_connection(self, connect_timeout: float | None = None) -> Connection:
         if self.memory:
             return Connection("memory://", transport=_memory.Transport)
+        host = self._hosts[self._next_host % len(self._hosts)]
         return Connection(
-            self.url,
+            host,
             heartbeat=self.heartbeat,
             connect_timeout=self.connect_timeout if connect_timeout is None else connect_timeout,
             ssl=self.ssl,
@@ -242,6 +246,11 @@ class EventBus:
                     _close_quietly(conn)
                     if not _is_connection_error(conn, exc):
                         raise
+                    # Fail over: the next broker of the URL is tried at once; after a whole round, wait.
+                    self._next_host += 1
+                    if self._next_host % len(self._hosts) and time.monotonic() < deadline:
+                        log.warning("bus.broker_unreachable", broker=redact_url(conn.as_uri()), error=str(exc))
+                        continue
                     if time.monotonic() + delay > deadline:
                         raise BrokerUnavailable(
                             f"cannot reach the broker at {redact_url(self.url)}: {exc}"
@@ -271,6 +280,7 @@ class EventBus:
 
     def _lost(self, exc: BaseException) -> ConnectionLost:
         self.close()
+        self._next_host += 1  # reconnect to the next broker first, in case this one is going down
         return ConnectionLost(f"connection to {redact_url(self.url)} lost: {exc}")
 
     @property

@@ -103,3 +103,16 @@ def test_logging_redacts_credentials() -> None:
     out = redact_credentials(None, "info", {"broker": "amqp://svc:hunter2@rabbit:5672/ocis"})
     assert "hunter2" not in out["broker"]
     assert out["broker"] == "amqp://svc:***@rabbit:5672/ocis"
+
+
+@pytest.mark.rabbitmq
+def test_a_multi_host_url_fails_over_to_a_broker_that_answers(amqp_url: str, unique: str) -> None:
+    """With the first broker of a ';'-separated URL down, the bus connects to the next one at once."""
+    bus = EventBus(f"amqp://guest:guest@127.0.0.1:1//;{amqp_url}", exchange=unique, connect_timeout=2.0)
+    try:
+        t0 = time.monotonic()
+        bus.publish(Event("ocis.files.uploaded"))
+        assert time.monotonic() - t0 < 2.0
+    finally:
+        bus.delete_topology()
+        bus.close()
