@@ -434,7 +434,6 @@ class PostgresStore(_SqlStore):
     def __init__(self, url: str, *, schema: str = "public") -> None:
         try:
             import psycopg
-            from psycopg import sql
         except ImportError:
             raise ConfigurationError(
                 "the PostgreSQL store needs psycopg: pip install 'sagas[postgres]'"
@@ -442,20 +441,38 @@ class PostgresStore(_SqlStore):
         if not schema.replace("_", "").isalnum():
             raise ConfigurationError(f"invalid schema name {schema!r}")
         self.schema = schema
+        self._url = url
         self._integrity_errors = (psycopg.errors.UniqueViolation,)
         try:
-            self._db = psycopg.connect(url, autocommit=True, connect_timeout=10)
-            self._db.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
-            self._db.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(schema)))
+            self._connect()
             self._create_schema(serial="BIGSERIAL PRIMARY KEY", real="DOUBLE PRECISION")
         except psycopg.Error as exc:
             raise StoreError(f"cannot open the PostgreSQL store: {exc}") from None
+
+    def _connect(self) -> None:
+        import psycopg
+        from psycopg import sql
+
+        self._db = psycopg.connect(self._url, autocommit=True, connect_timeout=10)
+        self._db.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(self.schema)))
+        self._db.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(self.schema)))
+
+    def _live(self) -> None:
+        """Reconnect if the connection broke (PostgreSQL restarted, or the session was killed). The call
+        that met the break failed; the next one gets a new connection."""
+        if self._db.closed or self._db.broken:
+            self._connect()
+
+    def _execute(self, statement: str, params: Sequence[Any] = ()) -> Any:
+        self._live()
+        return self._db.execute(self._sql(statement), params)
 
     def _sql(self, statement: str) -> str:
         return statement.replace("?", "%s")
 
     @contextmanager
     def _transaction(self) -> Iterator[None]:
+        self._live()
         with self._db.transaction():
             yield
 

@@ -395,3 +395,24 @@ def test_two_workers_fire_one_due_deadline_once(reopen: Opener) -> None:
     assert saga.attempts == 2
     reasons = [h.reason for h in first.saga_history(saga.id)]
     assert reasons.count("deadline passed: re-sent ocis.waiter.ping (attempt 2)") == 1
+
+
+@pytest.mark.postgres
+def test_postgres_store_reconnects_after_its_session_is_killed(postgres_url: str, unique: str) -> None:
+    """When PostgreSQL drops the store's session (a restart), the call that meets it fails and the next
+    one reconnects and works."""
+    import psycopg
+
+    store = open_store(f"{postgres_url}?schema={unique}")
+    try:
+        store.remember("c", "m1")
+        with psycopg.connect(postgres_url, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (store._db.info.backend_pid,))
+        with pytest.raises(psycopg.OperationalError):
+            store.seen("c", "m1")
+        assert store.seen("c", "m1")
+        store.remember("c", "m2")
+        assert store.seen("c", "m2")
+    finally:
+        store.close()
+        _drop_schema(postgres_url, unique)
