@@ -318,52 +318,72 @@ class Worker:
             generation, inbound = self._ready.popleft()
             if generation != self._generation:
                 continue  # came on a connection that broke: the broker redelivers it
-            saga_type = self._saga_routes.get(inbound.subscription.queue)
-            if saga_type is not None:
-                self._handle_saga(saga_type, inbound)
-                continue
-            spec = self._routes[inbound.subscription.queue]
-            event = inbound.event
-            if event is None:
-                self.bus.dead_letter(inbound, f"undecodable message: {inbound.error}")
-                log.warning("message.dead_lettered", service=spec.service, handler=spec.name,
-                            message_id=inbound.message_id, reason=inbound.error, outcome="dead-letter")
-                continue
-            dedupe = spec.idempotent or (spec.replies and spec.cache_replies)
-            if dedupe:
-                busy = self._busy.get((spec.key, event.id))
-                if busy is not None:
-                    # The same event is being handled right now: decide once that one has settled.
-                    busy.append((generation, inbound))
-                    continue
-                if spec.idempotent and self.store.seen(spec.key, event.id):
-                    self.bus.ack(inbound)
-                    log.info("message.handled", event_id=event.id, event_type=event.type,
-                             service=spec.service, handler=spec.name, attempt=inbound.attempt,
-                             outcome="duplicate", duration_ms=0.0)
-                    continue
-            if spec.replies and spec.cache_replies:
-                cached = self.store.cached_reply(spec.key, event.id)
-                if cached is not None:
-                    # A re-sent request: answer as before, without running the work again.
-                    reply = decode_event(cached.encode(), CONTENT_TYPE)
-                    self.bus.publish(reply)
-                    self.bus.ack(inbound)
-                    log.info("message.handled", event_id=event.id, event_type=event.type,
-                             service=spec.service, handler=spec.name, attempt=inbound.attempt,
-                             outcome="cached-reply", duration_ms=0.0)
-                    continue
-            if spec.concurrency is not None and self._running[spec.key] >= spec.concurrency:
-                self._waiting[spec.key].append((generation, inbound))
-                continue
-            if dedupe:
-                self._busy[(spec.key, event.id)] = []
-            if not inbound.subscription.durable:
-                self.bus.ack(inbound)  # at-most-once: acked before it is handled
-            self._running[spec.key] += 1
-            self._inflight += 1
-            future = self._pool.submit(_run_handler, spec, inbound, event, generation)
-            future.add_done_callback(self._outcome_ready)
+            try:
+                self._dispatch_one(generation, inbound)
+            except (ConnectionLost, KeyboardInterrupt):
+                raise
+            except Exception as exc:  # noqa: BLE001 - e.g. the store is restarting: try the message later
+                self._give_back(inbound, exc)
+
+    def _give_back(self, inbound: Inbound, exc: Exception) -> None:
+        """The worker (not the handler) failed on a message, typically because the store is down: send it
+        back through a delay queue, or dead-letter it after the retries, so nothing is lost or stuck."""
+        log.error("message.not_processed", message_id=inbound.message_id, error=repr(exc)[:500],
+                  attempt=inbound.attempt)
+        if inbound.acked:
+            return  # an at-most-once message whose handler had started
+        if inbound.subscription.durable and inbound.attempt < SAGA_RETRY.attempts:
+            self.bus.retry(inbound, SAGA_RETRY.delay(inbound.attempt), exc)
+        else:
+            self.bus.dead_letter(inbound, f"the worker could not process it: {exc!r}", exc)
+
+    def _dispatch_one(self, generation: int, inbound: Inbound) -> None:
+        saga_type = self._saga_routes.get(inbound.subscription.queue)
+        if saga_type is not None:
+            self._handle_saga(saga_type, inbound)
+            return
+        spec = self._routes[inbound.subscription.queue]
+        event = inbound.event
+        if event is None:
+            self.bus.dead_letter(inbound, f"undecodable message: {inbound.error}")
+            log.warning("message.dead_lettered", service=spec.service, handler=spec.name,
+                        message_id=inbound.message_id, reason=inbound.error, outcome="dead-letter")
+            return
+        dedupe = spec.idempotent or (spec.replies and spec.cache_replies)
+        if dedupe:
+            busy = self._busy.get((spec.key, event.id))
+            if busy is not None:
+                # The same event is being handled right now: decide once that one has settled.
+                busy.append((generation, inbound))
+                return
+            if spec.idempotent and self.store.seen(spec.key, event.id):
+                self.bus.ack(inbound)
+                log.info("message.handled", event_id=event.id, event_type=event.type,
+                         service=spec.service, handler=spec.name, attempt=inbound.attempt,
+                         outcome="duplicate", duration_ms=0.0)
+                return
+        if spec.replies and spec.cache_replies:
+            cached = self.store.cached_reply(spec.key, event.id)
+            if cached is not None:
+                # A re-sent request: answer as before, without running the work again.
+                reply = decode_event(cached.encode(), CONTENT_TYPE)
+                self.bus.publish(reply)
+                self.bus.ack(inbound)
+                log.info("message.handled", event_id=event.id, event_type=event.type,
+                         service=spec.service, handler=spec.name, attempt=inbound.attempt,
+                         outcome="cached-reply", duration_ms=0.0)
+                return
+        if spec.concurrency is not None and self._running[spec.key] >= spec.concurrency:
+            self._waiting[spec.key].append((generation, inbound))
+            return
+        if dedupe:
+            self._busy[(spec.key, event.id)] = []
+        if not inbound.subscription.durable:
+            self.bus.ack(inbound)  # at-most-once: acked before it is handled
+        self._running[spec.key] += 1
+        self._inflight += 1
+        future = self._pool.submit(_run_handler, spec, inbound, event, generation)
+        future.add_done_callback(self._outcome_ready)
 
     def _outcome_ready(self, future: Future[_Outcome]) -> None:
         self._outcomes.put(future.result())
@@ -392,14 +412,15 @@ class Worker:
         waiting = self._waiting.get(spec.key)
         if waiting:
             self._ready.appendleft(waiting.popleft())
-        if spec.idempotent or (spec.replies and spec.cache_replies):
-            try:
-                self._settle_one(o)
-            finally:
-                # Duplicates that waited on this one go first, and now meet the inbox.
-                self._ready.extendleft(reversed(self._busy.pop((spec.key, event.id), [])))
-        else:
+        try:
             self._settle_one(o)
+        except (ConnectionLost, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # noqa: BLE001 - e.g. the store failed after the handler ran
+            self._give_back(o.inbound, exc)
+        finally:
+            # Duplicates that waited on this one go first, and now meet the inbox.
+            self._ready.extendleft(reversed(self._busy.pop((spec.key, event.id), [])))
 
     def _settle_one(self, o: _Outcome) -> None:
         spec, inbound, event = o.spec, o.inbound, o.event

@@ -116,3 +116,31 @@ def test_a_multi_host_url_fails_over_to_a_broker_that_answers(amqp_url: str, uni
     finally:
         bus.delete_topology()
         bus.close()
+
+
+def test_a_store_failure_sends_the_message_back_instead_of_crashing(unique: str) -> None:
+    """If the store fails while the worker dispatches or settles a message (a database restarting), the
+    message comes back through a delay queue and is handled once the store answers; the worker runs on."""
+    from sagas import MemoryStore
+
+    class Flaky(MemoryStore):
+        failures = 2
+
+        def seen(self, consumer: str, message_id: str) -> bool:
+            if self.failures:
+                self.failures -= 1
+                raise ConnectionError("the database is restarting")
+            return super().seen(consumer, message_id)
+
+    got: list[str] = []
+    svc = Service("steady")
+    svc.on("ocis.files.uploaded", idempotent=True, name="note")(lambda e: got.append(e.id))
+    store = Flaky()
+    worker = Worker(App(svc, exchange=unique), broker="memory://", store=store)
+    bus = EventBus("memory://", exchange=unique)
+    event = Event("ocis.files.uploaded")
+    with worker.running():
+        bus.publish(event)
+        wait_for(lambda: got == [event.id], timeout=15, what="the event handled after the store recovered")
+    assert store.failures == 0
+    assert store.seen("steady.note", event.id)
