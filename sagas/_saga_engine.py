@@ -148,6 +148,8 @@ class SagaEngine:
                  message_id: str, reason: str, inbox: tuple[str, str] | None) -> Applied:
         if record.final:
             return Applied(record, False, [], "the saga has ended")
+        if record.state not in d.states:
+            return Applied(record, True, self._park_stranded(d, record, message_id), "stranded: parked")
         model = _Model(record.state)
         event = d.machine.events.get(trigger)
         if event is None or not event.trigger(model, ctx=ctx):
@@ -221,6 +223,8 @@ class SagaEngine:
         d = self.definitions.get(record.type)
         if d is None or record.final:
             return []
+        if record.state not in d.states:
+            return self._park_stranded(d, record, f"deadline:{record.id}:{record.version}")
         state = d.states[record.state]
         pending = record.meta.get("request")
         now = self.clock()
@@ -262,6 +266,14 @@ class SagaEngine:
             except VersionConflict:
                 continue
         return []
+
+    def _park_stranded(self, d: SagaDefinition, record: SagaRecord, message_id: str) -> list[OutboxRow]:
+        """A saga in a state its type no longer has (renamed or removed in a deploy): park it in
+        ``failed``, visibly, so an operator can move it; it must not block anything else."""
+        reason = f"state {record.state!r} no longer exists in saga type {d.type}"
+        ctx = SagaContext(record.id, d.type, record.state, record.data, None, reason=reason)
+        log.warning("saga.stranded", saga_id=record.id, saga_type=d.type, state=record.state)
+        return self._enter(d, record, FAILED, ctx, message_id, reason, None, expected_version=record.version)
 
     # -- operators ---------------------------------------------------------------------------------
 

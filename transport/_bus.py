@@ -54,8 +54,9 @@ DL_TRACEBACK = "x-sagas-traceback"
 DL_ATTEMPTS = "x-sagas-attempts"
 DL_DEAD_AT = "x-sagas-dead-at"
 DL_ROUTING_KEY = "x-sagas-routing-key"
+# What a replay drops. The original routing key stays, so a letter that dies again still names its event.
 _DL_HEADERS = (DL_QUEUE, DL_REASON, DL_ERROR_TYPE, DL_ERROR_MESSAGE, DL_TRACEBACK, DL_ATTEMPTS, DL_DEAD_AT,
-               DL_ROUTING_KEY, ATTEMPT_HEADER)
+               ATTEMPT_HEADER)
 _MAX_TRACEBACK = 4000
 #: one message to send: (exchange, routing key, body, message id, AMQP headers, mandatory)
 _Outgoing = tuple[str, str, bytes, str, dict[str, Any], bool]

@@ -711,3 +711,37 @@ def test_due_sagas_of_unknown_types_do_not_starve_known_ones(trip: Harness) -> N
     for _ in range(3):  # three timer ticks
         trip_only.fire_due(limit=1)
     assert trip.saga(own.saga.id).attempts > 1
+
+
+def test_a_saga_in_a_state_its_type_no_longer_has_is_parked_not_blocking() -> None:
+    """A saga stranded in a removed state is parked in `failed` with the reason when its deadline fires,
+    and other sagas' deadlines still fire in the same tick."""
+    import random
+
+    from sagas import Event, Final, MemoryStore, Request, Saga, SagaEngine, Start, State, reply
+
+    class Ping(Saga):
+        type = "ping"
+        start = Start("ocis.ping.started", key="k", to="waiting")
+        states = [State("waiting", Request("ocis.ping.ping"), timeout=1.0, retries=1), Final("done")]
+        transitions = [reply("ocis.ping.ping", "waiting", "done")]
+
+    now = [1000.0]
+    store = MemoryStore()
+    engine = SagaEngine([Ping], store, clock=lambda: now[0], rng=random.Random(0))
+    stranded = engine.handle("ping", Event("ocis.ping.started", {"k": "old"})).saga
+    healthy = engine.handle("ping", Event("ocis.ping.started", {"k": "new"})).saga
+    assert stranded is not None
+    assert healthy is not None
+    record = store.get_saga(stranded.id)
+    assert record is not None
+    record.state, record.version = "renamed_away", record.version + 1
+    store._sagas[record.id] = record  # as if a deploy removed the state it waits in
+    now[0] += 10
+    engine.fire_due()
+    parked, other = store.get_saga(stranded.id), store.get_saga(healthy.id)
+    assert parked is not None
+    assert other is not None
+    assert (parked.state, parked.final) == ("failed", True)
+    assert "no longer exists" in parked.meta["reason"]
+    assert other.attempts == 2  # its request was re-sent in the same tick
