@@ -6,6 +6,7 @@
     python scripts/drills.py notifications   [-n 1000]    # 1,000 shares, kill -9 the worker twice
     python scripts/drills.py postprocessing  [-n 500]     # 2 workers, PostgreSQL, faults, kill -9 one
     python scripts/drills.py deadlines                    # deadlines fire after a restart / on another worker
+    python scripts/drills.py scale           [-n 500]     # sagas/s with 1 and with 2 worker processes
 
 Needs RabbitMQ on 127.0.0.1:5672 (guest/guest, or SAGAS_DRILL_AMQP_URL) and, for broker-restart,
 rabbitmqctl on this machine. Every drill uses its own exchange and deletes its queues afterwards.
@@ -70,9 +71,14 @@ def wait(pred, timeout: float, what: str) -> None:  # type: ignore[no-untyped-de
         time.sleep(0.05)
 
 
-def cleanup(exchange: str, queues: list[str]) -> None:
+def cleanup(exchange: str, queues: list[str] | None = None) -> None:
+    """Delete the drill's exchange and every queue whose name starts with it (workers ran in other
+    processes, so the queues they declared are found on the broker, with rabbitmqctl)."""
+    listed = subprocess.run(["rabbitmqctl", "-q", "list_queues", "name"], capture_output=True, text=True,
+                            timeout=120, check=False).stdout.split()
     bus = EventBus(URL, exchange=exchange)
-    bus.declared_queues.update(queues)
+    bus.declared_queues.update(queues or [])
+    bus.declared_queues.update(q for q in listed if q.startswith(f"{exchange}."))
     bus.delete_topology()
     bus.close()
 
@@ -102,8 +108,7 @@ def kill_worker(n: int) -> None:
               f"redelivered duplicates {dupes} (at-least-once without inbox), {elapsed:.1f}s, "
               f"worker exit after SIGTERM {w.returncode}")
         bus.close()
-        cleanup(exchange, [f"{exchange}.drill.record", *[f"{exchange}.drill.record.delay.{d}" for d in
-                                                          (1000, 2000, 4000, 8000)]])
+        cleanup(exchange)
 
 
 def broker_restart(n: int) -> None:
@@ -148,8 +153,7 @@ def broker_restart(n: int) -> None:
               f"failed-publish events handled anyway {len(got - set(ok))}, {time.monotonic() - t0:.1f}s, "
               f"worker exit {w.returncode}")
         bus.close()
-        cleanup(exchange, [f"{exchange}.drill.record", *[f"{exchange}.drill.record.delay.{d}" for d in
-                                                          (1000, 2000, 4000, 8000)]])
+        cleanup(exchange)
 
 
 def at_most_once() -> None:
@@ -177,7 +181,7 @@ def at_most_once() -> None:
               f"of those 2: {len([s for s in starts if s in (0, 1)]) - 2}; new event handled: "
               f"{99 in lines(out, 'amo')}")
         bus.close()
-        cleanup(exchange, [f"{exchange}.drill.record"])
+        cleanup(exchange)
 
 
 def notifications(n: int) -> None:
@@ -209,7 +213,7 @@ def notifications(n: int) -> None:
         print(f"notifications: shares {n}, mailed {len(per_share)}, mails {len(sink.mails)}, "
               f"duplicates {dupes} (2 kills, at mails {kills}), worker exit {w.returncode}")
         bus.close()
-        cleanup(exchange, [queue, *[f"{queue}.delay.{d}" for d in (1000, 2000, 4000, 8000)]])
+        cleanup(exchange)
 
 
 PG = os.environ.get("SAGAS_DRILL_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
@@ -282,6 +286,7 @@ def postprocessing(n: int) -> None:
         bus.close()
         store.close()
         _drop_schema(schema)
+        cleanup(exchange)
 
 
 def deadlines() -> None:
@@ -324,7 +329,7 @@ def deadlines() -> None:
         restarted = time.time()
         wait(lambda: resent_after(restarted) + sum(1 for s in store.list_sagas() if s.final) > 0, 60,
              "restarted worker A to fire deadlines")
-        wait(lambda: all(s.final for s in store.list_sagas()), 120, "every saga final")
+        wait(lambda: all(s.final for s in store.list_sagas()), 600, "every saga final")
         fired_by_a = sum(1 for s in store.list_sagas() for h in store.saga_history(s.id)
                          if h.at > restarted and h.message_id.startswith("deadline:"))
         outcomes = collections.Counter((s.state, s.data.get("outcome")) for s in store.list_sagas())
@@ -337,6 +342,37 @@ def deadlines() -> None:
         bus.close()
         store.close()
         _drop_schema(schema)
+        cleanup(exchange)
+
+
+def scale(n: int) -> None:
+    """Time N post-processing sagas (no faults) with 1 worker process, then with 2, on RabbitMQ + PostgreSQL."""
+    results = {}
+    for count in (1, 2, 1, 2):
+        exchange = f"drill{uuid.uuid4().hex[:8]}"
+        store_url = f"{PG}?schema={exchange}"
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "w.txt"
+            store = _pg_store(exchange)
+            workers = [start_worker("examples.postprocessing:app", exchange, out, store_url) for _ in range(count)]
+            wait(lambda c=count, q=f"{exchange}.saga.postprocessing": _consumers(q) == c, 60, "workers")
+            bus = EventBus(URL, exchange=exchange)
+            t0 = time.monotonic()
+            bus.publish_many([_upload(i) for i in range(n)])
+            wait(lambda st=store: sum(1 for s in st.list_sagas(limit=n + 10) if s.final) >= n, 600, "all final")
+            elapsed = time.monotonic() - t0
+            results.setdefault(count, []).append(n / elapsed)
+            for w in workers:
+                w.send_signal(signal.SIGTERM)
+                w.wait(60)
+            bus.close()
+            store.close()
+            _drop_schema(exchange)
+            cleanup(exchange)
+    one, two = (sorted(results[c])[len(results[c]) // 2] for c in (1, 2))
+    print(f"scale: {n} post-processing sagas on RabbitMQ + PostgreSQL; sagas/s with 1 worker {results[1]}, "
+          f"with 2 workers {results[2]}; best-of ratio {max(results[2]) / max(results[1]):.2f}; "
+          f"upper-median ratio {two / one:.2f}")
 
 
 def _amqp():  # type: ignore[no-untyped-def]
@@ -370,7 +406,7 @@ def _depth(queue: str) -> int:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("drill", choices=["kill-worker", "broker-restart", "at-most-once", "notifications",
-                                     "postprocessing", "deadlines"])
+                                     "postprocessing", "deadlines", "scale"])
     p.add_argument("-n", type=int, default=None)
     a = p.parse_args()
     if a.drill == "kill-worker":
@@ -383,6 +419,8 @@ def main() -> None:
         postprocessing(a.n or 500)
     elif a.drill == "deadlines":
         deadlines()
+    elif a.drill == "scale":
+        scale(a.n or 500)
     else:
         notifications(a.n or 1000)
 
