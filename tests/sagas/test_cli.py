@@ -145,7 +145,8 @@ def test_sigterm_finishes_in_flight_work(tmp_path: Path, unique: str, amqp_url: 
     finally:
         if proc.poll() is None:
             proc.kill()
-        bus.declared_queues.add(f"{unique}.slowpoke.work")
+        queue = f"{unique}.slowpoke.work"
+        bus.declared_queues |= {queue, *(f"{queue}.delay.{ms}" for ms in (1000, 2000, 4000, 8000))}
         bus.delete_topology()
         bus.close()
 
