@@ -29,7 +29,7 @@ import structlog
 from transport import Event, encode
 
 from ._errors import ConfigurationError, SagasError
-from ._saga import COMPENSATE, FAILED, REPLY_SUFFIX, TIMEOUT, Saga, SagaContext, SagaDefinition
+from ._saga import COMPENSATE, FAILED, TIMEOUT, Saga, SagaContext, SagaDefinition
 from ._store import DuplicateSaga, HistoryEntry, OutboxRow, Outgoing, SagaRecord, VersionConflict
 
 log = structlog.get_logger("sagas.saga")
@@ -324,7 +324,3 @@ def _key(payload: Mapping[str, Any], field: str) -> str | None:
     if isinstance(value, bool) or not isinstance(value, str | int) or value == "":
         return None
     return str(value)[:255]
-
-
-def is_reply(event_type: str) -> bool:
-    return event_type.endswith(REPLY_SUFFIX)
