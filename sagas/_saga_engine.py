@@ -30,7 +30,7 @@ from transport import Event, encode
 
 from ._errors import ConfigurationError, SagasError
 from ._saga import COMPENSATE, FAILED, TIMEOUT, Saga, SagaContext, SagaDefinition
-from ._store import DuplicateSaga, HistoryEntry, OutboxRow, Outgoing, SagaRecord, VersionConflict
+from ._store import DuplicateSaga, HistoryEntry, OutboxRow, Outgoing, SagaRecord, Store, VersionConflict
 
 log = structlog.get_logger("sagas.saga")
 
@@ -62,7 +62,7 @@ class Applied:
 class SagaEngine:
     """Applies messages and deadlines to the sagas of an app, through a store."""
 
-    def __init__(self, sagas: Sequence[type[Saga]], store: Any, *, clock: Callable[[], float] = time.time,
+    def __init__(self, sagas: Sequence[type[Saga]], store: Store, *, clock: Callable[[], float] = time.time,
                  rng: random.Random | None = None) -> None:
         self.store = store
         self.clock = clock

@@ -321,10 +321,8 @@ class EventBus:
 
         On failure, :class:`PublishError` says which event ids were not confirmed; the others were.
         """
-        items: list[_Outgoing] = [
-            (self.exchange, e.type, encode(e, self.max_event_size), e.id, {}, mandatory) for e in events
-        ]
-        self._publish_raw(items, timeout)
+        self.publish_encoded([(e.type, encode(e, self.max_event_size), e.id, mandatory) for e in events],
+                             timeout=timeout)
 
     def publish_encoded(self, items: Sequence[tuple[str, bytes, str, bool]], *,
                         timeout: float | None = None) -> None:
