@@ -411,7 +411,10 @@ class Worker:
         self._running[spec.key] -= 1
         waiting = self._waiting.get(spec.key)
         if waiting:
-            self._ready.appendleft(waiting.popleft())
+            # All of them, in order: one that turns out to be a duplicate does not take the free slot,
+            # and must not keep the next one waiting for a settle that never comes.
+            self._ready.extendleft(reversed(waiting))
+            waiting.clear()
         try:
             self._settle_one(o)
         except (ConnectionLost, KeyboardInterrupt):

@@ -400,3 +400,29 @@ def test_handler_concurrency_limit(broker_url: str, unique: str, buses: list[obj
         bus.publish_many([Event("ocis.serial.work") for _ in range(20)])
         wait_for(lambda: len(done) == 20, what="20 handled")
     assert peak[0] == 1
+
+
+def test_a_duplicate_waiting_for_a_busy_handler_does_not_strand_the_next_event(
+        broker_url: str, unique: str, buses: list[object]) -> None:
+    """With concurrency=1, an event, its duplicate and another event all waiting behind a running handler
+    are all settled once it finishes: the duplicate is skipped and the next event still runs."""
+    release = threading.Event()
+    got: list[str] = []
+    svc = Service("serial")
+
+    @svc.on("ocis.serial.work", idempotent=True, concurrency=1)
+    def work(event: Event) -> None:
+        if event.payload.get("block"):
+            release.wait(10)
+        got.append(event.payload["name"])
+
+    bus = make_bus(buses, broker_url, unique)
+    worker = make_worker(buses, App(svc, exchange=unique), broker_url, concurrency=4)
+    twice = Event("ocis.serial.work", {"name": "a"})
+    with worker.running():
+        bus.publish(Event("ocis.serial.work", {"name": "blocker", "block": True}))
+        bus.publish_many([twice, twice, Event("ocis.serial.work", {"name": "last"})])
+        wait_for(lambda: len(worker._waiting["serial.work"]) == 3, what="three events waiting")
+        release.set()
+        wait_for(lambda: "last" in got, what="the event after the duplicate")
+    assert got == ["blocker", "a", "last"]
