@@ -155,7 +155,7 @@ class MemoryStore:
             rows = []
             for out in outbox:
                 row = OutboxRow(self._next_row, record.id, out.message_id, out.routing_key, out.body,
-                                out.mandatory, time.time())
+                                out.mandatory, history.at)
                 self._outbox[row.id] = (row, None)
                 self._next_row += 1
                 rows.append(row)
@@ -320,7 +320,7 @@ class _SqlStore:
                      history.to_state, history.reason))
                 if inbox is not None:
                     self._insert_inbox(*inbox)
-                now = time.time()
+                now = history.at  # the engine's clock, which the relay compares with
                 for out in outbox:
                     row = self._execute(
                         "INSERT INTO outbox (saga_id, message_id, routing_key, body, mandatory, created_at)"

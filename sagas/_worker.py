@@ -17,6 +17,7 @@ import collections
 import contextlib
 import os
 import queue
+import random
 import signal
 import socket
 import threading
@@ -24,7 +25,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
@@ -97,7 +98,7 @@ class Worker:
 
     bus: EventBus
     store: Store
-    _pool: ThreadPoolExecutor
+    _pool: Executor
 
     def __init__(
         self,
@@ -113,6 +114,9 @@ class Worker:
         relay_interval: float = 5.0,
         instance: str | None = None,
         bus: EventBus | None = None,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+        executor: Executor | None = None,
     ) -> None:
         if isinstance(app, Service):
             app = App(app)
@@ -149,6 +153,11 @@ class Worker:
         self.engine: SagaEngine | None = None
         self._saga_routes: dict[str, str] = {}
         self._subscriptions: list[Subscription] = []
+        #: wall clock of deadlines and timers; ``rng`` jitters deadlines; ``executor`` runs handlers
+        #: (a thread pool of ``concurrency`` threads by default). :mod:`sagas.testing` replaces all three.
+        self.clock = clock
+        self.rng = rng
+        self._executor = executor
         self.timer_interval = timer_interval
         self.relay_interval = relay_interval
         self._next_timers = 0.0
@@ -174,14 +183,14 @@ class Worker:
             sub = spec.subscription(self.exchange, self.instance)
             self._routes[sub.queue] = spec
             self._subscriptions.append(sub)
-        self.engine = SagaEngine(self.app.sagas, self.store) if self.app.sagas else None
+        self.engine = SagaEngine(self.app.sagas, self.store, clock=self.clock, rng=self.rng) if self.app.sagas else None
         self._saga_routes = {}
         for d in (self.engine.definitions.values() if self.engine else ()):
             sub = Subscription(queue=f"{self.exchange}.saga.{d.type}", patterns=d.patterns, prefetch=256,
                                retry_delays=SAGA_RETRY.delays)
             self._saga_routes[sub.queue] = d.type
             self._subscriptions.append(sub)
-        self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="sagas-handler")
+        self._pool = self._executor or ThreadPoolExecutor(self.concurrency, thread_name_prefix="sagas-handler")
         self._connect(time.monotonic() + self.grace_period)
         self._started = True
         log.info("worker.started", broker=redact_url(self.broker), exchange=self.exchange,
@@ -304,7 +313,7 @@ class Worker:
             self._dispatch()
             if self._inflight >= self.concurrency:
                 self._wait_outcome(timeout)
-            if self.engine is not None and time.monotonic() >= self._next_timers:
+            if self.engine is not None and self.clock() >= self._next_timers:
                 self._run_timers()
             self.bus.drain(0.001 if (self._inflight or self._ready) else timeout)
         except ConnectionLost as exc:
@@ -552,10 +561,10 @@ class Worker:
     def _run_timers(self) -> None:
         """Fire due deadlines, and republish outbox rows a crash left unsent."""
         assert self.engine is not None
-        self._next_timers = time.monotonic() + self.timer_interval
+        self._next_timers = self.clock() + self.timer_interval
         try:
             self._publish_rows(self.engine.fire_due())
-            now = time.time()
+            now = self.clock()
             if now >= self._next_relay:
                 self._next_relay = now + self.relay_interval
                 self._publish_rows(self.store.unsent(created_before=now - self.relay_interval))

@@ -182,6 +182,7 @@ class EventBus:
         heartbeat: float = 30.0,
         ssl: bool | Mapping[str, Any] | None = None,
         confirm_window: int = 1000,
+        memory_transport: type[Any] | None = None,
     ) -> None:
         if not exchange or not exchange.replace(".", "").replace("-", "").replace("_", "").isalnum():
             raise TransportError(f"invalid exchange name {exchange!r}: use letters, digits, '.', '-' and '_'")
@@ -195,6 +196,8 @@ class EventBus:
         self.ssl = ssl
         self.confirm_window = confirm_window
         self.memory = is_memory_url(url)
+        #: the kombu transport class behind ``memory://`` (an isolated broker, for :mod:`sagas.testing`)
+        self.memory_transport = memory_transport or _memory.Transport
         #: the brokers of a ``;``-separated URL, tried in turn (fail-over); ``_next_host`` goes first
         self._hosts = [h for h in url.split(";") if h] or [url]
         self._next_host = 0
@@ -218,7 +221,7 @@ class EventBus:
 
     def _new_connection(self, connect_timeout: float | None = None) -> Connection:
         if self.memory:
-            return Connection("memory://", transport=_memory.Transport)
+            return Connection("memory://", transport=self.memory_transport)
         host = self._hosts[self._next_host % len(self._hosts)]
         return Connection(
             host,

@@ -14,6 +14,7 @@ import itertools
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from queue import Empty, Queue
 from typing import Any, ClassVar
 
@@ -51,6 +52,8 @@ class Channel(memory.Channel):
     delayed: ClassVar[list[tuple[float, int, str, Any]]] = []
     lock = threading.Lock()
     _seq = itertools.count()
+    #: the clock queue TTLs are measured with (an isolated broker can run on a virtual one)
+    clock = staticmethod(time.monotonic)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -93,7 +96,7 @@ class Channel(memory.Channel):
         ttl = self.queue_args.get(queue, {}).get("x-message-ttl")
         if ttl is not None:
             with self.lock:
-                heapq.heappush(self.delayed, (time.monotonic() + ttl / 1000.0, next(self._seq), queue, message))
+                heapq.heappush(self.delayed, (self.clock() + ttl / 1000.0, next(self._seq), queue, message))
             return
         self.queues[queue].put(message)
 
@@ -130,7 +133,7 @@ class Channel(memory.Channel):
 
     def _promote_due(self) -> None:
         """Dead-letter every message whose TTL has passed, as RabbitMQ does at a queue's head."""
-        now = time.monotonic()
+        now = self.clock()
         due = []
         with self.lock:
             while self.delayed and self.delayed[0][0] <= now:
@@ -205,6 +208,29 @@ class Transport(memory.Transport):
     polling_interval = 0.005
 
 
+def isolated_transport(clock: Callable[[], float] = time.monotonic) -> type[Transport]:
+    """A memory transport with a broker of its own: its queues, exchanges and delayed messages are
+    shared by every connection made with it, and by nothing else. Queue TTLs use ``clock``, so a
+    test can run delays on a virtual clock (see :mod:`sagas.testing`)."""
+
+    class IsolatedChannel(Channel):
+        queues = {}  # type: ignore[var-annotated]  # noqa: RUF012 - this broker's own state
+        queue_args: ClassVar[dict[str, dict[str, Any]]] = {}
+        consumer_counts: ClassVar[defaultdict[str, int]] = defaultdict(int)
+        delayed: ClassVar[list[tuple[float, int, str, Any]]] = []
+        lock = threading.Lock()
+        _seq = itertools.count()
+
+    IsolatedChannel.clock = staticmethod(clock)
+
+    class IsolatedTransport(Transport):
+        Channel = IsolatedChannel
+        global_state = virtual.BrokerState()
+        polling_interval = 0.0
+
+    return IsolatedTransport
+
+
 def reset() -> None:
     """Forget every queue, exchange and delayed message (for tests)."""
     Channel.queues.clear()
@@ -214,4 +240,4 @@ def reset() -> None:
     Transport.global_state.clear()
 
 
-__all__ = ["Channel", "Empty", "Transport", "reset"]
+__all__ = ["Channel", "Empty", "Transport", "isolated_transport", "reset"]
