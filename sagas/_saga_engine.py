@@ -107,8 +107,9 @@ class SagaEngine:
                     return self._trigger(d, existing, trigger, ctx, event.id, event.type, inbox)
                 return Applied(existing, False, [], "duplicate start: the saga exists")
             now = self.clock()
-            record = SagaRecord(id=uuid.uuid4().hex, type=d.type, key=key, state="", data={},
-                                created_at=now, updated_at=now)
+            # The id follows from (type, key), which the store keeps unique: runs are reproducible.
+            saga_id = uuid.uuid5(_IDS, f"saga/{d.type}/{key}").hex
+            record = SagaRecord(id=saga_id, type=d.type, key=key, state="", data={}, created_at=now, updated_at=now)
             ctx = SagaContext(record.id, d.type, "", {}, event)
             if start.action is not None:
                 start.action(ctx)
@@ -181,6 +182,7 @@ class SagaEngine:
             if spec is not None:
                 payload = spec.payload(ctx) if spec.payload else ctx.data
                 request = Event(type=spec.type, payload=dict(payload), source=d.type, correlation_id=record.id,
+                                id=uuid.uuid5(_IDS, f"{record.id}/{record.version}/request").hex,
                                 causation_id=ctx.event.id if ctx.event else None,
                                 headers={SAGA_TYPE_HEADER: d.type})
                 body = encode(request).decode()

@@ -88,6 +88,9 @@ class Channel(memory.Channel):
         return found
 
     def _put(self, queue: str, message: Any, **kwargs: Any) -> None:
+        # kombu hands every queue a message is routed to the same dict; each queue needs its own, or
+        # marking a delivery's source queue (or dead-lettering it) in one queue changes the others.
+        message = _own_copy(message)
         if queue not in self.queues:
             # RabbitMQ drops a message sent to a queue that does not exist; so do we.
             if kwargs.get("mandatory"):
@@ -195,6 +198,13 @@ class Channel(memory.Channel):
         # kombu's memory channel empties its *instance* view of the queues on close; the queues are
         # broker state and outlive any one channel, as on RabbitMQ.
         virtual.Channel.close(self)
+
+
+def _own_copy(message: Any) -> Any:
+    properties = dict(message.get("properties") or {})
+    if "delivery_info" in properties:
+        properties["delivery_info"] = dict(properties["delivery_info"])
+    return {**message, "properties": properties}
 
 
 class Transport(memory.Transport):

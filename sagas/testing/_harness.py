@@ -114,8 +114,9 @@ class Crash:
 
 @dataclass(frozen=True, slots=True)
 class FaultSchedule:
-    """Faults for a whole run: ``messages[i]`` applies to the i-th message published (after that,
-    messages go through), and each crash fires once, at its stage's nth occurrence."""
+    """Faults for a whole run: ``messages[i]`` applies to the i-th message the workers publish
+    (requests, replies, follow-ups; after that, messages go through), and each crash fires once, at
+    its stage's nth occurrence."""
 
     messages: tuple[MessageFault, ...] = ()
     crashes: tuple[Crash, ...] = ()
@@ -201,23 +202,31 @@ class Network:
         self._plan: list[MessageFault] = []
         self._rules: list[list[Any]] = []  # [pattern, fault, remaining]
         self.held: list[_Held] = []
+        #: how many copies of each message id went through to the broker
+        self.copies: Counter[str] = Counter()
 
     def schedule(self, faults: Sequence[MessageFault]) -> None:
-        """The next messages published get these faults, one each, in order."""
+        """The next messages the workers publish get these faults, one each, in order (the test's
+        own publishes are left alone: aim a fault at them with :meth:`inject`)."""
         self._plan.extend(faults)
 
     def inject(self, fault: MessageFault, *, match: str = "#", times: int = 1) -> None:
         """The next ``times`` messages whose type matches ``match`` (a topic pattern) get ``fault``."""
         self._rules.append([match, fault, times])
 
-    def _fault_for(self, routing_key: str) -> MessageFault:
+    def _fault_for(self, routing_key: str, from_worker: bool) -> MessageFault:
         for rule in self._rules:
             if rule[2] > 0 and topic_matches(rule[0], routing_key):
                 rule[2] -= 1
                 return rule[1]  # type: ignore[no-any-return]
-        if self._plan:
+        if self._plan and from_worker:
             return self._plan.pop(0)
         return Deliver()
+
+    def stop_faults(self) -> None:
+        """Forget every fault not applied yet: from now on, every message goes through."""
+        self._plan.clear()
+        self._rules.clear()
 
     def send(self, bus: _Bus, items: Sequence[tuple[str, bytes, str, bool]]) -> None:
         stats = self._h.stats
@@ -226,7 +235,7 @@ class Network:
         for item in items:
             routing_key, body, message_id, _mandatory = item
             stats.published += 1
-            fault = self._fault_for(routing_key)
+            fault = self._fault_for(routing_key, bus.slot is not None)
             if isinstance(fault, Drop):
                 stats.dropped += 1
             elif isinstance(fault, Delay):
@@ -242,6 +251,7 @@ class Network:
                 through.append(item)
         if through:
             bus.send_through(through)
+            self.copies.update(item[2] for item in through)
             for held in self.held:
                 held.overtakers -= len(through)
         self.held += holding
@@ -254,6 +264,7 @@ class Network:
         if not ready:
             return 0
         self.held = [m for m in self.held if m not in ready]
+        self.copies.update(m.message_id for m in ready)
         self._h.client_bus().send_through([(m.routing_key, m.body, m.message_id, False) for m in ready])
         return len(ready)
 
@@ -462,6 +473,11 @@ class Harness:
         """The next ``times`` messages whose type matches the pattern ``match`` get ``fault``."""
         self.network.inject(fault, match=match, times=times)
 
+    def stop_faults(self) -> None:
+        """No more faults: forget message faults and crashes not applied yet."""
+        self.network.stop_faults()
+        self._armed.clear()
+
     def arm(self, crash: Crash) -> None:
         """Crash a worker at the ``crash.nth`` time from now that any worker reaches the stage."""
         key = (crash.stage, crash.when)
@@ -509,6 +525,7 @@ class Harness:
         bus: _Bus = worker.bus  # type: ignore[assignment]
         bus.drained = False
         self.current = slot
+        reconnects = worker.reconnects
         try:
             worker.step(0)
         except Crashed:
@@ -518,7 +535,7 @@ class Harness:
             return True
         finally:
             self.current = None
-        return bus.drained or self._busy(worker)
+        return bus.drained or worker.reconnects != reconnects or self._busy(worker)
 
     def run(self, max_steps: int = 100_000) -> None:
         """Step every worker until nothing more happens without the clock moving."""
@@ -526,7 +543,8 @@ class Harness:
             moved = False
             for slot in range(len(self.workers)):
                 moved = self.step(slot) or moved
-            if not moved and not self.network.release(quiet=False) and not self.network.release(quiet=True):
+            if (not moved and not self._deliverable() and not self.network.release(quiet=False)
+                    and not self.network.release(quiet=True)):
                 return
         raise NotSettled(f"still busy after {max_steps} steps: a message loop?")
 
@@ -534,7 +552,7 @@ class Harness:
         """Move the clock ``seconds`` ahead, stopping at every deadline, delay and timer on the way."""
         target = self.clock() + seconds
         self.run()
-        while (nxt := self._next_due_or_stuck()) is not None and nxt <= target:
+        while (nxt := self.next_due()) is not None and nxt <= target and any(self.live_workers()):
             self.clock.now = max(self.clock.now, nxt)
             self.run()
         self.clock.now = max(self.clock.now, target)
@@ -604,6 +622,11 @@ class Harness:
             "open_sagas": sum(1 for r in self.sagas() if not r.final),
             "next_due_in": (None if (n := self.next_due()) is None else round(n - self.clock(), 3)),
         }
+
+    def _deliverable(self) -> bool:
+        """Whether a queue that somebody consumes has messages waiting."""
+        channel = self.transport.Channel
+        return any(q.qsize() and channel.consumer_counts.get(name) for name, q in channel.queues.items())
 
     def _busy(self, worker: Worker) -> bool:
         return bool(worker._ready or worker._inflight or not worker._outcomes.empty() or any(worker._waiting.values()))

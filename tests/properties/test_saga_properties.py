@@ -1,0 +1,227 @@
+"""Stateful property tests of sagas under any fault schedule (DESIGN: "Guarantees to state and prove").
+
+Hypothesis drives a :class:`sagas.testing.Harness` running two workers of a trip-booking app: it
+starts trips (some with duplicated start events), injects message faults (drop, duplicate, delay,
+reorder), arms crashes before or after any side effect, kills and restarts workers and the broker,
+steps the workers in any interleaving and moves the clock. Then the faults stop, the clock moves on,
+and every property must hold:
+
+- every saga reaches a final state;
+- compensations run for exactly the steps that completed, in reverse order;
+- no participant effect applies twice (the participants use their reply cache), except where a crash
+  fell in the window between the effect and its reply-cache commit, which no framework can close;
+- no saga handles the same message twice;
+- a duplicate start event never creates a second saga.
+
+The ``ci`` profile runs in CI; ``HYPOTHESIS_PROFILE=thorough`` runs 2,000 examples.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Any
+
+import structlog
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+
+from sagas import App, Event, Failure, SagaContext, Service, Start, Step, StepSaga
+from sagas.testing import Crashed, Harness, Stats
+from sagas.testing.strategies import crashes, message_faults
+
+#: (effect, trip, request id) in the order the participants applied them
+EFFECTS: list[tuple[str, str, str]] = []
+
+
+def _keep(ctx: SagaContext) -> None:
+    assert ctx.event is not None
+    ctx.data.update(ctx.event.payload)
+
+
+class Trip(StepSaga):
+    type = "trip"
+    start = Start("travel.trips.requested", key="trip", action=_keep)
+    steps = [
+        Step("hotel", request="travel.hotels.book", compensation="travel.hotels.cancel", timeout=5, retries=3),
+        Step("car", request="travel.cars.rent", compensation="travel.cars.return", timeout=5, retries=3),
+        Step("flight", request="travel.flights.book", timeout=5, retries=3),
+    ]
+
+
+hotels, cars, flights = Service("hotels"), Service("cars"), Service("flights")
+
+
+def _effect(name: str, event: Event) -> dict[str, Any]:
+    EFFECTS.append((name, str(event.payload["trip"]), event.id))
+    return {"ref": f"{name}-{event.payload['trip']}"}
+
+
+@hotels.handles("travel.hotels.book")
+def book_hotel(event: Event) -> dict[str, Any]:
+    return _effect("book_hotel", event)
+
+
+@hotels.handles("travel.hotels.cancel")
+def cancel_hotel(event: Event) -> dict[str, Any]:
+    return _effect("cancel_hotel", event)
+
+
+@cars.handles("travel.cars.rent")
+def rent_car(event: Event) -> dict[str, Any]:
+    if event.payload.get("fail") == "car":
+        raise Failure("no car left")
+    return _effect("rent_car", event)
+
+
+@cars.handles("travel.cars.return")
+def return_car(event: Event) -> dict[str, Any]:
+    return _effect("return_car", event)
+
+
+@flights.handles("travel.flights.book")
+def book_flight(event: Event) -> dict[str, Any]:
+    if event.payload.get("fail") == "flight":
+        raise Failure("flight full")
+    return _effect("book_flight", event)
+
+
+app = App(hotels, cars, flights, sagas=[Trip])
+DO = {"hotel": "book_hotel", "car": "rent_car", "flight": "book_flight"}
+UNDO = {"hotel": "cancel_hotel", "car": "return_car"}
+#: crash points that fall between a participant's effect and the commit of its cached reply
+WINDOW = ("before publish", "after publish", "before inbox")
+WORKERS = 2
+TRIP_MATCHES = ["#", "travel.*.*", "travel.*.*.reply", "travel.trips.requested", "travel.hotels.*",
+                "travel.cars.rent.reply", "travel.flights.book"]
+
+
+class SagaFaults(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL))
+        EFFECTS.clear()
+        self.h = Harness(app, workers=WORKERS, auto_restart=False)
+        self.trips: dict[str, str] = {}
+        self.starts: dict[str, list[str]] = {}  # the start events' ids of each trip
+
+    def teardown(self) -> None:
+        try:
+            self.faults_stop_and_every_saga_ends()
+        finally:
+            self.h.close()
+
+    # -- what the world does ---------------------------------------------------------------------
+
+    @initialize(n=st.integers(1, 3), fail=st.sampled_from(["", "car", "flight"]))
+    def first_trips(self, n: int, fail: str) -> None:
+        for i in range(n):
+            self.start_trip(i, fail, duplicate=False)
+
+    @rule(i=st.integers(0, 6), fail=st.sampled_from(["", "car", "flight"]), duplicate=st.booleans())
+    def start_trip(self, i: int, fail: str, duplicate: bool) -> None:
+        key = f"trip-{i}"
+        fail = self.trips.setdefault(key, fail)  # starting a trip again is a duplicate start
+        event = self.h.publish("travel.trips.requested", {"trip": key, "fail": fail})
+        self.starts.setdefault(key, []).append(event.id)
+        if duplicate:
+            self.h.send(event)  # the same event again (same id)
+
+    @rule(fault=message_faults(), match=st.sampled_from(TRIP_MATCHES), times=st.integers(1, 3))
+    def message_fault(self, fault: Any, match: str, times: int) -> None:
+        self.h.inject(fault, match=match, times=times)
+
+    @rule(crash=crashes(max_nth=8))
+    def arm_crash(self, crash: Any) -> None:
+        self.h.arm(crash)
+
+    @rule(slot=st.integers(0, WORKERS - 1), steps=st.integers(1, 20))
+    def step(self, slot: int, steps: int) -> None:
+        for _ in range(steps):
+            self.h.step(slot)
+
+    @rule(seconds=st.floats(0.0, 60.0))
+    def advance(self, seconds: float) -> None:
+        self.h.advance(seconds)
+
+    @rule(slot=st.integers(0, WORKERS - 1))
+    def kill_worker(self, slot: int) -> None:
+        self.h.crash(slot)
+
+    @rule(slot=st.integers(0, WORKERS - 1))
+    def start_worker(self, slot: int) -> None:
+        if self.h.workers[slot] is None:
+            self.h.start_worker(slot)
+
+    @rule()
+    def restart_broker(self) -> None:
+        self.h.restart_broker()
+
+    # -- what must always hold -------------------------------------------------------------------
+
+    @invariant()
+    def one_saga_per_trip(self) -> None:
+        keys = Counter(r.key for r in self.h.sagas(Trip))
+        assert all(n == 1 for n in keys.values()), keys
+        assert set(keys) <= set(self.trips)
+
+    @invariant()
+    def no_saga_handles_a_message_twice(self) -> None:
+        for record in self.h.sagas(Trip):
+            ids = [e.message_id for e in self.h.history(record.id)]
+            assert len(ids) == len(set(ids)), (record.key, ids)
+
+    @invariant()
+    def effects_apply_once_outside_the_crash_window(self) -> None:
+        _check_effects(self.h.stats)
+
+    # -- once the faults stop and the clock moves on ------------------------------------------------
+
+    @rule()
+    def faults_stop_and_every_saga_ends(self) -> None:
+        h = self.h
+        h.stop_faults()
+        for slot, worker in enumerate(h.workers):
+            if worker is None:
+                h.start_worker(slot)
+        h.auto_restart = True
+        try:
+            h.settle()
+        except Crashed as exc:  # pragma: no cover - the harness catches crashes itself
+            raise AssertionError(f"a crash escaped the harness: {exc}") from exc
+        sagas = {r.key: r for r in h.sagas(Trip)}
+        # a trip whose every start event the network lost never started (its publisher's loss)
+        arrived = {key for key, ids in self.starts.items() if any(h.network.copies[i] for i in ids)}
+        assert set(sagas) == arrived, "every trip whose start event arrived started exactly one saga"
+        for key, record in sagas.items():
+            assert record.final, (key, record.state)
+            _check_compensations(key, record.state, record.data.get("completed", []), self.trips[key])
+        _check_effects(h.stats)
+        h.auto_restart = False
+
+
+def _check_effects(stats: Stats) -> None:
+    per_request = Counter(request_id for _name, _trip, request_id in EFFECTS)
+    twice = sum(n - 1 for n in per_request.values())
+    window = sum(stats.crashes[w] for w in WINDOW)
+    assert twice <= window, f"{twice} effect(s) applied again, with only {window} crash(es) in the window"
+
+
+def _check_compensations(key: str, state: str, completed: list[str], fail: str) -> None:
+    done = [name for name, trip, _ in EFFECTS if trip == key]
+    undone = list(dict.fromkeys(n for n in done if n in UNDO.values()))
+    if state == "completed":
+        assert completed == ["hotel", "car", "flight"]
+        assert not undone, (key, done)
+        assert fail == ""
+    else:
+        assert state == "compensated", (key, state)
+        # exactly the steps that completed, in reverse order
+        assert undone == [UNDO[s] for s in reversed(completed) if s in UNDO], (key, completed, done)
+        # and the completed ones are a prefix of the steps: nothing ran after a failed one
+        assert completed == ["hotel", "car", "flight"][: len(completed)]
+        for step in completed:
+            assert DO[step] in done
+
+
+TestSagaFaults = SagaFaults.TestCase
