@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import os
 import signal
 import subprocess
 import sys
@@ -26,61 +25,33 @@ import time
 import uuid
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from drillkit import (
+    PG,
+    ROOT,
+    URL,
+    WaitTimeout,
+    cleanup,
+    consumers,
+    depth,
+    drop_schema,
+    expected,
+    lines,
+    pg_store,
+    restart_broker,
+    start_worker,
+    upload,
+    wait,
+)
 
-from sagas import (  # noqa: E402
+from sagas import (
     Event,
     EventBus,
     configure_logging,
 )
-from sagas._demo import MailSink  # noqa: E402
-from transport import PublishError  # noqa: E402
+from sagas._demo import MailSink
+from transport import PublishError
 
 configure_logging(level="warning")
-URL = os.environ.get("SAGAS_DRILL_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
-
-
-def start_worker(app: str, exchange: str, out: Path, store: Path | str, **env: str) -> subprocess.Popen[bytes]:
-    e = {**os.environ, "DRILL_OUT": str(out), "DRILL_EXCHANGE": exchange, "SAGAS_EXCHANGE": exchange,
-         "PYTHONPATH": f"{ROOT}:{ROOT / 'scripts'}", **env}
-    log = open(out.with_suffix(".log"), "ab")  # noqa: SIM115 - handed to the child
-    return subprocess.Popen(
-        [sys.executable, "-m", "sagas", "--log-level", "warning", "run", app, "--broker", URL,
-         "--store", store if isinstance(store, str) else f"sqlite:///{store}", "--exchange", exchange],
-        env=e, stdout=log, stderr=log, cwd=ROOT,
-    )
-
-
-def lines(out: Path, tag: str) -> list[int]:
-    if not out.exists():
-        return []
-    result = []
-    for line in out.read_text().splitlines():
-        parts = line.split()
-        if len(parts) == 2 and parts[0] == tag:
-            result.append(int(parts[1]))
-    return result
-
-
-def wait(pred, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise SystemExit(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
-def cleanup(exchange: str, queues: list[str] | None = None) -> None:
-    """Delete the drill's exchange and every queue whose name starts with it (workers ran in other
-    processes, so the queues they declared are found on the broker, with rabbitmqctl)."""
-    listed = subprocess.run(["rabbitmqctl", "-q", "list_queues", "name"], capture_output=True, text=True,
-                            timeout=120, check=False).stdout.split()
-    bus = EventBus(URL, exchange=exchange)
-    bus.declared_queues.update(queues or [])
-    bus.declared_queues.update(q for q in listed if q.startswith(f"{exchange}."))
-    bus.delete_topology()
-    bus.close()
 
 
 def kill_worker(n: int) -> None:
@@ -89,7 +60,7 @@ def kill_worker(n: int) -> None:
         out, store = Path(tmp) / "effects.txt", Path(tmp) / "s.db"
         w = start_worker("drill_app:app", exchange, out, store)
         bus = EventBus(URL, exchange=exchange)
-        wait(lambda: _consumers(f"{exchange}.drill.record") > 0, 30, "worker")
+        wait(lambda: consumers(f"{exchange}.drill.record") > 0, 30, "worker")
         t0 = time.monotonic()
         bus.publish_many([Event("drill.events.created", {"n": i}) for i in range(n)])
         wait(lambda: len(lines(out, "alo")) >= n // 2, 120, "half handled")
@@ -103,10 +74,12 @@ def kill_worker(n: int) -> None:
         w.wait(30)
         got = lines(out, "alo")
         dupes = len(got) - len(set(got))
-        print(f"kill-worker: published {n}, handled before kill -9 {handled_at_kill}, "
-              f"distinct handled {len(set(got))}, lost {n - len(set(got) & set(range(n)))}, "
-              f"redelivered duplicates {dupes} (at-least-once without inbox), {elapsed:.1f}s, "
-              f"worker exit after SIGTERM {w.returncode}")
+        print(
+            f"kill-worker: published {n}, handled before kill -9 {handled_at_kill}, "
+            f"distinct handled {len(set(got))}, lost {n - len(set(got) & set(range(n)))}, "
+            f"redelivered duplicates {dupes} (at-least-once without inbox), {elapsed:.1f}s, "
+            f"worker exit after SIGTERM {w.returncode}"
+        )
         bus.close()
         cleanup(exchange)
 
@@ -117,16 +90,14 @@ def broker_restart(n: int) -> None:
         out, store = Path(tmp) / "effects.txt", Path(tmp) / "s.db"
         w = start_worker("drill_app:app", exchange, out, store)
         bus = EventBus(URL, exchange=exchange, publish_timeout=5, connect_timeout=2)
-        wait(lambda: _consumers(f"{exchange}.drill.record") > 0, 30, "worker")
+        wait(lambda: consumers(f"{exchange}.drill.record") > 0, 30, "worker")
         ok: list[int] = []
         failed: collections.Counter[str] = collections.Counter()
         restarted = threading.Event()
 
         def restart() -> None:
             wait(lambda: len(ok) >= n // 3, 120, "a third published")
-            subprocess.run(["rabbitmqctl", "stop_app"], check=True, capture_output=True)
-            time.sleep(3)  # the broker stays down for a while: publishes must fail, not hang
-            subprocess.run(["rabbitmqctl", "start_app"], check=True, capture_output=True)
+            restart_broker(down=3)  # the broker stays down for a while: publishes must fail, not hang
             restarted.set()
 
         threading.Thread(target=restart, daemon=True).start()
@@ -148,10 +119,12 @@ def broker_restart(n: int) -> None:
         w.send_signal(signal.SIGTERM)
         w.wait(30)
         got = set(lines(out, "alo"))
-        print(f"broker-restart: publish calls {i}, returned {len(ok)}, raised {sum(failed.values())} "
-              f"({dict(failed)}), confirmed and handled {len(got & set(ok))}/{len(ok)}, "
-              f"failed-publish events handled anyway {len(got - set(ok))}, {time.monotonic() - t0:.1f}s, "
-              f"worker exit {w.returncode}")
+        print(
+            f"broker-restart: publish calls {i}, returned {len(ok)}, raised {sum(failed.values())} "
+            f"({dict(failed)}), confirmed and handled {len(got & set(ok))}/{len(ok)}, "
+            f"failed-publish events handled anyway {len(got - set(ok))}, {time.monotonic() - t0:.1f}s, "
+            f"worker exit {w.returncode}"
+        )
         bus.close()
         cleanup(exchange)
 
@@ -163,7 +136,7 @@ def at_most_once() -> None:
         a = start_worker("drill_app:app", exchange, out, store, DRILL_AMO_SLEEP="30")
         b = start_worker("drill_app:app", exchange, out, store, DRILL_AMO_SLEEP="30")
         bus = EventBus(URL, exchange=exchange)
-        wait(lambda: _consumers(f"{exchange}.drill.seen") == 2, 30, "two workers")
+        wait(lambda: consumers(f"{exchange}.drill.seen") == 2, 30, "two workers")
         bus.publish_many([Event("drill.presence.seen", {"n": i}) for i in range(2)])
         wait(lambda: len(lines(out, "amo-start")) == 2, 30, "both handlers started")
         a.send_signal(signal.SIGKILL)
@@ -171,15 +144,17 @@ def at_most_once() -> None:
         a.wait()
         b.wait()
         c = start_worker("drill_app:app", exchange, out, store, DRILL_AMO_SLEEP="0")
-        wait(lambda: _consumers(f"{exchange}.drill.seen") == 1, 30, "new worker")
+        wait(lambda: consumers(f"{exchange}.drill.seen") == 1, 30, "new worker")
         bus.publish(Event("drill.presence.seen", {"n": 99}))
         wait(lambda: 99 in lines(out, "amo"), 30, "a new event")
         c.send_signal(signal.SIGTERM)
         c.wait(30)
         starts = lines(out, "amo-start")
-        print(f"at-most-once: 2 events in flight when both workers were killed; deliveries after restart "
-              f"of those 2: {len([s for s in starts if s in (0, 1)]) - 2}; new event handled: "
-              f"{99 in lines(out, 'amo')}")
+        print(
+            f"at-most-once: 2 events in flight when both workers were killed; deliveries after restart "
+            f"of those 2: {len([s for s in starts if s in (0, 1)]) - 2}; new event handled: "
+            f"{99 in lines(out, 'amo')}"
+        )
         bus.close()
         cleanup(exchange)
 
@@ -191,7 +166,7 @@ def notifications(n: int) -> None:
         env = {"SMTP_HOST": sink.host, "SMTP_PORT": str(sink.port)}
         w = start_worker("examples.notifications:app", exchange, out, store, **env)
         queue = f"{exchange}.notifications.mail_grantee"
-        wait(lambda: _consumers(queue) > 0, 30, "worker")
+        wait(lambda: consumers(queue) > 0, 30, "worker")
         bus = EventBus(URL, exchange=exchange)
         from examples.notifications import share_created
 
@@ -205,41 +180,17 @@ def notifications(n: int) -> None:
             kills.append(len(sink.mails))
             w = start_worker("examples.notifications:app", exchange, out, store, **env)
         wait(lambda: len({m["X-Share-Id"] for m in sink.mails}) >= n, 300, "every share mailed")
-        wait(lambda: _depth(queue) == 0, 60, "queue empty")
+        wait(lambda: depth(queue) == 0, 60, "queue empty")
         w.send_signal(signal.SIGTERM)
         w.wait(30)
         per_share = collections.Counter(m["X-Share-Id"] for m in sink.mails)
         dupes = sum(c - 1 for c in per_share.values())
-        print(f"notifications: shares {n}, mailed {len(per_share)}, mails {len(sink.mails)}, "
-              f"duplicates {dupes} (2 kills, at mails {kills}), worker exit {w.returncode}")
+        print(
+            f"notifications: shares {n}, mailed {len(per_share)}, mails {len(sink.mails)}, "
+            f"duplicates {dupes} (2 kills, at mails {kills}), worker exit {w.returncode}"
+        )
         bus.close()
         cleanup(exchange)
-
-
-PG = os.environ.get("SAGAS_DRILL_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
-def _upload(i: int) -> Event:
-    # a mix: every 5th is infected (delete), every 7th otherwise is 20 MiB (abort), the rest are clean
-    name = f"eicar-{i}.com" if i % 5 == 0 else f"file-{i}.txt"
-    size = 20 * 1024 * 1024 if i % 7 == 0 else 1000 + i
-    return Event("ocis.storage.bytes_received", {"upload_id": f"up-{i}", "name": name, "size": size, "user": "marie"})
-
-
-def _expected(i: int) -> str:
-    return "delete" if i % 5 == 0 else "abort" if i % 7 == 0 else "continue"
-
-
-def _pg_store(schema: str):  # type: ignore[no-untyped-def]
-    from sagas import open_store
-
-    return open_store(f"{PG}?schema={schema}")
-
-
-def _drop_schema(schema: str) -> None:
-    import psycopg
-    from psycopg import sql
-
-    with psycopg.connect(PG, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
 
 
 def postprocessing(n: int) -> None:
@@ -249,12 +200,12 @@ def postprocessing(n: int) -> None:
     env = {"FAIL_RATE": "0.2", "DROP_RATE": "0.1"}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "w.txt"
-        store = _pg_store(schema)
+        store = pg_store(schema)
         workers = [start_worker("examples.postprocessing:app", exchange, out, store_url, **env) for _ in range(2)]
-        wait(lambda: _consumers(f"{exchange}.saga.postprocessing") == 2, 60, "two workers")
+        wait(lambda: consumers(f"{exchange}.saga.postprocessing") == 2, 60, "two workers")
         bus = EventBus(URL, exchange=exchange)
         t0 = time.monotonic()
-        bus.publish_many([_upload(i) for i in range(n)])
+        bus.publish_many([upload(i) for i in range(n)])
         wait(lambda: sum(1 for s in store.list_sagas(limit=n + 10) if s.final) >= n // 2, 300, "half final")
         final_at_kill = sum(1 for s in store.list_sagas(limit=n + 10) if s.final)
         workers[0].send_signal(signal.SIGKILL)
@@ -268,24 +219,31 @@ def postprocessing(n: int) -> None:
         wait(all_final, 600, "every saga final")
         elapsed = time.monotonic() - t0
         sagas = store.list_sagas(limit=n + 10)
-        wrong = [s.key for s in sagas if s.data.get("outcome") != _expected(int(s.key.split("-")[1]))]
+        wrong = [s.key for s in sagas if s.data.get("outcome") != expected(int(s.key.split("-")[1]))]
         outcomes = collections.Counter(s.data.get("outcome") for s in sagas)
         states = collections.Counter(s.state for s in sagas)
         stuck = store.list_sagas(stuck_before=time.time() - 60)
-        ls_stuck = subprocess.run([sys.executable, "-m", "sagas", "ls", "--stuck", "--json", "--store", store_url],
-                                  capture_output=True, text=True, cwd=ROOT, check=True).stdout.strip()
+        ls_stuck = subprocess.run(
+            [sys.executable, "-m", "sagas", "ls", "--stuck", "--json", "--store", store_url],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            check=True,
+        ).stdout.strip()
         resends = sum(1 for s in sagas for h in store.saga_history(s.id) if h.reason.startswith("deadline passed"))
         for w in workers:
             w.send_signal(signal.SIGTERM)
         codes = [w.wait(60) for w in workers]
-        print(f"postprocessing: {n} uploads, 2 workers (RabbitMQ + PostgreSQL), FAIL_RATE=0.2 DROP_RATE=0.1, "
-              f"kill -9 one worker at {final_at_kill} final; all {len(sagas)} final after {elapsed:.1f}s; "
-              f"states {dict(states)}; outcomes {dict(outcomes)}; wrong outcomes {len(wrong)}; "
-              f"stuck {len(stuck)}; `sagas ls --stuck --json` printed {len(ls_stuck.splitlines())} line(s); "
-              f"requests re-sent by deadlines {resends}; worker exits {codes}")
+        print(
+            f"postprocessing: {n} uploads, 2 workers (RabbitMQ + PostgreSQL), FAIL_RATE=0.2 DROP_RATE=0.1, "
+            f"kill -9 one worker at {final_at_kill} final; all {len(sagas)} final after {elapsed:.1f}s; "
+            f"states {dict(states)}; outcomes {dict(outcomes)}; wrong outcomes {len(wrong)}; "
+            f"stuck {len(stuck)}; `sagas ls --stuck --json` printed {len(ls_stuck.splitlines())} line(s); "
+            f"requests re-sent by deadlines {resends}; worker exits {codes}"
+        )
         bus.close()
         store.close()
-        _drop_schema(schema)
+        drop_schema(schema)
         cleanup(exchange)
 
 
@@ -298,22 +256,29 @@ def deadlines() -> None:
     env = {"DROP_RATE": "1.0"}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "w.txt"
-        store = _pg_store(schema)
+        store = pg_store(schema)
         a = start_worker("examples.postprocessing:app", exchange, out, store_url, **env)
-        wait(lambda: _consumers(f"{exchange}.saga.postprocessing") == 1, 60, "worker A")
+        wait(lambda: consumers(f"{exchange}.saga.postprocessing") == 1, 60, "worker A")
         bus = EventBus(URL, exchange=exchange)
-        bus.publish_many([_upload(i) for i in range(1, 21) if i % 5 and i % 7])  # clean uploads
+        bus.publish_many([upload(i) for i in range(1, 21) if i % 5 and i % 7])  # clean uploads
         count = len([i for i in range(1, 21) if i % 5 and i % 7])
         wait(lambda: len(store.list_sagas()) == count, 60, "sagas started")
         a.send_signal(signal.SIGKILL)
         a.wait()
         killed_at = time.time()
-        wait(lambda: all(s.deadline is not None and s.deadline < time.time() - 1 for s in store.list_sagas()),
-             60, "deadlines to pass while no worker runs")
+        wait(
+            lambda: all(s.deadline is not None and s.deadline < time.time() - 1 for s in store.list_sagas()),
+            60,
+            "deadlines to pass while no worker runs",
+        )
 
         def resent_after(t: float) -> int:
-            return sum(1 for s in store.list_sagas() for h in store.saga_history(s.id)
-                       if h.reason.startswith("deadline passed") and h.at > t)
+            return sum(
+                1
+                for s in store.list_sagas()
+                for h in store.saga_history(s.id)
+                if h.reason.startswith("deadline passed") and h.at > t
+            )
 
         assert resent_after(killed_at) == 0
         b = start_worker("examples.postprocessing:app", exchange, out, store_url, **env)
@@ -323,25 +288,39 @@ def deadlines() -> None:
         b.send_signal(signal.SIGKILL)
         b.wait()
         killed_b = time.time()
-        wait(lambda: all(s.final or (s.deadline is not None and s.deadline < time.time() - 0.5)
-                         for s in store.list_sagas()), 60, "deadlines to pass again")
+        wait(
+            lambda: all(
+                s.final or (s.deadline is not None and s.deadline < time.time() - 0.5) for s in store.list_sagas()
+            ),
+            60,
+            "deadlines to pass again",
+        )
         a = start_worker("examples.postprocessing:app", exchange, out, store_url, **env)
         restarted = time.time()
-        wait(lambda: resent_after(restarted) + sum(1 for s in store.list_sagas() if s.final) > 0, 60,
-             "restarted worker A to fire deadlines")
+        wait(
+            lambda: resent_after(restarted) + sum(1 for s in store.list_sagas() if s.final) > 0,
+            60,
+            "restarted worker A to fire deadlines",
+        )
         wait(lambda: all(s.final for s in store.list_sagas()), 600, "every saga final")
-        fired_by_a = sum(1 for s in store.list_sagas() for h in store.saga_history(s.id)
-                         if h.at > restarted and h.message_id.startswith("deadline:"))
+        fired_by_a = sum(
+            1
+            for s in store.list_sagas()
+            for h in store.saga_history(s.id)
+            if h.at > restarted and h.message_id.startswith("deadline:")
+        )
         outcomes = collections.Counter((s.state, s.data.get("outcome")) for s in store.list_sagas())
         a.send_signal(signal.SIGTERM)
         a.wait(60)
-        print(f"deadlines: {count} sagas waiting on unanswered requests; worker A killed; no deadline fired while "
-              f"no worker ran; worker B (started {started_b - killed_at:.1f}s after) re-sent {fired_by_b} requests; "
-              f"B killed {killed_b - started_b:.1f}s later; restarted A fired {fired_by_a} deadline transitions; "
-              f"final: {dict(outcomes)}")
+        print(
+            f"deadlines: {count} sagas waiting on unanswered requests; worker A killed; no deadline fired while "
+            f"no worker ran; worker B (started {started_b - killed_at:.1f}s after) re-sent {fired_by_b} requests; "
+            f"B killed {killed_b - started_b:.1f}s later; restarted A fired {fired_by_a} deadline transitions; "
+            f"final: {dict(outcomes)}"
+        )
         bus.close()
         store.close()
-        _drop_schema(schema)
+        drop_schema(schema)
         cleanup(exchange)
 
 
@@ -353,12 +332,12 @@ def scale(n: int) -> None:
         store_url = f"{PG}?schema={exchange}"
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "w.txt"
-            store = _pg_store(exchange)
+            store = pg_store(exchange)
             workers = [start_worker("examples.postprocessing:app", exchange, out, store_url) for _ in range(count)]
-            wait(lambda c=count, q=f"{exchange}.saga.postprocessing": _consumers(q) == c, 60, "workers")
+            wait(lambda c=count, q=f"{exchange}.saga.postprocessing": consumers(q) == c, 60, "workers")
             bus = EventBus(URL, exchange=exchange)
             t0 = time.monotonic()
-            bus.publish_many([_upload(i) for i in range(n)])
+            bus.publish_many([upload(i) for i in range(n)])
             wait(lambda st=store: sum(1 for s in st.list_sagas(limit=n + 10) if s.final) >= n, 600, "all final")
             elapsed = time.monotonic() - t0
             results.setdefault(count, []).append(n / elapsed)
@@ -367,62 +346,53 @@ def scale(n: int) -> None:
                 w.wait(60)
             bus.close()
             store.close()
-            _drop_schema(exchange)
+            drop_schema(exchange)
             cleanup(exchange)
     one, two = (sorted(results[c])[len(results[c]) // 2] for c in (1, 2))
-    print(f"scale: {n} post-processing sagas on RabbitMQ + PostgreSQL; sagas/s with 1 worker {results[1]}, "
-          f"with 2 workers {results[2]}; best-of ratio {max(results[2]) / max(results[1]):.2f}; "
-          f"upper-median ratio {two / one:.2f}")
-
-
-def _amqp():  # type: ignore[no-untyped-def]
-    import amqp
-
-    c = amqp.Connection("127.0.0.1:5672", userid="guest", password="guest")
-    c.connect()
-    return c
-
-
-def _consumers(queue: str) -> int:
-    import amqp
-
-    c = _amqp()
-    try:
-        return int(c.channel().queue_declare(queue, passive=True).consumer_count)
-    except amqp.exceptions.NotFound:
-        return 0
-    finally:
-        c.close()
-
-
-def _depth(queue: str) -> int:
-    c = _amqp()
-    try:
-        return int(c.channel().queue_declare(queue, passive=True).message_count)
-    finally:
-        c.close()
+    print(
+        f"scale: {n} post-processing sagas on RabbitMQ + PostgreSQL; sagas/s with 1 worker {results[1]}, "
+        f"with 2 workers {results[2]}; best-of ratio {max(results[2]) / max(results[1]):.2f}; "
+        f"upper-median ratio {two / one:.2f}"
+    )
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("drill", choices=["kill-worker", "broker-restart", "at-most-once", "notifications",
-                                     "postprocessing", "deadlines", "scale"])
+    p.add_argument(
+        "drill",
+        choices=[
+            "kill-worker",
+            "broker-restart",
+            "at-most-once",
+            "notifications",
+            "postprocessing",
+            "deadlines",
+            "scale",
+        ],
+    )
     p.add_argument("-n", type=int, default=None)
     a = p.parse_args()
-    if a.drill == "kill-worker":
-        kill_worker(a.n or 10_000)
-    elif a.drill == "broker-restart":
-        broker_restart(a.n or 10_000)
-    elif a.drill == "at-most-once":
+    try:
+        run(a.drill, a.n)
+    except WaitTimeout as exc:
+        raise SystemExit(str(exc)) from None
+
+
+def run(drill: str, n: int | None) -> None:
+    if drill == "kill-worker":
+        kill_worker(n or 10_000)
+    elif drill == "broker-restart":
+        broker_restart(n or 10_000)
+    elif drill == "at-most-once":
         at_most_once()
-    elif a.drill == "postprocessing":
-        postprocessing(a.n or 500)
-    elif a.drill == "deadlines":
+    elif drill == "postprocessing":
+        postprocessing(n or 500)
+    elif drill == "deadlines":
         deadlines()
-    elif a.drill == "scale":
-        scale(a.n or 500)
+    elif drill == "scale":
+        scale(n or 500)
     else:
-        notifications(a.n or 1000)
+        notifications(n or 1000)
 
 
 if __name__ == "__main__":

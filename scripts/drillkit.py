@@ -1,0 +1,330 @@
+"""Helpers shared by the fault drills (``scripts/drills.py``) and the real-process fault tests
+(``tests/faults``): worker processes, effect files, waiting, the local broker and database, and clean-up.
+
+Workers run as separate ``python -m sagas run`` processes. The drill app (``drill_app.py``) writes one line
+per handled event to the file named by ``DRILL_OUT``, which :func:`lines` reads back. Broker and database
+control uses ``rabbitmqctl`` and ``pg_ctlcluster`` on this machine, so the faults only work against a local
+RabbitMQ and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from sagas import Event, EventBus  # noqa: E402
+
+URL = os.environ.get("SAGAS_DRILL_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
+PG = os.environ.get("SAGAS_DRILL_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+class WaitTimeout(AssertionError):
+    """A condition a drill or test waited for did not come true in time."""
+
+
+# -- worker processes and their effects ---------------------------------------------------------------
+
+
+def start_worker(
+    app: str, exchange: str, out: Path, store: Path | str, *, url: str = URL, **env: str
+) -> subprocess.Popen[bytes]:
+    """Start ``python -m sagas run app`` on ``exchange``. The drill app appends its effects to ``out``;
+    the worker's own output goes to ``out`` with the suffix ``.log``."""
+    e = {
+        **os.environ,
+        "DRILL_OUT": str(out),
+        "DRILL_EXCHANGE": exchange,
+        "SAGAS_EXCHANGE": exchange,
+        "PYTHONPATH": f"{ROOT}:{ROOT / 'scripts'}",
+        **env,
+    }
+    log = open(out.with_suffix(".log"), "ab")  # noqa: SIM115 - handed to the child
+    try:
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "sagas",
+                "--log-level",
+                "warning",
+                "run",
+                app,
+                "--broker",
+                url,
+                "--store",
+                store if isinstance(store, str) else f"sqlite:///{store}",
+                "--exchange",
+                exchange,
+            ],
+            env=e,
+            stdout=log,
+            stderr=log,
+            cwd=ROOT,
+        )
+    finally:
+        log.close()
+
+
+def lines(out: Path, tag: str) -> list[int]:
+    """The numbers the drill app wrote after ``tag`` in ``out``, one per handled event, in order."""
+    if not out.exists():
+        return []
+    result = []
+    # A line still being written (no newline yet) is not counted: it is complete on the next read.
+    for line in out.read_text().split("\n")[:-1]:
+        parts = line.split()
+        if len(parts) == 2 and parts[0] == tag:
+            result.append(int(parts[1]))
+    return result
+
+
+def wait(pred: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> None:
+    """Poll ``pred`` until it is truthy; raise :class:`WaitTimeout` naming ``what`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise WaitTimeout(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+# -- events of the post-processing example ------------------------------------------------------------
+
+
+def upload(i: int) -> Event:
+    """Upload number ``i``: every 5th is infected (delete), every 7th otherwise is 20 MiB (abort), the rest
+    are clean (continue)."""
+    name = f"eicar-{i}.com" if i % 5 == 0 else f"file-{i}.txt"
+    size = 20 * 1024 * 1024 if i % 7 == 0 else 1000 + i
+    return Event("ocis.storage.bytes_received", {"upload_id": f"up-{i}", "name": name, "size": size, "user": "marie"})
+
+
+def expected(i: int) -> str:
+    """The outcome upload ``i`` gets when no participant fails for good."""
+    return "delete" if i % 5 == 0 else "abort" if i % 7 == 0 else "continue"
+
+
+# -- RabbitMQ -----------------------------------------------------------------------------------------
+
+
+def rabbitmqctl(*args: str, timeout: float = 120) -> str:
+    """Run ``rabbitmqctl args`` on this machine; raise if it fails."""
+    return subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True, timeout=timeout, check=True).stdout
+
+
+def _amqp(url: str = URL):  # type: ignore[no-untyped-def]
+    import amqp
+
+    u = urlsplit(url.split(";")[0])
+    vhost = u.path[1:] if len(u.path) > 1 else "/"
+    c = amqp.Connection(
+        f"{u.hostname or '127.0.0.1'}:{u.port or 5672}",
+        userid=u.username or "guest",
+        password=u.password or "guest",
+        virtual_host=vhost or "/",
+        connect_timeout=5,
+    )
+    c.connect()
+    return c
+
+
+def consumers(queue: str, url: str = URL) -> int:
+    """Consumers on ``queue`` (0 if it does not exist)."""
+    import amqp
+
+    c = _amqp(url)
+    try:
+        return int(c.channel().queue_declare(queue, passive=True).consumer_count)
+    except amqp.exceptions.NotFound:
+        return 0
+    finally:
+        c.close()
+
+
+def depth(queue: str, url: str = URL) -> int:
+    """Ready messages in ``queue``."""
+    c = _amqp(url)
+    try:
+        return int(c.channel().queue_declare(queue, passive=True).message_count)
+    finally:
+        c.close()
+
+
+def broker_answers(url: str = URL) -> bool:
+    """Whether the broker completes an AMQP handshake and opens a channel."""
+    try:
+        c = _amqp(url)
+    except Exception:  # noqa: BLE001 - any failure means: not (yet) answering
+        return False
+    try:
+        c.channel().close()
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+    finally:
+        with contextlib.suppress(Exception):  # closing a connection that broke
+            c.close()
+
+
+def await_broker(url: str = URL, timeout: float = 120) -> None:
+    """Wait until the local RabbitMQ answers AMQP (after ``rabbitmqctl await_startup`` if it does not yet)."""
+    if broker_answers(url):
+        return
+    subprocess.run(
+        ["rabbitmqctl", "-q", "await_startup", "--timeout", str(int(timeout))],
+        capture_output=True,
+        timeout=timeout + 30,
+        check=False,
+    )
+    wait(lambda: broker_answers(url), timeout, "RabbitMQ to answer AMQP", interval=0.2)
+
+
+def restart_broker(down: float = 2.0, url: str = URL) -> float:
+    """``rabbitmqctl stop_app``, stay down ``down`` seconds, ``start_app``, and wait until the broker
+    answers AMQP. Always starts the app again, even if stopping failed. Returns the seconds from the
+    stop command to answering again (each rabbitmqctl call adds a second or two of its own)."""
+    t0 = time.monotonic()
+    try:
+        rabbitmqctl("stop_app")
+        time.sleep(down)
+    finally:
+        rabbitmqctl("start_app")
+        await_broker(url)
+    return time.monotonic() - t0
+
+
+def close_all_connections(reason: str = "test") -> None:
+    """Close every client connection from the broker's side (clients see a connection-forced close)."""
+    rabbitmqctl("close_all_connections", reason)
+
+
+def cleanup(exchange: str, queues: list[str] | None = None, url: str = URL) -> list[str]:
+    """Delete the drill's exchange and every queue whose name starts with it (workers ran in other
+    processes, so the queues they declared are found on the broker, with rabbitmqctl). Returns the
+    queues it deleted."""
+    listed = subprocess.run(
+        ["rabbitmqctl", "-q", "list_queues", "name"], capture_output=True, text=True, timeout=120, check=False
+    ).stdout.split()
+    bus = EventBus(url, exchange=exchange)
+    bus.declared_queues.update(queues or [])
+    bus.declared_queues.update(q for q in listed if q.startswith(f"{exchange}."))
+    deleted = sorted(bus.declared_queues)
+    bus.delete_topology()
+    bus.close()
+    return deleted
+
+
+def queue_exists(queue: str, url: str = URL) -> bool:
+    import amqp
+
+    c = _amqp(url)
+    try:
+        c.channel().queue_declare(queue, passive=True)
+        return True
+    except amqp.exceptions.NotFound:
+        return False
+    finally:
+        with contextlib.suppress(Exception):
+            c.close()
+
+
+def exchange_exists(exchange: str, url: str = URL) -> bool:
+    import amqp
+
+    c = _amqp(url)
+    try:
+        c.channel().exchange_declare(exchange, "topic", passive=True)
+        return True
+    except amqp.exceptions.NotFound:
+        return False
+    finally:
+        with contextlib.suppress(Exception):
+            c.close()
+
+
+# -- PostgreSQL ---------------------------------------------------------------------------------------
+
+
+def pg_store(schema: str, pg: str = PG):  # type: ignore[no-untyped-def]
+    from sagas import open_store
+
+    return open_store(f"{pg}?schema={schema}")
+
+
+def drop_schema(schema: str, pg: str = PG) -> None:
+    import psycopg
+    from psycopg import sql
+
+    with psycopg.connect(pg, autocommit=True, connect_timeout=10) as conn:
+        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+
+
+def schema_exists(schema: str, pg: str = PG) -> bool:
+    import psycopg
+
+    with psycopg.connect(pg, autocommit=True, connect_timeout=10) as conn:
+        row = conn.execute("SELECT 1 FROM information_schema.schemata WHERE schema_name = %s", (schema,)).fetchone()
+        return row is not None
+
+
+def postgres_answers(pg: str = PG) -> bool:
+    import psycopg
+
+    try:
+        with psycopg.connect(pg, connect_timeout=3) as conn:
+            conn.execute("SELECT 1")
+        return True
+    except psycopg.Error:
+        return False
+
+
+def pg_cluster() -> tuple[str, str]:
+    """(version, name) of the local PostgreSQL cluster: ``SAGAS_PG_CLUSTER`` (e.g. ``15/main``), or the only
+    version under /etc/postgresql with the cluster ``main``."""
+    spec = os.environ.get("SAGAS_PG_CLUSTER")
+    if spec:
+        version, _, name = spec.partition("/")
+        return version, name or "main"
+    versions = sorted(os.listdir("/etc/postgresql")) if os.path.isdir("/etc/postgresql") else []
+    return (versions[-1] if versions else "15"), "main"
+
+
+def await_postgres(pg: str = PG, timeout: float = 120) -> None:
+    """Wait until PostgreSQL accepts a connection and runs a query."""
+    wait(lambda: postgres_answers(pg), timeout, "PostgreSQL to answer", interval=0.2)
+
+
+def restart_postgres(pg: str = PG) -> float:
+    """``pg_ctlcluster restart`` the local cluster and wait until it answers; if the restart failed, start it.
+    Returns the seconds it took."""
+    version, name = pg_cluster()
+    t0 = time.monotonic()
+    try:
+        subprocess.run(
+            ["pg_ctlcluster", "--skip-systemctl-redirect", version, name, "restart"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        )
+    finally:
+        if not postgres_answers(pg):
+            subprocess.run(
+                ["pg_ctlcluster", "--skip-systemctl-redirect", version, name, "start"],
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=False,
+            )
+        await_postgres(pg)
+    return time.monotonic() - t0
