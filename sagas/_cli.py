@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import json
 import os
+import ssl
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any, NoReturn
 from urllib.parse import urlsplit
@@ -32,6 +34,51 @@ _exchange = click.option(
     "--exchange", envvar="SAGAS_EXCHANGE", default=None,
     help="Events exchange name (default 'sagas'; for `run`, the app's). Env: SAGAS_EXCHANGE.",
 )
+_PEM = click.Path(exists=True, dir_okay=False, readable=True)
+_TLS_OPTIONS = [
+    click.option("--ssl-ca", envvar="SAGAS_SSL_CA", type=_PEM, default=None,
+                 help="CA bundle (PEM) that signed the broker's certificate; default: the system CAs. Implies "
+                      "TLS. Env: SAGAS_SSL_CA."),
+    click.option("--ssl-cert", envvar="SAGAS_SSL_CERT", type=_PEM, default=None,
+                 help="Client certificate (PEM), for brokers that ask for one. Env: SAGAS_SSL_CERT."),
+    click.option("--ssl-key", envvar="SAGAS_SSL_KEY", type=_PEM, default=None,
+                 help="Private key (PEM) of --ssl-cert, unless that file holds it. Env: SAGAS_SSL_KEY."),
+]
+
+
+def tls_options(broker: str, ca: str | None = None, cert: str | None = None,
+                key: str | None = None) -> dict[str, Any] | None:
+    """The ``ssl`` argument of :class:`EventBus` for a broker URL and TLS files: None (plain AMQP) unless
+    the URL is ``amqps://`` or a file is given. With TLS, the broker's certificate must chain to ``ca``
+    (or to a system CA) and name the host of the URL (``server_hostname=None``: kombu puts in the host
+    of each connection)."""
+    hosts = [h.strip() for h in broker.split(";") if h.strip()]
+    if not (ca or cert or key or any(h.startswith("amqps://") for h in hosts)):
+        return None
+    if any(h.startswith("memory://") for h in hosts):
+        raise click.BadParameter("TLS options need an amqp:// or amqps:// broker, not memory://")
+    if key and not cert:
+        raise click.BadParameter("--ssl-key (SAGAS_SSL_KEY) needs --ssl-cert (SAGAS_SSL_CERT)")
+    options: dict[str, Any] = {"cert_reqs": ssl.CERT_REQUIRED, "server_hostname": None}
+    if ca:
+        options["ca_certs"] = ca
+    if cert:
+        options["certfile"] = cert
+        options["keyfile"] = key
+    return options
+
+
+def _tls(command: Callable[..., None]) -> Callable[..., None]:
+    """Add --ssl-ca, --ssl-cert and --ssl-key to a command that connects; it gets them as ``tls``
+    (the ``ssl`` argument of EventBus, from :func:`tls_options`)."""
+
+    @functools.wraps(command)
+    def with_tls(*args: Any, ssl_ca: str | None, ssl_cert: str | None, ssl_key: str | None, **kwargs: Any) -> None:
+        command(*args, tls=tls_options(kwargs["broker"], ssl_ca, ssl_cert, ssl_key), **kwargs)
+
+    for option in reversed(_TLS_OPTIONS):
+        with_tls = option(with_tls)
+    return with_tls
 
 
 def _import_attribute(spec: str, example: str, default: str | None = None) -> Any:
@@ -122,12 +169,14 @@ def cli(log_json: bool, log_level: str) -> None:
 @cli.command()
 @click.argument("app")
 @_broker
+@_tls
 @_exchange
 @_store
 @click.option("--concurrency", default=4, show_default=True, help="Handlers running at once.")
 @click.option("--grace-period", default=60.0, show_default=True,
               help="Exit non-zero (3) if the broker stays unreachable this many seconds.")
-def run(app: str, broker: str, exchange: str | None, store: str, concurrency: int, grace_period: float) -> None:
+def run(app: str, broker: str, tls: dict[str, Any] | None, exchange: str | None, store: str, concurrency: int,
+        grace_period: float) -> None:
     """Run every service of APP (module:attribute) until SIGTERM or SIGINT.
 
     \b
@@ -137,7 +186,7 @@ def run(app: str, broker: str, exchange: str | None, store: str, concurrency: in
     from ._worker import Worker
 
     worker = Worker(_load_app(app), broker=broker, store=store, exchange=exchange,
-                    concurrency=concurrency, grace_period=grace_period)
+                    concurrency=concurrency, grace_period=grace_period, ssl=tls)
     sys.exit(worker.run(install_signals=True))
 
 
@@ -145,12 +194,14 @@ def run(app: str, broker: str, exchange: str | None, store: str, concurrency: in
 @click.argument("type")
 @click.argument("payload", default="{}")
 @_broker
+@_tls
 @_exchange
 @click.option("--source", default="cli", show_default=True, help="Source service name in the envelope.")
 @click.option("--correlation-id", default="", help="Correlation id (default: the event's own id).")
-@click.option("--timeout", default=10.0, show_default=True, help="Seconds to wait for the broker's confirm.")
-def publish(type: str, payload: str, broker: str, exchange: str | None, source: str, correlation_id: str,
-            timeout: float) -> None:
+@click.option("--timeout", default=10.0, show_default=True,
+              help="Seconds to wait for the broker's confirm (and at most 5 to connect).")
+def publish(type: str, payload: str, broker: str, tls: dict[str, Any] | None, exchange: str | None, source: str,
+            correlation_id: str, timeout: float) -> None:
     """Publish one event and wait for the broker to confirm it; print its id.
 
     \b
@@ -164,7 +215,8 @@ def publish(type: str, payload: str, broker: str, exchange: str | None, source: 
     if not isinstance(data, dict):
         raise click.BadParameter("PAYLOAD must be a JSON object")
     event = Event(type=type, payload=data, source=source, correlation_id=correlation_id)
-    with EventBus(broker, exchange=exchange or "sagas", publish_timeout=timeout) as bus:
+    with EventBus(broker, exchange=exchange or "sagas", publish_timeout=timeout,
+                  connect_timeout=min(timeout, 5.0), ssl=tls) as bus:
         bus.publish(event, timeout=timeout)
     click.echo(event.id)
 
@@ -176,17 +228,18 @@ def dead() -> None:
 
 @dead.command("ls")
 @_broker
+@_tls
 @_exchange
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
 @click.option("--limit", default=1000, show_default=True)
-def dead_ls(broker: str, exchange: str | None, as_json: bool, limit: int) -> None:
+def dead_ls(broker: str, tls: dict[str, Any] | None, exchange: str | None, as_json: bool, limit: int) -> None:
     """List dead letters with their queue, reason and error. They stay in the dead-letter queue.
 
     \b
     Example:
       sagas dead ls --broker amqp://guest:guest@localhost// --json
     """
-    with EventBus(broker, exchange=exchange or "sagas") as bus:
+    with EventBus(broker, exchange=exchange or "sagas", ssl=tls) as bus:
         letters = bus.dead_letters(limit)
     if as_json:
         click.echo(json.dumps([d.to_dict() for d in letters], indent=2))
@@ -205,8 +258,10 @@ def dead_ls(broker: str, exchange: str | None, as_json: bool, limit: int) -> Non
 @click.argument("ids", nargs=-1)
 @click.option("--all", "replay_all", is_flag=True, help="Replay every dead letter.")
 @_broker
+@_tls
 @_exchange
-def dead_replay(ids: tuple[str, ...], replay_all: bool, broker: str, exchange: str | None) -> None:
+def dead_replay(ids: tuple[str, ...], replay_all: bool, broker: str, tls: dict[str, Any] | None,
+                exchange: str | None) -> None:
     """Put dead letters back on the queue they came from, with a fresh attempt count.
 
     \b
@@ -217,7 +272,7 @@ def dead_replay(ids: tuple[str, ...], replay_all: bool, broker: str, exchange: s
     if replay_all == bool(ids):
         raise click.UsageError("give either --all or one or more dead-letter ids")
     skipped: dict[str, str] = {}
-    with EventBus(broker, exchange=exchange or "sagas") as bus:
+    with EventBus(broker, exchange=exchange or "sagas", ssl=tls) as bus:
         done = bus.replay_dead(None if replay_all else ids, skipped=skipped)
     click.echo(f"replayed {len(done)} message(s)")
     for dead_id, why in skipped.items():
@@ -231,15 +286,16 @@ def dead_replay(ids: tuple[str, ...], replay_all: bool, broker: str, exchange: s
 
 @cli.command()
 @_broker
+@_tls
 @click.option("--timeout", default=5.0, show_default=True)
-def health(broker: str, timeout: float) -> None:
+def health(broker: str, tls: dict[str, Any] | None, timeout: float) -> None:
     """Exit 0 if the broker answers within TIMEOUT seconds, else 1.
 
     \b
     Example:
       sagas health --broker amqp://guest:guest@localhost// && echo healthy
     """
-    bus = EventBus(broker, connect_timeout=timeout)
+    bus = EventBus(broker, connect_timeout=timeout, ssl=tls)
     ok = bus.health(timeout=timeout)
     bus.close()
     click.echo(f"{'ok' if ok else 'unreachable'}: {redact_url(broker)}")
@@ -397,10 +453,12 @@ _timeout = click.option("--timeout", default=10.0, show_default=True,
 @click.argument("saga_id")
 @_app_option
 @_broker
+@_tls
 @_exchange
 @_store
 @_timeout
-def retry(saga_id: str, app_spec: str, broker: str, exchange: str | None, store: str, timeout: float) -> None:
+def retry(saga_id: str, app_spec: str, broker: str, tls: dict[str, Any] | None, exchange: str | None, store: str,
+          timeout: float) -> None:
     """Send a waiting saga's request again now, or take a saga parked in 'failed' back to the state it
     failed in and start that state again.
 
@@ -408,28 +466,30 @@ def retry(saga_id: str, app_spec: str, broker: str, exchange: str | None, store:
     Example:
       sagas retry 3f2a9c0e5b6d4c1e8a7f6b5c4d3e2f10 --app examples.postprocessing:app --store sqlite:///sagas.db
     """
-    _operate("retry", saga_id, app_spec, broker, exchange, store, timeout)
+    _operate("retry", saga_id, app_spec, broker, tls, exchange, store, timeout)
 
 
 @cli.command()
 @click.argument("saga_id")
 @_app_option
 @_broker
+@_tls
 @_exchange
 @_store
 @_timeout
-def compensate(saga_id: str, app_spec: str, broker: str, exchange: str | None, store: str, timeout: float) -> None:
+def compensate(saga_id: str, app_spec: str, broker: str, tls: dict[str, Any] | None, exchange: str | None,
+               store: str, timeout: float) -> None:
     """Start compensating a saga now, where its type declares how from its current state.
 
     \b
     Example:
       sagas compensate 3f2a9c0e5b6d4c1e8a7f6b5c4d3e2f10 --app examples.postprocessing:app --store sqlite:///sagas.db
     """
-    _operate("compensate", saga_id, app_spec, broker, exchange, store, timeout)
+    _operate("compensate", saga_id, app_spec, broker, tls, exchange, store, timeout)
 
 
-def _operate(action: str, saga_id: str, app_spec: str, broker: str, exchange: str | None, store: str,
-             timeout: float) -> None:
+def _operate(action: str, saga_id: str, app_spec: str, broker: str, tls: dict[str, Any] | None,
+             exchange: str | None, store: str, timeout: float) -> None:
     from ._saga_engine import SagaEngine
 
     app = _load_app(app_spec)
@@ -447,14 +507,15 @@ def _operate(action: str, saga_id: str, app_spec: str, broker: str, exchange: st
         if before is None or after is None or after.version == before.version:
             _fail(f"{action} did not change saga {saga_id} (it is in {before.state if before else '?'})")
         click.echo(f"{action}: saga {saga_id} ({after.type}) {before.state} -> {after.state}")
-        _publish_rows(st, rows, broker, exchange or app.exchange, timeout)
+        _publish_rows(st, rows, broker, exchange or app.exchange, timeout, tls)
 
 
-def _publish_rows(store: Store, rows: list[OutboxRow], broker: str, exchange: str, timeout: float) -> None:
+def _publish_rows(store: Store, rows: list[OutboxRow], broker: str, exchange: str, timeout: float,
+                  tls: dict[str, Any] | None = None) -> None:
     """Publish committed outbox rows and mark the confirmed ones sent. The others stay in the outbox."""
     if not rows:
         return
-    bus = EventBus(broker, exchange=exchange, publish_timeout=timeout, connect_timeout=min(timeout, 5.0))
+    bus = EventBus(broker, exchange=exchange, publish_timeout=timeout, connect_timeout=min(timeout, 5.0), ssl=tls)
     failed: dict[str, str] = {}
     try:
         bus.publish_encoded([(r.routing_key, r.body.encode(), r.message_id, r.mandatory) for r in rows])

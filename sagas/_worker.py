@@ -117,6 +117,7 @@ class Worker:
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
         executor: Executor | None = None,
+        ssl: bool | Mapping[str, Any] | None = None,
     ) -> None:
         if isinstance(app, Service):
             app = App(app)
@@ -138,6 +139,8 @@ class Worker:
         self.instance = instance or f"{socket.gethostname()}-{os.getpid()}-{id(self):x}"[:60].lower()
         self._store_arg = store
         self._bus_arg = bus
+        #: TLS options for the bus the worker creates (as EventBus takes them); unused when ``bus`` is given
+        self.ssl = ssl
         self._routes: dict[str, HandlerSpec] = {}
         self._ready: deque[tuple[int, Inbound]] = deque()
         self._outcomes: queue.SimpleQueue[_Outcome] = queue.SimpleQueue()
@@ -176,7 +179,7 @@ class Worker:
         if not handlers and not self.app.sagas:
             raise ConfigurationError("the app has no handlers and no sagas: declare some with @service.on(...)")
         self.store = open_store(self._store_arg)
-        self.bus = self._bus_arg or EventBus(self.broker, exchange=self.exchange)
+        self.bus = self._bus_arg or EventBus(self.broker, exchange=self.exchange, ssl=self.ssl)
         self._routes = {}
         self._subscriptions = []
         for spec in handlers:

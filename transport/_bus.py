@@ -25,6 +25,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import structlog
+from amqp.serialization import dumps as amqp_table
 from kombu.connection import Connection
 from kombu.message import Message
 
@@ -39,6 +40,7 @@ from ._errors import (
     TransportError,
     Unroutable,
 )
+from ._frames import frame_handler
 from ._topology import Subscription, dead_queue, declare, delay_queue
 
 log = structlog.get_logger("transport")
@@ -54,10 +56,23 @@ DL_TRACEBACK = "x-sagas-traceback"
 DL_ATTEMPTS = "x-sagas-attempts"
 DL_DEAD_AT = "x-sagas-dead-at"
 DL_ROUTING_KEY = "x-sagas-routing-key"
+#: Set on a retry or dead-letter copy that could not carry the original headers (too big; see below).
+DL_HEADERS_DROPPED = "x-sagas-headers-dropped"
 # What a replay drops. The original routing key stays, so a letter that dies again still names its event.
 _DL_HEADERS = (DL_QUEUE, DL_REASON, DL_ERROR_TYPE, DL_ERROR_MESSAGE, DL_TRACEBACK, DL_ATTEMPTS, DL_DEAD_AT,
                ATTEMPT_HEADER)
 _MAX_TRACEBACK = 4000
+#: kombu decompresses a body whose AMQP header ``compression`` names a codec as it builds the message,
+#: before any size check: a few KiB of zlib become gigabytes. The bus takes the header off first, and
+#: refuses the message.
+_COMPRESSION = "compression"
+#: The highest attempt number a message's headers can claim (a forged count must not break anything).
+_MAX_ATTEMPT = 1_000_000
+#: A retry or dead-letter copy carries the original headers only up to this encoded size. A copy's
+#: headers must fit in one AMQP frame (128 KiB on RabbitMQ) together with the framework's own: a copy
+#: that did not broke the connection, and the message and every one prefetched with it came back, until
+#: the delivery limit dead-lettered them all.
+_MAX_COPIED_HEADERS = 64 * 1024
 #: one message to send: (exchange, routing key, body, message id, AMQP headers, mandatory)
 _Outgoing = tuple[str, str, bytes, str, dict[str, Any], bool]
 
@@ -227,8 +242,10 @@ class EventBus:
             host,
             heartbeat=self.heartbeat,
             connect_timeout=self.connect_timeout if connect_timeout is None else connect_timeout,
-            ssl=self.ssl,
-            transport_options={"confirm_publish": False},
+            # A copy per connection: kombu fills a None server_hostname in with the host it connects to,
+            # in place, which pinned the first host's name for every other host of a ';'-separated URL.
+            ssl=dict(self.ssl) if isinstance(self.ssl, Mapping) else self.ssl,
+            transport_options={"confirm_publish": False, "frame_handler": frame_handler},
         )
 
     def connect(self, timeout: float | None = None) -> None:
@@ -248,7 +265,7 @@ class EventBus:
                     self.declared_queues.update(declare(pub, self.exchange))
                 except Exception as exc:
                     _close_quietly(conn)
-                    if not _is_connection_error(conn, exc):
+                    if not (_is_connection_error(conn, exc) or _login_refused(exc)):
                         raise
                     # Fail over: the next broker of the URL is tried at once; after a whole round, wait.
                     self._next_host += 1
@@ -301,7 +318,7 @@ class EventBus:
             conn.ensure_connection(max_retries=0, reraise_as_library_errors=False)
             conn.channel().close()
         except Exception as exc:
-            if not _is_connection_error(conn, exc):
+            if not (_is_connection_error(conn, exc) or _login_refused(exc)):
                 raise
             return False
         finally:
@@ -457,16 +474,29 @@ class EventBus:
                     raise
 
     def _receiver(self, ch: Any, sub: Subscription, on_message: Callable[[Inbound], None]) -> Callable[[Any], None]:
-        max_size = self.max_event_size
+        max_size, exchange = self.max_event_size, self.exchange
 
         def receive(raw: Any) -> None:
-            message = raw if isinstance(raw, Message) else ch.message_to_python(raw)
+            message, refused = _to_message(ch, raw)
             headers = message.headers or {}
             attempt = _int(headers.get(ATTEMPT_HEADER), 1) + _int(headers.get("x-delivery-count"), 0)
-            try:
-                event, error = decode(message.body, message.content_type, max_size), None
-            except DecodeError as exc:
-                event, error = None, exc.reason
+            # Any publisher can set these headers: a forged count must not pick a delay level that does
+            # not exist (that crashed the worker); at worst it shortens this message's own retries.
+            attempt = min(max(attempt, 1), _MAX_ATTEMPT)
+            event: Event | None = None
+            error = refused
+            if refused is None:
+                try:
+                    event = decode(message.body, message.content_type, max_size)
+                except DecodeError as exc:
+                    error = exc.reason
+            info = message.delivery_info or {}
+            if event is not None and info.get("exchange") == exchange and info.get("routing_key") != event.type:
+                # Routing (and RabbitMQ's topic permissions) went by the routing key: a body claiming
+                # another type would reach handlers that never subscribed to it.
+                rk = str(info.get("routing_key"))[:255]
+                error = f"routing key {rk!r} does not match the event type {event.type!r}"
+                event = None
             on_message(Inbound(sub, message, event, error, attempt, time.monotonic()))
 
         return receive
@@ -511,25 +541,27 @@ class EventBus:
         sub = inbound.subscription
         if not sub.durable:
             raise TransportError("at-most-once messages are not retried")
-        headers = dict(inbound.message.headers or {})
+        headers = _copyable(inbound.message.headers)
         headers.pop("x-delivery-count", None)
         headers[ATTEMPT_HEADER] = inbound.attempt + 1
-        headers.setdefault(DL_ROUTING_KEY, str(inbound.message.delivery_info.get("routing_key", ""))[:255])
+        self._keep_routing_key(inbound, headers)
         self._copy(inbound, delay_queue(sub.queue, delay), headers)
         self.ack(inbound)
 
     def dead_letter(self, inbound: Inbound, reason: str, error: BaseException | None = None) -> None:
         """Copy the message, with ``reason`` and ``error`` in its headers, to the dead-letter queue; ack
         the original once the copy is confirmed."""
-        headers = dict(inbound.message.headers or {})
+        headers = _copyable(inbound.message.headers)
         headers.pop("x-delivery-count", None)
+        for forged in (DL_ERROR_TYPE, DL_ERROR_MESSAGE, DL_TRACEBACK):  # only ever the framework's own
+            headers.pop(forged, None)
         headers.update({
             DL_QUEUE: inbound.subscription.queue,
             DL_REASON: reason[:1000],
             DL_ATTEMPTS: inbound.attempt,
             DL_DEAD_AT: datetime.now(UTC).isoformat(),
         })
-        headers.setdefault(DL_ROUTING_KEY, str(inbound.message.delivery_info.get("routing_key", ""))[:255])
+        self._keep_routing_key(inbound, headers)
         if error is not None:
             headers[DL_ERROR_TYPE] = f"{type(error).__module__}.{type(error).__qualname__}"
             headers[DL_ERROR_MESSAGE] = str(error)[:1000]
@@ -537,6 +569,13 @@ class EventBus:
             headers[DL_TRACEBACK] = tb[-_MAX_TRACEBACK:]
         self._copy(inbound, self.dead_queue, headers)
         self.ack(inbound)
+
+    def _keep_routing_key(self, inbound: Inbound, headers: dict[str, Any]) -> None:
+        """Record the routing key the message was first published with. A message straight from the events
+        exchange has its own; one back from a delay queue or a replay keeps what was recorded then."""
+        info = inbound.message.delivery_info or {}
+        if info.get("exchange") == self.exchange or DL_ROUTING_KEY not in headers:
+            headers[DL_ROUTING_KEY] = str(info.get("routing_key", ""))[:255]
 
     def _copy(self, inbound: Inbound, queue: str, headers: dict[str, Any]) -> None:
         """Publish a copy of ``inbound`` to ``queue`` (default exchange, mandatory) and wait for the
@@ -584,7 +623,7 @@ class EventBus:
             message = ch.basic_get(self.dead_queue, no_ack=False)
             if message is None:
                 return
-            yield message if isinstance(message, Message) else ch.message_to_python(message)
+            yield _to_message(ch, message)[0]
 
     def replay_dead(self, ids: Iterable[str] | None = None, *, timeout: float | None = None,
                     skipped: dict[str, str] | None = None) -> list[str]:
@@ -629,15 +668,55 @@ class EventBus:
         return replayed
 
 
+def _to_message(ch: Any, raw: Any) -> tuple[Message, str | None]:
+    """The kombu message for a delivery, and why it must be refused before its body is looked at (or None).
+
+    kombu is never allowed to decompress a body (see ``_COMPRESSION``). On memory:// kombu has built the
+    message already, in process, so only the refusal is left to do."""
+    if isinstance(raw, Message):
+        codec = raw.headers.get(_COMPRESSION) if raw.headers else None
+    else:
+        app_headers = (getattr(raw, "properties", None) or {}).get("application_headers")
+        codec = app_headers.pop(_COMPRESSION, None) if isinstance(app_headers, dict) else None
+        invalid = getattr(raw, "invalid_properties", None)
+        raw = ch.message_to_python(raw)
+        if invalid:
+            return raw, f"its AMQP properties cannot be decoded ({invalid}); they must be UTF-8 text"
+        if codec is not None:
+            raw.headers[_COMPRESSION] = codec  # kept for the dead letter; kombu decompresses only on building
+    if codec is not None:
+        return raw, f"compressed messages are not accepted (AMQP header 'compression' is {str(codec)[:80]!r})"
+    return raw, None
+
+
+def _copyable(headers: Mapping[Any, Any] | None) -> dict[Any, Any]:
+    """The headers a copy of a message carries: the original ones, unless they are too big to travel with
+    the framework's own (``_MAX_COPIED_HEADERS``); then only its routing key, and a note."""
+    original = dict(headers or {})
+    try:
+        size = len(amqp_table("F", [original]))
+    except Exception:  # noqa: BLE001 - headers that cannot be encoded again cannot travel either
+        size = -1
+    if 0 <= size <= _MAX_COPIED_HEADERS:
+        return original
+    kept: dict[Any, Any] = {DL_HEADERS_DROPPED: f"the original headers ({size} bytes encoded) were too big to copy"}
+    routing_key = original.get(DL_ROUTING_KEY)
+    if isinstance(routing_key, str) and len(routing_key) <= 255:
+        kept[DL_ROUTING_KEY] = routing_key
+    return kept
+
+
 def _dead_letter_of(message: Message) -> DeadLetter:
     h = message.headers or {}
-    death = (h.get("x-death") or [{}])[0] if isinstance(h.get("x-death"), list) else {}
+    deaths = h.get("x-death")
+    death = deaths[0] if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict) else {}
     queue = str(h.get(DL_QUEUE) or death.get("queue") or "")
     reason = str(h.get(DL_REASON) or (f"broker dead-lettered it: {death.get('reason')}" if death else ""))
     if not h.get(DL_REASON) and death.get("reason") == "delivery_limit":
         reason = "delivered too many times without an ack (worker crash loop?)"
     body = message.body or b""
-    routing_key = str(h.get(DL_ROUTING_KEY) or (death.get("routing-keys") or [""])[0])
+    keys = death.get("routing-keys")
+    routing_key = str(h.get(DL_ROUTING_KEY) or (keys[0] if isinstance(keys, list) and keys else ""))
     return DeadLetter(
         id=str(message.properties.get("message_id") or ""),
         queue=queue,
@@ -668,6 +747,13 @@ def _is_connection_error(conn: Connection, exc: BaseException) -> bool:
     except Exception:  # noqa: BLE001 - a broken transport cannot tell; treat the error as a connection error
         return True
     return isinstance(exc, (*errors, OSError, ConnectionError))
+
+
+def _login_refused(exc: BaseException) -> bool:
+    """Whether the broker closed the connection in the handshake with 403: a wrong user or password.
+    py-amqp raises that as a channel error, which crashed the worker and the CLI with a traceback; it is
+    reported like an unreachable broker instead (the message says why), and never shows the password."""
+    return getattr(exc, "reply_code", None) == 403 and getattr(exc, "method_sig", None) == (0, 0)
 
 
 def _close_quietly(conn: Connection) -> None:
