@@ -43,6 +43,8 @@ T = TypeVar("T")
 #: on marking outbox rows sent, on the inbox / reply-cache write of a handler, and on the ack.
 Stage = Literal["commit", "publish", "mark_sent", "inbox", "ack"]
 STAGES: tuple[Stage, ...] = ("commit", "publish", "mark_sent", "inbox", "ack")
+#: settle gives up when this many moves of the clock in a row publish and handle nothing
+_IDLE_TURNS = 200
 
 
 class Crashed(BaseException):
@@ -566,11 +568,16 @@ class Harness:
         """
         limit = self.clock() + within
         self.run()
+        idle, last = 0, self._activity()
         while (nxt := self._next_due_or_stuck()) is not None:
             if nxt > limit:
                 raise NotSettled(f"still pending after {within:.0f} virtual seconds: {self.pending()}")
             self.clock.now = max(self.clock.now, nxt)
             self.run()
+            idle, last = (idle + 1, last) if self._activity() == last else (0, self._activity())
+            if idle >= _IDLE_TURNS:
+                raise NotSettled(f"nothing was published or handled in the last {_IDLE_TURNS} turns of the "
+                                 f"clock, yet something is pending: {self.pending()}")
         for worker in self.workers:
             if worker is None and not self.auto_restart:
                 raise NotSettled("a worker is down: restart it before settling")
@@ -607,6 +614,9 @@ class Harness:
         if len(future) < len(times):
             return now  # something is due already (a worker that is down, or a timer not run yet)
         return min(future) if future else None
+
+    def _activity(self) -> tuple[int, int]:
+        return self.stats.published, sum(w.handled for w in self.live_workers())
 
     def _next_due_or_stuck(self) -> float | None:
         nxt = self.next_due()
