@@ -93,3 +93,10 @@ def buses(broker_url: str, unique: str) -> Iterator[list[object]]:
     cleaner.declared_queues |= queues
     cleaner.delete_topology()
     cleaner.close()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Write the property tests' totals to the reliability report, if one is being written."""
+    from tests import report
+
+    report.flush()

@@ -38,6 +38,7 @@ if str(ROOT / "scripts") not in sys.path:
 import drillkit as kit  # noqa: E402
 
 from sagas import Event, EventBus, open_store  # noqa: E402
+from tests import report  # noqa: E402
 from transport import TransportError  # noqa: E402
 
 pytestmark = [pytest.mark.faults, pytest.mark.rabbitmq, pytest.mark.postgres, pytest.mark.slow]
@@ -359,13 +360,6 @@ class Rig:
         return proc.stdout.splitlines()
 
 
-def _report(figures: dict[str, Any]) -> None:
-    path = os.environ.get("SAGAS_RELIABILITY_REPORT")
-    if path:
-        with open(path, "a") as f:
-            f.write(json.dumps(figures, sort_keys=True) + "\n")
-
-
 def _restore_services(amqp_url: str, postgres_url: str) -> None:
     """Start RabbitMQ's app and the PostgreSQL cluster if a failed test left them down; wait until they answer."""
     if not kit.broker_answers(amqp_url):
@@ -447,7 +441,7 @@ def _scenario(
         figures["passed"] = error is None
         figures["error"] = error
         print(json.dumps(figures, sort_keys=True))
-        _report(figures)
+        report.write({"kind": "process", **figures})
 
 
 def test_kill_9_workers_at_random_moments(rig: Rig) -> None:

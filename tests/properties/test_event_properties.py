@@ -6,6 +6,8 @@ handler, while it duplicates, delays and reorders messages, crashes workers befo
 side effect, restarts them and the broker, and moves the clock. Then the faults stop and:
 
 - the at-least-once handler has received every published event, at least once;
+- an idempotent at-least-once handler has run once per event id, except where a crash fell between
+  its run and its inbox commit;
 - the at-most-once handler has received no event more often than it was put on the bus (a network
   duplicate is a second publish; the bus itself never redelivers).
 
@@ -27,10 +29,14 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from sagas import AT_LEAST_ONCE, AT_MOST_ONCE, Event, Retry, Service
 from sagas.testing import Harness
 from sagas.testing.strategies import crashes, message_faults
+from tests import report
 
 archive = Service("archive")
 ALO: Counter[str] = Counter()
 AMO: Counter[str] = Counter()
+IDEMPOTENT: Counter[str] = Counter()
+#: crash points between an idempotent handler's run and its inbox commit
+WINDOW = ("before publish", "after publish", "before inbox")
 
 
 @archive.on("media.files.*", delivery=AT_LEAST_ONCE, retry=Retry(attempts=5, initial=1.0, factor=2.0))
@@ -45,6 +51,11 @@ def preview(event: Event) -> None:
     AMO[event.id] += 1
 
 
+@archive.on("media.files.*", idempotent=True, name="index")
+def index(event: Event) -> None:
+    IDEMPOTENT[event.id] += 1
+
+
 WORKERS = 2
 
 
@@ -54,12 +65,21 @@ class EventFaults(RuleBasedStateMachine):
         structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL))
         ALO.clear()
         AMO.clear()
+        IDEMPOTENT.clear()
         self.h = Harness(archive, workers=WORKERS, auto_restart=False)
         self.published: list[str] = []
 
     def teardown(self) -> None:
         try:
             self.faults_stop_and_everything_arrives()
+            s = self.h.stats
+            report.add("events under any fault schedule (hypothesis)", examples=1,
+                       events_published=len(self.published), at_least_once_handled=sum(ALO.values()),
+                       at_least_once_lost=sum(1 for i in self.published if not ALO[i]),
+                       at_most_once_handled=sum(AMO.values()), idempotent_handled_again=sum(
+                           n - 1 for n in IDEMPOTENT.values()), duplicated=s.duplicated, delayed=s.delayed,
+                       reordered=s.reordered, worker_crashes=sum(s.crashes.values()),
+                       broker_restarts=s.broker_restarts)
         finally:
             self.h.close()
 
@@ -72,7 +92,7 @@ class EventFaults(RuleBasedStateMachine):
     def message_fault(self, fault: Any, times: int) -> None:
         self.h.inject(fault, times=times)
 
-    @rule(crash=crashes(max_nth=8))
+    @rule(crash=crashes(max_nth=4))
     def arm_crash(self, crash: Any) -> None:
         self.h.arm(crash)
 
@@ -103,6 +123,12 @@ class EventFaults(RuleBasedStateMachine):
         copies = self.h.network.copies
         assert all(n <= copies[event_id] for event_id, n in AMO.items()), (AMO, copies)
 
+    @invariant()
+    def an_idempotent_handler_runs_once_per_event(self) -> None:
+        again = sum(n - 1 for n in IDEMPOTENT.values())
+        window = sum(self.h.stats.crashes[w] for w in WINDOW)
+        assert again <= window, f"{again} event(s) handled again, with {window} crash(es) in the window"
+
     @rule()
     def faults_stop_and_everything_arrives(self) -> None:
         h = self.h
@@ -113,8 +139,9 @@ class EventFaults(RuleBasedStateMachine):
         h.auto_restart = True
         h.settle()
         h.auto_restart = False
-        missing = [i for i in self.published if ALO[i] == 0]
-        assert not missing, f"{len(missing)} of {len(self.published)} events never reached the handler"
+        for handled in (ALO, IDEMPOTENT):
+            missing = [i for i in self.published if handled[i] == 0]
+            assert not missing, f"{len(missing)} of {len(self.published)} events never reached a handler"
         assert not h.dead_letters(), [d.reason for d in h.dead_letters()]
         self.at_most_once_never_redelivers()
 

@@ -27,8 +27,9 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from sagas import App, Event, Failure, SagaContext, Service, Start, Step, StepSaga
-from sagas.testing import Crashed, Harness, Stats
+from sagas.testing import Crashed, Harness, Stats, VirtualClock
 from sagas.testing.strategies import crashes, message_faults
+from tests import report
 
 #: (effect, trip, request id) in the order the participants applied them
 EFFECTS: list[tuple[str, str, str]] = []
@@ -108,6 +109,10 @@ class SagaFaults(RuleBasedStateMachine):
     def teardown(self) -> None:
         try:
             self.faults_stop_and_every_saga_ends()
+            _report(self.h, "sagas under any fault schedule (hypothesis)", sagas_started=len(self.h.sagas(Trip)),
+                    sagas_final=sum(r.final for r in self.h.sagas(Trip)),
+                    sagas_compensated=len(self.h.sagas(Trip, "compensated")),
+                    effects_applied_again=sum(n - 1 for n in Counter(e[2] for e in EFFECTS).values()))
         finally:
             self.h.close()
 
@@ -131,7 +136,7 @@ class SagaFaults(RuleBasedStateMachine):
     def message_fault(self, fault: Any, match: str, times: int) -> None:
         self.h.inject(fault, match=match, times=times)
 
-    @rule(crash=crashes(max_nth=8))
+    @rule(crash=crashes(max_nth=4))
     def arm_crash(self, crash: Any) -> None:
         self.h.arm(crash)
 
@@ -198,6 +203,14 @@ class SagaFaults(RuleBasedStateMachine):
             _check_compensations(key, record.state, record.data.get("completed", []), self.trips[key])
         _check_effects(h.stats)
         h.auto_restart = False
+
+
+def _report(h: Harness, scenario: str, **figures: int) -> None:
+    s = h.stats
+    report.add(scenario, examples=1, messages=s.published, dropped=s.dropped, duplicated=s.duplicated,
+               delayed=s.delayed, reordered=s.reordered, worker_crashes=sum(s.crashes.values()),
+               broker_restarts=s.broker_restarts, virtual_seconds=round(h.clock() - VirtualClock().now),
+               **figures)
 
 
 def _check_effects(stats: Stats) -> None:
