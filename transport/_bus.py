@@ -260,9 +260,8 @@ class EventBus:
                 try:
                     # One attempt per loop turn: kombu's own connect() would wait 2 s and retry.
                     conn.ensure_connection(max_retries=0, reraise_as_library_errors=False)
-                    pub = conn.channel()
+                    pub = self._declare_base(conn)
                     confirms = None if self.memory else _Confirms(pub)
-                    self.declared_queues.update(declare(pub, self.exchange))
                 except Exception as exc:
                     _close_quietly(conn)
                     if not (_is_connection_error(conn, exc) or _login_refused(exc)):
@@ -282,6 +281,24 @@ class EventBus:
                 self._conn, self._pub, self._confirms = conn, pub, confirms
                 log.debug("bus.connected", broker=redact_url(self.url), exchange=self.exchange)
                 return
+
+    def _declare_base(self, conn: Connection) -> Any:
+        """Declare the exchange and the dead-letter queue on a new channel of ``conn``; return the channel.
+
+        The dead-letter queue is a classic queue, which lives on one node of a cluster. While that node
+        is down, RabbitMQ refuses its declaration (404, "home node ... is down or inaccessible"): the
+        bus connects anyway and works, and only dead-lettering waits for the node to come back.
+        """
+        pub = conn.channel()
+        try:
+            self.declared_queues.update(declare(pub, self.exchange))
+        except Exception as exc:
+            if not _queue_node_down(exc):
+                raise
+            log.warning("bus.dead_letter_queue_unavailable", queue=self.dead_queue, error=str(exc))
+            pub = conn.channel()  # the broker closed the channel that got the error
+            declare(pub, self.exchange, dead=False)
+        return pub
 
     def close(self) -> None:
         """Close the connection. Unacked messages go back to their queues (broker side)."""
@@ -432,9 +449,9 @@ class EventBus:
             self.connect()
             self._declare(self._pub, subscription)
 
-    def _declare(self, channel: Any, subscription: Subscription | None) -> None:
+    def _declare(self, channel: Any, subscription: Subscription | None, *, dead: bool = True) -> None:
         try:
-            self.declared_queues.update(declare(channel, self.exchange, subscription))
+            self.declared_queues.update(declare(channel, self.exchange, subscription, dead=dead))
         except Exception as exc:
             conn = self._conn
             if conn is None or not isinstance(exc, tuple(conn.channel_errors)):
@@ -454,7 +471,7 @@ class EventBus:
         """Start consuming. ``on_message`` runs inside :meth:`drain`, on the calling thread."""
         ch = self._consume_ch = self._connection().channel()
         for sub in subscriptions:
-            self._declare(ch, sub)
+            self._declare(ch, sub, dead=False)  # declared (or found unavailable) on connect
             ch.basic_qos(0, sub.prefetch, False)
             tag = f"{sub.queue}.{uuid.uuid4().hex[:8]}"
             ch.basic_consume(queue=sub.queue, no_ack=False, consumer_tag=tag,
@@ -747,6 +764,12 @@ def _is_connection_error(conn: Connection, exc: BaseException) -> bool:
     except Exception:  # noqa: BLE001 - a broken transport cannot tell; treat the error as a connection error
         return True
     return isinstance(exc, (*errors, OSError, ConnectionError))
+
+
+def _queue_node_down(exc: BaseException) -> bool:
+    """Whether a declare failed because the queue's home node (in a cluster) is down."""
+    text = str(exc)
+    return getattr(exc, "reply_code", None) == 404 and ("home node" in text or "down or inaccessible" in text)
 
 
 def _login_refused(exc: BaseException) -> bool:

@@ -76,17 +76,18 @@ def dead_queue(exchange: str) -> str:
     return f"{exchange}.dead"
 
 
-def declare(channel: Any, exchange: str, sub: Subscription | None = None) -> list[str]:
-    """Declare the exchange, the dead-letter queue and, if given, one subscription with its delay queues.
-    Returns the names of the queues declared."""
+def declare(channel: Any, exchange: str, sub: Subscription | None = None, *, dead: bool = True) -> list[str]:
+    """Declare the exchange, the dead-letter queue (unless ``dead`` is false) and, if given, one
+    subscription with its delay queues. Returns the names of the queues declared."""
     dlq = dead_queue(exchange)
     channel.exchange_declare(exchange=exchange, type="topic", durable=True, auto_delete=False)
-    # Classic, not quorum: browsing dead letters requeues them, and a quorum queue's delivery limit
-    # would eventually drop them.
-    channel.queue_declare(queue=dlq, durable=True, exclusive=False, auto_delete=False,
-                          arguments={"x-queue-type": "classic"})
+    if dead:
+        # Classic, not quorum: browsing dead letters requeues them, and a quorum queue's delivery limit
+        # would eventually drop them. A classic queue lives on one node of a cluster (see EventBus.connect).
+        channel.queue_declare(queue=dlq, durable=True, exclusive=False, auto_delete=False,
+                              arguments={"x-queue-type": "classic"})
     if sub is None:
-        return [dlq]
+        return [dlq] if dead else []
     if sub.durable:
         args: dict[str, Any] = {
             "x-queue-type": "quorum",
@@ -105,7 +106,7 @@ def declare(channel: Any, exchange: str, sub: Subscription | None = None) -> lis
                               auto_delete=True, arguments=args)
     for pattern in sub.patterns:
         channel.queue_bind(queue=sub.queue, exchange=exchange, routing_key=pattern)
-    declared = [dlq, sub.queue]
+    declared = [dlq, sub.queue] if dead else [sub.queue]
     for delay in sorted(set(sub.retry_delays)):
         declared.append(delay_queue(sub.queue, delay))
         channel.queue_declare(
