@@ -425,6 +425,9 @@ class SQLiteStore(_SqlStore):
         self._db.close()
 
 
+_SETUP_LOCK = "sagas-schema-setup:"
+
+
 class PostgresStore(_SqlStore):
     """PostgreSQL through psycopg 3 (``pip install 'sagas[postgres]'``), for workers on several machines.
 
@@ -444,16 +447,23 @@ class PostgresStore(_SqlStore):
         self._url = url
         self._integrity_errors = (psycopg.errors.UniqueViolation,)
         try:
-            self._connect()
-            self._create_schema(serial="BIGSERIAL PRIMARY KEY", real="DOUBLE PRECISION")
+            self._connect(setup=True)
+            try:
+                self._create_schema(serial="BIGSERIAL PRIMARY KEY", real="DOUBLE PRECISION")
+            finally:
+                self._db.execute("SELECT pg_advisory_unlock(hashtext(%s))", (_SETUP_LOCK + schema,))
         except psycopg.Error as exc:
             raise StoreError(f"cannot open the PostgreSQL store: {exc}") from None
 
-    def _connect(self) -> None:
+    def _connect(self, *, setup: bool = False) -> None:
         import psycopg
         from psycopg import sql
 
         self._db = psycopg.connect(self._url, autocommit=True, connect_timeout=10)
+        if setup:
+            # Two processes creating one schema at the same moment collide on the catalog's unique keys
+            # (CREATE ... IF NOT EXISTS is not safe against that): they take turns. __init__ unlocks.
+            self._db.execute("SELECT pg_advisory_lock(hashtext(%s))", (_SETUP_LOCK + self.schema,))
         self._db.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(self.schema)))
         self._db.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(self.schema)))
 

@@ -194,7 +194,11 @@ class Worker:
             self._saga_routes[sub.queue] = d.type
             self._subscriptions.append(sub)
         self._pool = self._executor or ThreadPoolExecutor(self.concurrency, thread_name_prefix="sagas-handler")
-        self._connect(time.monotonic() + self.grace_period)
+        try:
+            self._connect(time.monotonic() + self.grace_period)
+        except BaseException:
+            self._close()  # e.g. a permission or topology error: leave no connection, thread or store open
+            raise
         self._started = True
         log.info("worker.started", broker=redact_url(self.broker), exchange=self.exchange,
                  services=[s.name for s in self.app.services], handlers=len(self._routes),

@@ -55,3 +55,31 @@ def test_two_workers_share_sagas_through_postgresql(amqp_url: str, unique: str, 
         bus.declared_queues |= queues
         bus.delete_topology()
         bus.close()
+
+
+def test_processes_creating_one_schema_at_once_take_turns(postgres_url: str, unique: str,
+                                                          pg_store_url: str) -> None:
+    """Several stores opening a fresh schema at the same moment all succeed (they used to collide on
+    CREATE ... IF NOT EXISTS with a duplicate-key error)."""
+    import threading
+
+    errors: list[BaseException] = []
+    stores = []
+    gate = threading.Barrier(6)
+
+    def open_one() -> None:
+        gate.wait()
+        try:
+            stores.append(open_store(pg_store_url))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_one) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for store in stores:
+        store.close()
+    assert errors == []
+    assert len(stores) == 6

@@ -112,3 +112,19 @@ def test_at_most_once_prefetch_bounds_what_a_worker_holds(broker_url: str, uniqu
         assert ready >= 44  # the worker holds at most its prefetch of 5 (one acked and running)
         release.set()
         wait_for(lambda: len(started) == 50, what="all handled")
+
+
+def test_a_worker_that_fails_to_start_leaves_nothing_open(broker_url: str, unique: str,
+                                                          buses: list[object]) -> None:
+    """A start that fails on the topology (not on an unreachable broker) closes the worker's connection."""
+    bus = EventBus(broker_url, exchange=unique)
+    buses.append(bus)
+    bus.declare(Subscription(queue=f"{unique}.svc.h", patterns=("ocis.#",), delivery_limit=5))
+    svc = Service("svc")
+    svc.on("ocis.files.uploaded", name="h")(lambda e: None)
+    worker = Worker(App(svc, exchange=unique), broker=broker_url, store="memory://", grace_period=2)
+    buses.append(worker)
+    with pytest.raises(TopologyMismatch):
+        worker.start()
+    assert not worker.bus.connected
+    assert worker._pool._shutdown  # type: ignore[attr-defined]
