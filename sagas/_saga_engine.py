@@ -67,6 +67,7 @@ class SagaEngine:
         self.store = store
         self.clock = clock
         self.rng = rng or random.Random()
+        self._seeded = rng
         self.definitions: dict[str, SagaDefinition] = {}
         for cls in sagas:
             d = cls.definition()
@@ -107,8 +108,9 @@ class SagaEngine:
                     return self._trigger(d, existing, trigger, ctx, event.id, event.type, inbox)
                 return Applied(existing, False, [], "duplicate start: the saga exists")
             now = self.clock()
-            # The id follows from (type, key), which the store keeps unique: runs are reproducible.
-            saga_id = uuid.uuid5(_IDS, f"saga/{d.type}/{key}").hex
+            # Random; from the given RNG when there is one, so that sagas.testing (which seeds it) replays.
+            saga_id = (uuid.uuid4() if self._seeded is None
+                       else uuid.UUID(int=self._seeded.getrandbits(128), version=4)).hex
             record = SagaRecord(id=saga_id, type=d.type, key=key, state="", data={}, created_at=now, updated_at=now)
             ctx = SagaContext(record.id, d.type, "", {}, event)
             if start.action is not None:

@@ -450,8 +450,10 @@ class PostgresStore(_SqlStore):
             self._connect(setup=True)
             try:
                 self._create_schema(serial="BIGSERIAL PRIMARY KEY", real="DOUBLE PRECISION")
-            finally:
                 self._db.execute("SELECT pg_advisory_unlock(hashtext(%s))", (_SETUP_LOCK + schema,))
+            except BaseException:
+                self._db.close()  # and with it the lock
+                raise
         except psycopg.Error as exc:
             raise StoreError(f"cannot open the PostgreSQL store: {exc}") from None
 

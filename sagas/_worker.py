@@ -342,16 +342,30 @@ class Worker:
                 self._give_back(inbound, exc)
 
     def _give_back(self, inbound: Inbound, exc: Exception) -> None:
-        """The worker (not the handler) failed on a message, typically because the store is down: send it
-        back through a delay queue, or dead-letter it after the retries, so nothing is lost or stuck."""
+        """The worker (not the handler) failed on a message, typically because the store is down."""
         log.error("message.not_processed", message_id=inbound.message_id, error=repr(exc)[:500],
                   attempt=inbound.attempt)
-        if inbound.acked:
-            return  # an at-most-once message whose handler had started
-        if inbound.subscription.durable and inbound.attempt < SAGA_RETRY.attempts:
-            self.bus.retry(inbound, SAGA_RETRY.delay(inbound.attempt), exc)
-        else:
-            self.bus.dead_letter(inbound, f"the worker could not process it: {exc!r}", exc)
+        if not inbound.acked:  # (an at-most-once message whose handler had started was acked)
+            self._retry_or_dead_letter(inbound, exc, "the worker could not process it")
+
+    def _retry_or_dead_letter(self, inbound: Inbound, exc: Exception, reason: str) -> str:
+        """Send a message back through a delay queue (with its handler's retry policy, or the saga
+        policy), or dead-letter it after the last attempt, so nothing is lost or stuck. Returns the
+        outcome. If the broker refuses the copy (say the dead-letter queue's node is down), the
+        message stays unacked: it goes back to its queue when this connection closes."""
+        spec = self._routes.get(inbound.subscription.queue)
+        retry = spec.retry if spec is not None else SAGA_RETRY
+        try:
+            if inbound.subscription.durable and inbound.attempt < retry.attempts:
+                self.bus.retry(inbound, retry.delay(inbound.attempt), exc)
+                return "retry"
+            self.bus.dead_letter(inbound, f"{reason}: {exc!r}", exc)
+            return "dead-letter"
+        except ConnectionLost:
+            raise
+        except TransportError as err:
+            log.error("message.kept_unacked", message_id=inbound.message_id, error=str(err)[:500])
+            return "kept-unacked"
 
     def _dispatch_one(self, generation: int, inbound: Inbound) -> None:
         saga_type = self._saga_routes.get(inbound.subscription.queue)
@@ -522,12 +536,7 @@ class Worker:
             try:
                 applied = self.engine.handle(saga_type, event)
             except Exception as exc:  # noqa: BLE001 - a failing saga step is retried, then dead-lettered
-                if inbound.attempt >= SAGA_RETRY.attempts:
-                    self.bus.dead_letter(inbound, f"saga {saga_type} could not apply it: {exc!r}", exc)
-                    outcome = "dead-letter"
-                else:
-                    self.bus.retry(inbound, SAGA_RETRY.delay(inbound.attempt), exc)
-                    outcome = "retry"
+                outcome = self._retry_or_dead_letter(inbound, exc, f"saga {saga_type} could not apply it")
                 log.warning("saga.message_failed", error=repr(exc)[:500], attempt=inbound.attempt, outcome=outcome)
                 return
             self._publish_rows(applied.rows)

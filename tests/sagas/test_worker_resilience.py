@@ -144,3 +144,38 @@ def test_a_store_failure_sends_the_message_back_instead_of_crashing(unique: str)
         wait_for(lambda: got == [event.id], timeout=15, what="the event handled after the store recovered")
     assert store.failures == 0
     assert store.seen("steady.note", event.id)
+
+
+def test_a_store_failure_is_retried_with_the_handlers_own_retry_policy(broker_url: str, unique: str,
+                                                                      buses: list[object]) -> None:
+    """When the worker itself fails on a message (the store is down), the message goes back through the
+    handler's own delay queues. (It used the saga policy's 1 s delay, a queue a handler with
+    Retry(initial=0.05) does not have: the copy was unroutable and the worker crashed.)"""
+    from sagas import MemoryStore, Retry
+
+    class FlakyStore(MemoryStore):
+        failures = 2
+
+        def seen(self, consumer: str, message_id: str) -> bool:
+            if self.failures:
+                self.failures -= 1
+                raise ConnectionError("the store is restarting")
+            return super().seen(consumer, message_id)
+
+    handled: list[str] = []
+    svc = Service("indexer")
+
+    @svc.on("ocis.files.uploaded", idempotent=True, retry=Retry(attempts=4, initial=0.05, factor=1.0))
+    def index(event: Event) -> None:
+        handled.append(event.id)
+
+    store = FlakyStore()
+    worker = Worker(App(svc, exchange=unique), broker=broker_url, store=store)
+    bus = EventBus(broker_url, exchange=unique)
+    buses += [worker, bus]
+    with worker.running():
+        event = Event("ocis.files.uploaded")
+        bus.publish(event)
+        wait_for(lambda: handled == [event.id], 10, "the event handled once the store is back")
+    assert store.failures == 0
+    assert bus.dead_letters() == []
