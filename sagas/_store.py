@@ -16,7 +16,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, runtime_checkable
 from urllib.parse import urlsplit
@@ -110,6 +110,10 @@ class Store(InboxStore, Protocol):
     def saga_history(self, saga_id: str) -> list[HistoryEntry]: ...
     def unsent(self, created_before: float, limit: int = 500) -> list[OutboxRow]: ...
     def mark_sent(self, ids: Sequence[int]) -> None: ...
+    def group(self) -> AbstractContextManager[None]:
+        """Group the writes made inside into one transaction, committed at the end (group commit).
+        Groups nest: an inner group that raises undoes its own writes only."""
+        ...
 
 
 class MemoryStore:
@@ -198,6 +202,9 @@ class MemoryStore:
             if i in self._outbox:
                 self._outbox[i] = (self._outbox[i][0], now)
 
+    def group(self) -> AbstractContextManager[None]:
+        return nullcontext()  # every write applies at once, and whole
+
     def close(self) -> None:
         pass
 
@@ -226,6 +233,10 @@ class _SqlStore:
 
     def _sql(self, statement: str) -> str:
         return statement
+
+    def group(self) -> AbstractContextManager[None]:
+        """One transaction for every write inside (see :meth:`Store.group`)."""
+        return self._transaction()
 
     def _execute(self, statement: str, params: Sequence[Any] = ()) -> Any:
         return self._db.execute(self._sql(statement), params)
@@ -404,6 +415,7 @@ class SQLiteStore(_SqlStore):
             if path != ":memory:" and os.path.dirname(path):
                 os.makedirs(os.path.dirname(path), exist_ok=True)
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self._depth = 0  # transactions open: the outer one, then savepoints
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
             self._db.execute("PRAGMA busy_timeout=10000")
@@ -413,12 +425,30 @@ class SQLiteStore(_SqlStore):
 
     @contextmanager
     def _transaction(self) -> Iterator[None]:
+        if self._depth:
+            # Inside a group: a savepoint, so that this part can fail alone.
+            # (SQLite resolves a savepoint name to the innermost one: one name serves every level.)
+            self._depth += 1
+            self._db.execute("SAVEPOINT part")
+            try:
+                yield
+            except BaseException:
+                self._db.execute("ROLLBACK TO part")
+                self._db.execute("RELEASE part")
+                raise
+            finally:
+                self._depth -= 1
+            self._db.execute("RELEASE part")
+            return
         self._db.execute("BEGIN IMMEDIATE")
+        self._depth = 1
         try:
             yield
         except BaseException:
             self._db.execute("ROLLBACK")
             raise
+        finally:
+            self._depth = 0
         self._db.execute("COMMIT")
 
     def close(self) -> None:

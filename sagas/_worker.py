@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import logging
 import os
 import queue
 import random
@@ -49,7 +50,7 @@ from transport import decode as decode_event
 
 from ._errors import ConfigurationError, Failure, NoReply, Reject, SagasError
 from ._saga import REPLY_SUFFIX
-from ._saga_engine import REQUEST_ID_HEADER, SAGA_TYPE_HEADER, SagaEngine
+from ._saga_engine import REQUEST_ID_HEADER, SAGA_TYPE_HEADER, Applied, SagaEngine
 from ._service import App, Context, Delivery, HandlerSpec, Retry, Service
 from ._store import OutboxRow, Store, open_store
 
@@ -76,6 +77,12 @@ def _reply(spec: HandlerSpec, request: Event, ok: bool, *, result: Mapping[str, 
     )
 
 
+#: a handler's message ready to run: (handler, message, event, connection generation)
+_Work = tuple[HandlerSpec, Inbound, Event, int]
+#: messages a pool thread takes at once at most (fewer when fewer wait: each free thread gets some)
+_CHUNK = 32
+
+
 @dataclass(slots=True)
 class _Outcome:
     inbound: Inbound
@@ -86,6 +93,26 @@ class _Outcome:
     outbox: list[Event] = field(default_factory=list)
     duration: float = 0.0
     result: Any = None
+
+
+@dataclass(slots=True)
+class _Settling:
+    """A finished message on its way to be acked, retried or dead-lettered."""
+
+    o: _Outcome
+    error: BaseException | None
+    reply: Event | None
+
+    def fields(self, outcome: str) -> dict[str, Any]:
+        o = self.o
+        return {"event_id": o.event.id, "event_type": o.event.type, "service": o.spec.service,
+                "handler": o.spec.name, "attempt": o.inbound.attempt, "outcome": outcome,
+                "duration_ms": round(o.duration * 1000, 3)}
+
+
+def _debug_enabled() -> bool:
+    """Whether per-message debug lines would be written (they are skipped, unbuilt, otherwise)."""
+    return log.is_enabled_for(logging.DEBUG) if hasattr(log, "is_enabled_for") else True
 
 
 class Worker:
@@ -118,6 +145,7 @@ class Worker:
         rng: random.Random | None = None,
         executor: Executor | None = None,
         ssl: bool | Mapping[str, Any] | None = None,
+        batch_size: int = 256,
     ) -> None:
         if isinstance(app, Service):
             app = App(app)
@@ -143,8 +171,11 @@ class Worker:
         self.ssl = ssl
         self._routes: dict[str, HandlerSpec] = {}
         self._ready: deque[tuple[int, Inbound]] = deque()
-        self._outcomes: queue.SimpleQueue[_Outcome] = queue.SimpleQueue()
-        self._inflight = 0
+        self._outcomes: queue.SimpleQueue[list[_Outcome]] = queue.SimpleQueue()
+        self._inflight = 0  # messages handed to the pool and not settled yet
+        self._tasks = 0  # chunks of them running or queued on the pool (at most ``concurrency``)
+        #: messages read from the broker in one turn of the loop, at most, and settled as one group
+        self.batch_size = batch_size
         #: (handler key, event id) of idempotent messages being handled, and duplicates waiting on them
         self._busy: dict[tuple[str, str], list[tuple[int, Inbound]]] = {}
         #: handlers running now, and messages waiting for a handler that is at its concurrency limit
@@ -312,34 +343,57 @@ class Worker:
     # -- the loop ------------------------------------------------------------------------------------
 
     def step(self, timeout: float = 0.05) -> None:
-        """One turn of the loop: settle finished handlers, start ready ones, read from the broker."""
+        """One turn of the loop: settle finished handlers, start ready messages, read from the broker."""
         if not self._started:
             raise SagasError("the worker is not running: call start() first")
         try:
             self._process_outcomes()
             self._dispatch()
-            if self._inflight >= self.concurrency:
+            if self._tasks >= self.concurrency:
                 self._wait_outcome(timeout)
             if self.engine is not None and self.clock() >= self._next_timers:
                 self._run_timers()
-            self.bus.drain(0.001 if (self._inflight or self._ready) else timeout)
+            self._read(0.001 if (self._inflight or self._ready) else timeout)
         except ConnectionLost as exc:
             self._on_connection_lost(exc)
+
+    def _read(self, timeout: float) -> None:
+        """Wait up to ``timeout`` for a message, then take what else the broker has sent, up to a batch."""
+        if not self.bus.drain(timeout):
+            return
+        for _ in range(self.batch_size - 1):
+            if len(self._ready) >= self.batch_size or not self.bus.drain(0):
+                return
 
     def _on_message(self, inbound: Inbound) -> None:
         self._ready.append((self._generation, inbound))
 
     def _dispatch(self) -> None:
-        while self._ready and self._inflight < self.concurrency:
+        """Start what is ready: saga messages as one group here, handlers in chunks on the pool."""
+        sagas: dict[str, list[Inbound]] = {}
+        work: list[_Work] = []
+        room = (self.concurrency - self._tasks) * _CHUNK
+        while self._ready and len(work) < room:
             generation, inbound = self._ready.popleft()
             if generation != self._generation:
                 continue  # came on a connection that broke: the broker redelivers it
+            saga_type = self._saga_routes.get(inbound.subscription.queue)
+            if saga_type is not None:
+                sagas.setdefault(saga_type, []).append(inbound)
+                continue
             try:
-                self._dispatch_one(generation, inbound)
+                item = self._admit(generation, inbound)
             except (ConnectionLost, KeyboardInterrupt):
                 raise
             except Exception as exc:  # noqa: BLE001 - e.g. the store is restarting: try the message later
                 self._give_back(inbound, exc)
+                continue
+            if item is not None:
+                work.append(item)
+        for saga_type, inbounds in sagas.items():
+            self._handle_sagas(saga_type, inbounds)
+        if work:
+            self._start(work)
 
     def _give_back(self, inbound: Inbound, exc: Exception) -> None:
         """The worker (not the handler) failed on a message, typically because the store is down."""
@@ -367,31 +421,27 @@ class Worker:
             log.error("message.kept_unacked", message_id=inbound.message_id, error=str(err)[:500])
             return "kept-unacked"
 
-    def _dispatch_one(self, generation: int, inbound: Inbound) -> None:
-        saga_type = self._saga_routes.get(inbound.subscription.queue)
-        if saga_type is not None:
-            self._handle_saga(saga_type, inbound)
-            return
+    def _admit(self, generation: int, inbound: Inbound) -> _Work | None:
+        """Decide whether a handler's message runs now; answer duplicates and re-sent requests at once."""
         spec = self._routes[inbound.subscription.queue]
         event = inbound.event
         if event is None:
             self.bus.dead_letter(inbound, f"undecodable message: {inbound.error}")
             log.warning("message.dead_lettered", service=spec.service, handler=spec.name,
                         message_id=inbound.message_id, reason=inbound.error, outcome="dead-letter")
-            return
+            return None
         dedupe = spec.idempotent or (spec.replies and spec.cache_replies)
         if dedupe:
             busy = self._busy.get((spec.key, event.id))
             if busy is not None:
                 # The same event is being handled right now: decide once that one has settled.
                 busy.append((generation, inbound))
-                return
+                return None
             if spec.idempotent and self.store.seen(spec.key, event.id):
                 self.bus.ack(inbound)
-                log.info("message.handled", event_id=event.id, event_type=event.type,
-                         service=spec.service, handler=spec.name, attempt=inbound.attempt,
-                         outcome="duplicate", duration_ms=0.0)
-                return
+                log.debug("message.handled", event_id=event.id, event_type=event.type, service=spec.service,
+                          handler=spec.name, attempt=inbound.attempt, outcome="duplicate", duration_ms=0.0)
+                return None
         if spec.replies and spec.cache_replies:
             cached = self.store.cached_reply(spec.key, event.id)
             if cached is not None:
@@ -399,63 +449,101 @@ class Worker:
                 reply = decode_event(cached.encode(), CONTENT_TYPE)
                 self.bus.publish(reply)
                 self.bus.ack(inbound)
-                log.info("message.handled", event_id=event.id, event_type=event.type,
-                         service=spec.service, handler=spec.name, attempt=inbound.attempt,
-                         outcome="cached-reply", duration_ms=0.0)
-                return
+                log.debug("message.handled", event_id=event.id, event_type=event.type, service=spec.service,
+                          handler=spec.name, attempt=inbound.attempt, outcome="cached-reply", duration_ms=0.0)
+                return None
         if spec.concurrency is not None and self._running[spec.key] >= spec.concurrency:
             self._waiting[spec.key].append((generation, inbound))
-            return
+            return None
         if dedupe:
             self._busy[(spec.key, event.id)] = []
         if not inbound.subscription.durable:
             self.bus.ack(inbound)  # at-most-once: acked before it is handled
         self._running[spec.key] += 1
-        self._inflight += 1
-        future = self._pool.submit(_run_handler, spec, inbound, event, generation)
-        future.add_done_callback(self._outcome_ready)
+        return spec, inbound, event, generation
 
-    def _outcome_ready(self, future: Future[_Outcome]) -> None:
+    def _start(self, work: list[_Work]) -> None:
+        """Hand the work to the pool in up to one chunk per free thread; each chunk runs in order."""
+        chunks = min(self.concurrency - self._tasks, len(work))
+        size = -(-len(work) // chunks)
+        for i in range(0, len(work), size):
+            chunk = work[i:i + size]
+            self._inflight += len(chunk)
+            self._tasks += 1
+            self._pool.submit(_run_handlers, chunk).add_done_callback(self._outcomes_ready)
+
+    def _outcomes_ready(self, future: Future[list[_Outcome]]) -> None:
         self._outcomes.put(future.result())
 
     def _wait_outcome(self, timeout: float) -> None:
         try:
-            outcome = self._outcomes.get(timeout=timeout)
+            first = self._outcomes.get(timeout=timeout)
         except queue.Empty:
             return
-        self._settle(outcome)
-        self._process_outcomes()
+        self._settle([first, *self._take_outcomes()])
 
     def _process_outcomes(self) -> None:
+        finished = self._take_outcomes()
+        if finished:
+            self._settle(finished)
+
+    def _take_outcomes(self) -> list[list[_Outcome]]:
+        finished: list[list[_Outcome]] = []
         while True:
             try:
-                outcome = self._outcomes.get_nowait()
+                finished.append(self._outcomes.get_nowait())
             except queue.Empty:
-                return
-            self._settle(outcome)
+                return finished
 
-    def _settle(self, o: _Outcome) -> None:
-        """Ack, retry or dead-letter one finished message (on the I/O thread)."""
-        self._inflight -= 1
-        spec, event = o.spec, o.event
-        self._running[spec.key] -= 1
-        waiting = self._waiting.get(spec.key)
-        if waiting:
-            # All of them, in order: one that turns out to be a duplicate does not take the free slot,
-            # and must not keep the next one waiting for a settle that never comes.
-            self._ready.extendleft(reversed(waiting))
-            waiting.clear()
+    def _settle(self, chunks: list[list[_Outcome]]) -> None:
+        """Ack, retry or dead-letter finished messages, as a group (on the I/O thread): publish every
+        follow-up and reply with pipelined confirms, commit every inbox record and cached reply in one
+        transaction, then ack. A message is acked only after its own publishes and records."""
+        self._tasks -= len(chunks)
+        outcomes = [o for chunk in chunks for o in chunk]
+        self._inflight -= len(outcomes)
+        for o in outcomes:
+            self._running[o.spec.key] -= 1
+            waiting = self._waiting.get(o.spec.key)
+            if waiting:
+                # All of them, in order: one that turns out to be a duplicate does not take the free slot,
+                # and must not keep the next one waiting for a settle that never comes.
+                self._ready.extendleft(reversed(waiting))
+                waiting.clear()
         try:
-            self._settle_one(o)
-        except (ConnectionLost, KeyboardInterrupt):
-            raise
-        except Exception as exc:  # noqa: BLE001 - e.g. the store failed after the handler ran
-            self._give_back(o.inbound, exc)
+            settling = [s for s in map(self._decide, outcomes) if s is not None]
+            self._publish_settling(settling)
+            done = [s for s in settling if s.error is None]
+            if done:
+                try:
+                    with self.store.group():
+                        for s in done:
+                            if s.o.spec.idempotent:
+                                self.store.remember(s.o.spec.key, s.o.event.id)
+                            if s.reply is not None and s.o.spec.cache_replies:
+                                self.store.cache_reply(s.o.spec.key, s.o.event.id, encode(s.reply).decode())
+                except (ConnectionLost, KeyboardInterrupt):
+                    raise
+                except Exception as exc:  # noqa: BLE001 - e.g. the store failed after the handlers ran
+                    for s in done:
+                        self._give_back(s.o.inbound, exc)
+                    done = []
+            for s in done:
+                self.bus.ack(s.o.inbound)
+                self.handled += 1
+            for s in settling:
+                if s.error is not None:
+                    self._fail(s)
+                elif _debug_enabled():
+                    log.debug("message.handled", **s.fields("failure-reply" if s.reply is not None
+                                                            and not s.reply.payload["ok"] else "ok"))
         finally:
-            # Duplicates that waited on this one go first, and now meet the inbox.
-            self._ready.extendleft(reversed(self._busy.pop((spec.key, event.id), [])))
+            for o in outcomes:
+                # Duplicates that waited on this one go first, and now meet the inbox.
+                self._ready.extendleft(reversed(self._busy.pop((o.spec.key, o.event.id), [])))
 
-    def _settle_one(self, o: _Outcome) -> None:
+    def _decide(self, o: _Outcome) -> _Settling | None:
+        """What a finished message turns into: its reply (for a request), its error, what it publishes."""
         spec, inbound, event = o.spec, o.inbound, o.event
         durable = spec.delivery is Delivery.AT_LEAST_ONCE
         if durable and o.generation != self._generation:
@@ -463,7 +551,7 @@ class Worker:
             # succeeded with nothing to publish, remember it so the redelivery is skipped.
             if o.error is None and not o.outbox and spec.idempotent:
                 self.store.remember(spec.key, event.id)
-            return
+            return None
         error = o.error
         reply: Event | None = None
         if spec.replies:
@@ -474,32 +562,37 @@ class Worker:
                 else:
                     error = Failure(f"handler returned {type(o.result).__name__}, not a JSON object")
             if isinstance(error, NoReply):
-                error, o.outbox = None, [e for e in o.outbox if e is not reply]
+                error = None
             elif error is not None and (isinstance(error, Failure | Reject) or exhausted):
                 reply = _reply(spec, event, False, reason=str(error) or type(error).__name__)
                 error = None
             if reply is not None:
                 o.outbox.append(reply)
-        if error is None and o.outbox:
-            try:
-                self.bus.publish_many(o.outbox)
-            except ConnectionLost:
-                raise
-            except TransportError as exc:
-                if not self.bus.connected:
-                    raise ConnectionLost(str(exc)) from None
-                error = exc
-        outcome = "ok"
-        if error is None:
-            if spec.idempotent:
-                self.store.remember(spec.key, event.id)
-            if reply is not None and spec.cache_replies:
-                self.store.cache_reply(spec.key, event.id, encode(reply).decode())
-            self.bus.ack(inbound)
-            self.handled += 1
-            if reply is not None and not reply.payload["ok"]:
-                outcome = "failure-reply"
-        elif isinstance(error, Reject) or not durable or inbound.attempt >= spec.retry.attempts:
+        return _Settling(o, error, reply)
+
+    def _publish_settling(self, settling: list[_Settling]) -> None:
+        """Publish the follow-ups and replies of every message that succeeded, with pipelined confirms.
+        A message with a publish the broker did not take fails (it is retried, and publishes again)."""
+        events = [e for s in settling if s.error is None for e in s.o.outbox]
+        if not events:
+            return
+        try:
+            self.bus.publish_many(events)
+        except ConnectionLost:
+            raise
+        except TransportError as exc:
+            if not self.bus.connected:
+                raise ConnectionLost(str(exc)) from None
+            failed = getattr(exc, "failed", None) or {}
+            for s in settling:
+                if s.error is None and s.o.outbox and (not failed or any(e.id in failed for e in s.o.outbox)):
+                    s.error = exc
+
+    def _fail(self, s: _Settling) -> None:
+        spec, inbound, error = s.o.spec, s.o.inbound, s.error
+        assert error is not None
+        durable = spec.delivery is Delivery.AT_LEAST_ONCE
+        if isinstance(error, Reject) or not durable or inbound.attempt >= spec.retry.attempts:
             if isinstance(error, Reject):
                 reason = f"rejected by handler {spec.key}: {error}"
             elif durable:
@@ -511,40 +604,49 @@ class Worker:
         else:
             self.bus.retry(inbound, spec.retry.delay(inbound.attempt), error)
             outcome = "retry"
-        fields: dict[str, Any] = {
-            "event_id": event.id, "event_type": event.type, "service": spec.service, "handler": spec.name,
-            "attempt": inbound.attempt, "outcome": outcome, "duration_ms": round(o.duration * 1000, 3),
-        }
-        if error is None:
-            log.info("message.handled", **fields)
-        else:
-            log.warning("message.failed", error=repr(error)[:500], **fields)
+        log.warning("message.failed", error=repr(error)[:500], **s.fields(outcome))
 
     # -- sagas -----------------------------------------------------------------------------------------
 
-    def _handle_saga(self, saga_type: str, inbound: Inbound) -> None:
-        """Apply a message to its saga, inline on the I/O thread (no user I/O runs here): commit, publish
-        the outbox, then ack."""
+    def _handle_sagas(self, saga_type: str, inbounds: list[Inbound]) -> None:
+        """Apply messages to their sagas, inline on the I/O thread (no user I/O runs here), as one group:
+        every state change in one transaction (group commit), then their outbox rows published with
+        pipelined confirms and marked sent, then the acks."""
         assert self.engine is not None
-        event = inbound.event
-        if event is None:
-            self.bus.dead_letter(inbound, f"undecodable message: {inbound.error}")
-            return
-        t0 = time.perf_counter()
-        with structlog.contextvars.bound_contextvars(event_id=event.id, event_type=event.type,
-                                                     saga_type=saga_type):
-            try:
-                applied = self.engine.handle(saga_type, event)
-            except Exception as exc:  # noqa: BLE001 - a failing saga step is retried, then dead-lettered
-                outcome = self._retry_or_dead_letter(inbound, exc, f"saga {saga_type} could not apply it")
-                log.warning("saga.message_failed", error=repr(exc)[:500], attempt=inbound.attempt, outcome=outcome)
-                return
-            self._publish_rows(applied.rows)
+        applied: list[tuple[Inbound, Applied]] = []
+        failed: list[tuple[Inbound, Exception]] = []
+        try:
+            with self.store.group():
+                for inbound in inbounds:
+                    event = inbound.event
+                    if event is None:
+                        continue
+                    try:
+                        with self.store.group():  # a message that fails rolls back alone
+                            applied.append((inbound, self.engine.handle(saga_type, event)))
+                    except Exception as exc:  # noqa: BLE001 - a failing saga step is retried, then dead-lettered
+                        failed.append((inbound, exc))
+        except (ConnectionLost, KeyboardInterrupt):
+            raise
+        except Exception as error:  # noqa: BLE001 - the commit failed (the store is down): try them later
+            applied, failed = [], [(i, error) for i in inbounds if i.event is not None]
+        self._publish_rows([row for _, a in applied for row in a.rows])
+        for inbound, a in applied:
             self.bus.ack(inbound)
             self.handled += 1
-            log.info("message.handled", saga_id=applied.saga.id if applied.saga else None,
-                     attempt=inbound.attempt, outcome="moved" if applied.moved else "ignored",
-                     note=applied.note or None, duration_ms=round((time.perf_counter() - t0) * 1000, 3))
+            if _debug_enabled():
+                event = inbound.event
+                assert event is not None
+                log.debug("message.handled", event_id=event.id, event_type=event.type, saga_type=saga_type,
+                          saga_id=a.saga.id if a.saga else None, attempt=inbound.attempt,
+                          outcome="moved" if a.moved else "ignored", note=a.note or None)
+        for inbound, problem in failed:
+            outcome = self._retry_or_dead_letter(inbound, problem, f"saga {saga_type} could not apply it")
+            log.warning("saga.message_failed", saga_type=saga_type, message_id=inbound.message_id,
+                        error=repr(problem)[:500], attempt=inbound.attempt, outcome=outcome)
+        for inbound in inbounds:
+            if inbound.event is None:
+                self.bus.dead_letter(inbound, f"undecodable message: {inbound.error}")
 
     def _publish_rows(self, rows: list[OutboxRow]) -> None:
         """Publish committed outbox rows with pipelined confirms, then mark them sent. A request nobody
@@ -618,6 +720,11 @@ class Worker:
                 return False
             self.step(0.01)
         return True
+
+
+def _run_handlers(work: list[_Work]) -> list[_Outcome]:
+    """Run a chunk of handlers in order, on a pool thread."""
+    return [_run_handler(*item) for item in work]
 
 
 def _run_handler(spec: HandlerSpec, inbound: Inbound, event: Event, generation: int) -> _Outcome:

@@ -88,9 +88,12 @@ class Channel(memory.Channel):
         return found
 
     def _put(self, queue: str, message: Any, **kwargs: Any) -> None:
-        # kombu hands every queue a message is routed to the same dict; each queue needs its own, or
-        # marking a delivery's source queue (or dead-lettering it) in one queue changes the others.
+        # kombu hands every queue a message is routed to the same dict, delivery tag included; each queue
+        # needs its own copy and tag, or marking a delivery's source queue (or dead-lettering it) in one
+        # queue changes the others, and two copies delivered on one channel share a tag: the second
+        # hid the first from the unacked messages that a closing channel gives back.
         message = _own_copy(message)
+        message["properties"]["delivery_tag"] = self._next_delivery_tag()
         if queue not in self.queues:
             # RabbitMQ drops a message sent to a queue that does not exist; so do we.
             if kwargs.get("mandatory"):

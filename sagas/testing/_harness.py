@@ -151,6 +151,9 @@ class Stats:
     restarts: int = 0
     broker_restarts: int = 0
     steps: int = 0
+    #: handler runs a crash caught between the handler and its inbox or reply-cache commit: each may
+    #: run again after the restart (the window no framework can close; see docs/delivery.md)
+    at_risk: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -163,6 +166,7 @@ class Stats:
             "restarts": self.restarts,
             "broker_restarts": self.broker_restarts,
             "steps": self.steps,
+            "at_risk": self.at_risk,
         }
 
 
@@ -182,14 +186,22 @@ class VirtualClock:
 
 
 class InlineExecutor(Executor):
-    """Runs each handler at once, on the caller's thread: no threads, so every run is reproducible."""
+    """Runs each handler at once, on the caller's thread: no threads, so every run is reproducible.
+    ``ran`` is told what each call returned."""
+
+    def __init__(self, ran: Callable[[Any], None] | None = None) -> None:
+        self._ran = ran
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
         future: Future[T] = Future()
         try:
-            future.set_result(fn(*args, **kwargs))
+            result = fn(*args, **kwargs)
         except BaseException as exc:  # noqa: BLE001 - handed to the future, as a pool would
             future.set_exception(exc)
+        else:
+            if self._ran is not None:
+                self._ran(result)
+            future.set_result(result)
         return future
 
 
@@ -332,9 +344,11 @@ class _CrashingStore:
 
     def remember(self, consumer: str, message_id: str) -> None:
         self._around("inbox", lambda: self._store.remember(consumer, message_id))
+        self._h.recorded(consumer, message_id)
 
     def cache_reply(self, consumer: str, request_id: str, body: str) -> None:
         self._around("inbox", lambda: self._store.cache_reply(consumer, request_id, body))
+        self._h.recorded(consumer, request_id)
 
     def mark_sent(self, ids: Sequence[int]) -> None:
         self._around("mark_sent", lambda: self._store.mark_sent(ids))
@@ -391,6 +405,8 @@ class Harness:
         self.current: int | None = None  # the worker slot being stepped
         self.workers: list[Worker | None] = [None] * workers
         self._generations = [0] * workers
+        #: per worker: (handler, event id) of handler runs whose inbox or cached reply is not committed
+        self._unrecorded: list[set[tuple[str, str]]] = [set() for _ in range(workers)]
         if faults is not None:
             self.network.schedule(faults.messages)
             for crash in faults.crashes:
@@ -421,6 +437,7 @@ class Harness:
         if slot >= len(self.workers):
             self.workers.extend([None] * (slot + 1 - len(self.workers)))
             self._generations.extend([0] * (slot + 1 - len(self._generations)))
+            self._unrecorded.extend(set() for _ in range(slot + 1 - len(self._unrecorded)))
         if self.workers[slot] is not None:
             raise SagasError(f"worker {slot} is running; crash or stop it first")
         self._generations[slot] += 1
@@ -432,7 +449,7 @@ class Harness:
             instance=f"harness-{slot}-{self._generations[slot]}",
             clock=self.clock,
             rng=random.Random(self._rng.random()),
-            executor=InlineExecutor(),
+            executor=InlineExecutor(lambda outcomes: self._ran(slot, outcomes)),
             timer_interval=self.timer_interval,
             relay_interval=self.relay_interval,
             grace_period=1.0,
@@ -451,7 +468,21 @@ class Harness:
         if worker is None:
             return
         self.workers[slot] = None
+        self.stats.at_risk += len(self._unrecorded[slot])
+        self._unrecorded[slot].clear()
         worker.bus.close()
+
+    def _ran(self, slot: int, outcomes: Any) -> None:
+        """Handlers ran on worker ``slot``: those that de-duplicate are at risk until recorded."""
+        for o in outcomes if isinstance(outcomes, list) else ():
+            spec = getattr(o, "spec", None)
+            if spec is not None and o.error is None and (spec.idempotent or (spec.replies and spec.cache_replies)):
+                self._unrecorded[slot].add((spec.key, o.event.id))
+
+    def recorded(self, consumer: str, message_id: str) -> None:
+        """An inbox record or cached reply was committed."""
+        for pending in self._unrecorded:
+            pending.discard((consumer, message_id))
 
     def restart(self, slot: int = 0) -> Worker:
         """Crash worker ``slot`` if it runs, and start a fresh one."""
