@@ -555,6 +555,32 @@ def demo(shares: int) -> None:
     sys.exit(run_demo(shares))
 
 
+@cli.command()
+@click.argument("workload", type=click.Choice(["events", "sagas", "raw", "all"]))
+@_broker
+@click.option("--store", default=None, envvar="SAGAS_BENCH_STORE_URL",
+              help="Store of the sagas workload (default: memory:// with memory://, else a fresh SQLite file).")
+@click.option("-n", "n", default=20000, show_default=True, help="Events, or sagas, per run.")
+@click.option("--workers", default=1, show_default=True, help="Worker processes of the sagas workload.")
+@click.option("--repeat", default=1, show_default=True, help="Runs of each workload; the report gives medians.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (every run, medians, ratios).")
+def bench(workload: str, broker: str, store: str | None, n: int, workers: int, repeat: int,
+          as_json: bool) -> None:
+    """Measure events/s and sagas/s on a broker and store, beside the raw py-amqp ceiling.
+
+    \b
+    Examples:
+      sagas bench events --broker amqp://guest:guest@localhost// --repeat 3
+      sagas bench sagas --broker amqp://guest:guest@localhost// --store sqlite:////tmp/bench.db -n 5000
+      sagas bench all --json
+    """
+    from . import _bench
+
+    configure_logging(level="warning")
+    report = _bench.run(workload, broker, store, n, workers, repeat)
+    click.echo(json.dumps(report) if as_json else _bench.table(report))
+
+
 def main() -> Any:
     try:
         return cli(standalone_mode=True)

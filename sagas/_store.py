@@ -108,6 +108,7 @@ class Store(InboxStore, Protocol):
     def list_sagas(self, saga_type: str | None = None, state: str | None = None,
                    stuck_before: float | None = None, limit: int = 1000) -> list[SagaRecord]: ...
     def saga_history(self, saga_id: str) -> list[HistoryEntry]: ...
+    def count_sagas(self, final: bool | None = None) -> int: ...
     def unsent(self, created_before: float, limit: int = 500) -> list[OutboxRow]: ...
     def mark_sent(self, ids: Sequence[int]) -> None: ...
     def group(self) -> AbstractContextManager[None]:
@@ -191,6 +192,9 @@ class MemoryStore:
 
     def saga_history(self, saga_id: str) -> list[HistoryEntry]:
         return list(self._history.get(saga_id, []))
+
+    def count_sagas(self, final: bool | None = None) -> int:
+        return sum(1 for r in self._sagas.values() if final is None or r.final == final)
 
     def unsent(self, created_before: float, limit: int = 500) -> list[OutboxRow]:
         rows = [r for r, sent in self._outbox.values() if sent is None and r.created_at <= created_before]
@@ -376,6 +380,11 @@ class _SqlStore:
         rows = self._execute(f"SELECT {_SAGA_COLUMNS} FROM sagas WHERE {' AND '.join(where)}"
                              " ORDER BY created_at LIMIT ?", (*params, limit)).fetchall()
         return [_record(r) for r in rows]
+
+    def count_sagas(self, final: bool | None = None) -> int:
+        if final is None:
+            return int(self._execute("SELECT count(*) FROM sagas").fetchone()[0])
+        return int(self._execute("SELECT count(*) FROM sagas WHERE final = ?", (int(final),)).fetchone()[0])
 
     def saga_history(self, saga_id: str) -> list[HistoryEntry]:
         rows = self._execute("SELECT at, message_id, from_state, to_state, reason FROM saga_history"

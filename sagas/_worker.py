@@ -531,10 +531,11 @@ class Worker:
             for s in done:
                 self.bus.ack(s.o.inbound)
                 self.handled += 1
+            debug = _debug_enabled()
             for s in settling:
                 if s.error is not None:
                     self._fail(s)
-                elif _debug_enabled():
+                elif debug:
                     log.debug("message.handled", **s.fields("failure-reply" if s.reply is not None
                                                             and not s.reply.payload["ok"] else "ok"))
         finally:
@@ -631,10 +632,11 @@ class Worker:
         except Exception as error:  # noqa: BLE001 - the commit failed (the store is down): try them later
             applied, failed = [], [(i, error) for i in inbounds if i.event is not None]
         self._publish_rows([row for _, a in applied for row in a.rows])
+        debug = _debug_enabled()
         for inbound, a in applied:
             self.bus.ack(inbound)
             self.handled += 1
-            if _debug_enabled():
+            if debug:
                 event = inbound.event
                 assert event is not None
                 log.debug("message.handled", event_id=event.id, event_type=event.type, saga_type=saga_type,

@@ -1,0 +1,471 @@
+"""``sagas bench``: the framework's speed on your broker and store, beside the raw client's ceiling.
+
+- **events**: N at-least-once events published with confirms (pipelined, in batches) by one publisher,
+  handled by a no-op handler in a worker process. Confirmed publish/s, handled/s, end-to-end/s
+  (first publish to last handled), p50/p99 publish-to-handle latency, the worker's peak RSS.
+- **raw**: the same workload on plain py-amqp: a publisher with pipelined confirms (256 in flight) and a
+  consumer that decodes the JSON and acks each message. The ceiling for a Python client; every events
+  report carries the ratio to it (RabbitMQ only).
+- **sagas**: N step-style sagas of 3 request/reply steps (the last fails for 10 % of them, which then
+  compensate the two before), run by ``--workers`` worker processes that also host the participants.
+  Sagas/s, p50/p99 saga duration, messages and store writes per saga, peak RSS.
+
+On ``memory://`` everything runs in this process (the memory broker lives in one process).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import multiprocessing as mp
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from transport import Event, EventBus, redact_url
+
+from ._logging import configure_logging
+from ._saga import SagaContext, Start, Step, StepSaga
+from ._service import App, Service
+from ._store import Store, open_store
+from ._worker import Worker
+
+EVENT = "bench.events.created"
+PUBLISH_BATCH = 500
+
+
+def _progress(text: str) -> None:
+    print(f"\r{text:<70}", end="", file=sys.stderr, flush=True)
+
+
+def _done_progress() -> None:
+    print("\r" + " " * 72 + "\r", end="", file=sys.stderr, flush=True)
+
+
+def _rss_mib() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def _pct(values: Sequence[float], q: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _payload(i: int) -> dict[str, Any]:
+    return {"file": "/home/a.txt", "grantee": "marie", "n": i}  # ~100 bytes once in the envelope
+
+
+# -- events ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Collector:
+    n: int
+    latencies: list[float] = field(default_factory=list)
+    first: float = 0.0
+    last: float = 0.0
+    done: threading.Event = field(default_factory=threading.Event)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def hit(self, event: Event) -> None:
+        now = time.time()
+        with self.lock:
+            if not self.latencies:
+                self.first = now
+            self.latencies.append(now - event.time.timestamp())
+            if len(self.latencies) >= self.n:
+                self.last = now
+                self.done.set()
+
+
+def _events_app(exchange: str, collector: _Collector) -> App:
+    svc = Service("bench")
+    svc.on(EVENT, name="noop")(collector.hit)
+    return App(svc, exchange=exchange)
+
+
+def _events_worker(broker: str, exchange: str, n: int, ready: Any, results: Any) -> None:
+    configure_logging(level="warning")
+    collector = _Collector(n)
+    worker = Worker(_events_app(exchange, collector), broker=broker, store="memory://")
+    with worker.running():
+        ready.set()
+        collector.done.wait(600)
+    results.put({"first": collector.first, "last": collector.last, "latencies": collector.latencies,
+                 "rss_mib": _rss_mib(), "handled": worker.handled})
+
+
+def _publish_events(bus: EventBus, n: int) -> tuple[float, float]:
+    t0 = time.time()
+    for start in range(0, n, PUBLISH_BATCH):
+        # built just before they are sent: an event's time is when its publish began
+        bus.publish_many([Event(EVENT, _payload(i), source="bench")
+                          for i in range(start, min(n, start + PUBLISH_BATCH))])
+        if start % 5000 == 0:
+            _progress(f"events: published {start + PUBLISH_BATCH:,} of {n:,}")
+    return t0, time.time()
+
+
+def bench_events(broker: str, n: int) -> dict[str, Any]:
+    exchange = f"bench-{uuid.uuid4().hex[:8]}"
+    bus = EventBus(broker, exchange=exchange)
+    if broker.startswith("memory://"):
+        collector = _Collector(n)
+        worker = Worker(_events_app(exchange, collector), broker=broker, store="memory://")
+        with worker.running():
+            t0, t1 = _publish_events(bus, n)
+            collector.done.wait(600)
+        got: dict[str, Any] = {"first": collector.first, "last": collector.last,
+                               "latencies": collector.latencies, "rss_mib": _rss_mib(), "handled": worker.handled}
+    else:
+        ctx = mp.get_context("spawn")
+        ready, results = ctx.Event(), ctx.Queue()
+        child = ctx.Process(target=_events_worker, args=(broker, exchange, n, ready, results), daemon=True)
+        child.start()
+        try:
+            if not ready.wait(60):
+                raise RuntimeError("the bench worker did not start")
+            t0, t1 = _publish_events(bus, n)
+            got = results.get(timeout=600)
+        finally:
+            child.join(30)
+            _cleanup(bus, [f"{exchange}.bench.noop"])
+    _done_progress()
+    lat = got["latencies"]
+    if len(lat) < n:
+        raise RuntimeError(f"only {len(lat)} of {n} events were handled")
+    return {
+        "workload": "events", "broker": redact_url(broker), "n": n,
+        "publish_per_s": round(n / (t1 - t0)),
+        "handled_per_s": round(n / max(got["last"] - got["first"], 1e-9)),
+        "end_to_end_per_s": round(n / (got["last"] - t0)),
+        "latency_p50_ms": round(_pct(lat, 0.5) * 1000, 1),
+        "latency_p99_ms": round(_pct(lat, 0.99) * 1000, 1),
+        "worker_peak_rss_mib": got["rss_mib"],
+    }
+
+
+def _cleanup(bus: EventBus, queues: list[str]) -> None:
+    bus.declared_queues.update(queues)
+    bus.declared_queues.update(f"{q}.delay.{ms}" for q in queues for ms in (1000, 2000, 4000, 8000, 16000))
+    with contextlib.suppress(Exception):
+        bus.delete_topology()
+    bus.close()
+
+
+# -- raw py-amqp -------------------------------------------------------------------------------------
+
+
+def _amqp_params(url: str) -> dict[str, Any]:
+    from urllib.parse import unquote, urlsplit
+
+    u = urlsplit(url.split(";")[0])
+    vhost = unquote(u.path[1:]) if u.path not in ("", "/") else "/"
+    return {"host": f"{u.hostname or '127.0.0.1'}:{u.port or 5672}", "userid": unquote(u.username or "guest"),
+            "password": unquote(u.password or "guest"), "virtual_host": vhost}
+
+
+def _raw_consumer(url: str, queue: str, n: int, ready: Any, results: Any) -> None:
+    import socket
+
+    import amqp
+
+    conn = amqp.Connection(**_amqp_params(url))
+    conn.connect()
+    ch = conn.channel()
+    ch.basic_qos(0, 256, False)
+    stamps: dict[str, Any] = {"count": 0, "first": 0.0, "last": 0.0, "lat": []}
+
+    def on(msg: Any) -> None:
+        body = json.loads(msg.body)
+        now = time.time()
+        ch.basic_ack(msg.delivery_tag)
+        if stamps["count"] == 0:
+            stamps["first"] = now
+        stamps["count"] += 1
+        stamps["lat"].append(now - body["t"])
+        if stamps["count"] == n:
+            stamps["last"] = now
+
+    ch.basic_consume(queue, callback=on)
+    ready.set()
+    while stamps["count"] < n:
+        with contextlib.suppress(socket.timeout):
+            conn.drain_events(timeout=1)
+    conn.close()
+    results.put({"first": stamps["first"], "last": stamps["last"], "latencies": stamps["lat"],
+                 "rss_mib": _rss_mib()})
+
+
+def bench_raw(broker: str, n: int, queue_type: str = "quorum") -> dict[str, Any]:
+    """The ceiling: plain py-amqp, on a ``quorum`` queue (what the framework declares for
+    at-least-once) or a ``classic`` one (what most peer benchmarks use)."""
+    import amqp
+
+    name = f"bench-raw-{uuid.uuid4().hex[:8]}"
+    conn = amqp.Connection(**_amqp_params(broker))
+    conn.connect()
+    ch = conn.channel()
+    ch.exchange_declare(name, "topic", durable=True, auto_delete=False)
+    ch.queue_declare(name, durable=True, auto_delete=False, arguments={"x-queue-type": queue_type})
+    ch.queue_bind(name, name, EVENT)
+    ctx = mp.get_context("spawn")
+    ready, results = ctx.Event(), ctx.Queue()
+    child = ctx.Process(target=_raw_consumer, args=(broker, name, n, ready, results), daemon=True)
+    child.start()
+    try:
+        if not ready.wait(60):
+            raise RuntimeError("the raw consumer did not start")
+        ch.confirm_select()
+        acked = [0]
+
+        def on_ack(tag: int, multiple: bool) -> None:
+            acked[0] = max(acked[0], tag)
+
+        ch.events["basic_ack"].add(on_ack)
+        ch.events["basic_nack"].add(on_ack)
+        t0 = time.time()
+        for i in range(1, n + 1):
+            body = json.dumps({"id": uuid.uuid4().hex, "t": time.time(), **_payload(i)})
+            ch.basic_publish(amqp.Message(body, delivery_mode=2, content_type="application/json"), name, EVENT)
+            while i - acked[0] >= 256:
+                conn.drain_events(timeout=10)
+        while acked[0] < n:
+            conn.drain_events(timeout=10)
+        t1 = time.time()
+        got = results.get(timeout=600)
+    finally:
+        child.join(30)
+        with contextlib.suppress(Exception):
+            ch.queue_delete(name)
+            ch.exchange_delete(name)
+        conn.close()
+    lat = got["latencies"]
+    return {
+        "workload": f"raw-{queue_type}", "broker": redact_url(broker), "n": n,
+        "publish_per_s": round(n / (t1 - t0)),
+        "handled_per_s": round(n / max(got["last"] - got["first"], 1e-9)),
+        "end_to_end_per_s": round(n / (got["last"] - t0)),
+        "latency_p50_ms": round(_pct(lat, 0.5) * 1000, 1),
+        "latency_p99_ms": round(_pct(lat, 0.99) * 1000, 1),
+        "worker_peak_rss_mib": got["rss_mib"],
+    }
+
+
+# -- sagas -------------------------------------------------------------------------------------------
+
+
+def _keep(ctx: SagaContext) -> None:
+    assert ctx.event is not None
+    ctx.data.update(ctx.event.payload)
+
+
+class BenchSaga(StepSaga):
+    type = "bench"
+    start = Start("bench.orders.placed", key="order", action=_keep)
+    steps = [  # noqa: RUF012 - saga types declare their steps as a class-level list
+        Step("reserve", request="bench.stock.reserve", compensation="bench.stock.release", timeout=30),
+        Step("charge", request="bench.payments.charge", compensation="bench.payments.refund", timeout=30),
+        Step("ship", request="bench.shipping.ship", timeout=30),
+    ]
+
+
+def _sagas_app(exchange: str) -> App:
+    from ._errors import Failure
+
+    stock, payments, shipping = Service("stock"), Service("payments"), Service("shipping")
+    stock.handles("bench.stock.reserve", name="reserve")(lambda e: {"ok": 1})
+    stock.handles("bench.stock.release", name="release")(lambda e: None)
+    payments.handles("bench.payments.charge", name="charge")(lambda e: {"ok": 1})
+    payments.handles("bench.payments.refund", name="refund")(lambda e: None)
+
+    def ship(event: Event) -> dict[str, Any]:
+        if event.payload.get("fail"):
+            raise Failure("no carrier")
+        return {"ok": 1}
+
+    shipping.handles("bench.shipping.ship")(ship)
+    return App(stock, payments, shipping, sagas=[BenchSaga], exchange=exchange)
+
+
+class _CountingStore:
+    """Counts the store's writes and commits (a group is one commit)."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self.writes = 0
+        self.commits = 0
+        self._depth = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    def _write(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        self.writes += 1
+        if not self._depth:
+            self.commits += 1
+        return fn(*args, **kwargs)
+
+    def save_saga(self, *args: Any, **kwargs: Any) -> Any:
+        return self._write(self._store.save_saga, *args, **kwargs)
+
+    def remember(self, *args: Any) -> None:
+        self._write(self._store.remember, *args)
+
+    def cache_reply(self, *args: Any) -> None:
+        self._write(self._store.cache_reply, *args)
+
+    def mark_sent(self, *args: Any) -> None:
+        self._write(self._store.mark_sent, *args)
+
+    @contextlib.contextmanager
+    def group(self) -> Iterator[None]:
+        if not self._depth:
+            self.commits += 1
+        self._depth += 1
+        try:
+            with self._store.group():
+                yield
+        finally:
+            self._depth -= 1
+
+
+def _run_saga_worker(broker: str, store_url: str, exchange: str, stop: Any, ready: Any, results: Any) -> None:
+    configure_logging(level="warning")
+    store = _CountingStore(open_store(store_url))
+    worker = Worker(_sagas_app(exchange), broker=broker, store=store)
+    with worker.running():
+        ready.set()
+        stop.wait(3600)
+    results.put({"handled": worker.handled, "writes": store.writes, "commits": store.commits, "rss_mib": _rss_mib()})
+
+
+def bench_sagas(broker: str, store_url: str | None, n: int, workers: int = 1) -> dict[str, Any]:
+    exchange = f"bench-{uuid.uuid4().hex[:8]}"
+    memory = broker.startswith("memory://")
+    tmp = tempfile.mkdtemp(prefix="sagas-bench-")
+    store_url = store_url or ("memory://" if memory else f"sqlite:///{tmp}/bench.db")
+    if memory and workers != 1:
+        raise ValueError("on memory:// the bench runs one worker (the memory broker lives in one process)")
+    if memory and not store_url.startswith("memory://"):
+        pass  # a file or PostgreSQL store with the memory broker is allowed
+    bus = EventBus(broker, exchange=exchange)
+    starts = [Event("bench.orders.placed", {"order": f"o{i}", "fail": i % 10 == 9}, source="bench")
+              for i in range(n)]
+    if memory:
+        store = _CountingStore(open_store(store_url))
+        worker = Worker(_sagas_app(exchange), broker=broker, store=store)
+        with worker.running():
+            t0 = _publish_and_wait(bus, starts, store, n)
+            t1 = time.time()
+        stats = [{"handled": worker.handled, "writes": store.writes, "commits": store.commits,
+                  "rss_mib": _rss_mib()}]
+        reader: Store = store
+    else:
+        ctx = mp.get_context("spawn")
+        stop, results = ctx.Event(), ctx.Queue()
+        readies = [ctx.Event() for _ in range(workers)]
+        children = [ctx.Process(target=_run_saga_worker, args=(broker, store_url, exchange, stop, r, results),
+                                daemon=True) for r in readies]
+        for c in children:
+            c.start()
+        reader = open_store(store_url)
+        try:
+            for r in readies:
+                if not r.wait(120):
+                    raise RuntimeError("a bench worker did not start")
+            t0 = _publish_and_wait(bus, starts, reader, n)
+            t1 = time.time()
+        finally:
+            stop.set()
+            stats = [results.get(timeout=60) for _ in children]
+            for c in children:
+                c.join(30)
+            _cleanup(bus, [f"{exchange}.saga.bench", *(f"{exchange}.{s}.{h}" for s, h in (
+                ("stock", "reserve"), ("stock", "release"), ("payments", "charge"), ("payments", "refund"),
+                ("shipping", "ship")))])
+    _done_progress()
+    records = reader.list_sagas("bench", limit=n + 10)
+    durations = [r.updated_at - r.created_at for r in records if r.final]
+    states = {s: sum(1 for r in records if r.state == s) for s in {r.state for r in records}}
+    handled = sum(s["handled"] for s in stats)
+    result = {
+        "workload": "sagas", "broker": redact_url(broker), "store": redact_url(store_url), "n": n,
+        "workers": workers, "sagas_per_s": round(n / (t1 - t0)), "states": states,
+        "duration_p50_ms": round(_pct(durations, 0.5) * 1000, 1),
+        "duration_p99_ms": round(_pct(durations, 0.99) * 1000, 1),
+        "messages_per_saga": round(handled / n, 2),
+        "store_writes_per_saga": round(sum(s["writes"] for s in stats) / n, 2),
+        "store_commits_per_saga": round(sum(s["commits"] for s in stats) / n, 2),
+        "worker_peak_rss_mib": max(s["rss_mib"] for s in stats),
+    }
+    if not memory:
+        reader.close()
+    return result
+
+
+def _publish_and_wait(bus: EventBus, starts: list[Event], store: Any, n: int) -> float:
+    t0 = time.time()
+    for i in range(0, n, PUBLISH_BATCH):
+        bus.publish_many(starts[i:i + PUBLISH_BATCH])
+    deadline = time.monotonic() + max(600.0, n / 10)
+    shown = -1
+    while (final := store.count_sagas(final=True)) < n:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {final} of {n} sagas ended in time")
+        if final != shown:
+            _progress(f"sagas: {final:,} of {n:,} final")
+            shown = final
+        time.sleep(0.05)
+    return t0
+
+
+# -- the command -------------------------------------------------------------------------------------
+
+
+def run(what: str, broker: str, store: str | None, n: int, workers: int, repeat: int) -> dict[str, Any]:
+    """Run the workloads ``repeat`` times; report each run and the medians (with ratios to raw)."""
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for _ in range(repeat):
+        if what in ("events", "all", "raw") and not broker.startswith("memory://"):
+            runs.setdefault("raw-quorum", []).append(bench_raw(broker, n, "quorum"))
+            runs.setdefault("raw-classic", []).append(bench_raw(broker, n, "classic"))
+        if what in ("events", "all"):
+            runs.setdefault("events", []).append(bench_events(broker, n))
+        if what in ("sagas", "all"):
+            runs.setdefault("sagas", []).append(bench_sagas(broker, store, n, workers))
+    report: dict[str, Any] = {"python": sys.version.split()[0], "cpus": os.cpu_count(), "runs": runs,
+                              "median": {}}
+    for name, items in runs.items():
+        numeric = {k for k, v in items[0].items() if isinstance(v, int | float) and k not in ("n", "workers")}
+        report["median"][name] = {k: statistics.median(i[k] for i in items) for k in sorted(numeric)}
+    events = report["median"].get("events")
+    for kind in ("quorum", "classic"):
+        raw = report["median"].get(f"raw-{kind}")
+        if raw and events:
+            report[f"ratio_to_raw_{kind}"] = {k: round(events[k] / raw[k], 2) for k in
+                                              ("publish_per_s", "handled_per_s", "end_to_end_per_s") if raw.get(k)}
+    return report
+
+
+def table(report: dict[str, Any]) -> str:
+    lines = []
+    for name, med in report["median"].items():
+        n_runs = len(report["runs"][name])
+        lines.append(f"{name} (median of {n_runs} run{'s' if n_runs > 1 else ''})")
+        for k, v in med.items():
+            lines.append(f"  {k:<26} {v:>12,.1f}" if isinstance(v, float) else f"  {k:<26} {v:>12,}")
+    for kind in ("quorum", "classic"):
+        for k, v in report.get(f"ratio_to_raw_{kind}", {}).items():
+            lines.append(f"events / raw-{kind:<8} {k:<18} {v:>8.2f}")
+    return "\n".join(lines)
