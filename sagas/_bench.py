@@ -35,7 +35,7 @@ from transport import Event, EventBus, redact_url
 from ._logging import configure_logging
 from ._saga import SagaContext, Start, Step, StepSaga
 from ._service import App, Service
-from ._store import Store, open_store
+from ._store import HistoryEntry, Store, open_store
 from ._worker import Worker
 
 EVENT = "bench.events.created"
@@ -430,6 +430,63 @@ def _publish_and_wait(bus: EventBus, starts: list[Event], store: Any, n: int) ->
     return t0
 
 
+# -- deadlines and memory ----------------------------------------------------------------------------
+
+
+def bench_deadlines(store_url: str | None, due: int = 1000, idle: Sequence[int] = (1000, 100_000)) -> dict[str, Any]:
+    """Finding due sagas costs O(due): ``due`` sagas whose deadline has passed fire as fast with few or
+    many idle sagas (deadline in an hour) in the store. Also: memory per in-flight saga in a MemoryStore."""
+    import tracemalloc
+
+    from ._saga_engine import SagaEngine
+    from .testing import VirtualClock
+
+    result: dict[str, Any] = {"workload": "deadlines", "due": due}
+    for n_idle in idle:
+        tmp = tempfile.mkdtemp(prefix="sagas-bench-")
+        store = open_store(store_url or f"sqlite:///{tmp}/deadlines.db")
+        clock = VirtualClock()
+        engine = SagaEngine([BenchSaga], store, clock=clock)
+        with store.group():
+            for i in range(n_idle + due):
+                engine.handle("bench", Event("bench.orders.placed", {"order": f"o{i}"}, source="bench"))
+                if i % 5000 == 0:
+                    _progress(f"deadlines: {i + 1:,} of {n_idle + due:,} sagas started")
+        # The first `due` sagas' deadlines pass; the others stay an hour away.
+        with store.group():
+            for record in store.list_sagas("bench", limit=due):
+                record.deadline = clock() + 1
+                record.version += 1
+                store.save_saga(record, expected_version=record.version - 1,
+                                history=HistoryEntry(clock(), f"bench-{record.id}", record.state, record.state,
+                                                     "bench: deadline moved"),
+                                inbox=None, outbox=[])
+        clock.advance(2)  # past the due ones' deadlines; the idle ones wait 30 s
+        t0 = time.perf_counter()
+        fired = 0
+        while True:
+            rows = engine.fire_due()
+            if not rows:
+                break
+            fired += len(rows)
+        elapsed = time.perf_counter() - t0
+        result[f"fire_{due}_due_with_{n_idle}_idle_ms"] = round(elapsed * 1000, 1)
+        result[f"fired_with_{n_idle}_idle"] = fired
+        store.close()
+    _done_progress()
+    # memory per in-flight saga, in a MemoryStore (the SQL stores keep it on disk)
+    tracemalloc.start()
+    store = open_store("memory://")
+    engine = SagaEngine([BenchSaga], store)
+    before = tracemalloc.get_traced_memory()[0]
+    for i in range(10_000):
+        engine.handle("bench", Event("bench.orders.placed", {"order": f"m{i}"}, source="bench"))
+    after = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    result["memory_store_bytes_per_in_flight_saga"] = round((after - before) / 10_000)
+    return result
+
+
 # -- the command -------------------------------------------------------------------------------------
 
 
@@ -444,6 +501,8 @@ def run(what: str, broker: str, store: str | None, n: int, workers: int, repeat:
             runs.setdefault("events", []).append(bench_events(broker, n))
         if what in ("sagas", "all"):
             runs.setdefault("sagas", []).append(bench_sagas(broker, store, n, workers))
+        if what in ("deadlines", "all"):
+            runs.setdefault("deadlines", []).append(bench_deadlines(store))
     report: dict[str, Any] = {"python": sys.version.split()[0], "cpus": os.cpu_count(), "runs": runs,
                               "median": {}}
     for name, items in runs.items():

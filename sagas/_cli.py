@@ -556,7 +556,7 @@ def demo(shares: int) -> None:
 
 
 @cli.command()
-@click.argument("workload", type=click.Choice(["events", "sagas", "raw", "all"]))
+@click.argument("workload", type=click.Choice(["events", "sagas", "raw", "deadlines", "all"]))
 @_broker
 @click.option("--store", default=None, envvar="SAGAS_BENCH_STORE_URL",
               help="Store of the sagas workload (default: memory:// with memory://, else a fresh SQLite file).")

@@ -551,7 +551,10 @@ class Worker:
             # The connection this message came on is gone, so it will be redelivered. If the handler
             # succeeded with nothing to publish, remember it so the redelivery is skipped.
             if o.error is None and not o.outbox and spec.idempotent:
-                self.store.remember(spec.key, event.id)
+                try:
+                    self.store.remember(spec.key, event.id)
+                except Exception as exc:  # noqa: BLE001 - then the redelivery runs it again
+                    log.error("message.not_remembered", event_id=event.id, error=repr(exc)[:500])
             return None
         error = o.error
         reply: Event | None = None
@@ -631,7 +634,12 @@ class Worker:
             raise
         except Exception as error:  # noqa: BLE001 - the commit failed (the store is down): try them later
             applied, failed = [], [(i, error) for i in inbounds if i.event is not None]
-        self._publish_rows([row for _, a in applied for row in a.rows])
+        try:
+            self._publish_rows([row for _, a in applied for row in a.rows])
+        except (ConnectionLost, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # noqa: BLE001 - committed: the relay sends what is still unsent
+            log.error("saga.outbox_not_published", error=repr(exc)[:500], relay_in=self.relay_interval)
         debug = _debug_enabled()
         for inbound, a in applied:
             self.bus.ack(inbound)
