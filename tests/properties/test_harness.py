@@ -219,3 +219,24 @@ def test_the_virtual_clock_only_moves_forward() -> None:
 def test_a_crash_needs_a_known_stage() -> None:
     with pytest.raises(Exception, match="unknown crash stage"):
         Crash("lunch")  # type: ignore[arg-type]
+
+
+def test_a_key_starts_a_new_saga_after_its_old_one_is_deleted(tmp_path) -> None:
+    """Saga ids are random, so a saga deleted by hand does not leave its id (or its request ids, and the
+    participants' cached replies to them) to the next saga with its key."""
+    import sqlite3
+
+    db = tmp_path / "s.db"
+    with Harness(share_app, store=f"sqlite:///{db}", seed=1) as h:
+        _share(h, "again")
+        h.settle()
+        first = h.saga(Share, "again")
+        with sqlite3.connect(db) as conn:
+            conn.execute("DELETE FROM saga_history WHERE saga_id = ?", (first.id,))
+            conn.execute("DELETE FROM sagas WHERE id = ?", (first.id,))
+        _share(h, "again")
+        h.settle()
+        second = h.saga(Share, "again")
+    assert second.id != first.id
+    assert second.state == "completed"
+    assert share_effects.count("grant again") == 2
