@@ -373,27 +373,31 @@ class Worker:
         sagas: dict[str, list[Inbound]] = {}
         work: list[_Work] = []
         room = (self.concurrency - self._tasks) * _CHUNK
-        while self._ready and len(work) < room:
-            generation, inbound = self._ready.popleft()
-            if generation != self._generation:
-                continue  # came on a connection that broke: the broker redelivers it
-            saga_type = self._saga_routes.get(inbound.subscription.queue)
-            if saga_type is not None:
-                sagas.setdefault(saga_type, []).append(inbound)
-                continue
-            try:
-                item = self._admit(generation, inbound)
-            except (ConnectionLost, KeyboardInterrupt):
-                raise
-            except Exception as exc:  # noqa: BLE001 - e.g. the store is restarting: try the message later
-                self._give_back(inbound, exc)
-                continue
-            if item is not None:
-                work.append(item)
+        try:
+            while self._ready and len(work) < room:
+                generation, inbound = self._ready.popleft()
+                if generation != self._generation:
+                    continue  # came on a connection that broke: the broker redelivers it
+                saga_type = self._saga_routes.get(inbound.subscription.queue)
+                if saga_type is not None:
+                    sagas.setdefault(saga_type, []).append(inbound)
+                    continue
+                try:
+                    item = self._admit(generation, inbound)
+                except (ConnectionLost, KeyboardInterrupt):
+                    raise
+                except Exception as exc:  # noqa: BLE001 - e.g. the store is restarting: try it later
+                    self._give_back(inbound, exc)
+                    continue
+                if item is not None:
+                    work.append(item)
+        finally:
+            # Admitted work always starts, even when the connection broke meanwhile: it settles (as
+            # from a lost connection) and frees its place, so a redelivery of it is not parked for ever.
+            if work:
+                self._start(work)
         for saga_type, inbounds in sagas.items():
             self._handle_sagas(saga_type, inbounds)
-        if work:
-            self._start(work)
 
     def _give_back(self, inbound: Inbound, exc: Exception) -> None:
         """The worker (not the handler) failed on a message, typically because the store is down."""
