@@ -391,11 +391,14 @@ class Worker:
                     continue
                 if item is not None:
                     work.append(item)
-        finally:
-            # Admitted work always starts, even when the connection broke meanwhile: it settles (as
-            # from a lost connection) and frees its place, so a redelivery of it is not parked for ever.
+        except ConnectionLost:
+            # Admitted work starts even when the connection broke meanwhile: it settles as from a lost
+            # connection and frees its place, so a redelivery of it is not parked for ever.
             if work:
                 self._start(work)
+            raise
+        if work:
+            self._start(work)
         for saga_type, inbounds in sagas.items():
             self._handle_sagas(saga_type, inbounds)
 
