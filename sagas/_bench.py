@@ -128,24 +128,35 @@ def bench_events(broker: str, n: int) -> dict[str, Any]:
         got: dict[str, Any] = {"first": collector.first, "last": collector.last,
                                "latencies": collector.latencies, "rss_mib": _rss_mib(), "handled": worker.handled}
     else:
-        ctx = mp.get_context("spawn")
-        ready, results = ctx.Event(), ctx.Queue()
-        child = ctx.Process(target=_events_worker, args=(broker, exchange, n, ready, results), daemon=True)
-        child.start()
+        child, results = _spawn(_events_worker, broker, exchange, n)
         try:
-            if not ready.wait(60):
-                raise RuntimeError("the bench worker did not start")
             t0, t1 = _publish_events(bus, n)
             got = results.get(timeout=600)
         finally:
             child.join(30)
             _cleanup(bus, [f"{exchange}.bench.noop"])
     _done_progress()
+    return _figures("events", broker, n, t0, t1, got)
+
+
+def _spawn(target: Callable[..., None], *args: Any) -> tuple[Any, Any]:
+    """Start ``target(*args, ready, results)`` in a fresh process; wait until it is ready."""
+    ctx = mp.get_context("spawn")
+    ready, results = ctx.Event(), ctx.Queue()
+    child = ctx.Process(target=target, args=(*args, ready, results), daemon=True)
+    child.start()
+    if not ready.wait(60):
+        child.kill()
+        raise RuntimeError(f"the bench process {target.__name__} did not start")
+    return child, results
+
+
+def _figures(workload: str, broker: str, n: int, t0: float, t1: float, got: dict[str, Any]) -> dict[str, Any]:
     lat = got["latencies"]
     if len(lat) < n:
         raise RuntimeError(f"only {len(lat)} of {n} events were handled")
     return {
-        "workload": "events", "broker": redact_url(broker), "n": n,
+        "workload": workload, "broker": redact_url(broker), "n": n,
         "publish_per_s": round(n / (t1 - t0)),
         "handled_per_s": round(n / max(got["last"] - got["first"], 1e-9)),
         "end_to_end_per_s": round(n / (got["last"] - t0)),
@@ -219,13 +230,8 @@ def bench_raw(broker: str, n: int, queue_type: str = "quorum") -> dict[str, Any]
     ch.exchange_declare(name, "topic", durable=True, auto_delete=False)
     ch.queue_declare(name, durable=True, auto_delete=False, arguments={"x-queue-type": queue_type})
     ch.queue_bind(name, name, EVENT)
-    ctx = mp.get_context("spawn")
-    ready, results = ctx.Event(), ctx.Queue()
-    child = ctx.Process(target=_raw_consumer, args=(broker, name, n, ready, results), daemon=True)
-    child.start()
+    child, results = _spawn(_raw_consumer, broker, name, n)
     try:
-        if not ready.wait(60):
-            raise RuntimeError("the raw consumer did not start")
         ch.confirm_select()
         acked = [0]
 
@@ -250,16 +256,7 @@ def bench_raw(broker: str, n: int, queue_type: str = "quorum") -> dict[str, Any]
             ch.queue_delete(name)
             ch.exchange_delete(name)
         conn.close()
-    lat = got["latencies"]
-    return {
-        "workload": f"raw-{queue_type}", "broker": redact_url(broker), "n": n,
-        "publish_per_s": round(n / (t1 - t0)),
-        "handled_per_s": round(n / max(got["last"] - got["first"], 1e-9)),
-        "end_to_end_per_s": round(n / (got["last"] - t0)),
-        "latency_p50_ms": round(_pct(lat, 0.5) * 1000, 1),
-        "latency_p99_ms": round(_pct(lat, 0.99) * 1000, 1),
-        "worker_peak_rss_mib": got["rss_mib"],
-    }
+    return _figures(f"raw-{queue_type}", broker, n, t0, t1, got)
 
 
 # -- sagas -------------------------------------------------------------------------------------------

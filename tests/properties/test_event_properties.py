@@ -24,12 +24,13 @@ from typing import Any
 
 import structlog
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+from hypothesis.stateful import invariant, rule
 
 from sagas import AT_LEAST_ONCE, AT_MOST_ONCE, Event, Retry, Service
 from sagas.testing import Harness
-from sagas.testing.strategies import crashes, message_faults
+from sagas.testing.strategies import message_faults
 from tests import report
+from tests.properties._world import WORKERS, FaultyWorld
 
 archive = Service("archive")
 ALO: Counter[str] = Counter()
@@ -54,10 +55,9 @@ def index(event: Event) -> None:
     IDEMPOTENT[event.id] += 1
 
 
-WORKERS = 2
 
 
-class EventFaults(RuleBasedStateMachine):
+class EventFaults(FaultyWorld):
     def __init__(self) -> None:
         super().__init__()
         structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL))
@@ -90,31 +90,11 @@ class EventFaults(RuleBasedStateMachine):
     def message_fault(self, fault: Any, times: int) -> None:
         self.h.inject(fault, times=times)
 
-    @rule(crash=crashes(max_nth=4))
-    def arm_crash(self, crash: Any) -> None:
-        self.h.arm(crash)
 
-    @rule(slot=st.integers(0, WORKERS - 1), steps=st.integers(1, 20))
-    def step(self, slot: int, steps: int) -> None:
-        for _ in range(steps):
-            self.h.step(slot)
 
-    @rule(seconds=st.floats(0.0, 30.0))
-    def advance(self, seconds: float) -> None:
-        self.h.advance(seconds)
 
-    @rule(slot=st.integers(0, WORKERS - 1))
-    def kill_worker(self, slot: int) -> None:
-        self.h.crash(slot)
 
-    @rule(slot=st.integers(0, WORKERS - 1))
-    def start_worker(self, slot: int) -> None:
-        if self.h.workers[slot] is None:
-            self.h.start_worker(slot)
 
-    @rule()
-    def restart_broker(self) -> None:
-        self.h.restart_broker()
 
     @invariant()
     def at_most_once_never_redelivers(self) -> None:
@@ -129,14 +109,8 @@ class EventFaults(RuleBasedStateMachine):
 
     @rule()
     def faults_stop_and_everything_arrives(self) -> None:
+        self.stop_faults_and_settle()
         h = self.h
-        h.stop_faults()
-        for slot, worker in enumerate(h.workers):
-            if worker is None:
-                h.start_worker(slot)
-        h.auto_restart = True
-        h.settle()
-        h.auto_restart = False
         for handled in (ALO, IDEMPOTENT):
             missing = [i for i in self.published if handled[i] == 0]
             assert not missing, f"{len(missing)} of {len(self.published)} events never reached a handler"

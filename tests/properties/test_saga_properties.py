@@ -24,12 +24,13 @@ from typing import Any
 
 import structlog
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+from hypothesis.stateful import initialize, invariant, rule
 
 from sagas import App, Event, Failure, SagaContext, Service, Start, Step, StepSaga
-from sagas.testing import Crashed, Harness, Stats, VirtualClock
-from sagas.testing.strategies import crashes, message_faults
+from sagas.testing import Harness, Stats, VirtualClock
+from sagas.testing.strategies import message_faults
 from tests import report
+from tests.properties._world import WORKERS, FaultyWorld
 
 #: (effect, trip, request id) in the order the participants applied them
 EFFECTS: list[tuple[str, str, str]] = []
@@ -90,12 +91,11 @@ def book_flight(event: Event) -> dict[str, Any]:
 app = App(hotels, cars, flights, sagas=[Trip])
 DO = {"hotel": "book_hotel", "car": "rent_car", "flight": "book_flight"}
 UNDO = {"hotel": "cancel_hotel", "car": "return_car"}
-WORKERS = 2
 TRIP_MATCHES = ["#", "travel.*.*", "travel.*.*.reply", "travel.trips.requested", "travel.hotels.*",
                 "travel.cars.rent.reply", "travel.flights.book"]
 
 
-class SagaFaults(RuleBasedStateMachine):
+class SagaFaults(FaultyWorld):
     def __init__(self) -> None:
         super().__init__()
         structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL))
@@ -134,31 +134,11 @@ class SagaFaults(RuleBasedStateMachine):
     def message_fault(self, fault: Any, match: str, times: int) -> None:
         self.h.inject(fault, match=match, times=times)
 
-    @rule(crash=crashes(max_nth=4))
-    def arm_crash(self, crash: Any) -> None:
-        self.h.arm(crash)
 
-    @rule(slot=st.integers(0, WORKERS - 1), steps=st.integers(1, 20))
-    def step(self, slot: int, steps: int) -> None:
-        for _ in range(steps):
-            self.h.step(slot)
 
-    @rule(seconds=st.floats(0.0, 60.0))
-    def advance(self, seconds: float) -> None:
-        self.h.advance(seconds)
 
-    @rule(slot=st.integers(0, WORKERS - 1))
-    def kill_worker(self, slot: int) -> None:
-        self.h.crash(slot)
 
-    @rule(slot=st.integers(0, WORKERS - 1))
-    def start_worker(self, slot: int) -> None:
-        if self.h.workers[slot] is None:
-            self.h.start_worker(slot)
 
-    @rule()
-    def restart_broker(self) -> None:
-        self.h.restart_broker()
 
     # -- what must always hold -------------------------------------------------------------------
 
@@ -182,16 +162,8 @@ class SagaFaults(RuleBasedStateMachine):
 
     @rule()
     def faults_stop_and_every_saga_ends(self) -> None:
+        self.stop_faults_and_settle()
         h = self.h
-        h.stop_faults()
-        for slot, worker in enumerate(h.workers):
-            if worker is None:
-                h.start_worker(slot)
-        h.auto_restart = True
-        try:
-            h.settle()
-        except Crashed as exc:  # pragma: no cover - the harness catches crashes itself
-            raise AssertionError(f"a crash escaped the harness: {exc}") from exc
         sagas = {r.key: r for r in h.sagas(Trip)}
         # a trip whose every start event the network lost never started (its publisher's loss)
         arrived = {key for key, ids in self.starts.items() if any(h.network.copies[i] for i in ids)}
@@ -200,7 +172,6 @@ class SagaFaults(RuleBasedStateMachine):
             assert record.final, (key, record.state)
             _check_compensations(key, record.state, record.data.get("completed", []), self.trips[key])
         _check_effects(h.stats)
-        h.auto_restart = False
 
 
 def _report(h: Harness, scenario: str, **figures: int) -> None:
