@@ -102,6 +102,8 @@ class _Settling:
     o: _Outcome
     error: BaseException | None
     reply: Event | None
+    #: the reply as published (and then cached): encoded once
+    reply_body: bytes = b""
 
     def fields(self, outcome: str) -> dict[str, Any]:
         o = self.o
@@ -411,16 +413,23 @@ class Worker:
 
     def _retry_or_dead_letter(self, inbound: Inbound, exc: Exception, reason: str) -> str:
         """Send a message back through a delay queue (with its handler's retry policy, or the saga
-        policy), or dead-letter it after the last attempt, so nothing is lost or stuck. Returns the
-        outcome. If the broker refuses the copy (say the dead-letter queue's node is down), the
-        message stays unacked: it goes back to its queue when this connection closes."""
+        policy), or dead-letter it after the last attempt, so nothing is lost or stuck."""
         spec = self._routes.get(inbound.subscription.queue)
         retry = spec.retry if spec is not None else SAGA_RETRY
+        if inbound.subscription.durable and inbound.attempt < retry.attempts:
+            return self._send_back(inbound, exc, retry.delay(inbound.attempt))
+        return self._send_back(inbound, exc, None, f"{reason}: {exc!r}")
+
+    def _send_back(self, inbound: Inbound, error: BaseException | None, delay: float | None,
+                   reason: str = "") -> str:
+        """Retry the message after ``delay`` seconds, or (``delay`` None) dead-letter it with ``reason``.
+        Returns the outcome. If the broker refuses the copy (say the dead-letter queue's node is down),
+        the message stays unacked: it goes back to its queue when this connection closes."""
         try:
-            if inbound.subscription.durable and inbound.attempt < retry.attempts:
-                self.bus.retry(inbound, retry.delay(inbound.attempt), exc)
+            if delay is not None:
+                self.bus.retry(inbound, delay, error)
                 return "retry"
-            self.bus.dead_letter(inbound, f"{reason}: {exc!r}", exc)
+            self.bus.dead_letter(inbound, reason, error)
             return "dead-letter"
         except ConnectionLost:
             raise
@@ -433,7 +442,7 @@ class Worker:
         spec = self._routes[inbound.subscription.queue]
         event = inbound.event
         if event is None:
-            self.bus.dead_letter(inbound, f"undecodable message: {inbound.error}")
+            self._send_back(inbound, None, None, f"undecodable message: {inbound.error}")
             log.warning("message.dead_lettered", service=spec.service, handler=spec.name,
                         message_id=inbound.message_id, reason=inbound.error, outcome="dead-letter")
             return None
@@ -528,7 +537,7 @@ class Worker:
                             if s.o.spec.idempotent:
                                 self.store.remember(s.o.spec.key, s.o.event.id)
                             if s.reply is not None and s.o.spec.cache_replies:
-                                self.store.cache_reply(s.o.spec.key, s.o.event.id, encode(s.reply).decode())
+                                self.store.cache_reply(s.o.spec.key, s.o.event.id, s.reply_body.decode())
                 except (ConnectionLost, KeyboardInterrupt):
                     raise
                 except Exception as exc:  # noqa: BLE001 - e.g. the store failed after the handlers ran
@@ -584,11 +593,18 @@ class Worker:
     def _publish_settling(self, settling: list[_Settling]) -> None:
         """Publish the follow-ups and replies of every message that succeeded, with pipelined confirms.
         A message with a publish the broker did not take fails (it is retried, and publishes again)."""
-        events = [e for s in settling if s.error is None for e in s.o.outbox]
-        if not events:
+        sending = [s for s in settling if s.error is None and s.o.outbox]
+        if not sending:
             return
         try:
-            self.bus.publish_many(events)
+            items = []
+            for s in sending:
+                for e in s.o.outbox:
+                    body = encode(e, self.bus.max_event_size)
+                    if e is s.reply:
+                        s.reply_body = body
+                    items.append((e.type, body, e.id, False))
+            self.bus.publish_encoded(items)
         except ConnectionLost:
             raise
         except TransportError as exc:
@@ -610,11 +626,9 @@ class Worker:
                 reason = f"handler {spec.key} failed {inbound.attempt} time(s): {error!r}"
             else:
                 reason = f"at-most-once handler {spec.key} failed: {error!r}"
-            self.bus.dead_letter(inbound, reason, error)
-            outcome = "dead-letter"
+            outcome = self._send_back(inbound, error, None, reason)
         else:
-            self.bus.retry(inbound, spec.retry.delay(inbound.attempt), error)
-            outcome = "retry"
+            outcome = self._send_back(inbound, error, spec.retry.delay(inbound.attempt))
         log.warning("message.failed", error=repr(error)[:500], **s.fields(outcome))
 
     # -- sagas -----------------------------------------------------------------------------------------
@@ -663,7 +677,7 @@ class Worker:
                         error=repr(problem)[:500], attempt=inbound.attempt, outcome=outcome)
         for inbound in inbounds:
             if inbound.event is None:
-                self.bus.dead_letter(inbound, f"undecodable message: {inbound.error}")
+                self._send_back(inbound, None, None, f"undecodable message: {inbound.error}")
 
     def _publish_rows(self, rows: list[OutboxRow]) -> None:
         """Publish committed outbox rows with pipelined confirms, then mark them sent. A request nobody

@@ -179,3 +179,40 @@ def test_a_store_failure_is_retried_with_the_handlers_own_retry_policy(broker_ur
         wait_for(lambda: handled == [event.id], 10, "the event handled once the store is back")
     assert store.failures == 0
     assert bus.dead_letters() == []
+
+
+def test_a_dead_letter_the_broker_refuses_leaves_the_message_unacked(unique: str) -> None:
+    """If the broker refuses a handler failure's dead-letter copy (its node is down, say), the worker
+    keeps the message unacked and goes on, instead of crashing."""
+    from sagas import Reject
+
+    svc = Service("picky")
+    handled: list[str] = []
+
+    @svc.on("ocis.files.uploaded")
+    def refuse(event: Event) -> None:
+        raise Reject("not this one")
+
+    @svc.on("ocis.files.deleted", name="later")
+    def later(event: Event) -> None:
+        handled.append(event.id)
+
+    worker = Worker(App(svc, exchange=unique), broker="memory://", store="memory://")
+    worker.start()
+    try:
+        def refused(*args: object, **kwargs: object) -> None:
+            raise PublishError("home node of the dead-letter queue is down")
+
+        worker.bus.dead_letter = refused  # type: ignore[method-assign]
+        bus = EventBus("memory://", exchange=unique)
+        bus.publish(Event("ocis.files.uploaded"))
+        after = Event("ocis.files.deleted")
+        bus.publish(after)
+        with structlog.testing.capture_logs() as logs:
+            assert worker.run_until(
+                lambda: handled == [after.id] and any(e["event"] == "message.failed" for e in logs), timeout=5)
+        kept = [e for e in logs if e["event"] == "message.kept_unacked"]
+        assert len(kept) == 1
+        assert [e["outcome"] for e in logs if e["event"] == "message.failed"] == ["kept-unacked"]
+    finally:
+        worker.shutdown()
