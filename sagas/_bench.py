@@ -87,6 +87,9 @@ class _Collector:
                 self.last = now
                 self.done.set()
 
+    def report(self) -> dict[str, Any]:
+        return {"first": self.first, "last": self.last, "latencies": self.latencies, "rss_mib": _rss_mib()}
+
 
 def _events_app(exchange: str, collector: _Collector) -> App:
     svc = Service("bench")
@@ -101,8 +104,7 @@ def _events_worker(broker: str, exchange: str, n: int, ready: Any, results: Any)
     with worker.running():
         ready.set()
         collector.done.wait(600)
-    results.put({"first": collector.first, "last": collector.last, "latencies": collector.latencies,
-                 "rss_mib": _rss_mib(), "handled": worker.handled})
+    results.put(collector.report())
 
 
 def _publish_events(bus: EventBus, n: int) -> tuple[float, float]:
@@ -125,8 +127,7 @@ def bench_events(broker: str, n: int) -> dict[str, Any]:
         with worker.running():
             t0, t1 = _publish_events(bus, n)
             collector.done.wait(600)
-        got: dict[str, Any] = {"first": collector.first, "last": collector.last,
-                               "latencies": collector.latencies, "rss_mib": _rss_mib(), "handled": worker.handled}
+        got = collector.report()
     else:
         child, results = _spawn(_events_worker, broker, exchange, n)
         try:
@@ -307,6 +308,9 @@ class _CountingStore:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._store, name)
 
+    def report(self, worker: Worker) -> dict[str, Any]:
+        return {"handled": worker.handled, "writes": self.writes, "commits": self.commits, "rss_mib": _rss_mib()}
+
     def _write(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         self.writes += 1
         if not self._depth:
@@ -344,7 +348,7 @@ def _run_saga_worker(broker: str, store_url: str, exchange: str, stop: Any, read
     with worker.running():
         ready.set()
         stop.wait(3600)
-    results.put({"handled": worker.handled, "writes": store.writes, "commits": store.commits, "rss_mib": _rss_mib()})
+    results.put(store.report(worker))
 
 
 def bench_sagas(broker: str, store_url: str | None, n: int, workers: int = 1) -> dict[str, Any]:
@@ -354,8 +358,6 @@ def bench_sagas(broker: str, store_url: str | None, n: int, workers: int = 1) ->
     store_url = store_url or ("memory://" if memory else f"sqlite:///{tmp}/bench.db")
     if memory and workers != 1:
         raise ValueError("on memory:// the bench runs one worker (the memory broker lives in one process)")
-    if memory and not store_url.startswith("memory://"):
-        pass  # a file or PostgreSQL store with the memory broker is allowed
     bus = EventBus(broker, exchange=exchange)
     starts = [Event("bench.orders.placed", {"order": f"o{i}", "fail": i % 10 == 9}, source="bench")
               for i in range(n)]
@@ -365,8 +367,7 @@ def bench_sagas(broker: str, store_url: str | None, n: int, workers: int = 1) ->
         with worker.running():
             t0 = _publish_and_wait(bus, starts, store, n)
             t1 = time.time()
-        stats = [{"handled": worker.handled, "writes": store.writes, "commits": store.commits,
-                  "rss_mib": _rss_mib()}]
+        stats = [store.report(worker)]
         reader: Store = store
     else:
         ctx = mp.get_context("spawn")

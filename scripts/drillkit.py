@@ -224,32 +224,27 @@ def cleanup(exchange: str, queues: list[str] | None = None, url: str = URL) -> l
     return deleted
 
 
-def queue_exists(queue: str, url: str = URL) -> bool:
+def _declares(url: str, declare: Callable[[Any], object]) -> bool:
+    """Whether a passive declare on a fresh channel finds the thing (False on 404)."""
     import amqp
 
     c = _amqp(url)
     try:
-        c.channel().queue_declare(queue, passive=True)
+        declare(c.channel())
         return True
     except amqp.exceptions.NotFound:
         return False
     finally:
         with contextlib.suppress(Exception):
             c.close()
+
+
+def queue_exists(queue: str, url: str = URL) -> bool:
+    return _declares(url, lambda ch: ch.queue_declare(queue, passive=True))
 
 
 def exchange_exists(exchange: str, url: str = URL) -> bool:
-    import amqp
-
-    c = _amqp(url)
-    try:
-        c.channel().exchange_declare(exchange, "topic", passive=True)
-        return True
-    except amqp.exceptions.NotFound:
-        return False
-    finally:
-        with contextlib.suppress(Exception):
-            c.close()
+    return _declares(url, lambda ch: ch.exchange_declare(exchange, "topic", passive=True))
 
 
 # -- PostgreSQL ---------------------------------------------------------------------------------------
