@@ -763,20 +763,23 @@ def _run_handler(spec: HandlerSpec, inbound: Inbound, event: Event, generation: 
     outcome = _Outcome(inbound, event, spec, generation)
     ctx = Context(event, spec.service, spec.name, inbound.attempt)
     t0 = time.perf_counter()
-    with structlog.contextvars.bound_contextvars(
+    # The handler's own log lines carry the event; tokens put back whatever was bound before.
+    tokens = structlog.contextvars.bind_contextvars(
         event_id=event.id, event_type=event.type, correlation_id=event.correlation_id,
         service=spec.service, handler=spec.name, attempt=inbound.attempt,
-    ):
-        try:
-            if spec.wants_context:
-                outcome.result = spec.fn(event, ctx)
-            else:
-                outcome.result = spec.fn(event)
-        except BaseException as exc:  # noqa: BLE001 - every handler error is retried or dead-lettered
-            # SystemExit or KeyboardInterrupt raised inside a handler thread would otherwise vanish with
-            # the thread's future and leave the message unsettled; they count as failures too.
-            outcome.error = exc
+    )
+    try:
+        if spec.wants_context:
+            outcome.result = spec.fn(event, ctx)
         else:
-            outcome.outbox = ctx.outbox
+            outcome.result = spec.fn(event)
+    except BaseException as exc:  # noqa: BLE001 - every handler error is retried or dead-lettered
+        # SystemExit or KeyboardInterrupt raised inside a handler thread would otherwise vanish with
+        # the thread's future and leave the message unsettled; they count as failures too.
+        outcome.error = exc
+    else:
+        outcome.outbox = ctx.outbox
+    finally:
+        structlog.contextvars.reset_contextvars(**tokens)
     outcome.duration = time.perf_counter() - t0
     return outcome

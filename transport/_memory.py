@@ -26,6 +26,7 @@ from ._errors import TopologyMismatch, Unroutable
 from ._names import topic_matches
 
 _SOURCE_QUEUE = "x-sagas-source-queue"
+_delivery_tags = itertools.count(1)
 
 
 class TopicExchange(_KombuTopicExchange):
@@ -50,10 +51,14 @@ class Channel(memory.Channel):
     consumer_counts: ClassVar[defaultdict[str, int]] = defaultdict(int)
     #: heap of (due, seq, queue, message) for messages waiting out a queue's TTL
     delayed: ClassVar[list[tuple[float, int, str, Any]]] = []
+    #: (exchange, routing key) -> the queues bound for it; emptied whenever a binding changes
+    routes: ClassVar[dict[tuple[str, str], list[str]]] = {}
     lock = threading.Lock()
     _seq = itertools.count()
     #: the clock queue TTLs are measured with (an isolated broker can run on a virtual one)
     clock = staticmethod(time.monotonic)
+    #: bodies stay bytes in process (kombu's default base64-encodes them, for transports that store text)
+    body_encoding = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -106,13 +111,38 @@ class Channel(memory.Channel):
             return
         self.queues[queue].put(message)
 
+    def _next_delivery_tag(self) -> int:
+        # kombu's virtual channels make a uuid4 per delivery; RabbitMQ's tags are integers
+        return next(_delivery_tags)
+
     def _lookup(self, exchange: str, routing_key: str, default: Any = None) -> list[str]:
         if not exchange:
             return [routing_key]
-        try:
-            return list(self.typeof(exchange).lookup(self.get_table(exchange), exchange, routing_key, None))
-        except KeyError:
-            return []
+        found = self.routes.get((exchange, routing_key))
+        if found is None:
+            try:
+                found = list(self.typeof(exchange).lookup(self.get_table(exchange), exchange, routing_key, None))
+            except KeyError:
+                return []
+            self.routes[(exchange, routing_key)] = found
+        return found
+
+    # Every change of a binding empties the routing cache (declaring an exchange can change its type).
+    def exchange_declare(self, *args: Any, **kwargs: Any) -> Any:
+        self.routes.clear()
+        return super().exchange_declare(*args, **kwargs)
+
+    def exchange_delete(self, *args: Any, **kwargs: Any) -> Any:
+        self.routes.clear()
+        return super().exchange_delete(*args, **kwargs)
+
+    def queue_bind(self, *args: Any, **kwargs: Any) -> Any:
+        self.routes.clear()
+        return super().queue_bind(*args, **kwargs)
+
+    def queue_unbind(self, *args: Any, **kwargs: Any) -> Any:
+        self.routes.clear()
+        return super().queue_unbind(*args, **kwargs)
 
     def basic_publish(self, message: Any, exchange: str, routing_key: str, **kwargs: Any) -> None:
         if kwargs.get("mandatory"):
@@ -158,7 +188,7 @@ class Channel(memory.Channel):
             if target in self.queues:
                 self._put(target, message)
 
-    def basic_reject(self, delivery_tag: str, requeue: bool = False) -> None:
+    def basic_reject(self, delivery_tag: int, requeue: bool = False) -> None:
         if not requeue:
             message = self.qos.get(delivery_tag)
             queue = self._tag_queue(message)
@@ -231,6 +261,7 @@ def isolated_transport(clock: Callable[[], float] = time.monotonic) -> type[Tran
         queue_args: ClassVar[dict[str, dict[str, Any]]] = {}
         consumer_counts: ClassVar[defaultdict[str, int]] = defaultdict(int)
         delayed: ClassVar[list[tuple[float, int, str, Any]]] = []
+        routes: ClassVar[dict[tuple[str, str], list[str]]] = {}
         lock = threading.Lock()
         _seq = itertools.count()
 
@@ -250,6 +281,7 @@ def reset() -> None:
     Channel.queue_args.clear()
     Channel.consumer_counts.clear()
     del Channel.delayed[:]
+    Channel.routes.clear()
     Transport.global_state.clear()
 
 
