@@ -58,7 +58,7 @@ class Channel(memory.Channel):
     #: the clock queue TTLs are measured with (an isolated broker can run on a virtual one)
     clock = staticmethod(time.monotonic)
     #: bodies stay bytes in process (kombu's default base64-encodes them, for transports that store text)
-    body_encoding = None
+    body_encoding = None  # type: ignore[assignment]  # kombu declares it str; None means "as is"
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
