@@ -306,7 +306,9 @@ class _CountingStore:
         self._depth = 0
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self._store, name)
+        value = getattr(self._store, name)
+        setattr(self, name, value)  # found here from now on, without this call
+        return value
 
     def report(self, worker: Worker) -> dict[str, Any]:
         return {"handled": worker.handled, "writes": self.writes, "commits": self.commits, "rss_mib": _rss_mib()}

@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
@@ -123,7 +123,10 @@ class MemoryStore:
     def __init__(self) -> None:
         self._inbox: set[tuple[str, str]] = set()
         self._replies: dict[tuple[str, str], str] = {}
+        #: saga id -> its record's columns (data and meta left empty) and the JSON text of (data, meta):
+        #: a read builds a new record from them, as from a database row
         self._sagas: dict[str, SagaRecord] = {}
+        self._documents: dict[str, str] = {}
         self._keys: dict[tuple[str, str], str] = {}
         self._history: dict[str, list[HistoryEntry]] = {}
         self._outbox: dict[int, tuple[OutboxRow, float | None]] = {}
@@ -153,7 +156,10 @@ class MemoryStore:
                 current = self._sagas.get(record.id)
                 if current is None or current.version != expected_version:
                     raise VersionConflict(f"saga {record.id} is not at version {expected_version}")
-            self._sagas[record.id] = _copy(record)
+            r = record
+            self._sagas[r.id] = SagaRecord(r.id, r.type, r.key, r.state, {}, r.version, r.deadline, r.attempts, {},
+                                           r.final, r.created_at, r.updated_at)
+            self._documents[r.id] = json.dumps((r.data, r.meta))
             self._history.setdefault(record.id, []).append(history)
             if inbox is not None:
                 self._inbox.add(inbox)
@@ -168,7 +174,7 @@ class MemoryStore:
 
     def get_saga(self, saga_id: str) -> SagaRecord | None:
         r = self._sagas.get(saga_id)
-        return None if r is None else _copy(r)
+        return None if r is None else self._read(r)
 
     def find_saga(self, saga_type: str, key: str) -> SagaRecord | None:
         saga_id = self._keys.get((saga_type, key))
@@ -177,7 +183,7 @@ class MemoryStore:
     def due_sagas(self, now: float, limit: int, types: Sequence[str] | None = None) -> list[SagaRecord]:
         due = sorted((r for r in self._sagas.values() if r.deadline is not None and r.deadline <= now
                       and (types is None or r.type in types)), key=lambda r: r.deadline or 0.0)
-        return [_copy(r) for r in due[:limit]]
+        return [self._read(r) for r in due[:limit]]
 
     def list_sagas(self, saga_type: str | None = None, state: str | None = None,
                    stuck_before: float | None = None, limit: int = 1000) -> list[SagaRecord]:
@@ -187,7 +193,7 @@ class MemoryStore:
                 continue
             if stuck_before is not None and (r.final or (r.deadline is not None and r.deadline > stuck_before)):
                 continue
-            out.append(_copy(r))
+            out.append(self._read(r))
         return out[:limit]
 
     def saga_history(self, saga_id: str) -> list[HistoryEntry]:
@@ -209,13 +215,13 @@ class MemoryStore:
     def group(self) -> AbstractContextManager[None]:
         return nullcontext()  # every write applies at once, and whole
 
+    def _read(self, r: SagaRecord) -> SagaRecord:
+        data, meta = json.loads(self._documents[r.id])
+        return SagaRecord(r.id, r.type, r.key, r.state, data, r.version, r.deadline, r.attempts, meta, r.final,
+                          r.created_at, r.updated_at)
+
     def close(self) -> None:
         pass
-
-
-def _copy(record: SagaRecord) -> SagaRecord:
-    """A deep copy, as a row read back from a database would be."""
-    return replace(record, data=json.loads(json.dumps(record.data)), meta=json.loads(json.dumps(record.meta)))
 
 
 # -- SQL stores ------------------------------------------------------------------------------------

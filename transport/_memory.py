@@ -9,6 +9,7 @@ transports. It keeps its own global state, apart from plain ``kombu.transport.me
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 import threading
@@ -150,6 +151,22 @@ class Channel(memory.Channel):
             if not any(q in self.queues for q in queues):
                 raise Unroutable(f"no queue is bound to {exchange!r} for {routing_key!r}")
         super().basic_publish(message, exchange, routing_key, **kwargs)
+
+    def _poll(self, cycle: Any, callback: Any, timeout: float | None = None) -> Any:
+        # kombu tries each consumed queue in turn, raising and catching Empty for every empty one; look
+        # for one that holds a message instead, starting where the last turn stopped (fair to them all).
+        if self.delayed:
+            self._promote_due()
+        queues = cycle.resources
+        count = len(queues)
+        for i in range(count):
+            pos = (cycle.pos + i) % count
+            found = self.queues.get(queues[pos])
+            if found is not None and found.queue:  # (a hint: another consumer may take it first)
+                cycle.pos = pos + 1
+                with contextlib.suppress(Empty):
+                    return self._get_and_deliver(queues[pos], callback)
+        raise Empty()
 
     def _get(self, queue: str, timeout: float | None = None) -> Any:
         if self.delayed:
