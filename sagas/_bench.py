@@ -35,7 +35,7 @@ from transport import Event, EventBus, redact_url
 from ._logging import configure_logging
 from ._saga import SagaContext, Start, Step, StepSaga
 from ._service import App, Service
-from ._store import HistoryEntry, Store, open_store
+from ._store import HistoryEntry, SagaRecord, Store, open_store
 from ._worker import Worker
 
 EVENT = "bench.events.created"
@@ -361,7 +361,8 @@ def bench_sagas(broker: str, store_url: str | None, n: int, workers: int = 1) ->
     if memory and workers != 1:
         raise ValueError("on memory:// the bench runs one worker (the memory broker lives in one process)")
     bus = EventBus(broker, exchange=exchange)
-    starts = [Event("bench.orders.placed", {"order": f"o{i}", "fail": i % 10 == 9}, source="bench")
+    # Keys of this run's own (a store given with --store may hold the sagas of earlier runs).
+    starts = [Event("bench.orders.placed", {"order": f"{exchange}-{i}", "fail": i % 10 == 9}, source="bench")
               for i in range(n)]
     if memory:
         store = _CountingStore(open_store(store_url))
@@ -369,8 +370,8 @@ def bench_sagas(broker: str, store_url: str | None, n: int, workers: int = 1) ->
         with worker.running():
             t0 = _publish_and_wait(bus, starts, store, n)
             t1 = time.time()
+            records = _own_sagas(store, exchange)  # (the worker closes the store it was given)
         stats = [store.report(worker)]
-        reader: Store = store
     else:
         ctx = mp.get_context("spawn")
         stop, results = ctx.Event(), ctx.Queue()
@@ -386,16 +387,17 @@ def bench_sagas(broker: str, store_url: str | None, n: int, workers: int = 1) ->
                     raise RuntimeError("a bench worker did not start")
             t0 = _publish_and_wait(bus, starts, reader, n)
             t1 = time.time()
+            records = _own_sagas(reader, exchange)
         finally:
             stop.set()
             stats = [results.get(timeout=60) for _ in children]
             for c in children:
                 c.join(30)
+            reader.close()
             _cleanup(bus, [f"{exchange}.saga.bench", *(f"{exchange}.{s}.{h}" for s, h in (
                 ("stock", "reserve"), ("stock", "release"), ("payments", "charge"), ("payments", "refund"),
                 ("shipping", "ship")))])
     _done_progress()
-    records = reader.list_sagas("bench", limit=n + 10)
     durations = [r.updated_at - r.created_at for r in records if r.final]
     states = {s: sum(1 for r in records if r.state == s) for s in {r.state for r in records}}
     handled = sum(s["handled"] for s in stats)
@@ -409,18 +411,21 @@ def bench_sagas(broker: str, store_url: str | None, n: int, workers: int = 1) ->
         "store_commits_per_saga": round(sum(s["commits"] for s in stats) / n, 2),
         "worker_peak_rss_mib": max(s["rss_mib"] for s in stats),
     }
-    if not memory:
-        reader.close()
     return result
 
 
+def _own_sagas(store: Store, run: str) -> list[SagaRecord]:
+    return [r for r in store.list_sagas("bench", limit=store.count_sagas() + 10) if r.key.startswith(f"{run}-")]
+
+
 def _publish_and_wait(bus: EventBus, starts: list[Event], store: Any, n: int) -> float:
+    before = store.count_sagas(final=True)  # of earlier runs, in a store given with --store
     t0 = time.time()
     for i in range(0, n, PUBLISH_BATCH):
         bus.publish_many(starts[i:i + PUBLISH_BATCH])
     deadline = time.monotonic() + max(600.0, n / 10)
     shown = -1
-    while (final := store.count_sagas(final=True)) < n:
+    while (final := store.count_sagas(final=True) - before) < n:
         if time.monotonic() > deadline:
             raise RuntimeError(f"only {final} of {n} sagas ended in time")
         if final != shown:

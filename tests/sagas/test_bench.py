@@ -44,3 +44,11 @@ def test_events_and_raw_on_rabbitmq_carry_the_ratio(amqp_url: str) -> None:
     report = _bench.run("events", amqp_url, None, 400, 1, 1)
     assert {"raw-quorum", "raw-classic", "events"} <= set(report["median"])
     assert report["ratio_to_raw_quorum"]["end_to_end_per_s"] > 0
+
+
+def test_sagas_runs_sharing_a_store_each_count_only_their_own(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    store = f"sqlite:///{tmp_path}/bench.db"
+    first = _bench.bench_sagas("memory://", store, 30)
+    second = _bench.bench_sagas("memory://", store, 30)
+    # the second run waits for its own 30 sagas (not the 30 already final) and reports only them
+    assert first["states"] == second["states"] == {"completed": 27, "compensated": 3}
