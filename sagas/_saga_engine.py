@@ -214,13 +214,16 @@ class SagaEngine:
     # -- deadlines ---------------------------------------------------------------------------------
 
     def fire_due(self, limit: int = 500) -> list[OutboxRow]:
-        """Fire every deadline that has passed (up to ``limit``). Returns rows to publish."""
+        """Fire every deadline that has passed (up to ``limit``), in one store transaction (group commit),
+        with a savepoint per saga. Returns the committed rows to publish."""
         rows: list[OutboxRow] = []
-        for record in self.store.due_sagas(self.clock(), limit, types=tuple(self.definitions)):
-            try:
-                rows += self.fire(record)
-            except VersionConflict:
-                continue  # another worker fired it, or a message moved the saga meanwhile
+        with self.store.group():
+            for record in self.store.due_sagas(self.clock(), limit, types=tuple(self.definitions)):
+                try:
+                    with self.store.group():
+                        rows += self.fire(record)
+                except VersionConflict:
+                    continue  # another worker fired it, or a message moved the saga meanwhile
         return rows
 
     def fire(self, record: SagaRecord) -> list[OutboxRow]:

@@ -25,7 +25,7 @@ from ._errors import ConfigurationError, StoreError
 from ._types import InboxStore
 
 DEFAULT_STORE_URL = "sqlite:///sagas.db"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 class VersionConflict(StoreError):
@@ -265,8 +265,9 @@ class _SqlStore:
             " state TEXT NOT NULL, data TEXT NOT NULL, version INTEGER NOT NULL,"
             f" deadline {real}, attempts INTEGER NOT NULL, meta TEXT NOT NULL, final INTEGER NOT NULL,"
             f" created_at {real} NOT NULL, updated_at {real} NOT NULL, UNIQUE (type, key))",
-            # Finding due sagas reads this partial index only: O(due), not O(all).
-            "CREATE INDEX IF NOT EXISTS sagas_due ON sagas (deadline) WHERE deadline IS NOT NULL",
+            # Finding the due sagas of an engine's types reads this partial index only: O(due), not O(all).
+            # (An index on the deadline alone lost to sagas_by_state, which reads every saga of the type.)
+            "CREATE INDEX IF NOT EXISTS sagas_due_by_type ON sagas (type, deadline) WHERE deadline IS NOT NULL",
             "CREATE INDEX IF NOT EXISTS sagas_by_state ON sagas (type, state)",
             "CREATE TABLE IF NOT EXISTS saga_history (saga_id TEXT NOT NULL, seq INTEGER NOT NULL,"
             f" at {real} NOT NULL, message_id TEXT NOT NULL, from_state TEXT NOT NULL,"
@@ -286,7 +287,10 @@ class _SqlStore:
                 raise StoreError(f"the store's schema is version {current}, newer than this sagas "
                                  f"({SCHEMA_VERSION}): upgrade sagas")
             if current < SCHEMA_VERSION:
-                # Upgrades from older schema versions go here, one step at a time.
+                # Upgrades from older schema versions, one step at a time (the statements above have
+                # created what is new).
+                if 0 < current < 2:
+                    self._execute("DROP INDEX IF EXISTS sagas_due")  # replaced by sagas_due_by_type
                 self._execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
 
     # inbox and reply cache
@@ -367,7 +371,8 @@ class _SqlStore:
         only = "" if types is None else f" AND type IN ({', '.join('?' for _ in types)})"
         rows = self._execute(
             f"SELECT {_SAGA_COLUMNS} FROM sagas WHERE deadline IS NOT NULL AND deadline <= ?{only}"
-            " ORDER BY deadline LIMIT ?", (now, *(types or ()), limit)).fetchall()
+            # (ties in id order: workers firing at once lock rows in the same order, and never deadlock)
+            " ORDER BY deadline, id LIMIT ?", (now, *(types or ()), limit)).fetchall()
         return [_record(r) for r in rows]
 
     def list_sagas(self, saga_type: str | None = None, state: str | None = None,

@@ -544,9 +544,8 @@ class Worker:
                     for s in done:
                         self._give_back(s.o.inbound, exc)
                     done = []
-            for s in done:
-                self.bus.ack(s.o.inbound)
-                self.handled += 1
+            self.bus.ack_many([s.o.inbound for s in done])
+            self.handled += len(done)
             debug = _debug_enabled()
             for s in settling:
                 if s.error is not None:
@@ -661,10 +660,10 @@ class Worker:
             raise
         except Exception as exc:  # noqa: BLE001 - committed: the relay sends what is still unsent
             log.error("saga.outbox_not_published", error=repr(exc)[:500], relay_in=self.relay_interval)
+        self.bus.ack_many([inbound for inbound, _ in applied])
+        self.handled += len(applied)
         debug = _debug_enabled()
         for inbound, a in applied:
-            self.bus.ack(inbound)
-            self.handled += 1
             if debug:
                 event = inbound.event
                 assert event is not None

@@ -18,6 +18,7 @@ import threading
 import time
 import traceback
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -222,6 +223,12 @@ class EventBus:
         self._confirms: _Confirms | None = None
         self._consume_ch: Any = None
         self._consumer_tags: list[str] = []
+        #: delivery tags received on the consume channel (RabbitMQ), oldest first, until known settled,
+        #: and the tags settled out of order that are still in it: :meth:`ack_many` uses them to ack a run
+        #: of the oldest messages with one ``multiple`` ack. None: not tracked (memory://, or too many
+        #: unsettled on this channel; then every ack is single until the next channel).
+        self._delivered: deque[int] | None = None
+        self._settled: set[int] = set()
         #: every queue this bus declared (operators and tests use it to clean up)
         self.declared_queues: set[str] = set()
 
@@ -470,6 +477,8 @@ class EventBus:
     def consume(self, subscriptions: Sequence[Subscription], on_message: Callable[[Inbound], None]) -> None:
         """Start consuming. ``on_message`` runs inside :meth:`drain`, on the calling thread."""
         ch = self._consume_ch = self._connection().channel()
+        self._delivered = None if self.memory else deque()  # tags count from 1 again on a new channel
+        self._settled = set()
         for sub in subscriptions:
             self._declare(ch, sub, dead=False)  # declared (or found unavailable) on connect
             ch.basic_qos(0, sub.prefetch, False)
@@ -495,6 +504,11 @@ class EventBus:
 
         def receive(raw: Any) -> None:
             message, refused = _to_message(ch, raw)
+            if self._delivered is not None:
+                if len(self._delivered) < _MAX_TRACKED:
+                    self._delivered.append(message.delivery_tag)
+                else:  # a tag left out would be covered by a later multiple ack: stop batching instead
+                    self._delivered = None
             headers = message.headers or {}
             attempt = _int(headers.get(ATTEMPT_HEADER), 1) + _int(headers.get("x-delivery-count"), 0)
             # Any publisher can set these headers: a forged count must not pick a delay level that does
@@ -543,6 +557,37 @@ class EventBus:
         if not inbound.acked:
             self._settle(inbound.message.ack)
             inbound.acked = True
+            delivered = self._delivered
+            if delivered is not None and inbound.message.channel is self._consume_ch:
+                self._settled.add(inbound.message.delivery_tag)
+                while delivered and delivered[0] in self._settled:
+                    self._settled.discard(delivered.popleft())
+
+    def ack_many(self, inbounds: Sequence[Inbound]) -> None:
+        """Acknowledge messages that were all handled. The longest run of the oldest unsettled deliveries
+        that they make up goes in one ``multiple`` ack (a message received before them and still being
+        handled stops the run); the rest are acked one by one. On ``memory://``, one by one."""
+        delivered, settled = self._delivered, self._settled
+        mine = {} if delivered is None else {i.message.delivery_tag: i for i in inbounds
+                                             if not i.acked and i.message.channel is self._consume_ch}
+        top: Inbound | None = None
+        while len(mine) > 1 and delivered:
+            tag = delivered[0]
+            if tag in mine:
+                top = mine[tag]
+            elif tag in settled:
+                settled.discard(tag)
+            else:
+                break  # still being handled, or kept unacked: a multiple ack must not cover it
+            delivered.popleft()
+        if top is not None:
+            oldest_first = top.message
+            last = oldest_first.delivery_tag
+            self._settle(lambda: oldest_first.ack(multiple=True))
+            for tag, inbound in mine.items():
+                inbound.acked = inbound.acked or tag <= last
+        for inbound in inbounds:
+            self.ack(inbound)
 
     def _settle(self, op: Callable[[], None]) -> None:
         try:
@@ -683,6 +728,10 @@ class EventBus:
                 if self._conn is not None:
                     _close_channel_quietly(ch)
         return replayed
+
+
+#: unsettled deliveries tracked per channel for multiple acks (beyond: single acks until the next channel)
+_MAX_TRACKED = 100_000
 
 
 def _to_message(ch: Any, raw: Any) -> tuple[Message, str | None]:

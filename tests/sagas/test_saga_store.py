@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from sagas import MemoryStore, SagaRecord, SQLiteStore, Store, open_store
-from sagas._store import DuplicateSaga, HistoryEntry, Outgoing, VersionConflict
+from sagas._store import _SAGA_COLUMNS, DuplicateSaga, HistoryEntry, Outgoing, VersionConflict
 
 T0 = 1_000_000.0
 Opener = Callable[[], Store]
@@ -351,20 +351,21 @@ def test_postgres_sagas_survive_a_store_restart(postgres_url: str, unique: str) 
 
 
 def test_sqlite_finds_due_sagas_through_the_partial_index(tmp_path: Path) -> None:
-    """The due-sagas query of the SQLite store is answered from the partial index sagas_due."""
+    """The due query of an engine (its saga types) searches the partial (type, deadline) index: it reads
+    the due sagas only, O(due), whatever the number waiting. (Against an index on the deadline alone,
+    SQLite chose the (type, state) index, which reads every saga of the type.)"""
     store = open_store(f"sqlite:///{tmp_path}/sagas.db")
     try:
         assert isinstance(store, SQLiteStore)
         for i in range(50):
             _insert(store, _record(f"t{i}", deadline=None if i % 2 else T0 + i))
         plan = store._db.execute(
-            "EXPLAIN QUERY PLAN SELECT id, type, key, state, data, version, deadline, attempts, meta, final,"
-            " created_at, updated_at FROM sagas WHERE deadline IS NOT NULL AND deadline <= ?"
-            " ORDER BY deadline LIMIT ?", (T0 + 10, 10)).fetchall()
+            f"EXPLAIN QUERY PLAN SELECT {_SAGA_COLUMNS} FROM sagas WHERE deadline IS NOT NULL AND deadline <= ?"
+            " AND type IN (?, ?) ORDER BY deadline, id LIMIT ?", (T0 + 10, "trip", "errand", 10)).fetchall()
         details = " ".join(str(row[-1]) for row in plan)
-        assert "sagas_due" in details, details
-        assert "TEMP B-TREE" not in details, details  # the index gives the order too
-        assert [r.key for r in store.due_sagas(T0 + 10, 10)] == ["t0", "t2", "t4", "t6", "t8", "t10"]
+        # (the sort that follows orders the due sagas found, not the table)
+        assert "SEARCH sagas USING INDEX sagas_due_by_type (type=? AND deadline" in details, details
+        assert [r.key for r in store.due_sagas(T0 + 10, 10, types=("trip",))] == ["t0", "t2", "t4", "t6", "t8", "t10"]
     finally:
         store.close()
 
@@ -417,3 +418,62 @@ def test_postgres_store_reconnects_after_its_session_is_killed(postgres_url: str
     finally:
         store.close()
         _drop_schema(postgres_url, unique)
+
+
+def test_deadlines_fire_in_one_group_and_a_conflict_skips_only_its_saga(reopen: Opener) -> None:
+    """fire_due applies the due sagas in one transaction with a savepoint each: a saga that a message
+    moved after the due query is skipped, and the others' firings are committed."""
+    from sagas._bench import BenchSaga
+    from sagas._saga_engine import SagaEngine
+    from transport import Event
+
+    store = reopen()
+    now = [T0]
+    engine = SagaEngine([BenchSaga], store, clock=lambda: now[0])
+    ids = []
+    for i in range(3):
+        started = engine.handle("bench", Event("bench.orders.placed", {"order": f"o{i}"})).saga
+        assert started is not None
+        ids.append(started.id)
+    now[0] += 60  # past the first step's deadline (30 s)
+    due_sagas = store.due_sagas
+
+    def racing_due_sagas(*args: Any, **kwargs: Any) -> list[SagaRecord]:
+        found = due_sagas(*args, **kwargs)
+        moved = store.get_saga(ids[1])  # a message moves this one before its deadline fires
+        assert moved is not None
+        moved.version += 1
+        store.save_saga(moved, expected_version=moved.version - 1, history=_entry(moved), inbox=None, outbox=[])
+        return found
+
+    store.due_sagas = racing_due_sagas  # type: ignore[method-assign]
+    rows = engine.fire_due()
+    assert sorted(r.saga_id for r in rows) == sorted([ids[0], ids[2]])  # each request sent again
+    after = reopen()  # another connection sees what was committed
+    records = [after.get_saga(i) for i in ids]
+    assert [r.attempts if r else None for r in records] == [2, 1, 2]
+    assert [r.version if r else None for r in records] == [2, 2, 2]
+
+
+def test_a_version_1_store_is_upgraded_when_it_opens(tmp_path: Path) -> None:
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    store = SQLiteStore(str(path))
+    store.save_saga(_record("a", deadline=T0), expected_version=None, history=_entry(_record("a")), inbox=None,
+                    outbox=[])
+    store.close()
+    db = sqlite3.connect(path)  # as version 1 left it
+    db.executescript("DROP INDEX sagas_due_by_type; CREATE INDEX sagas_due ON sagas (deadline) WHERE deadline"
+                     " IS NOT NULL; DELETE FROM schema_version; INSERT INTO schema_version VALUES (1);")
+    db.close()
+    store = SQLiteStore(str(path))
+    assert [r.key for r in store.due_sagas(T0 + 1, 10, types=("trip",))] == ["a"]
+    store.close()
+    db = sqlite3.connect(path)
+    indexes = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    versions = [r[0] for r in db.execute("SELECT version FROM schema_version")]
+    db.close()
+    assert "sagas_due_by_type" in indexes
+    assert "sagas_due" not in indexes
+    assert max(versions) == 2

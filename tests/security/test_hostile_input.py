@@ -191,19 +191,29 @@ def rig(buses: list[object], url: str, app: App, handled: list[Event], store: St
     worker = Worker(app, broker=url, store=store or MemoryStore(), bus=bus, timer_interval=0.05)
     r = Rig(url, app.exchange, worker, EventBus(url, exchange=app.exchange), handled)
     buses += [worker, r.publisher]
-    ack, dead_letter = bus.ack, bus.dead_letter
+    ack, ack_many, dead_letter = bus.ack, bus.ack_many, bus.dead_letter
+    singly: list[Any] = []
 
     def recording_ack(inbound: Any) -> None:
         first = not inbound.acked
         ack(inbound)
         if first:
             r.acked.append(inbound.message_id)
+            singly.append(inbound)
+
+    def recording_ack_many(inbounds: Any) -> None:
+        # one multiple ack covers a run of them without ack(); ack_many acks the rest through ack()
+        fresh = [i for i in inbounds if not i.acked]
+        singly.clear()
+        ack_many(inbounds)
+        r.acked.extend(i.message_id for i in fresh if i.acked and not any(i is s for s in singly))
 
     def recording_dead_letter(inbound: Any, reason: str, error: BaseException | None = None) -> None:
         dead_letter(inbound, reason, error)
         r.reasons.append(reason)
 
     bus.ack = recording_ack  # type: ignore[method-assign]
+    bus.ack_many = recording_ack_many  # type: ignore[method-assign]
     bus.dead_letter = recording_dead_letter  # type: ignore[method-assign]
     worker.start()
     try:
