@@ -43,7 +43,17 @@ def test_deadlines_fire_only_the_due_sagas() -> None:
 def test_events_and_raw_on_rabbitmq_carry_the_ratio(amqp_url: str) -> None:
     report = _bench.run("events", amqp_url, None, 400, 1, 1)
     assert {"raw-quorum", "raw-classic", "events"} <= set(report["median"])
-    assert report["ratio_to_raw_quorum"]["end_to_end_per_s"] > 0
+    assert report["ratio_to_raw_quorum"]["events.end_to_end_per_s"] > 0
+    assert "events / raw-quorum   end_to_end_per_s" in _bench.table(report)
+
+
+@pytest.mark.rabbitmq
+def test_sagas_on_rabbitmq_carry_the_ratio_of_their_messages_to_raw(amqp_url: str) -> None:
+    report = _bench.run("sagas", amqp_url, None, 50, 1, 1)
+    sagas = report["median"]["sagas"]
+    assert sagas["messages_per_s"] > sagas["sagas_per_s"] > 0
+    assert set(report["ratio_to_raw_classic"]) == {"sagas.messages_per_s"}
+    assert "sagas / raw-classic  messages_per_s" in _bench.table(report)
 
 
 def test_sagas_runs_sharing_a_store_each_count_only_their_own(tmp_path) -> None:  # type: ignore[no-untyped-def]
