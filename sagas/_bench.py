@@ -52,6 +52,15 @@ def _done_progress() -> None:
 
 
 def _rss_mib() -> float:
+    """This process's peak RSS. On Linux from /proc (VmHWM): ``ru_maxrss`` of a spawned process starts at
+    the RSS of the process that forked it, which made every worker look as big as the bench."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
