@@ -239,7 +239,8 @@ class _SqlStore:
     """The SQL shared by SQLite and PostgreSQL. Statements use ``?``; PostgreSQL swaps in ``%s``."""
 
     _db: Any
-    _integrity_errors: tuple[type[BaseException], ...] = ()
+    #: how many transactions (and savepoints) are open on the connection
+    _depth = 0
 
     def _sql(self, statement: str) -> str:
         return statement
@@ -254,6 +255,13 @@ class _SqlStore:
     @contextmanager
     def _transaction(self) -> Iterator[None]:
         raise NotImplementedError
+
+    def _atomic(self) -> AbstractContextManager[None]:
+        """The writes of one store call: a transaction of their own or, inside a group, part of the
+        group's. There they take no savepoint: a call raises before it writes (a duplicate, a version
+        conflict), or it raises out of the group, or out of the inner group its caller opened, which
+        undoes what it wrote. Saves a savepoint and its release per call (round trips on PostgreSQL)."""
+        return nullcontext() if self._depth else self._transaction()
 
     def _create_schema(self, serial: str, real: str) -> None:
         statements = [
@@ -301,7 +309,7 @@ class _SqlStore:
         return row is not None
 
     def remember(self, consumer: str, message_id: str) -> None:
-        with self._transaction():
+        with self._atomic():
             self._insert_inbox(consumer, message_id)
 
     def _insert_inbox(self, consumer: str, message_id: str) -> None:
@@ -314,7 +322,7 @@ class _SqlStore:
         return None if row is None else str(row[0])
 
     def cache_reply(self, consumer: str, request_id: str, body: str) -> None:
-        with self._transaction():
+        with self._atomic():
             self._execute("INSERT INTO reply_cache (consumer, request_id, body, cached_at) VALUES (?, ?, ?, ?)"
                           " ON CONFLICT DO NOTHING", (consumer, request_id, body, time.time()))
 
@@ -325,37 +333,39 @@ class _SqlStore:
         values = (record.state, json.dumps(record.data), record.version, record.deadline, record.attempts,
                   json.dumps(record.meta), int(record.final), record.updated_at)
         rows: list[OutboxRow] = []
-        try:
-            with self._transaction():
-                if expected_version is None:
-                    self._execute(
-                        f"INSERT INTO sagas ({_SAGA_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        (record.id, record.type, record.key, *values[:7], record.created_at, record.updated_at))
-                else:
-                    cur = self._execute(
-                        "UPDATE sagas SET state = ?, data = ?, version = ?, deadline = ?, attempts = ?,"
-                        " meta = ?, final = ?, updated_at = ? WHERE id = ? AND version = ?",
-                        (*values, record.id, expected_version))
-                    if cur.rowcount != 1:
-                        raise VersionConflict(f"saga {record.id} is not at version {expected_version}")
-                self._execute(
-                    "INSERT INTO saga_history (saga_id, seq, at, message_id, from_state, to_state, reason)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (record.id, record.version, history.at, history.message_id, history.from_state,
-                     history.to_state, history.reason))
-                if inbox is not None:
-                    self._insert_inbox(*inbox)
-                now = history.at  # the engine's clock, which the relay compares with
-                for out in outbox:
-                    row = self._execute(
-                        "INSERT INTO outbox (saga_id, message_id, routing_key, body, mandatory, created_at)"
-                        " VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
-                        (record.id, out.message_id, out.routing_key, out.body, int(out.mandatory), now),
-                    ).fetchone()
-                    rows.append(OutboxRow(int(row[0]), record.id, out.message_id, out.routing_key, out.body,
-                                          out.mandatory, now))
-        except self._integrity_errors as exc:
-            raise DuplicateSaga(f"saga {record.type}/{record.key} exists: {exc}") from None
+        # DuplicateSaga and VersionConflict are raised before anything is written, and without a
+        # database error: inside a group, no savepoint of its own is needed (see _atomic).
+        with self._atomic():
+            if expected_version is None:
+                cur = self._execute(
+                    f"INSERT INTO sagas ({_SAGA_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                    " ON CONFLICT DO NOTHING",
+                    (record.id, record.type, record.key, *values[:7], record.created_at, record.updated_at))
+                if cur.rowcount != 1:
+                    raise DuplicateSaga(f"saga {record.type}/{record.key} exists")
+            else:
+                cur = self._execute(
+                    "UPDATE sagas SET state = ?, data = ?, version = ?, deadline = ?, attempts = ?,"
+                    " meta = ?, final = ?, updated_at = ? WHERE id = ? AND version = ?",
+                    (*values, record.id, expected_version))
+                if cur.rowcount != 1:
+                    raise VersionConflict(f"saga {record.id} is not at version {expected_version}")
+            self._execute(
+                "INSERT INTO saga_history (saga_id, seq, at, message_id, from_state, to_state, reason)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (record.id, record.version, history.at, history.message_id, history.from_state,
+                 history.to_state, history.reason))
+            if inbox is not None:
+                self._insert_inbox(*inbox)
+            now = history.at  # the engine's clock, which the relay compares with
+            for out in outbox:
+                row = self._execute(
+                    "INSERT INTO outbox (saga_id, message_id, routing_key, body, mandatory, created_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
+                    (record.id, out.message_id, out.routing_key, out.body, int(out.mandatory), now),
+                ).fetchone()
+                rows.append(OutboxRow(int(row[0]), record.id, out.message_id, out.routing_key, out.body,
+                                      out.mandatory, now))
         return rows
 
     def get_saga(self, saga_id: str) -> SagaRecord | None:
@@ -409,12 +419,12 @@ class _SqlStore:
         return [OutboxRow(int(r[0]), r[1], r[2], r[3], r[4], bool(r[5]), float(r[6])) for r in rows]
 
     def mark_sent(self, ids: Sequence[int]) -> None:
-        if not ids:
-            return
-        with self._transaction():
-            now = time.time()
-            for i in ids:
-                self._execute("UPDATE outbox SET sent_at = ? WHERE id = ?", (now, i))
+        now = time.time()
+        with self._atomic():
+            for start in range(0, len(ids), 500):
+                chunk = ids[start:start + 500]
+                self._execute(f"UPDATE outbox SET sent_at = ? WHERE id IN ({', '.join('?' for _ in chunk)})",
+                              (now, *chunk))
 
 
 class SQLiteStore(_SqlStore):
@@ -425,7 +435,6 @@ class SQLiteStore(_SqlStore):
     that too, at about one fsync per commit.
     """
 
-    _integrity_errors = (sqlite3.IntegrityError,)
 
     def __init__(self, path: str, *, synchronous: str = "NORMAL") -> None:
         if synchronous.upper() not in ("NORMAL", "FULL", "EXTRA"):
@@ -495,7 +504,6 @@ class PostgresStore(_SqlStore):
             raise ConfigurationError(f"invalid schema name {schema!r}")
         self.schema = schema
         self._url = url
-        self._integrity_errors = (psycopg.errors.UniqueViolation,)
         try:
             self._connect(setup=True)
             try:
@@ -535,8 +543,12 @@ class PostgresStore(_SqlStore):
     @contextmanager
     def _transaction(self) -> Iterator[None]:
         self._live()
-        with self._db.transaction():
-            yield
+        self._depth += 1  # (psycopg nests transaction() blocks as savepoints)
+        try:
+            with self._db.transaction():
+                yield
+        finally:
+            self._depth -= 1
 
     def close(self) -> None:
         self._db.close()

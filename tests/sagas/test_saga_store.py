@@ -477,3 +477,29 @@ def test_a_version_1_store_is_upgraded_when_it_opens(tmp_path: Path) -> None:
     assert "sagas_due_by_type" in indexes
     assert "sagas_due" not in indexes
     assert max(versions) == 2
+
+
+def test_a_duplicate_or_conflict_inside_a_group_leaves_the_group_usable(reopen: Opener) -> None:
+    """Inside a group, save_saga takes no savepoint of its own: a duplicate start and a version conflict
+    are refused before anything is written, without a database error, so the group goes on and commits
+    the other writes (on PostgreSQL, a failed statement would have aborted the whole transaction)."""
+    store = reopen()
+    first = _record("a")
+    store.save_saga(first, expected_version=None, history=_entry(first), inbox=None, outbox=[])
+    with store.group():
+        twin = _record("a", saga_id="id-other")
+        with pytest.raises(DuplicateSaga):
+            store.save_saga(twin, expected_version=None, history=_entry(twin), inbox=("c", "m1"), outbox=[])
+        stale = _record("a", version=5)
+        with pytest.raises(VersionConflict):
+            store.save_saga(stale, expected_version=4, history=_entry(stale), inbox=("c", "m2"), outbox=[])
+        other = _record("b")
+        rows = store.save_saga(other, expected_version=None, history=_entry(other), inbox=("c", "m3"),
+                               outbox=[Outgoing("out-1", "ocis.trip.booked", "{}", False)])
+    after = reopen()
+    assert after.get_saga("id-other") is None
+    assert [r.key for r in after.list_sagas("trip")] == ["a", "b"]
+    assert (after.seen("c", "m1"), after.seen("c", "m2"), after.seen("c", "m3")) == (False, False, True)
+    assert [r.message_id for r in after.unsent(T0 + 10)] == ["out-1"] == [r.message_id for r in rows]
+    after.mark_sent([r.id for r in rows])
+    assert after.unsent(T0 + 10) == []
