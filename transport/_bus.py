@@ -581,9 +581,9 @@ class EventBus:
                 break  # still being handled, or kept unacked: a multiple ack must not cover it
             delivered.popleft()
         if top is not None:
-            oldest_first = top.message
-            last = oldest_first.delivery_tag
-            self._settle(lambda: oldest_first.ack(multiple=True))
+            newest = top.message  # acked with every unsettled delivery before it on the channel
+            last = newest.delivery_tag
+            self._settle(lambda: newest.ack(multiple=True))
             for tag, inbound in mine.items():
                 inbound.acked = inbound.acked or tag <= last
         for inbound in inbounds:

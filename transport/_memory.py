@@ -28,6 +28,7 @@ from ._names import topic_matches
 
 _SOURCE_QUEUE = "x-sagas-source-queue"
 _delivery_tags = itertools.count(1)
+_MAX_ROUTES = 10_000
 
 
 class TopicExchange(_KombuTopicExchange):
@@ -125,6 +126,8 @@ class Channel(memory.Channel):
                 found = list(self.typeof(exchange).lookup(self.get_table(exchange), exchange, routing_key, None))
             except KeyError:
                 return []
+            if len(self.routes) >= _MAX_ROUTES:
+                self.routes.clear()  # many distinct routing keys: start over rather than grow
             self.routes[(exchange, routing_key)] = found
         return found
 
