@@ -239,7 +239,7 @@ class _SqlStore:
     """The SQL shared by SQLite and PostgreSQL. Statements use ``?``; PostgreSQL swaps in ``%s``."""
 
     _db: Any
-    #: how many transactions (and savepoints) are open on the connection
+    #: how many transactions are open on the connection: the outer one, then savepoints (nested groups)
     _depth = 0
 
     def _sql(self, statement: str) -> str:
@@ -444,7 +444,6 @@ class SQLiteStore(_SqlStore):
             if path != ":memory:" and os.path.dirname(path):
                 os.makedirs(os.path.dirname(path), exist_ok=True)
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-            self._depth = 0  # transactions open: the outer one, then savepoints
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
             self._db.execute("PRAGMA busy_timeout=10000")

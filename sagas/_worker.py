@@ -411,7 +411,7 @@ class Worker:
         if not inbound.acked:  # (an at-most-once message whose handler had started was acked)
             self._retry_or_dead_letter(inbound, exc, "the worker could not process it")
 
-    def _retry_or_dead_letter(self, inbound: Inbound, exc: Exception, reason: str) -> str:
+    def _retry_or_dead_letter(self, inbound: Inbound, exc: BaseException, reason: str) -> str:
         """Send a message back through a delay queue (with its handler's retry policy, or the saga
         policy), or dead-letter it after the last attempt, so nothing is lost or stuck."""
         spec = self._routes.get(inbound.subscription.queue)
@@ -617,17 +617,12 @@ class Worker:
     def _fail(self, s: _Settling) -> None:
         spec, inbound, error = s.o.spec, s.o.inbound, s.error
         assert error is not None
-        durable = spec.delivery is Delivery.AT_LEAST_ONCE
-        if isinstance(error, Reject) or not durable or inbound.attempt >= spec.retry.attempts:
-            if isinstance(error, Reject):
-                reason = f"rejected by handler {spec.key}: {error}"
-            elif durable:
-                reason = f"handler {spec.key} failed {inbound.attempt} time(s): {error!r}"
-            else:
-                reason = f"at-most-once handler {spec.key} failed: {error!r}"
-            outcome = self._send_back(inbound, error, None, reason)
+        if isinstance(error, Reject):
+            outcome = self._send_back(inbound, error, None, f"rejected by handler {spec.key}: {error}")
         else:
-            outcome = self._send_back(inbound, error, spec.retry.delay(inbound.attempt))
+            failed = (f"handler {spec.key} failed {inbound.attempt} time(s)" if inbound.subscription.durable
+                      else f"at-most-once handler {spec.key} failed")
+            outcome = self._retry_or_dead_letter(inbound, error, failed)
         log.warning("message.failed", error=repr(error)[:500], **s.fields(outcome))
 
     # -- sagas -----------------------------------------------------------------------------------------
