@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 import random
-import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor, Future
@@ -700,11 +699,6 @@ class Harness:
 
     def live_workers(self) -> Iterator[Worker]:
         return (w for w in self.workers if w is not None)
-
-
-def new_id() -> str:
-    """A fresh event id (for tests that build events by hand)."""
-    return uuid.uuid4().hex
 
 
 __all__ = [
