@@ -27,8 +27,9 @@ notifications = Service("notifications")
 
 def share_created(share_id: str, sharer: str, grantee: str, path: str) -> Event:
     """The event the sharing service publishes when a share is created."""
-    return Event(SHARE_CREATED, {"share_id": share_id, "sharer": sharer, "grantee": grantee, "path": path},
-                 source=sharing.name)
+    return Event(
+        SHARE_CREATED, {"share_id": share_id, "sharer": sharer, "grantee": grantee, "path": path}, source=sharing.name
+    )
 
 
 def publish_share(bus: EventBus, share_id: str, sharer: str, grantee: str, path: str) -> Event:

@@ -121,8 +121,9 @@ def _publish_events(bus: EventBus, n: int) -> tuple[float, float]:
     t0 = time.time()
     for start in range(0, n, PUBLISH_BATCH):
         # built just before they are sent: an event's time is when its publish began
-        bus.publish_many([Event(EVENT, _payload(i), source="bench")
-                          for i in range(start, min(n, start + PUBLISH_BATCH))])
+        bus.publish_many(
+            [Event(EVENT, _payload(i), source="bench") for i in range(start, min(n, start + PUBLISH_BATCH))]
+        )
         if start % 5000 == 0:
             _progress(f"events: published {start + PUBLISH_BATCH:,} of {n:,}")
     return t0, time.time()
@@ -167,7 +168,9 @@ def _figures(workload: str, broker: str, n: int, t0: float, t1: float, got: dict
     if len(lat) < n:
         raise RuntimeError(f"only {len(lat)} of {n} events were handled")
     return {
-        "workload": workload, "broker": redact_url(broker), "n": n,
+        "workload": workload,
+        "broker": redact_url(broker),
+        "n": n,
         "publish_per_s": round(n / (t1 - t0)),
         "handled_per_s": round(n / max(got["last"] - got["first"], 1e-9)),
         "end_to_end_per_s": round(n / (got["last"] - t0)),
@@ -193,8 +196,12 @@ def _amqp_params(url: str) -> dict[str, Any]:
 
     u = urlsplit(url.split(";")[0])
     vhost = unquote(u.path[1:]) if u.path not in ("", "/") else "/"
-    return {"host": f"{u.hostname or '127.0.0.1'}:{u.port or 5672}", "userid": unquote(u.username or "guest"),
-            "password": unquote(u.password or "guest"), "virtual_host": vhost}
+    return {
+        "host": f"{u.hostname or '127.0.0.1'}:{u.port or 5672}",
+        "userid": unquote(u.username or "guest"),
+        "password": unquote(u.password or "guest"),
+        "virtual_host": vhost,
+    }
 
 
 def _raw_consumer(url: str, queue: str, n: int, ready: Any, results: Any) -> None:
@@ -225,8 +232,7 @@ def _raw_consumer(url: str, queue: str, n: int, ready: Any, results: Any) -> Non
         with contextlib.suppress(socket.timeout):
             conn.drain_events(timeout=1)
     conn.close()
-    results.put({"first": stamps["first"], "last": stamps["last"], "latencies": stamps["lat"],
-                 "rss_mib": _rss_mib()})
+    results.put({"first": stamps["first"], "last": stamps["last"], "latencies": stamps["lat"], "rss_mib": _rss_mib()})
 
 
 def bench_raw(broker: str, n: int, queue_type: str = "quorum") -> dict[str, Any]:
@@ -372,8 +378,10 @@ def bench_sagas(broker: str, store_url: str | None, n: int, workers: int = 1) ->
         raise ValueError("on memory:// the bench runs one worker (the memory broker lives in one process)")
     bus = EventBus(broker, exchange=exchange)
     # Keys of this run's own (a store given with --store may hold the sagas of earlier runs).
-    starts = [Event("bench.orders.placed", {"order": f"{exchange}-{i}", "fail": i % 10 == 9}, source="bench")
-              for i in range(n)]
+    starts = [
+        Event("bench.orders.placed", {"order": f"{exchange}-{i}", "fail": i % 10 == 9}, source="bench")
+        for i in range(n)
+    ]
     if memory:
         store = _CountingStore(open_store(store_url))
         worker = Worker(_sagas_app(exchange), broker=broker, store=store)
@@ -386,8 +394,10 @@ def bench_sagas(broker: str, store_url: str | None, n: int, workers: int = 1) ->
         ctx = mp.get_context("spawn")
         stop, results = ctx.Event(), ctx.Queue()
         readies = [ctx.Event() for _ in range(workers)]
-        children = [ctx.Process(target=_run_saga_worker, args=(broker, store_url, exchange, stop, r, results),
-                                daemon=True) for r in readies]
+        children = [
+            ctx.Process(target=_run_saga_worker, args=(broker, store_url, exchange, stop, r, results), daemon=True)
+            for r in readies
+        ]
         for c in children:
             c.start()
         reader = open_store(store_url)
@@ -404,16 +414,34 @@ def bench_sagas(broker: str, store_url: str | None, n: int, workers: int = 1) ->
             for c in children:
                 c.join(30)
             reader.close()
-            _cleanup(bus, [f"{exchange}.saga.bench", *(f"{exchange}.{s}.{h}" for s, h in (
-                ("stock", "reserve"), ("stock", "release"), ("payments", "charge"), ("payments", "refund"),
-                ("shipping", "ship")))])
+            _cleanup(
+                bus,
+                [
+                    f"{exchange}.saga.bench",
+                    *(
+                        f"{exchange}.{s}.{h}"
+                        for s, h in (
+                            ("stock", "reserve"),
+                            ("stock", "release"),
+                            ("payments", "charge"),
+                            ("payments", "refund"),
+                            ("shipping", "ship"),
+                        )
+                    ),
+                ],
+            )
     _done_progress()
     durations = [r.updated_at - r.created_at for r in records if r.final]
     states = {s: sum(1 for r in records if r.state == s) for s in {r.state for r in records}}
     handled = sum(s["handled"] for s in stats)
     result = {
-        "workload": "sagas", "broker": redact_url(broker), "store": redact_url(store_url), "n": n,
-        "workers": workers, "sagas_per_s": round(n / (t1 - t0)), "states": states,
+        "workload": "sagas",
+        "broker": redact_url(broker),
+        "store": redact_url(store_url),
+        "n": n,
+        "workers": workers,
+        "sagas_per_s": round(n / (t1 - t0)),
+        "states": states,
         "duration_p50_ms": round(_pct(durations, 0.5) * 1000, 1),
         "duration_p99_ms": round(_pct(durations, 0.99) * 1000, 1),
         "messages_per_saga": round(handled / n, 2),
@@ -433,7 +461,7 @@ def _publish_and_wait(bus: EventBus, starts: list[Event], store: Any, n: int) ->
     before = store.count_sagas(final=True)  # of earlier runs, in a store given with --store
     t0 = time.time()
     for i in range(0, n, PUBLISH_BATCH):
-        bus.publish_many(starts[i:i + PUBLISH_BATCH])
+        bus.publish_many(starts[i : i + PUBLISH_BATCH])
     deadline = time.monotonic() + max(600.0, n / 10)
     shown = -1
     while (final := store.count_sagas(final=True) - before) < n:
@@ -462,6 +490,7 @@ def bench_deadlines(store_url: str | None, due: int = 1000, idle: Sequence[int] 
         tmp = tempfile.mkdtemp(prefix="sagas-bench-")
         store = open_store(store_url or f"sqlite:///{tmp}/deadlines.db")
         clock = VirtualClock()
+
         # A saga type of this run's own: a store given with --store may hold other runs' sagas.
         class RunSaga(BenchSaga):
             type = f"bench_{uuid.uuid4().hex[:8]}"
@@ -478,10 +507,15 @@ def bench_deadlines(store_url: str | None, due: int = 1000, idle: Sequence[int] 
             for record in store.list_sagas(saga.type, limit=due):
                 record.deadline = clock() + 1
                 record.version += 1
-                store.save_saga(record, expected_version=record.version - 1,
-                                history=HistoryEntry(clock(), f"bench-{record.id}", record.state, record.state,
-                                                     "bench: deadline moved"),
-                                inbox=None, outbox=[])
+                store.save_saga(
+                    record,
+                    expected_version=record.version - 1,
+                    history=HistoryEntry(
+                        clock(), f"bench-{record.id}", record.state, record.state, "bench: deadline moved"
+                    ),
+                    inbox=None,
+                    outbox=[],
+                )
         clock.advance(2)  # past the due ones' deadlines; the idle ones wait 30 s
         t0 = time.perf_counter()
         found = len(store.due_sagas(clock(), due, types=(saga.type,)))  # finding them alone
@@ -529,15 +563,17 @@ def run(what: str, broker: str, store: str | None, n: int, workers: int, repeat:
             runs.setdefault("sagas", []).append(bench_sagas(broker, store, n, workers))
         if what in ("deadlines", "all"):
             runs.setdefault("deadlines", []).append(bench_deadlines(store))
-    report: dict[str, Any] = {"python": sys.version.split()[0], "cpus": os.cpu_count(), "runs": runs,
-                              "median": {}}
+    report: dict[str, Any] = {"python": sys.version.split()[0], "cpus": os.cpu_count(), "runs": runs, "median": {}}
     for name, items in runs.items():
         numeric = {k for k, v in items[0].items() if isinstance(v, int | float) and k not in ("n", "workers")}
         report["median"][name] = {k: statistics.median(i[k] for i in items) for k in sorted(numeric)}
     for kind in ("quorum", "classic"):
         raw = report["median"].get(f"raw-{kind}")
-        ratios = {f"{workload}.{ours}": round(report["median"][workload][ours] / raw[theirs], 2)
-                  for workload, ours, theirs in _RATIOS if raw and workload in report["median"] and raw.get(theirs)}
+        ratios = {
+            f"{workload}.{ours}": round(report["median"][workload][ours] / raw[theirs], 2)
+            for workload, ours, theirs in _RATIOS
+            if raw and workload in report["median"] and raw.get(theirs)
+        }
         if ratios:
             report[f"ratio_to_raw_{kind}"] = ratios
     return report
@@ -545,8 +581,12 @@ def run(what: str, broker: str, store: str | None, n: int, workers: int, repeat:
 
 #: (workload, figure, raw figure) compared in a report: the events figures with their raw twins, and
 #: the saga messages moved per second with the raw end-to-end rate (what the broker and client allow)
-_RATIOS = [("events", "publish_per_s", "publish_per_s"), ("events", "handled_per_s", "handled_per_s"),
-           ("events", "end_to_end_per_s", "end_to_end_per_s"), ("sagas", "messages_per_s", "end_to_end_per_s")]
+_RATIOS = [
+    ("events", "publish_per_s", "publish_per_s"),
+    ("events", "handled_per_s", "handled_per_s"),
+    ("events", "end_to_end_per_s", "end_to_end_per_s"),
+    ("sagas", "messages_per_s", "end_to_end_per_s"),
+]
 
 
 def table(report: dict[str, Any]) -> str:

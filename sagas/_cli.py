@@ -26,28 +26,49 @@ from ._service import App, Service
 from ._store import OutboxRow, SagaRecord, Store, VersionConflict, open_store
 
 _broker = click.option(
-    "--broker", envvar="SAGAS_BROKER_URL", default="memory://", show_default=True,
+    "--broker",
+    envvar="SAGAS_BROKER_URL",
+    default="memory://",
+    show_default=True,
     help="Broker URL: memory:// or amqp://user:pass@host:5672/vhost (amqps:// for TLS; several "
-         "separated by ';'). Env: SAGAS_BROKER_URL.",
+    "separated by ';'). Env: SAGAS_BROKER_URL.",
 )
 _exchange = click.option(
-    "--exchange", envvar="SAGAS_EXCHANGE", default=None,
+    "--exchange",
+    envvar="SAGAS_EXCHANGE",
+    default=None,
     help="Events exchange name (default 'sagas'; for `run`, the app's). Env: SAGAS_EXCHANGE.",
 )
 _PEM = click.Path(exists=True, dir_okay=False, readable=True)
 _TLS_OPTIONS = [
-    click.option("--ssl-ca", envvar="SAGAS_SSL_CA", type=_PEM, default=None,
-                 help="CA bundle (PEM) that signed the broker's certificate; default: the system CAs. Implies "
-                      "TLS. Env: SAGAS_SSL_CA."),
-    click.option("--ssl-cert", envvar="SAGAS_SSL_CERT", type=_PEM, default=None,
-                 help="Client certificate (PEM), for brokers that ask for one. Env: SAGAS_SSL_CERT."),
-    click.option("--ssl-key", envvar="SAGAS_SSL_KEY", type=_PEM, default=None,
-                 help="Private key (PEM) of --ssl-cert, unless that file holds it. Env: SAGAS_SSL_KEY."),
+    click.option(
+        "--ssl-ca",
+        envvar="SAGAS_SSL_CA",
+        type=_PEM,
+        default=None,
+        help="CA bundle (PEM) that signed the broker's certificate; default: the system CAs. Implies "
+        "TLS. Env: SAGAS_SSL_CA.",
+    ),
+    click.option(
+        "--ssl-cert",
+        envvar="SAGAS_SSL_CERT",
+        type=_PEM,
+        default=None,
+        help="Client certificate (PEM), for brokers that ask for one. Env: SAGAS_SSL_CERT.",
+    ),
+    click.option(
+        "--ssl-key",
+        envvar="SAGAS_SSL_KEY",
+        type=_PEM,
+        default=None,
+        help="Private key (PEM) of --ssl-cert, unless that file holds it. Env: SAGAS_SSL_KEY.",
+    ),
 ]
 
 
-def tls_options(broker: str, ca: str | None = None, cert: str | None = None,
-                key: str | None = None) -> dict[str, Any] | None:
+def tls_options(
+    broker: str, ca: str | None = None, cert: str | None = None, key: str | None = None
+) -> dict[str, Any] | None:
     """The ``ssl`` argument of :class:`EventBus` for a broker URL and TLS files: None (plain AMQP) unless
     the URL is ``amqps://`` or a file is given. With TLS, the broker's certificate must chain to ``ca``
     (or to a system CA) and name the host of the URL (``server_hostname=None``: kombu puts in the host
@@ -116,7 +137,10 @@ def _load_saga_class(spec: str) -> type[Saga]:
 
 
 _store = click.option(
-    "--store", envvar="SAGAS_STORE_URL", default="sqlite:///sagas.db", show_default=True,
+    "--store",
+    envvar="SAGAS_STORE_URL",
+    default="sqlite:///sagas.db",
+    show_default=True,
     help="Store URL: sqlite:///path, memory:// or postgresql://... Env: SAGAS_STORE_URL.",
 )
 
@@ -173,10 +197,21 @@ def cli(log_json: bool, log_level: str) -> None:
 @_exchange
 @_store
 @click.option("--concurrency", default=4, show_default=True, help="Handlers running at once.")
-@click.option("--grace-period", default=60.0, show_default=True,
-              help="Exit non-zero (3) if the broker stays unreachable this many seconds.")
-def run(app: str, broker: str, tls: dict[str, Any] | None, exchange: str | None, store: str, concurrency: int,
-        grace_period: float) -> None:
+@click.option(
+    "--grace-period",
+    default=60.0,
+    show_default=True,
+    help="Exit non-zero (3) if the broker stays unreachable this many seconds.",
+)
+def run(
+    app: str,
+    broker: str,
+    tls: dict[str, Any] | None,
+    exchange: str | None,
+    store: str,
+    concurrency: int,
+    grace_period: float,
+) -> None:
     """Run every service of APP (module:attribute) until SIGTERM or SIGINT.
 
     \b
@@ -185,8 +220,15 @@ def run(app: str, broker: str, tls: dict[str, Any] | None, exchange: str | None,
     """
     from ._worker import Worker
 
-    worker = Worker(_load_app(app), broker=broker, store=store, exchange=exchange,
-                    concurrency=concurrency, grace_period=grace_period, ssl=tls)
+    worker = Worker(
+        _load_app(app),
+        broker=broker,
+        store=store,
+        exchange=exchange,
+        concurrency=concurrency,
+        grace_period=grace_period,
+        ssl=tls,
+    )
     sys.exit(worker.run(install_signals=True))
 
 
@@ -198,10 +240,22 @@ def run(app: str, broker: str, tls: dict[str, Any] | None, exchange: str | None,
 @_exchange
 @click.option("--source", default="cli", show_default=True, help="Source service name in the envelope.")
 @click.option("--correlation-id", default="", help="Correlation id (default: the event's own id).")
-@click.option("--timeout", default=10.0, show_default=True,
-              help="Seconds to wait for the broker's confirm (and at most 5 to connect).")
-def publish(type: str, payload: str, broker: str, tls: dict[str, Any] | None, exchange: str | None, source: str,
-            correlation_id: str, timeout: float) -> None:
+@click.option(
+    "--timeout",
+    default=10.0,
+    show_default=True,
+    help="Seconds to wait for the broker's confirm (and at most 5 to connect).",
+)
+def publish(
+    type: str,
+    payload: str,
+    broker: str,
+    tls: dict[str, Any] | None,
+    exchange: str | None,
+    source: str,
+    correlation_id: str,
+    timeout: float,
+) -> None:
     """Publish one event and wait for the broker to confirm it; print its id.
 
     \b
@@ -215,8 +269,9 @@ def publish(type: str, payload: str, broker: str, tls: dict[str, Any] | None, ex
     if not isinstance(data, dict):
         raise click.BadParameter("PAYLOAD must be a JSON object")
     event = Event(type=type, payload=data, source=source, correlation_id=correlation_id)
-    with EventBus(broker, exchange=exchange or "sagas", publish_timeout=timeout,
-                  connect_timeout=min(timeout, 5.0), ssl=tls) as bus:
+    with EventBus(
+        broker, exchange=exchange or "sagas", publish_timeout=timeout, connect_timeout=min(timeout, 5.0), ssl=tls
+    ) as bus:
         bus.publish(event, timeout=timeout)
     click.echo(event.id)
 
@@ -260,8 +315,9 @@ def dead_ls(broker: str, tls: dict[str, Any] | None, exchange: str | None, as_js
 @_broker
 @_tls
 @_exchange
-def dead_replay(ids: tuple[str, ...], replay_all: bool, broker: str, tls: dict[str, Any] | None,
-                exchange: str | None) -> None:
+def dead_replay(
+    ids: tuple[str, ...], replay_all: bool, broker: str, tls: dict[str, Any] | None, exchange: str | None
+) -> None:
     """Put dead letters back on the queue they came from, with a fresh attempt count.
 
     \b
@@ -306,14 +362,19 @@ def health(broker: str, tls: dict[str, Any] | None, timeout: float) -> None:
 @_store
 @click.option("--type", "saga_type", default=None, help="Only sagas of this type.")
 @click.option("--state", default=None, help="Only sagas in this state.")
-@click.option("--stuck", is_flag=True,
-              help="Only sagas that have not ended and whose deadline is missing or passed --stuck-after ago.")
-@click.option("--stuck-after", default=60.0, show_default=True,
-              help="With --stuck: seconds a deadline must be overdue.")
+@click.option(
+    "--stuck",
+    is_flag=True,
+    help="Only sagas that have not ended and whose deadline is missing or passed --stuck-after ago.",
+)
+@click.option(
+    "--stuck-after", default=60.0, show_default=True, help="With --stuck: seconds a deadline must be overdue."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per line.")
 @click.option("--limit", default=1000, show_default=True, help="At most this many sagas, oldest first.")
-def saga_ls(store: str, saga_type: str | None, state: str | None, stuck: bool, stuck_after: float, as_json: bool,
-            limit: int) -> None:
+def saga_ls(
+    store: str, saga_type: str | None, state: str | None, stuck: bool, stuck_after: float, as_json: bool, limit: int
+) -> None:
     """List sagas with their type, state and deadline, oldest first.
 
     \b
@@ -333,8 +394,7 @@ def saga_ls(store: str, saga_type: str | None, state: str | None, stuck: bool, s
         click.echo("no sagas")
         return
     rows = [("ID", "TYPE", "STATE", "FINAL", "DEADLINE", "UPDATED")]
-    rows += [(r.id, r.type, r.state, "yes" if r.final else "no", _iso(r.deadline), _iso(r.updated_at))
-             for r in records]
+    rows += [(r.id, r.type, r.state, "yes" if r.final else "no", _iso(r.deadline), _iso(r.updated_at)) for r in records]
     for line in _table(rows):
         click.echo(line)
 
@@ -360,8 +420,16 @@ def show(saga_id: str, store: str, as_json: bool) -> None:
         _fail(f"no saga {saga_id!r} in the store {redact_url(store)}")
     if as_json:
         out = record.to_dict()
-        out["history"] = [{"at": h.at, "message_id": h.message_id, "from_state": h.from_state,
-                           "to_state": h.to_state, "reason": h.reason} for h in history]
+        out["history"] = [
+            {
+                "at": h.at,
+                "message_id": h.message_id,
+                "from_state": h.from_state,
+                "to_state": h.to_state,
+                "reason": h.reason,
+            }
+            for h in history
+        ]
         click.echo(json.dumps(out, indent=2, sort_keys=True))
         return
     for line in _describe(record):
@@ -409,8 +477,14 @@ def _describe(r: SagaRecord) -> list[str]:
 
 @cli.command()
 @click.argument("saga_class")
-@click.option("--format", "fmt", type=click.Choice(["mermaid", "dot"]), default="mermaid", show_default=True,
-              help="Mermaid stateDiagram-v2 text, or Graphviz DOT text.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["mermaid", "dot"]),
+    default="mermaid",
+    show_default=True,
+    help="Mermaid stateDiagram-v2 text, or Graphviz DOT text.",
+)
 @click.option("--id", "saga_id", default=None, help="Highlight the current state of this saga (needs --store).")
 @_store
 def graph(saga_class: str, fmt: str, saga_id: str | None, store: str) -> None:
@@ -437,16 +511,24 @@ def graph(saga_class: str, fmt: str, saga_id: str | None, store: str) -> None:
         if record is None:
             _fail(f"no saga {saga_id!r} in the store {redact_url(store)}")
         if record.type != definition.type or record.state not in definition.states:
-            _fail(f"saga {saga_id} is a {record.type} saga in state {record.state!r}, "
-                  f"not one of {saga_class} ({definition.type})")
+            _fail(
+                f"saga {saga_id} is a {record.type} saga in state {record.state!r}, "
+                f"not one of {saga_class} ({definition.type})"
+            )
         current = record.state
     click.echo(draw(definition, fmt, current), nl=False)
 
 
-_app_option = click.option("--app", "app_spec", envvar="SAGAS_APP", required=True,
-                           help="The app (module:attribute) that declares the saga types. Env: SAGAS_APP.")
-_timeout = click.option("--timeout", default=10.0, show_default=True,
-                        help="Seconds to wait for the broker and its confirms.")
+_app_option = click.option(
+    "--app",
+    "app_spec",
+    envvar="SAGAS_APP",
+    required=True,
+    help="The app (module:attribute) that declares the saga types. Env: SAGAS_APP.",
+)
+_timeout = click.option(
+    "--timeout", default=10.0, show_default=True, help="Seconds to wait for the broker and its confirms."
+)
 
 
 @cli.command()
@@ -457,8 +539,15 @@ _timeout = click.option("--timeout", default=10.0, show_default=True,
 @_exchange
 @_store
 @_timeout
-def retry(saga_id: str, app_spec: str, broker: str, tls: dict[str, Any] | None, exchange: str | None, store: str,
-          timeout: float) -> None:
+def retry(
+    saga_id: str,
+    app_spec: str,
+    broker: str,
+    tls: dict[str, Any] | None,
+    exchange: str | None,
+    store: str,
+    timeout: float,
+) -> None:
     """Send a waiting saga's request again now, or take a saga parked in 'failed' back to the state it
     failed in and start that state again.
 
@@ -477,8 +566,15 @@ def retry(saga_id: str, app_spec: str, broker: str, tls: dict[str, Any] | None, 
 @_exchange
 @_store
 @_timeout
-def compensate(saga_id: str, app_spec: str, broker: str, tls: dict[str, Any] | None, exchange: str | None,
-               store: str, timeout: float) -> None:
+def compensate(
+    saga_id: str,
+    app_spec: str,
+    broker: str,
+    tls: dict[str, Any] | None,
+    exchange: str | None,
+    store: str,
+    timeout: float,
+) -> None:
     """Start compensating a saga now, where its type declares how from its current state.
 
     \b
@@ -488,8 +584,16 @@ def compensate(saga_id: str, app_spec: str, broker: str, tls: dict[str, Any] | N
     _operate("compensate", saga_id, app_spec, broker, tls, exchange, store, timeout)
 
 
-def _operate(action: str, saga_id: str, app_spec: str, broker: str, tls: dict[str, Any] | None,
-             exchange: str | None, store: str, timeout: float) -> None:
+def _operate(
+    action: str,
+    saga_id: str,
+    app_spec: str,
+    broker: str,
+    tls: dict[str, Any] | None,
+    exchange: str | None,
+    store: str,
+    timeout: float,
+) -> None:
     from ._saga_engine import SagaEngine
 
     app = _load_app(app_spec)
@@ -500,8 +604,10 @@ def _operate(action: str, saga_id: str, app_spec: str, broker: str, tls: dict[st
             rows = engine.retry(saga_id) if action == "retry" else engine.compensate(saga_id)
             after = st.get_saga(saga_id)
         except VersionConflict:
-            _fail(f"saga {saga_id} changed while the {action} was being applied (a worker moved it): "
-                  "look at it again with `sagas show`, then repeat the command if it still applies")
+            _fail(
+                f"saga {saga_id} changed while the {action} was being applied (a worker moved it): "
+                "look at it again with `sagas show`, then repeat the command if it still applies"
+            )
         except SagasError as exc:
             _fail(str(exc))
         if before is None or after is None or after.version == before.version:
@@ -510,8 +616,9 @@ def _operate(action: str, saga_id: str, app_spec: str, broker: str, tls: dict[st
         _publish_rows(st, rows, broker, exchange or app.exchange, timeout, tls)
 
 
-def _publish_rows(store: Store, rows: list[OutboxRow], broker: str, exchange: str, timeout: float,
-                  tls: dict[str, Any] | None = None) -> None:
+def _publish_rows(
+    store: Store, rows: list[OutboxRow], broker: str, exchange: str, timeout: float, tls: dict[str, Any] | None = None
+) -> None:
     """Publish committed outbox rows and mark the confirmed ones sent. The others stay in the outbox."""
     if not rows:
         return
@@ -530,14 +637,20 @@ def _publish_rows(store: Store, rows: list[OutboxRow], broker: str, exchange: st
     try:
         store.mark_sent([r.id for r in sent])
     except SagasError as exc:
-        click.echo(f"warning: published, but could not mark the messages sent ({exc}); the relay may send "
-                   "them again, and receivers drop the repeats", err=True)
+        click.echo(
+            f"warning: published, but could not mark the messages sent ({exc}); the relay may send "
+            "them again, and receivers drop the repeats",
+            err=True,
+        )
     for r in sent:
         click.echo(f"published {r.routing_key} ({r.message_id})")
     if failed:
         first = next(iter(failed.values()))
-        click.echo(f"warning: {len(rows) - len(sent)} message(s) not published ({first}); they stay in the "
-                   "store's outbox and a running worker's relay sends them", err=True)
+        click.echo(
+            f"warning: {len(rows) - len(sent)} message(s) not published ({first}); they stay in the "
+            "store's outbox and a running worker's relay sends them",
+            err=True,
+        )
 
 
 @cli.command()
@@ -558,14 +671,17 @@ def demo(shares: int) -> None:
 @cli.command()
 @click.argument("workload", type=click.Choice(["events", "sagas", "raw", "deadlines", "all"]))
 @_broker
-@click.option("--store", default=None, envvar="SAGAS_BENCH_STORE_URL",
-              help="Store of the sagas workload (default: memory:// with memory://, else a fresh SQLite file).")
+@click.option(
+    "--store",
+    default=None,
+    envvar="SAGAS_BENCH_STORE_URL",
+    help="Store of the sagas workload (default: memory:// with memory://, else a fresh SQLite file).",
+)
 @click.option("-n", "n", default=20000, show_default=True, help="Events, or sagas, per run.")
 @click.option("--workers", default=1, show_default=True, help="Worker processes of the sagas workload.")
 @click.option("--repeat", default=1, show_default=True, help="Runs of each workload; the report gives medians.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (every run, medians, ratios).")
-def bench(workload: str, broker: str, store: str | None, n: int, workers: int, repeat: int,
-          as_json: bool) -> None:
+def bench(workload: str, broker: str, store: str | None, n: int, workers: int, repeat: int, as_json: bool) -> None:
     """Measure events/s and sagas/s on a broker and store, beside the raw py-amqp ceiling.
 
     \b

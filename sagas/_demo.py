@@ -73,15 +73,17 @@ def run_demo(shares: int = 5) -> int:
             if first is not None:
                 # The same event delivered again (as at-least-once may do): the inbox skips it.
                 again = share_created(**first.payload)
-                bus.publish(type(again)(type=first.type, payload=first.payload, source=first.source,
-                                        id=first.id, time=first.time))
+                bus.publish(
+                    type(again)(
+                        type=first.type, payload=first.payload, source=first.source, id=first.id, time=first.time
+                    )
+                )
             deadline = time.monotonic() + 10
             while len(sink.mails) < shares and time.monotonic() < deadline:
                 time.sleep(0.02)
             time.sleep(0.3)  # let a duplicate mail, if the inbox failed, arrive and be counted
         bus.close()
-        click.echo(f"\n{len(sink.mails)} mail(s) sent for {shares} share(s), the event of share-0 "
-                   "delivered twice:")
+        click.echo(f"\n{len(sink.mails)} mail(s) sent for {shares} share(s), the event of share-0 delivered twice:")
         for mail in sink.mails:
             click.echo(f"  to {mail['To']:<24} {mail['Subject']}")
         ok = len(sink.mails) == shares
@@ -98,18 +100,24 @@ def run_postprocessing(store_path: str) -> int:
     from ._worker import Worker
 
     exchange = f"demo{os.getpid()}pp"
-    uploads = [("report.pdf", 120_000), ("eicar-test.com", 68), ("holiday.mov", 50 * 1024 * 1024),
-               ("notes.txt", 2_000)]
-    expected = {"report.pdf": "continue", "eicar-test.com": "delete", "holiday.mov": "abort",
-                "notes.txt": "continue"}
-    worker = Worker(App(*app.services, sagas=app.sagas, exchange=exchange), broker="memory://",
-                    store=f"sqlite:///{store_path}", timer_interval=0.05)
+    uploads = [("report.pdf", 120_000), ("eicar-test.com", 68), ("holiday.mov", 50 * 1024 * 1024), ("notes.txt", 2_000)]
+    expected = {"report.pdf": "continue", "eicar-test.com": "delete", "holiday.mov": "abort", "notes.txt": "continue"}
+    worker = Worker(
+        App(*app.services, sagas=app.sagas, exchange=exchange),
+        broker="memory://",
+        store=f"sqlite:///{store_path}",
+        timer_interval=0.05,
+    )
     bus = EventBus("memory://", exchange=exchange)
     click.echo("\npost-processing saga: antivirus scan, policy check, then finish (or revert the upload)")
     with worker.running():
         for i, (name, size) in enumerate(uploads):
-            bus.publish(Event("ocis.storage.bytes_received",
-                              {"upload_id": f"upload-{i}", "name": name, "size": size, "user": "marie"}))
+            bus.publish(
+                Event(
+                    "ocis.storage.bytes_received",
+                    {"upload_id": f"upload-{i}", "name": name, "size": size, "user": "marie"},
+                )
+            )
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             sagas = worker.store.list_sagas(saga_type="postprocessing")

@@ -20,8 +20,21 @@ from ._saga import FAILED, TIMEOUT, On, SagaDefinition
 
 FORMATS = ("mermaid", "dot")
 #: Words the Mermaid state-diagram grammar treats as keywords: never used as a state id.
-_MERMAID_RESERVED = {"as", "class", "classdef", "click", "default", "direction", "end", "left", "note", "of",
-                     "right", "state", "style"}
+_MERMAID_RESERVED = {
+    "as",
+    "class",
+    "classdef",
+    "click",
+    "default",
+    "direction",
+    "end",
+    "left",
+    "note",
+    "of",
+    "right",
+    "state",
+    "style",
+}
 _UNSAFE_ID = re.compile(r"[^A-Za-z0-9_]")
 #: Characters kept in a Mermaid label; anything else (':' ';' '#' quotes, brackets...) becomes a space.
 _UNSAFE_LABEL = re.compile(r"[^A-Za-z0-9_ .,/()+-]")
@@ -84,8 +97,9 @@ def mermaid_ids(states: Iterable[str]) -> dict[str, str]:
 
 
 def _is_plain(name: str) -> bool:
-    return bool(name) and not _UNSAFE_ID.search(name) and not name[0].isdigit() \
-        and name.lower() not in _MERMAID_RESERVED
+    return (
+        bool(name) and not _UNSAFE_ID.search(name) and not name[0].isdigit() and name.lower() not in _MERMAID_RESERVED
+    )
 
 
 def mermaid_label(text: str) -> str:

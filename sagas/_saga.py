@@ -42,8 +42,16 @@ class SagaContext:
 
     __slots__ = ("data", "event", "outbox", "reason", "result", "saga_id", "saga_type", "state")
 
-    def __init__(self, saga_id: str, saga_type: str, state: str, data: dict[str, Any], event: Event | None,
-                 result: Mapping[str, Any] | None = None, reason: str | None = None) -> None:
+    def __init__(
+        self,
+        saga_id: str,
+        saga_type: str,
+        state: str,
+        data: dict[str, Any],
+        event: Event | None,
+        result: Mapping[str, Any] | None = None,
+        reason: str | None = None,
+    ) -> None:
         self.saga_id = saga_id
         self.saga_type = saga_type
         self.state = state
@@ -129,20 +137,33 @@ def _src(source: str | Iterable[str]) -> str | tuple[str, ...]:
     return source if isinstance(source, str) else tuple(source)
 
 
-def reply(request_type: str, source: str | Iterable[str], dest: str, *, guard: Guard | None = None,
-          action: Action | None = None) -> On:
+def reply(
+    request_type: str,
+    source: str | Iterable[str],
+    dest: str,
+    *,
+    guard: Guard | None = None,
+    action: Action | None = None,
+) -> On:
     """Move on a successful reply to ``request_type``; ``ctx.result`` holds the reply."""
     return On(f"reply:{validate_event_name(request_type)}", _src(source), dest, guard, action)
 
 
-def failure(request_type: str, source: str | Iterable[str], dest: str, *, guard: Guard | None = None,
-            action: Action | None = None) -> On:
+def failure(
+    request_type: str,
+    source: str | Iterable[str],
+    dest: str,
+    *,
+    guard: Guard | None = None,
+    action: Action | None = None,
+) -> On:
     """Move on a failure reply to ``request_type``; ``ctx.reason`` says why."""
     return On(f"failure:{validate_event_name(request_type)}", _src(source), dest, guard, action)
 
 
-def event(event_type: str, source: str | Iterable[str], dest: str, *, guard: Guard | None = None,
-          action: Action | None = None) -> On:
+def event(
+    event_type: str, source: str | Iterable[str], dest: str, *, guard: Guard | None = None, action: Action | None = None
+) -> On:
     """Move when a correlated event of ``event_type`` arrives (see ``Saga.correlate``)."""
     return On(f"event:{validate_event_name(event_type)}", _src(source), dest, guard, action)
 
@@ -275,8 +296,16 @@ def _compile_steps(cls: type[StepSaga]) -> tuple[list[State], list[On]]:
     states: list[State] = []
     transitions: list[On] = []
     for i, step in enumerate(steps):
-        states.append(State(step.name, Request(step.request, step.payload), step.timeout, step.retries,
-                            step.backoff, on_timeout=_undo_target(steps, i)))
+        states.append(
+            State(
+                step.name,
+                Request(step.request, step.payload),
+                step.timeout,
+                step.retries,
+                step.backoff,
+                on_timeout=_undo_target(steps, i),
+            )
+        )
         nxt = steps[i + 1].name if i + 1 < len(steps) else "completed"
         transitions.append(reply(step.request, step.name, nxt, action=_keep_result(step.name)))
         transitions.append(failure(step.request, step.name, _undo_target(steps, i)))
@@ -284,8 +313,16 @@ def _compile_steps(cls: type[StepSaga]) -> tuple[list[State], list[On]]:
         if step.compensation and i + 1 < len(steps):
             # (the last step's compensation never runs: when it completes, the saga has completed)
             undo = f"undo_{step.name}"
-            states.append(State(undo, Request(step.compensation, step.compensation_payload), step.timeout,
-                                step.retries, step.backoff, on_timeout=FAILED))
+            states.append(
+                State(
+                    undo,
+                    Request(step.compensation, step.compensation_payload),
+                    step.timeout,
+                    step.retries,
+                    step.backoff,
+                    on_timeout=FAILED,
+                )
+            )
             transitions.append(reply(step.compensation, undo, _undo_target(steps, i)))
             transitions.append(failure(step.compensation, undo, FAILED))
     states += [Final("completed"), Final("compensated")]
@@ -351,14 +388,10 @@ def compile_saga(cls: type[Saga]) -> SagaDefinition:
         if kind in ("reply", "failure"):
             senders = [n for n, st in states.items() if st.request_spec and st.request_spec.type == what]
             if not senders:
-                raise ConfigurationError(
-                    f"{where} handles a {kind} to {what}, but no state sends that request"
-                )
+                raise ConfigurationError(f"{where} handles a {kind} to {what}, but no state sends that request")
             for src in t.sources:
                 if src != "*" and src not in senders:
-                    raise ConfigurationError(
-                        f"{where}: state {src!r} handles a {kind} to {what} it never sends"
-                    )
+                    raise ConfigurationError(f"{where}: state {src!r} handles a {kind} to {what} it never sends")
         elif kind == "event" and what not in cls.correlate and what not in starts:
             raise ConfigurationError(
                 f"{where} reacts to {what} but does not say how to find the saga: add it to `correlate`"
@@ -380,22 +413,40 @@ def compile_saga(cls: type[Saga]) -> SagaDefinition:
         raise ConfigurationError(f"{where}: state(s) {', '.join(unreachable)} can never be reached")
     for st_name in reachable:
         st = states[st_name]
-        if not st.final and not any(st_name in t.sources or "*" in t.sources for t in transitions) \
-                and st.request is None:
+        if (
+            not st.final
+            and not any(st_name in t.sources or "*" in t.sources for t in transitions)
+            and st.request is None
+        ):
             raise ConfigurationError(f"{where}: state {st_name!r} has no way out but its timeout")
-    machine = Machine(model=None, states=list(states), initial=None, auto_transitions=False,
-                      send_event=True, ignore_invalid_triggers=True)
+    machine = Machine(
+        model=None,
+        states=list(states),
+        initial=None,
+        auto_transitions=False,
+        send_event=True,
+        ignore_invalid_triggers=True,
+    )
     for t in transitions:
         machine.add_transition(
-            t.trigger, list(states) if "*" in t.sources else list(t.sources), t.dest,
+            t.trigger,
+            list(states) if "*" in t.sources else list(t.sources),
+            t.dest,
             conditions=[_call_guard(t.guard)] if t.guard else None,
             after=[_call_action(t.action)] if t.action else None,
         )
     for st in states.values():
         if not st.final:
             machine.add_transition(TIMEOUT, st.name, st.on_timeout or FAILED)
-    return SagaDefinition(type=name, states=states, transitions=transitions, starts=starts,
-                          correlate=dict(cls.correlate), machine=machine, requests=requests)
+    return SagaDefinition(
+        type=name,
+        states=states,
+        transitions=transitions,
+        starts=starts,
+        correlate=dict(cls.correlate),
+        machine=machine,
+        requests=requests,
+    )
 
 
 def _call_guard(guard: Guard) -> Callable[[Any], bool]:

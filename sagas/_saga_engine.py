@@ -62,8 +62,14 @@ class Applied:
 class SagaEngine:
     """Applies messages and deadlines to the sagas of an app, through a store."""
 
-    def __init__(self, sagas: Sequence[type[Saga]], store: Store, *, clock: Callable[[], float] = time.time,
-                 rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        sagas: Sequence[type[Saga]],
+        store: Store,
+        *,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
         self.store = store
         self.clock = clock
         self.rng = rng or random.Random()
@@ -109,15 +115,17 @@ class SagaEngine:
                 return Applied(existing, False, [], "duplicate start: the saga exists")
             now = self.clock()
             # Random; from the given RNG when there is one, so that sagas.testing (which seeds it) replays.
-            saga_id = (uuid.uuid4() if self._seeded is None
-                       else uuid.UUID(int=self._seeded.getrandbits(128), version=4)).hex
+            saga_id = (
+                uuid.uuid4() if self._seeded is None else uuid.UUID(int=self._seeded.getrandbits(128), version=4)
+            ).hex
             record = SagaRecord(id=saga_id, type=d.type, key=key, state="", data={}, created_at=now, updated_at=now)
             ctx = SagaContext(record.id, d.type, "", {}, event)
             if start.action is not None:
                 start.action(ctx)
             try:
-                rows = self._enter(d, record, start.to, ctx, event.id, f"started by {event.type}", inbox,
-                                   expected_version=None)
+                rows = self._enter(
+                    d, record, start.to, ctx, event.id, f"started by {event.type}", inbox, expected_version=None
+                )
             except DuplicateSaga:
                 return Applied(None, False, [], "duplicate start: the saga exists")
             return Applied(record, True, rows)
@@ -134,8 +142,15 @@ class SagaEngine:
             result = event.payload.get("result") if ok else None
             reason = None if ok else str(event.payload.get("reason") or "the participant failed")
             trigger = f"{'reply' if ok else 'failure'}:{request_type}"
-            ctx = SagaContext(record.id, d.type, record.state, record.data, event,
-                              result if isinstance(result, Mapping) else {}, reason)
+            ctx = SagaContext(
+                record.id,
+                d.type,
+                record.state,
+                record.data,
+                event,
+                result if isinstance(result, Mapping) else {},
+                reason,
+            )
             return self._trigger(d, record, trigger, ctx, event.id, reason or f"reply to {request_type}", inbox)
         key_field = d.correlate.get(event.type)
         if key_field is not None:
@@ -147,8 +162,16 @@ class SagaEngine:
             return self._trigger(d, waiting, f"event:{event.type}", ctx, event.id, event.type, inbox)
         return Applied(None, False, [], f"{event.type} means nothing to saga type {d.type}")
 
-    def _trigger(self, d: SagaDefinition, record: SagaRecord, trigger: str, ctx: SagaContext,
-                 message_id: str, reason: str, inbox: tuple[str, str] | None) -> Applied:
+    def _trigger(
+        self,
+        d: SagaDefinition,
+        record: SagaRecord,
+        trigger: str,
+        ctx: SagaContext,
+        message_id: str,
+        reason: str,
+        inbox: tuple[str, str] | None,
+    ) -> Applied:
         if record.final:
             return Applied(record, False, [], "the saga has ended")
         if record.state not in d.states:
@@ -157,13 +180,20 @@ class SagaEngine:
         event = d.machine.events.get(trigger)
         if event is None or not event.trigger(model, ctx=ctx):
             return Applied(record, False, [], f"{trigger} does not apply in state {record.state}")
-        rows = self._enter(d, record, model.state, ctx, message_id, reason, inbox,
-                           expected_version=record.version)
+        rows = self._enter(d, record, model.state, ctx, message_id, reason, inbox, expected_version=record.version)
         return Applied(record, True, rows)
 
-    def _enter(self, d: SagaDefinition, record: SagaRecord, new_state: str, ctx: SagaContext,
-               message_id: str, reason: str, inbox: tuple[str, str] | None,
-               expected_version: int | None) -> list[OutboxRow]:
+    def _enter(
+        self,
+        d: SagaDefinition,
+        record: SagaRecord,
+        new_state: str,
+        ctx: SagaContext,
+        message_id: str,
+        reason: str,
+        inbox: tuple[str, str] | None,
+        expected_version: int | None,
+    ) -> list[OutboxRow]:
         """Move ``record`` into ``new_state``: build its request and deadline, and commit."""
         now = self.clock()
         state = d.states[new_state]
@@ -183,10 +213,15 @@ class SagaEngine:
             spec = state.request_spec
             if spec is not None:
                 payload = spec.payload(ctx) if spec.payload else ctx.data
-                request = Event(type=spec.type, payload=dict(payload), source=d.type, correlation_id=record.id,
-                                id=uuid.uuid5(_IDS, f"{record.id}/{record.version}/request").hex,
-                                causation_id=ctx.event.id if ctx.event else None,
-                                headers={SAGA_TYPE_HEADER: d.type})
+                request = Event(
+                    type=spec.type,
+                    payload=dict(payload),
+                    source=d.type,
+                    correlation_id=record.id,
+                    id=uuid.uuid5(_IDS, f"{record.id}/{record.version}/request").hex,
+                    causation_id=ctx.event.id if ctx.event else None,
+                    headers={SAGA_TYPE_HEADER: d.type},
+                )
                 body = encode(request).decode()
                 meta["request"] = {"id": request.id, "type": spec.type, "body": body}
                 outgoing.append(Outgoing(request.id, spec.type, body, mandatory=True))
@@ -197,18 +232,33 @@ class SagaEngine:
             record.deadline = now + state.deadline_after(max(record.attempts, 1), self.rng)
         record.meta = meta
         history = HistoryEntry(now, message_id, previous or "-", new_state, reason)
-        rows: list[OutboxRow] = self.store.save_saga(record, expected_version=expected_version, history=history,
-                                                     inbox=inbox, outbox=outgoing)
-        log.info("saga.transition", saga_id=record.id, saga_type=d.type, from_state=previous or "-",
-                 to_state=new_state, reason=reason, final=record.final)
+        rows: list[OutboxRow] = self.store.save_saga(
+            record, expected_version=expected_version, history=history, inbox=inbox, outbox=outgoing
+        )
+        log.info(
+            "saga.transition",
+            saga_id=record.id,
+            saga_type=d.type,
+            from_state=previous or "-",
+            to_state=new_state,
+            reason=reason,
+            final=record.final,
+        )
         return rows
 
-    def _event_out(self, record: SagaRecord, ctx: SagaContext, index: int, type: str,
-                   payload: Mapping[str, Any]) -> Outgoing:
+    def _event_out(
+        self, record: SagaRecord, ctx: SagaContext, index: int, type: str, payload: Mapping[str, Any]
+    ) -> Outgoing:
         # Stable ids: the same transition re-applied publishes the same event ids.
         event_id = uuid.uuid5(_IDS, f"{record.id}/{record.version}/{index}").hex
-        out = Event(type=type, payload=payload, source=record.type, id=event_id, correlation_id=record.id,
-                    causation_id=ctx.event.id if ctx.event else None)
+        out = Event(
+            type=type,
+            payload=payload,
+            source=record.type,
+            id=event_id,
+            correlation_id=record.id,
+            causation_id=ctx.event.id if ctx.event else None,
+        )
         return Outgoing(event_id, type, encode(out).decode(), mandatory=False)
 
     # -- deadlines ---------------------------------------------------------------------------------
@@ -243,11 +293,20 @@ class SagaEngine:
             record.updated_at = now
             reason = f"deadline passed: re-sent {pending['type']} (attempt {record.attempts})"
             rows: list[OutboxRow] = self.store.save_saga(
-                record, expected_version=record.version - 1,
-                history=HistoryEntry(now, message_id, record.state, record.state, reason), inbox=None,
-                outbox=[Outgoing(pending["id"], pending["type"], pending["body"], mandatory=True)])
-            log.info("saga.request_resent", saga_id=record.id, saga_type=d.type, state=record.state,
-                     request=pending["type"], attempt=record.attempts)
+                record,
+                expected_version=record.version - 1,
+                history=HistoryEntry(now, message_id, record.state, record.state, reason),
+                inbox=None,
+                outbox=[Outgoing(pending["id"], pending["type"], pending["body"], mandatory=True)],
+            )
+            log.info(
+                "saga.request_resent",
+                saga_id=record.id,
+                saga_type=d.type,
+                state=record.state,
+                request=pending["type"],
+                attempt=record.attempts,
+            )
             return rows
         ctx = SagaContext(record.id, d.type, record.state, record.data, None, reason="timed out")
         what = f"timed out in {record.state}" + (f" after {record.attempts} request(s)" if pending else "")
@@ -296,13 +355,29 @@ class SagaEngine:
             record.final = False
             record.meta = {k: v for k, v in record.meta.items() if k not in ("failed_from", "reason")}
             ctx = SagaContext(record.id, d.type, record.state, record.data, None)
-            return self._enter(d, record, back, ctx, f"operator:retry:{record.version}", "operator: retry",
-                               None, expected_version=record.version)
+            return self._enter(
+                d,
+                record,
+                back,
+                ctx,
+                f"operator:retry:{record.version}",
+                "operator: retry",
+                None,
+                expected_version=record.version,
+            )
         if record.final:
             raise SagasError(f"saga {saga_id} has ended in {record.state}; only a failed saga can be retried")
         ctx = SagaContext(record.id, d.type, record.state, record.data, None)
-        return self._enter(d, record, record.state, ctx, f"operator:retry:{record.version}", "operator: retry",
-                           None, expected_version=record.version)
+        return self._enter(
+            d,
+            record,
+            record.state,
+            ctx,
+            f"operator:retry:{record.version}",
+            "operator: retry",
+            None,
+            expected_version=record.version,
+        )
 
     def compensate(self, saga_id: str) -> list[OutboxRow]:
         """Operator: start compensating a saga now, where its type says how from its state."""
@@ -313,8 +388,9 @@ class SagaEngine:
         if COMPENSATE not in d.triggers_from(record.state):
             raise SagasError(f"saga type {d.type} defines no compensation from state {record.state!r}")
         ctx = SagaContext(record.id, d.type, record.state, record.data, None, reason="operator: compensate")
-        applied = self._trigger(d, record, COMPENSATE, ctx, f"operator:compensate:{record.version}",
-                                "operator: compensate", None)
+        applied = self._trigger(
+            d, record, COMPENSATE, ctx, f"operator:compensate:{record.version}", "operator: compensate", None
+        )
         if not applied.moved:
             raise SagasError(f"saga {saga_id} did not move: {applied.note}")
         return applied.rows

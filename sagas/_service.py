@@ -82,17 +82,24 @@ class Context:
         self.outbox: list[Event] = []
         self.log = structlog.get_logger(f"sagas.handler.{service}")
 
-    def publish(self, type: str, payload: Mapping[str, Any] | None = None, *,
-                headers: Mapping[str, str] | None = None) -> Event:
+    def publish(
+        self, type: str, payload: Mapping[str, Any] | None = None, *, headers: Mapping[str, str] | None = None
+    ) -> Event:
         """Queue a follow-up event; returns it (with its id).
 
         The id is derived from the handled event's id, this handler and the follow-up's position, so a
         handler that runs again for the same event publishes the same ids, and receivers' inboxes can
         drop the repeats."""
         seed = f"{self.event.id}/{self.service}.{self.handler}/{len(self.outbox)}"
-        event = Event(type=type, payload=payload or {}, source=self.service,
-                      id=uuid.uuid5(_FOLLOW_UP_NAMESPACE, seed).hex, correlation_id=self.event.correlation_id,
-                      causation_id=self.event.id, headers=headers or {})
+        event = Event(
+            type=type,
+            payload=payload or {},
+            source=self.service,
+            id=uuid.uuid5(_FOLLOW_UP_NAMESPACE, seed).hex,
+            correlation_id=self.event.correlation_id,
+            causation_id=self.event.id,
+            headers=headers or {},
+        )
         self.outbox.append(event)
         return event
 
@@ -146,8 +153,7 @@ class Service:
     def __init__(self, name: str) -> None:
         if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
             raise ConfigurationError(
-                f"invalid service name {name!r}: use 1-63 lowercase letters, digits, '_' or '-', "
-                "starting with a letter"
+                f"invalid service name {name!r}: use 1-63 lowercase letters, digits, '_' or '-', starting with a letter"
             )
         self.name = name
         self._handlers: dict[str, HandlerSpec] = {}
@@ -199,8 +205,7 @@ class Service:
             ) from None
         if broadcast and mode is Delivery.AT_LEAST_ONCE:
             raise ConfigurationError(
-                "broadcast handlers get a transient queue per instance: declare them with "
-                "delivery=AT_MOST_ONCE"
+                "broadcast handlers get a transient queue per instance: declare them with delivery=AT_MOST_ONCE"
             )
         if retry is not None and mode is Delivery.AT_MOST_ONCE:
             raise ConfigurationError("at-most-once handlers are never retried; drop the retry= option")
@@ -216,15 +221,23 @@ class Service:
             if hname in self._handlers:
                 raise ConfigurationError(f"service {self.name!r} already has a handler named {hname!r}")
             self._handlers[hname] = HandlerSpec(
-                service=self.name, name=hname, fn=fn, patterns=all_patterns, delivery=mode,
-                retry=retry or Retry(), idempotent=idempotent, broadcast=broadcast, prefetch=prefetch,
-                wants_context=_arity(fn) >= 2, concurrency=concurrency, replies=_replies,
+                service=self.name,
+                name=hname,
+                fn=fn,
+                patterns=all_patterns,
+                delivery=mode,
+                retry=retry or Retry(),
+                idempotent=idempotent,
+                broadcast=broadcast,
+                prefetch=prefetch,
+                wants_context=_arity(fn) >= 2,
+                concurrency=concurrency,
+                replies=_replies,
                 cache_replies=_cache_replies,
             )
             return fn
 
         return register
-
 
     def handles(
         self,
@@ -247,8 +260,15 @@ class Service:
         validate_pattern(request)
         if "*" in request or "#" in request:
             raise ConfigurationError("@handles takes one request type, not a pattern")
-        return self.on(request, retry=retry, name=name, prefetch=prefetch, concurrency=concurrency,
-                       _replies=True, _cache_replies=cache_replies)
+        return self.on(
+            request,
+            retry=retry,
+            name=name,
+            prefetch=prefetch,
+            concurrency=concurrency,
+            _replies=True,
+            _cache_replies=cache_replies,
+        )
 
 
 def _arity(fn: Callable[..., Any]) -> int:
@@ -260,9 +280,7 @@ def _arity(fn: Callable[..., Any]) -> int:
     if any(p.kind is p.VAR_POSITIONAL for p in params):
         return 2
     if not 1 <= len(positional) <= 2:
-        raise ConfigurationError(
-            f"handler {getattr(fn, '__qualname__', fn)!r} must take (event) or (event, ctx)"
-        )
+        raise ConfigurationError(f"handler {getattr(fn, '__qualname__', fn)!r} must take (event) or (event, ctx)")
     return len(positional)
 
 

@@ -54,10 +54,20 @@ class SagaRecord:
     updated_at: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "type": self.type, "key": self.key, "state": self.state, "final": self.final,
-                "data": self.data, "version": self.version, "deadline": self.deadline,
-                "attempts": self.attempts, "meta": self.meta, "created_at": self.created_at,
-                "updated_at": self.updated_at}
+        return {
+            "id": self.id,
+            "type": self.type,
+            "key": self.key,
+            "state": self.state,
+            "final": self.final,
+            "data": self.data,
+            "version": self.version,
+            "deadline": self.deadline,
+            "attempts": self.attempts,
+            "meta": self.meta,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,13 +110,25 @@ class Store(InboxStore, Protocol):
 
     def cached_reply(self, consumer: str, request_id: str) -> str | None: ...
     def cache_reply(self, consumer: str, request_id: str, body: str) -> None: ...
-    def save_saga(self, record: SagaRecord, *, expected_version: int | None, history: HistoryEntry,
-                  inbox: tuple[str, str] | None, outbox: Sequence[Outgoing]) -> list[OutboxRow]: ...
+    def save_saga(
+        self,
+        record: SagaRecord,
+        *,
+        expected_version: int | None,
+        history: HistoryEntry,
+        inbox: tuple[str, str] | None,
+        outbox: Sequence[Outgoing],
+    ) -> list[OutboxRow]: ...
     def get_saga(self, saga_id: str) -> SagaRecord | None: ...
     def find_saga(self, saga_type: str, key: str) -> SagaRecord | None: ...
     def due_sagas(self, now: float, limit: int, types: Sequence[str] | None = None) -> list[SagaRecord]: ...
-    def list_sagas(self, saga_type: str | None = None, state: str | None = None,
-                   stuck_before: float | None = None, limit: int = 1000) -> list[SagaRecord]: ...
+    def list_sagas(
+        self,
+        saga_type: str | None = None,
+        state: str | None = None,
+        stuck_before: float | None = None,
+        limit: int = 1000,
+    ) -> list[SagaRecord]: ...
     def saga_history(self, saga_id: str) -> list[HistoryEntry]: ...
     def count_sagas(self, final: bool | None = None) -> int: ...
     def unsent(self, created_before: float, limit: int = 500) -> list[OutboxRow]: ...
@@ -145,8 +167,15 @@ class MemoryStore:
     def cache_reply(self, consumer: str, request_id: str, body: str) -> None:
         self._replies.setdefault((consumer, request_id), body)
 
-    def save_saga(self, record: SagaRecord, *, expected_version: int | None, history: HistoryEntry,
-                  inbox: tuple[str, str] | None, outbox: Sequence[Outgoing]) -> list[OutboxRow]:
+    def save_saga(
+        self,
+        record: SagaRecord,
+        *,
+        expected_version: int | None,
+        history: HistoryEntry,
+        inbox: tuple[str, str] | None,
+        outbox: Sequence[Outgoing],
+    ) -> list[OutboxRow]:
         with self._lock:
             if expected_version is None:
                 if (record.type, record.key) in self._keys or record.id in self._sagas:
@@ -157,16 +186,29 @@ class MemoryStore:
                 if current is None or current.version != expected_version:
                     raise VersionConflict(f"saga {record.id} is not at version {expected_version}")
             r = record
-            self._sagas[r.id] = SagaRecord(r.id, r.type, r.key, r.state, {}, r.version, r.deadline, r.attempts, {},
-                                           r.final, r.created_at, r.updated_at)
+            self._sagas[r.id] = SagaRecord(
+                r.id,
+                r.type,
+                r.key,
+                r.state,
+                {},
+                r.version,
+                r.deadline,
+                r.attempts,
+                {},
+                r.final,
+                r.created_at,
+                r.updated_at,
+            )
             self._documents[r.id] = json.dumps((r.data, r.meta))
             self._history.setdefault(record.id, []).append(history)
             if inbox is not None:
                 self._inbox.add(inbox)
             rows = []
             for out in outbox:
-                row = OutboxRow(self._next_row, record.id, out.message_id, out.routing_key, out.body,
-                                out.mandatory, history.at)
+                row = OutboxRow(
+                    self._next_row, record.id, out.message_id, out.routing_key, out.body, out.mandatory, history.at
+                )
                 self._outbox[row.id] = (row, None)
                 self._next_row += 1
                 rows.append(row)
@@ -181,12 +223,23 @@ class MemoryStore:
         return None if saga_id is None else self.get_saga(saga_id)
 
     def due_sagas(self, now: float, limit: int, types: Sequence[str] | None = None) -> list[SagaRecord]:
-        due = sorted((r for r in self._sagas.values() if r.deadline is not None and r.deadline <= now
-                      and (types is None or r.type in types)), key=lambda r: r.deadline or 0.0)
+        due = sorted(
+            (
+                r
+                for r in self._sagas.values()
+                if r.deadline is not None and r.deadline <= now and (types is None or r.type in types)
+            ),
+            key=lambda r: r.deadline or 0.0,
+        )
         return [self._read(r) for r in due[:limit]]
 
-    def list_sagas(self, saga_type: str | None = None, state: str | None = None,
-                   stuck_before: float | None = None, limit: int = 1000) -> list[SagaRecord]:
+    def list_sagas(
+        self,
+        saga_type: str | None = None,
+        state: str | None = None,
+        stuck_before: float | None = None,
+        limit: int = 1000,
+    ) -> list[SagaRecord]:
         out = []
         for r in sorted(self._sagas.values(), key=lambda r: r.created_at):
             if (saga_type and r.type != saga_type) or (state and r.state != state):
@@ -217,8 +270,20 @@ class MemoryStore:
 
     def _read(self, r: SagaRecord) -> SagaRecord:
         data, meta = json.loads(self._documents[r.id])
-        return SagaRecord(r.id, r.type, r.key, r.state, data, r.version, r.deadline, r.attempts, meta, r.final,
-                          r.created_at, r.updated_at)
+        return SagaRecord(
+            r.id,
+            r.type,
+            r.key,
+            r.state,
+            data,
+            r.version,
+            r.deadline,
+            r.attempts,
+            meta,
+            r.final,
+            r.created_at,
+            r.updated_at,
+        )
 
     def close(self) -> None:
         pass
@@ -230,9 +295,20 @@ _SAGA_COLUMNS = "id, type, key, state, data, version, deadline, attempts, meta, 
 
 
 def _record(row: Sequence[Any]) -> SagaRecord:
-    return SagaRecord(id=row[0], type=row[1], key=row[2], state=row[3], data=json.loads(row[4]),
-                      version=int(row[5]), deadline=row[6], attempts=int(row[7]), meta=json.loads(row[8]),
-                      final=bool(row[9]), created_at=float(row[10]), updated_at=float(row[11]))
+    return SagaRecord(
+        id=row[0],
+        type=row[1],
+        key=row[2],
+        state=row[3],
+        data=json.loads(row[4]),
+        version=int(row[5]),
+        deadline=row[6],
+        attempts=int(row[7]),
+        meta=json.loads(row[8]),
+        final=bool(row[9]),
+        created_at=float(row[10]),
+        updated_at=float(row[11]),
+    )
 
 
 class _SqlStore:
@@ -292,8 +368,9 @@ class _SqlStore:
             row = self._execute("SELECT max(version) FROM schema_version").fetchone()
             current = row[0] if row and row[0] is not None else 0
             if current > SCHEMA_VERSION:
-                raise StoreError(f"the store's schema is version {current}, newer than this sagas "
-                                 f"({SCHEMA_VERSION}): upgrade sagas")
+                raise StoreError(
+                    f"the store's schema is version {current}, newer than this sagas ({SCHEMA_VERSION}): upgrade sagas"
+                )
             if current < SCHEMA_VERSION:
                 # Upgrades from older schema versions, one step at a time (the statements above have
                 # created what is new).
@@ -304,8 +381,9 @@ class _SqlStore:
     # inbox and reply cache
 
     def seen(self, consumer: str, message_id: str) -> bool:
-        row = self._execute("SELECT 1 FROM inbox WHERE consumer = ? AND message_id = ?",
-                            (consumer, message_id)).fetchone()
+        row = self._execute(
+            "SELECT 1 FROM inbox WHERE consumer = ? AND message_id = ?", (consumer, message_id)
+        ).fetchone()
         return row is not None
 
     def remember(self, consumer: str, message_id: str) -> None:
@@ -313,25 +391,46 @@ class _SqlStore:
             self._insert_inbox(consumer, message_id)
 
     def _insert_inbox(self, consumer: str, message_id: str) -> None:
-        self._execute("INSERT INTO inbox (consumer, message_id, handled_at) VALUES (?, ?, ?)"
-                      " ON CONFLICT DO NOTHING", (consumer, message_id, time.time()))
+        self._execute(
+            "INSERT INTO inbox (consumer, message_id, handled_at) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+            (consumer, message_id, time.time()),
+        )
 
     def cached_reply(self, consumer: str, request_id: str) -> str | None:
-        row = self._execute("SELECT body FROM reply_cache WHERE consumer = ? AND request_id = ?",
-                            (consumer, request_id)).fetchone()
+        row = self._execute(
+            "SELECT body FROM reply_cache WHERE consumer = ? AND request_id = ?", (consumer, request_id)
+        ).fetchone()
         return None if row is None else str(row[0])
 
     def cache_reply(self, consumer: str, request_id: str, body: str) -> None:
         with self._atomic():
-            self._execute("INSERT INTO reply_cache (consumer, request_id, body, cached_at) VALUES (?, ?, ?, ?)"
-                          " ON CONFLICT DO NOTHING", (consumer, request_id, body, time.time()))
+            self._execute(
+                "INSERT INTO reply_cache (consumer, request_id, body, cached_at) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT DO NOTHING",
+                (consumer, request_id, body, time.time()),
+            )
 
     # sagas
 
-    def save_saga(self, record: SagaRecord, *, expected_version: int | None, history: HistoryEntry,
-                  inbox: tuple[str, str] | None, outbox: Sequence[Outgoing]) -> list[OutboxRow]:
-        values = (record.state, json.dumps(record.data), record.version, record.deadline, record.attempts,
-                  json.dumps(record.meta), int(record.final), record.updated_at)
+    def save_saga(
+        self,
+        record: SagaRecord,
+        *,
+        expected_version: int | None,
+        history: HistoryEntry,
+        inbox: tuple[str, str] | None,
+        outbox: Sequence[Outgoing],
+    ) -> list[OutboxRow]:
+        values = (
+            record.state,
+            json.dumps(record.data),
+            record.version,
+            record.deadline,
+            record.attempts,
+            json.dumps(record.meta),
+            int(record.final),
+            record.updated_at,
+        )
         rows: list[OutboxRow] = []
         # DuplicateSaga and VersionConflict are raised before anything is written, and without a
         # database error: inside a group, no savepoint of its own is needed (see _atomic).
@@ -340,21 +439,31 @@ class _SqlStore:
                 cur = self._execute(
                     f"INSERT INTO sagas ({_SAGA_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
                     " ON CONFLICT DO NOTHING",
-                    (record.id, record.type, record.key, *values[:7], record.created_at, record.updated_at))
+                    (record.id, record.type, record.key, *values[:7], record.created_at, record.updated_at),
+                )
                 if cur.rowcount != 1:
                     raise DuplicateSaga(f"saga {record.type}/{record.key} exists")
             else:
                 cur = self._execute(
                     "UPDATE sagas SET state = ?, data = ?, version = ?, deadline = ?, attempts = ?,"
                     " meta = ?, final = ?, updated_at = ? WHERE id = ? AND version = ?",
-                    (*values, record.id, expected_version))
+                    (*values, record.id, expected_version),
+                )
                 if cur.rowcount != 1:
                     raise VersionConflict(f"saga {record.id} is not at version {expected_version}")
             self._execute(
                 "INSERT INTO saga_history (saga_id, seq, at, message_id, from_state, to_state, reason)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (record.id, record.version, history.at, history.message_id, history.from_state,
-                 history.to_state, history.reason))
+                (
+                    record.id,
+                    record.version,
+                    history.at,
+                    history.message_id,
+                    history.from_state,
+                    history.to_state,
+                    history.reason,
+                ),
+            )
             if inbox is not None:
                 self._insert_inbox(*inbox)
             now = history.at  # the engine's clock, which the relay compares with
@@ -364,8 +473,9 @@ class _SqlStore:
                     " VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
                     (record.id, out.message_id, out.routing_key, out.body, int(out.mandatory), now),
                 ).fetchone()
-                rows.append(OutboxRow(int(row[0]), record.id, out.message_id, out.routing_key, out.body,
-                                      out.mandatory, now))
+                rows.append(
+                    OutboxRow(int(row[0]), record.id, out.message_id, out.routing_key, out.body, out.mandatory, now)
+                )
         return rows
 
     def get_saga(self, saga_id: str) -> SagaRecord | None:
@@ -373,8 +483,9 @@ class _SqlStore:
         return None if row is None else _record(row)
 
     def find_saga(self, saga_type: str, key: str) -> SagaRecord | None:
-        row = self._execute(f"SELECT {_SAGA_COLUMNS} FROM sagas WHERE type = ? AND key = ?",
-                            (saga_type, key)).fetchone()
+        row = self._execute(
+            f"SELECT {_SAGA_COLUMNS} FROM sagas WHERE type = ? AND key = ?", (saga_type, key)
+        ).fetchone()
         return None if row is None else _record(row)
 
     def due_sagas(self, now: float, limit: int, types: Sequence[str] | None = None) -> list[SagaRecord]:
@@ -382,11 +493,18 @@ class _SqlStore:
         rows = self._execute(
             f"SELECT {_SAGA_COLUMNS} FROM sagas WHERE deadline IS NOT NULL AND deadline <= ?{only}"
             # (ties in id order: workers firing at once lock rows in the same order, and never deadlock)
-            " ORDER BY deadline, id LIMIT ?", (now, *(types or ()), limit)).fetchall()
+            " ORDER BY deadline, id LIMIT ?",
+            (now, *(types or ()), limit),
+        ).fetchall()
         return [_record(r) for r in rows]
 
-    def list_sagas(self, saga_type: str | None = None, state: str | None = None,
-                   stuck_before: float | None = None, limit: int = 1000) -> list[SagaRecord]:
+    def list_sagas(
+        self,
+        saga_type: str | None = None,
+        state: str | None = None,
+        stuck_before: float | None = None,
+        limit: int = 1000,
+    ) -> list[SagaRecord]:
         where: list[str] = ["1 = 1"]
         params: list[Any] = []
         if saga_type:
@@ -398,8 +516,10 @@ class _SqlStore:
         if stuck_before is not None:
             where.append("final = 0 AND (deadline IS NULL OR deadline <= ?)")
             params.append(stuck_before)
-        rows = self._execute(f"SELECT {_SAGA_COLUMNS} FROM sagas WHERE {' AND '.join(where)}"
-                             " ORDER BY created_at LIMIT ?", (*params, limit)).fetchall()
+        rows = self._execute(
+            f"SELECT {_SAGA_COLUMNS} FROM sagas WHERE {' AND '.join(where)} ORDER BY created_at LIMIT ?",
+            (*params, limit),
+        ).fetchall()
         return [_record(r) for r in rows]
 
     def count_sagas(self, final: bool | None = None) -> int:
@@ -408,23 +528,28 @@ class _SqlStore:
         return int(self._execute("SELECT count(*) FROM sagas WHERE final = ?", (int(final),)).fetchone()[0])
 
     def saga_history(self, saga_id: str) -> list[HistoryEntry]:
-        rows = self._execute("SELECT at, message_id, from_state, to_state, reason FROM saga_history"
-                             " WHERE saga_id = ? ORDER BY seq", (saga_id,)).fetchall()
+        rows = self._execute(
+            "SELECT at, message_id, from_state, to_state, reason FROM saga_history WHERE saga_id = ? ORDER BY seq",
+            (saga_id,),
+        ).fetchall()
         return [HistoryEntry(float(r[0]), r[1], r[2], r[3], r[4]) for r in rows]
 
     def unsent(self, created_before: float, limit: int = 500) -> list[OutboxRow]:
         rows = self._execute(
             "SELECT id, saga_id, message_id, routing_key, body, mandatory, created_at FROM outbox"
-            " WHERE sent_at IS NULL AND created_at <= ? ORDER BY id LIMIT ?", (created_before, limit)).fetchall()
+            " WHERE sent_at IS NULL AND created_at <= ? ORDER BY id LIMIT ?",
+            (created_before, limit),
+        ).fetchall()
         return [OutboxRow(int(r[0]), r[1], r[2], r[3], r[4], bool(r[5]), float(r[6])) for r in rows]
 
     def mark_sent(self, ids: Sequence[int]) -> None:
         now = time.time()
         with self._atomic():
             for start in range(0, len(ids), 500):
-                chunk = ids[start:start + 500]
-                self._execute(f"UPDATE outbox SET sent_at = ? WHERE id IN ({', '.join('?' for _ in chunk)})",
-                              (now, *chunk))
+                chunk = ids[start : start + 500]
+                self._execute(
+                    f"UPDATE outbox SET sent_at = ? WHERE id IN ({', '.join('?' for _ in chunk)})", (now, *chunk)
+                )
 
 
 class SQLiteStore(_SqlStore):
@@ -434,7 +559,6 @@ class SQLiteStore(_SqlStore):
     the last transactions. Pass ``synchronous="FULL"`` (``?synchronous=full`` in the URL) to survive
     that too, at about one fsync per commit.
     """
-
 
     def __init__(self, path: str, *, synchronous: str = "NORMAL") -> None:
         if synchronous.upper() not in ("NORMAL", "FULL", "EXTRA"):
@@ -496,9 +620,7 @@ class PostgresStore(_SqlStore):
         try:
             import psycopg
         except ImportError:
-            raise ConfigurationError(
-                "the PostgreSQL store needs psycopg: pip install 'sagas[postgres]'"
-            ) from None
+            raise ConfigurationError("the PostgreSQL store needs psycopg: pip install 'sagas[postgres]'") from None
         if not schema.replace("_", "").isalnum():
             raise ConfigurationError(f"invalid schema name {schema!r}")
         self.schema = schema

@@ -63,8 +63,9 @@ SAGA_RETRY = Retry(attempts=5, initial=1.0, factor=2.0, maximum=30.0)
 _REPLY_IDS = uuid.UUID("7d0d2c8e-3f0a-4d7c-9d53-94a1c3b5e6f7")
 
 
-def _reply(spec: HandlerSpec, request: Event, ok: bool, *, result: Mapping[str, Any] | None = None,
-           reason: str | None = None) -> Event:
+def _reply(
+    spec: HandlerSpec, request: Event, ok: bool, *, result: Mapping[str, Any] | None = None, reason: str | None = None
+) -> Event:
     """The reply to a saga's request: stable id (a repeat is recognised), the request id in a header."""
     return Event(
         type=request.type + REPLY_SUFFIX,
@@ -107,9 +108,15 @@ class _Settling:
 
     def fields(self, outcome: str) -> dict[str, Any]:
         o = self.o
-        return {"event_id": o.event.id, "event_type": o.event.type, "service": o.spec.service,
-                "handler": o.spec.name, "attempt": o.inbound.attempt, "outcome": outcome,
-                "duration_ms": round(o.duration * 1000, 3)}
+        return {
+            "event_id": o.event.id,
+            "event_type": o.event.type,
+            "service": o.spec.service,
+            "handler": o.spec.name,
+            "attempt": o.inbound.attempt,
+            "outcome": outcome,
+            "duration_ms": round(o.duration * 1000, 3),
+        }
 
 
 def _debug_enabled() -> bool:
@@ -221,9 +228,13 @@ class Worker:
             self._subscriptions.append(sub)
         self.engine = SagaEngine(self.app.sagas, self.store, clock=self.clock, rng=self.rng) if self.app.sagas else None
         self._saga_routes = {}
-        for d in (self.engine.definitions.values() if self.engine else ()):
-            sub = Subscription(queue=f"{self.exchange}.saga.{d.type}", patterns=d.patterns, prefetch=256,
-                               retry_delays=SAGA_RETRY.delays)
+        for d in self.engine.definitions.values() if self.engine else ():
+            sub = Subscription(
+                queue=f"{self.exchange}.saga.{d.type}",
+                patterns=d.patterns,
+                prefetch=256,
+                retry_delays=SAGA_RETRY.delays,
+            )
             self._saga_routes[sub.queue] = d.type
             self._subscriptions.append(sub)
         self._pool = self._executor or ThreadPoolExecutor(self.concurrency, thread_name_prefix="sagas-handler")
@@ -233,9 +244,14 @@ class Worker:
             self._close()  # e.g. a permission or topology error: leave no connection, thread or store open
             raise
         self._started = True
-        log.info("worker.started", broker=redact_url(self.broker), exchange=self.exchange,
-                 services=[s.name for s in self.app.services], handlers=len(self._routes),
-                 concurrency=self.concurrency)
+        log.info(
+            "worker.started",
+            broker=redact_url(self.broker),
+            exchange=self.exchange,
+            services=[s.name for s in self.app.services],
+            handlers=len(self._routes),
+            concurrency=self.concurrency,
+        )
 
     def _connect(self, deadline: float) -> None:
         subs = self._subscriptions
@@ -406,8 +422,9 @@ class Worker:
 
     def _give_back(self, inbound: Inbound, exc: Exception) -> None:
         """The worker (not the handler) failed on a message, typically because the store is down."""
-        log.error("message.not_processed", message_id=inbound.message_id, error=repr(exc)[:500],
-                  attempt=inbound.attempt)
+        log.error(
+            "message.not_processed", message_id=inbound.message_id, error=repr(exc)[:500], attempt=inbound.attempt
+        )
         if not inbound.acked:  # (an at-most-once message whose handler had started was acked)
             self._retry_or_dead_letter(inbound, exc, "the worker could not process it")
 
@@ -420,8 +437,7 @@ class Worker:
             return self._send_back(inbound, exc, retry.delay(inbound.attempt))
         return self._send_back(inbound, exc, None, f"{reason}: {exc!r}")
 
-    def _send_back(self, inbound: Inbound, error: BaseException | None, delay: float | None,
-                   reason: str = "") -> str:
+    def _send_back(self, inbound: Inbound, error: BaseException | None, delay: float | None, reason: str = "") -> str:
         """Retry the message after ``delay`` seconds, or (``delay`` None) dead-letter it with ``reason``.
         Returns the outcome. If the broker refuses the copy (say the dead-letter queue's node is down),
         the message stays unacked: it goes back to its queue when this connection closes."""
@@ -443,8 +459,14 @@ class Worker:
         event = inbound.event
         if event is None:
             self._send_back(inbound, None, None, f"undecodable message: {inbound.error}")
-            log.warning("message.dead_lettered", service=spec.service, handler=spec.name,
-                        message_id=inbound.message_id, reason=inbound.error, outcome="dead-letter")
+            log.warning(
+                "message.dead_lettered",
+                service=spec.service,
+                handler=spec.name,
+                message_id=inbound.message_id,
+                reason=inbound.error,
+                outcome="dead-letter",
+            )
             return None
         dedupe = spec.idempotent or (spec.replies and spec.cache_replies)
         if dedupe:
@@ -455,8 +477,16 @@ class Worker:
                 return None
             if spec.idempotent and self.store.seen(spec.key, event.id):
                 self.bus.ack(inbound)
-                log.debug("message.handled", event_id=event.id, event_type=event.type, service=spec.service,
-                          handler=spec.name, attempt=inbound.attempt, outcome="duplicate", duration_ms=0.0)
+                log.debug(
+                    "message.handled",
+                    event_id=event.id,
+                    event_type=event.type,
+                    service=spec.service,
+                    handler=spec.name,
+                    attempt=inbound.attempt,
+                    outcome="duplicate",
+                    duration_ms=0.0,
+                )
                 return None
         if spec.replies and spec.cache_replies:
             cached = self.store.cached_reply(spec.key, event.id)
@@ -465,8 +495,16 @@ class Worker:
                 reply = decode_event(cached.encode(), CONTENT_TYPE)
                 self.bus.publish(reply)
                 self.bus.ack(inbound)
-                log.debug("message.handled", event_id=event.id, event_type=event.type, service=spec.service,
-                          handler=spec.name, attempt=inbound.attempt, outcome="cached-reply", duration_ms=0.0)
+                log.debug(
+                    "message.handled",
+                    event_id=event.id,
+                    event_type=event.type,
+                    service=spec.service,
+                    handler=spec.name,
+                    attempt=inbound.attempt,
+                    outcome="cached-reply",
+                    duration_ms=0.0,
+                )
                 return None
         if spec.concurrency is not None and self._running[spec.key] >= spec.concurrency:
             self._waiting[spec.key].append((generation, inbound))
@@ -483,7 +521,7 @@ class Worker:
         chunks = min(self.concurrency - self._tasks, len(work))
         size = -(-len(work) // chunks)
         for i in range(0, len(work), size):
-            chunk = work[i:i + size]
+            chunk = work[i : i + size]
             self._inflight += len(chunk)
             self._tasks += 1
             self._pool.submit(_run_handlers, chunk).add_done_callback(self._outcomes_ready)
@@ -551,8 +589,10 @@ class Worker:
                 if s.error is not None:
                     self._fail(s)
                 elif debug:
-                    log.debug("message.handled", **s.fields("failure-reply" if s.reply is not None
-                                                            and not s.reply.payload["ok"] else "ok"))
+                    log.debug(
+                        "message.handled",
+                        **s.fields("failure-reply" if s.reply is not None and not s.reply.payload["ok"] else "ok"),
+                    )
         finally:
             for o in outcomes:
                 # Duplicates that waited on this one go first, and now meet the inbox.
@@ -620,8 +660,11 @@ class Worker:
         if isinstance(error, Reject):
             outcome = self._send_back(inbound, error, None, f"rejected by handler {spec.key}: {error}")
         else:
-            failed = (f"handler {spec.key} failed {inbound.attempt} time(s)" if inbound.subscription.durable
-                      else f"at-most-once handler {spec.key} failed")
+            failed = (
+                f"handler {spec.key} failed {inbound.attempt} time(s)"
+                if inbound.subscription.durable
+                else f"at-most-once handler {spec.key} failed"
+            )
             outcome = self._retry_or_dead_letter(inbound, error, failed)
         log.warning("message.failed", error=repr(error)[:500], **s.fields(outcome))
 
@@ -662,13 +705,26 @@ class Worker:
             if debug:
                 event = inbound.event
                 assert event is not None
-                log.debug("message.handled", event_id=event.id, event_type=event.type, saga_type=saga_type,
-                          saga_id=a.saga.id if a.saga else None, attempt=inbound.attempt,
-                          outcome="moved" if a.moved else "ignored", note=a.note or None)
+                log.debug(
+                    "message.handled",
+                    event_id=event.id,
+                    event_type=event.type,
+                    saga_type=saga_type,
+                    saga_id=a.saga.id if a.saga else None,
+                    attempt=inbound.attempt,
+                    outcome="moved" if a.moved else "ignored",
+                    note=a.note or None,
+                )
         for inbound, problem in failed:
             outcome = self._retry_or_dead_letter(inbound, problem, f"saga {saga_type} could not apply it")
-            log.warning("saga.message_failed", saga_type=saga_type, message_id=inbound.message_id,
-                        error=repr(problem)[:500], attempt=inbound.attempt, outcome=outcome)
+            log.warning(
+                "saga.message_failed",
+                saga_type=saga_type,
+                message_id=inbound.message_id,
+                error=repr(problem)[:500],
+                attempt=inbound.attempt,
+                outcome=outcome,
+            )
         for inbound in inbounds:
             if inbound.event is None:
                 self._send_back(inbound, None, None, f"undecodable message: {inbound.error}")
@@ -681,8 +737,7 @@ class Worker:
             if not rows:
                 return
             try:
-                self.bus.publish_encoded([(r.routing_key, r.body.encode(), r.message_id, r.mandatory)
-                                          for r in rows])
+                self.bus.publish_encoded([(r.routing_key, r.body.encode(), r.message_id, r.mandatory) for r in rows])
                 failed: dict[str, str] = {}
             except ConnectionLost:
                 raise
@@ -698,7 +753,8 @@ class Worker:
                 if r.message_id in failed:
                     log.warning("saga.request_unroutable", saga_id=r.saga_id, request=r.routing_key)
                     more += self.engine.request_unroutable(
-                        r.saga_id, r.message_id, f"no service is bound to receive {r.routing_key}")
+                        r.saga_id, r.message_id, f"no service is bound to receive {r.routing_key}"
+                    )
             rows = more
 
     def _run_timers(self) -> None:
@@ -759,8 +815,12 @@ def _run_handler(spec: HandlerSpec, inbound: Inbound, event: Event, generation: 
     t0 = time.perf_counter()
     # The handler's own log lines carry the event; tokens put back whatever was bound before.
     tokens = structlog.contextvars.bind_contextvars(
-        event_id=event.id, event_type=event.type, correlation_id=event.correlation_id,
-        service=spec.service, handler=spec.name, attempt=inbound.attempt,
+        event_id=event.id,
+        event_type=event.type,
+        correlation_id=event.correlation_id,
+        service=spec.service,
+        handler=spec.name,
+        attempt=inbound.attempt,
     )
     try:
         if spec.wants_context:

@@ -35,8 +35,9 @@ def run_tests(report: Path, cluster: bool, extra: list[str]) -> tuple[int, float
     env = {**os.environ, "SAGAS_RELIABILITY_REPORT": str(report), "CI": os.environ.get("CI", "true")}
     tests = [*TESTS, *(["tests/cluster"] if cluster else [])]
     t0 = time.monotonic()
-    code = subprocess.call([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", *tests, *extra],
-                           cwd=ROOT, env=env)
+    code = subprocess.call(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", *tests, *extra], cwd=ROOT, env=env
+    )
     return code, time.monotonic() - t0
 
 
@@ -62,17 +63,21 @@ def render(rows: list[dict[str, Any]], *, command: str, wall: float | None) -> s
         keys = [k for k in r if k not in ("scenario", "kind", "examples")]
         out += ["| figure | total |", "| --- | ---: |", *(f"| {k.replace('_', ' ')} | {_n(r[k])} |" for k in keys), ""]
     if procs:
-        out += ["**Real processes** (RabbitMQ and PostgreSQL on this machine, 2 worker processes each):", "",
-                "| scenario | faults | events published / handled / lost / duplicates | sagas started / final "
-                "/ stuck | requests re-sent by deadlines | passed |",
-                "| --- | --- | --- | --- | ---: | --- |"]
+        out += [
+            "**Real processes** (RabbitMQ and PostgreSQL on this machine, 2 worker processes each):",
+            "",
+            "| scenario | faults | events published / handled / lost / duplicates | sagas started / final "
+            "/ stuck | requests re-sent by deadlines | passed |",
+            "| --- | --- | --- | --- | ---: | --- |",
+        ]
         for r in procs:
             faults = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in (r.get("faults") or {}).items() if v)
             out.append(
                 f"| {r['scenario']} | {faults or '-'} | {_n(r.get('events_published'))} / "
                 f"{_n(r.get('events_handled'))} / {_n(r.get('events_lost'))} / {_n(r.get('events_duplicates'))} | "
                 f"{_n(r.get('sagas_started'))} / {_n(r.get('sagas_final'))} / {_n(r.get('sagas_stuck'))} | "
-                f"{_n(r.get('requests_resent_by_deadline'))} | {'yes' if r.get('passed') else 'NO'} |")
+                f"{_n(r.get('requests_resent_by_deadline'))} | {'yes' if r.get('passed') else 'NO'} |"
+            )
         out.append("")
     for r in cluster:
         out += [f"**3-node RabbitMQ cluster**: {json.dumps({k: v for k, v in r.items() if k != 'kind'})}", ""]

@@ -23,13 +23,20 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "c
         time.sleep(0.01)
 
 
-def raw_publish(url: str, exchange: str, routing_key: str, body: bytes, content_type: str | None,
-                headers: dict[str, Any] | None = None) -> None:
+def raw_publish(
+    url: str,
+    exchange: str,
+    routing_key: str,
+    body: bytes,
+    content_type: str | None,
+    headers: dict[str, Any] | None = None,
+) -> None:
     """Publish bytes as they are, bypassing the envelope codec (to test hostile input)."""
     conn = kombu.Connection(url, transport=_memory.Transport) if url.startswith("memory") else kombu.Connection(url)
     with conn:
         ch = conn.channel()
-        msg = ch.prepare_message(body, content_type=content_type, headers=headers or {},
-                                 properties={"delivery_mode": 2})
+        msg = ch.prepare_message(
+            body, content_type=content_type, headers=headers or {}, properties={"delivery_mode": 2}
+        )
         ch.basic_publish(msg, exchange=exchange, routing_key=routing_key)
         ch.close()

@@ -60,8 +60,16 @@ DL_ROUTING_KEY = "x-sagas-routing-key"
 #: Set on a retry or dead-letter copy that could not carry the original headers (too big; see below).
 DL_HEADERS_DROPPED = "x-sagas-headers-dropped"
 # What a replay drops. The original routing key stays, so a letter that dies again still names its event.
-_DL_HEADERS = (DL_QUEUE, DL_REASON, DL_ERROR_TYPE, DL_ERROR_MESSAGE, DL_TRACEBACK, DL_ATTEMPTS, DL_DEAD_AT,
-               ATTEMPT_HEADER)
+_DL_HEADERS = (
+    DL_QUEUE,
+    DL_REASON,
+    DL_ERROR_TYPE,
+    DL_ERROR_MESSAGE,
+    DL_TRACEBACK,
+    DL_ATTEMPTS,
+    DL_DEAD_AT,
+    ATTEMPT_HEADER,
+)
 _MAX_TRACEBACK = 4000
 #: kombu decompresses a body whose AMQP header ``compression`` names a codec as it builds the message,
 #: before any size check: a few KiB of zlib become gigabytes. The bus takes the header off first, and
@@ -279,9 +287,7 @@ class EventBus:
                         log.warning("bus.broker_unreachable", broker=redact_url(conn.as_uri()), error=str(exc))
                         continue
                     if time.monotonic() + delay > deadline:
-                        raise BrokerUnavailable(
-                            f"cannot reach the broker at {redact_url(self.url)}: {exc}"
-                        ) from None
+                        raise BrokerUnavailable(f"cannot reach the broker at {redact_url(self.url)}: {exc}") from None
                     time.sleep(delay)
                     delay = min(delay * 2, 2.0)
                     continue
@@ -359,25 +365,24 @@ class EventBus:
         """
         self.publish_many([event], mandatory=mandatory, timeout=timeout)
 
-    def publish_many(self, events: Iterable[Event], *, mandatory: bool = False,
-                     timeout: float | None = None) -> None:
+    def publish_many(self, events: Iterable[Event], *, mandatory: bool = False, timeout: float | None = None) -> None:
         """Publish several events with pipelined confirms; return once all are confirmed.
 
         On failure, :class:`PublishError` says which event ids were not confirmed; the others were.
         """
-        self.publish_encoded([(e.type, encode(e, self.max_event_size), e.id, mandatory) for e in events],
-                             timeout=timeout)
+        self.publish_encoded(
+            [(e.type, encode(e, self.max_event_size), e.id, mandatory) for e in events], timeout=timeout
+        )
 
-    def publish_encoded(self, items: Sequence[tuple[str, bytes, str, bool]], *,
-                        timeout: float | None = None) -> None:
+    def publish_encoded(self, items: Sequence[tuple[str, bytes, str, bool]], *, timeout: float | None = None) -> None:
         """Publish already-encoded events ``(routing key, body, message id, mandatory)`` with pipelined
         confirms, as an outbox relay does. Raises :class:`PublishError` whose ``failed`` maps the ids
         that were not taken to the reason; the others were confirmed."""
-        self._publish_raw([(self.exchange, rk, body, mid, {}, mandatory) for rk, body, mid, mandatory in items],
-                          timeout)
+        self._publish_raw(
+            [(self.exchange, rk, body, mid, {}, mandatory) for rk, body, mid, mandatory in items], timeout
+        )
 
-    def _publish_raw(self, items: Sequence[_Outgoing],
-                     timeout: float | None, content_type: str = CONTENT_TYPE) -> None:
+    def _publish_raw(self, items: Sequence[_Outgoing], timeout: float | None, content_type: str = CONTENT_TYPE) -> None:
         if not items:
             return
         limit = self.publish_timeout if timeout is None else timeout
@@ -394,7 +399,10 @@ class EventBus:
             try:
                 for exchange, routing_key, body, message_id, headers, mandatory in items:
                     message = ch.prepare_message(
-                        body, content_type=content_type, content_encoding="utf-8", headers=headers,
+                        body,
+                        content_type=content_type,
+                        content_encoding="utf-8",
+                        headers=headers,
                         properties={"message_id": message_id, "delivery_mode": 2},
                     )
                     try:
@@ -424,8 +432,7 @@ class EventBus:
             if failed:
                 first = next(iter(failed.values()))
                 cls = Unroutable if all(f.startswith("unroutable") for f in failed.values()) else PublishError
-                raise cls(f"{len(failed)} of {len(items)} message(s) not taken by the broker: {first}",
-                          failed=failed)
+                raise cls(f"{len(failed)} of {len(items)} message(s) not taken by the broker: {first}", failed=failed)
 
     def _connection(self) -> Connection:
         """The live connection, connecting first if needed."""
@@ -483,8 +490,9 @@ class EventBus:
             self._declare(ch, sub, dead=False)  # declared (or found unavailable) on connect
             ch.basic_qos(0, sub.prefetch, False)
             tag = f"{sub.queue}.{uuid.uuid4().hex[:8]}"
-            ch.basic_consume(queue=sub.queue, no_ack=False, consumer_tag=tag,
-                             callback=self._receiver(ch, sub, on_message))
+            ch.basic_consume(
+                queue=sub.queue, no_ack=False, consumer_tag=tag, callback=self._receiver(ch, sub, on_message)
+            )
             self._consumer_tags.append(tag)
 
     def cancel(self) -> None:
@@ -568,8 +576,11 @@ class EventBus:
         that they make up goes in one ``multiple`` ack (a message received before them and still being
         handled stops the run); the rest are acked one by one. On ``memory://``, one by one."""
         delivered, settled = self._delivered, self._settled
-        mine = {} if delivered is None else {i.message.delivery_tag: i for i in inbounds
-                                             if not i.acked and i.message.channel is self._consume_ch}
+        mine = (
+            {}
+            if delivered is None
+            else {i.message.delivery_tag: i for i in inbounds if not i.acked and i.message.channel is self._consume_ch}
+        )
         top: Inbound | None = None
         while len(mine) > 1 and delivered:
             tag = delivered[0]
@@ -617,12 +628,14 @@ class EventBus:
         headers.pop("x-delivery-count", None)
         for forged in (DL_ERROR_TYPE, DL_ERROR_MESSAGE, DL_TRACEBACK):  # only ever the framework's own
             headers.pop(forged, None)
-        headers.update({
-            DL_QUEUE: inbound.subscription.queue,
-            DL_REASON: reason[:1000],
-            DL_ATTEMPTS: inbound.attempt,
-            DL_DEAD_AT: datetime.now(UTC).isoformat(),
-        })
+        headers.update(
+            {
+                DL_QUEUE: inbound.subscription.queue,
+                DL_REASON: reason[:1000],
+                DL_ATTEMPTS: inbound.attempt,
+                DL_DEAD_AT: datetime.now(UTC).isoformat(),
+            }
+        )
         self._keep_routing_key(inbound, headers)
         if error is not None:
             headers[DL_ERROR_TYPE] = f"{type(error).__module__}.{type(error).__qualname__}"
@@ -687,8 +700,9 @@ class EventBus:
                 return
             yield _to_message(ch, message)[0]
 
-    def replay_dead(self, ids: Iterable[str] | None = None, *, timeout: float | None = None,
-                    skipped: dict[str, str] | None = None) -> list[str]:
+    def replay_dead(
+        self, ids: Iterable[str] | None = None, *, timeout: float | None = None, skipped: dict[str, str] | None = None
+    ) -> list[str]:
         """Put dead letters back on the queue they came from, with a fresh attempt count.
 
         ``ids=None`` replays all. Returns the ids replayed. Each is acked off the dead-letter queue
@@ -709,15 +723,26 @@ class EventBus:
                         if skipped is not None:
                             skipped[dl.id] = "it does not say which queue it came from"
                         continue
-                    headers = {k: v for k, v in (message.headers or {}).items()
-                               if k not in _DL_HEADERS and k not in ("x-death", "x-first-death-exchange",
-                                                                    "x-first-death-queue",
-                                                                    "x-first-death-reason",
-                                                                    "x-delivery-count")}
+                    headers = {
+                        k: v
+                        for k, v in (message.headers or {}).items()
+                        if k not in _DL_HEADERS
+                        and k
+                        not in (
+                            "x-death",
+                            "x-first-death-exchange",
+                            "x-first-death-queue",
+                            "x-first-death-reason",
+                            "x-delivery-count",
+                        )
+                    }
                     body = message.body if isinstance(message.body, bytes) else str(message.body).encode()
                     try:
-                        self._publish_raw([("", dl.queue, body, dl.id, headers, True)], timeout,
-                                          content_type=message.content_type or "")
+                        self._publish_raw(
+                            [("", dl.queue, body, dl.id, headers, True)],
+                            timeout,
+                            content_type=message.content_type or "",
+                        )
                     except Unroutable:
                         if skipped is not None:
                             skipped[dl.id] = f"its queue {dl.queue!r} does not exist (any more)"

@@ -103,11 +103,23 @@ class Event:
         if self.headers or type(self.headers) is not dict:
             _check_headers(self.headers)
 
-    def follow_up(self, type: str, payload: Mapping[str, Any] | None = None, *, source: str = "",
-                  headers: Mapping[str, str] | None = None) -> Event:
+    def follow_up(
+        self,
+        type: str,
+        payload: Mapping[str, Any] | None = None,
+        *,
+        source: str = "",
+        headers: Mapping[str, str] | None = None,
+    ) -> Event:
         """A new event caused by this one: same correlation id, causation id set to this event's id."""
-        return Event(type=type, payload=payload or {}, source=source, correlation_id=self.correlation_id,
-                     causation_id=self.id, headers=headers or {})
+        return Event(
+            type=type,
+            payload=payload or {},
+            source=source,
+            correlation_id=self.correlation_id,
+            causation_id=self.id,
+            headers=headers or {},
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """The envelope as a JSON-ready dict."""
@@ -193,8 +205,15 @@ def decode(body: bytes | str, content_type: str | None, max_size: int = DEFAULT_
     if time.tzinfo is None:
         raise DecodeError("envelope field 'time' has no timezone")
     try:
-        return Event(type=data["type"], payload=data["payload"], source=data["source"], id=data["id"],
-                     time=time, correlation_id=data["correlation_id"], causation_id=data["causation_id"],
-                     headers=data["headers"])
+        return Event(
+            type=data["type"],
+            payload=data["payload"],
+            source=data["source"],
+            id=data["id"],
+            time=time,
+            correlation_id=data["correlation_id"],
+            causation_id=data["causation_id"],
+            headers=data["headers"],
+        )
     except (InvalidEvent, InvalidEventName) as exc:
         raise DecodeError(f"invalid envelope: {exc}") from None

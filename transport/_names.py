@@ -25,9 +25,7 @@ def validate_event_name(name: object) -> str:
     if not isinstance(name, str):
         raise InvalidEventName(f"an event name must be a str, not {type(name).__name__}")
     if len(name) > MAX_NAME_LENGTH:
-        raise InvalidEventName(
-            f"event name is {len(name)} characters long; the limit is {MAX_NAME_LENGTH}"
-        )
+        raise InvalidEventName(f"event name is {len(name)} characters long; the limit is {MAX_NAME_LENGTH}")
     if not _NAME_RE.fullmatch(name):
         raise InvalidEventName(
             f"invalid event name {name!r}: use '<namespace>.<service>.<event>', at least three "

@@ -84,8 +84,9 @@ def declare(channel: Any, exchange: str, sub: Subscription | None = None, *, dea
     if dead:
         # Classic, not quorum: browsing dead letters requeues them, and a quorum queue's delivery limit
         # would eventually drop them. A classic queue lives on one node of a cluster (see EventBus.connect).
-        channel.queue_declare(queue=dlq, durable=True, exclusive=False, auto_delete=False,
-                              arguments={"x-queue-type": "classic"})
+        channel.queue_declare(
+            queue=dlq, durable=True, exclusive=False, auto_delete=False, arguments={"x-queue-type": "classic"}
+        )
     if sub is None:
         return [dlq] if dead else []
     if sub.durable:
@@ -102,15 +103,19 @@ def declare(channel: Any, exchange: str, sub: Subscription | None = None, *, dea
         # only because RabbitMQ 4 deprecates transient non-exclusive queues; messages in it do not
         # outlive its consumers anyway.
         args = {"x-queue-type": "classic", **sub.arguments}
-        channel.queue_declare(queue=sub.queue, durable=not sub.exclusive, exclusive=sub.exclusive,
-                              auto_delete=True, arguments=args)
+        channel.queue_declare(
+            queue=sub.queue, durable=not sub.exclusive, exclusive=sub.exclusive, auto_delete=True, arguments=args
+        )
     for pattern in sub.patterns:
         channel.queue_bind(queue=sub.queue, exchange=exchange, routing_key=pattern)
     declared = [dlq, sub.queue] if dead else [sub.queue]
     for delay in sorted(set(sub.retry_delays)):
         declared.append(delay_queue(sub.queue, delay))
         channel.queue_declare(
-            queue=delay_queue(sub.queue, delay), durable=True, exclusive=False, auto_delete=False,
+            queue=delay_queue(sub.queue, delay),
+            durable=True,
+            exclusive=False,
+            auto_delete=False,
             arguments={
                 "x-queue-type": "quorum",
                 "x-message-ttl": delay_ms(delay),

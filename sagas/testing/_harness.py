@@ -575,8 +575,12 @@ class Harness:
             moved = False
             for slot in range(len(self.workers)):
                 moved = self.step(slot) or moved
-            if (not moved and not self._deliverable() and not self.network.release(quiet=False)
-                    and not self.network.release(quiet=True)):
+            if (
+                not moved
+                and not self._deliverable()
+                and not self.network.release(quiet=False)
+                and not self.network.release(quiet=True)
+            ):
                 return
         raise NotSettled(f"still busy after {max_steps} steps: a message loop?")
 
@@ -606,8 +610,10 @@ class Harness:
             self.run()
             idle, last = (idle + 1, last) if self._activity() == last else (0, self._activity())
             if idle >= _IDLE_TURNS:
-                raise NotSettled(f"nothing was published or handled in the last {_IDLE_TURNS} turns of the "
-                                 f"clock, yet something is pending: {self.pending()}")
+                raise NotSettled(
+                    f"nothing was published or handled in the last {_IDLE_TURNS} turns of the "
+                    f"clock, yet something is pending: {self.pending()}"
+                )
         for worker in self.workers:
             if worker is None and not self.auto_restart:
                 raise NotSettled("a worker is down: restart it before settling")

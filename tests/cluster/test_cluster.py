@@ -290,10 +290,27 @@ def test_postprocessing_survives_losing_the_node_the_workers_use(
             "run_s": round(elapsed, 1),
         }
         print("\ncluster figures:", json.dumps(figures))
-        report.write({"kind": "cluster", "scenario": "3-node cluster, a node stopped", **{
-            k: figures[k] for k in ("stop", "uploads", "sagas", "states", "wrong_outcomes", "dead_letters",
-                                    "not_final_when_c1_dropped_the_connections", "reconnected_after_s",
-                                    "longest_saga_queue_pause_s", "run_s")}})
+        report.write(
+            {
+                "kind": "cluster",
+                "scenario": "3-node cluster, a node stopped",
+                **{
+                    k: figures[k]
+                    for k in (
+                        "stop",
+                        "uploads",
+                        "sagas",
+                        "states",
+                        "wrong_outcomes",
+                        "dead_letters",
+                        "not_final_when_c1_dropped_the_connections",
+                        "reconnected_after_s",
+                        "longest_saga_queue_pause_s",
+                        "run_s",
+                    )
+                },
+            }
+        )
         for log in logs:
             for e in _events(log, "worker.connection_lost") + _events(log, "worker.reconnected"):
                 print(f"  {log.name}: {e['timestamp']} {e['event']} {e.get('error', '')}")

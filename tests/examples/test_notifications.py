@@ -20,8 +20,9 @@ def sink(monkeypatch: pytest.MonkeyPatch) -> Iterator[MailSink]:
         yield s
 
 
-def test_each_share_is_mailed_once(broker_url: str, unique: str, buses: list[object], sink: MailSink,
-                                   tmp_path: object) -> None:
+def test_each_share_is_mailed_once(
+    broker_url: str, unique: str, buses: list[object], sink: MailSink, tmp_path: object
+) -> None:
     """Every share mails its grantee once, even when its event is delivered twice."""
     worker = Worker(App(*app.services, exchange=unique), broker=broker_url, store=f"sqlite:///{tmp_path}/s.db")
     bus = EventBus(broker_url, exchange=unique)
@@ -37,8 +38,9 @@ def test_each_share_is_mailed_once(broker_url: str, unique: str, buses: list[obj
     assert sink.mails[0]["To"].endswith("@ocis.example")
 
 
-def test_a_share_without_grantee_is_dead_lettered(broker_url: str, unique: str, buses: list[object],
-                                                  sink: MailSink) -> None:
+def test_a_share_without_grantee_is_dead_lettered(
+    broker_url: str, unique: str, buses: list[object], sink: MailSink
+) -> None:
     """A share event missing fields is rejected to the dead-letter queue, not retried and not mailed."""
     worker = Worker(App(*app.services, exchange=unique), broker=broker_url, store="memory://")
     bus = EventBus(broker_url, exchange=unique)

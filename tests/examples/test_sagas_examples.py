@@ -11,8 +11,9 @@ from tests.helpers import wait_for
 
 def _run(example: object, url: str, unique: str, buses: list[object]) -> tuple[Worker, EventBus]:
     app = example.app  # type: ignore[attr-defined]
-    worker = Worker(App(*app.services, sagas=app.sagas, exchange=unique), broker=url, store="memory://",
-                    timer_interval=0.05)
+    worker = Worker(
+        App(*app.services, sagas=app.sagas, exchange=unique), broker=url, store="memory://", timer_interval=0.05
+    )
     bus = EventBus(url, exchange=unique)
     buses += [worker, bus]
     return worker, bus
@@ -23,8 +24,9 @@ def _final(worker: Worker, n: int) -> bool:
     return len(sagas) == n and all(s.final for s in sagas)
 
 
-def test_share_completes_or_compensates_in_reverse(broker_url: str, unique: str, buses: list[object],
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_share_completes_or_compensates_in_reverse(
+    broker_url: str, unique: str, buses: list[object], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A share completes; one whose grantee cannot be notified revokes, then releases; one over quota
     undoes nothing."""
     monkeypatch.setenv("QUOTA_LIMIT", "5000")
@@ -33,14 +35,22 @@ def test_share_completes_or_compensates_in_reverse(broker_url: str, unique: str,
     shares = [("ok", "marie", 100), ("mute", "nobody", 100), ("big", "marie", 9000)]
     with worker.running():
         for share_id, grantee, size in shares:
-            bus.publish(Event("ocis.sharing.share_requested", {"share_id": share_id, "owner": "einstein",
-                                                               "grantee": grantee, "path": "/p", "size": size}))
+            bus.publish(
+                Event(
+                    "ocis.sharing.share_requested",
+                    {"share_id": share_id, "owner": "einstein", "grantee": grantee, "path": "/p", "size": size},
+                )
+            )
         wait_for(lambda: _final(worker, 3), what="three shares final")
         states = {s.key: s.state for s in worker.store.list_sagas()}
     assert states == {"ok": "completed", "mute": "compensated", "big": "compensated"}
     assert [e for e in share.effects if e.endswith(" ok")] == ["reserve ok", "grant ok", "notify ok"]
-    assert [e for e in share.effects if e.endswith(" mute")] == ["reserve mute", "grant mute", "revoke mute",
-                                                                 "release mute"]
+    assert [e for e in share.effects if e.endswith(" mute")] == [
+        "reserve mute",
+        "grant mute",
+        "revoke mute",
+        "release mute",
+    ]
     assert [e for e in share.effects if e.endswith(" big")] == []
 
 
@@ -52,14 +62,17 @@ def test_order_ships_cancels_unpaid_and_compensates_failed_shipping(unique: str,
     orders = [("paid", True, "Paris"), ("unpaid", False, "Paris"), ("lost", True, "nowhere")]
     with worker.running():
         for order_id, pay, address in orders:
-            bus.publish(Event("shop.orders.placed", {"order_id": order_id, "items": 1, "pay": pay,
-                                                     "address": address}))
+            bus.publish(Event("shop.orders.placed", {"order_id": order_id, "items": 1, "pay": pay, "address": address}))
         wait_for(lambda: _final(worker, 3), timeout=20, what="three orders final")
         sagas = {s.key: s for s in worker.store.list_sagas()}
     assert {k: s.state for k, s in sagas.items()} == {"paid": "shipped", "unpaid": "cancelled", "lost": "cancelled"}
     assert sagas["unpaid"].data["cancelled_because"] == "payment not received in time"
-    assert [e for e in order.effects if e.endswith(" lost")] == ["reserve lost", "charge lost", "refund lost",
-                                                                 "release lost"]
+    assert [e for e in order.effects if e.endswith(" lost")] == [
+        "reserve lost",
+        "charge lost",
+        "refund lost",
+        "release lost",
+    ]
     assert [e for e in order.effects if e.endswith(" unpaid")] == ["reserve unpaid", "release unpaid"]
     assert [e for e in order.effects if e.endswith(" paid")] == ["reserve paid", "charge paid", "ship paid"]
 

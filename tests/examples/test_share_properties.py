@@ -24,8 +24,10 @@ def test_every_share_ends_and_undoes_what_it_did(faults: FaultSchedule, grantees
     effects.clear()
     with Harness(app, faults=faults, workers=2) as h:
         for i, grantee in enumerate(grantees):
-            h.publish("ocis.sharing.share_requested",
-                      {"share_id": f"s{i}", "owner": "einstein", "grantee": grantee, "path": "/p", "size": 1})
+            h.publish(
+                "ocis.sharing.share_requested",
+                {"share_id": f"s{i}", "owner": "einstein", "grantee": grantee, "path": "/p", "size": 1},
+            )
         h.settle()  # the faults are spent; move the clock until nothing is pending
 
         for i, grantee in enumerate(grantees):

@@ -55,8 +55,6 @@ def index(event: Event) -> None:
     IDEMPOTENT[event.id] += 1
 
 
-
-
 class EventFaults(FaultyWorld):
     def __init__(self) -> None:
         super().__init__()
@@ -71,13 +69,20 @@ class EventFaults(FaultyWorld):
         try:
             self.faults_stop_and_everything_arrives()
             s = self.h.stats
-            report.add("events under any fault schedule (hypothesis)", examples=1,
-                       events_published=len(self.published), at_least_once_handled=sum(ALO.values()),
-                       at_least_once_lost=sum(1 for i in self.published if not ALO[i]),
-                       at_most_once_handled=sum(AMO.values()), idempotent_handled_again=sum(
-                           n - 1 for n in IDEMPOTENT.values()), duplicated=s.duplicated, delayed=s.delayed,
-                       reordered=s.reordered, worker_crashes=sum(s.crashes.values()),
-                       broker_restarts=s.broker_restarts)
+            report.add(
+                "events under any fault schedule (hypothesis)",
+                examples=1,
+                events_published=len(self.published),
+                at_least_once_handled=sum(ALO.values()),
+                at_least_once_lost=sum(1 for i in self.published if not ALO[i]),
+                at_most_once_handled=sum(AMO.values()),
+                idempotent_handled_again=sum(n - 1 for n in IDEMPOTENT.values()),
+                duplicated=s.duplicated,
+                delayed=s.delayed,
+                reordered=s.reordered,
+                worker_crashes=sum(s.crashes.values()),
+                broker_restarts=s.broker_restarts,
+            )
         finally:
             self.h.close()
 
@@ -89,12 +94,6 @@ class EventFaults(FaultyWorld):
     @rule(fault=message_faults(drop=False), times=st.integers(1, 3))
     def message_fault(self, fault: Any, times: int) -> None:
         self.h.inject(fault, times=times)
-
-
-
-
-
-
 
     @invariant()
     def at_most_once_never_redelivers(self) -> None:

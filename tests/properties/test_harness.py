@@ -36,8 +36,10 @@ def _quiet() -> None:
 
 
 def _share(h: Harness, share_id: str, grantee: str = "marie") -> Event:
-    return h.publish("ocis.sharing.share_requested",
-                     {"share_id": share_id, "owner": "einstein", "grantee": grantee, "path": "/p", "size": 1})
+    return h.publish(
+        "ocis.sharing.share_requested",
+        {"share_id": share_id, "owner": "einstein", "grantee": grantee, "path": "/p", "size": 1},
+    )
 
 
 def test_a_clean_run_completes_without_moving_the_clock(saga_harness) -> None:
@@ -137,18 +139,20 @@ def test_a_crash_at_any_stage_loses_nothing(stage: str, when: str) -> None:
 
 
 def test_a_fault_schedule_replays_exactly() -> None:
-    faults = FaultSchedule(messages=(Drop(), Duplicate(), Reorder(2), Delay(7.0), Drop(), Drop()),
-                           crashes=(Crash("commit", "after", 2), Crash("ack", "before", 5)))
+    faults = FaultSchedule(
+        messages=(Drop(), Duplicate(), Reorder(2), Delay(7.0), Drop(), Drop()),
+        crashes=(Crash("commit", "after", 2), Crash("ack", "before", 5)),
+    )
 
     def run() -> tuple[object, ...]:
         EFFECTS.clear()
         with Harness(trip_app, faults=faults, workers=2, seed=7) as h:
             for i in range(4):
-                h.publish("travel.trips.requested", {"trip": f"t{i}", "fail": ""},
-                          id=f"{i:032x}")
+                h.publish("travel.trips.requested", {"trip": f"t{i}", "fail": ""}, id=f"{i:032x}")
             h.settle()
-            histories = sorted((r.key, r.state, [(e.to_state, round(e.at, 6)) for e in h.history(r.id)])
-                               for r in h.sagas(Trip))
+            histories = sorted(
+                (r.key, r.state, [(e.to_state, round(e.at, 6)) for e in h.history(r.id)]) for r in h.sagas(Trip)
+            )
             return tuple(histories), h.clock(), h.stats.as_dict(), tuple(sorted(EFFECTS))
 
     first, second = run(), run()

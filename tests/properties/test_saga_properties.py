@@ -91,8 +91,15 @@ def book_flight(event: Event) -> dict[str, Any]:
 app = App(hotels, cars, flights, sagas=[Trip])
 DO = {"hotel": "book_hotel", "car": "rent_car", "flight": "book_flight"}
 UNDO = {"hotel": "cancel_hotel", "car": "return_car"}
-TRIP_MATCHES = ["#", "travel.*.*", "travel.*.*.reply", "travel.trips.requested", "travel.hotels.*",
-                "travel.cars.rent.reply", "travel.flights.book"]
+TRIP_MATCHES = [
+    "#",
+    "travel.*.*",
+    "travel.*.*.reply",
+    "travel.trips.requested",
+    "travel.hotels.*",
+    "travel.cars.rent.reply",
+    "travel.flights.book",
+]
 
 
 class SagaFaults(FaultyWorld):
@@ -107,10 +114,14 @@ class SagaFaults(FaultyWorld):
     def teardown(self) -> None:
         try:
             self.faults_stop_and_every_saga_ends()
-            _report(self.h, "sagas under any fault schedule (hypothesis)", sagas_started=len(self.h.sagas(Trip)),
-                    sagas_final=sum(r.final for r in self.h.sagas(Trip)),
-                    sagas_compensated=len(self.h.sagas(Trip, "compensated")),
-                    effects_applied_again=sum(n - 1 for n in Counter(e[2] for e in EFFECTS).values()))
+            _report(
+                self.h,
+                "sagas under any fault schedule (hypothesis)",
+                sagas_started=len(self.h.sagas(Trip)),
+                sagas_final=sum(r.final for r in self.h.sagas(Trip)),
+                sagas_compensated=len(self.h.sagas(Trip, "compensated")),
+                effects_applied_again=sum(n - 1 for n in Counter(e[2] for e in EFFECTS).values()),
+            )
         finally:
             self.h.close()
 
@@ -133,12 +144,6 @@ class SagaFaults(FaultyWorld):
     @rule(fault=message_faults(), match=st.sampled_from(TRIP_MATCHES), times=st.integers(1, 3))
     def message_fault(self, fault: Any, match: str, times: int) -> None:
         self.h.inject(fault, match=match, times=times)
-
-
-
-
-
-
 
     # -- what must always hold -------------------------------------------------------------------
 
@@ -176,10 +181,19 @@ class SagaFaults(FaultyWorld):
 
 def _report(h: Harness, scenario: str, **figures: int) -> None:
     s = h.stats
-    report.add(scenario, examples=1, messages=s.published, dropped=s.dropped, duplicated=s.duplicated,
-               delayed=s.delayed, reordered=s.reordered, worker_crashes=sum(s.crashes.values()),
-               broker_restarts=s.broker_restarts, virtual_seconds=round(h.clock() - VirtualClock().now),
-               **figures)
+    report.add(
+        scenario,
+        examples=1,
+        messages=s.published,
+        dropped=s.dropped,
+        duplicated=s.duplicated,
+        delayed=s.delayed,
+        reordered=s.reordered,
+        worker_crashes=sum(s.crashes.values()),
+        broker_restarts=s.broker_restarts,
+        virtual_seconds=round(h.clock() - VirtualClock().now),
+        **figures,
+    )
 
 
 def _check_effects(stats: Stats) -> None:

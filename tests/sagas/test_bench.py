@@ -16,8 +16,14 @@ def test_events_on_memory_report_every_figure() -> None:
     assert result.exit_code == 0, result.output
     report = json.loads(result.output.strip().splitlines()[-1])
     events = report["median"]["events"]
-    assert set(events) == {"publish_per_s", "handled_per_s", "end_to_end_per_s", "latency_p50_ms",
-                           "latency_p99_ms", "worker_peak_rss_mib"}
+    assert set(events) == {
+        "publish_per_s",
+        "handled_per_s",
+        "end_to_end_per_s",
+        "latency_p50_ms",
+        "latency_p99_ms",
+        "worker_peak_rss_mib",
+    }
     assert events["end_to_end_per_s"] > 0
     assert 0 <= events["latency_p50_ms"] <= events["latency_p99_ms"]
     assert "raw-quorum" not in report["median"], "the raw ceiling needs RabbitMQ"

@@ -78,8 +78,9 @@ def test_publish_rejects_bad_input() -> None:
 
 def test_publish_with_an_invalid_name_fails_clearly() -> None:
     """An invalid event name exits 2 and names the rule."""
-    proc = subprocess.run([sys.executable, "-m", "sagas", "publish", "Bad Name", "{}"],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "sagas", "publish", "Bad Name", "{}"], capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 2
     assert "invalid event name" in proc.stderr
 
@@ -112,9 +113,24 @@ def _start_worker(tmp_path: Path, exchange: str, broker: str, *extra: str) -> su
     (tmp_path / "slowapp.py").write_text(textwrap.dedent(APP.format(exchange=exchange)))
     env = {**os.environ, "PYTHONPATH": str(tmp_path)}
     return subprocess.Popen(
-        [sys.executable, "-m", "sagas", "run", "slowapp:app", "--broker", broker,
-         "--store", f"sqlite:///{tmp_path}/s.db", *extra],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "sagas",
+            "run",
+            "slowapp:app",
+            "--broker",
+            broker,
+            "--store",
+            f"sqlite:///{tmp_path}/s.db",
+            *extra,
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def test_run_exits_3_when_the_broker_stays_away(tmp_path: Path, unique: str) -> None:

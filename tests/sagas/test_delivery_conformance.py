@@ -100,20 +100,22 @@ def test_broadcast_reaches_every_instance(broker_url: str, unique: str, buses: l
     def app_for(instance: str) -> App:
         svc = Service("cache")
         svc.on("ocis.config.changed", delivery=AT_MOST_ONCE, broadcast=True, name="invalidate")(
-            lambda e: got[instance].append(e.id))
+            lambda e: got[instance].append(e.id)
+        )
         return App(svc, exchange=unique)
 
     bus = make_bus(buses, broker_url, unique)
-    with make_worker(buses, app_for("w1"), broker_url).running(), \
-            make_worker(buses, app_for("w2"), broker_url).running():
+    with (
+        make_worker(buses, app_for("w1"), broker_url).running(),
+        make_worker(buses, app_for("w2"), broker_url).running(),
+    ):
         events = [Event("ocis.config.changed") for _ in range(5)]
         bus.publish_many(events)
         wait_for(lambda: len(got["w1"]) == 5 and len(got["w2"]) == 5, what="5 events in both instances")
     assert got["w1"] == got["w2"] == [e.id for e in events]
 
 
-def test_at_least_once_keeps_events_while_nobody_listens(broker_url: str, unique: str,
-                                                          buses: list[object]) -> None:
+def test_at_least_once_keeps_events_while_nobody_listens(broker_url: str, unique: str, buses: list[object]) -> None:
     """Events published while no instance of an at-least-once service runs are handled when one starts."""
     got: list[int] = []
     svc = Service("indexer")
@@ -128,8 +130,7 @@ def test_at_least_once_keeps_events_while_nobody_listens(broker_url: str, unique
     assert sorted(got) == list(range(20))
 
 
-def test_at_most_once_drops_events_while_nobody_listens(broker_url: str, unique: str,
-                                                         buses: list[object]) -> None:
+def test_at_most_once_drops_events_while_nobody_listens(broker_url: str, unique: str, buses: list[object]) -> None:
     """An at-most-once queue is transient: what is published while no instance runs is not kept."""
     got: list[str] = []
     svc = Service("presence")
@@ -146,8 +147,7 @@ def test_at_most_once_drops_events_while_nobody_listens(broker_url: str, unique:
     assert got == ["ocis.users.first", "ocis.users.after"]
 
 
-def test_at_most_once_is_not_redelivered_after_a_crash(broker_url: str, unique: str,
-                                                        buses: list[object]) -> None:
+def test_at_most_once_is_not_redelivered_after_a_crash(broker_url: str, unique: str, buses: list[object]) -> None:
     """A worker that dies in the middle of an at-most-once handler loses that event, even though another
     instance keeps the queue alive: it was acked on arrival, so nothing is redelivered."""
     started, release = threading.Event(), threading.Event()
@@ -200,7 +200,8 @@ def test_at_least_once_is_redelivered_after_a_crash(broker_url: str, unique: str
 
 
 def test_failing_handler_is_retried_with_backoff_then_dead_lettered(
-        broker_url: str, unique: str, buses: list[object]) -> None:
+    broker_url: str, unique: str, buses: list[object]
+) -> None:
     """A raising handler is retried with growing delays, then dead-lettered with the error; replay
     puts it back and a fixed handler takes it."""
     import time
@@ -269,8 +270,14 @@ def test_reject_dead_letters_without_retry(broker_url: str, unique: str, buses: 
     ids=["pickle", "invalid-json", "not-utf8", "missing-fields", "json-list", "2MiB"],
 )
 def test_hostile_messages_are_dead_lettered_with_a_reason(
-        broker_url: str, unique: str, buses: list[object], body: bytes, content_type: str, reason: str,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    broker_url: str,
+    unique: str,
+    buses: list[object],
+    body: bytes,
+    content_type: str,
+    reason: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Undecodable, non-JSON and oversized messages go to the dead-letter queue with the reason; they never
     reach a handler (a pickle is never unpickled) and the worker keeps handling good events."""
     monkeypatch.setattr(pickle, "loads", lambda *a, **k: pytest.fail("a pickle body was unpickled"))
@@ -289,8 +296,7 @@ def test_hostile_messages_are_dead_lettered_with_a_reason(
     assert letter.size == len(body)
 
 
-def test_idempotent_handler_skips_a_redelivered_event(broker_url: str, unique: str,
-                                                      buses: list[object]) -> None:
+def test_idempotent_handler_skips_a_redelivered_event(broker_url: str, unique: str, buses: list[object]) -> None:
     """With idempotent=True, an event id that was handled is acked and skipped when it comes again."""
     got: list[str] = []
     svc = Service("mailer")
@@ -306,8 +312,7 @@ def test_idempotent_handler_skips_a_redelivered_event(broker_url: str, unique: s
     assert got == [event.id, sentinel.id]
 
 
-def test_follow_ups_carry_correlation_and_causation(broker_url: str, unique: str,
-                                                    buses: list[object]) -> None:
+def test_follow_ups_carry_correlation_and_causation(broker_url: str, unique: str, buses: list[object]) -> None:
     """Events published from a handler keep the correlation id and name their cause."""
     seen: list[Event] = []
     svc = Service("chain")
@@ -327,8 +332,7 @@ def test_follow_ups_carry_correlation_and_causation(broker_url: str, unique: str
     assert second.source == "chain"
 
 
-def test_graceful_stop_finishes_and_acks_in_flight_work(broker_url: str, unique: str,
-                                                        buses: list[object]) -> None:
+def test_graceful_stop_finishes_and_acks_in_flight_work(broker_url: str, unique: str, buses: list[object]) -> None:
     """Stopping a worker lets the running handler finish; its event is acked and not handled again."""
     started = threading.Event()
     got: list[str] = []
@@ -403,7 +407,8 @@ def test_handler_concurrency_limit(broker_url: str, unique: str, buses: list[obj
 
 
 def test_a_duplicate_waiting_for_a_busy_handler_does_not_strand_the_next_event(
-        broker_url: str, unique: str, buses: list[object]) -> None:
+    broker_url: str, unique: str, buses: list[object]
+) -> None:
     """With concurrency=1, an event, its duplicate and another event all waiting behind a running handler
     are all settled once it finishes: the duplicate is skipped and the next event still runs."""
     release = threading.Event()

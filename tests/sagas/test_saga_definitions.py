@@ -55,8 +55,11 @@ def test_unreachable_state_is_refused() -> None:
     class Island(Saga):
         type = "island"
         start = Start(BEGIN, key="id", to="asking")
-        states = [State("asking", Request(ASK), timeout=1.0), State("lonely", timeout=1.0, on_timeout="done"),
-                  Final("done")]
+        states = [
+            State("asking", Request(ASK), timeout=1.0),
+            State("lonely", timeout=1.0, on_timeout="done"),
+            Final("done"),
+        ]
         transitions = [reply(ASK, "asking", "done"), timeout("lonely", "done")]
 
     with pytest.raises(ConfigurationError, match=r"state\(s\) lonely can never be reached"):
@@ -82,8 +85,11 @@ def test_failure_handled_in_a_state_that_never_sends_it_is_refused() -> None:
     class Confused(Saga):
         type = "confused"
         start = Start(BEGIN, key="id", to="asking")
-        states = [State("asking", Request(ASK), timeout=1.0), State("waiting", timeout=1.0, on_timeout="done"),
-                  Final("done")]
+        states = [
+            State("asking", Request(ASK), timeout=1.0),
+            State("waiting", timeout=1.0, on_timeout="done"),
+            Final("done"),
+        ]
         transitions = [reply(ASK, "asking", "waiting"), failure(ASK, "waiting", "done")]
 
     with pytest.raises(ConfigurationError, match=rf"state 'waiting' handles a failure to {ASK} it never sends"):
@@ -151,8 +157,11 @@ def test_event_trigger_not_in_correlate_is_refused() -> None:
         states = [State("waiting", timeout=1.0), Final("done")]
         transitions = [event(NUDGE, "waiting", "done")]
 
-    with pytest.raises(ConfigurationError, match=rf"reacts to {NUDGE} but does not say how to find the saga: "
-                                                 r"add it to `correlate`"):
+    with pytest.raises(
+        ConfigurationError,
+        match=rf"reacts to {NUDGE} but does not say how to find the saga: "
+        r"add it to `correlate`",
+    ):
         _compile(Uncorrelated)
 
 
@@ -268,8 +277,17 @@ def test_failed_is_added_to_a_minimal_saga() -> None:
 def test_step_style_compiles_to_step_undo_and_final_states() -> None:
     """Steps become '<step>' states, steps with a compensation also 'undo_<step>', plus the finals."""
     d = Booking.definition()
-    assert set(d.states) == {"reserve", "notify", "charge", "ship", "undo_reserve", "undo_charge",
-                             "completed", "compensated", FAILED}
+    assert set(d.states) == {
+        "reserve",
+        "notify",
+        "charge",
+        "ship",
+        "undo_reserve",
+        "undo_charge",
+        "completed",
+        "compensated",
+        FAILED,
+    }
     assert d.finals == {"completed", "compensated", FAILED}
     assert d.states["reserve"].request_spec is not None
     assert d.states["reserve"].request_spec.type == "ocis.booking.reserve"
@@ -282,10 +300,19 @@ def test_step_style_failures_undo_the_nearest_earlier_compensable_step() -> None
     """A failing step goes to the undo state of the nearest earlier step that has a compensation."""
     d = Booking.definition()
     fails = {t.sources[0]: t.dest for t in d.transitions if t.trigger.startswith("failure:")}
-    assert fails == {"reserve": "compensated", "notify": "undo_reserve", "charge": "undo_reserve",
-                     "ship": "undo_charge", "undo_reserve": FAILED, "undo_charge": FAILED}
-    undone = {t.sources[0]: t.dest for t in d.transitions
-              if t.trigger.startswith("reply:") and t.sources[0].startswith("undo_")}
+    assert fails == {
+        "reserve": "compensated",
+        "notify": "undo_reserve",
+        "charge": "undo_reserve",
+        "ship": "undo_charge",
+        "undo_reserve": FAILED,
+        "undo_charge": FAILED,
+    }
+    undone = {
+        t.sources[0]: t.dest
+        for t in d.transitions
+        if t.trigger.startswith("reply:") and t.sources[0].startswith("undo_")
+    }
     assert undone == {"undo_charge": "undo_reserve", "undo_reserve": "compensated"}
     assert d.states["ship"].on_timeout == "undo_charge"
     assert d.states["undo_reserve"].on_timeout == FAILED
@@ -310,8 +337,11 @@ def test_last_step_may_declare_a_compensation() -> None:
 def test_patterns_cover_starts_correlated_events_and_replies() -> None:
     """A saga type's queue is bound to its start events, correlated events and the replies it awaits."""
     assert Postprocessing.definition().patterns == (
-        "ocis.antivirus.scan.reply", "ocis.policies.check.reply", "ocis.storage.bytes_received",
-        "ocis.storage.revert.reply", "ocis.storage.upload_ready",
+        "ocis.antivirus.scan.reply",
+        "ocis.policies.check.reply",
+        "ocis.storage.bytes_received",
+        "ocis.storage.revert.reply",
+        "ocis.storage.upload_ready",
     )
 
 

@@ -80,8 +80,11 @@ class Stubborn(Saga):
 
     type = "stubborn"
     start = Start("ocis.stubborn.requested", key="id", to="asking")
-    states = [State("asking", Request(HOTEL), timeout=5.0, retries=5, on_timeout="gave_up"),
-              Final("gave_up"), Final("done")]
+    states = [
+        State("asking", Request(HOTEL), timeout=5.0, retries=5, on_timeout="gave_up"),
+        Final("gave_up"),
+        Final("done"),
+    ]
     transitions = [reply(HOTEL, "asking", "done")]
 
 
@@ -110,21 +113,37 @@ class Harness:
         assert request is not None
         return decode(request["body"], CONTENT_TYPE)
 
-    def answer(self, saga_type: str, saga_id: str, ok: bool = True, result: dict[str, Any] | None = None,
-               reason: str | None = None) -> Applied:
+    def answer(
+        self,
+        saga_type: str,
+        saga_id: str,
+        ok: bool = True,
+        result: dict[str, Any] | None = None,
+        reason: str | None = None,
+    ) -> Applied:
         return self.engine.handle(saga_type, reply_to(self.pending(saga_id), ok, result, reason))
 
     def states(self, saga_id: str) -> list[str]:
         return [h.to_state for h in self.store.saga_history(saga_id)]
 
 
-def reply_to(request: Event, ok: bool = True, result: dict[str, Any] | None = None,
-             reason: str | None = None, *, request_id: str | None = None) -> Event:
+def reply_to(
+    request: Event,
+    ok: bool = True,
+    result: dict[str, Any] | None = None,
+    reason: str | None = None,
+    *,
+    request_id: str | None = None,
+) -> Event:
     """A participant's reply to ``request`` (as a worker builds it)."""
-    return Event(type=request.type + ".reply",
-                 payload={"ok": ok, "result": result if ok else None, "reason": None if ok else reason},
-                 source="participant", correlation_id=request.correlation_id, causation_id=request.id,
-                 headers={REQUEST_ID_HEADER: request_id or request.id})
+    return Event(
+        type=request.type + ".reply",
+        payload={"ok": ok, "result": result if ok else None, "reason": None if ok else reason},
+        source="participant",
+        correlation_id=request.correlation_id,
+        causation_id=request.id,
+        headers={REQUEST_ID_HEADER: request_id or request.id},
+    )
 
 
 def requests(rows: list[OutboxRow]) -> list[Event]:
@@ -371,8 +390,9 @@ def test_correlated_event_moves_the_waiting_saga() -> None:
 
 
 def _started_upload(h: Harness, upload_id: str = "u1", name: str = "a.txt") -> str:
-    applied = h.start("postprocessing", "ocis.storage.bytes_received", upload_id=upload_id, name=name,
-                      size=10, user="marie")
+    applied = h.start(
+        "postprocessing", "ocis.storage.bytes_received", upload_id=upload_id, name=name, size=10, user="marie"
+    )
     assert applied.saga is not None
     return applied.saga.id
 
@@ -381,10 +401,8 @@ def test_guards_pick_the_first_transition_that_passes() -> None:
     """Of two replies from one state, the guarded one is taken when its guard passes."""
     h = Harness(Postprocessing)
     clean, infected = _started_upload(h, "u1"), _started_upload(h, "u2", "eicar.com")
-    assert [e.type for e in requests(h.answer("postprocessing", clean, result={"infected": False}).rows)] \
-        == [CHECK]
-    assert [e.type for e in requests(h.answer("postprocessing", infected, result={"infected": True}).rows)] \
-        == [REVERT]
+    assert [e.type for e in requests(h.answer("postprocessing", clean, result={"infected": False}).rows)] == [CHECK]
+    assert [e.type for e in requests(h.answer("postprocessing", infected, result={"infected": True}).rows)] == [REVERT]
     assert h.saga(infected).data["outcome"] == "delete"
 
 
@@ -631,8 +649,13 @@ def test_saving_a_stale_record_raises_version_conflict(trip: Harness) -> None:
     stale.version += 1
     stale.state = "compensated"
     with pytest.raises(VersionConflict):
-        trip.store.save_saga(stale, expected_version=stale.version - 1,
-                             history=HistoryEntry(T0, "m", "hotel", "compensated", "stale"), inbox=None, outbox=[])
+        trip.store.save_saga(
+            stale,
+            expected_version=stale.version - 1,
+            history=HistoryEntry(T0, "m", "hotel", "compensated", "stale"),
+            inbox=None,
+            outbox=[],
+        )
     assert trip.saga(saga_id).state == "car"
     assert trip.states(saga_id) == ["hotel", "car"]
 

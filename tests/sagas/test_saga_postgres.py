@@ -23,27 +23,44 @@ def pg_store_url(postgres_url: str, unique: str) -> Iterator[str]:
         conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(unique)))
 
 
-def test_two_workers_share_sagas_through_postgresql(amqp_url: str, unique: str, pg_store_url: str,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_two_workers_share_sagas_through_postgresql(
+    amqp_url: str, unique: str, pg_store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Two workers on one PostgreSQL schema, with participants failing transiently, take 40 uploads to
     the right outcome; each saga is moved by whichever worker gets its message."""
     monkeypatch.setenv("FAIL_RATE", "0.2")
     app = postprocessing.app
-    workers = [Worker(App(*app.services, sagas=app.sagas, exchange=unique), broker=amqp_url, store=pg_store_url,
-                      timer_interval=0.05) for _ in range(2)]
+    workers = [
+        Worker(
+            App(*app.services, sagas=app.sagas, exchange=unique),
+            broker=amqp_url,
+            store=pg_store_url,
+            timer_interval=0.05,
+        )
+        for _ in range(2)
+    ]
     bus = EventBus(amqp_url, exchange=unique)
     store = open_store(pg_store_url)
-    uploads = {f"u{i}": ("eicar.com" if i % 5 == 0 else f"f{i}.txt", 20 * 1024 * 1024 if i % 7 == 0 else 10)
-               for i in range(40)}
-    expected = {k: "delete" if "eicar" in name else "abort" if size > 10 * 1024 * 1024 else "continue"
-                for k, (name, size) in uploads.items()}
+    uploads = {
+        f"u{i}": ("eicar.com" if i % 5 == 0 else f"f{i}.txt", 20 * 1024 * 1024 if i % 7 == 0 else 10) for i in range(40)
+    }
+    expected = {
+        k: "delete" if "eicar" in name else "abort" if size > 10 * 1024 * 1024 else "continue"
+        for k, (name, size) in uploads.items()
+    }
     try:
         with workers[0].running(), workers[1].running():
-            bus.publish_many([Event("ocis.storage.bytes_received",
-                                    {"upload_id": k, "name": name, "size": size, "user": "marie"})
-                              for k, (name, size) in uploads.items()])
-            wait_for(lambda: len(store.list_sagas()) == 40 and all(s.final for s in store.list_sagas()),
-                     timeout=60, what="40 sagas final")
+            bus.publish_many(
+                [
+                    Event("ocis.storage.bytes_received", {"upload_id": k, "name": name, "size": size, "user": "marie"})
+                    for k, (name, size) in uploads.items()
+                ]
+            )
+            wait_for(
+                lambda: len(store.list_sagas()) == 40 and all(s.final for s in store.list_sagas()),
+                timeout=60,
+                what="40 sagas final",
+            )
         sagas = store.list_sagas()
         assert {s.key: s.data["outcome"] for s in sagas} == expected
         assert all(s.state == "done" for s in sagas)
@@ -57,8 +74,7 @@ def test_two_workers_share_sagas_through_postgresql(amqp_url: str, unique: str, 
         bus.close()
 
 
-def test_processes_creating_one_schema_at_once_take_turns(postgres_url: str, unique: str,
-                                                          pg_store_url: str) -> None:
+def test_processes_creating_one_schema_at_once_take_turns(postgres_url: str, unique: str, pg_store_url: str) -> None:
     """Several stores opening a fresh schema at the same moment all succeed (they used to collide on
     CREATE ... IF NOT EXISTS with a duplicate-key error)."""
     import threading

@@ -100,8 +100,7 @@ def _states(store: Store, saga_id: str) -> list[str]:
     return [h.to_state for h in store.saga_history(saga_id)]
 
 
-def test_failing_third_step_compensates_steps_two_then_one(broker_url: str, unique: str,
-                                                           buses: list[object]) -> None:
+def test_failing_third_step_compensates_steps_two_then_one(broker_url: str, unique: str, buses: list[object]) -> None:
     """When the third participant answers Failure('no'), the worker runs the compensations of step 2,
     then step 1, and the saga ends compensated."""
     calls: list[tuple[str, str]] = []
@@ -146,8 +145,16 @@ def test_failing_third_step_compensates_steps_two_then_one(broker_url: str, uniq
     ],
     ids=["clean", "eicar", "oversized"],
 )
-def test_postprocessing_outcomes(broker_url: str, unique: str, buses: list[object], monkeypatch: pytest.MonkeyPatch,
-                                 name: str, size: int, outcome: str, path: list[str]) -> None:
+def test_postprocessing_outcomes(
+    broker_url: str,
+    unique: str,
+    buses: list[object],
+    monkeypatch: pytest.MonkeyPatch,
+    name: str,
+    size: int,
+    outcome: str,
+    path: list[str],
+) -> None:
     """The post-processing example: a clean upload continues, an infected one is deleted and an oversized
     one aborted (both reverted first), each ending 'done' after storage says the upload is ready."""
     monkeypatch.setenv("POLICY_MAX_SIZE", "1000")
@@ -158,11 +165,18 @@ def test_postprocessing_outcomes(broker_url: str, unique: str, buses: list[objec
     finished: list[Event] = []
     watcher = Service("watcher")
     watcher.on(postprocessing.FINISHED, name="finished")(finished.append)
-    app = App(postprocessing.antivirus, postprocessing.policies, postprocessing.storage, watcher,
-              sagas=[Postprocessing], exchange=unique)
+    app = App(
+        postprocessing.antivirus,
+        postprocessing.policies,
+        postprocessing.storage,
+        watcher,
+        sagas=[Postprocessing],
+        exchange=unique,
+    )
     with make_worker(buses, app, broker_url, store=store).running():
-        bus.publish(Event("ocis.storage.bytes_received", {"upload_id": "u1", "name": name, "size": size,
-                                                          "user": "marie"}))
+        bus.publish(
+            Event("ocis.storage.bytes_received", {"upload_id": "u1", "name": name, "size": size, "user": "marie"})
+        )
         saga = wait_for(lambda: _final(store, "postprocessing", "u1"), what="the upload's saga to end")
         wait_for(lambda: finished, what="ocis.postprocessing.finished")
     assert saga.state == "done"
@@ -173,8 +187,9 @@ def test_postprocessing_outcomes(broker_url: str, unique: str, buses: list[objec
     assert event.correlation_id == saga.id
 
 
-def test_postprocessing_of_several_uploads_at_once(broker_url: str, unique: str, buses: list[object],
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_postprocessing_of_several_uploads_at_once(
+    broker_url: str, unique: str, buses: list[object], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Clean, infected and oversized uploads published together each reach their own outcome."""
     monkeypatch.setenv("POLICY_MAX_SIZE", "1000")
     monkeypatch.setenv("FAIL_RATE", "0")
@@ -182,12 +197,20 @@ def test_postprocessing_of_several_uploads_at_once(broker_url: str, unique: str,
     store = MemoryStore()
     bus = make_bus(buses, broker_url, unique)
     uploads = {"clean": ("a.txt", 10), "eicar": ("EICAR-test.txt", 20), "big": ("movie.mkv", 1001)}
-    app = App(postprocessing.antivirus, postprocessing.policies, postprocessing.storage,
-              sagas=[Postprocessing], exchange=unique)
+    app = App(
+        postprocessing.antivirus,
+        postprocessing.policies,
+        postprocessing.storage,
+        sagas=[Postprocessing],
+        exchange=unique,
+    )
     with make_worker(buses, app, broker_url, store=store).running():
-        bus.publish_many([Event("ocis.storage.bytes_received", {"upload_id": upload_id, "name": n, "size": s,
-                                                                "user": "marie"})
-                          for upload_id, (n, s) in uploads.items()])
+        bus.publish_many(
+            [
+                Event("ocis.storage.bytes_received", {"upload_id": upload_id, "name": n, "size": s, "user": "marie"})
+                for upload_id, (n, s) in uploads.items()
+            ]
+        )
         wait_for(lambda: all(_final(store, "postprocessing", u) for u in uploads), what="three sagas to end")
     outcomes = {u: store.find_saga("postprocessing", u).data["outcome"] for u in uploads}  # type: ignore[union-attr]
     assert outcomes == {"clean": "continue", "eicar": "delete", "big": "abort"}
@@ -208,8 +231,9 @@ def test_unroutable_request_fails_the_step_fast(broker_url: str, unique: str, bu
     assert f"no service is bound to receive {NOBODY}" in store.saga_history(saga.id)[-1].reason
 
 
-def test_dropped_reply_is_asked_again_with_the_same_request_id(broker_url: str, unique: str,
-                                                               buses: list[object]) -> None:
+def test_dropped_reply_is_asked_again_with_the_same_request_id(
+    broker_url: str, unique: str, buses: list[object]
+) -> None:
     """A participant that drops its reply (NoReply) is asked again at the deadline, with the same request
     id, and its reply then completes the saga."""
     seen: list[Event] = []
@@ -236,7 +260,8 @@ def test_dropped_reply_is_asked_again_with_the_same_request_id(broker_url: str, 
 
 
 def test_cached_reply_answers_a_repeated_request_without_running_the_work(
-        broker_url: str, unique: str, buses: list[object]) -> None:
+    broker_url: str, unique: str, buses: list[object]
+) -> None:
     """A participant with cache_replies=True that gets a request id it already answered replies the same
     reply again, without running its handler a second time."""
     calls: list[Event] = []
@@ -268,7 +293,8 @@ def test_cached_reply_answers_a_repeated_request_without_running_the_work(
 
 
 def test_request_repeated_while_its_handler_runs_is_not_worked_twice(
-        broker_url: str, unique: str, buses: list[object]) -> None:
+    broker_url: str, unique: str, buses: list[object]
+) -> None:
     """With cache_replies=True, a copy of a request that arrives while the first is still being handled
     (a slow participant past the saga's deadline) does not run the work a second time."""
     calls: list[Event] = []
@@ -296,8 +322,9 @@ def test_request_repeated_while_its_handler_runs_is_not_worked_twice(
     assert len(calls) == 1
 
 
-def test_deadline_fires_after_a_worker_restart(broker_url: str, unique: str, buses: list[object],
-                                              tmp_path: Path) -> None:
+def test_deadline_fires_after_a_worker_restart(
+    broker_url: str, unique: str, buses: list[object], tmp_path: Path
+) -> None:
     """Deadlines live in the store: a deadline that passed while no worker ran is fired by the next
     worker on that store, which re-sends the same request; the participant's reply then ends the saga."""
     couriers = Service("couriers")
@@ -328,14 +355,21 @@ def test_deadline_fires_after_a_worker_restart(broker_url: str, unique: str, bus
         assert reader.get_saga(waiting.id).attempts == 1  # type: ignore[union-attr]
 
         with make_worker(buses, App(sagas=[Parcel], exchange=unique), broker_url, store=url).running():
-            fired = wait_for(lambda: (s := reader.get_saga(waiting.id)) and s.attempts >= 2 and s,
-                             timeout=3.0, what="the new worker to fire the deadline")
+            fired = wait_for(
+                lambda: (s := reader.get_saga(waiting.id)) and s.attempts >= 2 and s,
+                timeout=3.0,
+                what="the new worker to fire the deadline",
+            )
             assert fired.state == "ship"
             history = reader.saga_history(waiting.id)
             assert [h.to_state for h in history][:2] == ["ship", "ship"]
             assert history[1].reason == f"deadline passed: re-sent {SHIP} (attempt 2)"
-            sent = [row[0] for row in reader._db.execute(  # type: ignore[attr-defined]
-                "SELECT message_id FROM outbox WHERE saga_id = ? ORDER BY id", (waiting.id,)).fetchall()]
+            sent = [
+                row[0]
+                for row in reader._db.execute(  # type: ignore[attr-defined]
+                    "SELECT message_id FROM outbox WHERE saga_id = ? ORDER BY id", (waiting.id,)
+                ).fetchall()
+            ]
             assert sent[:2] == [request_id, request_id]
             with make_worker(buses, participant, broker_url, concurrency=1).running():
                 done = wait_for(lambda: _final(reader, "parcel", "p1"), what="the parcel saga to complete")

@@ -94,19 +94,21 @@ def test_state_style_saga_compensates_in_reverse_order(broker_url: str, unique: 
     """When shipping fails, the payment is refunded and then the stock released: the reverse of the steps
     that completed; an order that ships runs no compensation."""
     calls: list[str] = []
-    worker = Worker(App(*_shop(calls), sagas=[Order], exchange=unique), broker=broker_url, store="memory://",
-                    timer_interval=0.05)
+    worker = Worker(
+        App(*_shop(calls), sagas=[Order], exchange=unique), broker=broker_url, store="memory://", timer_interval=0.05
+    )
     bus = EventBus(broker_url, exchange=unique)
     buses += [worker, bus]
     with worker.running():
         bus.publish(Event("shop.orders.placed", {"order_id": "o1", "address": "nowhere"}))
         bus.publish(Event("shop.orders.placed", {"order_id": "o2", "address": "Paris"}))
-        wait_for(lambda: all(s.final for s in worker.store.list_sagas()) and len(worker.store.list_sagas()) == 2,
-                 what="both orders final")
+        wait_for(
+            lambda: all(s.final for s in worker.store.list_sagas()) and len(worker.store.list_sagas()) == 2,
+            what="both orders final",
+        )
         states = {s.key: s.state for s in worker.store.list_sagas()}
         history = [h.to_state for h in worker.store.saga_history(worker.store.find_saga("order", "o1").id)]
     assert states == {"o1": "cancelled", "o2": "shipped"}
-    assert [c for c in calls if c.endswith(":o1")] == ["reserve:o1", "charge:o1", "ship:o1", "refund:o1",
-                                                       "release:o1"]
+    assert [c for c in calls if c.endswith(":o1")] == ["reserve:o1", "charge:o1", "ship:o1", "refund:o1", "release:o1"]
     assert [c for c in calls if c.endswith(":o2")] == ["reserve:o2", "charge:o2", "ship:o2"]
     assert history == ["reserving", "charging", "shipping", "refunding", "releasing", "cancelled"]

@@ -67,32 +67,62 @@ def reopen(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Opener]:
         yield open_again
 
 
-def _record(key: str, *, saga_id: str | None = None, type: str = "trip", state: str = "hotel", version: int = 1,
-            deadline: float | None = None, final: bool = False, created_at: float = T0,
-            data: dict[str, Any] | None = None, meta: dict[str, Any] | None = None) -> SagaRecord:
-    return SagaRecord(id=saga_id or f"id-{type}-{key}", type=type, key=key, state=state,
-                      data=data if data is not None else {"key": key}, version=version, deadline=deadline,
-                      attempts=1, meta=meta if meta is not None else {}, final=final, created_at=created_at,
-                      updated_at=created_at)
+def _record(
+    key: str,
+    *,
+    saga_id: str | None = None,
+    type: str = "trip",
+    state: str = "hotel",
+    version: int = 1,
+    deadline: float | None = None,
+    final: bool = False,
+    created_at: float = T0,
+    data: dict[str, Any] | None = None,
+    meta: dict[str, Any] | None = None,
+) -> SagaRecord:
+    return SagaRecord(
+        id=saga_id or f"id-{type}-{key}",
+        type=type,
+        key=key,
+        state=state,
+        data=data if data is not None else {"key": key},
+        version=version,
+        deadline=deadline,
+        attempts=1,
+        meta=meta if meta is not None else {},
+        final=final,
+        created_at=created_at,
+        updated_at=created_at,
+    )
 
 
 def _entry(record: SagaRecord, from_state: str = "-", reason: str = "test") -> HistoryEntry:
     return HistoryEntry(record.updated_at, f"m-{record.id}-{record.version}", from_state, record.state, reason)
 
 
-def _insert(store: Store, record: SagaRecord, *, inbox: tuple[str, str] | None = None,
-            outbox: list[Outgoing] | None = None) -> Any:
+def _insert(
+    store: Store, record: SagaRecord, *, inbox: tuple[str, str] | None = None, outbox: list[Outgoing] | None = None
+) -> Any:
     return store.save_saga(record, expected_version=None, history=_entry(record), inbox=inbox, outbox=outbox or [])
 
 
-def _move(store: Store, record: SagaRecord, state: str, *, inbox: tuple[str, str] | None = None,
-          outbox: list[Outgoing] | None = None, deadline: float | None = None, final: bool = False) -> Any:
+def _move(
+    store: Store,
+    record: SagaRecord,
+    state: str,
+    *,
+    inbox: tuple[str, str] | None = None,
+    outbox: list[Outgoing] | None = None,
+    deadline: float | None = None,
+    final: bool = False,
+) -> Any:
     previous = record.state
     record.version += 1
     record.state, record.deadline, record.final = state, deadline, final
     record.updated_at += 1
-    return store.save_saga(record, expected_version=record.version - 1, history=_entry(record, previous),
-                           inbox=inbox, outbox=outbox or [])
+    return store.save_saga(
+        record, expected_version=record.version - 1, history=_entry(record, previous), inbox=inbox, outbox=outbox or []
+    )
 
 
 def _out(n: int, routing_key: str = "ocis.trip.book_hotel") -> Outgoing:
@@ -104,8 +134,12 @@ def _out(n: int, routing_key: str = "ocis.trip.book_hotel") -> Outgoing:
 
 def test_insert_then_update_with_version_check(store: Store) -> None:
     """A saga is inserted, read back as saved, and updated when the expected version matches."""
-    record = _record("t1", deadline=T0 + 5, data={"nested": {"list": [1, 2.5, "é", None]}},
-                     meta={"request": {"id": "r1", "type": "ocis.trip.book_hotel", "body": "{}"}})
+    record = _record(
+        "t1",
+        deadline=T0 + 5,
+        data={"nested": {"list": [1, 2.5, "é", None]}},
+        meta={"request": {"id": "r1", "type": "ocis.trip.book_hotel", "body": "{}"}},
+    )
     _insert(store, record)
     got = store.get_saga(record.id)
     assert got == record
@@ -182,7 +216,11 @@ def test_history_is_kept_in_order(store: Store) -> None:
     _move(store, record, "compensated", final=True)
     history = store.saga_history(record.id)
     assert [(h.from_state, h.to_state) for h in history] == [
-        ("-", "hotel"), ("hotel", "car"), ("car", "flight"), ("flight", "undo_car"), ("undo_car", "undo_hotel"),
+        ("-", "hotel"),
+        ("hotel", "car"),
+        ("car", "flight"),
+        ("flight", "undo_car"),
+        ("undo_car", "undo_hotel"),
         ("undo_hotel", "compensated"),
     ]
     assert [h.at for h in history] == sorted(h.at for h in history)
@@ -216,7 +254,8 @@ def test_outbox_rows_are_returned_then_unsent_until_marked_sent(store: Store) ->
     assert [r.id for r in rows] == sorted({r.id for r in rows})
     assert all(r.saga_id == record.id for r in rows)
     assert [(r.routing_key, r.body, r.mandatory) for r in rows] == [
-        ("ocis.trip.book_hotel", '{"n": 1}', False), ("ocis.trip.book_hotel", '{"n": 2}', True),
+        ("ocis.trip.book_hotel", '{"n": 1}', False),
+        ("ocis.trip.book_hotel", '{"n": 2}', True),
         ("ocis.trip.rent_car", '{"n": 3}', False),
     ]
     assert store.unsent(created_before=after + 1) == rows
@@ -361,7 +400,9 @@ def test_sqlite_finds_due_sagas_through_the_partial_index(tmp_path: Path) -> Non
             _insert(store, _record(f"t{i}", deadline=None if i % 2 else T0 + i))
         plan = store._db.execute(
             f"EXPLAIN QUERY PLAN SELECT {_SAGA_COLUMNS} FROM sagas WHERE deadline IS NOT NULL AND deadline <= ?"
-            " AND type IN (?, ?) ORDER BY deadline, id LIMIT ?", (T0 + 10, "trip", "errand", 10)).fetchall()
+            " AND type IN (?, ?) ORDER BY deadline, id LIMIT ?",
+            (T0 + 10, "trip", "errand", 10),
+        ).fetchall()
         details = " ".join(str(row[-1]) for row in plan)
         # (the sort that follows orders the due sagas found, not the table)
         assert "SEARCH sagas USING INDEX sagas_due_by_type (type=? AND deadline" in details, details
@@ -460,12 +501,15 @@ def test_a_version_1_store_is_upgraded_when_it_opens(tmp_path: Path) -> None:
 
     path = tmp_path / "old.db"
     store = SQLiteStore(str(path))
-    store.save_saga(_record("a", deadline=T0), expected_version=None, history=_entry(_record("a")), inbox=None,
-                    outbox=[])
+    store.save_saga(
+        _record("a", deadline=T0), expected_version=None, history=_entry(_record("a")), inbox=None, outbox=[]
+    )
     store.close()
     db = sqlite3.connect(path)  # as version 1 left it
-    db.executescript("DROP INDEX sagas_due_by_type; CREATE INDEX sagas_due ON sagas (deadline) WHERE deadline"
-                     " IS NOT NULL; DELETE FROM schema_version; INSERT INTO schema_version VALUES (1);")
+    db.executescript(
+        "DROP INDEX sagas_due_by_type; CREATE INDEX sagas_due ON sagas (deadline) WHERE deadline"
+        " IS NOT NULL; DELETE FROM schema_version; INSERT INTO schema_version VALUES (1);"
+    )
     db.close()
     store = SQLiteStore(str(path))
     assert [r.key for r in store.due_sagas(T0 + 1, 10, types=("trip",))] == ["a"]
@@ -494,8 +538,13 @@ def test_a_duplicate_or_conflict_inside_a_group_leaves_the_group_usable(reopen: 
         with pytest.raises(VersionConflict):
             store.save_saga(stale, expected_version=4, history=_entry(stale), inbox=("c", "m2"), outbox=[])
         other = _record("b")
-        rows = store.save_saga(other, expected_version=None, history=_entry(other), inbox=("c", "m3"),
-                               outbox=[Outgoing("out-1", "ocis.trip.booked", "{}", False)])
+        rows = store.save_saga(
+            other,
+            expected_version=None,
+            history=_entry(other),
+            inbox=("c", "m3"),
+            outbox=[Outgoing("out-1", "ocis.trip.booked", "{}", False)],
+        )
     after = reopen()
     assert after.get_saga("id-other") is None
     assert [r.key for r in after.list_sagas("trip")] == ["a", "b"]

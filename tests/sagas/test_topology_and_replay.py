@@ -28,8 +28,7 @@ def test_worker_refuses_a_bus_on_another_exchange() -> None:
         Worker(App(svc, exchange="one"), bus=EventBus("memory://", exchange="two"))
 
 
-def test_changed_queue_arguments_raise_topology_mismatch(broker_url: str, unique: str,
-                                                         buses: list[object]) -> None:
+def test_changed_queue_arguments_raise_topology_mismatch(broker_url: str, unique: str, buses: list[object]) -> None:
     """Re-declaring a queue with other arguments fails with TopologyMismatch and says it is a migration."""
     bus = EventBus(broker_url, exchange=unique)
     buses.append(bus)
@@ -82,8 +81,7 @@ def test_replay_keeps_letters_whose_queue_is_gone(broker_url: str, unique: str, 
     assert [d.id for d in bus.dead_letters()] == [letter.id]
 
 
-def test_at_most_once_prefetch_bounds_what_a_worker_holds(broker_url: str, unique: str,
-                                                          buses: list[object]) -> None:
+def test_at_most_once_prefetch_bounds_what_a_worker_holds(broker_url: str, unique: str, buses: list[object]) -> None:
     """At-most-once messages are acked as their handler starts, so prefetch still bounds the backlog a
     worker takes from the queue."""
     import threading
@@ -105,8 +103,10 @@ def test_at_most_once_prefetch_bounds_what_a_worker_holds(broker_url: str, uniqu
         wait_for(lambda: started, what="first handler")
         ch = bus._connection().channel()
         try:
-            ready = wait_for(lambda: (n := ch.queue_declare(queue=f"{unique}.bounded.seen", passive=True)
-                                      .message_count) <= 45 and n, what="the worker to fill its prefetch")
+            ready = wait_for(
+                lambda: (n := ch.queue_declare(queue=f"{unique}.bounded.seen", passive=True).message_count) <= 45 and n,
+                what="the worker to fill its prefetch",
+            )
         finally:
             ch.close()
         assert ready >= 44  # the worker holds at most its prefetch of 5 (one acked and running)
@@ -114,8 +114,7 @@ def test_at_most_once_prefetch_bounds_what_a_worker_holds(broker_url: str, uniqu
         wait_for(lambda: len(started) == 50, what="all handled")
 
 
-def test_a_worker_that_fails_to_start_leaves_nothing_open(broker_url: str, unique: str,
-                                                          buses: list[object]) -> None:
+def test_a_worker_that_fails_to_start_leaves_nothing_open(broker_url: str, unique: str, buses: list[object]) -> None:
     """A start that fails on the topology (not on an unreachable broker) closes the worker's connection."""
     bus = EventBus(broker_url, exchange=unique)
     buses.append(bus)

@@ -60,8 +60,12 @@ def test_heartbeats_continue_during_a_long_handler(amqp_url: str, unique: str) -
         threading.Event().wait(3.5)  # longer than 2 heartbeat intervals of 1 s
 
     bus = EventBus(amqp_url, exchange=unique)
-    worker = Worker(App(svc, exchange=unique), broker=amqp_url, store="memory://",
-                    bus=EventBus(amqp_url, exchange=unique, heartbeat=1))
+    worker = Worker(
+        App(svc, exchange=unique),
+        broker=amqp_url,
+        store="memory://",
+        bus=EventBus(amqp_url, exchange=unique, heartbeat=1),
+    )
     try:
         with worker.running():
             bus.publish(Event("ocis.files.uploaded"))
@@ -146,8 +150,9 @@ def test_a_store_failure_sends_the_message_back_instead_of_crashing(unique: str)
     assert store.seen("steady.note", event.id)
 
 
-def test_a_store_failure_is_retried_with_the_handlers_own_retry_policy(broker_url: str, unique: str,
-                                                                      buses: list[object]) -> None:
+def test_a_store_failure_is_retried_with_the_handlers_own_retry_policy(
+    broker_url: str, unique: str, buses: list[object]
+) -> None:
     """When the worker itself fails on a message (the store is down), the message goes back through the
     handler's own delay queues. (It used the saga policy's 1 s delay, a queue a handler with
     Retry(initial=0.05) does not have: the copy was unroutable and the worker crashed.)"""
@@ -200,6 +205,7 @@ def test_a_dead_letter_the_broker_refuses_leaves_the_message_unacked(unique: str
     worker = Worker(App(svc, exchange=unique), broker="memory://", store="memory://")
     worker.start()
     try:
+
         def refused(*args: object, **kwargs: object) -> None:
             raise PublishError("home node of the dead-letter queue is down")
 
@@ -210,7 +216,8 @@ def test_a_dead_letter_the_broker_refuses_leaves_the_message_unacked(unique: str
         bus.publish(after)
         with structlog.testing.capture_logs() as logs:
             assert worker.run_until(
-                lambda: handled == [after.id] and any(e["event"] == "message.failed" for e in logs), timeout=5)
+                lambda: handled == [after.id] and any(e["event"] == "message.failed" for e in logs), timeout=5
+            )
         kept = [e for e in logs if e["event"] == "message.kept_unacked"]
         assert len(kept) == 1
         assert [e["outcome"] for e in logs if e["event"] == "message.failed"] == ["kept-unacked"]

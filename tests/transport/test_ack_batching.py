@@ -63,8 +63,9 @@ def _spy_acks(got: list[Inbound]) -> list[tuple[Any, bool]]:
     return calls
 
 
-def test_a_run_of_the_oldest_deliveries_is_acked_at_once(broker_url: str, unique: str,
-                                                         setup: tuple[EventBus, str]) -> None:
+def test_a_run_of_the_oldest_deliveries_is_acked_at_once(
+    broker_url: str, unique: str, setup: tuple[EventBus, str]
+) -> None:
     bus, queue = setup
     got = _consume(bus, queue, 6)
     calls = _spy_acks(got)
@@ -78,8 +79,9 @@ def test_a_run_of_the_oldest_deliveries_is_acked_at_once(broker_url: str, unique
     assert _redelivered(broker_url, unique, queue) == []
 
 
-def test_a_message_still_being_handled_is_not_covered(broker_url: str, unique: str,
-                                                      setup: tuple[EventBus, str]) -> None:
+def test_a_message_still_being_handled_is_not_covered(
+    broker_url: str, unique: str, setup: tuple[EventBus, str]
+) -> None:
     bus, queue = setup
     got = _consume(bus, queue, 6)
     calls = _spy_acks(got)
@@ -94,8 +96,9 @@ def test_a_message_still_being_handled_is_not_covered(broker_url: str, unique: s
     assert _redelivered(broker_url, unique, queue) == []
 
 
-def test_an_unsettled_message_older_than_the_run_comes_back(broker_url: str, unique: str,
-                                                            setup: tuple[EventBus, str]) -> None:
+def test_an_unsettled_message_older_than_the_run_comes_back(
+    broker_url: str, unique: str, setup: tuple[EventBus, str]
+) -> None:
     bus, queue = setup
     got = _consume(bus, queue, 6)
     n = {int(i.event.payload["n"]): i for i in got if i.event is not None}
