@@ -8,10 +8,9 @@ from transport import Event, EventBus
 
 from ._errors import ConfigurationError, Failure, NoReply, Reject, SagasError, StoreError
 from ._logging import configure_logging
+from ._protocol import COMPENSATE, TIMEOUT
 from ._saga import (
-    COMPENSATE,
     FAILED,
-    TIMEOUT,
     Final,
     On,
     Request,

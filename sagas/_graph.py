@@ -16,7 +16,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-from ._saga import FAILED, TIMEOUT, On, SagaDefinition
+from ._protocol import TIMEOUT
+from ._saga import FAILED, On, SagaDefinition
 
 FORMATS = ("mermaid", "dot")
 #: Words the Mermaid state-diagram grammar treats as keywords: never used as a state id.
@@ -42,7 +43,7 @@ _UNSAFE_LABEL = re.compile(r"[^A-Za-z0-9_ .,/()+-]")
 
 def trigger_label(t: On) -> str:
     """A readable label for a transition: ``reply ocis.antivirus.scan if _infected``."""
-    kind, _, what = t.trigger.partition(":")
+    kind, what = t.trigger.kind.value, t.trigger.subject
     label = f"{kind} {what}" if what else kind
     if t.guard is not None:
         name = getattr(t.guard, "__name__", "")
@@ -69,8 +70,8 @@ def edges(definition: SagaDefinition) -> list[tuple[str, str, list[str]]]:
             continue  # the explicit transition is taken first; the state's own timeout never is
         dest = definition.states[name].on_timeout or FAILED
         labels = pairs.setdefault((name, dest), [])
-        if TIMEOUT not in labels:
-            labels.append(TIMEOUT)
+        if TIMEOUT.name not in labels:
+            labels.append(TIMEOUT.name)
     return [(src, dst, labels) for (src, dst), labels in pairs.items()]
 
 

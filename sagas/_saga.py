@@ -22,18 +22,10 @@ from transitions import Machine
 from transport import Event, validate_event_name
 
 from ._errors import ConfigurationError
+from ._protocol import COMPENSATE, TIMEOUT, Kind, Trigger, on_event, on_failure, on_reply, reply_type
 
-#: Built-in triggers besides replies and events.
-TIMEOUT = "timeout"
-COMPENSATE = "compensate"
 #: Final state every saga type has: parked after something kept failing. An operator can act on it.
 FAILED = "failed"
-REPLY_SUFFIX = ".reply"
-
-
-def reply_type(request_type: str) -> str:
-    """The event type a participant replies with to a request of ``request_type``."""
-    return request_type + REPLY_SUFFIX
 
 
 class SagaContext:
@@ -122,7 +114,7 @@ class On:
     :func:`timeout` and :func:`compensate`. The first transition whose ``guard`` passes is taken.
     """
 
-    trigger: str
+    trigger: Trigger
     source: str | tuple[str, ...]
     dest: str
     guard: Guard | None = None
@@ -146,7 +138,7 @@ def reply(
     action: Action | None = None,
 ) -> On:
     """Move on a successful reply to ``request_type``; ``ctx.result`` holds the reply."""
-    return On(f"reply:{validate_event_name(request_type)}", _src(source), dest, guard, action)
+    return On(on_reply(validate_event_name(request_type)), _src(source), dest, guard, action)
 
 
 def failure(
@@ -158,14 +150,14 @@ def failure(
     action: Action | None = None,
 ) -> On:
     """Move on a failure reply to ``request_type``; ``ctx.reason`` says why."""
-    return On(f"failure:{validate_event_name(request_type)}", _src(source), dest, guard, action)
+    return On(on_failure(validate_event_name(request_type)), _src(source), dest, guard, action)
 
 
 def event(
     event_type: str, source: str | Iterable[str], dest: str, *, guard: Guard | None = None, action: Action | None = None
 ) -> On:
     """Move when a correlated event of ``event_type`` arrives (see ``Saga.correlate``)."""
-    return On(f"event:{validate_event_name(event_type)}", _src(source), dest, guard, action)
+    return On(on_event(validate_event_name(event_type)), _src(source), dest, guard, action)
 
 
 def timeout(source: str | Iterable[str], dest: str, *, action: Action | None = None) -> On:
@@ -227,7 +219,7 @@ class SagaDefinition:
         """The event types the saga type's queue is bound to."""
         return tuple(sorted({*self.starts, *self.correlate, *self.requests.values()}))
 
-    def triggers_from(self, state: str) -> set[str]:
+    def triggers_from(self, state: str) -> set[Trigger]:
         return {t.trigger for t in self.transitions if state in t.sources or "*" in t.sources}
 
 
@@ -384,15 +376,15 @@ def compile_saga(cls: type[Saga]) -> SagaDefinition:
                 raise ConfigurationError(f"{where}: transition on {t.trigger} from unknown state {src!r}")
         if t.dest not in states:
             raise ConfigurationError(f"{where}: transition on {t.trigger} to unknown state {t.dest!r}")
-        kind, _, what = t.trigger.partition(":")
-        if kind in ("reply", "failure"):
+        kind, what = t.trigger.kind, t.trigger.subject
+        if kind in (Kind.REPLY, Kind.FAILURE):
             senders = [n for n, st in states.items() if st.request_spec and st.request_spec.type == what]
             if not senders:
                 raise ConfigurationError(f"{where} handles a {kind} to {what}, but no state sends that request")
             for src in t.sources:
                 if src != "*" and src not in senders:
                     raise ConfigurationError(f"{where}: state {src!r} handles a {kind} to {what} it never sends")
-        elif kind == "event" and what not in cls.correlate and what not in starts:
+        elif kind is Kind.EVENT and what not in cls.correlate and what not in starts:
             raise ConfigurationError(
                 f"{where} reacts to {what} but does not say how to find the saga: add it to `correlate`"
             )
@@ -429,7 +421,7 @@ def compile_saga(cls: type[Saga]) -> SagaDefinition:
     )
     for t in transitions:
         machine.add_transition(
-            t.trigger,
+            t.trigger.name,
             list(states) if "*" in t.sources else list(t.sources),
             t.dest,
             conditions=[_call_guard(t.guard)] if t.guard else None,
@@ -437,7 +429,7 @@ def compile_saga(cls: type[Saga]) -> SagaDefinition:
         )
     for st in states.values():
         if not st.final:
-            machine.add_transition(TIMEOUT, st.name, st.on_timeout or FAILED)
+            machine.add_transition(TIMEOUT.name, st.name, st.on_timeout or FAILED)
     return SagaDefinition(
         type=name,
         states=states,

@@ -29,15 +29,23 @@ import structlog
 from transport import Event, encode
 
 from ._errors import ConfigurationError, SagasError
-from ._saga import COMPENSATE, FAILED, TIMEOUT, Saga, SagaContext, SagaDefinition
+from ._protocol import (
+    COMPENSATE,
+    TIMEOUT,
+    Trigger,
+    on_event,
+    on_failure,
+    on_reply,
+    read_reply,
+    request_event,
+    saga_event,
+)
+from ._saga import FAILED, Saga, SagaContext, SagaDefinition
 from ._store import DuplicateSaga, HistoryEntry, OutboxRow, Outgoing, SagaRecord, Store, VersionConflict
 
 log = structlog.get_logger("sagas.saga")
 
-_IDS = uuid.UUID("0b5c8a4e-54c4-4f7e-9a0f-6a3d8f1f2e11")
 _CONFLICT_RETRIES = 10
-REQUEST_ID_HEADER = "request_id"
-SAGA_TYPE_HEADER = "saga_type"
 
 
 class _Model:
@@ -108,7 +116,7 @@ class SagaEngine:
                 return Applied(None, False, [], f"start event without a usable {start.key!r}")
             existing: SagaRecord | None = self.store.find_saga(d.type, key)
             if existing is not None:
-                trigger = f"event:{event.type}"
+                trigger = on_event(event.type)
                 if not existing.final and trigger in d.triggers_from(existing.state):
                     ctx = SagaContext(existing.id, d.type, existing.state, existing.data, event)
                     return self._trigger(d, existing, trigger, ctx, event.id, event.type, inbox)
@@ -136,22 +144,12 @@ class SagaEngine:
                 return Applied(None, False, [], f"reply for unknown saga {event.correlation_id[:64]!r}")
             record = found
             pending = record.meta.get("request") or {}
-            if record.final or pending.get("id") != event.headers.get(REQUEST_ID_HEADER):
+            reply = read_reply(event)
+            if record.final or pending.get("id") != reply.request_id:
                 return Applied(record, False, [], "late or duplicate reply: ignored")
-            ok = bool(event.payload.get("ok"))
-            result = event.payload.get("result") if ok else None
-            reason = None if ok else str(event.payload.get("reason") or "the participant failed")
-            trigger = f"{'reply' if ok else 'failure'}:{request_type}"
-            ctx = SagaContext(
-                record.id,
-                d.type,
-                record.state,
-                record.data,
-                event,
-                result if isinstance(result, Mapping) else {},
-                reason,
-            )
-            return self._trigger(d, record, trigger, ctx, event.id, reason or f"reply to {request_type}", inbox)
+            trigger = on_reply(request_type) if reply.ok else on_failure(request_type)
+            ctx = SagaContext(record.id, d.type, record.state, record.data, event, reply.result, reply.reason)
+            return self._trigger(d, record, trigger, ctx, event.id, reply.reason or f"reply to {request_type}", inbox)
         key_field = d.correlate.get(event.type)
         if key_field is not None:
             key = _key(event.payload, key_field)
@@ -159,14 +157,14 @@ class SagaEngine:
             if waiting is None or waiting.final:
                 return Applied(waiting, False, [], "no waiting saga for this event")
             ctx = SagaContext(waiting.id, d.type, waiting.state, waiting.data, event)
-            return self._trigger(d, waiting, f"event:{event.type}", ctx, event.id, event.type, inbox)
+            return self._trigger(d, waiting, on_event(event.type), ctx, event.id, event.type, inbox)
         return Applied(None, False, [], f"{event.type} means nothing to saga type {d.type}")
 
     def _trigger(
         self,
         d: SagaDefinition,
         record: SagaRecord,
-        trigger: str,
+        trigger: Trigger,
         ctx: SagaContext,
         message_id: str,
         reason: str,
@@ -177,7 +175,7 @@ class SagaEngine:
         if record.state not in d.states:
             return Applied(record, True, self._park_stranded(d, record, message_id), "stranded: parked")
         model = _Model(record.state)
-        event = d.machine.events.get(trigger)
+        event = d.machine.events.get(trigger.name)
         if event is None or not event.trigger(model, ctx=ctx):
             return Applied(record, False, [], f"{trigger} does not apply in state {record.state}")
         rows = self._enter(d, record, model.state, ctx, message_id, reason, inbox, expected_version=record.version)
@@ -213,14 +211,8 @@ class SagaEngine:
             spec = state.request_spec
             if spec is not None:
                 payload = spec.payload(ctx) if spec.payload else ctx.data
-                request = Event(
-                    type=spec.type,
-                    payload=dict(payload),
-                    source=d.type,
-                    correlation_id=record.id,
-                    id=uuid.uuid5(_IDS, f"{record.id}/{record.version}/request").hex,
-                    causation_id=ctx.event.id if ctx.event else None,
-                    headers={SAGA_TYPE_HEADER: d.type},
+                request = request_event(
+                    record.id, d.type, record.version, spec.type, payload, ctx.event.id if ctx.event else None
                 )
                 body = encode(request).decode()
                 meta["request"] = {"id": request.id, "type": spec.type, "body": body}
@@ -249,17 +241,9 @@ class SagaEngine:
     def _event_out(
         self, record: SagaRecord, ctx: SagaContext, index: int, type: str, payload: Mapping[str, Any]
     ) -> Outgoing:
-        # Stable ids: the same transition re-applied publishes the same event ids.
-        event_id = uuid.uuid5(_IDS, f"{record.id}/{record.version}/{index}").hex
-        out = Event(
-            type=type,
-            payload=payload,
-            source=record.type,
-            id=event_id,
-            correlation_id=record.id,
-            causation_id=ctx.event.id if ctx.event else None,
-        )
-        return Outgoing(event_id, type, encode(out).decode(), mandatory=False)
+        causation = ctx.event.id if ctx.event else None
+        out = saga_event(record.id, record.type, record.version, index, type, payload, causation)
+        return Outgoing(out.id, type, encode(out).decode(), mandatory=False)
 
     # -- deadlines ---------------------------------------------------------------------------------
 
@@ -323,7 +307,7 @@ class SagaEngine:
                 return []
             d = self.definitions[record.type]
             ctx = SagaContext(record.id, d.type, record.state, record.data, None, reason=reason)
-            trigger = f"failure:{pending['type']}"
+            trigger = on_failure(pending["type"])
             try:
                 applied = self._trigger(d, record, trigger, ctx, f"unroutable:{request_id}", reason, None)
                 if not applied.moved:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import enum
 import inspect
 import re
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,10 +19,10 @@ from transport import Event, Subscription, validate_pattern
 from transport._topology import DEFAULT_PREFETCH
 
 from ._errors import ConfigurationError
+from ._protocol import follow_up_id
 from ._types import Handler
 
 _NAME_RE = re.compile(r"[a-z][a-z0-9_-]{0,62}")
-_FOLLOW_UP_NAMESPACE = uuid.UUID("6f1c2a52-9d1e-4c55-8f55-0b1e0f6a9c21")
 
 
 class Delivery(enum.StrEnum):
@@ -90,12 +89,11 @@ class Context:
         The id is derived from the handled event's id, this handler and the follow-up's position, so a
         handler that runs again for the same event publishes the same ids, and receivers' inboxes can
         drop the repeats."""
-        seed = f"{self.event.id}/{self.service}.{self.handler}/{len(self.outbox)}"
         event = Event(
             type=type,
             payload=payload or {},
             source=self.service,
-            id=uuid.uuid5(_FOLLOW_UP_NAMESPACE, seed).hex,
+            id=follow_up_id(self.event.id, f"{self.service}.{self.handler}", len(self.outbox)),
             correlation_id=self.event.correlation_id,
             causation_id=self.event.id,
             headers=headers or {},

@@ -23,7 +23,6 @@ import signal
 import socket
 import threading
 import time
-import uuid
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
@@ -49,8 +48,8 @@ from transport import (
 from transport import decode as decode_event
 
 from ._errors import ConfigurationError, Failure, NoReply, Reject, SagasError
-from ._saga import REPLY_SUFFIX
-from ._saga_engine import REQUEST_ID_HEADER, SAGA_TYPE_HEADER, Applied, SagaEngine
+from ._protocol import reply_event
+from ._saga_engine import Applied, SagaEngine
 from ._service import App, Context, Delivery, HandlerSpec, Retry, Service
 from ._store import OutboxRow, Store, open_store
 
@@ -60,22 +59,6 @@ log = structlog.get_logger("sagas.worker")
 EXIT_BROKER_UNAVAILABLE = 3
 #: How a saga message whose step raised (a bug in a guard or action, or the store) is retried.
 SAGA_RETRY = Retry(attempts=5, initial=1.0, factor=2.0, maximum=30.0)
-_REPLY_IDS = uuid.UUID("7d0d2c8e-3f0a-4d7c-9d53-94a1c3b5e6f7")
-
-
-def _reply(
-    spec: HandlerSpec, request: Event, ok: bool, *, result: Mapping[str, Any] | None = None, reason: str | None = None
-) -> Event:
-    """The reply to a saga's request: stable id (a repeat is recognised), the request id in a header."""
-    return Event(
-        type=request.type + REPLY_SUFFIX,
-        payload={"ok": ok, "result": dict(result) if result else None, "reason": reason},
-        source=spec.service,
-        id=uuid.uuid5(_REPLY_IDS, f"{request.id}/{spec.key}").hex,
-        correlation_id=request.correlation_id,
-        causation_id=request.id,
-        headers={REQUEST_ID_HEADER: request.id, SAGA_TYPE_HEADER: request.headers.get(SAGA_TYPE_HEADER, "")},
-    )
 
 
 #: a handler's message ready to run: (handler, message, event, connection generation)
@@ -617,13 +600,13 @@ class Worker:
             exhausted = error is not None and (not durable or inbound.attempt >= spec.retry.attempts)
             if error is None:
                 if o.result is None or isinstance(o.result, Mapping):
-                    reply = _reply(spec, event, True, result=o.result)
+                    reply = reply_event(event, spec.key, spec.service, ok=True, result=o.result)
                 else:
                     error = Failure(f"handler returned {type(o.result).__name__}, not a JSON object")
             if isinstance(error, NoReply):
                 error = None
             elif error is not None and (isinstance(error, Failure | Reject) or exhausted):
-                reply = _reply(spec, event, False, reason=str(error) or type(error).__name__)
+                reply = reply_event(event, spec.key, spec.service, ok=False, reason=str(error) or type(error).__name__)
                 error = None
             if reply is not None:
                 o.outbox.append(reply)

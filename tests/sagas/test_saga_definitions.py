@@ -6,6 +6,7 @@ import pytest
 
 from examples.postprocessing import Postprocessing
 from sagas import (
+    COMPENSATE,
     FAILED,
     App,
     ConfigurationError,
@@ -299,7 +300,7 @@ def test_step_style_compiles_to_step_undo_and_final_states() -> None:
 def test_step_style_failures_undo_the_nearest_earlier_compensable_step() -> None:
     """A failing step goes to the undo state of the nearest earlier step that has a compensation."""
     d = Booking.definition()
-    fails = {t.sources[0]: t.dest for t in d.transitions if t.trigger.startswith("failure:")}
+    fails = {t.sources[0]: t.dest for t in d.transitions if t.trigger.kind == "failure"}
     assert fails == {
         "reserve": "compensated",
         "notify": "undo_reserve",
@@ -311,7 +312,7 @@ def test_step_style_failures_undo_the_nearest_earlier_compensable_step() -> None
     undone = {
         t.sources[0]: t.dest
         for t in d.transitions
-        if t.trigger.startswith("reply:") and t.sources[0].startswith("undo_")
+        if t.trigger.kind == "reply" and t.sources[0].startswith("undo_")
     }
     assert undone == {"undo_charge": "undo_reserve", "undo_reserve": "compensated"}
     assert d.states["ship"].on_timeout == "undo_charge"
@@ -354,8 +355,8 @@ def test_compensate_transition_is_a_trigger_of_its_source() -> None:
         states = [State("asking", Request(ASK), timeout=1.0), Final("done"), Final("undone")]
         transitions = [reply(ASK, "asking", "done"), compensate("asking", "undone")]
 
-    assert "compensate" in Undoable.definition().triggers_from("asking")
-    assert "compensate" not in Undoable.definition().triggers_from("done")
+    assert COMPENSATE in Undoable.definition().triggers_from("asking")
+    assert COMPENSATE not in Undoable.definition().triggers_from("done")
 
 
 def test_two_saga_classes_with_one_type_are_refused() -> None:

@@ -30,7 +30,8 @@ from sagas import (
     event,
     reply,
 )
-from sagas._saga_engine import REQUEST_ID_HEADER, Applied
+from sagas._protocol import REQUEST_ID_HEADER
+from sagas._saga_engine import Applied
 from sagas._store import HistoryEntry, OutboxRow, VersionConflict
 from transport import CONTENT_TYPE, decode
 

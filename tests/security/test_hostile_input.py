@@ -62,7 +62,7 @@ from sagas import (
     configure_logging,
 )
 from sagas._cli import main
-from sagas._saga_engine import REQUEST_ID_HEADER, SAGA_TYPE_HEADER
+from sagas._protocol import REQUEST_ID_HEADER, SAGA_TYPE_HEADER
 from transport import (
     CONTENT_TYPE,
     DEFAULT_MAX_EVENT_SIZE,
