@@ -11,6 +11,7 @@ parameters. The schema is created, and upgraded, when a store opens (``schema_ve
 from __future__ import annotations
 
 import json
+from collections import Counter
 import os
 import sqlite3
 import threading
@@ -25,7 +26,7 @@ from ._errors import ConfigurationError, StoreError
 from ._types import InboxStore
 
 DEFAULT_STORE_URL = "sqlite:///sagas.db"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 class VersionConflict(StoreError):
@@ -72,13 +73,43 @@ class SagaRecord:
 
 @dataclass(frozen=True, slots=True)
 class HistoryEntry:
-    """One transition of a saga."""
+    """One transition of a saga: when, what caused it (a message id, a deadline or an operator
+    action), the move, why, and who (``actor``: empty for the framework, a name for an operator)."""
 
     at: float
     message_id: str
     from_state: str
     to_state: str
     reason: str
+    actor: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "at": self.at,
+            "message_id": self.message_id,
+            "from_state": self.from_state,
+            "to_state": self.to_state,
+            "reason": self.reason,
+            "actor": self.actor,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class StateCount:
+    """How many sagas of ``type`` are in ``state``."""
+
+    type: str
+    state: str
+    final: bool
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxBacklog:
+    """Messages committed to the outbox and not yet confirmed by the broker, and the oldest one's age."""
+
+    unsent: int
+    oldest_created_at: float | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,9 +159,20 @@ class Store(InboxStore, Protocol):
         state: str | None = None,
         stuck_before: float | None = None,
         limit: int = 1000,
-    ) -> list[SagaRecord]: ...
+        *,
+        key: str | None = None,
+        newest_first: bool = False,
+        offset: int = 0,
+    ) -> list[SagaRecord]:
+        """Sagas by creation time (oldest first, or newest), filtered by type, state, key and
+        ``stuck_before`` (not final, and the deadline missing or at most that time); a page of ``limit``
+        after skipping ``offset``."""
+        ...
+
     def saga_history(self, saga_id: str) -> list[HistoryEntry]: ...
     def count_sagas(self, final: bool | None = None) -> int: ...
+    def count_by_state(self) -> list[StateCount]: ...
+    def outbox_backlog(self) -> OutboxBacklog: ...
     def unsent(self, created_before: float, limit: int = 500) -> list[OutboxRow]: ...
     def mark_sent(self, ids: Sequence[int]) -> None: ...
     def group(self) -> AbstractContextManager[None]:
@@ -239,21 +281,34 @@ class MemoryStore:
         state: str | None = None,
         stuck_before: float | None = None,
         limit: int = 1000,
+        *,
+        key: str | None = None,
+        newest_first: bool = False,
+        offset: int = 0,
     ) -> list[SagaRecord]:
         out = []
-        for r in sorted(self._sagas.values(), key=lambda r: r.created_at):
-            if (saga_type and r.type != saga_type) or (state and r.state != state):
+        ordered = sorted(self._sagas.values(), key=lambda r: (r.created_at, r.id), reverse=newest_first)
+        for r in ordered:
+            if (saga_type and r.type != saga_type) or (state and r.state != state) or (key and r.key != key):
                 continue
             if stuck_before is not None and (r.final or (r.deadline is not None and r.deadline > stuck_before)):
                 continue
-            out.append(self._read(r))
-        return out[:limit]
+            out.append(r)
+        return [self._read(r) for r in out[offset : offset + limit]]
 
     def saga_history(self, saga_id: str) -> list[HistoryEntry]:
         return list(self._history.get(saga_id, []))
 
     def count_sagas(self, final: bool | None = None) -> int:
         return sum(1 for r in self._sagas.values() if final is None or r.final == final)
+
+    def count_by_state(self) -> list[StateCount]:
+        counts = Counter((r.type, r.state, r.final) for r in self._sagas.values())
+        return [StateCount(t, st, final, n) for (t, st, final), n in sorted(counts.items())]
+
+    def outbox_backlog(self) -> OutboxBacklog:
+        unsent = [row.created_at for row, sent in self._outbox.values() if sent is None]
+        return OutboxBacklog(len(unsent), min(unsent, default=None))
 
     def unsent(self, created_before: float, limit: int = 500) -> list[OutboxRow]:
         rows = [r for r, sent in self._outbox.values() if sent is None and r.created_at <= created_before]
@@ -355,7 +410,8 @@ class _SqlStore:
             "CREATE INDEX IF NOT EXISTS sagas_by_state ON sagas (type, state)",
             "CREATE TABLE IF NOT EXISTS saga_history (saga_id TEXT NOT NULL, seq INTEGER NOT NULL,"
             f" at {real} NOT NULL, message_id TEXT NOT NULL, from_state TEXT NOT NULL,"
-            " to_state TEXT NOT NULL, reason TEXT NOT NULL, PRIMARY KEY (saga_id, seq))",
+            " to_state TEXT NOT NULL, reason TEXT NOT NULL, actor TEXT NOT NULL DEFAULT '',"
+            " PRIMARY KEY (saga_id, seq))",
             f"CREATE TABLE IF NOT EXISTS outbox (id {serial}, saga_id TEXT NOT NULL,"
             " message_id TEXT NOT NULL, routing_key TEXT NOT NULL, body TEXT NOT NULL,"
             f" mandatory INTEGER NOT NULL, created_at {real} NOT NULL, sent_at {real})",
@@ -376,6 +432,8 @@ class _SqlStore:
                 # created what is new).
                 if 0 < current < 2:
                     self._execute("DROP INDEX IF EXISTS sagas_due")  # replaced by sagas_due_by_type
+                if 0 < current < 3:
+                    self._execute("ALTER TABLE saga_history ADD COLUMN actor TEXT NOT NULL DEFAULT ''")
                 self._execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
 
     # inbox and reply cache
@@ -452,8 +510,8 @@ class _SqlStore:
                 if cur.rowcount != 1:
                     raise VersionConflict(f"saga {record.id} is not at version {expected_version}")
             self._execute(
-                "INSERT INTO saga_history (saga_id, seq, at, message_id, from_state, to_state, reason)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO saga_history (saga_id, seq, at, message_id, from_state, to_state, reason, actor)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     record.id,
                     record.version,
@@ -462,6 +520,7 @@ class _SqlStore:
                     history.from_state,
                     history.to_state,
                     history.reason,
+                    history.actor,
                 ),
             )
             if inbox is not None:
@@ -504,6 +563,10 @@ class _SqlStore:
         state: str | None = None,
         stuck_before: float | None = None,
         limit: int = 1000,
+        *,
+        key: str | None = None,
+        newest_first: bool = False,
+        offset: int = 0,
     ) -> list[SagaRecord]:
         where: list[str] = ["1 = 1"]
         params: list[Any] = []
@@ -513,14 +576,29 @@ class _SqlStore:
         if state:
             where.append("state = ?")
             params.append(state)
+        if key:
+            where.append("key = ?")
+            params.append(key)
         if stuck_before is not None:
             where.append("final = 0 AND (deadline IS NULL OR deadline <= ?)")
             params.append(stuck_before)
+        order = "DESC" if newest_first else "ASC"
         rows = self._execute(
-            f"SELECT {_SAGA_COLUMNS} FROM sagas WHERE {' AND '.join(where)} ORDER BY created_at LIMIT ?",
-            (*params, limit),
+            f"SELECT {_SAGA_COLUMNS} FROM sagas WHERE {' AND '.join(where)}"
+            f" ORDER BY created_at {order}, id {order} LIMIT ? OFFSET ?",
+            (*params, limit, offset),
         ).fetchall()
         return [_record(r) for r in rows]
+
+    def count_by_state(self) -> list[StateCount]:
+        rows = self._execute(
+            "SELECT type, state, final, count(*) FROM sagas GROUP BY type, state, final ORDER BY type, state"
+        ).fetchall()
+        return [StateCount(r[0], r[1], bool(r[2]), int(r[3])) for r in rows]
+
+    def outbox_backlog(self) -> OutboxBacklog:
+        row = self._execute("SELECT count(*), min(created_at) FROM outbox WHERE sent_at IS NULL").fetchone()
+        return OutboxBacklog(int(row[0]), None if row[1] is None else float(row[1]))
 
     def count_sagas(self, final: bool | None = None) -> int:
         if final is None:
@@ -529,10 +607,11 @@ class _SqlStore:
 
     def saga_history(self, saga_id: str) -> list[HistoryEntry]:
         rows = self._execute(
-            "SELECT at, message_id, from_state, to_state, reason FROM saga_history WHERE saga_id = ? ORDER BY seq",
+            "SELECT at, message_id, from_state, to_state, reason, actor FROM saga_history"
+            " WHERE saga_id = ? ORDER BY seq",
             (saga_id,),
         ).fetchall()
-        return [HistoryEntry(float(r[0]), r[1], r[2], r[3], r[4]) for r in rows]
+        return [HistoryEntry(float(r[0]), r[1], r[2], r[3], r[4], r[5]) for r in rows]
 
     def unsent(self, created_before: float, limit: int = 500) -> list[OutboxRow]:
         rows = self._execute(

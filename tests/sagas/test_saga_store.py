@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from sagas import MemoryStore, SagaRecord, SQLiteStore, Store, open_store
-from sagas._store import _SAGA_COLUMNS, DuplicateSaga, HistoryEntry, Outgoing, VersionConflict
+from sagas._store import _SAGA_COLUMNS, SCHEMA_VERSION, DuplicateSaga, HistoryEntry, Outgoing, VersionConflict
 
 T0 = 1_000_000.0
 Opener = Callable[[], Store]
@@ -304,6 +304,49 @@ def test_list_sagas_filters_by_type_state_and_stuck_before(store: Store) -> None
     assert keys(saga_type="nothing") == []
 
 
+def test_list_sagas_finds_a_key_pages_and_orders_newest_first(store: Store) -> None:
+    """list_sagas filters by business key, orders newest first on request, and pages with offset."""
+    for i in range(5):
+        _insert(store, _record(f"k{i}", created_at=T0 + i))
+    _insert(store, _record("k1", type="errand", created_at=T0 + 9))
+
+    def keys(**kw: Any) -> list[str]:
+        return [f"{r.type}/{r.key}" for r in store.list_sagas(**kw)]
+
+    assert keys(key="k1") == ["trip/k1", "errand/k1"]
+    assert keys(key="k1", saga_type="errand") == ["errand/k1"]
+    assert keys(newest_first=True, limit=2) == ["errand/k1", "trip/k4"]
+    assert keys(newest_first=True, limit=2, offset=2) == ["trip/k3", "trip/k2"]
+    assert keys(saga_type="trip", limit=2, offset=4) == ["trip/k4"]
+    assert keys(offset=10) == []
+
+
+def test_count_by_state_and_outbox_backlog(store: Store) -> None:
+    """count_by_state counts sagas per (type, state); outbox_backlog counts unsent rows and the oldest."""
+    assert store.count_by_state() == []
+    assert (store.outbox_backlog().unsent, store.outbox_backlog().oldest_created_at) == (0, None)
+    _insert(store, _record("a"), outbox=[Outgoing("m1", "ocis.trip.x", "{}", False)])
+    _insert(store, _record("b", created_at=T0 + 5), outbox=[Outgoing("m2", "ocis.trip.x", "{}", False)])
+    _insert(store, _record("c", state="done", final=True))
+    _insert(store, _record("d", type="errand"))
+    counts = {(c.type, c.state, c.final): c.count for c in store.count_by_state()}
+    assert counts == {("errand", "hotel", False): 1, ("trip", "done", True): 1, ("trip", "hotel", False): 2}
+    backlog = store.outbox_backlog()
+    assert (backlog.unsent, backlog.oldest_created_at) == (2, T0)
+    store.mark_sent([r.id for r in store.unsent(T0)])
+    assert store.outbox_backlog().unsent == 1
+
+
+def test_history_keeps_who_acted(store: Store) -> None:
+    """A history entry keeps its actor: empty for the framework, a name for an operator."""
+    record = _record("a")
+    _insert(store, record)
+    record.version += 1
+    entry = HistoryEntry(T0 + 1, "operator:retry:1", "hotel", "hotel", "operator: retry", actor="marie")
+    store.save_saga(record, expected_version=1, history=entry, inbox=None, outbox=[])
+    assert [h.actor for h in store.saga_history(record.id)] == ["", "marie"]
+
+
 def test_saved_record_is_copied_in(store: Store) -> None:
     """Changing a record after saving it changes nothing stored."""
     record = _record("t1", data={"items": [1]}, meta={"request": {"id": "r1"}})
@@ -508,7 +551,8 @@ def test_a_version_1_store_is_upgraded_when_it_opens(tmp_path: Path) -> None:
     db = sqlite3.connect(path)  # as version 1 left it
     db.executescript(
         "DROP INDEX sagas_due_by_type; CREATE INDEX sagas_due ON sagas (deadline) WHERE deadline"
-        " IS NOT NULL; DELETE FROM schema_version; INSERT INTO schema_version VALUES (1);"
+        " IS NOT NULL; ALTER TABLE saga_history DROP COLUMN actor;"
+        " DELETE FROM schema_version; INSERT INTO schema_version VALUES (1);"
     )
     db.close()
     store = SQLiteStore(str(path))
@@ -520,7 +564,52 @@ def test_a_version_1_store_is_upgraded_when_it_opens(tmp_path: Path) -> None:
     db.close()
     assert "sagas_due_by_type" in indexes
     assert "sagas_due" not in indexes
-    assert max(versions) == 2
+    assert max(versions) == SCHEMA_VERSION
+
+
+def test_a_version_2_store_gets_the_history_actor_when_it_opens(tmp_path: Path) -> None:
+    """Opening a schema-2 store adds the history's actor column; old entries read with no actor."""
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    store = SQLiteStore(str(path))
+    _insert(store, _record("a"))
+    store.close()
+    db = sqlite3.connect(path)  # as version 2 left it
+    db.executescript(
+        "ALTER TABLE saga_history DROP COLUMN actor; DELETE FROM schema_version; INSERT INTO schema_version VALUES (2);"
+    )
+    db.close()
+    store = SQLiteStore(str(path))
+    record = store.get_saga("id-trip-a")
+    assert record is not None
+    record.version += 1
+    entry = HistoryEntry(T0 + 1, "operator:retry:1", "hotel", "hotel", "operator: retry", actor="marie")
+    store.save_saga(record, expected_version=1, history=entry, inbox=None, outbox=[])
+    assert [h.actor for h in store.saga_history(record.id)] == ["", "marie"]
+    store.close()
+
+
+@pytest.mark.postgres
+def test_a_version_2_postgres_store_gets_the_history_actor_when_it_opens(postgres_url: str, unique: str) -> None:
+    """On PostgreSQL too, opening a schema-2 store adds the history's actor column."""
+    import psycopg
+    from psycopg import sql
+
+    url = f"{postgres_url}?schema={unique}"
+    try:
+        store = open_store(url)
+        _insert(store, _record("a"))
+        store.close()
+        with psycopg.connect(postgres_url, autocommit=True) as conn:  # as version 2 left it
+            conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(unique)))
+            conn.execute("ALTER TABLE saga_history DROP COLUMN actor")
+            conn.execute("UPDATE schema_version SET version = 2")
+        store = open_store(url)
+        assert [h.actor for h in store.saga_history("id-trip-a")] == [""]
+        store.close()
+    finally:
+        _drop_schema(postgres_url, unique)
 
 
 def test_a_duplicate_or_conflict_inside_a_group_leaves_the_group_usable(reopen: Opener) -> None:
