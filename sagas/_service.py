@@ -15,8 +15,7 @@ from typing import Any
 
 import structlog
 
-from transport import Event, Subscription, validate_pattern
-from transport._topology import DEFAULT_PREFETCH
+from transport import DEFAULT_PREFETCH, Event, Subscription, validate_pattern
 
 from ._errors import ConfigurationError
 from ._protocol import follow_up_id

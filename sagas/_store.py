@@ -11,11 +11,11 @@ parameters. The schema is created, and upgraded, when a store opens (``schema_ve
 from __future__ import annotations
 
 import json
-from collections import Counter
 import os
 import sqlite3
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field

@@ -17,13 +17,15 @@ from ._errors import (
     TransportError,
     Unroutable,
 )
+from ._memory import isolated_transport
 from ._names import topic_matches, validate_event_name, validate_pattern
-from ._topology import Subscription
+from ._topology import DEFAULT_PREFETCH, Subscription
 
 __all__ = [
     "ATTEMPT_HEADER",
     "CONTENT_TYPE",
     "DEFAULT_MAX_EVENT_SIZE",
+    "DEFAULT_PREFETCH",
     "BrokerUnavailable",
     "ConnectionLost",
     "DeadLetter",
@@ -42,6 +44,7 @@ __all__ = [
     "Unroutable",
     "decode",
     "encode",
+    "isolated_transport",
     "new_id",
     "redact_url",
     "topic_matches",

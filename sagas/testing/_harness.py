@@ -26,11 +26,10 @@ from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
-from transport import Event, EventBus, Inbound, encode, topic_matches
-from transport._bus import DeadLetter
-from transport._memory import isolated_transport
+from transport import DeadLetter, Event, EventBus, Inbound, encode, isolated_transport, topic_matches
 
 from .._errors import SagasError
+from .._handlers import HandlerOutcome
 from .._saga import Saga
 from .._service import App, Service
 from .._store import HistoryEntry, MemoryStore, OutboxRow, SagaRecord, Store, open_store
@@ -474,9 +473,8 @@ class Harness:
     def _ran(self, slot: int, outcomes: Any) -> None:
         """Handlers ran on worker ``slot``: those that de-duplicate are at risk until recorded."""
         for o in outcomes if isinstance(outcomes, list) else ():
-            spec = getattr(o, "spec", None)
-            if spec is not None and o.error is None and (spec.idempotent or (spec.replies and spec.cache_replies)):
-                self._unrecorded[slot].add((spec.key, o.event.id))
+            if isinstance(o, HandlerOutcome) and o.error is None and o.deduplicated:
+                self._unrecorded[slot].add((o.spec.key, o.event.id))
 
     def recorded(self, consumer: str, message_id: str) -> None:
         """An inbox record or cached reply was committed."""
@@ -637,15 +635,7 @@ class Harness:
         channel = self.transport.Channel
         if channel.delayed:
             times.append(channel.delayed[0][0])
-        if live and self.app.sagas:
-            timers = min(w._next_timers for w in live)
-            due = self.store.due_sagas(math.inf, 1)
-            if due and due[0].deadline is not None:
-                times.append(max(due[0].deadline, timers))
-            unsent = self.store.unsent(math.inf, 1)
-            if unsent:
-                relay = min(w._next_relay for w in live)
-                times.append(max(unsent[0].created_at + self.relay_interval, relay, timers))
+        times += [t for w in live if (t := w.next_wakeup()) is not None]
         future = [t for t in times if t > now]
         if len(future) < len(times):
             return now  # something is due already (a worker that is down, or a timer not run yet)
@@ -675,7 +665,7 @@ class Harness:
         return any(q.qsize() and channel.consumer_counts.get(name) for name, q in channel.queues.items())
 
     def _busy(self, worker: Worker) -> bool:
-        return bool(worker._ready or worker._inflight or not worker._outcomes.empty() or any(worker._waiting.values()))
+        return not worker.idle
 
     # -- looking ---------------------------------------------------------------------------------------
 

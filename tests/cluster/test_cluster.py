@@ -362,4 +362,4 @@ def test_a_worker_connects_while_the_dead_letter_queues_node_is_down(cluster: di
         worker.start()
         assert worker.bus.connected
     finally:
-        worker._close()
+        worker.close()

@@ -427,7 +427,7 @@ def test_a_duplicate_waiting_for_a_busy_handler_does_not_strand_the_next_event(
     with worker.running():
         bus.publish(Event("ocis.serial.work", {"name": "blocker", "block": True}))
         bus.publish_many([twice, twice, Event("ocis.serial.work", {"name": "last"})])
-        wait_for(lambda: len(worker._waiting["serial.work"]) == 3, what="three events waiting")
+        wait_for(lambda: worker.handlers.waiting("serial.work") == 3, what="three events waiting")
         release.set()
         wait_for(lambda: "last" in got, what="the event after the duplicate")
     assert got == ["blocker", "a", "last"]

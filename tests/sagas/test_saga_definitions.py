@@ -310,9 +310,7 @@ def test_step_style_failures_undo_the_nearest_earlier_compensable_step() -> None
         "undo_charge": FAILED,
     }
     undone = {
-        t.sources[0]: t.dest
-        for t in d.transitions
-        if t.trigger.kind == "reply" and t.sources[0].startswith("undo_")
+        t.sources[0]: t.dest for t in d.transitions if t.trigger.kind == "reply" and t.sources[0].startswith("undo_")
     }
     assert undone == {"undo_charge": "undo_reserve", "undo_reserve": "compensated"}
     assert d.states["ship"].on_timeout == "undo_charge"

@@ -1116,7 +1116,7 @@ def test_fuzz_any_headers_body_and_content_type_never_crash_the_worker(unique: s
             sent[0] += 1
             r.send(SHARE, body, content_type, headers=headers, message_id=mid)
             r.until(
-                lambda: len({e.id for e in handled}) + len(r.reasons) == sent[0] and not r.worker._inflight,
+                lambda: len({e.id for e in handled}) + len(r.reasons) == sent[0] and r.worker.idle,
                 f"message {mid} to settle",
             )
             assert mid in r.acked

@@ -110,7 +110,7 @@ def test_each_role_is_refused_what_is_not_its_own(roles: dict[str, Permission]) 
         with pytest.raises(TransportError, match="lacks a permission"):
             intruder.start()
     finally:
-        intruder._close()  # a start that failed leaves its connection open (shutdown() only stops a started one)
+        intruder.close()  # a start that failed leaves its connection open (shutdown() only stops a started one)
     checks = [
         ("notifications", lambda bus: bus.dead_letters()),
         ("sharing", lambda bus: bus.declare(Subscription(f"{EXCHANGE}.sharing.sneaky", (SHARE,)))),

@@ -1,0 +1,426 @@
+"""The handler pipeline: a service's messages in, handlers run on a pool, then acked, retried or
+dead-lettered.
+
+For one message (DESIGN: at-least-once acks only after the handler has committed)::
+
+    admit -> (inbox: seen? ack and stop) -> (cached reply? send it, ack, stop) -> handler on the pool
+          -> publish follow-ups and the reply (confirmed) -> inbox record, cached reply -> ack
+
+and on failure: retry through a delay queue, or after the last attempt dead-letter it with the error
+(see :mod:`sagas._redelivery`). Finished messages settle as a group: one pipelined publish, one
+store transaction, then the acks. Everything here but the handlers themselves runs on the worker's
+I/O thread, which owns the broker connection and the store.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import time
+from collections import deque
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Executor, Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from transport import CONTENT_TYPE, ConnectionLost, Event, EventBus, Inbound, TransportError, encode
+from transport import decode as decode_event
+
+from ._errors import Failure, NoReply, Reject
+from ._protocol import reply_event
+from ._redelivery import retry_or_dead_letter, send_back
+from ._service import Context, Delivery, HandlerSpec
+from ._store import Store
+
+log = structlog.get_logger("sagas.worker")
+
+#: a message waiting to be dispatched: (connection generation, message)
+Ready = tuple[int, Inbound]
+#: messages a pool thread takes at once at most (fewer when fewer wait: each free thread gets some)
+_CHUNK = 32
+
+
+@dataclass(slots=True)
+class HandlerOutcome:
+    """What running one handler on one message gave: its return value, or the error it raised, and the
+    follow-up events it published. ``generation`` is the connection the message came on."""
+
+    inbound: Inbound
+    event: Event
+    spec: HandlerSpec
+    generation: int
+    error: BaseException | None = None
+    outbox: list[Event] = field(default_factory=list)
+    duration: float = 0.0
+    result: Any = None
+
+    @property
+    def deduplicated(self) -> bool:
+        """Whether a repeat of this message is recognised once it is recorded (inbox or reply cache)."""
+        return self.spec.idempotent or (self.spec.replies and self.spec.cache_replies)
+
+
+#: a message admitted to run: (handler, message, event, connection generation)
+Work = tuple[HandlerSpec, Inbound, Event, int]
+
+
+@dataclass(slots=True)
+class _Settling:
+    """A finished message on its way to be acked, retried or dead-lettered."""
+
+    o: HandlerOutcome
+    error: BaseException | None
+    reply: Event | None
+    #: the reply as published (and then cached): encoded once
+    reply_body: bytes = b""
+
+    def fields(self, outcome: str) -> dict[str, Any]:
+        o = self.o
+        return {
+            "event_id": o.event.id,
+            "event_type": o.event.type,
+            "service": o.spec.service,
+            "handler": o.spec.name,
+            "attempt": o.inbound.attempt,
+            "outcome": outcome,
+            "duration_ms": round(o.duration * 1000, 3),
+        }
+
+
+def _debug_enabled() -> bool:
+    """Whether per-message debug lines would be written (they are skipped, unbuilt, otherwise)."""
+    return log.is_enabled_for(logging.DEBUG) if hasattr(log, "is_enabled_for") else True
+
+
+class HandlerPipeline:
+    """Runs the handlers of one worker. ``ready`` is the worker's queue of received messages: the
+    pipeline puts back messages that waited on another copy of themselves, or on a free slot."""
+
+    def __init__(
+        self,
+        specs: Mapping[str, HandlerSpec],
+        bus: EventBus,
+        store: Store,
+        pool: Executor,
+        concurrency: int,
+        ready: deque[Ready],
+    ) -> None:
+        #: queue name -> the handler consuming it
+        self.routes = dict(specs)
+        self.bus = bus
+        self.store = store
+        self.pool = pool
+        self.concurrency = concurrency
+        self._ready = ready
+        self._outcomes: queue.SimpleQueue[list[HandlerOutcome]] = queue.SimpleQueue()
+        self._inflight = 0  # messages handed to the pool and not settled yet
+        self._tasks = 0  # chunks of them running or queued on the pool (at most ``concurrency``)
+        #: (handler key, event id) of de-duplicated messages being handled, and copies waiting on them
+        self._busy: dict[tuple[str, str], list[Ready]] = {}
+        #: handlers running now, and messages waiting for a handler that is at its concurrency limit
+        self._running: collections.Counter[str] = collections.Counter()
+        self._waiting: dict[str, deque[Ready]] = collections.defaultdict(deque)
+        #: messages handled successfully
+        self.handled = 0
+
+    # -- what the loop asks ----------------------------------------------------------------------------
+
+    @property
+    def inflight(self) -> int:
+        """Messages handed to the pool and not settled yet."""
+        return self._inflight
+
+    @property
+    def full(self) -> bool:
+        """Whether every thread of the pool has work."""
+        return self._tasks >= self.concurrency
+
+    @property
+    def room(self) -> int:
+        """How many more messages the pool takes now."""
+        return (self.concurrency - self._tasks) * _CHUNK
+
+    @property
+    def idle(self) -> bool:
+        """Nothing running, finished and unsettled, or waiting for a free slot."""
+        return not self._inflight and self._outcomes.empty() and not any(self._waiting.values())
+
+    def waiting(self, handler: str) -> int:
+        """Messages waiting because ``handler`` (``service.name``) is at its concurrency limit."""
+        return len(self._waiting.get(handler, ()))
+
+    # -- admitting and starting ------------------------------------------------------------------------
+
+    def admit(self, generation: int, inbound: Inbound) -> Work | None:
+        """Decide whether a message runs now; answer duplicates and re-sent requests at once. A message
+        the worker cannot process (say the store is down) is sent back."""
+        try:
+            return self._admit(generation, inbound)
+        except (ConnectionLost, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # noqa: BLE001 - e.g. the store is restarting: try it later
+            self.give_back(inbound, exc)
+            return None
+
+    def _admit(self, generation: int, inbound: Inbound) -> Work | None:
+        spec = self.routes[inbound.subscription.queue]
+        event = inbound.event
+        if event is None:
+            send_back(self.bus, inbound, None, None, f"undecodable message: {inbound.error}")
+            log.warning(
+                "message.dead_lettered",
+                service=spec.service,
+                handler=spec.name,
+                message_id=inbound.message_id,
+                reason=inbound.error,
+                outcome="dead-letter",
+            )
+            return None
+        dedupe = spec.idempotent or (spec.replies and spec.cache_replies)
+        if dedupe:
+            busy = self._busy.get((spec.key, event.id))
+            if busy is not None:
+                # The same event is being handled right now: decide once that one has settled.
+                busy.append((generation, inbound))
+                return None
+            if spec.idempotent and self.store.seen(spec.key, event.id):
+                self.bus.ack(inbound)
+                self._debug(spec, event, inbound, "duplicate")
+                return None
+        if spec.replies and spec.cache_replies:
+            cached = self.store.cached_reply(spec.key, event.id)
+            if cached is not None:
+                # A re-sent request: answer as before, without running the work again.
+                self.bus.publish(decode_event(cached.encode(), CONTENT_TYPE))
+                self.bus.ack(inbound)
+                self._debug(spec, event, inbound, "cached-reply")
+                return None
+        if spec.concurrency is not None and self._running[spec.key] >= spec.concurrency:
+            self._waiting[spec.key].append((generation, inbound))
+            return None
+        if dedupe:
+            self._busy[(spec.key, event.id)] = []
+        if not inbound.subscription.durable:
+            self.bus.ack(inbound)  # at-most-once: acked before it is handled
+        self._running[spec.key] += 1
+        return spec, inbound, event, generation
+
+    def _debug(self, spec: HandlerSpec, event: Event, inbound: Inbound, outcome: str) -> None:
+        log.debug(
+            "message.handled",
+            event_id=event.id,
+            event_type=event.type,
+            service=spec.service,
+            handler=spec.name,
+            attempt=inbound.attempt,
+            outcome=outcome,
+            duration_ms=0.0,
+        )
+
+    def start(self, work: list[Work]) -> None:
+        """Hand the work to the pool in up to one chunk per free thread; each chunk runs in order."""
+        chunks = min(self.concurrency - self._tasks, len(work))
+        size = -(-len(work) // chunks)
+        for i in range(0, len(work), size):
+            chunk = work[i : i + size]
+            self._inflight += len(chunk)
+            self._tasks += 1
+            self.pool.submit(run_handlers, chunk).add_done_callback(self._outcomes_ready)
+
+    def _outcomes_ready(self, future: Future[list[HandlerOutcome]]) -> None:
+        self._outcomes.put(future.result())
+
+    def give_back(self, inbound: Inbound, exc: Exception) -> None:
+        """The worker (not the handler) failed on a message, typically because the store is down."""
+        log.error(
+            "message.not_processed", message_id=inbound.message_id, error=repr(exc)[:500], attempt=inbound.attempt
+        )
+        if not inbound.acked:  # (an at-most-once message whose handler had started was acked)
+            spec = self.routes[inbound.subscription.queue]
+            retry_or_dead_letter(self.bus, inbound, exc, "the worker could not process it", spec.retry)
+
+    def drop_pending(self) -> None:
+        """Forget messages that did not start (the loop forgets its ready ones): nothing acked them, so
+        they go back to their queue when the connection closes."""
+        self._waiting.clear()
+        for waiting in self._busy.values():
+            waiting.clear()
+
+    # -- settling --------------------------------------------------------------------------------------
+
+    def settle_finished(self, generation: int, wait: float = 0.0) -> None:
+        """Settle every handler run that finished, waiting up to ``wait`` seconds for the first."""
+        finished: list[list[HandlerOutcome]] = []
+        if wait > 0:
+            try:
+                finished.append(self._outcomes.get(timeout=wait))
+            except queue.Empty:
+                return
+        while True:
+            try:
+                finished.append(self._outcomes.get_nowait())
+            except queue.Empty:
+                break
+        if finished:
+            self._settle(finished, generation)
+
+    def _settle(self, chunks: list[list[HandlerOutcome]], generation: int) -> None:
+        """Ack, retry or dead-letter finished messages, as a group (on the I/O thread): publish every
+        follow-up and reply with pipelined confirms, commit every inbox record and cached reply in one
+        transaction, then ack. A message is acked only after its own publishes and records."""
+        self._tasks -= len(chunks)
+        outcomes = [o for chunk in chunks for o in chunk]
+        self._inflight -= len(outcomes)
+        for o in outcomes:
+            self._running[o.spec.key] -= 1
+            waiting = self._waiting.get(o.spec.key)
+            if waiting:
+                # All of them, in order: one that turns out to be a duplicate does not take the free slot,
+                # and must not keep the next one waiting for a settle that never comes.
+                self._ready.extendleft(reversed(waiting))
+                waiting.clear()
+        try:
+            settling = [s for o in outcomes if (s := self._decide(o, generation)) is not None]
+            self._publish(settling)
+            done = [s for s in settling if s.error is None]
+            if done:
+                try:
+                    with self.store.group():
+                        for s in done:
+                            if s.o.spec.idempotent:
+                                self.store.remember(s.o.spec.key, s.o.event.id)
+                            if s.reply is not None and s.o.spec.cache_replies:
+                                self.store.cache_reply(s.o.spec.key, s.o.event.id, s.reply_body.decode())
+                except (ConnectionLost, KeyboardInterrupt):
+                    raise
+                except Exception as exc:  # noqa: BLE001 - e.g. the store failed after the handlers ran
+                    for s in done:
+                        self.give_back(s.o.inbound, exc)
+                    done = []
+            self.bus.ack_many([s.o.inbound for s in done])
+            self.handled += len(done)
+            debug = _debug_enabled()
+            for s in settling:
+                if s.error is not None:
+                    self._fail(s)
+                elif debug:
+                    failed_reply = s.reply is not None and not s.reply.payload["ok"]
+                    log.debug("message.handled", **s.fields("failure-reply" if failed_reply else "ok"))
+        finally:
+            for o in outcomes:
+                # Copies that waited on this one go first, and now meet the inbox.
+                self._ready.extendleft(reversed(self._busy.pop((o.spec.key, o.event.id), [])))
+
+    def _decide(self, o: HandlerOutcome, generation: int) -> _Settling | None:
+        """What a finished message turns into: its reply (for a request), its error, what it publishes."""
+        spec, inbound, event = o.spec, o.inbound, o.event
+        durable = spec.delivery is Delivery.AT_LEAST_ONCE
+        if durable and o.generation != generation:
+            # The connection this message came on is gone, so it will be redelivered. If the handler
+            # succeeded with nothing to publish, remember it so the redelivery is skipped.
+            if o.error is None and not o.outbox and spec.idempotent:
+                try:
+                    self.store.remember(spec.key, event.id)
+                except Exception as exc:  # noqa: BLE001 - then the redelivery runs it again
+                    log.error("message.not_remembered", event_id=event.id, error=repr(exc)[:500])
+            return None
+        error = o.error
+        reply: Event | None = None
+        if spec.replies:
+            exhausted = error is not None and (not durable or inbound.attempt >= spec.retry.attempts)
+            if error is None:
+                if o.result is None or isinstance(o.result, Mapping):
+                    reply = reply_event(event, spec.key, spec.service, ok=True, result=o.result)
+                else:
+                    error = Failure(f"handler returned {type(o.result).__name__}, not a JSON object")
+            if isinstance(error, NoReply):
+                error = None
+            elif error is not None and (isinstance(error, Failure | Reject) or exhausted):
+                reason = str(error) or type(error).__name__
+                reply = reply_event(event, spec.key, spec.service, ok=False, reason=reason)
+                error = None
+            if reply is not None:
+                o.outbox.append(reply)
+        return _Settling(o, error, reply)
+
+    def _publish(self, settling: Sequence[_Settling]) -> None:
+        """Publish the follow-ups and replies of every message that succeeded, with pipelined confirms.
+        A message with a publish the broker did not take fails (it is retried, and publishes again)."""
+        sending = [s for s in settling if s.error is None and s.o.outbox]
+        if not sending:
+            return
+        try:
+            items = []
+            for s in sending:
+                for e in s.o.outbox:
+                    body = encode(e, self.bus.max_event_size)
+                    if e is s.reply:
+                        s.reply_body = body
+                    items.append((e.type, body, e.id, False))
+            self.bus.publish_encoded(items)
+        except ConnectionLost:
+            raise
+        except TransportError as exc:
+            if not self.bus.connected:
+                raise ConnectionLost(str(exc)) from None
+            failed = getattr(exc, "failed", None) or {}
+            for s in sending:
+                if not failed or any(e.id in failed for e in s.o.outbox):
+                    s.error = exc
+
+    def _fail(self, s: _Settling) -> None:
+        spec, inbound, error = s.o.spec, s.o.inbound, s.error
+        if error is None:
+            return
+        if isinstance(error, Reject):
+            outcome = send_back(self.bus, inbound, error, None, f"rejected by handler {spec.key}: {error}")
+        else:
+            failed = (
+                f"handler {spec.key} failed {inbound.attempt} time(s)"
+                if inbound.subscription.durable
+                else f"at-most-once handler {spec.key} failed"
+            )
+            outcome = retry_or_dead_letter(self.bus, inbound, error, failed, spec.retry)
+        log.warning("message.failed", error=repr(error)[:500], **s.fields(outcome))
+
+
+def run_handlers(work: list[Work]) -> list[HandlerOutcome]:
+    """Run a chunk of handlers in order, on a pool thread."""
+    return [_run_handler(*item) for item in work]
+
+
+def _run_handler(spec: HandlerSpec, inbound: Inbound, event: Event, generation: int) -> HandlerOutcome:
+    """Run one handler on a pool thread. Never raises: the outcome carries the error."""
+    outcome = HandlerOutcome(inbound, event, spec, generation)
+    ctx = Context(event, spec.service, spec.name, inbound.attempt)
+    t0 = time.perf_counter()
+    # The handler's own log lines carry the event; tokens put back whatever was bound before.
+    tokens = structlog.contextvars.bind_contextvars(
+        event_id=event.id,
+        event_type=event.type,
+        correlation_id=event.correlation_id,
+        service=spec.service,
+        handler=spec.name,
+        attempt=inbound.attempt,
+    )
+    try:
+        if spec.wants_context:
+            outcome.result = spec.fn(event, ctx)
+        else:
+            outcome.result = spec.fn(event)
+    except BaseException as exc:  # noqa: BLE001 - every handler error is retried or dead-lettered
+        # SystemExit or KeyboardInterrupt raised inside a handler thread would otherwise vanish with
+        # the thread's future and leave the message unsettled; they count as failures too.
+        outcome.error = exc
+    else:
+        outcome.outbox = ctx.outbox
+    finally:
+        structlog.contextvars.reset_contextvars(**tokens)
+    outcome.duration = time.perf_counter() - t0
+    return outcome
+
+
+__all__ = ["HandlerOutcome", "HandlerPipeline", "Ready", "Work", "run_handlers"]

@@ -1,0 +1,147 @@
+"""The saga pipeline: saga messages applied as a group, deadlines fired, and the outbox relayed.
+
+Saga messages are applied inline on the worker's I/O thread (no user I/O runs in a saga's guards and
+actions), as one group: every state change in one store transaction with a savepoint per message
+(group commit), then their outbox rows published with pipelined confirms and marked sent, then the
+acks. A message whose step raises rolls back alone and is retried through a delay queue, then
+dead-lettered; the rest of the group commits.
+
+Every ``timer_interval`` the pipeline fires the deadlines that have passed, and every
+``relay_interval`` it republishes outbox rows a crash or an outage left unsent.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+
+import structlog
+
+from transport import ConnectionLost, Inbound
+
+from ._outbox import OutboxPublisher
+from ._redelivery import retry_or_dead_letter, send_back
+from ._saga_engine import Applied, SagaEngine
+from ._service import Retry
+from ._store import Store
+
+log = structlog.get_logger("sagas.worker")
+
+#: How a saga message whose step raised (a bug in a guard or action, or the store) is retried.
+SAGA_RETRY = Retry(attempts=5, initial=1.0, factor=2.0, maximum=30.0)
+
+
+class SagaPipeline:
+    """Runs the sagas of one worker: ``routes`` maps each saga type's queue to the type."""
+
+    def __init__(
+        self,
+        routes: Mapping[str, str],
+        engine: SagaEngine,
+        store: Store,
+        outbox: OutboxPublisher,
+        *,
+        clock: Callable[[], float],
+        timer_interval: float,
+        relay_interval: float,
+    ) -> None:
+        self.routes = dict(routes)
+        self.engine = engine
+        self.store = store
+        self.outbox = outbox
+        self.clock = clock
+        self.timer_interval = timer_interval
+        self.relay_interval = relay_interval
+        self._next_timers = 0.0
+        self._next_relay = 0.0
+        #: messages applied (moved a saga, or were ignored with a reason)
+        self.handled = 0
+
+    # -- messages ------------------------------------------------------------------------------------
+
+    def apply(self, saga_type: str, inbounds: Sequence[Inbound]) -> None:
+        """Apply messages to their sagas as one group, publish what they committed, then ack them."""
+        bus = self.outbox.bus
+        applied: list[tuple[Inbound, Applied]] = []
+        failed: list[tuple[Inbound, Exception]] = []
+        try:
+            with self.store.group():
+                for inbound in inbounds:
+                    event = inbound.event
+                    if event is None:
+                        continue
+                    try:
+                        with self.store.group():  # a message that fails rolls back alone
+                            applied.append((inbound, self.engine.handle(saga_type, event)))
+                    except Exception as exc:  # noqa: BLE001 - a failing saga step is retried, then dead-lettered
+                        failed.append((inbound, exc))
+        except (ConnectionLost, KeyboardInterrupt):
+            raise
+        except Exception as error:  # noqa: BLE001 - the commit failed (the store is down): try them later
+            applied, failed = [], [(i, error) for i in inbounds if i.event is not None]
+        try:
+            self.outbox.publish([row for _, a in applied for row in a.rows])
+        except (ConnectionLost, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # noqa: BLE001 - committed: the relay sends what is still unsent
+            log.error("saga.outbox_not_published", error=repr(exc)[:500], relay_in=self.relay_interval)
+        bus.ack_many([inbound for inbound, _ in applied])
+        self.handled += len(applied)
+        if log.is_enabled_for(logging.DEBUG) if hasattr(log, "is_enabled_for") else True:
+            for inbound, a in applied:
+                event = inbound.event
+                log.debug(
+                    "message.handled",
+                    event_id=event.id if event else None,
+                    event_type=event.type if event else None,
+                    saga_type=saga_type,
+                    saga_id=a.saga.id if a.saga else None,
+                    attempt=inbound.attempt,
+                    outcome="moved" if a.moved else "ignored",
+                    note=a.note or None,
+                )
+        for inbound, problem in failed:
+            outcome = retry_or_dead_letter(bus, inbound, problem, f"saga {saga_type} could not apply it", SAGA_RETRY)
+            log.warning(
+                "saga.message_failed",
+                saga_type=saga_type,
+                message_id=inbound.message_id,
+                error=repr(problem)[:500],
+                attempt=inbound.attempt,
+                outcome=outcome,
+            )
+        for inbound in inbounds:
+            if inbound.event is None:
+                send_back(bus, inbound, None, None, f"undecodable message: {inbound.error}")
+
+    # -- timers --------------------------------------------------------------------------------------
+
+    def tick(self) -> None:
+        """Fire due deadlines, and republish outbox rows a crash left unsent, when their time has come."""
+        now = self.clock()
+        if now < self._next_timers:
+            return
+        self._next_timers = now + self.timer_interval
+        try:
+            self.outbox.publish(self.engine.fire_due())
+            now = self.clock()
+            if now >= self._next_relay:
+                self._next_relay = now + self.relay_interval
+                self.outbox.relay(created_before=now - self.relay_interval)
+        except (ConnectionLost, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the store may be restarting; the next tick tries again
+            log.error("worker.timers_failed", error=repr(exc)[:500])
+
+    def next_wakeup(self) -> float | None:
+        """The clock time at which :meth:`tick` next has work: the first deadline, or the relay of the
+        oldest unsent row, but not before the timers' next turn. None when nothing waits. (Reads the
+        store: for harnesses and tools, not for the loop.)"""
+        times: list[float] = []
+        due = self.store.due_sagas(float("inf"), 1, types=tuple(self.engine.definitions))
+        if due and due[0].deadline is not None:
+            times.append(max(due[0].deadline, self._next_timers))
+        oldest = self.store.outbox_backlog().oldest_created_at
+        if oldest is not None:
+            times.append(max(oldest + self.relay_interval, self._next_relay, self._next_timers))
+        return min(times, default=None)
