@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import getpass
 import importlib
 import json
 import os
+import socket
 import ssl
 import sys
 import time
@@ -17,13 +19,14 @@ from urllib.parse import urlsplit
 
 import click
 
-from transport import Event, EventBus, PublishError, TransportError, redact_url
+from transport import DeadLetter, Event, EventBus, TransportError, redact_url
 
 from ._errors import SagasError
 from ._logging import configure_logging
 from ._saga import FAILED, Saga
 from ._service import App, Service
-from ._store import OutboxRow, SagaRecord, Store, VersionConflict, open_store
+from ._store import MemoryStore, Store, open_store
+from .operations import MAX_PAGE, Operations, SagaView
 
 _broker = click.option(
     "--broker",
@@ -276,9 +279,67 @@ def publish(
     click.echo(event.id)
 
 
+_operator = click.option(
+    "--as",
+    "actor",
+    envvar="SAGAS_OPERATOR",
+    default=None,
+    help="Who acts, as kept in the saga's history (default: your user name at this host). Env: SAGAS_OPERATOR.",
+)
+
+
+def _actor(given: str | None) -> str:
+    if given and given.strip():
+        return given.strip()
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "operator"
+    return f"{user}@{socket.gethostname()}"
+
+
+@contextlib.contextmanager
+def _operations(
+    store: str | None = None,
+    *,
+    app_spec: str | None = None,
+    broker: str | None = None,
+    exchange: str | None = None,
+    tls: dict[str, Any] | None = None,
+    timeout: float = 10.0,
+) -> Iterator[Operations]:
+    """:class:`Operations` for a command: on the store at ``store`` (which must exist), for the app's
+    saga types, publishing on ``broker``. Errors become ``error: ...`` and exit 1."""
+    app = _load_app(app_spec) if app_spec else None
+    bus = None
+    if broker is not None:
+        exchange = exchange or (app.exchange if app else "sagas")
+        bus = EventBus(broker, exchange=exchange, publish_timeout=timeout, connect_timeout=min(timeout, 5.0), ssl=tls)
+    try:
+        with contextlib.ExitStack() as stack:
+            st = stack.enter_context(_existing_store(store)) if store is not None else MemoryStore()
+            yield Operations(st, sagas=app.sagas if app else (), bus=bus)
+    except SagasError as exc:
+        _fail(str(exc))
+    finally:
+        if bus is not None:
+            bus.close()
+
+
 @cli.group()
 def dead() -> None:
-    """Inspect and replay dead letters."""
+    """Inspect, replay and drop dead letters."""
+
+
+def _print_letter(d: DeadLetter, *, traceback: bool = False) -> None:
+    click.echo(f"{d.id}  {d.routing_key or '-'}  queue={d.queue}  attempts={d.attempts}  at={d.dead_at}")
+    click.echo(f"    reason: {d.reason}")
+    if d.error_type:
+        click.echo(f"    error:  {d.error_type}: {d.error_message}")
+    if traceback and d.traceback:
+        click.echo("    traceback:")
+        for line in d.traceback.rstrip().splitlines():
+            click.echo(f"      {line}")
 
 
 @dead.command("ls")
@@ -294,8 +355,8 @@ def dead_ls(broker: str, tls: dict[str, Any] | None, exchange: str | None, as_js
     Example:
       sagas dead ls --broker amqp://guest:guest@localhost// --json
     """
-    with EventBus(broker, exchange=exchange or "sagas", ssl=tls) as bus:
-        letters = bus.dead_letters(limit)
+    with _operations(broker=broker, exchange=exchange, tls=tls) as ops:
+        letters = ops.dead_letters(limit)
     if as_json:
         click.echo(json.dumps([d.to_dict() for d in letters], indent=2))
         return
@@ -303,10 +364,28 @@ def dead_ls(broker: str, tls: dict[str, Any] | None, exchange: str | None, as_js
         click.echo("no dead letters")
         return
     for d in letters:
-        click.echo(f"{d.id}  {d.routing_key or '-'}  queue={d.queue}  attempts={d.attempts}  at={d.dead_at}")
-        click.echo(f"    reason: {d.reason}")
-        if d.error_type:
-            click.echo(f"    error:  {d.error_type}: {d.error_message}")
+        _print_letter(d)
+
+
+@dead.command("show")
+@click.argument("letter_id")
+@_broker
+@_tls
+@_exchange
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def dead_show(letter_id: str, broker: str, tls: dict[str, Any] | None, exchange: str | None, as_json: bool) -> None:
+    """Show one dead letter: where it came from, why it died, the error and its traceback.
+
+    \b
+    Example:
+      sagas dead show 5f0c1d2e6a7b4c3d8e9f0a1b2c3d4e5f --broker amqp://guest:guest@localhost//
+    """
+    with _operations(broker=broker, exchange=exchange, tls=tls) as ops:
+        letter = ops.dead_letter(letter_id)
+    if as_json:
+        click.echo(json.dumps(letter.to_dict(), indent=2))
+        return
+    _print_letter(letter, traceback=True)
 
 
 @dead.command("replay")
@@ -315,8 +394,14 @@ def dead_ls(broker: str, tls: dict[str, Any] | None, exchange: str | None, as_js
 @_broker
 @_tls
 @_exchange
+@_operator
 def dead_replay(
-    ids: tuple[str, ...], replay_all: bool, broker: str, tls: dict[str, Any] | None, exchange: str | None
+    ids: tuple[str, ...],
+    replay_all: bool,
+    broker: str,
+    tls: dict[str, Any] | None,
+    exchange: str | None,
+    actor: str | None,
 ) -> None:
     """Put dead letters back on the queue they came from, with a fresh attempt count.
 
@@ -327,16 +412,14 @@ def dead_replay(
     """
     if replay_all == bool(ids):
         raise click.UsageError("give either --all or one or more dead-letter ids")
-    skipped: dict[str, str] = {}
-    with EventBus(broker, exchange=exchange or "sagas", ssl=tls) as bus:
-        done = bus.replay_dead(None if replay_all else ids, skipped=skipped)
-    click.echo(f"replayed {len(done)} message(s)")
-    for dead_id, why in skipped.items():
+    with _operations(broker=broker, exchange=exchange, tls=tls) as ops:
+        result = ops.replay_dead(None if replay_all else ids, actor=_actor(actor))
+    click.echo(f"replayed {len(result.replayed)} message(s)")
+    for dead_id, why in result.kept.items():
         click.echo(f"kept {dead_id}: {why}", err=True)
-    missing = set(ids) - set(done) - set(skipped)
-    if missing:
-        click.echo(f"not found: {', '.join(sorted(missing))}", err=True)
-    if missing or skipped:
+    if result.missing:
+        click.echo(f"not found: {', '.join(sorted(result.missing))}", err=True)
+    if result.missing or result.kept:
         sys.exit(1)
 
 
@@ -362,6 +445,7 @@ def health(broker: str, tls: dict[str, Any] | None, timeout: float) -> None:
 @_store
 @click.option("--type", "saga_type", default=None, help="Only sagas of this type.")
 @click.option("--state", default=None, help="Only sagas in this state.")
+@click.option("--key", default=None, help="Only sagas with this business key (the start event's key field).")
 @click.option(
     "--stuck",
     is_flag=True,
@@ -370,80 +454,125 @@ def health(broker: str, tls: dict[str, Any] | None, timeout: float) -> None:
 @click.option(
     "--stuck-after", default=60.0, show_default=True, help="With --stuck: seconds a deadline must be overdue."
 )
+@click.option("--newest", is_flag=True, help="Newest first (default: oldest first).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per line.")
-@click.option("--limit", default=1000, show_default=True, help="At most this many sagas, oldest first.")
+@click.option("--limit", default=100, show_default=True, help=f"At most this many sagas (1 to {MAX_PAGE}).")
+@click.option("--offset", default=0, show_default=True, help="Skip this many (the next page starts here).")
 def saga_ls(
-    store: str, saga_type: str | None, state: str | None, stuck: bool, stuck_after: float, as_json: bool, limit: int
+    store: str,
+    saga_type: str | None,
+    state: str | None,
+    key: str | None,
+    stuck: bool,
+    stuck_after: float,
+    newest: bool,
+    as_json: bool,
+    limit: int,
+    offset: int,
 ) -> None:
-    """List sagas with their type, state and deadline, oldest first.
+    """List sagas with their type, key, state and deadline, oldest first.
 
     \b
     Example:
       sagas ls --store sqlite:///sagas.db --type postprocessing --stuck
     """
-    with _existing_store(store) as st:
-        try:
-            records = st.list_sagas(saga_type, state, time.time() - stuck_after if stuck else None, limit)
-        except SagasError as exc:
-            _fail(str(exc))
+    with _operations(store) as ops:
+        page = ops.sagas(
+            type=saga_type,
+            state=state,
+            key=key,
+            stuck=stuck,
+            stuck_after=stuck_after,
+            newest_first=newest,
+            limit=limit,
+            offset=offset,
+        )
     if as_json:
-        for r in records:
+        for r in page.items:
             click.echo(json.dumps(r.to_dict(), sort_keys=True))
         return
-    if not records:
+    if not page.items:
         click.echo("no sagas")
         return
-    rows = [("ID", "TYPE", "STATE", "FINAL", "DEADLINE", "UPDATED")]
-    rows += [(r.id, r.type, r.state, "yes" if r.final else "no", _iso(r.deadline), _iso(r.updated_at)) for r in records]
+    rows = [("ID", "TYPE", "KEY", "STATE", "FINAL", "DEADLINE", "UPDATED")]
+    rows += [
+        (r.id, r.type, r.key, r.state, "yes" if r.final else "no", _iso(r.deadline), _iso(r.updated_at))
+        for r in page.items
+    ]
     for line in _table(rows):
         click.echo(line)
+    if page.next_offset is not None:
+        click.echo(f"(more: --offset {page.next_offset})")
 
 
 @cli.command()
-@click.argument("saga_id")
+@click.argument("saga_id", required=False)
 @_store
+@click.option("--type", "saga_type", default=None, help="With --key: find the saga by type and business key.")
+@click.option("--key", default=None, help="With --type: the saga's business key.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: the saga and its history.")
-def show(saga_id: str, store: str, as_json: bool) -> None:
-    """Show one saga: state, data, deadline, attempts, why it failed, and its history.
+def show(saga_id: str | None, store: str, saga_type: str | None, key: str | None, as_json: bool) -> None:
+    """Show one saga, by id or by type and key: state, data, deadline, attempts, why it failed, and its
+    history with who acted.
 
     \b
     Example:
       sagas show 3f2a9c0e5b6d4c1e8a7f6b5c4d3e2f10 --store sqlite:///sagas.db
+      sagas show --type postprocessing --key u1 --store sqlite:///sagas.db
     """
-    with _existing_store(store) as st:
-        try:
-            record = st.get_saga(saga_id)
-            history = st.saga_history(saga_id) if record is not None else []
-        except SagasError as exc:
-            _fail(str(exc))
-    if record is None:
-        _fail(f"no saga {saga_id!r} in the store {redact_url(store)}")
+    if (saga_id is None) == (saga_type is None and key is None) or (saga_id is None and not (saga_type and key)):
+        raise click.UsageError("give a saga id, or --type and --key")
+    with _operations(store) as ops:
+        view = ops.saga(saga_id, type=saga_type, key=key)
     if as_json:
-        out = record.to_dict()
-        out["history"] = [
-            {
-                "at": h.at,
-                "message_id": h.message_id,
-                "from_state": h.from_state,
-                "to_state": h.to_state,
-                "reason": h.reason,
-            }
-            for h in history
-        ]
-        click.echo(json.dumps(out, indent=2, sort_keys=True))
+        click.echo(json.dumps(view.to_dict(), indent=2, sort_keys=True))
         return
-    for line in _describe(record):
+    for line in _describe(view):
         click.echo(line)
     click.echo("history:")
+    history = view.history
     if not history:
         click.echo("  (none)")
     width = max((len(f"{h.from_state} -> {h.to_state}") for h in history), default=0)
     for h in history:
         moved = f"{h.from_state} -> {h.to_state}".ljust(width)
-        click.echo(f"  {_iso(h.at, 'milliseconds')}  {moved}  {h.reason}  [{h.message_id}]")
+        by = f"  by {h.actor}" if h.actor else ""
+        click.echo(f"  {_iso(h.at, 'milliseconds')}  {moved}  {h.reason}{by}  [{h.message_id}]")
 
 
-def _describe(r: SagaRecord) -> list[str]:
+@cli.command()
+@_store
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def counts(store: str, as_json: bool) -> None:
+    """Count sagas by type and state, and the outbox messages not yet sent.
+
+    \b
+    Example:
+      sagas counts --store sqlite:///sagas.db
+    """
+    with _operations(store) as ops:
+        by_state = ops.counts()
+        backlog = ops.outbox_backlog()
+    if as_json:
+        out = {
+            "sagas": [{"type": c.type, "state": c.state, "final": c.final, "count": c.count} for c in by_state],
+            "outbox": {"unsent": backlog.unsent, "oldest_created_at": backlog.oldest_created_at},
+        }
+        click.echo(json.dumps(out, indent=2))
+        return
+    if by_state:
+        rows = [("TYPE", "STATE", "FINAL", "SAGAS")]
+        rows += [(c.type, c.state, "yes" if c.final else "no", str(c.count)) for c in by_state]
+        for line in _table(rows):
+            click.echo(line)
+    else:
+        click.echo("no sagas")
+    oldest = "" if backlog.oldest_created_at is None else f" (oldest {_iso(backlog.oldest_created_at)})"
+    click.echo(f"outbox: {backlog.unsent} unsent{oldest}")
+
+
+def _describe(view: SagaView) -> list[str]:
+    r = view.record
     now = time.time()
     if r.deadline is None:
         deadline = "-"
@@ -461,12 +590,13 @@ def _describe(r: SagaRecord) -> list[str]:
         f"created:   {_iso(r.created_at, 'milliseconds')}",
         f"updated:   {_iso(r.updated_at, 'milliseconds')}",
     ]
-    pending = r.meta.get("request")
-    if isinstance(pending, dict) and pending.get("type"):
-        lines.append(f"waiting:   reply to {pending['type']} (request {pending.get('id', '?')})")
-    if r.meta.get("reason") or r.meta.get("failed_from"):
+    waiting = view.waiting_for
+    if waiting is not None:
+        lines.append(f"waiting:   reply to {waiting['type']} (request {waiting['id'] or '?'})")
+    failure = view.failure
+    if failure is not None:
         label = "failed:   " if r.state == FAILED else "last fail:"
-        lines.append(f"{label} in {r.meta.get('failed_from') or '?'}: {r.meta.get('reason') or '?'}")
+        lines.append(f"{label} in {failure['state'] or '?'}: {failure['reason'] or '?'}")
     extra = {k: v for k, v in r.meta.items() if k not in ("request", "reason", "failed_from")}
     if extra:
         lines.append(f"meta:      {json.dumps(extra, sort_keys=True)}")
@@ -503,13 +633,8 @@ def graph(saga_class: str, fmt: str, saga_id: str | None, store: str) -> None:
         _fail(str(exc))
     current = None
     if saga_id is not None:
-        with _existing_store(store) as st:
-            try:
-                record = st.get_saga(saga_id)
-            except SagasError as exc:
-                _fail(str(exc))
-        if record is None:
-            _fail(f"no saga {saga_id!r} in the store {redact_url(store)}")
+        with _operations(store) as ops:
+            record = ops.saga(saga_id).record
         if record.type != definition.type or record.state not in definition.states:
             _fail(
                 f"saga {saga_id} is a {record.type} saga in state {record.state!r}, "
@@ -539,6 +664,7 @@ _timeout = click.option(
 @_exchange
 @_store
 @_timeout
+@_operator
 def retry(
     saga_id: str,
     app_spec: str,
@@ -547,6 +673,7 @@ def retry(
     exchange: str | None,
     store: str,
     timeout: float,
+    actor: str | None,
 ) -> None:
     """Send a waiting saga's request again now, or take a saga parked in 'failed' back to the state it
     failed in and start that state again.
@@ -555,7 +682,7 @@ def retry(
     Example:
       sagas retry 3f2a9c0e5b6d4c1e8a7f6b5c4d3e2f10 --app examples.postprocessing:app --store sqlite:///sagas.db
     """
-    _operate("retry", saga_id, app_spec, broker, tls, exchange, store, timeout)
+    _operate("retry", saga_id, app_spec, broker, tls, exchange, store, timeout, actor)
 
 
 @cli.command()
@@ -566,6 +693,7 @@ def retry(
 @_exchange
 @_store
 @_timeout
+@_operator
 def compensate(
     saga_id: str,
     app_spec: str,
@@ -574,6 +702,7 @@ def compensate(
     exchange: str | None,
     store: str,
     timeout: float,
+    actor: str | None,
 ) -> None:
     """Start compensating a saga now, where its type declares how from its current state.
 
@@ -581,7 +710,7 @@ def compensate(
     Example:
       sagas compensate 3f2a9c0e5b6d4c1e8a7f6b5c4d3e2f10 --app examples.postprocessing:app --store sqlite:///sagas.db
     """
-    _operate("compensate", saga_id, app_spec, broker, tls, exchange, store, timeout)
+    _operate("compensate", saga_id, app_spec, broker, tls, exchange, store, timeout, actor)
 
 
 def _operate(
@@ -593,62 +722,20 @@ def _operate(
     exchange: str | None,
     store: str,
     timeout: float,
+    actor: str | None,
 ) -> None:
-    from ._saga_engine import SagaEngine
-
-    app = _load_app(app_spec)
-    with _existing_store(store) as st:
-        try:
-            engine = SagaEngine(app.sagas, st)
-            before = st.get_saga(saga_id)
-            rows = engine.retry(saga_id) if action == "retry" else engine.compensate(saga_id)
-            after = st.get_saga(saga_id)
-        except VersionConflict:
-            _fail(
-                f"saga {saga_id} changed while the {action} was being applied (a worker moved it): "
-                "look at it again with `sagas show`, then repeat the command if it still applies"
-            )
-        except SagasError as exc:
-            _fail(str(exc))
-        if before is None or after is None or after.version == before.version:
-            _fail(f"{action} did not change saga {saga_id} (it is in {before.state if before else '?'})")
-        click.echo(f"{action}: saga {saga_id} ({after.type}) {before.state} -> {after.state}")
-        _publish_rows(st, rows, broker, exchange or app.exchange, timeout, tls)
-
-
-def _publish_rows(
-    store: Store, rows: list[OutboxRow], broker: str, exchange: str, timeout: float, tls: dict[str, Any] | None = None
-) -> None:
-    """Publish committed outbox rows and mark the confirmed ones sent. The others stay in the outbox."""
-    if not rows:
-        return
-    bus = EventBus(broker, exchange=exchange, publish_timeout=timeout, connect_timeout=min(timeout, 5.0), ssl=tls)
-    failed: dict[str, str] = {}
-    try:
-        bus.publish_encoded([(r.routing_key, r.body.encode(), r.message_id, r.mandatory) for r in rows])
-    except PublishError as exc:
-        # With ``failed`` set, the broker answered for each message; without it, any may be lost.
-        failed = exc.failed or {r.message_id: str(exc) for r in rows}
-    except TransportError as exc:
-        failed = {r.message_id: str(exc) for r in rows}
-    finally:
-        bus.close()
-    sent = [r for r in rows if r.message_id not in failed]
-    try:
-        store.mark_sent([r.id for r in sent])
-    except SagasError as exc:
+    with _operations(store, app_spec=app_spec, broker=broker, exchange=exchange, tls=tls, timeout=timeout) as ops:
+        act = ops.retry if action == "retry" else ops.compensate
+        result = act(saga_id, actor=_actor(actor))
+        record = ops.saga(saga_id).record
+    click.echo(f"{action}: saga {saga_id} ({record.type}) {result.from_state} -> {result.to_state}")
+    for event_type, message_id in result.published:
+        click.echo(f"published {event_type} ({message_id})")
+    if result.pending:
+        why = f" ({result.problem})" if result.problem else ""
         click.echo(
-            f"warning: published, but could not mark the messages sent ({exc}); the relay may send "
-            "them again, and receivers drop the repeats",
-            err=True,
-        )
-    for r in sent:
-        click.echo(f"published {r.routing_key} ({r.message_id})")
-    if failed:
-        first = next(iter(failed.values()))
-        click.echo(
-            f"warning: {len(rows) - len(sent)} message(s) not published ({first}); they stay in the "
-            "store's outbox and a running worker's relay sends them",
+            f"warning: {result.pending} message(s) not published{why}; they stay in the store's outbox and a "
+            "running worker's relay sends them",
             err=True,
         )
 

@@ -33,4 +33,23 @@ class StoreError(SagasError):
     """The store could not be opened or written."""
 
 
-__all__ = ["ConfigurationError", "Failure", "NoReply", "Reject", "SagasError", "StoreError", "TransportError"]
+class NotFound(SagasError, LookupError):
+    """An operator asked for a saga or a dead letter that does not exist (the message says which)."""
+
+
+class ActionRefused(SagasError):
+    """An operator action does not apply to the saga as it is now (the message says why, and what
+    would apply)."""
+
+
+__all__ = [
+    "ActionRefused",
+    "ConfigurationError",
+    "Failure",
+    "NoReply",
+    "NotFound",
+    "Reject",
+    "SagasError",
+    "StoreError",
+    "TransportError",
+]

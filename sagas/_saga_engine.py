@@ -28,7 +28,7 @@ import structlog
 
 from transport import Event, encode
 
-from ._errors import ConfigurationError, SagasError
+from ._errors import ActionRefused, ConfigurationError, NotFound, SagasError
 from ._protocol import (
     COMPENSATE,
     TIMEOUT,
@@ -169,6 +169,7 @@ class SagaEngine:
         message_id: str,
         reason: str,
         inbox: tuple[str, str] | None,
+        actor: str = "",
     ) -> Applied:
         if record.final:
             return Applied(record, False, [], "the saga has ended")
@@ -178,7 +179,9 @@ class SagaEngine:
         event = d.machine.events.get(trigger.name)
         if event is None or not event.trigger(model, ctx=ctx):
             return Applied(record, False, [], f"{trigger} does not apply in state {record.state}")
-        rows = self._enter(d, record, model.state, ctx, message_id, reason, inbox, expected_version=record.version)
+        rows = self._enter(
+            d, record, model.state, ctx, message_id, reason, inbox, expected_version=record.version, actor=actor
+        )
         return Applied(record, True, rows)
 
     def _enter(
@@ -191,6 +194,7 @@ class SagaEngine:
         reason: str,
         inbox: tuple[str, str] | None,
         expected_version: int | None,
+        actor: str = "",
     ) -> list[OutboxRow]:
         """Move ``record`` into ``new_state``: build its request and deadline, and commit."""
         now = self.clock()
@@ -223,7 +227,7 @@ class SagaEngine:
                 record.attempts = 0
             record.deadline = now + state.deadline_after(max(record.attempts, 1), self.rng)
         record.meta = meta
-        history = HistoryEntry(now, message_id, previous or "-", new_state, reason)
+        history = HistoryEntry(now, message_id, previous or "-", new_state, reason, actor)
         rows: list[OutboxRow] = self.store.save_saga(
             record, expected_version=expected_version, history=history, inbox=inbox, outbox=outgoing
         )
@@ -327,62 +331,53 @@ class SagaEngine:
 
     # -- operators ---------------------------------------------------------------------------------
 
-    def retry(self, saga_id: str) -> list[OutboxRow]:
-        """Operator: send the current request again now (fresh attempts); a saga parked in ``failed``
-        goes back to the state it failed in and starts that state again."""
+    def retry(self, saga_id: str, *, actor: str) -> list[OutboxRow]:
+        """Operator ``actor``: send the current request again now (fresh attempts); a saga parked in
+        ``failed`` goes back to the state it failed in and starts that state again."""
         record = self._require(saga_id)
         d = self.definitions[record.type]
+        target = record.state
         if record.state == FAILED:
-            back = record.meta.get("failed_from")
-            if not back or back not in d.states or back == FAILED:
-                raise SagasError(f"saga {saga_id} has no state to go back to")
+            target = record.meta.get("failed_from") or ""
+            if target not in d.states or target == FAILED:
+                raise ActionRefused(
+                    f"saga {saga_id} has no state to go back to (it failed in {target or 'no known state'!r}): "
+                    "compensate it, or fix its data and start a new one"
+                )
             record.final = False
             record.meta = {k: v for k, v in record.meta.items() if k not in ("failed_from", "reason")}
-            ctx = SagaContext(record.id, d.type, record.state, record.data, None)
-            return self._enter(
-                d,
-                record,
-                back,
-                ctx,
-                f"operator:retry:{record.version}",
-                "operator: retry",
-                None,
-                expected_version=record.version,
-            )
-        if record.final:
-            raise SagasError(f"saga {saga_id} has ended in {record.state}; only a failed saga can be retried")
+        elif record.final:
+            raise ActionRefused(f"saga {saga_id} has ended in {record.state}; only a failed saga can be retried")
         ctx = SagaContext(record.id, d.type, record.state, record.data, None)
+        message_id = f"operator:retry:{record.version}"
         return self._enter(
-            d,
-            record,
-            record.state,
-            ctx,
-            f"operator:retry:{record.version}",
-            "operator: retry",
-            None,
-            expected_version=record.version,
+            d, record, target, ctx, message_id, "operator: retry", None, expected_version=record.version, actor=actor
         )
 
-    def compensate(self, saga_id: str) -> list[OutboxRow]:
-        """Operator: start compensating a saga now, where its type says how from its state."""
+    def compensate(self, saga_id: str, *, actor: str) -> list[OutboxRow]:
+        """Operator ``actor``: start compensating a saga now, where its type says how from its state."""
         record = self._require(saga_id)
         d = self.definitions[record.type]
         if record.final:
-            raise SagasError(f"saga {saga_id} has ended in {record.state}; there is nothing to compensate")
+            raise ActionRefused(f"saga {saga_id} has ended in {record.state}; there is nothing to compensate")
         if COMPENSATE not in d.triggers_from(record.state):
-            raise SagasError(f"saga type {d.type} defines no compensation from state {record.state!r}")
-        ctx = SagaContext(record.id, d.type, record.state, record.data, None, reason="operator: compensate")
-        applied = self._trigger(
-            d, record, COMPENSATE, ctx, f"operator:compensate:{record.version}", "operator: compensate", None
-        )
+            raise ActionRefused(f"saga type {d.type} defines no compensation from state {record.state!r}")
+        reason = "operator: compensate"
+        ctx = SagaContext(record.id, d.type, record.state, record.data, None, reason=reason)
+        message_id = f"operator:compensate:{record.version}"
+        applied = self._trigger(d, record, COMPENSATE, ctx, message_id, reason, None, actor=actor)
         if not applied.moved:
-            raise SagasError(f"saga {saga_id} did not move: {applied.note}")
+            raise ActionRefused(f"saga {saga_id} did not move: {applied.note}")
         return applied.rows
 
     def _require(self, saga_id: str) -> SagaRecord:
         record: SagaRecord | None = self.store.get_saga(saga_id)
-        if record is None or record.type not in self.definitions:
-            raise SagasError(f"no saga {saga_id!r} of a type this app knows")
+        if record is None:
+            raise NotFound(f"no saga {saga_id!r}")
+        if record.type not in self.definitions:
+            raise NotFound(
+                f"saga {saga_id} is of type {record.type!r}, which this app does not declare: give the app that runs it"
+            )
         return record
 
 

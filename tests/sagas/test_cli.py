@@ -17,7 +17,7 @@ from sagas import App, Event, EventBus, Reject, Service, Worker
 from sagas._cli import cli
 from tests.helpers import wait_for
 
-COMMANDS = [["run"], ["publish"], ["dead", "ls"], ["dead", "replay"], ["health"], ["demo"]]
+COMMANDS = [["run"], ["publish"], ["dead", "ls"], ["dead", "show"], ["dead", "replay"], ["health"], ["demo"]]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
@@ -56,6 +56,13 @@ def test_publish_then_dead_ls_and_replay(broker_url: str, unique: str, buses: li
         assert "first time is bad" in letter["reason"]
         text = runner.invoke(cli, ["dead", "ls", *common]).output
         assert event_id in text
+        shown = runner.invoke(cli, ["dead", "show", event_id, *common])
+        assert shown.exit_code == 0, shown.output
+        assert "first time is bad" in shown.output
+        assert "traceback:" in shown.output and "Reject" in shown.output
+        missing = runner.invoke(cli, ["dead", "show", "nope", *common])
+        assert missing.exit_code == 1
+        assert "error: no dead letter 'nope'" in missing.output
         replay = runner.invoke(cli, ["dead", "replay", event_id, *common])
         assert replay.exit_code == 0, replay.output
         wait_for(lambda: event_id in handled, what="replayed event handled")

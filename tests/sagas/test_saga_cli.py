@@ -271,9 +271,10 @@ def test_ls_table_filters_by_state_and_type(run: Run) -> None:
     result = invoke("ls", "--state", "done", "--store", run.store)
     assert result.exit_code == 0, result.output
     header, *rows = result.stdout.splitlines()
-    assert header.split() == ["ID", "TYPE", "STATE", "FINAL", "DEADLINE", "UPDATED"]
+    assert header.split() == ["ID", "TYPE", "KEY", "STATE", "FINAL", "DEADLINE", "UPDATED"]
     assert {row.split()[0] for row in rows} == set(run.ids.values())
-    assert all(row.split()[1:5] == ["postprocessing", "done", "yes", "-"] for row in rows)
+    assert {row.split()[2] for row in rows} == set(run.ids)
+    assert all(row.split()[1:2] + row.split()[3:6] == ["postprocessing", "done", "yes", "-"] for row in rows)
     assert invoke("ls", "--state", "scanning", "--store", run.store).stdout.strip() == "no sagas"
     assert invoke("ls", "--type", "other", "--json", "--store", run.store).stdout == ""
     assert (
@@ -534,6 +535,8 @@ def test_retry_takes_a_failed_saga_back_and_it_completes(operated: tuple[Worker,
     result = invoke(
         "retry",
         saga_id,
+        "--as",
+        "marie",
         "--app",
         "tests.sagas.test_saga_cli:app_for_retry",
         "--broker",
@@ -553,6 +556,9 @@ def test_retry_takes_a_failed_saga_back_and_it_completes(operated: tuple[Worker,
         (FAILED, "waiting", "operator: retry"),
         ("waiting", "done", f"reply to {WORK}"),
     ]
+    assert [h["actor"] for h in history][1:] == ["", "marie", ""]
+    shown = invoke("show", "--type", "cli_parking", "--key", "p1", "--store", store).stdout
+    assert re.search(r"failed -> waiting\s+operator: retry  by marie", shown)
 
 
 def test_retry_with_the_broker_down_leaves_the_request_in_the_outbox(operated: tuple[Worker, str], unique: str) -> None:
@@ -719,3 +725,22 @@ def test_ls_and_show_read_a_postgresql_store(postgres_url: str, unique: str) -> 
     finally:
         store._execute(f"DROP SCHEMA {unique} CASCADE")
         store.close()
+
+
+def test_counts_shows_sagas_by_type_and_state_and_the_outbox(run: Run) -> None:
+    """`counts` prints the sagas per type and state and the unsent outbox messages; --json the same."""
+    result = invoke("counts", "--store", run.store)
+    assert result.exit_code == 0, result.output
+    assert re.search(r"^postprocessing\s+done\s+yes\s+3$", result.stdout, re.M)
+    assert "outbox: 0 unsent" in result.stdout
+    data = json.loads(invoke("counts", "--json", "--store", run.store).stdout)
+    assert data["sagas"] == [{"type": "postprocessing", "state": "done", "final": True, "count": 3}]
+    assert data["outbox"] == {"unsent": 0, "oldest_created_at": None}
+
+
+def test_show_needs_an_id_or_a_type_and_key(run: Run) -> None:
+    """`show` with neither an id nor --type and --key, or with both, is a usage error (exit 2)."""
+    for args in (["show"], ["show", "--type", "postprocessing"], ["show", "x", "--type", "t", "--key", "k"]):
+        result = invoke(*args, "--store", run.store)
+        assert result.exit_code == 2, (args, result.output)
+        assert "give a saga id, or --type and --key" in result.output

@@ -572,7 +572,7 @@ def test_retry_of_a_failed_saga_goes_back_to_where_it_failed(trip: Harness) -> N
     the saga can then finish."""
     saga_id = _parked(trip)
     old_request = trip.store.saga_history(saga_id)
-    rows = trip.engine.retry(saga_id)
+    rows = trip.engine.retry(saga_id, actor="marie")
     (request,) = requests(rows)
     back = trip.saga(saga_id)
     assert back.state == "undo_car"
@@ -594,7 +594,7 @@ def test_retry_of_a_waiting_saga_sends_its_request_again(trip: Harness) -> None:
     assert deadline is not None
     _fire_at(trip, deadline)
     assert trip.saga(saga_id).attempts == 2
-    (request,) = requests(trip.engine.retry(saga_id))
+    (request,) = requests(trip.engine.retry(saga_id, actor="marie"))
     assert request.type == HOTEL
     assert trip.saga(saga_id).attempts == 1
     assert trip.saga(saga_id).state == "hotel"
@@ -606,9 +606,9 @@ def test_retry_of_a_saga_that_ended_well_is_refused(trip: Harness) -> None:
     for _ in range(3):
         trip.answer("trip", saga_id)
     with pytest.raises(SagasError, match="only a failed saga can be retried"):
-        trip.engine.retry(saga_id)
+        trip.engine.retry(saga_id, actor="marie")
     with pytest.raises(SagasError, match="no saga"):
-        trip.engine.retry("nope")
+        trip.engine.retry("nope", actor="marie")
 
 
 def test_operator_compensate_follows_the_compensate_transition(trip: Harness) -> None:
@@ -617,7 +617,7 @@ def test_operator_compensate_follows_the_compensate_transition(trip: Harness) ->
     trip.answer("trip", saga_id)
     trip.answer("trip", saga_id)
     assert trip.saga(saga_id).state == "flight"
-    (undo,) = requests(trip.engine.compensate(saga_id))
+    (undo,) = requests(trip.engine.compensate(saga_id, actor="marie"))
     assert undo.type == RETURN_CAR
     assert trip.saga(saga_id).state == "undo_car"
     assert trip.store.saga_history(saga_id)[-1].reason == "operator: compensate"
@@ -631,11 +631,11 @@ def test_operator_compensate_where_none_is_defined_is_refused(trip: Harness) -> 
     trip.answer("trip", saga_id, ok=False, reason="no cars")
     assert trip.saga(saga_id).state == "undo_hotel"
     with pytest.raises(SagasError, match="no compensation from state 'undo_hotel'"):
-        trip.engine.compensate(saga_id)
+        trip.engine.compensate(saga_id, actor="marie")
     assert trip.saga(saga_id).state == "undo_hotel"
     parked = _parked(trip, key="t2")
     with pytest.raises(SagasError):
-        trip.engine.compensate(parked)
+        trip.engine.compensate(parked, actor="marie")
 
 
 # -- concurrency -------------------------------------------------------------------------------------

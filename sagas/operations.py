@@ -1,0 +1,302 @@
+"""The operator API: find, understand and fix sagas and dead letters.
+
+The ``sagas`` command line and the web console are thin layers over :class:`Operations`; a team's own
+tooling can use it the same way::
+
+    from sagas.operations import Operations
+
+    with Operations("postgresql://sagas@db/sagas", sagas=app.sagas, bus=EventBus(url)) as ops:
+        for record in ops.sagas(type="postprocessing", stuck=True).items:
+            ops.retry(record.id, actor="marie")
+
+Reading needs only the store. Retrying and compensating also need the app's saga types (to know where
+a saga goes) and, to send what the action commits at once, a bus; without one the messages wait in
+the store's outbox and a running worker's relay sends them. Every action is recorded in the saga's
+history with who (``actor``), what and when. Dead letters need the bus.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+import structlog
+
+from transport import DeadLetter, EventBus, TransportError
+
+from ._errors import ActionRefused, ConfigurationError, NotFound, SagasError
+from ._outbox import OutboxPublisher
+from ._saga import Saga
+from ._saga_engine import SagaEngine
+from ._store import HistoryEntry, OutboxBacklog, OutboxRow, SagaRecord, StateCount, Store, VersionConflict, open_store
+
+log = structlog.get_logger("sagas.operations")
+
+T = TypeVar("T")
+
+#: The most sagas one page holds.
+MAX_PAGE = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Page(Generic[T]):
+    """One page of a listing: ``items``, where it starts (``offset``), and whether more follow."""
+
+    items: list[T]
+    offset: int
+    limit: int
+    has_more: bool
+
+    @property
+    def next_offset(self) -> int | None:
+        """The offset of the next page, or None on the last one."""
+        return self.offset + len(self.items) if self.has_more else None
+
+
+@dataclass(frozen=True, slots=True)
+class SagaView:
+    """One saga as an operator sees it: the record and its history, oldest first."""
+
+    record: SagaRecord
+    history: list[HistoryEntry]
+
+    @property
+    def waiting_for(self) -> dict[str, str] | None:
+        """The request the saga waits on a reply to (``{"type", "id"}``), if any."""
+        pending = self.record.meta.get("request")
+        if isinstance(pending, dict) and pending.get("type"):
+            return {"type": str(pending["type"]), "id": str(pending.get("id", ""))}
+        return None
+
+    @property
+    def failure(self) -> dict[str, str] | None:
+        """Where and why the saga failed (``{"state", "reason"}``), if it was parked in ``failed``, or
+        left it again by an operator's retry."""
+        meta = self.record.meta
+        if not (meta.get("reason") or meta.get("failed_from")):
+            return None
+        return {"state": str(meta.get("failed_from") or ""), "reason": str(meta.get("reason") or "")}
+
+    def to_dict(self) -> dict[str, Any]:
+        out = self.record.to_dict()
+        out["history"] = [h.to_dict() for h in self.history]
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class ActionResult:
+    """What an operator action did: the saga's move, and the messages it committed. ``published`` are
+    the (event type, message id) pairs the broker confirmed; ``pending`` messages wait in the outbox
+    for a worker's relay (``problem`` says why, when publishing was tried and failed)."""
+
+    saga_id: str
+    action: str
+    actor: str
+    from_state: str
+    to_state: str
+    published: list[tuple[str, str]] = field(default_factory=list)
+    pending: int = 0
+    problem: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayResult:
+    """What a replay of dead letters did: the ids put back, the ids kept (with why), and the ids asked
+    for that are not in the dead-letter queue."""
+
+    replayed: list[str]
+    kept: dict[str, str]
+    missing: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class DropResult:
+    """What dropping dead letters did: the ids deleted, and the ids asked for that were not there."""
+
+    dropped: list[str]
+    missing: list[str]
+
+
+class Operations:
+    """Operator actions on one store (a URL, or an open :class:`~sagas.Store`), for an app's ``sagas``,
+    publishing on ``bus`` when one is given. A store opened from a URL is closed by :meth:`close` (or
+    the ``with`` block); a store or bus passed in belongs to the caller."""
+
+    def __init__(
+        self,
+        store: str | Store,
+        *,
+        sagas: Sequence[type[Saga]] = (),
+        bus: EventBus | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._owns_store = isinstance(store, str)
+        self.store = open_store(store)
+        self.bus = bus
+        self.clock = clock
+        self._engine = SagaEngine(sagas, self.store, clock=clock) if sagas else None
+
+    def __enter__(self) -> Operations:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the store if this object opened it."""
+        if self._owns_store:
+            self.store.close()
+
+    # -- reading -------------------------------------------------------------------------------------
+
+    def sagas(
+        self,
+        *,
+        type: str | None = None,
+        state: str | None = None,
+        key: str | None = None,
+        stuck: bool = False,
+        stuck_after: float = 60.0,
+        newest_first: bool = False,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> Page[SagaRecord]:
+        """A page of sagas, oldest first (or newest), filtered by type, state and business key.
+
+        ``stuck`` keeps only sagas that have not ended and whose deadline is missing or passed at least
+        ``stuck_after`` seconds ago: a worker should have moved them (is one running?)."""
+        if not 1 <= limit <= MAX_PAGE:
+            raise ConfigurationError(f"limit must be between 1 and {MAX_PAGE}, not {limit}")
+        if offset < 0:
+            raise ConfigurationError(f"offset must be 0 or more, not {offset}")
+        stuck_before = self.clock() - stuck_after if stuck else None
+        records = self.store.list_sagas(
+            type, state, stuck_before, limit + 1, key=key, newest_first=newest_first, offset=offset
+        )
+        return Page(records[:limit], offset, limit, has_more=len(records) > limit)
+
+    def saga(self, saga_id: str | None = None, *, type: str | None = None, key: str | None = None) -> SagaView:
+        """One saga with its history: by id, or by type and business key. Raises :class:`NotFound`."""
+        if saga_id is not None:
+            if type is not None or key is not None:
+                raise ConfigurationError("find a saga by its id, or by type and key, not both")
+            record = self.store.get_saga(saga_id)
+            if record is None:
+                raise NotFound(f"no saga {saga_id!r}")
+        else:
+            if not (type and key):
+                raise ConfigurationError("find a saga by its id, or by type and key (both)")
+            record = self.store.find_saga(type, key)
+            if record is None:
+                raise NotFound(f"no {type} saga with key {key!r}")
+        return SagaView(record, self.store.saga_history(record.id))
+
+    def counts(self) -> list[StateCount]:
+        """How many sagas each type has in each state."""
+        return self.store.count_by_state()
+
+    def outbox_backlog(self) -> OutboxBacklog:
+        """Messages committed and not yet confirmed by the broker (a growing backlog means no worker
+        relays them: is one running, and does it reach the broker?)."""
+        return self.store.outbox_backlog()
+
+    # -- acting on sagas -----------------------------------------------------------------------------
+
+    def retry(self, saga_id: str, *, actor: str) -> ActionResult:
+        """Send a waiting saga's request again now with fresh attempts, or take a saga parked in
+        ``failed`` back to the state it failed in and start that state again."""
+        return self._act("retry", saga_id, actor)
+
+    def compensate(self, saga_id: str, *, actor: str) -> ActionResult:
+        """Start compensating a saga now, where its type declares how from its current state."""
+        return self._act("compensate", saga_id, actor)
+
+    def _act(self, action: str, saga_id: str, actor: str) -> ActionResult:
+        if not actor or not actor.strip():
+            raise ConfigurationError("say who acts: actor='name' (it is kept in the saga's history)")
+        if self._engine is None:
+            raise ConfigurationError(
+                f"to {action} a saga, give Operations the app's saga types: Operations(store, sagas=app.sagas)"
+            )
+        before = self.store.get_saga(saga_id)
+        if before is None:
+            raise NotFound(f"no saga {saga_id!r}")
+        try:
+            if action == "retry":
+                rows = self._engine.retry(saga_id, actor=actor)
+            else:
+                rows = self._engine.compensate(saga_id, actor=actor)
+        except VersionConflict:
+            raise ActionRefused(
+                f"saga {saga_id} changed while the {action} was being applied (a worker moved it): "
+                "look at it again, then repeat the action if it still applies"
+            ) from None
+        after = self.store.get_saga(saga_id)
+        to_state = after.state if after is not None else "?"
+        log.info(
+            "operator.action", action=action, actor=actor, saga_id=saga_id, from_state=before.state, to_state=to_state
+        )
+        published, problem = self._publish(rows)
+        return ActionResult(
+            saga_id,
+            action,
+            actor,
+            before.state,
+            to_state,
+            published=published,
+            pending=len(rows) - len(published),
+            problem=problem,
+        )
+
+    def _publish(self, rows: list[OutboxRow]) -> tuple[list[tuple[str, str]], str | None]:
+        """Publish what an action committed, if there is a bus; the relay sends whatever is left."""
+        if not rows or self.bus is None:
+            return [], None
+        try:
+            OutboxPublisher(self.bus, self.store, self._engine).publish(rows)
+        except (TransportError, SagasError) as exc:
+            return [], str(exc)
+        return [(r.routing_key, r.message_id) for r in rows], None
+
+    # -- dead letters --------------------------------------------------------------------------------
+
+    def dead_letters(self, limit: int = 1000) -> list[DeadLetter]:
+        """Up to ``limit`` dead letters, oldest first, with their queue, reason and error."""
+        return self._need_bus("list dead letters").dead_letters(limit)
+
+    def dead_letter(self, letter_id: str) -> DeadLetter:
+        """One dead letter by its id. Raises :class:`NotFound`."""
+        for letter in self._need_bus("show a dead letter").dead_letters(1_000_000):
+            if letter.id == letter_id:
+                return letter
+        raise NotFound(f"no dead letter {letter_id!r}")
+
+    def replay_dead(self, ids: Iterable[str] | None, *, actor: str) -> ReplayResult:
+        """Put dead letters (``ids``, or every one with None) back on the queue they came from, with a
+        fresh attempt count."""
+        bus = self._need_bus("replay dead letters")
+        wanted = None if ids is None else list(dict.fromkeys(ids))
+        kept: dict[str, str] = {}
+        replayed = bus.replay_dead(wanted, skipped=kept)
+        missing = [] if wanted is None else [i for i in wanted if i not in replayed and i not in kept]
+        log.info("operator.dead_letters_replayed", actor=actor, replayed=replayed, kept=sorted(kept), missing=missing)
+        return ReplayResult(replayed, kept, missing)
+
+    def _need_bus(self, what: str) -> EventBus:
+        if self.bus is None:
+            raise ConfigurationError(f"to {what}, give Operations a bus: Operations(store, bus=EventBus(url))")
+        return self.bus
+
+
+__all__ = [
+    "ActionRefused",
+    "ActionResult",
+    "DropResult",
+    "NotFound",
+    "Operations",
+    "Page",
+    "ReplayResult",
+    "SagaView",
+]

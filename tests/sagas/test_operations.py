@@ -1,0 +1,198 @@
+"""The operator API (``sagas.operations``): finding sagas, acting on them with who acted kept in their
+history, and dead letters, on the real worker and store through the deterministic harness."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+
+import pytest
+import structlog
+
+from examples.postprocessing import Postprocessing
+from examples.postprocessing import app as postprocessing_app
+from examples.share import Share
+from examples.share import app as share_app
+from sagas import App, ConfigurationError, Event, Reject, Service
+from sagas.operations import ActionRefused, NotFound, Operations
+from sagas.testing import Drop, Harness
+
+MakeHarness = Callable[..., Harness]
+
+
+@pytest.fixture(autouse=True)
+def _quiet() -> Iterator[None]:
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL))
+    yield
+
+
+def _upload(h: Harness, upload_id: str, name: str = "a.txt") -> None:
+    h.publish("ocis.storage.bytes_received", {"upload_id": upload_id, "name": name, "size": 10, "user": "marie"})
+
+
+def _ops(h: Harness, *, bus: bool = True) -> Operations:
+    return Operations(h.store, sagas=h.app.sagas, bus=h.client_bus() if bus else None, clock=h.clock)
+
+
+def test_sagas_pages_with_a_next_offset_and_filters_by_key(saga_harness: MakeHarness) -> None:
+    """A listing is paged (has_more, next_offset), newest first on request, and filters by key."""
+    h = saga_harness(postprocessing_app)
+    for i in range(5):
+        _upload(h, f"u{i}")
+        h.run()  # each saga starts a second after the one before
+        h.clock.advance(1)
+    h.settle()
+    ops = _ops(h)
+    first = ops.sagas(limit=2)
+    assert [r.key for r in first.items] == ["u0", "u1"]
+    assert (first.has_more, first.next_offset) == (True, 2)
+    last = ops.sagas(limit=2, offset=4)
+    assert [r.key for r in last.items] == ["u4"]
+    assert (last.has_more, last.next_offset) == (False, None)
+    assert [r.key for r in ops.sagas(newest_first=True, limit=1).items] == ["u4"]
+    assert [r.key for r in ops.sagas(key="u3").items] == ["u3"]
+    assert ops.sagas(type="postprocessing", state="done", limit=10).items[0].final
+    with pytest.raises(ConfigurationError, match="limit must be between 1 and"):
+        ops.sagas(limit=0)
+
+
+def test_saga_is_found_by_id_or_by_type_and_key(saga_harness: MakeHarness) -> None:
+    """One saga is found by id or by (type, key), with its history; a missing one raises NotFound."""
+    h = saga_harness(postprocessing_app)
+    _upload(h, "u1")
+    h.settle()
+    ops = _ops(h)
+    by_key = ops.saga(type="postprocessing", key="u1")
+    by_id = ops.saga(by_key.record.id)
+    assert by_id.record.id == by_key.record.id
+    assert [e.to_state for e in by_id.history][-1] == "done"
+    assert by_id.waiting_for is None
+    with pytest.raises(NotFound, match="no postprocessing saga with key 'nope'"):
+        ops.saga(type="postprocessing", key="nope")
+    with pytest.raises(NotFound, match="no saga 'nope'"):
+        ops.saga("nope")
+    with pytest.raises(ConfigurationError, match="by its id, or by type and key"):
+        ops.saga(by_id.record.id, type="postprocessing", key="u1")
+
+
+def test_retry_resends_the_request_and_records_who_acted(saga_harness: MakeHarness) -> None:
+    """Retrying a saga whose request was lost sends it again at once, and its history names the actor."""
+    h = saga_harness(postprocessing_app)
+    h.inject(Drop(), match="ocis.antivirus.scan")
+    _upload(h, "u1")
+    h.run()
+    saga_id = h.saga(Postprocessing, "u1").id
+    view = _ops(h).saga(saga_id)
+    assert view.record.state == "scanning"
+    assert view.waiting_for is not None and view.waiting_for["type"] == "ocis.antivirus.scan"
+    result = _ops(h).retry(saga_id, actor="marie")
+    assert (result.from_state, result.to_state, result.actor) == ("scanning", "scanning", "marie")
+    assert [t for t, _ in result.published] == ["ocis.antivirus.scan"]
+    assert result.pending == 0
+    h.run()  # no clock move: the request went out at once and was answered
+    assert h.saga(Postprocessing, "u1").state == "done"
+    retried = [e for e in h.history(saga_id) if e.reason == "operator: retry"]
+    assert [(e.actor, e.message_id.startswith("operator:retry:")) for e in retried] == [("marie", True)]
+
+
+def test_an_action_without_a_bus_leaves_its_messages_for_the_relay(saga_harness: MakeHarness) -> None:
+    """Without a bus, an action commits its messages to the outbox; a worker's relay sends them."""
+    h = saga_harness(postprocessing_app)
+    h.inject(Drop(), match="ocis.antivirus.scan")
+    _upload(h, "u1")
+    h.run()
+    ops = _ops(h, bus=False)
+    result = ops.retry(h.saga(Postprocessing, "u1").id, actor="marie")
+    assert (result.published, result.pending) == ([], 1)
+    assert ops.outbox_backlog().unsent == 1
+    h.settle()
+    assert h.saga(Postprocessing, "u1").state == "done"
+    assert ops.outbox_backlog().unsent == 0
+
+
+def test_compensate_starts_the_compensations_and_records_who_acted(saga_harness: MakeHarness) -> None:
+    """Compensating a waiting step saga undoes its finished steps; the history names the actor."""
+    h = saga_harness(share_app)
+    h.inject(Drop(), match="ocis.sharing.grant", times=100)
+    h.publish(
+        "ocis.sharing.share_requested",
+        {"share_id": "s1", "owner": "einstein", "grantee": "marie", "path": "/p", "size": 1},
+    )
+    h.run()
+    saga_id = h.saga(Share, "s1").id
+    result = _ops(h).compensate(saga_id, actor="richard")
+    assert (result.from_state, result.actor) == ("grant", "richard")
+    h.settle()
+    assert h.saga(Share, "s1").state == "compensated"
+    assert [e.actor for e in h.history(saga_id) if e.reason == "operator: compensate"] == ["richard"]
+
+
+def test_actions_that_do_not_apply_raise_typed_errors(saga_harness: MakeHarness) -> None:
+    """Retrying an ended saga or compensating where nothing is declared raises ActionRefused; an unknown
+    id NotFound; an action without the app's sagas or without an actor, ConfigurationError."""
+    h = saga_harness(postprocessing_app)
+    _upload(h, "u1")
+    h.settle()
+    saga_id = h.saga(Postprocessing, "u1").id
+    ops = _ops(h)
+    with pytest.raises(ActionRefused, match="only a failed saga can be retried"):
+        ops.retry(saga_id, actor="marie")
+    with pytest.raises(ActionRefused, match="nothing to compensate"):
+        ops.compensate(saga_id, actor="marie")
+    with pytest.raises(NotFound, match="no saga 'nope'"):
+        ops.retry("nope", actor="marie")
+    with pytest.raises(ConfigurationError, match="say who acts"):
+        ops.retry(saga_id, actor=" ")
+    with pytest.raises(ConfigurationError, match="give Operations the app's saga types"):
+        Operations(h.store).retry(saga_id, actor="marie")
+
+
+def test_counts_by_type_and_state(saga_harness: MakeHarness) -> None:
+    """counts() gives the number of sagas per type and state."""
+    h = saga_harness(postprocessing_app)
+    _upload(h, "u1")
+    _upload(h, "u2", name="eicar.txt")
+    h.settle()
+    h.inject(Drop(), match="ocis.antivirus.scan", times=100)
+    _upload(h, "u3")
+    h.run()
+    counts = {(c.type, c.state): c.count for c in _ops(h).counts()}
+    assert counts == {("postprocessing", "done"): 2, ("postprocessing", "scanning"): 1}
+
+
+def test_dead_letters_are_listed_shown_and_replayed(saga_harness: MakeHarness) -> None:
+    """A rejected message is listed with its reason, shown by id, and replayed on request, by whom kept in
+    the log; unknown ids are reported as missing."""
+    accept: list[bool] = [False]
+    seen: list[str] = []
+    svc = Service("picky")
+
+    @svc.on("ocis.files.uploaded")
+    def take(event: Event) -> None:
+        if not accept[0]:
+            raise Reject("not today")
+        seen.append(event.id)
+
+    h = saga_harness(App(svc))
+    event = h.publish("ocis.files.uploaded", {"path": "/a"})
+    h.run()
+    ops = Operations(h.store, bus=h.client_bus())
+    (letter,) = ops.dead_letters()
+    assert (letter.id, letter.routing_key) == (event.id, "ocis.files.uploaded")
+    assert "not today" in letter.reason
+    assert ops.dead_letter(event.id).queue == letter.queue
+    with pytest.raises(NotFound):
+        ops.dead_letter("nope")
+    accept[0] = True
+    result = ops.replay_dead([event.id, "nope"], actor="marie")
+    assert (result.replayed, result.missing, result.kept) == ([event.id], ["nope"], {})
+    h.run()
+    assert seen == [event.id]
+    assert ops.dead_letters() == []
+
+
+def test_dead_letters_need_a_bus(saga_harness: MakeHarness) -> None:
+    """Dead-letter operations without a bus say how to give one."""
+    h = saga_harness(postprocessing_app)
+    with pytest.raises(ConfigurationError, match="give Operations a bus"):
+        Operations(h.store).dead_letters()
