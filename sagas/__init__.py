@@ -6,7 +6,7 @@ delivery guarantee each subscription picked.
 
 from transport import Event, EventBus
 
-from ._errors import ConfigurationError, Failure, NoReply, Reject, SagasError, StoreError
+from ._errors import ActionRefused, ConfigurationError, Failure, NoReply, NotFound, Reject, SagasError, StoreError
 from ._logging import configure_logging
 from ._protocol import COMPENSATE, TIMEOUT
 from ._saga import (
@@ -47,6 +47,7 @@ __all__ = [
     "COMPENSATE",
     "FAILED",
     "TIMEOUT",
+    "ActionRefused",
     "App",
     "ConfigurationError",
     "Context",
@@ -60,6 +61,7 @@ __all__ = [
     "InboxStore",
     "MemoryStore",
     "NoReply",
+    "NotFound",
     "On",
     "PostgresStore",
     "Reject",

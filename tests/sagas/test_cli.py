@@ -59,7 +59,8 @@ def test_publish_then_dead_ls_and_replay(broker_url: str, unique: str, buses: li
         shown = runner.invoke(cli, ["dead", "show", event_id, *common])
         assert shown.exit_code == 0, shown.output
         assert "first time is bad" in shown.output
-        assert "traceback:" in shown.output and "Reject" in shown.output
+        assert "traceback:" in shown.output
+        assert "Reject" in shown.output
         missing = runner.invoke(cli, ["dead", "show", "nope", *common])
         assert missing.exit_code == 1
         assert "error: no dead letter 'nope'" in missing.output

@@ -4,7 +4,7 @@ history, and dead letters, on the real worker and store through the deterministi
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import structlog
@@ -21,9 +21,9 @@ MakeHarness = Callable[..., Harness]
 
 
 @pytest.fixture(autouse=True)
-def _quiet() -> Iterator[None]:
+def _quiet() -> None:
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL))
-    yield
+    return
 
 
 def _upload(h: Harness, upload_id: str, name: str = "a.txt") -> None:
@@ -84,7 +84,8 @@ def test_retry_resends_the_request_and_records_who_acted(saga_harness: MakeHarne
     saga_id = h.saga(Postprocessing, "u1").id
     view = _ops(h).saga(saga_id)
     assert view.record.state == "scanning"
-    assert view.waiting_for is not None and view.waiting_for["type"] == "ocis.antivirus.scan"
+    assert view.waiting_for is not None
+    assert view.waiting_for["type"] == "ocis.antivirus.scan"
     result = _ops(h).retry(saga_id, actor="marie")
     assert (result.from_state, result.to_state, result.actor) == ("scanning", "scanning", "marie")
     assert [t for t, _ in result.published] == ["ocis.antivirus.scan"]
