@@ -719,7 +719,10 @@ class PostgresStore(_SqlStore):
         import psycopg
         from psycopg import sql
 
-        self._db = psycopg.connect(self._url, autocommit=True, connect_timeout=10)
+        # Named in pg_stat_activity after the schema, so an operator can tell the store's sessions apart.
+        self._db = psycopg.connect(
+            self._url, autocommit=True, connect_timeout=10, application_name=f"sagas:{self.schema}"[:63]
+        )
         if setup:
             # Two processes creating one schema at the same moment collide on the catalog's unique keys
             # (CREATE ... IF NOT EXISTS is not safe against that): they take turns. __init__ unlocks.

@@ -723,8 +723,11 @@ def test_ls_and_show_read_a_postgresql_store(postgres_url: str, unique: str) -> 
         assert re.search(r"- -> scanning\s+started\s+\[m1\]", shown.stdout)
         assert invoke("ls", "--stuck", "--json", "--store", url).stdout == ""
     finally:
-        store._execute(f"DROP SCHEMA {unique} CASCADE")
         store.close()
+        import psycopg
+
+        with psycopg.connect(postgres_url, autocommit=True) as admin:
+            admin.execute(f"DROP SCHEMA {unique} CASCADE")
 
 
 def test_counts_shows_sagas_by_type_and_state_and_the_outbox(run: Run) -> None:

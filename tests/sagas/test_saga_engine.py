@@ -760,7 +760,8 @@ def test_a_saga_in_a_state_its_type_no_longer_has_is_parked_not_blocking() -> No
     record = store.get_saga(stranded.id)
     assert record is not None
     record.state, record.version = "renamed_away", record.version + 1
-    store._sagas[record.id] = record  # as if a deploy removed the state it waits in
+    moved = HistoryEntry(now[0], "m", "waiting", "renamed_away", "as if a deploy removed the state it waits in")
+    store.save_saga(record, expected_version=record.version - 1, history=moved, inbox=None, outbox=[])
     now[0] += 10
     engine.fire_due()
     parked, other = store.get_saga(stranded.id), store.get_saga(healthy.id)

@@ -4,6 +4,7 @@ survive a restart of the worker."""
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -366,9 +367,9 @@ def test_deadline_fires_after_a_worker_restart(
             assert history[1].reason == f"deadline passed: re-sent {SHIP} (attempt 2)"
             sent = [
                 row[0]
-                for row in reader._db.execute(  # type: ignore[attr-defined]
-                    "SELECT message_id FROM outbox WHERE saga_id = ? ORDER BY id", (waiting.id,)
-                ).fetchall()
+                for row in sqlite3.connect(tmp_path / "sagas.db")
+                .execute("SELECT message_id FROM outbox WHERE saga_id = ? ORDER BY id", (waiting.id,))
+                .fetchall()
             ]
             assert sent[:2] == [request_id, request_id]
             with make_worker(buses, participant, broker_url, concurrency=1).running():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -441,7 +442,8 @@ def test_sqlite_finds_due_sagas_through_the_partial_index(tmp_path: Path) -> Non
         assert isinstance(store, SQLiteStore)
         for i in range(50):
             _insert(store, _record(f"t{i}", deadline=None if i % 2 else T0 + i))
-        plan = store._db.execute(
+        db = sqlite3.connect(tmp_path / "sagas.db")
+        plan = db.execute(
             f"EXPLAIN QUERY PLAN SELECT {_SAGA_COLUMNS} FROM sagas WHERE deadline IS NOT NULL AND deadline <= ?"
             " AND type IN (?, ?) ORDER BY deadline, id LIMIT ?",
             (T0 + 10, "trip", "errand", 10),
@@ -493,7 +495,11 @@ def test_postgres_store_reconnects_after_its_session_is_killed(postgres_url: str
     try:
         store.remember("c", "m1")
         with psycopg.connect(postgres_url, autocommit=True) as admin:
-            admin.execute("SELECT pg_terminate_backend(%s)", (store._db.info.backend_pid,))
+            (pid,) = admin.execute(
+                "SELECT pid FROM pg_stat_activity WHERE application_name = %s", (f"sagas:{unique}",)
+            ).fetchone() or (None,)
+            assert pid is not None, "the store's session names itself after its schema"
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
         with pytest.raises(psycopg.OperationalError):
             store.seen("c", "m1")
         assert store.seen("c", "m1")
@@ -540,7 +546,6 @@ def test_deadlines_fire_in_one_group_and_a_conflict_skips_only_its_saga(reopen: 
 
 
 def test_a_version_1_store_is_upgraded_when_it_opens(tmp_path: Path) -> None:
-    import sqlite3
 
     path = tmp_path / "old.db"
     store = SQLiteStore(str(path))
@@ -569,7 +574,6 @@ def test_a_version_1_store_is_upgraded_when_it_opens(tmp_path: Path) -> None:
 
 def test_a_version_2_store_gets_the_history_actor_when_it_opens(tmp_path: Path) -> None:
     """Opening a schema-2 store adds the history's actor column; old entries read with no actor."""
-    import sqlite3
 
     path = tmp_path / "old.db"
     store = SQLiteStore(str(path))
