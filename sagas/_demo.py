@@ -23,7 +23,7 @@ class MailSink:
         try:
             from aiosmtpd.controller import Controller
         except ImportError:
-            raise click.ClickException("the demo needs aiosmtpd: pip install 'sagas[demo]'") from None
+            raise click.ClickException("the demo needs aiosmtpd: pip install 'kombu-sagas[demo]'") from None
         if port == 0:
             with socket.socket() as s:
                 s.bind((host, 0))
