@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import socket
 import tempfile
@@ -22,7 +23,7 @@ class MailSink:
         try:
             from aiosmtpd.controller import Controller
         except ImportError:
-            raise click.ClickException("the demo needs aiosmtpd: pip install 'sagas[demo]'") from None
+            raise click.ClickException("the demo needs aiosmtpd: pip install 'kombu-sagas[demo]'") from None
         if port == 0:
             with socket.socket() as s:
                 s.bind((host, 0))
@@ -45,17 +46,20 @@ class MailSink:
         self._controller.stop()
 
 
-def run_demo(shares: int = 5) -> int:
-    import sys
-
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
+def example(name: str) -> Any:
+    """The example module ``name``: the repository's ``examples/`` folder, installed as ``sagas.examples``."""
     try:
-        from examples.notifications import app, publish_share, share_created
-    except ImportError:
-        raise click.ClickException(
-            "the demo runs examples/notifications.py: run it from the repository's top folder"
-        ) from None
+        return importlib.import_module(f"sagas.examples.{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name != "sagas.examples":
+            raise
+    # sagas imported from a source tree that is not installed (``python -m sagas`` in the top folder)
+    return importlib.import_module(f"examples.{name}")
+
+
+def run_demo(shares: int = 5) -> int:
+    notifications = example("notifications")
+    app, publish_share, share_created = notifications.app, notifications.publish_share, notifications.share_created
 
     from ._worker import Worker
 
@@ -93,12 +97,12 @@ def run_demo(shares: int = 5) -> int:
 
 def run_postprocessing(store_path: str) -> int:
     """The post-processing saga on memory with SQLite: a few uploads, and each one's outcome."""
-    from examples.postprocessing import app
     from transport import Event
 
     from ._service import App
     from ._worker import Worker
 
+    app = example("postprocessing").app
     exchange = f"demo{os.getpid()}pp"
     uploads = [("report.pdf", 120_000), ("eicar-test.com", 68), ("holiday.mov", 50 * 1024 * 1024), ("notes.txt", 2_000)]
     expected = {"report.pdf": "continue", "eicar-test.com": "delete", "holiday.mov": "abort", "notes.txt": "continue"}

@@ -690,7 +690,7 @@ _SETUP_LOCK = "sagas-schema-setup:"
 
 
 class PostgresStore(_SqlStore):
-    """PostgreSQL through psycopg 3 (``pip install 'sagas[postgres]'``), for workers on several machines.
+    """PostgreSQL through psycopg 3 (``pip install 'kombu-sagas[postgres]'``), for workers on several machines.
 
     Tables live in ``schema`` (default ``public``), so several apps or test runs can share a database.
     """
@@ -699,7 +699,9 @@ class PostgresStore(_SqlStore):
         try:
             import psycopg
         except ImportError:
-            raise ConfigurationError("the PostgreSQL store needs psycopg: pip install 'sagas[postgres]'") from None
+            raise ConfigurationError(
+                "the PostgreSQL store needs psycopg: pip install 'kombu-sagas[postgres]'"
+            ) from None
         if not schema.replace("_", "").isalnum():
             raise ConfigurationError(f"invalid schema name {schema!r}")
         self.schema = schema

@@ -49,7 +49,7 @@ def render(rows: list[dict[str, Any]], *, command: str, wall: float | None) -> s
     props = [r for r in rows if r.get("kind") == "property"]
     procs = [r for r in rows if r.get("kind") == "process"]
     cluster = [r for r in rows if r.get("kind") == "cluster"]
-    profile = os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI", "true") else "dev")
+    profile = os.environ.get("HYPOTHESIS_PROFILE") or ("sagas-ci" if os.environ.get("CI", "true") else "sagas-dev")
     out = [
         f"Last run: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, commit `{_commit()}`, "
         f"{platform.python_implementation()} {platform.python_version()}, {os.cpu_count()} cores, "

@@ -15,6 +15,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
+pytest_plugins = ["pytester"]
+
 AMQP_URL = os.environ.get("SAGAS_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
 POSTGRES_URL = os.environ.get("SAGAS_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 IN_CI = bool(os.environ.get("CI"))
@@ -93,6 +95,16 @@ def buses(broker_url: str, unique: str) -> Iterator[list[object]]:
     cleaner.declared_queues |= queues
     cleaner.delete_topology()
     cleaner.close()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Run the property tests with the sagas-ci hypothesis profile in CI and sagas-dev elsewhere.
+
+    ``HYPOTHESIS_PROFILE`` (e.g. ``sagas-thorough``) or ``--hypothesis-profile`` picks another one.
+    """
+    from hypothesis import settings
+
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("sagas-ci" if IN_CI else "sagas-dev"))
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:

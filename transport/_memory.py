@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import heapq
+import io
 import itertools
+import logging
 import threading
 import time
 from collections import defaultdict
@@ -41,9 +43,26 @@ class TopicExchange(_KombuTopicExchange):
         return routing_key, routing_key, queue
 
 
+class _KombuLog(io.TextIOBase):
+    """The stream kombu's QoS prints to when it restores unacked messages at close: kombu before 5.7
+    printed that on stderr, among the log lines; this sends it to kombu's logger, as kombu 5.7 does."""
+
+    def write(self, text: str) -> int:
+        if text.strip():
+            logger = logging.getLogger("kombu.transport.virtual.base")
+            logger.log(logging.ERROR if text.startswith("UNABLE") else logging.INFO, text.strip())
+        return len(text)
+
+
+class QoS(virtual.QoS):
+    def restore_unacked_once(self, stderr: Any = None) -> None:
+        super().restore_unacked_once(stderr=_KombuLog() if stderr is None else stderr)
+
+
 class Channel(memory.Channel):
     """Memory channel with TTL + dead-lettering, auto-delete queues and mandatory routing."""
 
+    QoS = QoS
     do_restore = True
     # Broker state is process-global, as in kombu's memory transport: class attributes on purpose.
     queues = {}  # type: ignore[var-annotated]  # noqa: RUF012 - kombu's own global, redefined

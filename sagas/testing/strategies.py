@@ -1,4 +1,4 @@
-"""Hypothesis strategies for fault schedules (needs ``hypothesis``: ``pip install sagas[testing]``).
+"""Hypothesis strategies for fault schedules (needs ``hypothesis``: ``pip install 'kombu-sagas[testing]'``).
 
 from hypothesis import given
 from sagas.testing import Harness

@@ -13,7 +13,7 @@ and every property must hold:
 - no saga handles the same message twice;
 - a duplicate start event never creates a second saga.
 
-The ``ci`` profile runs in CI; ``HYPOTHESIS_PROFILE=thorough`` runs 2,000 examples.
+The ``sagas-ci`` profile runs in CI; ``HYPOTHESIS_PROFILE=sagas-thorough`` runs 2,000 examples.
 """
 
 from __future__ import annotations
