@@ -43,7 +43,7 @@ def _keep(ctx: SagaContext) -> None:
 
 class Trip(StepSaga):
     type = "trip"
-    start = Start("travel.trips.requested", key="trip", action=_keep)
+    start = Start("travel.trips.requested", key="trip", do=_keep)
     steps = [
         Step("hotel", request="travel.hotels.book", compensation="travel.hotels.cancel", timeout=5, retries=3),
         Step("car", request="travel.cars.rent", compensation="travel.cars.return", timeout=5, retries=3),

@@ -47,7 +47,7 @@ def _keep_trip_id(ctx: SagaContext) -> None:
 
 class Trip(StepSaga):
     type = "trip"
-    start = Start(TRIP_REQUESTED, key="trip_id", to="", action=_keep_trip_id)
+    start = Start(TRIP_REQUESTED, key="trip_id", do=_keep_trip_id)
     steps = [
         Step("hotel", HOTEL, compensation=CANCEL_HOTEL, timeout=5.0),
         Step("car", CAR, compensation=RETURN_CAR, timeout=5.0),
@@ -59,7 +59,7 @@ class Lonely(StepSaga):
     """Its only request is one nobody serves; its deadline is far away."""
 
     type = "lonely"
-    start = Start(TRIP_REQUESTED, key="trip_id", to="", action=_keep_trip_id)
+    start = Start(TRIP_REQUESTED, key="trip_id", do=_keep_trip_id)
     steps = [Step("ask", NOBODY, timeout=30.0)]
 
 
@@ -67,13 +67,13 @@ class Booking(StepSaga):
     """One step with a short deadline, so that re-sends happen within a test."""
 
     type = "booking"
-    start = Start(TRIP_REQUESTED, key="trip_id", to="", action=_keep_trip_id)
+    start = Start(TRIP_REQUESTED, key="trip_id", do=_keep_trip_id)
     steps = [Step("hotel", HOTEL, timeout=0.3, retries=5)]
 
 
 class Parcel(StepSaga):
     type = "parcel"
-    start = Start("ocis.parcel.sent", key="parcel_id", to="")
+    start = Start("ocis.parcel.sent", key="parcel_id")
     steps = [Step("ship", SHIP, timeout=0.5, retries=5)]
 
 
