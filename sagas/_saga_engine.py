@@ -40,7 +40,7 @@ from ._protocol import (
     request_event,
     saga_event,
 )
-from ._saga import FAILED, Saga, SagaContext, SagaDefinition, STEPS_META, steps_from_meta, steps_to_meta
+from ._saga import FAILED, STEPS_META, Saga, SagaContext, SagaDefinition, steps_from_meta, steps_to_meta
 from ._store import DuplicateSaga, HistoryEntry, OutboxRow, Outgoing, SagaRecord, Store, VersionConflict
 
 log = structlog.get_logger("sagas.saga")

@@ -175,7 +175,7 @@ class SagaFaults(FaultyWorld):
         assert set(sagas) == arrived, "every trip whose start event arrived started exactly one saga"
         for key, record in sagas.items():
             assert record.final, (key, record.state)
-            _check_compensations(key, record.state, record.data.get("completed", []), self.trips[key])
+            _check_compensations(key, record.state, [s["step"] for s in record.meta.get("steps", [])], self.trips[key])
         _check_effects(h.stats)
 
 

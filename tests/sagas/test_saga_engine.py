@@ -307,6 +307,45 @@ def test_reply_for_an_unknown_saga_is_ignored(trip: Harness) -> None:
     assert not applied.moved
 
 
+def test_step_results_are_kept_in_meta_not_in_data(trip: Harness) -> None:
+    """After a step saga completes, its data holds only what the user put there; meta holds the steps."""
+    saga_id = _started(trip)
+    for result in ({"room": 12}, {"plate": "B-1"}, {"seat": "3A"}):
+        trip.answer("trip", saga_id, result=result)
+    ended = trip.saga(saga_id)
+    assert ended.state == "completed"
+    assert ended.data == {}
+    assert ended.meta["steps"] == [
+        {"step": "hotel", "result": {"room": 12}},
+        {"step": "car", "result": {"plate": "B-1"}},
+        {"step": "flight", "result": {"seat": "3A"}},
+    ]
+
+
+def test_ctx_steps_is_read_only_and_in_completion_order() -> None:
+    """Payload builders see ctx.steps: step name -> result, in completion order, which they cannot change."""
+    seen: list[Mapping[str, Any]] = []
+
+    def peek(ctx: SagaContext) -> Mapping[str, Any]:
+        seen.append(ctx.steps)
+        with pytest.raises(TypeError):
+            ctx.steps["hotel"] = {}  # type: ignore[index]
+        with pytest.raises(TypeError):
+            ctx.steps["hotel"]["room"] = 0  # type: ignore[index]
+        return {}
+
+    class Peeking(StepSaga):
+        type = "peeking"
+        start = Start(TRIP_REQUESTED, key="trip_id")
+        steps = [Step("hotel", HOTEL, timeout=1.0), Step("car", CAR, timeout=1.0), Step("look", FLIGHT, payload=peek)]
+
+    h = Harness(Peeking)
+    saga_id = _started(h, "peeking")
+    h.answer("peeking", saga_id, result={"room": 12})
+    h.answer("peeking", saga_id, result={"plate": "B-1"})
+    assert [list(s.items()) for s in seen] == [[("hotel", {"room": 12}), ("car", {"plate": "B-1"})]]
+
+
 # -- compensation ------------------------------------------------------------------------------------
 
 

@@ -252,7 +252,7 @@ def test_dropped_reply_is_asked_again_with_the_same_request_id(
         bus.publish(Event(TRIP_REQUESTED, {"trip_id": "t1"}))
         saga = wait_for(lambda: _final(store, "booking", "t1"), timeout=5.0, what="the booking to complete")
     assert saga.state == "completed"
-    assert saga.data["hotel"] == {"room": 7}
+    assert saga.meta["steps"][0] == {"step": "hotel", "result": {"room": 7}}
     assert len(seen) == 2
     assert seen[0].id == seen[1].id
     assert seen[0].correlation_id == saga.id
@@ -374,7 +374,7 @@ def test_deadline_fires_after_a_worker_restart(
             with make_worker(buses, participant, broker_url, concurrency=1).running():
                 done = wait_for(lambda: _final(reader, "parcel", "p1"), what="the parcel saga to complete")
         assert done.state == "completed"
-        assert done.data["ship"] == {"tracking": "z1"}
+        assert done.meta["steps"][-1] == {"step": "ship", "result": {"tracking": "z1"}}
         assert {e.id for e in shipped} == {request_id}
         assert len(shipped) == 1  # the copies of one request id were answered from the reply cache
     finally:
