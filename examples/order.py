@@ -2,11 +2,11 @@
 
 ``shop.orders.placed`` ``{order_id, items, pay}`` starts one saga per order. The saga reserves stock,
 then asks for the payment (``shop.orders.awaiting_payment``) and waits for ``shop.payments.authorized``
-for that order. Its own timeout transition cancels an order
-whose payment does not come within ``ORDER_PAYMENT_TIMEOUT`` seconds (default 3): the stock is released.
-If shipping fails, the payment is refunded and then the stock released: the compensations run in the
-reverse order of the steps that completed. The participants are simulated: the payment service pays
-every order whose ``pay`` is true, and the carrier cannot ship to ``"nowhere"``.
+for that order. The waiting state's own timeout cancels an order whose payment does not come within
+``ORDER_PAYMENT_TIMEOUT`` seconds (default 3): the stock is released. If shipping fails, the payment
+is refunded and then the stock released: the compensations run in the reverse order of the steps
+that completed. The participants are simulated: the payment service pays every order whose ``pay``
+is true, and the carrier cannot ship to ``"nowhere"``.
 
     sagas run examples.order:app
     sagas publish shop.orders.placed '{"order_id": "o1", "items": 2, "pay": true, "address": "Paris"}'
@@ -17,23 +17,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
-from sagas import (
-    App,
-    Context,
-    Event,
-    Failure,
-    Final,
-    Request,
-    Saga,
-    SagaContext,
-    Service,
-    Start,
-    State,
-    failure,
-    reply,
-    timeout,
-)
-from sagas import event as on_event
+from sagas import App, Context, Event, Failure, Final, Go, Request, Saga, SagaContext, Service, Start, State
 
 RESERVE, RELEASE = "shop.stock.reserve", "shop.stock.release"
 REFUND, SHIP = "shop.payments.refund", "shop.shipping.ship"
@@ -58,27 +42,35 @@ def _why(reason: str) -> Callable[[SagaContext], None]:
 
 class Order(Saga):
     type = "order"
-    start = Start("shop.orders.placed", key="order_id", to="reserving", action=_keep)
+    start = Start("shop.orders.placed", key="order_id", to="reserving", do=_keep)
     correlate = {PAID: "order_id"}
     states = [
-        State("reserving", Request(RESERVE), timeout=5),
-        State("awaiting_payment", timeout=float(os.environ.get("ORDER_PAYMENT_TIMEOUT", "3"))),
-        State("shipping", Request(SHIP), timeout=5, on_timeout="refunding"),
-        State("refunding", Request(REFUND), timeout=5),
-        State("releasing", Request(RELEASE), timeout=5),
+        State(
+            "reserving",
+            sends=Request(RESERVE),
+            timeout=5,
+            on_reply=Go("awaiting_payment", do=_ask_for_payment),
+            on_failure=Go("cancelled", do=_why("out of stock")),
+        ),
+        State(
+            "awaiting_payment",
+            timeout=float(os.environ.get("ORDER_PAYMENT_TIMEOUT", "3")),
+            on={PAID: "shipping"},
+            # No payment, no order.
+            on_timeout=Go("releasing", do=_why("payment not received in time")),
+        ),
+        State(
+            "shipping",
+            sends=Request(SHIP),
+            timeout=5,
+            on_reply="shipped",
+            on_failure=Go("refunding", do=_why("could not ship")),
+            on_timeout="refunding",
+        ),
+        State("refunding", sends=Request(REFUND), timeout=5, on_reply="releasing"),
+        State("releasing", sends=Request(RELEASE), timeout=5, on_reply="cancelled"),
         Final("shipped"),
         Final("cancelled"),
-    ]
-    transitions = [
-        reply(RESERVE, "reserving", "awaiting_payment", action=_ask_for_payment),
-        failure(RESERVE, "reserving", "cancelled", action=_why("out of stock")),
-        on_event(PAID, "awaiting_payment", "shipping"),
-        # The author's own timeout transition: no payment, no order.
-        timeout("awaiting_payment", "releasing", action=_why("payment not received in time")),
-        reply(SHIP, "shipping", "shipped"),
-        failure(SHIP, "shipping", "refunding", action=_why("could not ship")),
-        reply(REFUND, "refunding", "releasing"),
-        reply(RELEASE, "releasing", "cancelled"),
     ]
 
 

@@ -21,28 +21,11 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Callable
 from typing import Any
 
-from sagas import (
-    App,
-    Context,
-    Event,
-    Failure,
-    Final,
-    NoReply,
-    Request,
-    Saga,
-    SagaContext,
-    Service,
-    Start,
-    State,
-    failure,
-    reply,
-    timeout,
-)
-from sagas import event as on_event
+from sagas import App, Context, Event, Failure, Final, Go, NoReply, Request, Saga, SagaContext, Service, Start, State
 
-SCAN, CHECK, REVERT = "ocis.antivirus.scan", "ocis.policies.check", "ocis.storage.revert"
 FINISHED, READY = "ocis.postprocessing.finished", "ocis.storage.upload_ready"
 
 
@@ -63,11 +46,8 @@ def _begin(ctx: SagaContext) -> None:
     ctx.data.update({k: ctx.event.payload.get(k) for k in ("upload_id", "name", "size", "user")})
 
 
-def _set(outcome: str) -> Any:
-    def set_outcome(ctx: SagaContext) -> None:
-        ctx.data["outcome"] = outcome
-
-    return set_outcome
+def outcome(value: str) -> Callable[[SagaContext], None]:
+    return lambda ctx: ctx.data.update(outcome=value)
 
 
 def _finish(ctx: SagaContext) -> None:
@@ -87,28 +67,42 @@ def _upload(ctx: SagaContext) -> dict[str, Any]:
     return {"upload_id": ctx.data["upload_id"], "name": ctx.data["name"], "size": ctx.data["size"]}
 
 
+ABORT = Go("reverting", do=outcome("abort"))
+
+
 class Postprocessing(Saga):
     type = "postprocessing"
-    start = Start("ocis.storage.bytes_received", key="upload_id", to="scanning", action=_begin)
+    start = Start("ocis.storage.bytes_received", key="upload_id", to="scanning", do=_begin)
     correlate = {READY: "upload_id"}
     states = [
-        State("scanning", Request(SCAN, _upload), timeout=5.0, retries=4, on_timeout="reverting"),
-        State("checking", Request(CHECK, _upload), timeout=5.0, retries=4, on_timeout="reverting"),
-        State("reverting", Request(REVERT, _upload), timeout=5.0, retries=6),
-        State("finishing", timeout=10.0, on_timeout="done"),
+        State(
+            "scanning",
+            sends=Request("ocis.antivirus.scan", _upload),
+            timeout=5.0,
+            retries=4,
+            on_reply=[Go("reverting", when=_infected, do=outcome("delete")), Go("checking")],
+            on_failure=ABORT,
+            on_timeout=ABORT,
+        ),
+        State(
+            "checking",
+            sends=Request("ocis.policies.check", _upload),
+            timeout=5.0,
+            retries=4,
+            on_reply=[Go("reverting", when=_too_big, do=outcome("abort")), Go("finishing", do=_finish)],
+            on_failure=ABORT,
+            on_timeout=ABORT,
+        ),
+        State(
+            "reverting",
+            sends=Request("ocis.storage.revert", _upload),
+            timeout=5.0,
+            retries=6,
+            on_reply=Go("finishing", do=_finish),
+            on_failure="failed",
+        ),
+        State("finishing", timeout=10.0, on={READY: "done"}, on_timeout="done"),
         Final("done"),
-    ]
-    transitions = [
-        reply(SCAN, "scanning", "reverting", guard=_infected, action=_set("delete")),
-        reply(SCAN, "scanning", "checking"),
-        failure(SCAN, "scanning", "reverting", action=_set("abort")),
-        reply(CHECK, "checking", "reverting", guard=_too_big, action=_set("abort")),
-        reply(CHECK, "checking", "finishing", action=_finish),
-        failure(CHECK, "checking", "reverting", action=_set("abort")),
-        reply(REVERT, "reverting", "finishing", action=_finish),
-        failure(REVERT, "reverting", "failed"),
-        on_event(READY, "finishing", "done"),
-        timeout(["scanning", "checking"], "reverting", action=_set("abort")),
     ]
 
 
@@ -124,14 +118,14 @@ def _maybe_drop() -> None:
         raise NoReply("simulated lost reply")  # the saga's deadline re-sends the request
 
 
-@antivirus.handles(SCAN)
+@antivirus.handles("ocis.antivirus.scan")
 def scan(event: Event) -> dict[str, Any]:
     _flaky()
     _maybe_drop()
     return {"infected": "eicar" in str(event.payload.get("name", "")).lower()}
 
 
-@policies.handles(CHECK)
+@policies.handles("ocis.policies.check")
 def check(event: Event) -> dict[str, Any]:
     _flaky()
     _maybe_drop()
@@ -142,7 +136,7 @@ def check(event: Event) -> dict[str, Any]:
     return {"allowed": size <= limit}
 
 
-@storage.handles(REVERT)
+@storage.handles("ocis.storage.revert")
 def revert(event: Event) -> dict[str, Any]:
     _flaky()
     return {"reverted": event.payload["upload_id"]}

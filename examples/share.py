@@ -26,7 +26,7 @@ def _keep_share(ctx: SagaContext) -> None:
 
 class Share(StepSaga):
     type = "share"
-    start = Start("ocis.sharing.share_requested", key="share_id", action=_keep_share)
+    start = Start("ocis.sharing.share_requested", key="share_id", do=_keep_share)
     steps = [
         Step("reserve_quota", request="ocis.quota.reserve", compensation="ocis.quota.release", timeout=5),
         Step("grant", request="ocis.sharing.grant", compensation="ocis.sharing.revoke", timeout=5),

@@ -8,11 +8,10 @@ from transport import Event, EventBus
 
 from ._errors import ActionRefused, ConfigurationError, Failure, NoReply, NotFound, Reject, SagasError, StoreError
 from ._logging import configure_logging
-from ._protocol import COMPENSATE, TIMEOUT
 from ._saga import (
     FAILED,
     Final,
-    On,
+    Go,
     Request,
     Saga,
     SagaContext,
@@ -21,11 +20,6 @@ from ._saga import (
     State,
     Step,
     StepSaga,
-    compensate,
-    event,
-    failure,
-    reply,
-    timeout,
 )
 from ._saga_engine import SagaEngine
 from ._service import AT_LEAST_ONCE, AT_MOST_ONCE, App, Context, Delivery, HandlerSpec, Retry, Service
@@ -44,9 +38,7 @@ from ._worker import Worker
 __all__ = [
     "AT_LEAST_ONCE",
     "AT_MOST_ONCE",
-    "COMPENSATE",
     "FAILED",
-    "TIMEOUT",
     "ActionRefused",
     "App",
     "ConfigurationError",
@@ -56,13 +48,13 @@ __all__ = [
     "EventBus",
     "Failure",
     "Final",
+    "Go",
     "HandlerSpec",
     "HistoryEntry",
     "InboxStore",
     "MemoryStore",
     "NoReply",
     "NotFound",
-    "On",
     "PostgresStore",
     "Reject",
     "Request",
@@ -82,11 +74,6 @@ __all__ = [
     "Store",
     "StoreError",
     "Worker",
-    "compensate",
     "configure_logging",
-    "event",
-    "failure",
     "open_store",
-    "reply",
-    "timeout",
 ]

@@ -286,7 +286,7 @@ def _keep(ctx: SagaContext) -> None:
 
 class BenchSaga(StepSaga):
     type = "bench"
-    start = Start("bench.orders.placed", key="order", action=_keep)
+    start = Start("bench.orders.placed", key="order", do=_keep)
     steps = [  # noqa: RUF012 - saga types declare their steps as a class-level list
         Step("reserve", request="bench.stock.reserve", compensation="bench.stock.release", timeout=30),
         Step("charge", request="bench.payments.charge", compensation="bench.payments.refund", timeout=30),

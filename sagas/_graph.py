@@ -1,9 +1,9 @@
 """State diagrams of saga types, as Mermaid (``stateDiagram-v2``) or Graphviz DOT text.
 
-The diagram is drawn from a compiled :class:`~sagas._saga.SagaDefinition`: its states, its transitions
-(one edge per source, ``"*"`` meaning every state that has not ended), and the deadline edge of every
-state that has not ended (``timeout`` to ``on_timeout``, or to ``failed``) unless an explicit timeout
-transition already leaves that state. Start events point at their states; final states are marked.
+The diagram is drawn from a compiled :class:`~sagas._saga.SagaDefinition`: its states and its
+transitions, one edge per pair of states labelled with what moves the saga along it (every state that
+has not ended has its ``timeout`` edge, to its ``on_timeout`` or to ``failed``). Start events point at
+their states; final states are marked.
 
 The text is written here rather than by ``transitions.extensions.GraphMachine``: its Mermaid output
 (transitions 0.9.3) starts with a title block, writes ``a --> b: label`` with the raw trigger
@@ -16,8 +16,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-from ._protocol import TIMEOUT
-from ._saga import FAILED, On, SagaDefinition
+from ._saga import SagaDefinition, Transition
 
 FORMATS = ("mermaid", "dot")
 #: Words the Mermaid state-diagram grammar treats as keywords: never used as a state id.
@@ -41,7 +40,7 @@ _UNSAFE_ID = re.compile(r"[^A-Za-z0-9_]")
 _UNSAFE_LABEL = re.compile(r"[^A-Za-z0-9_ .,/()+-]")
 
 
-def trigger_label(t: On) -> str:
+def trigger_label(t: Transition) -> str:
     """A readable label for a transition: ``reply ocis.antivirus.scan if _infected``."""
     kind, what = t.trigger.kind.value, t.trigger.subject
     label = f"{kind} {what}" if what else kind
@@ -53,25 +52,12 @@ def trigger_label(t: On) -> str:
 
 def edges(definition: SagaDefinition) -> list[tuple[str, str, list[str]]]:
     """The diagram's edges ``(source, dest, labels)``, in definition order, one per pair of states."""
-    live = [name for name, st in definition.states.items() if not st.final]
     pairs: dict[tuple[str, str], list[str]] = {}
-    explicit_timeout: set[str] = set()
     for t in definition.transitions:
-        sources = live if "*" in t.sources else [s for s in t.sources if not definition.states[s].final]
-        for src in sources:
-            if t.trigger == TIMEOUT and t.guard is None:
-                explicit_timeout.add(src)
-            pairs.setdefault((src, t.dest), [])
-            label = trigger_label(t)
-            if label not in pairs[(src, t.dest)]:
-                pairs[(src, t.dest)].append(label)
-    for name in live:
-        if name in explicit_timeout:
-            continue  # the explicit transition is taken first; the state's own timeout never is
-        dest = definition.states[name].on_timeout or FAILED
-        labels = pairs.setdefault((name, dest), [])
-        if TIMEOUT.name not in labels:
-            labels.append(TIMEOUT.name)
+        labels = pairs.setdefault((t.source, t.dest), [])
+        label = trigger_label(t)
+        if label not in labels:
+            labels.append(label)
     return [(src, dst, labels) for (src, dst), labels in pairs.items()]
 
 

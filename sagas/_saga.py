@@ -1,20 +1,25 @@
 """Saga definitions: the state-machine style (:class:`Saga`) and the step style (:class:`StepSaga`).
 
-Both compile, once per saga type, to a :class:`SagaDefinition`: named states, the events that start
-and reach a saga, transitions with guards and actions, and one ``transitions.Machine``. The runtime
-(:mod:`sagas._saga_engine`) triggers that machine per message on a throw-away model, so no machine is
-ever built per saga instance, and user code never touches the methods ``transitions`` adds.
+A state says everything that can happen while a saga is in it: the request it sends when it is
+entered, where the reply, a failure reply and its deadline lead (``on_reply``, ``on_failure``,
+``on_timeout``), where correlated events lead (``on``), and where an operator's compensate leads
+(``on_compensate``). Each outcome is a :class:`Go`, a state name, or for replies, failures and events
+a list of :class:`Go` tried in the order written.
 
-Every non-final state has a deadline. A state may send a *request* when it is entered; its deadline
-then re-sends that request, with the same request id, until its retries run out, and then takes the
-state's ``on_timeout`` transition.
+Both styles compile, once per saga type, to a :class:`SagaDefinition`: named states, the events that
+start and reach a saga, a flat list of transitions, and one ``transitions.Machine``. The runtime
+(:mod:`sagas._saga_engine`) triggers that machine per message on a throw-away model, so no machine is
+ever built per saga instance, and user code never touches the methods ``transitions`` adds. Compiling
+never changes the saga class: definitions are kept here, by class.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterable, Mapping
+import weakref
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, ClassVar
 
 from transitions import Machine
@@ -22,17 +27,20 @@ from transitions import Machine
 from transport import Event, validate_event_name
 
 from ._errors import ConfigurationError
-from ._protocol import COMPENSATE, TIMEOUT, Kind, Trigger, on_event, on_failure, on_reply, reply_type
+from ._protocol import COMPENSATE, TIMEOUT, Trigger, on_event, on_failure, on_reply, reply_type
 
 #: Final state every saga type has: parked after something kept failing. An operator can act on it.
 FAILED = "failed"
+#: Where a step saga keeps its steps' results in the saga's metadata.
+STEPS_META = "steps"
 
 
 class SagaContext:
     """What guards, actions and request builders see: the saga's data (mutable), the event that
-    triggered the transition, a reply's result, and ways to publish events."""
+    triggered the transition, a reply's result, a failure's reason, the results of a step saga's
+    completed steps (read-only), and a way to publish events."""
 
-    __slots__ = ("data", "event", "outbox", "reason", "result", "saga_id", "saga_type", "state")
+    __slots__ = ("_steps", "data", "event", "outbox", "reason", "result", "saga_id", "saga_type", "state")
 
     def __init__(
         self,
@@ -43,6 +51,8 @@ class SagaContext:
         event: Event | None,
         result: Mapping[str, Any] | None = None,
         reason: str | None = None,
+        *,
+        steps: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
         self.saga_id = saga_id
         self.saga_type = saga_type
@@ -52,11 +62,30 @@ class SagaContext:
         self.result: Mapping[str, Any] = result or {}
         self.reason = reason
         self.outbox: list[tuple[str, Mapping[str, Any]]] = []
+        self._steps: dict[str, Mapping[str, Any]] = {k: MappingProxyType(dict(v)) for k, v in (steps or {}).items()}
+
+    @property
+    def steps(self) -> Mapping[str, Mapping[str, Any]]:
+        """A step saga's completed steps, in the order they completed: step name -> its reply's result."""
+        return MappingProxyType(self._steps)
 
     def publish(self, type: str, payload: Mapping[str, Any] | None = None) -> None:
         """Publish an event when the transition commits (through the outbox)."""
         validate_event_name(type)
         self.outbox.append((type, dict(payload or {})))
+
+    def _complete_step(self, step: str, result: Mapping[str, Any]) -> None:
+        self._steps[step] = MappingProxyType(dict(result))
+
+
+def steps_from_meta(meta: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+    """The completed steps kept in a saga's metadata (see :func:`steps_to_meta`)."""
+    return {row["step"]: row["result"] for row in meta.get(STEPS_META) or ()}
+
+
+def steps_to_meta(steps: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Completed steps as JSON for the saga's metadata: a list, so their order survives any store."""
+    return [{"step": name, "result": dict(result)} for name, result in steps.items()]
 
 
 Guard = Callable[[SagaContext], bool]
@@ -77,22 +106,53 @@ class Request:
 
 
 @dataclass(frozen=True, slots=True)
-class State:
-    """A state. Non-final states need a ``timeout`` (seconds): the deadline that keeps a saga from ever
-    being stuck. With a ``request``, the deadline re-sends it up to ``retries`` times, waiting
-    ``timeout * backoff**n`` (with jitter), before ``on_timeout`` is taken (default: ``failed``)."""
+class Go:
+    """A move to the state ``to``. ``when`` is a guard: the move is taken only if it returns true.
+    ``do`` is an action, run on the way (it may change ``ctx.data`` and publish events)."""
 
-    name: str
-    request: Request | str | None = None
+    to: str
+    when: Guard | None = field(default=None, kw_only=True)
+    do: Action | None = field(default=None, kw_only=True)
+
+
+#: Where one outcome leads: a :class:`Go`, or a state name (``"failed"`` means ``Go("failed")``).
+Outcome = Go | str
+#: Where a reply, a failure reply or an event leads: one outcome, or a list tried in the order written.
+Outcomes = Go | str | Sequence[Go | str]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class State:
+    """A state, and everything that can happen while a saga is in it.
+
+    - ``sends``: a :class:`Request` (or a request type) sent when the state is entered;
+    - ``timeout`` (seconds): the deadline every non-final state needs. With a request, the deadline
+      re-sends it up to ``retries`` times, waiting ``timeout * backoff**n`` (with jitter); then, or
+      at once without a request, ``on_timeout`` is taken (default: ``failed``);
+    - ``on_reply`` and ``on_failure``: where the request's reply and failure reply lead (``ctx.result``,
+      ``ctx.reason``); only for a state that sends a request;
+    - ``on``: correlated event type -> where it leads (see ``Saga.correlate``);
+    - ``on_compensate``: where an operator's ``sagas compensate ID`` takes the saga from this state.
+
+    In a list of outcomes, the first whose ``when`` passes (or that has none) is taken; when none
+    passes, the message is ignored and the reason logged.
+    """
+
+    name: str = field(kw_only=False)
+    sends: Request | str | None = None
     timeout: float | None = None
     retries: int = 3
     backoff: float = 2.0
-    on_timeout: str | None = None
+    on_reply: Outcomes | None = None
+    on_failure: Outcomes | None = None
+    on_timeout: Outcome | None = None
+    on: Mapping[str, Outcomes] | None = None
+    on_compensate: Outcome | None = None
     final: bool = False
 
     @property
     def request_spec(self) -> Request | None:
-        return Request(self.request) if isinstance(self.request, str) else self.request
+        return Request(self.sends) if isinstance(self.sends, str) else self.sends
 
     def deadline_after(self, attempt: int, rng: random.Random | None = None) -> float:
         """Seconds until the deadline after send number ``attempt`` (1-based), with +-10 % jitter."""
@@ -106,79 +166,15 @@ def Final(name: str) -> State:
 
 
 @dataclass(frozen=True, slots=True)
-class On:
-    """A transition on ``trigger`` from ``source`` (a name, a list, or ``"*"``) to ``dest``.
-
-    Triggers: ``"reply:<request type>"``, ``"failure:<request type>"``, ``"event:<event type>"``,
-    ``"timeout"`` and ``"compensate"``; build them with :func:`reply`, :func:`failure`, :func:`event`,
-    :func:`timeout` and :func:`compensate`. The first transition whose ``guard`` passes is taken.
-    """
-
-    trigger: Trigger
-    source: str | tuple[str, ...]
-    dest: str
-    guard: Guard | None = None
-    action: Action | None = None
-
-    @property
-    def sources(self) -> tuple[str, ...]:
-        return (self.source,) if isinstance(self.source, str) else tuple(self.source)
-
-
-def _src(source: str | Iterable[str]) -> str | tuple[str, ...]:
-    return source if isinstance(source, str) else tuple(source)
-
-
-def reply(
-    request_type: str,
-    source: str | Iterable[str],
-    dest: str,
-    *,
-    guard: Guard | None = None,
-    action: Action | None = None,
-) -> On:
-    """Move on a successful reply to ``request_type``; ``ctx.result`` holds the reply."""
-    return On(on_reply(validate_event_name(request_type)), _src(source), dest, guard, action)
-
-
-def failure(
-    request_type: str,
-    source: str | Iterable[str],
-    dest: str,
-    *,
-    guard: Guard | None = None,
-    action: Action | None = None,
-) -> On:
-    """Move on a failure reply to ``request_type``; ``ctx.reason`` says why."""
-    return On(on_failure(validate_event_name(request_type)), _src(source), dest, guard, action)
-
-
-def event(
-    event_type: str, source: str | Iterable[str], dest: str, *, guard: Guard | None = None, action: Action | None = None
-) -> On:
-    """Move when a correlated event of ``event_type`` arrives (see ``Saga.correlate``)."""
-    return On(on_event(validate_event_name(event_type)), _src(source), dest, guard, action)
-
-
-def timeout(source: str | Iterable[str], dest: str, *, action: Action | None = None) -> On:
-    """Move when the state's deadline has passed and its retries are spent."""
-    return On(TIMEOUT, _src(source), dest, None, action)
-
-
-def compensate(source: str | Iterable[str], dest: str, *, action: Action | None = None) -> On:
-    """Where an operator's ``sagas compensate ID`` takes a saga in ``source``."""
-    return On(COMPENSATE, _src(source), dest, None, action)
-
-
-@dataclass(frozen=True, slots=True)
 class Start:
-    """An event that starts a saga. ``key`` names the payload field that identifies the saga, so a
-    duplicate start event never starts a second one. ``action`` can fill in the data."""
+    """An event that starts a saga, in the state ``to``. ``key`` names the payload field that
+    identifies the saga, so a duplicate start event never starts a second one. ``do`` can fill in
+    the data. (A step saga starts at its first step: no ``to``.)"""
 
     event: str
-    key: str
-    to: str = ""
-    action: Action | None = None
+    key: str = field(kw_only=True)
+    to: str = field(default="", kw_only=True)
+    do: Action | None = field(default=None, kw_only=True)
 
     def __post_init__(self) -> None:
         validate_event_name(self.event)
@@ -198,13 +194,24 @@ class Step:
     backoff: float = 2.0
 
 
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """One compiled move: on ``trigger`` in ``source``, if ``guard`` passes, run ``action`` and go to ``dest``."""
+
+    trigger: Trigger
+    source: str
+    dest: str
+    guard: Guard | None = None
+    action: Action | None = None
+
+
 @dataclass(slots=True)
 class SagaDefinition:
     """A compiled saga type. Built once per type."""
 
     type: str
     states: dict[str, State]
-    transitions: list[On]
+    transitions: list[Transition]
     starts: dict[str, Start]
     correlate: dict[str, str]
     machine: Any = field(repr=False)
@@ -220,107 +227,105 @@ class SagaDefinition:
         return tuple(sorted({*self.starts, *self.correlate, *self.requests.values()}))
 
     def triggers_from(self, state: str) -> set[Trigger]:
-        return {t.trigger for t in self.transitions if state in t.sources or "*" in t.sources}
+        return {t.trigger for t in self.transitions if t.source == state}
+
+
+#: Compiled definitions by saga class (the class itself is never written to).
+_DEFINITIONS: weakref.WeakKeyDictionary[type[Saga], SagaDefinition] = weakref.WeakKeyDictionary()
 
 
 class Saga:
     """Base class of a saga type in the state-machine style.
 
-    Class attributes: ``type`` (a lowercase name), ``start`` (a :class:`Start` or a list), ``states``
-    (:class:`State` and :func:`Final` entries), ``transitions`` (:class:`On` entries, built with
-    :func:`reply`, :func:`failure`, :func:`event`, :func:`timeout`, :func:`compensate`) and
-    ``correlate``: for other events the saga reacts to, the payload field holding the saga key.
-    A ``failed`` final state is always added.
+    Class attributes: ``type`` (a lowercase name), ``start`` (a :class:`Start` or a list),
+    ``states`` (:class:`State` and :func:`Final` entries) and ``correlate``: for other events the saga
+    reacts to (in a state's ``on``), the payload field holding the saga key. A ``failed`` final state
+    is always added.
     """
 
     type: ClassVar[str]
     start: ClassVar[Start | list[Start]]
     states: ClassVar[list[State]]
-    transitions: ClassVar[list[On]] = []
     correlate: ClassVar[dict[str, str]] = {}
-    _definition: ClassVar[SagaDefinition | None] = None
 
     @classmethod
     def definition(cls) -> SagaDefinition:
         """The compiled definition (compiled and validated on first use)."""
-        if cls.__dict__.get("_definition") is None:
-            cls._definition = compile_saga(cls)
-        definition = cls.__dict__["_definition"]
-        assert isinstance(definition, SagaDefinition)
-        return definition
+        found = _DEFINITIONS.get(cls)
+        if found is None:
+            found = _DEFINITIONS.setdefault(cls, compile_saga(cls))
+        return found
 
 
 class StepSaga(Saga):
     """A saga of ordered steps, each a request with an optional compensating request.
 
-    Class attributes: ``type``, ``start`` (a :class:`Start` whose ``to`` is ignored) and ``steps``.
-    It compiles to states ``<step>`` and ``undo_<step>`` plus finals ``completed``, ``compensated`` and
-    ``failed``. A step's reply result is kept in ``data[<step name>]``. When a step fails or times out,
-    the compensations of the steps that completed run in reverse order, each with its own deadline and
-    retries; a compensation that still fails parks the saga in ``failed``.
+    Class attributes: ``type``, ``start`` (a :class:`Start` without ``to``) and ``steps``. It compiles
+    to states ``<step>`` and ``undo_<step>`` plus finals ``completed``, ``compensated`` and ``failed``.
+    The saga's data is the user's alone: each step's reply result is kept in the saga's metadata and
+    read as ``ctx.steps[<step name>]``. When a step fails or times out, the compensations of the steps
+    that completed run in reverse order, each with its own deadline and retries; a compensation that
+    still fails parks the saga in ``failed``.
     """
 
     steps: ClassVar[list[Step]]
 
-    @classmethod
-    def definition(cls) -> SagaDefinition:
-        if cls.__dict__.get("_definition") is None:
-            cls.states, cls.transitions = _compile_steps(cls)
-            return super().definition()
-        return super().definition()
+
+def _complete(step: str) -> Action:
+    def complete(ctx: SagaContext) -> None:
+        ctx._complete_step(step, ctx.result)
+
+    complete.__name__ = f"complete_{step}"
+    return complete
 
 
-def _keep_result(step: str) -> Action:
-    def keep(ctx: SagaContext) -> None:
-        ctx.data[step] = dict(ctx.result)
-        ctx.data.setdefault("completed", []).append(step)
-
-    return keep
-
-
-def _compile_steps(cls: type[StepSaga]) -> tuple[list[State], list[On]]:
+def _step_states(cls: type[StepSaga], where: str) -> tuple[list[State], list[Start]]:
     steps = list(getattr(cls, "steps", []))
     if not steps:
-        raise ConfigurationError(f"step saga {cls.__name__} has no steps")
+        raise ConfigurationError(f"step saga {cls.__name__} has no steps: give it steps = [Step(...), ...]")
     names = [s.name for s in steps]
     if len(set(names)) != len(names):
-        raise ConfigurationError(f"step saga {cls.__name__} has two steps with one name")
+        raise ConfigurationError(f"step saga {cls.__name__} has two steps with one name: name each step once")
     states: list[State] = []
-    transitions: list[On] = []
     for i, step in enumerate(steps):
+        undo = _undo_target(steps, i)
+        nxt = steps[i + 1].name if i + 1 < len(steps) else "completed"
         states.append(
             State(
                 step.name,
-                Request(step.request, step.payload),
-                step.timeout,
-                step.retries,
-                step.backoff,
-                on_timeout=_undo_target(steps, i),
+                sends=Request(step.request, step.payload),
+                timeout=step.timeout,
+                retries=step.retries,
+                backoff=step.backoff,
+                on_reply=Go(nxt, do=_complete(step.name)),
+                on_failure=undo,
+                on_timeout=undo,
+                on_compensate=undo,
             )
         )
-        nxt = steps[i + 1].name if i + 1 < len(steps) else "completed"
-        transitions.append(reply(step.request, step.name, nxt, action=_keep_result(step.name)))
-        transitions.append(failure(step.request, step.name, _undo_target(steps, i)))
-        transitions.append(compensate(step.name, _undo_target(steps, i)))
         if step.compensation and i + 1 < len(steps):
             # (the last step's compensation never runs: when it completes, the saga has completed)
-            undo = f"undo_{step.name}"
             states.append(
                 State(
-                    undo,
-                    Request(step.compensation, step.compensation_payload),
-                    step.timeout,
-                    step.retries,
-                    step.backoff,
+                    f"undo_{step.name}",
+                    sends=Request(step.compensation, step.compensation_payload),
+                    timeout=step.timeout,
+                    retries=step.retries,
+                    backoff=step.backoff,
+                    on_reply=undo,
+                    on_failure=FAILED,
                     on_timeout=FAILED,
                 )
             )
-            transitions.append(reply(step.compensation, undo, _undo_target(steps, i)))
-            transitions.append(failure(step.compensation, undo, FAILED))
     states += [Final("completed"), Final("compensated")]
-    start = cls.start if isinstance(cls.start, Start) else cls.start[0]
-    cls.start = Start(start.event, start.key, steps[0].name, start.action)
-    return states, transitions
+    starts = []
+    for s in _declared_starts(cls, where):
+        if s.to:
+            raise ConfigurationError(
+                f"{where}: a step saga starts at its first step; write Start({s.event!r}, key={s.key!r}) without to="
+            )
+        starts.append(Start(s.event, key=s.key, to=steps[0].name, do=s.do))
+    return states, starts
 
 
 def _undo_target(steps: list[Step], failed_index: int) -> str:
@@ -331,86 +336,63 @@ def _undo_target(steps: list[Step], failed_index: int) -> str:
     return "compensated"
 
 
+def _declared_starts(cls: type[Saga], where: str) -> list[Start]:
+    declared = getattr(cls, "start", None)
+    starts: list[Any] = list(declared) if isinstance(declared, list | tuple) else [declared]
+    if not starts or any(not isinstance(s, Start) for s in starts):
+        raise ConfigurationError(f"{where} needs `start = Start(event, key=..., to=...)`")
+    return starts
+
+
 def compile_saga(cls: type[Saga]) -> SagaDefinition:
-    """Validate a saga class and build its definition and its one ``transitions`` machine."""
-    name = getattr(cls, "type", None)
+    """Validate a saga class and build its definition and its one ``transitions`` machine.
+
+    The class is only read. Every mistake found raises a :class:`ConfigurationError` that says what to
+    write instead.
+    """
     where = f"saga {cls.__name__}"
+    name = getattr(cls, "type", None)
     if not isinstance(name, str) or not name.replace("_", "").isalnum() or not name.islower():
         raise ConfigurationError(f"{where} needs a lowercase `type` name, e.g. type = 'postprocessing'")
-    declared = getattr(cls, "start", None)
-    starts_list: list[Any] = list(declared) if isinstance(declared, list) else [declared]
-    if not starts_list or any(not isinstance(s, Start) for s in starts_list):
-        raise ConfigurationError(f"{where} needs `start = Start(event, key=..., to=...)`")
-    starts: dict[str, Start] = {s.event: s for s in starts_list if isinstance(s, Start)}
+    if hasattr(cls, "transitions"):
+        raise ConfigurationError(
+            f"{where} has a `transitions` list: declare what each state leads to in the state itself "
+            "(State(..., on_reply=..., on_failure=..., on_timeout=..., on={...}))"
+        )
+    if issubclass(cls, StepSaga):
+        declared, starts = _step_states(cls, where)
+    else:
+        declared, starts = list(getattr(cls, "states", [])), _declared_starts(cls, where)
+    correlate = dict(getattr(cls, "correlate", {}))
+    return _compile(where, name, declared, {s.event: s for s in starts}, correlate)
+
+
+def _compile(
+    where: str, name: str, declared: Iterable[Any], starts: dict[str, Start], correlate: dict[str, str]
+) -> SagaDefinition:
     states: dict[str, State] = {}
-    for st in list(getattr(cls, "states", [])):
+    for st in declared:
+        if not isinstance(st, State):
+            raise ConfigurationError(f"{where}: `states` holds {st!r}; list State(...) and Final(...) entries only")
         if st.name in states:
-            raise ConfigurationError(f"{where} declares state {st.name!r} twice")
+            raise ConfigurationError(f"{where} declares state {st.name!r} twice: give each state its own name")
         states[st.name] = st
     states.setdefault(FAILED, Final(FAILED))
     if not any(s.final for n, s in states.items() if n != FAILED) and len(states) > 1:
         raise ConfigurationError(f"{where} has no final state besides 'failed': declare one with Final(...)")
-    transitions = list(getattr(cls, "transitions", []))
     requests: dict[str, str] = {}
+    transitions: list[Transition] = []
     for st in states.values():
+        transitions += _state_transitions(where, st, states, starts, correlate)
         spec = st.request_spec
         if spec is not None:
             requests[spec.type] = reply_type(spec.type)
-        if not st.final and not st.timeout:
-            raise ConfigurationError(
-                f"{where}: waiting state {st.name!r} has no deadline; give it timeout=<seconds> so that a "
-                "lost message can never leave a saga stuck"
-            )
-        if st.final and st.request is not None:
-            raise ConfigurationError(f"{where}: final state {st.name!r} cannot send a request")
-        if st.on_timeout is not None and st.on_timeout not in states:
-            raise ConfigurationError(f"{where}: state {st.name!r} times out to unknown state {st.on_timeout!r}")
     for s in starts.values():
         if not s.to:
             raise ConfigurationError(f"{where}: Start({s.event!r}) needs to=<the first state>")
         if s.to not in states:
             raise ConfigurationError(f"{where}: start event {s.event} leads to unknown state {s.to!r}")
-    for t in transitions:
-        for src in t.sources:
-            if src != "*" and src not in states:
-                raise ConfigurationError(f"{where}: transition on {t.trigger} from unknown state {src!r}")
-        if t.dest not in states:
-            raise ConfigurationError(f"{where}: transition on {t.trigger} to unknown state {t.dest!r}")
-        kind, what = t.trigger.kind, t.trigger.subject
-        if kind in (Kind.REPLY, Kind.FAILURE):
-            senders = [n for n, st in states.items() if st.request_spec and st.request_spec.type == what]
-            if not senders:
-                raise ConfigurationError(f"{where} handles a {kind} to {what}, but no state sends that request")
-            for src in t.sources:
-                if src != "*" and src not in senders:
-                    raise ConfigurationError(f"{where}: state {src!r} handles a {kind} to {what} it never sends")
-        elif kind is Kind.EVENT and what not in cls.correlate and what not in starts:
-            raise ConfigurationError(
-                f"{where} reacts to {what} but does not say how to find the saga: add it to `correlate`"
-            )
-    # Reachability from the start states.
-    reachable = set()
-    todo = [s.to for s in starts.values()]
-    while todo:
-        st_name = todo.pop()
-        if st_name in reachable:
-            continue
-        reachable.add(st_name)
-        st = states[st_name]
-        todo += [t.dest for t in transitions if st_name in t.sources or "*" in t.sources]
-        if not st.final:
-            todo.append(st.on_timeout or FAILED)
-    unreachable = sorted(set(states) - reachable - {FAILED})
-    if unreachable:
-        raise ConfigurationError(f"{where}: state(s) {', '.join(unreachable)} can never be reached")
-    for st_name in reachable:
-        st = states[st_name]
-        if (
-            not st.final
-            and not any(st_name in t.sources or "*" in t.sources for t in transitions)
-            and st.request is None
-        ):
-            raise ConfigurationError(f"{where}: state {st_name!r} has no way out but its timeout")
+    _check_reachable(where, states, starts, transitions)
     machine = Machine(
         model=None,
         states=list(states),
@@ -419,26 +401,147 @@ def compile_saga(cls: type[Saga]) -> SagaDefinition:
         send_event=True,
         ignore_invalid_triggers=True,
     )
-    for t in transitions:
+    for t in transitions:  # in the order written: the machine tries them in this order
         machine.add_transition(
             t.trigger.name,
-            list(states) if "*" in t.sources else list(t.sources),
+            t.source,
             t.dest,
             conditions=[_call_guard(t.guard)] if t.guard else None,
             after=[_call_action(t.action)] if t.action else None,
         )
-    for st in states.values():
-        if not st.final:
-            machine.add_transition(TIMEOUT.name, st.name, st.on_timeout or FAILED)
     return SagaDefinition(
         type=name,
         states=states,
         transitions=transitions,
         starts=starts,
-        correlate=dict(cls.correlate),
+        correlate=correlate,
         machine=machine,
         requests=requests,
     )
+
+
+def _state_transitions(
+    where: str, st: State, states: Mapping[str, State], starts: Mapping[str, Start], correlate: Mapping[str, str]
+) -> list[Transition]:
+    """The compiled transitions out of ``st``, checked, in the order they are tried."""
+    here = f"{where}: state {st.name!r}"
+    outcomes = {
+        "on_reply": st.on_reply,
+        "on_failure": st.on_failure,
+        "on_timeout": st.on_timeout,
+        "on": st.on,
+        "on_compensate": st.on_compensate,
+    }
+    if st.final:
+        if st.sends is not None:
+            raise ConfigurationError(f"{where}: final state {st.name!r} cannot send a request")
+        given = [k for k, v in outcomes.items() if v is not None]
+        if given:
+            raise ConfigurationError(f"{here} is final, so nothing leads out of it: remove {', '.join(given)}")
+        return []
+    if not st.timeout:
+        raise ConfigurationError(
+            f"{where}: waiting state {st.name!r} has no deadline; give it timeout=<seconds> so that a "
+            "lost message can never leave a saga stuck"
+        )
+    spec = st.request_spec
+    out: list[Transition] = []
+    if spec is None:
+        for key in ("on_reply", "on_failure"):
+            if outcomes[key] is not None:
+                raise ConfigurationError(
+                    f"{here} sends no request, so it gets no reply: give it sends=Request(...) or remove {key}"
+                )
+    else:
+        if st.on_reply is None:
+            raise ConfigurationError(
+                f"{here} sends {spec.type} but says nothing about its reply: add on_reply=<the next state>"
+            )
+        out += _moves(here, "on_reply", on_reply(spec.type), st, st.on_reply, states)
+        if st.on_failure is not None:
+            out += _moves(here, "on_failure", on_failure(spec.type), st, st.on_failure, states)
+    if not isinstance(st.on or {}, Mapping):
+        raise ConfigurationError(f"{here}: `on` maps event types to outcomes, e.g. on={{'a.b.c': 'done'}}")
+    for event_type, leads in (st.on or {}).items():
+        validate_event_name(event_type)
+        if event_type not in correlate and event_type not in starts:
+            raise ConfigurationError(
+                f"{where} reacts to {event_type} but does not say how to find the saga: "
+                f"add it to `correlate`, e.g. correlate = {{{event_type!r}: '<payload field with the key>'}}"
+            )
+        out += _moves(here, f"on[{event_type!r}]", on_event(event_type), st, leads, states)
+    if spec is None and not st.on:
+        raise ConfigurationError(
+            f"{where}: state {st.name!r} has no way out but its timeout: give it sends=Request(...) or on={{...}}"
+        )
+    timeout_to = _single(here, "on_timeout", st.on_timeout or FAILED, states)
+    out.append(Transition(TIMEOUT, st.name, timeout_to.to, None, timeout_to.do))
+    if st.on_compensate is not None:
+        compensate_to = _single(here, "on_compensate", st.on_compensate, states)
+        out.append(Transition(COMPENSATE, st.name, compensate_to.to, None, compensate_to.do))
+    return out
+
+
+def _as_go(here: str, what: str, value: Any) -> Go:
+    if isinstance(value, str):
+        return Go(value)
+    if isinstance(value, Go):
+        return value
+    raise ConfigurationError(f"{here}: {what} takes a state name or Go(...), not {value!r}")
+
+
+def _known(here: str, what: str, go: Go, states: Mapping[str, State]) -> Go:
+    if go.to not in states:
+        if what == "on_timeout":
+            raise ConfigurationError(f"{here} times out to unknown state {go.to!r}: declare it in `states`")
+        raise ConfigurationError(f"{here}: {what} leads to unknown state {go.to!r}: declare it in `states`")
+    return go
+
+
+def _single(here: str, what: str, value: Any, states: Mapping[str, State]) -> Go:
+    """The one outcome of a deadline or an operator's compensate: no guard (it must always be taken)."""
+    go = _known(here, what, _as_go(here, what, value), states)
+    if go.when is not None:
+        raise ConfigurationError(
+            f"{here}: {what} is always taken, so it cannot have a guard: remove when= "
+            "(decide in the action, or in the state it leads to)"
+        )
+    return go
+
+
+def _moves(
+    here: str, what: str, trigger: Trigger, st: State, value: Any, states: Mapping[str, State]
+) -> list[Transition]:
+    many = list(value) if isinstance(value, list | tuple) else [value]
+    if not many:
+        raise ConfigurationError(f"{here}: {what} is an empty list; name where it leads, or remove it")
+    gos = [_known(here, what, _as_go(here, what, v), states) for v in many]
+    for go in gos[:-1]:
+        if go.when is None:
+            raise ConfigurationError(
+                f"{here}: in {what}, Go({go.to!r}) has no when=, so the outcomes after it could never be "
+                "taken: put it last"
+            )
+    return [Transition(trigger, st.name, go.to, go.when, go.do) for go in gos]
+
+
+def _check_reachable(
+    where: str, states: Mapping[str, State], starts: Mapping[str, Start], transitions: list[Transition]
+) -> None:
+    reachable: set[str] = set()
+    todo = [s.to for s in starts.values()]
+    while todo:
+        st_name = todo.pop()
+        if st_name in reachable:
+            continue
+        reachable.add(st_name)
+        todo += [t.dest for t in transitions if t.source == st_name]
+    unreachable = sorted(set(states) - reachable - {FAILED})
+    if unreachable:
+        raise ConfigurationError(
+            f"{where}: state(s) {', '.join(unreachable)} can never be reached: lead to them from a start or "
+            "another state, or remove them"
+        )
 
 
 def _call_guard(guard: Guard) -> Callable[[Any], bool]:

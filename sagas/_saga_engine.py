@@ -40,7 +40,7 @@ from ._protocol import (
     request_event,
     saga_event,
 )
-from ._saga import FAILED, Saga, SagaContext, SagaDefinition
+from ._saga import FAILED, STEPS_META, Saga, SagaContext, SagaDefinition, steps_from_meta, steps_to_meta
 from ._store import DuplicateSaga, HistoryEntry, OutboxRow, Outgoing, SagaRecord, Store, VersionConflict
 
 log = structlog.get_logger("sagas.saga")
@@ -118,7 +118,7 @@ class SagaEngine:
             if existing is not None:
                 trigger = on_event(event.type)
                 if not existing.final and trigger in d.triggers_from(existing.state):
-                    ctx = SagaContext(existing.id, d.type, existing.state, existing.data, event)
+                    ctx = _context(d, existing, event)
                     return self._trigger(d, existing, trigger, ctx, event.id, event.type, inbox)
                 return Applied(existing, False, [], "duplicate start: the saga exists")
             now = self.clock()
@@ -128,8 +128,8 @@ class SagaEngine:
             ).hex
             record = SagaRecord(id=saga_id, type=d.type, key=key, state="", data={}, created_at=now, updated_at=now)
             ctx = SagaContext(record.id, d.type, "", {}, event)
-            if start.action is not None:
-                start.action(ctx)
+            if start.do is not None:
+                start.do(ctx)
             try:
                 rows = self._enter(
                     d, record, start.to, ctx, event.id, f"started by {event.type}", inbox, expected_version=None
@@ -148,7 +148,7 @@ class SagaEngine:
             if record.final or pending.get("id") != reply.request_id:
                 return Applied(record, False, [], "late or duplicate reply: ignored")
             trigger = on_reply(request_type) if reply.ok else on_failure(request_type)
-            ctx = SagaContext(record.id, d.type, record.state, record.data, event, reply.result, reply.reason)
+            ctx = _context(d, record, event, reply.result, reply.reason)
             return self._trigger(d, record, trigger, ctx, event.id, reply.reason or f"reply to {request_type}", inbox)
         key_field = d.correlate.get(event.type)
         if key_field is not None:
@@ -156,7 +156,7 @@ class SagaEngine:
             waiting: SagaRecord | None = None if key is None else self.store.find_saga(d.type, key)
             if waiting is None or waiting.final:
                 return Applied(waiting, False, [], "no waiting saga for this event")
-            ctx = SagaContext(waiting.id, d.type, waiting.state, waiting.data, event)
+            ctx = _context(d, waiting, event)
             return self._trigger(d, waiting, on_event(event.type), ctx, event.id, event.type, inbox)
         return Applied(None, False, [], f"{event.type} means nothing to saga type {d.type}")
 
@@ -206,6 +206,8 @@ class SagaEngine:
         record.updated_at = now
         outgoing = [self._event_out(record, ctx, i, t, p) for i, (t, p) in enumerate(ctx.outbox)]
         meta = dict(record.meta)
+        if ctx.steps:
+            meta[STEPS_META] = steps_to_meta(ctx.steps)
         if new_state == FAILED:
             meta["failed_from"], meta["reason"] = previous, reason
         if state.final:
@@ -296,7 +298,7 @@ class SagaEngine:
                 attempt=record.attempts,
             )
             return rows
-        ctx = SagaContext(record.id, d.type, record.state, record.data, None, reason="timed out")
+        ctx = _context(d, record, None, reason="timed out")
         what = f"timed out in {record.state}" + (f" after {record.attempts} request(s)" if pending else "")
         return self._trigger(d, record, TIMEOUT, ctx, message_id, what, None).rows
 
@@ -310,7 +312,7 @@ class SagaEngine:
             if pending.get("id") != request_id:
                 return []
             d = self.definitions[record.type]
-            ctx = SagaContext(record.id, d.type, record.state, record.data, None, reason=reason)
+            ctx = _context(d, record, None, reason=reason)
             trigger = on_failure(pending["type"])
             try:
                 applied = self._trigger(d, record, trigger, ctx, f"unroutable:{request_id}", reason, None)
@@ -325,7 +327,7 @@ class SagaEngine:
         """A saga in a state its type no longer has (renamed or removed in a deploy): park it in
         ``failed``, visibly, so an operator can move it; it must not block anything else."""
         reason = f"state {record.state!r} no longer exists in saga type {d.type}"
-        ctx = SagaContext(record.id, d.type, record.state, record.data, None, reason=reason)
+        ctx = _context(d, record, None, reason=reason)
         log.warning("saga.stranded", saga_id=record.id, saga_type=d.type, state=record.state)
         return self._enter(d, record, FAILED, ctx, message_id, reason, None, expected_version=record.version)
 
@@ -348,7 +350,7 @@ class SagaEngine:
             record.meta = {k: v for k, v in record.meta.items() if k not in ("failed_from", "reason")}
         elif record.final:
             raise ActionRefused(f"saga {saga_id} has ended in {record.state}; only a failed saga can be retried")
-        ctx = SagaContext(record.id, d.type, record.state, record.data, None)
+        ctx = _context(d, record, None)
         message_id = f"operator:retry:{record.version}"
         return self._enter(
             d, record, target, ctx, message_id, "operator: retry", None, expected_version=record.version, actor=actor
@@ -363,7 +365,7 @@ class SagaEngine:
         if COMPENSATE not in d.triggers_from(record.state):
             raise ActionRefused(f"saga type {d.type} defines no compensation from state {record.state!r}")
         reason = "operator: compensate"
-        ctx = SagaContext(record.id, d.type, record.state, record.data, None, reason=reason)
+        ctx = _context(d, record, None, reason=reason)
         message_id = f"operator:compensate:{record.version}"
         applied = self._trigger(d, record, COMPENSATE, ctx, message_id, reason, None, actor=actor)
         if not applied.moved:
@@ -379,6 +381,18 @@ class SagaEngine:
                 f"saga {saga_id} is of type {record.type!r}, which this app does not declare: give the app that runs it"
             )
         return record
+
+
+def _context(
+    d: SagaDefinition,
+    record: SagaRecord,
+    event: Event | None,
+    result: Mapping[str, Any] | None = None,
+    reason: str | None = None,
+) -> SagaContext:
+    """What a guard, an action or a request builder of ``record`` sees."""
+    steps = steps_from_meta(record.meta)
+    return SagaContext(record.id, d.type, record.state, record.data, event, result, reason, steps=steps)
 
 
 def _key(payload: Mapping[str, Any], field: str) -> str | None:

@@ -39,6 +39,6 @@ def test_every_share_ends_and_undoes_what_it_did(faults: FaultSchedule, grantees
                 # compensated: the steps that completed are undone, the last one first
                 assert saga.state == "compensated", saga.state
                 assert grantee == "nobody" or h.stats.dropped or h.stats.delayed, "failed with no cause"
-                completed = saga.data.get("completed", [])
+                completed = [s["step"] for s in saga.meta.get("steps", [])]
                 undo = {"reserve_quota": "release", "grant": "revoke"}
                 assert [e for e in did if e in ("revoke", "release")] == [undo[s] for s in reversed(completed)]

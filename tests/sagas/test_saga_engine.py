@@ -7,12 +7,12 @@ correlation id = the saga id, header ``request_id`` = the request's id) and move
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import pytest
 
-from examples.postprocessing import CHECK, READY, REVERT, SCAN, Postprocessing
+from examples.postprocessing import READY, Postprocessing
 from sagas import (
     FAILED,
     Event,
@@ -20,6 +20,7 @@ from sagas import (
     MemoryStore,
     Request,
     Saga,
+    SagaContext,
     SagaEngine,
     SagaRecord,
     SagasError,
@@ -27,8 +28,6 @@ from sagas import (
     State,
     Step,
     StepSaga,
-    event,
-    reply,
 )
 from sagas._protocol import REQUEST_ID_HEADER
 from sagas._saga_engine import Applied
@@ -41,16 +40,29 @@ HOTEL, CANCEL_HOTEL = "ocis.trip.book_hotel", "ocis.trip.cancel_hotel"
 CAR, RETURN_CAR = "ocis.trip.rent_car", "ocis.trip.return_car"
 FLIGHT = "ocis.trip.book_flight"
 MAIL = "ocis.trip.mail_agent"
+SCAN, CHECK, REVERT = "ocis.antivirus.scan", "ocis.policies.check", "ocis.storage.revert"
+
+
+def _what_was_done(step: str) -> Callable[[SagaContext], Mapping[str, Any]]:
+    """A compensation's payload: the result of the step it undoes (from ``ctx.steps``)."""
+    return lambda ctx: {step: dict(ctx.steps[step])}
 
 
 class Trip(StepSaga):
     """Three steps; the first two can be undone (the last one has nothing after it that could fail)."""
 
     type = "trip"
-    start = Start(TRIP_REQUESTED, key="trip_id", to="")
+    start = Start(TRIP_REQUESTED, key="trip_id")
     steps = [
-        Step("hotel", HOTEL, compensation=CANCEL_HOTEL, timeout=1.0, retries=2),
-        Step("car", CAR, compensation=RETURN_CAR, timeout=1.0, retries=2),
+        Step(
+            "hotel",
+            HOTEL,
+            compensation=CANCEL_HOTEL,
+            compensation_payload=_what_was_done("hotel"),
+            timeout=1.0,
+            retries=2,
+        ),
+        Step("car", CAR, compensation=RETURN_CAR, compensation_payload=_what_was_done("car"), timeout=1.0, retries=2),
         Step("flight", FLIGHT, timeout=1.0, retries=2),
     ]
 
@@ -59,7 +71,7 @@ class Errand(StepSaga):
     """Three steps; the middle one has nothing to undo."""
 
     type = "errand"
-    start = Start(TRIP_REQUESTED, key="trip_id", to="")
+    start = Start(TRIP_REQUESTED, key="trip_id")
     steps = [
         Step("hotel", HOTEL, compensation=CANCEL_HOTEL, timeout=1.0),
         Step("mail", MAIL, timeout=1.0),
@@ -72,8 +84,7 @@ class Lookalike(Saga):
 
     type = "lookalike"
     start = Start("ocis.lookalike.requested", key="id", to="booking")
-    states = [State("booking", Request(HOTEL), timeout=1.0), Final("done")]
-    transitions = [reply(HOTEL, "booking", "done")]
+    states = [State("booking", sends=Request(HOTEL), timeout=1.0, on_reply="done"), Final("done")]
 
 
 class Stubborn(Saga):
@@ -82,11 +93,10 @@ class Stubborn(Saga):
     type = "stubborn"
     start = Start("ocis.stubborn.requested", key="id", to="asking")
     states = [
-        State("asking", Request(HOTEL), timeout=5.0, retries=5, on_timeout="gave_up"),
+        State("asking", sends=Request(HOTEL), timeout=5.0, retries=5, on_reply="done", on_timeout="gave_up"),
         Final("gave_up"),
         Final("done"),
     ]
-    transitions = [reply(HOTEL, "asking", "done")]
 
 
 class Harness:
@@ -233,7 +243,7 @@ def test_repeated_reply_is_a_noop(trip: Harness) -> None:
     assert again.note == "duplicate"
     assert trip.saga(saga_id).version == version
     assert trip.saga(saga_id).state == "car"
-    assert trip.saga(saga_id).data["hotel"] == {"room": 12}
+    assert trip.saga(saga_id).meta["steps"] == [{"step": "hotel", "result": {"room": 12}}]
 
 
 def test_late_reply_is_ignored(trip: Harness) -> None:
@@ -297,6 +307,45 @@ def test_reply_for_an_unknown_saga_is_ignored(trip: Harness) -> None:
     assert not applied.moved
 
 
+def test_step_results_are_kept_in_meta_not_in_data(trip: Harness) -> None:
+    """After a step saga completes, its data holds only what the user put there; meta holds the steps."""
+    saga_id = _started(trip)
+    for result in ({"room": 12}, {"plate": "B-1"}, {"seat": "3A"}):
+        trip.answer("trip", saga_id, result=result)
+    ended = trip.saga(saga_id)
+    assert ended.state == "completed"
+    assert ended.data == {}
+    assert ended.meta["steps"] == [
+        {"step": "hotel", "result": {"room": 12}},
+        {"step": "car", "result": {"plate": "B-1"}},
+        {"step": "flight", "result": {"seat": "3A"}},
+    ]
+
+
+def test_ctx_steps_is_read_only_and_in_completion_order() -> None:
+    """Payload builders see ctx.steps: step name -> result, in completion order, which they cannot change."""
+    seen: list[Mapping[str, Any]] = []
+
+    def peek(ctx: SagaContext) -> Mapping[str, Any]:
+        seen.append(ctx.steps)
+        with pytest.raises(TypeError):
+            ctx.steps["hotel"] = {}  # type: ignore[index]
+        with pytest.raises(TypeError):
+            ctx.steps["hotel"]["room"] = 0  # type: ignore[index]
+        return {}
+
+    class Peeking(StepSaga):
+        type = "peeking"
+        start = Start(TRIP_REQUESTED, key="trip_id")
+        steps = [Step("hotel", HOTEL, timeout=1.0), Step("car", CAR, timeout=1.0), Step("look", FLIGHT, payload=peek)]
+
+    h = Harness(Peeking)
+    saga_id = _started(h, "peeking")
+    h.answer("peeking", saga_id, result={"room": 12})
+    h.answer("peeking", saga_id, result={"plate": "B-1"})
+    assert [list(s.items()) for s in seen] == [[("hotel", {"room": 12}), ("car", {"plate": "B-1"})]]
+
+
 # -- compensation ------------------------------------------------------------------------------------
 
 
@@ -314,7 +363,7 @@ def test_failing_third_step_compensates_steps_two_then_one(trip: Harness) -> Non
     assert applied.rows == []
     assert [e.type for e in sent] == [RETURN_CAR, CANCEL_HOTEL]
     assert all(e.correlation_id == saga_id for e in sent)
-    # A compensation's payload is the saga's data: what the steps returned.
+    # A compensation's payload builder reads what the steps returned in ctx.steps.
     assert sent[0].payload["car"] == {"plate": "B-1"}
     assert sent[1].payload["hotel"] == {"room": 12}
     assert trip.states(saga_id) == ["hotel", "car", "flight", "undo_car", "undo_hotel", "compensated"]
@@ -709,12 +758,11 @@ class Resumable(Saga):
 
     type = "resumable"
     start = Start("ocis.resumable.requested", key="id", to="waiting")
-    states = [State("waiting", timeout=5.0), Final("done")]
-    transitions = [event("ocis.resumable.requested", "waiting", "done")]
+    states = [State("waiting", timeout=5.0, on={"ocis.resumable.requested": "done"}), Final("done")]
 
 
 def test_transition_on_the_start_event_fires_for_a_waiting_saga() -> None:
-    """An event: transition that compiles on the start event moves the saga that event names."""
+    """A state's `on` entry for the start event moves the saga that event names."""
     h = Harness(Resumable)
     first = h.engine.handle("resumable", Event("ocis.resumable.requested", {"id": "r1"}))
     assert first.saga is not None
@@ -742,13 +790,15 @@ def test_a_saga_in_a_state_its_type_no_longer_has_is_parked_not_blocking() -> No
     and other sagas' deadlines still fire in the same tick."""
     import random
 
-    from sagas import Event, Final, MemoryStore, Request, Saga, SagaEngine, Start, State, reply
+    from sagas import Event, Final, MemoryStore, Request, Saga, SagaEngine, Start, State
 
     class Ping(Saga):
         type = "ping"
         start = Start("ocis.ping.started", key="k", to="waiting")
-        states = [State("waiting", Request("ocis.ping.ping"), timeout=1.0, retries=1), Final("done")]
-        transitions = [reply("ocis.ping.ping", "waiting", "done")]
+        states = [
+            State("waiting", sends=Request("ocis.ping.ping"), timeout=1.0, retries=1, on_reply="done"),
+            Final("done"),
+        ]
 
     now = [1000.0]
     store = MemoryStore()

@@ -48,7 +48,7 @@ def _keep_trip_id(ctx: SagaContext) -> None:
 
 class Trip(StepSaga):
     type = "trip"
-    start = Start(TRIP_REQUESTED, key="trip_id", to="", action=_keep_trip_id)
+    start = Start(TRIP_REQUESTED, key="trip_id", do=_keep_trip_id)
     steps = [
         Step("hotel", HOTEL, compensation=CANCEL_HOTEL, timeout=5.0),
         Step("car", CAR, compensation=RETURN_CAR, timeout=5.0),
@@ -60,7 +60,7 @@ class Lonely(StepSaga):
     """Its only request is one nobody serves; its deadline is far away."""
 
     type = "lonely"
-    start = Start(TRIP_REQUESTED, key="trip_id", to="", action=_keep_trip_id)
+    start = Start(TRIP_REQUESTED, key="trip_id", do=_keep_trip_id)
     steps = [Step("ask", NOBODY, timeout=30.0)]
 
 
@@ -68,13 +68,13 @@ class Booking(StepSaga):
     """One step with a short deadline, so that re-sends happen within a test."""
 
     type = "booking"
-    start = Start(TRIP_REQUESTED, key="trip_id", to="", action=_keep_trip_id)
+    start = Start(TRIP_REQUESTED, key="trip_id", do=_keep_trip_id)
     steps = [Step("hotel", HOTEL, timeout=0.3, retries=5)]
 
 
 class Parcel(StepSaga):
     type = "parcel"
-    start = Start("ocis.parcel.sent", key="parcel_id", to="")
+    start = Start("ocis.parcel.sent", key="parcel_id")
     steps = [Step("ship", SHIP, timeout=0.5, retries=5)]
 
 
@@ -253,7 +253,7 @@ def test_dropped_reply_is_asked_again_with_the_same_request_id(
         bus.publish(Event(TRIP_REQUESTED, {"trip_id": "t1"}))
         saga = wait_for(lambda: _final(store, "booking", "t1"), timeout=5.0, what="the booking to complete")
     assert saga.state == "completed"
-    assert saga.data["hotel"] == {"room": 7}
+    assert saga.meta["steps"][0] == {"step": "hotel", "result": {"room": 7}}
     assert len(seen) == 2
     assert seen[0].id == seen[1].id
     assert seen[0].correlation_id == saga.id
@@ -375,7 +375,7 @@ def test_deadline_fires_after_a_worker_restart(
             with make_worker(buses, participant, broker_url, concurrency=1).running():
                 done = wait_for(lambda: _final(reader, "parcel", "p1"), what="the parcel saga to complete")
         assert done.state == "completed"
-        assert done.data["ship"] == {"tracking": "z1"}
+        assert done.meta["steps"][-1] == {"step": "ship", "result": {"tracking": "z1"}}
         assert {e.id for e in shipped} == {request_id}
         assert len(shipped) == 1  # the copies of one request id were answered from the reply cache
     finally:

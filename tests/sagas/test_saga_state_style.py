@@ -17,8 +17,6 @@ from sagas import (
     Start,
     State,
     Worker,
-    failure,
-    reply,
 )
 from tests.helpers import wait_for
 
@@ -34,25 +32,29 @@ def _keep(ctx: SagaContext) -> None:
 
 class Order(Saga):
     type = "order"
-    start = Start("shop.orders.placed", key="order_id", to="reserving", action=_keep)
+    start = Start("shop.orders.placed", key="order_id", to="reserving", do=_keep)
     states = [
-        State("reserving", Request(RESERVE), timeout=5.0),
-        State("charging", Request(CHARGE), timeout=5.0, on_timeout="releasing"),
-        State("shipping", Request(SHIP), timeout=5.0, on_timeout="refunding"),
-        State("refunding", Request(REFUND), timeout=5.0),
-        State("releasing", Request(RELEASE), timeout=5.0),
+        State("reserving", sends=Request(RESERVE), timeout=5.0, on_reply="charging", on_failure="cancelled"),
+        State(
+            "charging",
+            sends=Request(CHARGE),
+            timeout=5.0,
+            on_reply="shipping",
+            on_failure="releasing",
+            on_timeout="releasing",
+        ),
+        State(
+            "shipping",
+            sends=Request(SHIP),
+            timeout=5.0,
+            on_reply="shipped",
+            on_failure="refunding",
+            on_timeout="refunding",
+        ),
+        State("refunding", sends=Request(REFUND), timeout=5.0, on_reply="releasing"),
+        State("releasing", sends=Request(RELEASE), timeout=5.0, on_reply="cancelled"),
         Final("shipped"),
         Final("cancelled"),
-    ]
-    transitions = [
-        reply(RESERVE, "reserving", "charging"),
-        failure(RESERVE, "reserving", "cancelled"),
-        reply(CHARGE, "charging", "shipping"),
-        failure(CHARGE, "charging", "releasing"),
-        reply(SHIP, "shipping", "shipped"),
-        failure(SHIP, "shipping", "refunding"),
-        reply(REFUND, "refunding", "releasing"),
-        reply(RELEASE, "releasing", "cancelled"),
     ]
 
 

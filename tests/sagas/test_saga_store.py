@@ -459,13 +459,15 @@ def test_sqlite_finds_due_sagas_through_the_partial_index(tmp_path: Path) -> Non
 def test_two_workers_fire_one_due_deadline_once(reopen: Opener) -> None:
     """Two engines on one SQLite file or PostgreSQL schema (two connections, as two workers have) both
     see a due saga; the version check lets exactly one of them re-send its request."""
-    from sagas import Event, Final, Request, Saga, SagaEngine, Start, State, reply
+    from sagas import Event, Final, Request, Saga, SagaEngine, Start, State
 
     class Waiter(Saga):
         type = "waiter"
         start = Start("ocis.waiter.started", key="k", to="waiting")
-        states = [State("waiting", Request("ocis.waiter.ping"), timeout=1.0, retries=3), Final("done")]
-        transitions = [reply("ocis.waiter.ping", "waiting", "done")]
+        states = [
+            State("waiting", sends=Request("ocis.waiter.ping"), timeout=1.0, retries=3, on_reply="done"),
+            Final("done"),
+        ]
 
     now = [T0]
     first, second = reopen(), reopen()

@@ -541,13 +541,13 @@ PARCEL_SENT, SHIP = "ocis.parcel.sent", "ocis.parcel.ship"
 
 class Trip(StepSaga):
     type = "trip"
-    start = Start(TRIP_REQUESTED, key="trip_id", to="")
+    start = Start(TRIP_REQUESTED, key="trip_id")
     steps = [Step("hotel", HOTEL, timeout=120.0), Step("car", CAR, timeout=120.0)]
 
 
 class Parcel(StepSaga):
     type = "parcel"
-    start = Start(PARCEL_SENT, key="parcel_id", to="")
+    start = Start(PARCEL_SENT, key="parcel_id")
     steps = [Step("ship", SHIP, timeout=120.0)]
 
 

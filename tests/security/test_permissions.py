@@ -70,7 +70,7 @@ def test_the_documented_roles_do_their_work(roles: dict[str, Permission]) -> Non
 
     class Postprocessing(StepSaga):
         type = "postprocessing"
-        start = Start("ocis.postprocessing.upload_ready", key="upload_id", to="")
+        start = Start("ocis.postprocessing.upload_ready", key="upload_id")
         steps = [Step("scan", "ocis.postprocessing.scan", timeout=30.0)]
 
     participant = Service("postprocessing")
