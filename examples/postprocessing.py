@@ -21,10 +21,24 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Callable
 from typing import Any
 
-from sagas import App, Context, Event, Failure, Final, Go, NoReply, Request, Saga, SagaContext, Service, Start, State
+from sagas import (
+    App,
+    Context,
+    Event,
+    Failure,
+    Final,
+    Go,
+    NoReply,
+    Request,
+    Saga,
+    SagaContext,
+    Service,
+    Start,
+    State,
+    set_data,
+)
 
 FINISHED, READY = "ocis.postprocessing.finished", "ocis.storage.upload_ready"
 
@@ -41,20 +55,6 @@ def _flaky() -> None:
 # -- the saga ----------------------------------------------------------------------------------------
 
 
-def _begin(ctx: SagaContext) -> None:
-    assert ctx.event is not None
-    ctx.data.update({k: ctx.event.payload.get(k) for k in ("upload_id", "name", "size", "user")})
-
-
-def outcome(value: str) -> Callable[[SagaContext], None]:
-    return lambda ctx: ctx.data.update(outcome=value)
-
-
-def _finish(ctx: SagaContext) -> None:
-    ctx.data.setdefault("outcome", "continue")
-    ctx.publish(FINISHED, {"upload_id": ctx.data["upload_id"], "outcome": ctx.data["outcome"]})
-
-
 def _infected(ctx: SagaContext) -> bool:
     return bool(ctx.result.get("infected"))
 
@@ -63,47 +63,33 @@ def _too_big(ctx: SagaContext) -> bool:
     return not ctx.result.get("allowed", False)
 
 
-def _upload(ctx: SagaContext) -> dict[str, Any]:
-    return {"upload_id": ctx.data["upload_id"], "name": ctx.data["name"], "size": ctx.data["size"]}
+def _finish(ctx: SagaContext) -> None:
+    ctx.data.setdefault("outcome", "continue")
+    ctx.publish(FINISHED, {"upload_id": ctx.data["upload_id"], "outcome": ctx.data["outcome"]})
 
 
-ABORT = Go("reverting", do=outcome("abort"))
+UPLOAD = ("upload_id", "name", "size")
+ABORT = Go("reverting", do=set_data(outcome="abort"))
 
 
 class Postprocessing(Saga):
     type = "postprocessing"
-    start = Start("ocis.storage.bytes_received", key="upload_id", to="scanning", do=_begin)
+    start = Start("ocis.storage.bytes_received", key="upload_id", keep=(*UPLOAD, "user"), to="scanning")
     correlate = {READY: "upload_id"}
+    # fmt: off
     states = [
-        State(
-            "scanning",
-            sends=Request("ocis.antivirus.scan", _upload),
-            timeout=5.0,
-            retries=4,
-            on_reply=[Go("reverting", when=_infected, do=outcome("delete")), Go("checking")],
-            on_failure=ABORT,
-            on_timeout=ABORT,
-        ),
-        State(
-            "checking",
-            sends=Request("ocis.policies.check", _upload),
-            timeout=5.0,
-            retries=4,
-            on_reply=[Go("reverting", when=_too_big, do=outcome("abort")), Go("finishing", do=_finish)],
-            on_failure=ABORT,
-            on_timeout=ABORT,
-        ),
-        State(
-            "reverting",
-            sends=Request("ocis.storage.revert", _upload),
-            timeout=5.0,
-            retries=6,
-            on_reply=Go("finishing", do=_finish),
-            on_failure="failed",
-        ),
+        State("scanning", sends=Request("ocis.antivirus.scan", fields=UPLOAD), timeout=5.0, retries=4,
+              on_reply=[Go("reverting", when=_infected, do=set_data(outcome="delete")), Go("checking")],
+              on_failure=ABORT, on_timeout=ABORT),
+        State("checking", sends=Request("ocis.policies.check", fields=UPLOAD), timeout=5.0, retries=4,
+              on_reply=[Go("reverting", when=_too_big, do=set_data(outcome="abort")), Go("finishing", do=_finish)],
+              on_failure=ABORT, on_timeout=ABORT),
+        State("reverting", sends=Request("ocis.storage.revert", fields=UPLOAD), timeout=5.0, retries=6,
+              on_reply=Go("finishing", do=_finish), on_failure="failed"),
         State("finishing", timeout=10.0, on={READY: "done"}, on_timeout="done"),
         Final("done"),
     ]
+    # fmt: on
 
 
 # -- the simulated participants ------------------------------------------------------------------------

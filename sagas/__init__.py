@@ -20,6 +20,7 @@ from ._saga import (
     State,
     Step,
     StepSaga,
+    set_data,
 )
 from ._saga_engine import SagaEngine
 from ._service import AT_LEAST_ONCE, AT_MOST_ONCE, App, Context, Delivery, HandlerSpec, Retry, Service
@@ -76,4 +77,5 @@ __all__ = [
     "Worker",
     "configure_logging",
     "open_store",
+    "set_data",
 ]

@@ -95,14 +95,40 @@ PayloadBuilder = Callable[[SagaContext], Mapping[str, Any]]
 
 @dataclass(frozen=True, slots=True)
 class Request:
-    """A request a state sends when it is entered. ``payload`` builds its payload from the context;
-    by default the payload is the saga's data."""
+    """A request a state sends when it is entered. Its payload is the saga's data, or these ``fields``
+    of it (null where one is missing), or what ``payload`` builds from the context."""
 
     type: str
     payload: PayloadBuilder | None = None
+    fields: tuple[str, ...] = field(default=(), kw_only=True)
 
     def __post_init__(self) -> None:
         validate_event_name(self.type)
+        if self.payload is not None and self.fields:
+            raise ConfigurationError(
+                f"Request({self.type!r}) takes payload= or fields=, not both: fields= picks data fields, "
+                "payload= builds the whole payload"
+            )
+        if isinstance(self.fields, str):
+            raise ConfigurationError(f"Request({self.type!r}): fields= is a tuple of names, e.g. fields=('id',)")
+
+    def build(self, ctx: SagaContext) -> Mapping[str, Any]:
+        """The payload of this request for ``ctx``."""
+        if self.payload is not None:
+            return self.payload(ctx)
+        if self.fields:
+            return {name: ctx.data.get(name) for name in self.fields}
+        return ctx.data
+
+
+def set_data(**values: Any) -> Action:
+    """An action that sets fields of the saga's data: ``Go("reverting", do=set_data(outcome="abort"))``."""
+
+    def set_fields(ctx: SagaContext) -> None:
+        ctx.data.update(values)
+
+    set_fields.__name__ = "set " + ", ".join(f"{k}={v!r}" for k, v in values.items())
+    return set_fields
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,16 +194,20 @@ def Final(name: str) -> State:
 @dataclass(frozen=True, slots=True)
 class Start:
     """An event that starts a saga, in the state ``to``. ``key`` names the payload field that
-    identifies the saga, so a duplicate start event never starts a second one. ``do`` can fill in
-    the data. (A step saga starts at its first step: no ``to``.)"""
+    identifies the saga, so a duplicate start event never starts a second one. ``keep`` copies these
+    fields of the event's payload (those present) into the data; ``do`` can then fill in more.
+    (A step saga starts at its first step: no ``to``.)"""
 
     event: str
     key: str = field(kw_only=True)
     to: str = field(default="", kw_only=True)
+    keep: tuple[str, ...] = field(default=(), kw_only=True)
     do: Action | None = field(default=None, kw_only=True)
 
     def __post_init__(self) -> None:
         validate_event_name(self.event)
+        if isinstance(self.keep, str):
+            raise ConfigurationError(f"Start({self.event!r}): keep= is a tuple of names, e.g. keep=('id',)")
 
 
 @dataclass(frozen=True, slots=True)

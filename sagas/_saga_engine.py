@@ -128,6 +128,7 @@ class SagaEngine:
             ).hex
             record = SagaRecord(id=saga_id, type=d.type, key=key, state="", data={}, created_at=now, updated_at=now)
             ctx = SagaContext(record.id, d.type, "", {}, event)
+            ctx.data.update({name: event.payload[name] for name in start.keep if name in event.payload})
             if start.do is not None:
                 start.do(ctx)
             try:
@@ -216,7 +217,7 @@ class SagaEngine:
         else:
             spec = state.request_spec
             if spec is not None:
-                payload = spec.payload(ctx) if spec.payload else ctx.data
+                payload = spec.build(ctx)
                 request = request_event(
                     record.id, d.type, record.version, spec.type, payload, ctx.event.id if ctx.event else None
                 )

@@ -20,6 +20,7 @@ from sagas import (
     State,
     Step,
     StepSaga,
+    set_data,
 )
 from sagas._protocol import COMPENSATE, TIMEOUT, Kind
 
@@ -499,3 +500,28 @@ def test_compiling_does_not_change_the_class() -> None:
         cls.definition()
         assert dict(vars(cls)) == before
     assert Fresh.start == Start(BEGIN, key="id")
+
+
+def test_request_fields_pick_the_payload_from_the_data() -> None:
+    """Request(fields=...) sends those fields of the data, null where one is missing."""
+    ctx = SagaContext("s1", "probe", "asking", {"id": "a", "size": 3, "secret": "x"}, None)
+    assert Request(ASK, fields=("id", "size", "name")).build(ctx) == {"id": "a", "size": 3, "name": None}
+    assert Request(ASK).build(ctx) == ctx.data
+    assert Request(ASK, lambda c: {"only": c.data["id"]}).build(ctx) == {"only": "a"}
+
+
+def test_request_takes_payload_or_fields_not_both() -> None:
+    """A Request with both payload= and fields= (or fields= as one string) is refused with what to write."""
+    with pytest.raises(ConfigurationError, match="takes payload= or fields=, not both"):
+        Request(ASK, lambda c: {}, fields=("id",))
+    with pytest.raises(ConfigurationError, match="fields= is a tuple of names"):
+        Request(ASK, fields="id")  # type: ignore[arg-type]
+
+
+def test_set_data_sets_fields_and_start_keep_copies_them() -> None:
+    """set_data(...) is an action that sets data fields; Start(keep=...) refuses one string."""
+    ctx = SagaContext("s1", "probe", "asking", {"outcome": "continue"}, None)
+    set_data(outcome="abort", why="policy")(ctx)
+    assert ctx.data == {"outcome": "abort", "why": "policy"}
+    with pytest.raises(ConfigurationError, match="keep= is a tuple of names"):
+        Start(BEGIN, key="id", to="asking", keep="id")  # type: ignore[arg-type]

@@ -28,6 +28,7 @@ from sagas import (
     State,
     Step,
     StepSaga,
+    set_data,
 )
 from sagas._protocol import REQUEST_ID_HEADER
 from sagas._saga_engine import Applied
@@ -820,3 +821,17 @@ def test_a_saga_in_a_state_its_type_no_longer_has_is_parked_not_blocking() -> No
     assert (parked.state, parked.final) == ("failed", True)
     assert "no longer exists" in parked.meta["reason"]
     assert other.attempts == 2  # its request was re-sent in the same tick
+
+
+def test_start_keep_copies_the_fields_present_and_do_runs_after() -> None:
+    """Start(keep=...) copies the start event's fields that are present into the data, then do= runs."""
+
+    class Kept(Saga):
+        type = "kept"
+        start = Start("ocis.kept.started", key="id", to="waiting", keep=("id", "name", "size"), do=set_data(seen=True))
+        states = [State("waiting", sends=Request("ocis.kept.ask"), timeout=5.0, on_reply="done"), Final("done")]
+
+    engine = SagaEngine([Kept], MemoryStore())
+    applied = engine.handle("kept", Event("ocis.kept.started", {"id": "k1", "name": "a.txt", "other": 1}))
+    assert applied.saga is not None
+    assert applied.saga.data == {"id": "k1", "name": "a.txt", "seen": True}
