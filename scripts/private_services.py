@@ -146,6 +146,22 @@ def stop_process_group(proc: subprocess.Popen[bytes], term_wait: float = 30.0) -
             time.sleep(0.1)
 
 
+def _folder_with(tools: tuple[str, ...], candidates: list[str], missing: str) -> Path:
+    """The first of the ``candidates`` folders that holds every one of ``tools``."""
+    for c in candidates:
+        if c and all((Path(c) / tool).exists() for tool in tools):
+            return Path(c)
+    raise ServiceError(missing)
+
+
+def _installed(find: Callable[[], Path]) -> bool:
+    try:
+        find()
+    except ServiceError:
+        return False
+    return True
+
+
 # -- RabbitMQ -------------------------------------------------------------------------------------------
 
 
@@ -156,18 +172,15 @@ def rabbitmq_scripts() -> Path:
     found = shutil.which("rabbitmq-server")
     if found:
         candidates.append(str(Path(found).resolve().parent))
-    for c in candidates:
-        if c and (Path(c) / "rabbitmq-server").exists() and (Path(c) / "rabbitmqctl").exists():
-            return Path(c)
-    raise ServiceError("rabbitmq-server is not installed (not on PATH, nor in /usr/lib/rabbitmq/bin)")
+    return _folder_with(
+        ("rabbitmq-server", "rabbitmqctl"),
+        candidates,
+        "rabbitmq-server is not installed (not on PATH, nor in /usr/lib/rabbitmq/bin)",
+    )
 
 
 def rabbitmq_installed() -> bool:
-    try:
-        rabbitmq_scripts()
-    except ServiceError:
-        return False
-    return True
+    return _installed(rabbitmq_scripts)
 
 
 @dataclass(frozen=True)
@@ -351,18 +364,11 @@ def postgres_bin() -> Path:
     found = shutil.which("initdb")
     if found:
         candidates.append(str(Path(found).parent))
-    for c in candidates:
-        if c and (Path(c) / "initdb").exists() and (Path(c) / "pg_ctl").exists():
-            return Path(c)
-    raise ServiceError("PostgreSQL's initdb and pg_ctl are not installed")
+    return _folder_with(("initdb", "pg_ctl"), candidates, "PostgreSQL's initdb and pg_ctl are not installed")
 
 
 def postgres_installed() -> bool:
-    try:
-        postgres_bin()
-    except ServiceError:
-        return False
-    return True
+    return _installed(postgres_bin)
 
 
 @dataclass(frozen=True)
