@@ -132,6 +132,11 @@ _KEY = pytest.StashKey[Canary]()
 _FOUND = pytest.StashKey[list[str]]()
 
 
+def of(config: pytest.Config) -> Canary | None:
+    """The canary of this run (None before the session started)."""
+    return config.stash.get(_KEY, None)
+
+
 def _where(url: str) -> str:
     u = urlsplit(url.split(";")[0])
     return f"{u.hostname}:{u.port}"

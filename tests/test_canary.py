@@ -20,7 +20,7 @@ import psycopg
 import pytest
 from private_services import PostgresCluster, RabbitNode, free_port
 
-from tests._canary import CONNECTION_NAME, Canary
+from tests._canary import Canary
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -107,19 +107,18 @@ from pathlib import Path
 import psycopg
 from private_services import RabbitNode
 
+from tests import _canary
+
 
 def test_nothing():
     pass
 
 
-def test_disturb():
+def test_disturb(request):
     what = os.environ.get("DISTURB")
     if what == "postgres":
         with psycopg.connect(os.environ["CANARY_POSTGRES_URL"], autocommit=True) as admin:
-            admin.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
-                (os.environ["CANARY_NAME"],),
-            )
+            admin.execute("SELECT pg_terminate_backend(%s)", (_canary.of(request.config).backend_pid,))
     elif what == "rabbitmq":
         node = json.loads(os.environ["CANARY_NODE"])
         RabbitNode(node["name"], node["port"], node["dist_port"], Path(node["dir"]), node["home"]).ctl(
@@ -142,7 +141,6 @@ def _scratch_run(tmp: Path, amqp_url: str, postgres_url: str, **env: str) -> sub
             "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'scripts'}",
             "CANARY_AMQP_URL": amqp_url,
             "CANARY_POSTGRES_URL": postgres_url,
-            "CANARY_NAME": CONNECTION_NAME,
             **env,
         },
         capture_output=True,
