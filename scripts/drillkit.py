@@ -1,10 +1,11 @@
 """Helpers shared by the fault drills (``scripts/drills.py``) and the real-process fault tests
-(``tests/faults``): worker processes, effect files, waiting, the local broker and database, and clean-up.
+(``tests/faults``): worker processes, effect files, waiting, broker and database faults, and clean-up.
 
 Workers run as separate ``python -m sagas run`` processes. The drill app (``drill_app.py``) writes one line
-per handled event to the file named by ``DRILL_OUT``, which :func:`lines` reads back. Broker and database
-control uses ``rabbitmqctl`` and ``pg_ctlcluster`` on this machine, so the faults only work against a local
-RabbitMQ and PostgreSQL.
+per handled event to the file named by ``DRILL_OUT``, which :func:`lines` reads back. Broker faults act on
+one node, through ``rabbitmqctl -n <node>``, and database faults on one cluster, through ``pg_ctl``: the
+private ones :func:`services` starts (``scripts/private_services.py``). Only the drills'
+``--machine-services`` mode points them at the machine's own RabbitMQ and PostgreSQL.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -23,10 +25,41 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from private_services import (  # noqa: E402
+    PostgresCluster,
+    RabbitNode,
+    machine_rabbit_node,
+    private_postgres,
+    private_rabbit_node,
+)
+
 from sagas import Event, EventBus  # noqa: E402
 
-URL = os.environ.get("SAGAS_DRILL_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
-PG = os.environ.get("SAGAS_DRILL_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+#: the machine's services, for the drills' --machine-services mode only
+MACHINE_URL = os.environ.get("SAGAS_DRILL_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
+MACHINE_PG = os.environ.get("SAGAS_DRILL_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+@dataclass(frozen=True)
+class Services:
+    """The broker node and database a drill or fault test runs on."""
+
+    node: RabbitNode
+    amqp_url: str
+    postgres_url: str
+    #: the private cluster, or None for the machine's PostgreSQL (which nothing here restarts)
+    postgres: PostgresCluster | None = None
+
+
+@contextlib.contextmanager
+def services(machine: bool = False) -> Iterator[Services]:
+    """A private RabbitMQ node and PostgreSQL cluster for the length of the block, always stopped and deleted
+    afterwards; with ``machine``, the machine's own services instead (started and stopped by nobody here)."""
+    if machine:
+        yield Services(machine_rabbit_node(), MACHINE_URL, MACHINE_PG)
+        return
+    with private_rabbit_node("sagas-drill") as node, private_postgres("sagas-drill-pg") as db:
+        yield Services(node, node.url, db.url, db)
 
 
 class WaitTimeout(AssertionError):
@@ -37,7 +70,7 @@ class WaitTimeout(AssertionError):
 
 
 def start_worker(
-    app: str, exchange: str, out: Path, store: Path | str, *, url: str = URL, **env: str
+    app: str, exchange: str, out: Path, store: Path | str, *, url: str, **env: str
 ) -> subprocess.Popen[bytes]:
     """Start ``python -m sagas run app`` on ``exchange``. The drill app appends its effects to ``out``;
     the worker's own output goes to ``out`` with the suffix ``.log``."""
@@ -117,12 +150,7 @@ def expected(i: int) -> str:
 # -- RabbitMQ -----------------------------------------------------------------------------------------
 
 
-def rabbitmqctl(*args: str, timeout: float = 120) -> str:
-    """Run ``rabbitmqctl args`` on this machine; raise if it fails."""
-    return subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True, timeout=timeout, check=True).stdout
-
-
-def _amqp(url: str = URL):  # type: ignore[no-untyped-def]
+def _amqp(url: str):  # type: ignore[no-untyped-def]
     import amqp
 
     u = urlsplit(url.split(";")[0])
@@ -138,7 +166,7 @@ def _amqp(url: str = URL):  # type: ignore[no-untyped-def]
     return c
 
 
-def consumers(queue: str, url: str = URL) -> int:
+def consumers(queue: str, url: str) -> int:
     """Consumers on ``queue`` (0 if it does not exist)."""
     import amqp
 
@@ -151,7 +179,7 @@ def consumers(queue: str, url: str = URL) -> int:
         c.close()
 
 
-def depth(queue: str, url: str = URL) -> int:
+def depth(queue: str, url: str) -> int:
     """Ready messages in ``queue``."""
     c = _amqp(url)
     try:
@@ -160,7 +188,7 @@ def depth(queue: str, url: str = URL) -> int:
         c.close()
 
 
-def broker_answers(url: str = URL) -> bool:
+def broker_answers(url: str) -> bool:
     """Whether the broker completes an AMQP handshake and opens a channel."""
     try:
         c = _amqp(url)
@@ -176,45 +204,38 @@ def broker_answers(url: str = URL) -> bool:
             c.close()
 
 
-def await_broker(url: str = URL, timeout: float = 120) -> None:
-    """Wait until the local RabbitMQ answers AMQP (after ``rabbitmqctl await_startup`` if it does not yet)."""
+def await_broker(node: RabbitNode, url: str, timeout: float = 120) -> None:
+    """Wait until the node answers AMQP (after ``rabbitmqctl await_startup`` if it does not yet)."""
     if broker_answers(url):
         return
-    subprocess.run(
-        ["rabbitmqctl", "-q", "await_startup", "--timeout", str(int(timeout))],
-        capture_output=True,
-        timeout=timeout + 30,
-        check=False,
-    )
+    node.ctl("-q", "await_startup", "--timeout", str(int(timeout)), timeout=timeout + 30, check=False)
     wait(lambda: broker_answers(url), timeout, "RabbitMQ to answer AMQP", interval=0.2)
 
 
-def restart_broker(down: float = 2.0, url: str = URL) -> float:
-    """``rabbitmqctl stop_app``, stay down ``down`` seconds, ``start_app``, and wait until the broker
-    answers AMQP. Always starts the app again, even if stopping failed. Returns the seconds from the
-    stop command to answering again (each rabbitmqctl call adds a second or two of its own)."""
+def restart_broker(node: RabbitNode, url: str, down: float = 2.0) -> float:
+    """``rabbitmqctl -n <node> stop_app``, stay down ``down`` seconds, ``start_app``, and wait until the node
+    answers AMQP. Always starts the app again, even if stopping failed. Returns the seconds from the stop
+    command to answering again (each rabbitmqctl call adds a second or so of its own)."""
     t0 = time.monotonic()
     try:
-        rabbitmqctl("stop_app")
+        node.ctl("stop_app")
         time.sleep(down)
     finally:
-        rabbitmqctl("start_app")
-        await_broker(url)
+        node.ctl("start_app")
+        await_broker(node, url)
     return time.monotonic() - t0
 
 
-def close_all_connections(reason: str = "test") -> None:
-    """Close every client connection from the broker's side (clients see a connection-forced close)."""
-    rabbitmqctl("close_all_connections", reason)
+def close_all_connections(node: RabbitNode, reason: str = "test") -> None:
+    """Close every client connection of the node from its side (clients see a connection-forced close)."""
+    node.ctl("close_all_connections", reason)
 
 
-def cleanup(exchange: str, queues: list[str] | None = None, url: str = URL) -> list[str]:
+def cleanup(exchange: str, node: RabbitNode, url: str, queues: list[str] | None = None) -> list[str]:
     """Delete the drill's exchange and every queue whose name starts with it (workers ran in other
-    processes, so the queues they declared are found on the broker, with rabbitmqctl). Returns the
-    queues it deleted."""
-    listed = subprocess.run(
-        ["rabbitmqctl", "-q", "list_queues", "name"], capture_output=True, text=True, timeout=120, check=False
-    ).stdout.split()
+    processes, so the queues they declared are found on the node, with rabbitmqctl). Returns the queues
+    it deleted."""
+    listed = node.ctl("-q", "list_queues", "name", check=False).stdout.split()
     bus = EventBus(url, exchange=exchange)
     bus.declared_queues.update(queues or [])
     bus.declared_queues.update(q for q in listed if q.startswith(f"{exchange}."))
@@ -239,24 +260,24 @@ def _declares(url: str, declare: Callable[[Any], object]) -> bool:
             c.close()
 
 
-def queue_exists(queue: str, url: str = URL) -> bool:
+def queue_exists(queue: str, url: str) -> bool:
     return _declares(url, lambda ch: ch.queue_declare(queue, passive=True))
 
 
-def exchange_exists(exchange: str, url: str = URL) -> bool:
+def exchange_exists(exchange: str, url: str) -> bool:
     return _declares(url, lambda ch: ch.exchange_declare(exchange, "topic", passive=True))
 
 
 # -- PostgreSQL ---------------------------------------------------------------------------------------
 
 
-def pg_store(schema: str, pg: str = PG):  # type: ignore[no-untyped-def]
+def pg_store(schema: str, pg: str):  # type: ignore[no-untyped-def]
     from sagas import open_store
 
     return open_store(f"{pg}?schema={schema}")
 
 
-def drop_schema(schema: str, pg: str = PG) -> None:
+def drop_schema(schema: str, pg: str) -> None:
     import psycopg
     from psycopg import sql
 
@@ -264,7 +285,7 @@ def drop_schema(schema: str, pg: str = PG) -> None:
         conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
 
 
-def schema_exists(schema: str, pg: str = PG) -> bool:
+def schema_exists(schema: str, pg: str) -> bool:
     import psycopg
 
     with psycopg.connect(pg, autocommit=True, connect_timeout=10) as conn:
@@ -272,7 +293,7 @@ def schema_exists(schema: str, pg: str = PG) -> bool:
         return row is not None
 
 
-def postgres_answers(pg: str = PG) -> bool:
+def postgres_answers(pg: str) -> bool:
     import psycopg
 
     try:
@@ -283,43 +304,19 @@ def postgres_answers(pg: str = PG) -> bool:
         return False
 
 
-def pg_cluster() -> tuple[str, str]:
-    """(version, name) of the local PostgreSQL cluster: ``SAGAS_PG_CLUSTER`` (e.g. ``15/main``), or the only
-    version under /etc/postgresql with the cluster ``main``."""
-    spec = os.environ.get("SAGAS_PG_CLUSTER")
-    if spec:
-        version, _, name = spec.partition("/")
-        return version, name or "main"
-    versions = sorted(os.listdir("/etc/postgresql")) if os.path.isdir("/etc/postgresql") else []
-    return (versions[-1] if versions else "15"), "main"
-
-
-def await_postgres(pg: str = PG, timeout: float = 120) -> None:
+def await_postgres(pg: str, timeout: float = 120) -> None:
     """Wait until PostgreSQL accepts a connection and runs a query."""
     wait(lambda: postgres_answers(pg), timeout, "PostgreSQL to answer", interval=0.2)
 
 
-def restart_postgres(pg: str = PG) -> float:
-    """``pg_ctlcluster restart`` the local cluster and wait until it answers; if the restart failed, start it.
+def restart_postgres(db: PostgresCluster, pg: str) -> float:
+    """``pg_ctl restart -m fast`` the cluster and wait until it answers; if the restart failed, start it.
     Returns the seconds it took."""
-    version, name = pg_cluster()
     t0 = time.monotonic()
     try:
-        subprocess.run(
-            ["pg_ctlcluster", "--skip-systemctl-redirect", version, name, "restart"],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=True,
-        )
+        db.restart()
     finally:
-        if not postgres_answers(pg):
-            subprocess.run(
-                ["pg_ctlcluster", "--skip-systemctl-redirect", version, name, "start"],
-                capture_output=True,
-                text=True,
-                timeout=120,
-                check=False,
-            )
+        if not postgres_answers(pg) and not db.running():
+            db.start()
         await_postgres(pg)
     return time.monotonic() - t0

@@ -8,8 +8,12 @@
     python scripts/drills.py deadlines                    # deadlines fire after a restart / on another worker
     python scripts/drills.py scale           [-n 500]     # sagas/s with 1 and with 2 worker processes
 
-Needs RabbitMQ on 127.0.0.1:5672 (guest/guest, or SAGAS_DRILL_AMQP_URL) and, for broker-restart,
-rabbitmqctl on this machine. Every drill uses its own exchange and deletes its queues afterwards.
+Each drill starts a private RabbitMQ node and PostgreSQL cluster (scripts/private_services.py: free ports,
+temporary folders, always stopped and deleted), so broker-restart stops and starts that node only. With
+``--machine-services`` the drills run on the machine's own RabbitMQ (127.0.0.1:5672, or
+SAGAS_DRILL_AMQP_URL) and PostgreSQL (SAGAS_DRILL_POSTGRES_URL) instead, and broker-restart then stops
+and starts the machine's RabbitMQ: never do that on a machine others use. Every drill uses its own
+exchange and deletes its queues afterwards.
 """
 
 from __future__ import annotations
@@ -26,9 +30,8 @@ import uuid
 from pathlib import Path
 
 from drillkit import (
-    PG,
     ROOT,
-    URL,
+    Services,
     WaitTimeout,
     cleanup,
     consumers,
@@ -38,6 +41,7 @@ from drillkit import (
     lines,
     pg_store,
     restart_broker,
+    services,
     start_worker,
     upload,
     wait,
@@ -54,20 +58,20 @@ from transport import PublishError
 configure_logging(level="warning")
 
 
-def kill_worker(n: int) -> None:
+def kill_worker(s: Services, n: int) -> None:
     exchange = f"drill{uuid.uuid4().hex[:8]}"
     with tempfile.TemporaryDirectory() as tmp:
         out, store = Path(tmp) / "effects.txt", Path(tmp) / "s.db"
-        w = start_worker("drill_app:app", exchange, out, store)
-        bus = EventBus(URL, exchange=exchange)
-        wait(lambda: consumers(f"{exchange}.drill.record") > 0, 30, "worker")
+        w = start_worker("drill_app:app", exchange, out, store, url=s.amqp_url)
+        bus = EventBus(s.amqp_url, exchange=exchange)
+        wait(lambda: consumers(f"{exchange}.drill.record", s.amqp_url) > 0, 30, "worker")
         t0 = time.monotonic()
         bus.publish_many([Event("drill.events.created", {"n": i}) for i in range(n)])
         wait(lambda: len(lines(out, "alo")) >= n // 2, 120, "half handled")
         handled_at_kill = len(lines(out, "alo"))
         w.send_signal(signal.SIGKILL)
         w.wait()
-        w = start_worker("drill_app:app", exchange, out, store)
+        w = start_worker("drill_app:app", exchange, out, store, url=s.amqp_url)
         wait(lambda: set(lines(out, "alo")) >= set(range(n)), 300, "every event handled")
         elapsed = time.monotonic() - t0
         w.send_signal(signal.SIGTERM)
@@ -81,23 +85,24 @@ def kill_worker(n: int) -> None:
             f"worker exit after SIGTERM {w.returncode}"
         )
         bus.close()
-        cleanup(exchange)
+        cleanup(exchange, s.node, s.amqp_url)
 
 
-def broker_restart(n: int) -> None:
+def broker_restart(s: Services, n: int) -> None:
     exchange = f"drill{uuid.uuid4().hex[:8]}"
     with tempfile.TemporaryDirectory() as tmp:
         out, store = Path(tmp) / "effects.txt", Path(tmp) / "s.db"
-        w = start_worker("drill_app:app", exchange, out, store)
-        bus = EventBus(URL, exchange=exchange, publish_timeout=5, connect_timeout=2)
-        wait(lambda: consumers(f"{exchange}.drill.record") > 0, 30, "worker")
+        w = start_worker("drill_app:app", exchange, out, store, url=s.amqp_url)
+        bus = EventBus(s.amqp_url, exchange=exchange, publish_timeout=5, connect_timeout=2)
+        wait(lambda: consumers(f"{exchange}.drill.record", s.amqp_url) > 0, 30, "worker")
         ok: list[int] = []
         failed: collections.Counter[str] = collections.Counter()
         restarted = threading.Event()
 
         def restart() -> None:
             wait(lambda: len(ok) >= n // 3, 120, "a third published")
-            restart_broker(down=3)  # the broker stays down for a while: publishes must fail, not hang
+            # the broker stays down for a while: publishes must fail, not hang
+            restart_broker(s.node, s.amqp_url, down=3)
             restarted.set()
 
         threading.Thread(target=restart, daemon=True).start()
@@ -126,25 +131,25 @@ def broker_restart(n: int) -> None:
             f"worker exit {w.returncode}"
         )
         bus.close()
-        cleanup(exchange)
+        cleanup(exchange, s.node, s.amqp_url)
 
 
-def at_most_once() -> None:
+def at_most_once(s: Services) -> None:
     exchange = f"drill{uuid.uuid4().hex[:8]}"
     with tempfile.TemporaryDirectory() as tmp:
         out, store = Path(tmp) / "effects.txt", Path(tmp) / "s.db"
-        a = start_worker("drill_app:app", exchange, out, store, DRILL_AMO_SLEEP="30")
-        b = start_worker("drill_app:app", exchange, out, store, DRILL_AMO_SLEEP="30")
-        bus = EventBus(URL, exchange=exchange)
-        wait(lambda: consumers(f"{exchange}.drill.seen") == 2, 30, "two workers")
+        a = start_worker("drill_app:app", exchange, out, store, DRILL_AMO_SLEEP="30", url=s.amqp_url)
+        b = start_worker("drill_app:app", exchange, out, store, DRILL_AMO_SLEEP="30", url=s.amqp_url)
+        bus = EventBus(s.amqp_url, exchange=exchange)
+        wait(lambda: consumers(f"{exchange}.drill.seen", s.amqp_url) == 2, 30, "two workers")
         bus.publish_many([Event("drill.presence.seen", {"n": i}) for i in range(2)])
         wait(lambda: len(lines(out, "amo-start")) == 2, 30, "both handlers started")
         a.send_signal(signal.SIGKILL)
         b.send_signal(signal.SIGKILL)
         a.wait()
         b.wait()
-        c = start_worker("drill_app:app", exchange, out, store, DRILL_AMO_SLEEP="0")
-        wait(lambda: consumers(f"{exchange}.drill.seen") == 1, 30, "new worker")
+        c = start_worker("drill_app:app", exchange, out, store, DRILL_AMO_SLEEP="0", url=s.amqp_url)
+        wait(lambda: consumers(f"{exchange}.drill.seen", s.amqp_url) == 1, 30, "new worker")
         bus.publish(Event("drill.presence.seen", {"n": 99}))
         wait(lambda: 99 in lines(out, "amo"), 30, "a new event")
         c.send_signal(signal.SIGTERM)
@@ -156,18 +161,18 @@ def at_most_once() -> None:
             f"{99 in lines(out, 'amo')}"
         )
         bus.close()
-        cleanup(exchange)
+        cleanup(exchange, s.node, s.amqp_url)
 
 
-def notifications(n: int) -> None:
+def notifications(s: Services, n: int) -> None:
     exchange = f"drill{uuid.uuid4().hex[:8]}"
     with tempfile.TemporaryDirectory() as tmp, MailSink() as sink:
         out, store = Path(tmp) / "effects.txt", Path(tmp) / "s.db"
         env = {"SMTP_HOST": sink.host, "SMTP_PORT": str(sink.port)}
-        w = start_worker("examples.notifications:app", exchange, out, store, **env)
+        w = start_worker("examples.notifications:app", exchange, out, store, **env, url=s.amqp_url)
         queue = f"{exchange}.notifications.mail_grantee"
-        wait(lambda: consumers(queue) > 0, 30, "worker")
-        bus = EventBus(URL, exchange=exchange)
+        wait(lambda: consumers(queue, s.amqp_url) > 0, 30, "worker")
+        bus = EventBus(s.amqp_url, exchange=exchange)
         from examples.notifications import share_created
 
         bus.publish_many([share_created(f"share-{i}", "einstein", f"u{i}", f"/f{i}") for i in range(n)])
@@ -178,9 +183,9 @@ def notifications(n: int) -> None:
             w.send_signal(signal.SIGKILL)
             w.wait()
             kills.append(len(sink.mails))
-            w = start_worker("examples.notifications:app", exchange, out, store, **env)
+            w = start_worker("examples.notifications:app", exchange, out, store, **env, url=s.amqp_url)
         wait(lambda: len({m["X-Share-Id"] for m in sink.mails}) >= n, 300, "every share mailed")
-        wait(lambda: depth(queue) == 0, 60, "queue empty")
+        wait(lambda: depth(queue, s.amqp_url) == 0, 60, "queue empty")
         w.send_signal(signal.SIGTERM)
         w.wait(30)
         per_share = collections.Counter(m["X-Share-Id"] for m in sink.mails)
@@ -190,27 +195,28 @@ def notifications(n: int) -> None:
             f"duplicates {dupes} (2 kills, at mails {kills}), worker exit {w.returncode}"
         )
         bus.close()
-        cleanup(exchange)
+        cleanup(exchange, s.node, s.amqp_url)
 
 
-def postprocessing(n: int) -> None:
+def postprocessing(s: Services, n: int) -> None:
     exchange = f"drill{uuid.uuid4().hex[:8]}"
     schema = exchange
-    store_url = f"{PG}?schema={schema}"
+    store_url = f"{s.postgres_url}?schema={schema}"
     env = {"FAIL_RATE": "0.2", "DROP_RATE": "0.1"}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "w.txt"
-        store = pg_store(schema)
-        workers = [start_worker("examples.postprocessing:app", exchange, out, store_url, **env) for _ in range(2)]
-        wait(lambda: consumers(f"{exchange}.saga.postprocessing") == 2, 60, "two workers")
-        bus = EventBus(URL, exchange=exchange)
+        store = pg_store(schema, s.postgres_url)
+        app = "examples.postprocessing:app"
+        workers = [start_worker(app, exchange, out, store_url, **env, url=s.amqp_url) for _ in range(2)]
+        wait(lambda: consumers(f"{exchange}.saga.postprocessing", s.amqp_url) == 2, 60, "two workers")
+        bus = EventBus(s.amqp_url, exchange=exchange)
         t0 = time.monotonic()
         bus.publish_many([upload(i) for i in range(n)])
         wait(lambda: sum(1 for s in store.list_sagas(limit=n + 10) if s.final) >= n // 2, 300, "half final")
         final_at_kill = sum(1 for s in store.list_sagas(limit=n + 10) if s.final)
         workers[0].send_signal(signal.SIGKILL)
         workers[0].wait()
-        workers[0] = start_worker("examples.postprocessing:app", exchange, out, store_url, **env)
+        workers[0] = start_worker("examples.postprocessing:app", exchange, out, store_url, **env, url=s.amqp_url)
 
         def all_final() -> bool:
             sagas = store.list_sagas(limit=n + 10)
@@ -243,23 +249,23 @@ def postprocessing(n: int) -> None:
         )
         bus.close()
         store.close()
-        drop_schema(schema)
-        cleanup(exchange)
+        drop_schema(schema, s.postgres_url)
+        cleanup(exchange, s.node, s.amqp_url)
 
 
-def deadlines() -> None:
+def deadlines(s: Services) -> None:
     """Sagas wait on a request nobody answers (DROP_RATE=1). Kill the only worker, let deadlines pass,
     start another: it fires them. Then kill that one and restart the first: it fires them too."""
     exchange = f"drill{uuid.uuid4().hex[:8]}"
     schema = exchange
-    store_url = f"{PG}?schema={schema}"
+    store_url = f"{s.postgres_url}?schema={schema}"
     env = {"DROP_RATE": "1.0"}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "w.txt"
-        store = pg_store(schema)
-        a = start_worker("examples.postprocessing:app", exchange, out, store_url, **env)
-        wait(lambda: consumers(f"{exchange}.saga.postprocessing") == 1, 60, "worker A")
-        bus = EventBus(URL, exchange=exchange)
+        store = pg_store(schema, s.postgres_url)
+        a = start_worker("examples.postprocessing:app", exchange, out, store_url, **env, url=s.amqp_url)
+        wait(lambda: consumers(f"{exchange}.saga.postprocessing", s.amqp_url) == 1, 60, "worker A")
+        bus = EventBus(s.amqp_url, exchange=exchange)
         bus.publish_many([upload(i) for i in range(1, 21) if i % 5 and i % 7])  # clean uploads
         count = len([i for i in range(1, 21) if i % 5 and i % 7])
         wait(lambda: len(store.list_sagas()) == count, 60, "sagas started")
@@ -281,7 +287,7 @@ def deadlines() -> None:
             )
 
         assert resent_after(killed_at) == 0
-        b = start_worker("examples.postprocessing:app", exchange, out, store_url, **env)
+        b = start_worker("examples.postprocessing:app", exchange, out, store_url, **env, url=s.amqp_url)
         started_b = time.time()
         wait(lambda: resent_after(started_b) >= count, 60, "worker B to fire the deadlines")
         fired_by_b = resent_after(started_b)
@@ -295,7 +301,7 @@ def deadlines() -> None:
             60,
             "deadlines to pass again",
         )
-        a = start_worker("examples.postprocessing:app", exchange, out, store_url, **env)
+        a = start_worker("examples.postprocessing:app", exchange, out, store_url, **env, url=s.amqp_url)
         restarted = time.time()
         wait(
             lambda: resent_after(restarted) + sum(1 for s in store.list_sagas() if s.final) > 0,
@@ -320,22 +326,23 @@ def deadlines() -> None:
         )
         bus.close()
         store.close()
-        drop_schema(schema)
-        cleanup(exchange)
+        drop_schema(schema, s.postgres_url)
+        cleanup(exchange, s.node, s.amqp_url)
 
 
-def scale(n: int) -> None:
+def scale(s: Services, n: int) -> None:
     """Time N post-processing sagas (no faults) with 1 worker process, then with 2, on RabbitMQ + PostgreSQL."""
     results = {}
     for count in (1, 2, 1, 2):
         exchange = f"drill{uuid.uuid4().hex[:8]}"
-        store_url = f"{PG}?schema={exchange}"
+        store_url = f"{s.postgres_url}?schema={exchange}"
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "w.txt"
-            store = pg_store(exchange)
-            workers = [start_worker("examples.postprocessing:app", exchange, out, store_url) for _ in range(count)]
-            wait(lambda c=count, q=f"{exchange}.saga.postprocessing": consumers(q) == c, 60, "workers")
-            bus = EventBus(URL, exchange=exchange)
+            store = pg_store(exchange, s.postgres_url)
+            app = "examples.postprocessing:app"
+            workers = [start_worker(app, exchange, out, store_url, url=s.amqp_url) for _ in range(count)]
+            wait(lambda c=count, q=f"{exchange}.saga.postprocessing": consumers(q, s.amqp_url) == c, 60, "workers")
+            bus = EventBus(s.amqp_url, exchange=exchange)
             t0 = time.monotonic()
             bus.publish_many([upload(i) for i in range(n)])
             wait(lambda st=store: sum(1 for s in st.list_sagas(limit=n + 10) if s.final) >= n, 600, "all final")
@@ -346,8 +353,8 @@ def scale(n: int) -> None:
                 w.wait(60)
             bus.close()
             store.close()
-            drop_schema(exchange)
-            cleanup(exchange)
+            drop_schema(exchange, s.postgres_url)
+            cleanup(exchange, s.node, s.amqp_url)
     one, two = (sorted(results[c])[len(results[c]) // 2] for c in (1, 2))
     print(
         f"scale: {n} post-processing sagas on RabbitMQ + PostgreSQL; sagas/s with 1 worker {results[1]}, "
@@ -371,28 +378,35 @@ def main() -> None:
         ],
     )
     p.add_argument("-n", type=int, default=None)
+    p.add_argument(
+        "--machine-services",
+        action="store_true",
+        help="run on the machine's own RabbitMQ and PostgreSQL instead of private ones (broker-restart then "
+        "restarts the machine's RabbitMQ)",
+    )
     a = p.parse_args()
     try:
-        run(a.drill, a.n)
+        with services(machine=a.machine_services) as s:
+            run(s, a.drill, a.n)
     except WaitTimeout as exc:
         raise SystemExit(str(exc)) from None
 
 
-def run(drill: str, n: int | None) -> None:
+def run(s: Services, drill: str, n: int | None) -> None:
     if drill == "kill-worker":
-        kill_worker(n or 10_000)
+        kill_worker(s, n or 10_000)
     elif drill == "broker-restart":
-        broker_restart(n or 10_000)
+        broker_restart(s, n or 10_000)
     elif drill == "at-most-once":
-        at_most_once()
+        at_most_once(s)
     elif drill == "postprocessing":
-        postprocessing(n or 500)
+        postprocessing(s, n or 500)
     elif drill == "deadlines":
-        deadlines()
+        deadlines(s)
     elif drill == "scale":
-        scale(n or 500)
+        scale(s, n or 500)
     else:
-        notifications(n or 1000)
+        notifications(s, n or 1000)
 
 
 if __name__ == "__main__":

@@ -31,10 +31,8 @@ import contextlib
 import fcntl
 import json
 import os
-import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -44,6 +42,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from private_services import (
+    CTL_TIMEOUT,
+    RabbitNode,
+    RunAs,
+    ServiceError,
+    port_open,
+    rabbitmq_installed,
+    rabbitmq_scripts,
+    run_as,
+    wait_gone,
+)
+
 BASE = Path(os.environ.get("SAGAS_CLUSTER_BASE", "/tmp/sagas-rabbit-cluster"))  # noqa: S108 - a throwaway test cluster
 FIRST_PORT = int(os.environ.get("SAGAS_CLUSTER_PORT", "5681"))
 SIZE = 3
@@ -51,10 +62,9 @@ PREFIX = "sagas-c"
 MARKER = "-sagas_cluster"
 USER, PASSWORD = "guest", "guest"
 BOOT_TIMEOUT = float(os.environ.get("SAGAS_CLUSTER_BOOT_TIMEOUT", "120"))
-CTL_TIMEOUT = 90.0
 
 
-class ClusterError(RuntimeError):
+class ClusterError(ServiceError):
     pass
 
 
@@ -86,6 +96,15 @@ class Node:
     def url(self) -> str:
         return f"amqp://{USER}:{PASSWORD}@127.0.0.1:{self.port}"
 
+    @property
+    def rabbit(self) -> RabbitNode:
+        """The node as :mod:`private_services` runs it: as the ``rabbitmq`` user, with its cookie, and the
+        marker that lets ``stop`` find leftover nodes on its command line."""
+        o = owner()
+        return RabbitNode(
+            self.name, self.port, self.dist_port, self.dir, o.home, erl_args=f"{MARKER} {self.dir}", owner=o
+        )
+
 
 NODES = [Node(i) for i in range(1, SIZE + 1)]
 
@@ -105,140 +124,18 @@ def broker_url() -> str:
 # -- the RabbitMQ installation and the user the nodes run as -----------------------------------------
 
 
-def scripts_dir() -> Path:
-    """The directory with the real ``rabbitmq-server`` and ``rabbitmqctl`` scripts. Debian's
-    ``/usr/sbin`` ones are wrappers that switch user and redirect output; the real ones are in
-    ``/usr/lib/rabbitmq/bin``."""
-    candidates = [os.environ.get("SAGAS_RABBITMQ_SBIN", ""), "/usr/lib/rabbitmq/bin"]
-    found = shutil.which("rabbitmq-server")
-    if found:
-        candidates.append(str(Path(found).resolve().parent))
-    for c in candidates:
-        if c and (Path(c) / "rabbitmq-server").exists() and (Path(c) / "rabbitmqctl").exists():
-            return Path(c)
-    raise ClusterError("rabbitmq-server is not installed (not on PATH, nor in /usr/lib/rabbitmq/bin)")
-
-
 def installed() -> bool:
-    try:
-        scripts_dir()
-    except ClusterError:
-        return False
-    return True
+    return rabbitmq_installed()
 
 
-@dataclass(frozen=True)
-class Owner:
-    uid: int
-    gid: int
-    home: str
-
-    def popen_kwargs(self) -> dict[str, Any]:
-        if os.geteuid() != 0 or self.uid == 0:
-            return {}
-        return {"user": self.uid, "group": self.gid, "extra_groups": []}
-
-
-def owner() -> Owner:
+def owner() -> RunAs:
     """As root: the ``rabbitmq`` user (its home holds the cookie the default node uses). Otherwise: us."""
-    if os.geteuid() == 0:
-        with contextlib.suppress(KeyError):
-            pw = pwd.getpwnam("rabbitmq")
-            return Owner(pw.pw_uid, pw.pw_gid, pw.pw_dir)
-    return Owner(os.getuid(), os.getgid(), os.environ.get("HOME") or pwd.getpwuid(os.getuid()).pw_dir)
-
-
-def base_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RABBITMQ_")}
-    env.update(
-        {
-            "HOME": owner().home,
-            # Our own (empty) env file, so /etc/rabbitmq/rabbitmq-env.conf (NODENAME=rabbit@localhost ...)
-            # does not apply to these nodes.
-            "RABBITMQ_CONF_ENV_FILE": str(BASE / "rabbitmq-env.conf"),
-            "ERL_EPMD_ADDRESS": "127.0.0.1",
-            "LC_ALL": env.get("LC_ALL", "C.UTF-8"),
-        }
-    )
-    return env
-
-
-def node_env(node: Node) -> dict[str, str]:
-    d = node.dir
-    env = base_env()
-    env.update(
-        {
-            "RABBITMQ_NODENAME": node.name,
-            "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
-            "RABBITMQ_NODE_PORT": str(node.port),
-            "RABBITMQ_DIST_PORT": str(node.dist_port),
-            "RABBITMQ_CONFIG_FILE": str(d / "rabbitmq.conf"),
-            "RABBITMQ_ADVANCED_CONFIG_FILE": str(d / "advanced.config"),
-            "RABBITMQ_ENABLED_PLUGINS_FILE": str(d / "enabled_plugins"),
-            "RABBITMQ_MNESIA_BASE": str(d / "mnesia"),
-            "RABBITMQ_LOG_BASE": str(d / "log"),
-            "RABBITMQ_PID_FILE": str(d / "beam.pid"),
-            # Listen for distribution on loopback only; the marker lets `stop` find leftover nodes.
-            "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": f"-kernel inet_dist_use_interface {{127,0,0,1}} {MARKER} {d}",
-        }
-    )
-    return env
-
-
-def write_files(node: Node) -> None:
-    d = node.dir
-    for sub in ("mnesia", "log"):
-        (d / sub).mkdir(parents=True, exist_ok=True)
-    (d / "rabbitmq.conf").write_text(
-        f"# {node.name}: one node of the local test cluster (scripts/rabbit_cluster.py)\n"
-        f"listeners.tcp.1 = 127.0.0.1:{node.port}\n"
-        "log.console = false\n"
-        "log.file.level = info\n"
-    )
-    (d / "enabled_plugins").write_text("[].\n")  # no management, no prometheus: nothing else listens
-
-
-def chown_tree(path: Path) -> None:
-    o = owner()
-    if os.geteuid() != 0 or o.uid == 0:
-        return
-    for root, dirs, files in os.walk(path):
-        for name in [root, *(os.path.join(root, x) for x in dirs + files)]:
-            os.chown(name, o.uid, o.gid)
-
-
-# -- running rabbitmqctl -----------------------------------------------------------------------------
+    return run_as("rabbitmq")
 
 
 def ctl(node: Node, *args: str, timeout: float = CTL_TIMEOUT, check: bool = True) -> subprocess.CompletedProcess[str]:
-    cmd = [str(scripts_dir() / "rabbitmqctl"), "-n", node.name, *args]
-    try:
-        result = subprocess.run(
-            cmd,
-            env=base_env(),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            cwd=owner().home,
-            check=False,
-            **owner().popen_kwargs(),
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise ClusterError(f"`rabbitmqctl -n {node.name} {' '.join(args)}` took over {timeout:.0f}s") from exc
-    if check and result.returncode != 0:
-        raise ClusterError(
-            f"`rabbitmqctl -n {node.name} {' '.join(args)}` failed ({result.returncode}): "
-            f"{(result.stderr or result.stdout).strip()[-2000:]}"
-        )
-    return result
-
-
-def port_open(port: int, timeout: float = 0.5) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=timeout):
-            return True
-    except OSError:
-        return False
+    """``rabbitmqctl -n <node> args`` (as the nodes' user, with their cookie)."""
+    return node.rabbit.ctl(*args, timeout=timeout, check=check)
 
 
 # -- finding the nodes' processes --------------------------------------------------------------------
@@ -265,29 +162,6 @@ def node_pids(node: Node | None = None) -> dict[Path, int]:
                 if d.parent == BASE and (node is None or d == node.dir):
                     found[d] = int(entry.name)
     return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie has exited: /proc/<pid>/stat says Z.
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def _wait_gone(pids: list[int], timeout: float) -> list[int]:
-    deadline = time.monotonic() + timeout
-    while True:
-        left = [p for p in pids if _alive(p)]
-        if not left or time.monotonic() > deadline:
-            return left
-        time.sleep(0.1)
 
 
 def _epmd_names() -> list[str] | None:
@@ -319,46 +193,7 @@ def _log(msg: str) -> None:
 
 def _launch(node: Node) -> subprocess.Popen[bytes]:
     """Start the node's ``rabbitmq-server`` (a shell that runs the Erlang VM and outlives this script)."""
-    out = open(node.dir / "server.out", "ab")  # noqa: SIM115 - the node writes to it for its lifetime
-    try:
-        return subprocess.Popen(
-            [str(scripts_dir() / "rabbitmq-server")],
-            env=node_env(node),
-            cwd=node.dir,
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            **owner().popen_kwargs(),
-        )
-    finally:
-        out.close()
-
-
-def _await_listening(node: Node, deadline: float, proc: subprocess.Popen[bytes] | None = None) -> None:
-    """Wait until the node listens for AMQP (its listener opens at the end of the boot)."""
-    while not port_open(node.port):
-        if proc is not None and proc.poll() is not None:
-            raise ClusterError(f"{node.name} exited while booting (code {proc.returncode}):\n{_tail(node)}")
-        if time.monotonic() > deadline:
-            raise ClusterError(f"{node.name} did not listen on {node.port} in time:\n{_tail(node)}")
-        time.sleep(0.2)
-
-
-def _await_node(node: Node, deadline: float, proc: subprocess.Popen[bytes] | None = None) -> None:
-    """Wait until the node listens for AMQP and ``rabbitmqctl await_startup`` says it has booted."""
-    _await_listening(node, deadline, proc)
-    ctl(node, "await_startup", "--timeout", str(max(5, int(deadline - time.monotonic()))))
-
-
-def _tail(node: Node, lines: int = 25) -> str:
-    """The end of the node's console output and log, for an error message (the directory is deleted)."""
-    parts = []
-    for f in [node.dir / "server.out", *sorted((node.dir / "log").glob("*.log"))]:
-        with contextlib.suppress(OSError):
-            text = f.read_text(errors="replace").splitlines()[-lines:]
-            parts.append(f"--- {f}\n" + "\n".join(text))
-    return "\n".join(parts)
+    return node.rabbit.launch()
 
 
 def _parallel(fn: Any, nodes: list[Node]) -> None:
@@ -399,11 +234,11 @@ def _teardown() -> list[str]:
         for pid in pids.values():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
-        left = _wait_gone(list(pids.values()), 30)
+        left = wait_gone(list(pids.values()), 30)
         for pid in left:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        if _wait_gone(left, 10):
+        if wait_gone(left, 10):
             raise ClusterError(f"could not stop the node processes {left}")
     if BASE.exists():
         shutil.rmtree(BASE)
@@ -426,7 +261,7 @@ def _save_state(state: dict[str, Any]) -> None:
 
 def start() -> dict[str, Any]:
     t0 = time.monotonic()
-    scripts_dir()
+    rabbitmq_scripts()
     with locked():
         leftovers = _teardown()
         if leftovers:
@@ -434,10 +269,9 @@ def start() -> dict[str, Any]:
         _check_ports_free()
         epmd_before = _epmd_names()
         BASE.mkdir(parents=True)
-        (BASE / "rabbitmq-env.conf").write_text("# empty: the nodes get their settings from the environment\n")
         for node in NODES:
-            write_files(node)
-        chown_tree(BASE)
+            node.rabbit.write_files()
+        owner().chown(BASE)
         _save_state(
             {
                 "nodes": [n.name for n in NODES],
@@ -446,14 +280,14 @@ def start() -> dict[str, Any]:
                 "epmd_started_here": epmd_before is None,
             }
         )
-        chown_tree(BASE)
+        owner().chown(BASE)
         try:
             deadline = time.monotonic() + BOOT_TIMEOUT
             # All three boot at once (the boot is CPU-bound: about 6 s alone, 15 to 20 s for three on 2 cores).
             procs = {node: _launch(node) for node in NODES}
-            _parallel(lambda n: _await_listening(n, deadline, procs[n]), NODES)
+            _parallel(lambda n: n.rabbit.await_listening(deadline, procs[n]), NODES)
             first = NODES[0]
-            ctl(first, "await_startup", "--timeout", str(max(5, int(deadline - time.monotonic()))))
+            first.rabbit.ctl("await_startup", "--timeout", str(max(5, int(deadline - time.monotonic()))))
             booted = time.monotonic() - t0
             _log(f"{len(NODES)} nodes booted in {booted:.1f}s; joining them to {first.name}")
             # One at a time, as RabbitMQ's docs do it; start_app returns once the node runs again.
@@ -499,7 +333,7 @@ def stop_node(node: Node, kill: bool = False) -> float:
             os.kill(pid, signal.SIGKILL)
         else:
             ctl(node, "stop")
-        if _wait_gone([pid], 30):
+        if wait_gone([pid], 30):
             raise ClusterError(f"{node.name} (pid {pid}) did not exit")
         return time.monotonic() - t0
 
@@ -512,7 +346,7 @@ def start_node(node: Node) -> float:
             raise ClusterError(f"{node.name} is already running")
         if not node.dir.exists():
             raise ClusterError(f"{node.dir} does not exist: run `start` first")
-        _await_node(node, time.monotonic() + BOOT_TIMEOUT, _launch(node))
+        node.rabbit.await_booted(time.monotonic() + BOOT_TIMEOUT, _launch(node))
         return time.monotonic() - t0
 
 
@@ -532,7 +366,7 @@ def status() -> dict[str, Any]:
     running: list[str] = []
     for node in NODES:
         if pids.get(node.dir) and port_open(node.port):
-            with contextlib.suppress(ClusterError, ValueError):
+            with contextlib.suppress(ServiceError, ValueError):
                 running = running_nodes(node)
                 break
     return {
@@ -589,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
             node = node_named(a.node)
             seconds = start_node(node)
             _log(f"{node.name} started again in {seconds:.1f}s")
-    except ClusterError as exc:
+    except ServiceError as exc:
         _log(f"error: {exc}")
         return 1
     return 0

@@ -7,7 +7,8 @@
 
 The tests are the ones CI runs (``python -m pytest`` runs them all); this script runs them with
 ``SAGAS_RELIABILITY_REPORT`` set, so each writes what it did (messages, faults, sagas, events) to a
-JSON-lines report, and renders that report as tables. Needs RabbitMQ and PostgreSQL, as CI does.
+JSON-lines report, and renders that report as tables. Needs RabbitMQ and PostgreSQL, as CI does; the
+fault tests restart only the private node and cluster they start, never the machine's services.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def render(rows: list[dict[str, Any]], *, command: str, wall: float | None) -> s
         out += ["| figure | total |", "| --- | ---: |", *(f"| {k.replace('_', ' ')} | {_n(r[k])} |" for k in keys), ""]
     if procs:
         out += [
-            "**Real processes** (RabbitMQ and PostgreSQL on this machine, 2 worker processes each):",
+            "**Real processes** (a private RabbitMQ node and PostgreSQL cluster, 2 worker processes each):",
             "",
             "| scenario | faults | events published / handled / lost / duplicates | sagas started / final "
             "/ stuck | requests re-sent by deadlines | passed |",

@@ -3,8 +3,10 @@
 Each test runs post-processing sagas (examples/postprocessing.py, with transient participant failures and
 dropped replies) and plain at-least-once events (the drill app's counting handler) through two worker
 processes, injects one kind of fault while they run, and checks that no event is lost and that every saga
-ends in a final state. The faults act on this machine's RabbitMQ (``rabbitmqctl``) and PostgreSQL
-(``pg_ctlcluster``); each test leaves both running and answering, and deletes its queues and schema.
+ends in a final state. The faults act on the session's private RabbitMQ node (``rabbitmqctl -n <node>``)
+and private PostgreSQL cluster (``pg_ctl``), the ``private_rabbit`` and ``private_postgres`` fixtures of
+tests/conftest.py; the machine's own services are never touched. Each test leaves both running and
+answering, and deletes its queues and schema.
 
 Figures: with ``SAGAS_RELIABILITY_REPORT=path``, each test appends one JSON object to that file.
 The kill -9 moments are random; ``SAGAS_FAULTS_SEED`` replays a run (the seed is printed and reported).
@@ -17,7 +19,6 @@ import json
 import os
 import random
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -27,21 +28,18 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
+import drillkit as kit  # scripts/ is on the path (tests/conftest.py)
 import pytest
+from private_services import PostgresCluster, RabbitNode
+
+from sagas import Event, EventBus, open_store
+from tests import report
+from transport import TransportError
 
 ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT / "scripts") not in sys.path:
-    sys.path.insert(0, str(ROOT / "scripts"))
 
-import drillkit as kit  # noqa: E402
-
-from sagas import Event, EventBus, open_store  # noqa: E402
-from tests import report  # noqa: E402
-from transport import TransportError  # noqa: E402
-
-pytestmark = [pytest.mark.faults, pytest.mark.rabbitmq, pytest.mark.postgres, pytest.mark.slow]
+pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
 #: sizes: a run of the module stays around 2 to 3 minutes on a 2-core machine
 SAGAS = int(os.environ.get("SAGAS_FAULTS_SAGAS", "240"))
@@ -66,24 +64,6 @@ class Faults:
     outage_seconds: list[float] = field(default_factory=list)
 
 
-def _local(url: str) -> bool:
-    return urlsplit(url.split(";")[0]).hostname in ("127.0.0.1", "localhost", "::1")
-
-
-def _require_local_services(amqp_url: str, postgres_url: str) -> None:
-    """The faults are made with rabbitmqctl and pg_ctlcluster, so they need the services on this machine."""
-    missing = [tool for tool in ("rabbitmqctl", "pg_ctlcluster") if shutil.which(tool) is None]
-    if missing or not (_local(amqp_url) and _local(postgres_url)):
-        message = (
-            f"fault tests need a local RabbitMQ and PostgreSQL with {', '.join(missing)} on PATH"
-            if missing
-            else "fault tests need RabbitMQ and PostgreSQL on this machine"
-        )
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-
-
 def _seed() -> int:
     return int(os.environ.get("SAGAS_FAULTS_SEED") or random.SystemRandom().randrange(2**32))
 
@@ -92,12 +72,13 @@ class Rig:
     """Two worker processes running the drill app with the post-processing saga, a paced publisher, and
     the figures of one scenario."""
 
-    def __init__(self, tmp: Path, exchange: str, amqp_url: str, postgres_url: str) -> None:
+    def __init__(self, tmp: Path, exchange: str, services: kit.Services) -> None:
         self.exchange = exchange
         self.schema = exchange
-        self.amqp_url = amqp_url
-        self.postgres_url = postgres_url
-        self.store_url = f"{postgres_url}?schema={self.schema}"
+        self.services = services
+        self.amqp_url = services.amqp_url
+        self.postgres_url = services.postgres_url
+        self.store_url = f"{self.postgres_url}?schema={self.schema}"
         self.out = tmp / "effects.txt"
         self.faults = Faults()
         self.workers: list[subprocess.Popen[bytes]] = []
@@ -360,28 +341,31 @@ class Rig:
         return proc.stdout.splitlines()
 
 
-def _restore_services(amqp_url: str, postgres_url: str) -> None:
-    """Start RabbitMQ's app and the PostgreSQL cluster if a failed test left them down; wait until they answer."""
-    if not kit.broker_answers(amqp_url):
-        subprocess.run(["rabbitmqctl", "start_app"], capture_output=True, timeout=120, check=False)
-    kit.await_broker(amqp_url)
-    if not kit.postgres_answers(postgres_url):
-        version, name = kit.pg_cluster()
-        subprocess.run(
-            ["pg_ctlcluster", "--skip-systemctl-redirect", version, name, "start"],
-            capture_output=True,
-            timeout=120,
-            check=False,
-        )
-    kit.await_postgres(postgres_url)
+def _restore_services(services: kit.Services) -> None:
+    """Start the private node's app and the private cluster if a failed test left them down; wait until they
+    answer."""
+    if not kit.broker_answers(services.amqp_url):
+        services.node.ctl("start_app", check=False)
+    kit.await_broker(services.node, services.amqp_url)
+    db = services.postgres
+    assert db is not None
+    if not kit.postgres_answers(services.postgres_url) and not db.running():
+        db.start()
+    kit.await_postgres(services.postgres_url)
+
+
+@pytest.fixture(scope="module")
+def services(private_rabbit: RabbitNode, private_postgres: PostgresCluster) -> kit.Services:
+    """The session's private RabbitMQ node and PostgreSQL cluster: the only services these tests disturb."""
+    return kit.Services(private_rabbit, private_rabbit.url, private_postgres.url, private_postgres)
 
 
 @pytest.fixture
-def rig(tmp_path: Path, unique: str, amqp_url: str, postgres_url: str) -> Iterator[Rig]:
-    """A rig on its own exchange and schema; afterwards the workers are gone, RabbitMQ and PostgreSQL answer,
-    and the queues, exchange and schema are deleted."""
-    _require_local_services(amqp_url, postgres_url)
-    r = Rig(tmp_path, unique, amqp_url, postgres_url)
+def rig(tmp_path: Path, unique: str, services: kit.Services) -> Iterator[Rig]:
+    """A rig on its own exchange and schema; afterwards the workers are gone, the private RabbitMQ and
+    PostgreSQL answer, and the queues, exchange and schema are deleted."""
+    amqp_url, postgres_url = services.amqp_url, services.postgres_url
+    r = Rig(tmp_path, unique, services)
     try:
         yield r
     finally:
@@ -390,10 +374,10 @@ def rig(tmp_path: Path, unique: str, amqp_url: str, postgres_url: str) -> Iterat
             if w.poll() is None:
                 w.kill()
                 w.wait(30)
-        _restore_services(amqp_url, postgres_url)
+        _restore_services(services)
         if r.store is not None:
             r.store.close()
-        deleted = kit.cleanup(unique, url=amqp_url)
+        deleted = kit.cleanup(unique, services.node, amqp_url)
         kit.drop_schema(unique, postgres_url)
         assert f"{unique}.saga.postprocessing" in deleted or not r.workers, deleted
         assert not [q for q in deleted if kit.queue_exists(q, amqp_url)], "queues left after the clean-up"
@@ -460,23 +444,25 @@ def test_kill_9_workers_at_random_moments(rig: Rig) -> None:
 
 
 def test_broker_restart(rig: Rig) -> None:
-    """rabbitmqctl stop_app, a few seconds down, start_app, while sagas and events are in flight."""
+    """rabbitmqctl stop_app, a few seconds down, start_app (on the private node), while sagas and events are in
+    flight: nothing is lost and every saga ends final."""
 
     def inject(r: Rig) -> None:
         r.at(PUBLISH_SECONDS * 0.4)
-        r.faults.outage_seconds.append(kit.restart_broker(down=1.0, url=r.amqp_url))
+        r.faults.outage_seconds.append(kit.restart_broker(r.services.node, r.amqp_url, down=1.0))
         r.faults.broker_restarts += 1
 
     _scenario(rig, "broker restart", inject, hit=lambda log: log.get("worker.connection_lost", 0) >= WORKERS)
 
 
 def test_broker_closes_all_connections(rig: Rig) -> None:
-    """rabbitmqctl close_all_connections, twice: workers and publisher reconnect, and nothing is lost."""
+    """rabbitmqctl close_all_connections on the private node, twice: workers and publisher reconnect, and nothing
+    is lost."""
 
     def inject(r: Rig) -> None:
         for fraction in (0.3, 0.7):
             r.at(PUBLISH_SECONDS * fraction)
-            kit.close_all_connections("test")
+            kit.close_all_connections(r.services.node, "test")
             r.faults.connection_closes += 1
 
     _scenario(
@@ -485,11 +471,12 @@ def test_broker_closes_all_connections(rig: Rig) -> None:
 
 
 def test_database_restart(rig: Rig) -> None:
-    """pg_ctlcluster restart while sagas run: messages wait and are retried, sagas resume and end final."""
+    """pg_ctl restart -m fast of the private cluster while sagas run: messages wait and are retried, sagas resume
+    and end final."""
 
     def inject(r: Rig) -> None:
         r.at(PUBLISH_SECONDS * 0.4)
-        r.faults.outage_seconds.append(kit.restart_postgres(r.postgres_url))
+        r.faults.outage_seconds.append(kit.restart_postgres(r.services.postgres, r.postgres_url))
         r.faults.database_restarts += 1
 
     _scenario(

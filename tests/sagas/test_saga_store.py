@@ -7,12 +7,15 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from sagas import MemoryStore, SagaRecord, SQLiteStore, Store, open_store
 from sagas._store import _SAGA_COLUMNS, SCHEMA_VERSION, DuplicateSaga, HistoryEntry, Outgoing, VersionConflict
+
+if TYPE_CHECKING:
+    from private_services import PostgresCluster
 
 T0 = 1_000_000.0
 Opener = Callable[[], Store]
@@ -488,11 +491,12 @@ def test_two_workers_fire_one_due_deadline_once(reopen: Opener) -> None:
 
 
 @pytest.mark.postgres
-def test_postgres_store_reconnects_after_its_session_is_killed(postgres_url: str, unique: str) -> None:
+def test_postgres_store_reconnects_after_its_session_is_killed(private_postgres: PostgresCluster, unique: str) -> None:
     """When PostgreSQL drops the store's session (a restart), the call that meets it fails and the next
-    one reconnects and works."""
+    one reconnects and works (on the session's private cluster: nothing here ends a session of the machine's)."""
     import psycopg
 
+    postgres_url = private_postgres.url
     store = open_store(f"{postgres_url}?schema={unique}")
     try:
         store.remember("c", "m1")

@@ -1,7 +1,8 @@
 """A RabbitMQ node of the security tests' own: TLS listener, users from docs/security.md.
 
-Node ``sagas-tls@localhost``: AMQP on 127.0.0.1:5690, AMQPS on 127.0.0.1:5691, distribution on 25691, its
-own configuration, data, log, plugins (none) and Erlang cookie in a temporary directory. A throw-away CA
+Node ``sagas-tls-<random>@localhost`` (started by ``scripts/private_services.py``): AMQP on 127.0.0.1:5690,
+AMQPS on 127.0.0.1:5691, distribution on 25691, its own configuration, data, log, plugins (none) and Erlang
+cookie in a temporary directory. A throw-away CA
 (made with openssl) signed its certificate, for ``localhost`` and ``127.0.0.1``, and a client
 certificate; a rogue CA signed another client certificate. The node asks clients for a certificate and
 verifies any it gets, but does not require one.
@@ -21,24 +22,22 @@ import json
 import os
 import shlex
 import shutil
-import signal
-import socket
 import subprocess
-import tempfile
 import textwrap
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from private_services import ServiceError, port_open, private_rabbit_node, rabbitmq_installed
 
 from sagas._cli import tls_options
 from tests.conftest import IN_CI
 from transport import EventBus
 
-NODE = "sagas-tls@localhost"
+NODE_PREFIX = "sagas-tls"
+NODE = f"{NODE_PREFIX}-*@localhost"
 AMQP_PORT, AMQPS_PORT, DIST_PORT = 5690, 5691, 25691
 USER, PASSWORD = "sagas", "s3cr3t-tls-pw"
 URL = f"amqps://{USER}:{PASSWORD}@localhost:{AMQPS_PORT}//"
@@ -134,17 +133,6 @@ def _missing(what: str) -> None:
     pytest.skip(f"{what}: the TLS tests start their own RabbitMQ node")
 
 
-def _server_script() -> Path:
-    """The real rabbitmq-server script (Debian's /usr/sbin one switches user and redirects output)."""
-    for candidate in (os.environ.get("SAGAS_RABBITMQ_SBIN", ""), "/usr/lib/rabbitmq/bin"):
-        if candidate and (Path(candidate) / "rabbitmq-server").exists():
-            return Path(candidate) / "rabbitmq-server"
-    found = shutil.which("rabbitmq-server")
-    if found is None:
-        _missing("rabbitmq-server is not installed")
-    return Path(str(found))
-
-
 def _openssl(*args: str, cwd: Path) -> None:
     subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
 
@@ -211,18 +199,11 @@ def _make_certificates(d: Path) -> None:
     )
 
 
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) != 0
-
-
-def _write_node_files(d: Path) -> dict[str, str]:
-    (d / "mnesia").mkdir()
-    (d / "log").mkdir()
-    (d / "rabbitmq.conf").write_text(
-        textwrap.dedent(f"""\
-        # {NODE}: the TLS test node (tests/security/test_tls.py)
-        listeners.tcp.1 = 127.0.0.1:{AMQP_PORT}
+def _prepare(d: Path) -> str:
+    """The certificates and definitions the node loads, and its rabbitmq.conf lines for them."""
+    _make_certificates(d)
+    (d / "definitions.json").write_text(json.dumps(_definitions()))
+    return textwrap.dedent(f"""\
         listeners.ssl.1 = 127.0.0.1:{AMQPS_PORT}
         ssl_options.cacertfile = {d}/ca.pem
         ssl_options.certfile = {d}/server.pem
@@ -231,88 +212,33 @@ def _write_node_files(d: Path) -> dict[str, str]:
         ssl_options.fail_if_no_peer_cert = false
         load_definitions = {d}/definitions.json
         loopback_users = none
-        log.console = false
-        log.file.level = info
         """)
-    )
-    (d / "definitions.json").write_text(json.dumps(_definitions()))
-    (d / "enabled_plugins").write_text("[].\n")
-    (d / "rabbitmq-env.conf").write_text("")  # not /etc/rabbitmq/rabbitmq-env.conf (the default node's)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RABBITMQ_", "SAGAS_"))}
-    env.update(
-        {
-            "HOME": str(d),  # the node's own Erlang cookie
-            "LC_ALL": "C.UTF-8",
-            "ERL_EPMD_ADDRESS": "127.0.0.1",
-            "RABBITMQ_CONF_ENV_FILE": str(d / "rabbitmq-env.conf"),
-            "RABBITMQ_NODENAME": NODE,
-            "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
-            "RABBITMQ_NODE_PORT": str(AMQP_PORT),
-            "RABBITMQ_DIST_PORT": str(DIST_PORT),
-            "RABBITMQ_CONFIG_FILE": str(d / "rabbitmq.conf"),
-            "RABBITMQ_ENABLED_PLUGINS_FILE": str(d / "enabled_plugins"),
-            "RABBITMQ_MNESIA_BASE": str(d / "mnesia"),
-            "RABBITMQ_LOG_BASE": str(d / "log"),
-            "RABBITMQ_PID_FILE": str(d / "node.pid"),
-            "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
-        }
-    )
-    return env
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    """Stop the node we started (its process group): SIGTERM is a clean shutdown; SIGKILL after 30 s."""
-    for sig, wait in ((signal.SIGTERM, 30.0), (signal.SIGKILL, 10.0)):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-        try:
-            proc.wait(timeout=wait)
-        except subprocess.TimeoutExpired:
-            continue
-        deadline = time.monotonic() + wait  # children of the script (beam.smp) leave with it, or soon after
-        while time.monotonic() < deadline:
-            try:
-                os.killpg(proc.pid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.1)
 
 
 @contextlib.contextmanager
 def running_node() -> Iterator[TlsBroker]:
-    """Start the node, wait until it answers, yield; always stop it and remove its directory. Without
-    rabbitmq-server or openssl: fail in CI, skip elsewhere."""
-    script = _server_script()
+    """Start the node (scripts/private_services.py), wait until it answers, yield; always stop it and remove
+    its directory. Without rabbitmq-server or openssl: fail in CI, skip elsewhere."""
+    if not rabbitmq_installed():
+        _missing("rabbitmq-server is not installed")
     if shutil.which("openssl") is None:
         _missing("the openssl command is not installed")
-    busy = [p for p in (AMQP_PORT, AMQPS_PORT, DIST_PORT) if not _port_free(p)]
+    busy = [p for p in (AMQP_PORT, AMQPS_PORT, DIST_PORT) if port_open(p)]
     if busy:
         pytest.fail(f"ports {busy} are in use: is a {NODE} node left over from another run?")
-    d = Path(tempfile.mkdtemp(prefix="sagas-tls-"))
-    proc: subprocess.Popen[bytes] | None = None
     try:
-        _make_certificates(d)
-        env = _write_node_files(d)
-        with open(d / "node.out", "wb") as out:
-            proc = subprocess.Popen(
-                [str(script)], env=env, cwd=d, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        with private_rabbit_node(NODE_PREFIX, port=AMQP_PORT, dist_port=DIST_PORT, prepare=_prepare) as node:
+            d = node.dir
+            probe = EventBus(PLAIN_URL, connect_timeout=1.0)
+            if not (port_open(AMQPS_PORT) and probe.health(timeout=5.0)):
+                pytest.fail(f"the TLS RabbitMQ node does not answer:\n{node.tail()}")
+            yield TlsBroker(
+                d,
+                str(d / "ca.pem"),
+                str(d / "client.pem"),
+                str(d / "client.key"),
+                str(d / "rogue.pem"),
+                str(d / "rogue.key"),
             )
-        deadline = time.monotonic() + BOOT_TIMEOUT
-        probe = EventBus(PLAIN_URL, connect_timeout=1.0)
-        while not (not _port_free(AMQPS_PORT) and probe.health(timeout=1.0)):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                log = (d / "node.out").read_text(errors="replace")[-3000:]
-                pytest.fail(f"the TLS RabbitMQ node did not start (exit {proc.poll()}):\n{log}")
-            time.sleep(0.2)
-        yield TlsBroker(
-            d,
-            str(d / "ca.pem"),
-            str(d / "client.pem"),
-            str(d / "client.key"),
-            str(d / "rogue.pem"),
-            str(d / "rogue.key"),
-        )
-    finally:
-        if proc is not None:
-            _stop(proc)
-        shutil.rmtree(d, ignore_errors=True)
+    except ServiceError as exc:
+        pytest.fail(f"the TLS RabbitMQ node did not start: {exc}")
