@@ -156,6 +156,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
     settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("sagas-ci" if IN_CI else "sagas-dev"))
 
+
 def pytest_sessionstart(session: pytest.Session) -> None:
     """Open the canary's connections to the machine's RabbitMQ and PostgreSQL."""
     _canary.open_canary(session.config, AMQP_URL, POSTGRES_URL, required=IN_CI)
