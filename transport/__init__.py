@@ -3,7 +3,10 @@
 This package knows kombu and py-amqp and nothing about sagas.
 """
 
-from ._bus import ATTEMPT_HEADER, ConnectionLost, DeadLetter, EventBus, Inbound, redact_url
+from ._bus import EventBus
+from ._connection import ConnectionLost, redact_url
+from ._consumer import ATTEMPT_HEADER, Inbound
+from ._deadletters import DeadLetter
 from ._envelope import CONTENT_TYPE, DEFAULT_MAX_EVENT_SIZE, Event, decode, encode, new_id
 from ._errors import (
     BrokerUnavailable,
@@ -17,13 +20,15 @@ from ._errors import (
     TransportError,
     Unroutable,
 )
+from ._memory import isolated_transport
 from ._names import topic_matches, validate_event_name, validate_pattern
-from ._topology import Subscription
+from ._topology import DEFAULT_PREFETCH, Subscription
 
 __all__ = [
     "ATTEMPT_HEADER",
     "CONTENT_TYPE",
     "DEFAULT_MAX_EVENT_SIZE",
+    "DEFAULT_PREFETCH",
     "BrokerUnavailable",
     "ConnectionLost",
     "DeadLetter",
@@ -42,6 +47,7 @@ __all__ = [
     "Unroutable",
     "decode",
     "encode",
+    "isolated_transport",
     "new_id",
     "redact_url",
     "topic_matches",
