@@ -3,7 +3,10 @@
 This package knows kombu and py-amqp and nothing about sagas.
 """
 
-from ._bus import ATTEMPT_HEADER, ConnectionLost, DeadLetter, EventBus, Inbound, redact_url
+from ._bus import EventBus
+from ._connection import ConnectionLost, redact_url
+from ._consumer import ATTEMPT_HEADER, Inbound
+from ._deadletters import DeadLetter
 from ._envelope import CONTENT_TYPE, DEFAULT_MAX_EVENT_SIZE, Event, decode, encode, new_id
 from ._errors import (
     BrokerUnavailable,

@@ -54,8 +54,9 @@ def test_retry_recreates_a_deleted_delay_queue(broker_url: str, unique: str, bus
     with worker.running():
         delay_queue = f"{unique}.flaky.work.delay.50"
         assert delay_queue in worker.bus.declared_queues
-        bus.connect()
-        bus._pub.queue_delete(queue=delay_queue)
+        ch = bus.channel()
+        ch.queue_delete(queue=delay_queue)
+        ch.close()
         bus.publish(Event("ocis.files.uploaded"))
         wait_for(lambda: calls == [1, 2], what="the retry")
 
@@ -101,7 +102,7 @@ def test_at_most_once_prefetch_bounds_what_a_worker_holds(broker_url: str, uniqu
     with worker.running():
         bus.publish_many([Event("ocis.users.seen") for _ in range(50)])
         wait_for(lambda: started, what="first handler")
-        ch = bus._connection().channel()
+        ch = bus.channel()
         try:
             ready = wait_for(
                 lambda: (n := ch.queue_declare(queue=f"{unique}.bounded.seen", passive=True).message_count) <= 45 and n,

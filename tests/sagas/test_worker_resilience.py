@@ -35,7 +35,7 @@ def test_worker_reconnects_after_the_connection_breaks(amqp_url: str, unique: st
         with worker.running():
             bus.publish_many([Event("ocis.files.uploaded", {"i": i}) for i in range(100)])
             wait_for(lambda: len(set(got)) == 100, what="first 100")
-            conn = worker.bus._conn
+            conn = worker.bus.connection
             assert conn is not None
             conn.connection.sock.shutdown(socket.SHUT_RDWR)  # the network goes away under the worker
             bus.publish_many([Event("ocis.files.uploaded", {"i": i}) for i in range(100, 200)])

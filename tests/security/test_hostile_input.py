@@ -64,6 +64,7 @@ from sagas import (
 from sagas._cli import main
 from sagas._protocol import REQUEST_ID_HEADER, SAGA_TYPE_HEADER
 from transport import (
+    ATTEMPT_HEADER,
     CONTENT_TYPE,
     DEFAULT_MAX_EVENT_SIZE,
     DeadLetter,
@@ -75,8 +76,7 @@ from transport import (
     decode,
     encode,
 )
-from transport._bus import (
-    ATTEMPT_HEADER,
+from transport._deadletters import (
     DL_ATTEMPTS,
     DL_DEAD_AT,
     DL_ERROR_MESSAGE,

@@ -92,7 +92,7 @@ def test_worker_and_publish_over_amqps_verify_the_broker_and_work(
                 event = Event("ocis.secure.work")
                 publisher.publish(event)
                 wait_for(lambda: event.id in handled, "the event sent over TLS")
-                sock = publisher._conn.connection.sock  # type: ignore[union-attr]
+                sock = publisher.connection.connection.sock  # type: ignore[union-attr]
                 assert isinstance(sock, ssl.SSLSocket)
                 assert sock.getpeercert()["subject"] == ((("commonName", "localhost"),),)
             publisher.close()

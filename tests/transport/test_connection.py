@@ -1,0 +1,76 @@
+"""The fail-over connection under `EventBus` (``transport._connection``) and the seams the bus shows of it."""
+
+from __future__ import annotations
+
+import pytest
+
+from transport import ConnectionLost, Event, EventBus, redact_url
+
+
+def test_redact_url_hides_the_password_of_every_host() -> None:
+    """Each host of a ``;``-separated URL loses its password, and nothing else."""
+    url = "amqp://app:s3cret@rabbit-1:5672/v;amqps://app:0ther@rabbit-2/v;memory://"
+    assert redact_url(url) == "amqp://app:***@rabbit-1:5672/v;amqps://app:***@rabbit-2/v;memory://"
+
+
+def test_connection_is_none_until_connected_and_after_close() -> None:
+    """``EventBus.connection`` is the kombu connection only while the bus is connected."""
+    bus = EventBus("memory://", exchange="t-conn-seam")
+    assert bus.connection is None
+    bus.connect()
+    assert bus.connection is not None
+    assert bus.connected
+    bus.close()
+    assert bus.connection is None
+    assert not bus.connected
+
+
+def test_lost_closes_and_the_next_publish_connects_again() -> None:
+    """``lost`` forgets the connection and its channels; the next publish opens a new one."""
+    bus = EventBus("memory://", exchange="t-conn-lost")
+    try:
+        bus.connect()
+        first = bus.connection
+        error = bus.lost(ConnectionResetError("gone"))
+        assert isinstance(error, ConnectionLost)
+        assert "gone" in str(error)
+        assert not bus.connected
+        bus.publish(Event("ocis.conn.checked"))
+        assert bus.connected
+        assert bus.connection is not first
+    finally:
+        bus.close()
+
+
+def test_drain_without_a_connection_raises_connection_lost() -> None:
+    """Draining a bus that is not connected says so instead of waiting."""
+    with pytest.raises(ConnectionLost):
+        EventBus("memory://", exchange="t-conn-drain").drain(0.01)
+
+
+def test_channel_is_a_new_channel_the_caller_closes() -> None:
+    """``EventBus.channel`` connects if needed and hands out a channel apart from the publishing one."""
+    bus = EventBus("memory://", exchange="t-conn-channel")
+    try:
+        ch = bus.channel()
+        assert bus.connected
+        other = bus.channel()
+        assert ch is not other
+        ch.close()
+        other.close()
+    finally:
+        bus.close()
+
+
+@pytest.mark.rabbitmq
+def test_an_unreachable_broker_is_skipped_for_the_next_one(amqp_url: str, unique: str) -> None:
+    """With several brokers in the URL, a refused connect moves on to the next broker at once."""
+    bus = EventBus(f"amqp://guest:guest@127.0.0.1:1//;{amqp_url}", exchange=unique, connect_timeout=5.0)
+    try:
+        bus.connect()
+        assert bus.health()
+        assert bus.connection is not None
+        assert bus.connection.port != 1
+    finally:
+        bus.delete_topology()
+        bus.close()

@@ -1,0 +1,217 @@
+"""The fail-over connection to the broker: which host to try, connecting with backoff, health and closing.
+
+A URL may list several brokers separated by ``;``. :class:`FailoverConnection` holds at most one kombu
+connection at a time, to the first of them that answers, and moves on to the next one when a connect
+fails or a live connection breaks. It opens no channels itself: whoever owns it says what to set up on
+each new connection and what to forget when it closes.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import structlog
+from kombu.connection import Connection
+
+from ._errors import BrokerUnavailable, TransportError
+from ._frames import frame_handler
+
+log = structlog.get_logger("transport")
+
+
+class ConnectionLost(TransportError):
+    """The connection to the broker broke; reconnect and consume again."""
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (each host of a ``;``-separated list)."""
+    parts = []
+    for one in url.split(";"):
+        try:
+            u = urlsplit(one)
+            if u.password is not None:
+                host = u.hostname or ""
+                if u.port:
+                    host = f"{host}:{u.port}"
+                one = urlunsplit(u._replace(netloc=f"{u.username or ''}:***@{host}"))
+        except ValueError:
+            one = "<unparseable url>"
+        parts.append(one)
+    return ";".join(parts)
+
+
+def is_memory_url(url: str) -> bool:
+    """Whether ``url`` names the in-process memory transport."""
+    return url.startswith("memory://")
+
+
+class FailoverConnection:
+    """One kombu connection at a time, to the first broker of a ``;``-separated URL that answers.
+
+    ``on_connect`` runs on every new connection before it counts as established; an error in it that
+    is a connection error (or a refused login) fails over exactly like a refused connect. ``on_close``
+    runs whenever the connection is closed or lost, so the channels opened on it are forgotten with it.
+
+    :attr:`lock` serialises connecting, closing and every use of a channel shared between threads.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        heartbeat: float,
+        connect_timeout: float,
+        ssl: bool | Mapping[str, Any] | None,
+        memory_transport: type[Any],
+        on_connect: Callable[[Connection], None],
+        on_close: Callable[[], None],
+    ) -> None:
+        self.url = url
+        self.memory = is_memory_url(url)
+        self.heartbeat = heartbeat
+        self.connect_timeout = connect_timeout
+        self.ssl = ssl
+        #: the kombu transport class behind ``memory://``
+        self.memory_transport = memory_transport
+        self.lock = threading.RLock()
+        #: the brokers of a ``;``-separated URL, tried in turn; ``_next_host`` goes first
+        self._hosts = [h for h in url.split(";") if h] or [url]
+        self._next_host = 0
+        self._conn: Connection | None = None
+        self._on_connect = on_connect
+        self._on_close = on_close
+
+    @property
+    def current(self) -> Connection | None:
+        """The established kombu connection, or None."""
+        return self._conn
+
+    def _new(self, connect_timeout: float | None = None) -> Connection:
+        if self.memory:
+            return Connection("memory://", transport=self.memory_transport)
+        host = self._hosts[self._next_host % len(self._hosts)]
+        return Connection(
+            host,
+            heartbeat=self.heartbeat,
+            connect_timeout=self.connect_timeout if connect_timeout is None else connect_timeout,
+            # A copy per connection: kombu fills a None server_hostname in with the host it connects to,
+            # in place, which pinned the first host's name for every other host of a ';'-separated URL.
+            ssl=dict(self.ssl) if isinstance(self.ssl, Mapping) else self.ssl,
+            transport_options={"confirm_publish": False, "frame_handler": frame_handler},
+        )
+
+    def connect(self, timeout: float | None = None) -> None:
+        """Connect, retrying with backoff for up to ``timeout`` seconds; raise :class:`BrokerUnavailable`."""
+        with self.lock:
+            if self._conn is not None:
+                return
+            deadline = time.monotonic() + (self.connect_timeout if timeout is None else timeout)
+            delay = 0.1
+            while True:
+                conn = self._new()
+                try:
+                    # One attempt per loop turn: kombu's own connect() would wait 2 s and retry.
+                    conn.ensure_connection(max_retries=0, reraise_as_library_errors=False)
+                    self._on_connect(conn)
+                except Exception as exc:
+                    close_quietly(conn)
+                    if not (is_connection_error(conn, exc) or login_refused(exc)):
+                        raise
+                    # Fail over: the next broker of the URL is tried at once; after a whole round, wait.
+                    self._next_host += 1
+                    if self._next_host % len(self._hosts) and time.monotonic() < deadline:
+                        log.warning("bus.broker_unreachable", broker=redact_url(conn.as_uri()), error=str(exc))
+                        continue
+                    if time.monotonic() + delay > deadline:
+                        raise BrokerUnavailable(f"cannot reach the broker at {redact_url(self.url)}: {exc}") from None
+                    time.sleep(delay)
+                    delay = min(delay * 2, 2.0)
+                    continue
+                self._conn = conn
+                return
+
+    def live(self) -> Connection:
+        """The established connection, connecting first if needed."""
+        self.connect()
+        if self._conn is None:
+            raise ConnectionLost(f"not connected to {redact_url(self.url)}")
+        return self._conn
+
+    def close(self) -> None:
+        """Close the connection. Unacked messages go back to their queues (broker side)."""
+        with self.lock:
+            conn, self._conn = self._conn, None
+            self._on_close()
+            if conn is not None:
+                close_quietly(conn)
+
+    def lost(self, exc: BaseException) -> ConnectionLost:
+        """Close after the connection broke with ``exc``, and return the :class:`ConnectionLost` to raise.
+        The next connect tries the next broker first, in case this one is going down."""
+        self.close()
+        self._next_host += 1
+        return ConnectionLost(f"connection to {redact_url(self.url)} lost: {exc}")
+
+    @property
+    def connection_errors(self) -> tuple[type[BaseException], ...]:
+        """The exception types that mean the connection (or a channel on it) broke."""
+        conn = self._conn or self._new()
+        return tuple(conn.connection_errors) + tuple(conn.channel_errors) + (OSError,)
+
+    def health(self, timeout: float = 5.0) -> bool:
+        """Whether the broker answers within ``timeout`` seconds (opens a channel; declares nothing)."""
+        if self.memory:
+            return True
+        conn = self._new(connect_timeout=timeout)
+        try:
+            conn.ensure_connection(max_retries=0, reraise_as_library_errors=False)
+            conn.channel().close()
+        except Exception as exc:
+            if not (is_connection_error(conn, exc) or login_refused(exc)):
+                raise
+            return False
+        finally:
+            close_quietly(conn)
+        return True
+
+
+def is_connection_error(conn: Connection, exc: BaseException) -> bool:
+    """Whether ``exc`` means that ``conn`` broke (rather than, say, a refused declaration)."""
+    try:
+        errors = tuple(conn.connection_errors) + tuple(conn.recoverable_connection_errors)
+    except Exception:  # noqa: BLE001 - a broken transport cannot tell; treat the error as a connection error
+        return True
+    return isinstance(exc, (*errors, OSError, ConnectionError))
+
+
+def queue_node_down(exc: BaseException) -> bool:
+    """Whether a declare failed because the queue's home node (in a cluster) is down."""
+    text = str(exc)
+    return getattr(exc, "reply_code", None) == 404 and ("home node" in text or "down or inaccessible" in text)
+
+
+def login_refused(exc: BaseException) -> bool:
+    """Whether the broker closed the connection in the handshake with 403: a wrong user or password.
+    py-amqp raises that as a channel error, which crashed the worker and the CLI with a traceback; it is
+    reported like an unreachable broker instead (the message says why), and never shows the password."""
+    return getattr(exc, "reply_code", None) == 403 and getattr(exc, "method_sig", None) == (0, 0)
+
+
+def close_quietly(conn: Connection) -> None:
+    """Release ``conn``, which is being thrown away; a failure is only logged."""
+    try:
+        conn.release()
+    except Exception as exc:  # noqa: BLE001 - the connection is being thrown away; the reason is logged
+        log.debug("bus.close_failed", error=repr(exc))
+
+
+def close_channel_quietly(ch: Any) -> None:
+    """Close ``ch``; closing requeues its unacked messages, and a failure means the connection is gone."""
+    try:
+        ch.close()
+    except Exception as exc:  # noqa: BLE001 - closing requeues; a failure means the connection is gone
+        log.debug("bus.channel_close_failed", error=repr(exc))
