@@ -21,7 +21,7 @@ import click
 
 from transport import DeadLetter, Event, EventBus, TransportError, redact_url
 
-from ._errors import SagasError
+from ._errors import NotFound, SagasError
 from ._logging import configure_logging
 from ._saga import FAILED, Saga
 from ._service import App, Service
@@ -319,6 +319,8 @@ def _operations(
         with contextlib.ExitStack() as stack:
             st = stack.enter_context(_existing_store(store)) if store is not None else MemoryStore()
             yield Operations(st, sagas=app.sagas if app else (), bus=bus)
+    except NotFound as exc:
+        _fail(f"{exc} in the store {redact_url(store)}" if store is not None else str(exc))
     except SagasError as exc:
         _fail(str(exc))
     finally:

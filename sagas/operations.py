@@ -37,7 +37,7 @@ log = structlog.get_logger("sagas.operations")
 T = TypeVar("T")
 
 #: The most sagas one page holds.
-MAX_PAGE = 1000
+MAX_PAGE = 100_000
 
 
 @dataclass(frozen=True, slots=True)

@@ -201,10 +201,6 @@ class EventBus:
         The next connect tries the next broker of the URL first."""
         return self._link.lost(exc)
 
-    def _lost(self, exc: BaseException) -> ConnectionLost:
-        """An alias of :meth:`lost`."""
-        return self.lost(exc)
-
     @property
     def connection_errors(self) -> tuple[type[BaseException], ...]:
         return self._link.connection_errors

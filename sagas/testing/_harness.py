@@ -315,7 +315,7 @@ class _Bus(EventBus):
     def drain(self, timeout: float) -> bool:
         if self.severed:
             self.severed = False
-            raise self._lost(ConnectionResetError("the broker restarted"))
+            raise self.lost(ConnectionResetError("the broker restarted"))
         self.drained = super().drain(0)
         return self.drained
 
