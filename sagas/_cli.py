@@ -425,6 +425,38 @@ def dead_replay(
         sys.exit(1)
 
 
+@dead.command("drop")
+@click.argument("ids", nargs=-1)
+@click.option("--all", "drop_all", is_flag=True, help="Drop every dead letter.")
+@_broker
+@_tls
+@_exchange
+@_operator
+def dead_drop(
+    ids: tuple[str, ...],
+    drop_all: bool,
+    broker: str,
+    tls: dict[str, Any] | None,
+    exchange: str | None,
+    actor: str | None,
+) -> None:
+    """Delete dead letters for good, once you know they must never be handled.
+
+    \b
+    Examples:
+      sagas dead drop 5f0c1d2e...      # one or more ids from 'sagas dead ls'
+      sagas dead drop --all
+    """
+    if drop_all == bool(ids):
+        raise click.UsageError("give either --all or one or more dead-letter ids")
+    with _operations(broker=broker, exchange=exchange, tls=tls) as ops:
+        result = ops.drop_dead(None if drop_all else ids, actor=_actor(actor))
+    click.echo(f"dropped {len(result.dropped)} message(s)")
+    if result.missing:
+        click.echo(f"not found: {', '.join(sorted(result.missing))}", err=True)
+        sys.exit(1)
+
+
 @cli.command()
 @_broker
 @_tls

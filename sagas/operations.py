@@ -284,6 +284,16 @@ class Operations:
         log.info("operator.dead_letters_replayed", actor=actor, replayed=replayed, kept=sorted(kept), missing=missing)
         return ReplayResult(replayed, kept, missing)
 
+    def drop_dead(self, ids: Iterable[str] | None, *, actor: str) -> DropResult:
+        """Delete dead letters for good (``ids``, or every one with None): for messages that must never
+        be handled, once their cause is understood."""
+        bus = self._need_bus("drop dead letters")
+        wanted = None if ids is None else list(dict.fromkeys(ids))
+        dropped = bus.drop_dead(wanted)
+        missing = [] if wanted is None else [i for i in wanted if i not in dropped]
+        log.info("operator.dead_letters_dropped", actor=actor, dropped=dropped, missing=missing)
+        return DropResult(dropped, missing)
+
     def _need_bus(self, what: str) -> EventBus:
         if self.bus is None:
             raise ConfigurationError(f"to {what}, give Operations a bus: Operations(store, bus=EventBus(url))")

@@ -334,3 +334,7 @@ class EventBus:
         dead-letter queue; its id and the reason go into ``skipped`` if given.
         """
         return self._dead.replay(ids, timeout=timeout, skipped=skipped)
+
+    def drop_dead(self, ids: Iterable[str] | None = None) -> list[str]:
+        """Delete dead letters for good: ``ids``, or every one with None. Returns the ids deleted."""
+        return self._dead.drop(ids)

@@ -231,6 +231,24 @@ class DeadLetterOffice:
                     close_channel_quietly(ch)
         return replayed
 
+    def drop(self, ids: Iterable[str] | None) -> list[str]:
+        """Delete dead letters for good (``ids``, or all with None). Returns the ids deleted."""
+        wanted = None if ids is None else set(ids)
+        dropped: list[str] = []
+        with self._link.lock:
+            ch = self._link.live().channel()
+            try:
+                depth = ch.queue_declare(queue=self._dead_queue, passive=True).message_count
+                for message in self._browse(ch, depth):
+                    letter_id = str(message.properties.get("message_id") or "")
+                    if wanted is None or letter_id in wanted:
+                        message.ack()
+                        dropped.append(letter_id)
+            finally:
+                if self._link.current is not None:
+                    close_channel_quietly(ch)  # the letters kept go back to the queue
+        return dropped
+
 
 def _copyable(headers: Mapping[Any, Any] | None) -> dict[Any, Any]:
     """The headers a copy of a message carries: the original ones, unless they are too big to travel with

@@ -17,7 +17,17 @@ from sagas import App, Event, EventBus, Reject, Service, Worker
 from sagas._cli import cli
 from tests.helpers import wait_for
 
-COMMANDS = [["run"], ["publish"], ["dead", "ls"], ["dead", "show"], ["dead", "replay"], ["health"], ["demo"]]
+COMMANDS = [
+    ["run"],
+    ["publish"],
+    ["dead", "ls"],
+    ["dead", "show"],
+    ["dead", "replay"],
+    ["dead", "drop"],
+    ["health"],
+    ["demo"],
+    ["counts"],
+]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
@@ -197,3 +207,31 @@ def _queue_depth(url: str, queue: str) -> int:
         return int(conn.channel().queue_declare(queue, passive=True).message_count)
     finally:
         conn.close()
+
+
+def test_dead_drop_deletes_letters(broker_url: str, unique: str, buses: list[object]) -> None:
+    """`dead drop ID` deletes that letter (exit 1 and 'not found' for an unknown id); `--all` the rest."""
+    svc = Service("cli")
+
+    @svc.on("ocis.cli.poked")
+    def poke(event: Event) -> None:
+        raise Reject("never")
+
+    worker = Worker(App(svc, exchange=unique), broker=broker_url, store="memory://")
+    bus = EventBus(broker_url, exchange=unique)
+    buses += [worker, bus]
+    runner = CliRunner()
+    common = ["--broker", broker_url, "--exchange", unique]
+    with worker.running():
+        published = [runner.invoke(cli, ["publish", "ocis.cli.poked", "{}", *common]) for _ in range(2)]
+        ids = [p.output.strip().splitlines()[-1] for p in published]  # (the worker logs to the same output)
+        wait_for(lambda: len(bus.dead_letters()) == 2, what="two dead letters")
+    one = runner.invoke(cli, ["dead", "drop", ids[0], "nope", "--as", "marie", *common])
+    assert one.exit_code == 1, one.output
+    assert "dropped 1 message(s)" in one.output
+    assert "not found: nope" in one.output
+    assert [d.id for d in bus.dead_letters()] == [ids[1]]
+    rest = runner.invoke(cli, ["dead", "drop", "--all", *common])
+    assert rest.exit_code == 0, rest.output
+    assert bus.dead_letters() == []
+    assert runner.invoke(cli, ["dead", "drop", *common]).exit_code == 2

@@ -197,3 +197,24 @@ def test_dead_letters_need_a_bus(saga_harness: MakeHarness) -> None:
     h = saga_harness(postprocessing_app)
     with pytest.raises(ConfigurationError, match="give Operations a bus"):
         Operations(h.store).dead_letters()
+
+
+def test_dead_letters_are_dropped_one_by_one_or_all(saga_harness: MakeHarness) -> None:
+    """drop_dead deletes the letters named (unknown ids are reported missing), or all of them."""
+    svc = Service("picky")
+
+    @svc.on("ocis.files.uploaded")
+    def take(event: Event) -> None:
+        raise Reject("never")
+
+    h = saga_harness(App(svc))
+    events = [h.publish("ocis.files.uploaded", {"path": f"/{i}"}) for i in range(3)]
+    h.run()
+    ops = Operations(h.store, bus=h.client_bus())
+    assert sorted(d.id for d in ops.dead_letters()) == sorted(e.id for e in events)
+    one = ops.drop_dead([events[0].id, "nope"], actor="marie")
+    assert (one.dropped, one.missing) == ([events[0].id], ["nope"])
+    assert sorted(d.id for d in ops.dead_letters()) == sorted(e.id for e in events[1:])
+    rest = ops.drop_dead(None, actor="marie")
+    assert sorted(rest.dropped) == sorted(e.id for e in events[1:])
+    assert ops.dead_letters() == []
