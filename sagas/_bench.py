@@ -38,6 +38,7 @@ from ._saga import SagaContext, Start, Step, StepSaga
 from ._service import App, Service
 from ._store import HistoryEntry, SagaRecord, Store, open_store
 from ._worker import Worker
+from .operations import MAX_PAGE, Operations
 
 EVENT = "bench.events.created"
 PUBLISH_BATCH = 500
@@ -454,7 +455,8 @@ def bench_sagas(broker: str, store_url: str | None, n: int, workers: int = 1) ->
 
 
 def _own_sagas(store: Store, run: str) -> list[SagaRecord]:
-    return [r for r in store.list_sagas("bench", limit=store.count_sagas() + 10) if r.key.startswith(f"{run}-")]
+    page = Operations(store).sagas(type="bench", limit=min(MAX_PAGE, store.count_sagas() + 10))
+    return [r for r in page.items if r.key.startswith(f"{run}-")]
 
 
 def _publish_and_wait(bus: EventBus, starts: list[Event], store: Any, n: int) -> float:

@@ -34,6 +34,7 @@ from .._saga import Saga
 from .._service import App, Service
 from .._store import HistoryEntry, MemoryStore, OutboxRow, SagaRecord, Store, open_store
 from .._worker import Worker
+from ..operations import MAX_PAGE, Operations
 
 T = TypeVar("T")
 
@@ -669,25 +670,29 @@ class Harness:
 
     # -- looking ---------------------------------------------------------------------------------------
 
+    @property
+    def operations(self) -> Operations:
+        """The operator API on the harness's store and broker, on its clock: what an operator would
+        see and do (``h.operations.retry(saga_id, actor="marie")``; then :meth:`run` to let it act)."""
+        return Operations(self.store, sagas=self.app.sagas, bus=self.client_bus(), clock=self.clock)
+
     def sagas(self, saga: type[Saga] | str | None = None, state: str | None = None) -> list[SagaRecord]:
         """Every saga in the store (of a type, in a state)."""
         saga_type = saga.definition().type if isinstance(saga, type) else saga
-        return self.store.list_sagas(saga_type, state, limit=1_000_000)
+        return self.operations.sagas(type=saga_type, state=state, limit=MAX_PAGE).items
 
     def saga(self, saga: type[Saga] | str, key: str) -> SagaRecord:
-        """The saga of this type with this key (raises if there is none)."""
+        """The saga of this type with this key (raises :class:`~sagas.NotFound` if there is none)."""
         saga_type = saga.definition().type if isinstance(saga, type) else saga
-        record = self.store.find_saga(saga_type, key)
-        if record is None:
-            raise SagasError(f"no saga {saga_type}/{key}")
-        return record
+        return self.operations.saga(type=saga_type, key=key).record
 
     def history(self, saga_id: str) -> list[HistoryEntry]:
-        return self.store.saga_history(saga_id)
+        """A saga's history, oldest first."""
+        return self.operations.saga(saga_id).history
 
     def dead_letters(self) -> list[DeadLetter]:
         """The messages in the dead-letter queue, with their reasons."""
-        return self.client_bus().dead_letters()
+        return self.operations.dead_letters()
 
     def queued(self) -> dict[str, int]:
         """Messages waiting in each queue (not counting delay queues' waiting messages)."""
