@@ -53,7 +53,7 @@ from sagas import (
     Store,
     configure_logging,
 )
-from sagas._demo import MailSink
+from sagas.testing import MailSink
 from transport import PublishError
 
 configure_logging(level="warning")

@@ -36,7 +36,6 @@ from decimal import Decimal
 from typing import Any
 
 import amqp
-import kombu
 import kombu.message
 import kombu.serialization
 import pytest
