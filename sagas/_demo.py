@@ -15,6 +15,8 @@ import click
 
 from transport import EventBus
 
+from ._errors import ConfigurationError
+
 
 class MailSink:
     """A local SMTP server (aiosmtpd) that keeps what it receives."""
@@ -23,7 +25,7 @@ class MailSink:
         try:
             from aiosmtpd.controller import Controller
         except ImportError:
-            raise click.ClickException("the demo needs aiosmtpd: pip install 'kombu-sagas[demo]'") from None
+            raise ConfigurationError("MailSink needs aiosmtpd: pip install 'kombu-sagas[demo]'") from None
         if port == 0:
             with socket.socket() as s:
                 s.bind((host, 0))

@@ -303,7 +303,7 @@ class StepSaga(Saga):
 
 def _complete(step: str) -> Action:
     def complete(ctx: SagaContext) -> None:
-        ctx._complete_step(step, ctx.result)
+        ctx._complete_step(step, ctx.result)  # noqa: SLF001 - SagaContext is defined in this module
 
     complete.__name__ = f"complete_{step}"
     return complete

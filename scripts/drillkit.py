@@ -33,7 +33,7 @@ from private_services import (  # noqa: E402
     private_rabbit_node,
 )
 
-from sagas import Event, EventBus  # noqa: E402
+from sagas import Event, EventBus, Store  # noqa: E402
 
 #: the machine's services, for the drills' --machine-services mode only
 MACHINE_URL = os.environ.get("SAGAS_DRILL_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
@@ -150,7 +150,7 @@ def expected(i: int) -> str:
 # -- RabbitMQ -----------------------------------------------------------------------------------------
 
 
-def _amqp(url: str):  # type: ignore[no-untyped-def]
+def _amqp(url: str) -> Any:  # an amqp.Connection: py-amqp ships no type information
     import amqp
 
     u = urlsplit(url.split(";")[0])
@@ -271,7 +271,7 @@ def exchange_exists(exchange: str, url: str) -> bool:
 # -- PostgreSQL ---------------------------------------------------------------------------------------
 
 
-def pg_store(schema: str, pg: str):  # type: ignore[no-untyped-def]
+def pg_store(schema: str, pg: str) -> Store:
     from sagas import open_store
 
     return open_store(f"{pg}?schema={schema}")

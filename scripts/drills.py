@@ -50,9 +50,10 @@ from drillkit import (
 from sagas import (
     Event,
     EventBus,
+    Store,
     configure_logging,
 )
-from sagas._demo import MailSink
+from sagas.testing import MailSink
 from transport import PublishError
 
 configure_logging(level="warning")
@@ -179,7 +180,11 @@ def notifications(s: Services, n: int) -> None:
         kills = []
         for fraction in (3, 2):  # kill at about a third, and again at about two thirds
             target = n * (4 - fraction) // 3 if fraction == 2 else n // 3
-            wait(lambda t=target: len(sink.mails) >= t, 120, "mails")
+
+            def mailed(t: int = target) -> bool:
+                return len(sink.mails) >= t
+
+            wait(mailed, 120, "mails")
             w.send_signal(signal.SIGKILL)
             w.wait()
             kills.append(len(sink.mails))
@@ -332,7 +337,7 @@ def deadlines(s: Services) -> None:
 
 def scale(s: Services, n: int) -> None:
     """Time N post-processing sagas (no faults) with 1 worker process, then with 2, on RabbitMQ + PostgreSQL."""
-    results = {}
+    results: dict[int, list[float]] = {}
     for count in (1, 2, 1, 2):
         exchange = f"drill{uuid.uuid4().hex[:8]}"
         store_url = f"{s.postgres_url}?schema={exchange}"
@@ -341,11 +346,19 @@ def scale(s: Services, n: int) -> None:
             store = pg_store(exchange, s.postgres_url)
             app = "examples.postprocessing:app"
             workers = [start_worker(app, exchange, out, store_url, url=s.amqp_url) for _ in range(count)]
-            wait(lambda c=count, q=f"{exchange}.saga.postprocessing": consumers(q, s.amqp_url) == c, 60, "workers")
+
+            def consuming(c: int = count, q: str = f"{exchange}.saga.postprocessing") -> bool:
+                return consumers(q, s.amqp_url) == c
+
+            wait(consuming, 60, "workers")
             bus = EventBus(s.amqp_url, exchange=exchange)
             t0 = time.monotonic()
             bus.publish_many([upload(i) for i in range(n)])
-            wait(lambda st=store: sum(1 for s in st.list_sagas(limit=n + 10) if s.final) >= n, 600, "all final")
+
+            def all_final(st: Store = store) -> bool:
+                return sum(1 for saga in st.list_sagas(limit=n + 10) if saga.final) >= n
+
+            wait(all_final, 600, "all final")
             elapsed = time.monotonic() - t0
             results.setdefault(count, []).append(n / elapsed)
             for w in workers:

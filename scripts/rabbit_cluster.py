@@ -405,9 +405,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(s, indent=2))
             else:
                 for n in s["nodes"]:
-                    state = f"pid {n['pid']}" if n["pid"] else "not running"
+                    running = f"pid {n['pid']}" if n["pid"] else "not running"
                     print(
-                        f"{n['name']:<22} amqp 127.0.0.1:{n['amqp_port']}  {state}"
+                        f"{n['name']:<22} amqp 127.0.0.1:{n['amqp_port']}  {running}"
                         f"{'  listening' if n['amqp_listening'] else ''}"
                     )
                 print(f"running nodes of the cluster: {', '.join(s['running_nodes']) or 'none'}")

@@ -8,8 +8,12 @@ after any of its side effects (:class:`Crash`) and restart, and the broker can r
 :mod:`sagas.testing.strategies` has hypothesis strategies for fault schedules (it needs the
 ``hypothesis`` package), and the pytest plugin (loaded automatically once ``sagas`` is installed)
 gives the ``saga_harness`` fixture. See docs/testing.md.
+
+:class:`MailSink` is a local SMTP server that keeps the mails it receives (it needs the ``aiosmtpd``
+package), for handlers that send mail.
 """
 
+from .._demo import MailSink
 from ._harness import (
     STAGES,
     Crash,
@@ -40,6 +44,7 @@ __all__ = [
     "FaultSchedule",
     "Harness",
     "InlineExecutor",
+    "MailSink",
     "MessageFault",
     "NotSettled",
     "Reorder",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import ModuleType
+
 import pytest
 
 from examples import order, share
@@ -9,8 +11,8 @@ from sagas import App, Event, EventBus, Worker
 from tests.helpers import wait_for
 
 
-def _run(example: object, url: str, unique: str, buses: list[object]) -> tuple[Worker, EventBus]:
-    app = example.app  # type: ignore[attr-defined]
+def _run(example: ModuleType, url: str, unique: str, buses: list[object]) -> tuple[Worker, EventBus]:
+    app = example.app
     worker = Worker(
         App(*app.services, sagas=app.sagas, exchange=unique), broker=url, store="memory://", timer_interval=0.05
     )

@@ -109,11 +109,11 @@ class Rig:
         self.store = open_store(self.store_url)  # creates the schema before the workers race to
         self.workers = [self._spawn() for _ in range(WORKERS)]
         for queue in (f"{self.exchange}.saga.postprocessing", f"{self.exchange}.drill.record"):
-            kit.wait(
-                lambda q=queue: self._alive() and kit.consumers(q, self.amqp_url) == WORKERS,
-                60,
-                f"{WORKERS} workers consuming {queue}",
-            )
+
+            def consuming(q: str = queue) -> bool:
+                return self._alive() and kit.consumers(q, self.amqp_url) == WORKERS
+
+            kit.wait(consuming, 60, f"{WORKERS} workers consuming {queue}")
 
     def _alive(self) -> bool:
         """True while every worker runs; fails the test if one exited by itself."""
@@ -137,7 +137,7 @@ class Rig:
         for w in self.workers:
             if w.poll() is None:
                 w.send_signal(signal.SIGTERM)
-        codes = []
+        codes: list[int | None] = []
         for w in self.workers:
             try:
                 codes.append(w.wait(60))
@@ -476,6 +476,7 @@ def test_database_restart(rig: Rig) -> None:
 
     def inject(r: Rig) -> None:
         r.at(PUBLISH_SECONDS * 0.4)
+        assert r.services.postgres is not None
         r.faults.outage_seconds.append(kit.restart_postgres(r.services.postgres, r.postgres_url))
         r.faults.database_restarts += 1
 

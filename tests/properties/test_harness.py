@@ -4,6 +4,9 @@ what it cannot settle."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import pytest
 import structlog
@@ -27,6 +30,9 @@ from sagas.testing import (
 from tests.properties.test_saga_properties import EFFECTS, Trip
 from tests.properties.test_saga_properties import app as trip_app
 
+#: The type of the ``saga_harness`` fixture (sagas.testing's pytest plugin).
+MakeHarness = Callable[..., Harness]
+
 
 @pytest.fixture(autouse=True)
 def _quiet() -> None:
@@ -42,7 +48,7 @@ def _share(h: Harness, share_id: str, grantee: str = "marie") -> Event:
     )
 
 
-def test_a_clean_run_completes_without_moving_the_clock(saga_harness) -> None:
+def test_a_clean_run_completes_without_moving_the_clock(saga_harness: MakeHarness) -> None:
     h = saga_harness(share_app)
     start = h.clock()
     _share(h, "s1")
@@ -52,7 +58,7 @@ def test_a_clean_run_completes_without_moving_the_clock(saga_harness) -> None:
     assert share_effects == ["reserve s1", "grant s1", "notify s1"]
 
 
-def test_a_failing_step_compensates_in_reverse_order(saga_harness) -> None:
+def test_a_failing_step_compensates_in_reverse_order(saga_harness: MakeHarness) -> None:
     h = saga_harness(share_app)
     _share(h, "s2", grantee="nobody")
     h.settle()
@@ -60,7 +66,7 @@ def test_a_failing_step_compensates_in_reverse_order(saga_harness) -> None:
     assert share_effects == ["reserve s2", "grant s2", "revoke s2", "release s2"]
 
 
-def test_a_dropped_request_is_sent_again_when_its_deadline_passes(saga_harness) -> None:
+def test_a_dropped_request_is_sent_again_when_its_deadline_passes(saga_harness: MakeHarness) -> None:
     h = saga_harness(share_app)
     h.inject(Drop(), match="ocis.sharing.grant")
     start = h.clock()
@@ -75,7 +81,7 @@ def test_a_dropped_request_is_sent_again_when_its_deadline_passes(saga_harness) 
     assert any("re-sent ocis.sharing.grant" in e.reason for e in h.history(record.id))
 
 
-def test_a_dropped_reply_does_not_run_the_work_twice(saga_harness) -> None:
+def test_a_dropped_reply_does_not_run_the_work_twice(saga_harness: MakeHarness) -> None:
     h = saga_harness(share_app)
     h.inject(Drop(), match="ocis.sharing.grant.reply")
     _share(h, "s4")
@@ -84,7 +90,7 @@ def test_a_dropped_reply_does_not_run_the_work_twice(saga_harness) -> None:
     assert share_effects.count("grant s4") == 1, "the re-sent request got the cached reply"
 
 
-def test_duplicates_are_ignored_by_the_inbox(saga_harness) -> None:
+def test_duplicates_are_ignored_by_the_inbox(saga_harness: MakeHarness) -> None:
     h = saga_harness(share_app)
     h.inject(Duplicate(copies=3), match="#", times=20)
     _share(h, "s5")
@@ -94,7 +100,7 @@ def test_duplicates_are_ignored_by_the_inbox(saga_harness) -> None:
     assert h.stats.duplicated >= 10
 
 
-def test_a_delayed_message_arrives_when_the_clock_gets_there(saga_harness) -> None:
+def test_a_delayed_message_arrives_when_the_clock_gets_there(saga_harness: MakeHarness) -> None:
     h = saga_harness(share_app)
     h.inject(Delay(3.0), match="ocis.quota.reserve.reply")
     start = h.clock()
@@ -144,7 +150,7 @@ def test_a_fault_schedule_replays_exactly() -> None:
         crashes=(Crash("commit", "after", 2), Crash("ack", "before", 5)),
     )
 
-    def run() -> tuple[object, ...]:
+    def run() -> tuple[object, float, dict[str, Any], tuple[tuple[str, str, str], ...]]:
         EFFECTS.clear()
         with Harness(trip_app, faults=faults, workers=2, seed=7) as h:
             for i in range(4):
@@ -160,7 +166,7 @@ def test_a_fault_schedule_replays_exactly() -> None:
     assert first[2]["dropped"] == 3
 
 
-def test_broker_restart_requeues_what_was_not_acked(saga_harness) -> None:
+def test_broker_restart_requeues_what_was_not_acked(saga_harness: MakeHarness) -> None:
     h = saga_harness(share_app, workers=2)
     for i in range(3):
         _share(h, f"b{i}")
@@ -181,7 +187,7 @@ def test_settle_reports_a_saga_that_cannot_end() -> None:
     h.close()
 
 
-def test_settle_gives_up_after_its_time_limit(saga_harness) -> None:
+def test_settle_gives_up_after_its_time_limit(saga_harness: MakeHarness) -> None:
     h = saga_harness(share_app)
     h.inject(Drop(), match="ocis.quota.reserve", times=1000)
     _share(h, "lost")
@@ -225,7 +231,7 @@ def test_a_crash_needs_a_known_stage() -> None:
         Crash("lunch")  # type: ignore[arg-type]
 
 
-def test_a_key_starts_a_new_saga_after_its_old_one_is_deleted(tmp_path) -> None:
+def test_a_key_starts_a_new_saga_after_its_old_one_is_deleted(tmp_path: Path) -> None:
     """Saga ids are random, so a saga deleted by hand does not leave its id (or its request ids, and the
     participants' cached replies to them) to the next saga with its key."""
     import sqlite3

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -62,7 +63,7 @@ def test_sagas_on_rabbitmq_carry_the_ratio_of_their_messages_to_raw(amqp_url: st
     assert "sagas / raw-classic  messages_per_s" in _bench.table(report)
 
 
-def test_sagas_runs_sharing_a_store_each_count_only_their_own(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_sagas_runs_sharing_a_store_each_count_only_their_own(tmp_path: Path) -> None:
     store = f"sqlite:///{tmp_path}/bench.db"
     first = _bench.bench_sagas("memory://", store, 30)
     second = _bench.bench_sagas("memory://", store, 30)

@@ -166,7 +166,12 @@ def test_at_most_once_is_not_redelivered_after_a_crash(broker_url: str, unique: 
     crashed = make_worker(buses, app, broker_url, concurrency=1)
     crashed.start()
     bus.publish(Event("ocis.users.logged_in", {"i": 0}))
-    wait_for(lambda: (crashed.step(0.01), started.is_set())[1], what="the crashing worker to take event 0")
+
+    def took_event_0() -> bool:
+        crashed.step(0.01)
+        return started.is_set()
+
+    wait_for(took_event_0, what="the crashing worker to take event 0")
     with make_worker(buses, app, broker_url, concurrency=1).running():
         crashed.bus.close()  # the process dies: its connection goes away without any further ack
         bus.publish(Event("ocis.users.logged_in", {"i": 1}))
@@ -192,7 +197,12 @@ def test_at_least_once_is_redelivered_after_a_crash(broker_url: str, unique: str
     crashed = make_worker(buses, app, broker_url)
     crashed.start()
     bus.publish(Event("ocis.files.uploaded"))
-    wait_for(lambda: (crashed.step(0.01), calls)[1], what="first delivery")
+
+    def took_the_event() -> bool:
+        crashed.step(0.01)
+        return bool(calls)
+
+    wait_for(took_the_event, what="first delivery")
     crashed.bus.close()  # dies without acking
     with make_worker(buses, app, broker_url).running():
         wait_for(lambda: len(calls) == 2, what="redelivery to the other instance")

@@ -120,7 +120,8 @@ def test_waiting_state_without_timeout_is_refused() -> None:
 @pytest.mark.parametrize("outcome", ["on_reply", "on_failure"])
 def test_reply_outcome_on_a_state_that_sends_nothing_is_refused(outcome: str) -> None:
     """on_reply and on_failure belong to a state that sends a request."""
-    mute = State("asking", timeout=1.0, on={NUDGE: "done"}, **{outcome: "done"})
+    options: dict[str, Any] = {outcome: "done"}
+    mute = State("asking", timeout=1.0, on={NUDGE: "done"}, **options)
     with pytest.raises(
         ConfigurationError, match=rf"state 'asking' sends no request, so it gets no reply: .*remove {outcome}"
     ):
@@ -193,7 +194,8 @@ def test_unguarded_go_before_others_is_refused() -> None:
 @pytest.mark.parametrize("outcome", ["on_timeout", "on_compensate"])
 def test_guard_on_an_outcome_that_is_always_taken_is_refused(outcome: str) -> None:
     """A deadline or an operator's compensate always moves the saga: its Go cannot have a guard."""
-    guarded = State("asking", sends=Request(ASK), timeout=1.0, on_reply="done", **{outcome: Go("done", when=_yes)})
+    options: dict[str, Any] = {outcome: Go("done", when=_yes)}
+    guarded = State("asking", sends=Request(ASK), timeout=1.0, on_reply="done", **options)
     with pytest.raises(ConfigurationError, match=rf"{outcome} is always taken, so it cannot have a guard"):
         _compile(_saga(guarded, DONE))
 
@@ -439,11 +441,13 @@ def test_two_saga_classes_with_one_type_are_refused() -> None:
 
 
 def _big(ctx: SagaContext) -> bool:
-    return ctx.result.get("size", 0) > 10
+    size: int = ctx.result.get("size", 0)
+    return size > 10
 
 
 def _small(ctx: SagaContext) -> bool:
-    return ctx.result.get("size", 0) > 0
+    size: int = ctx.result.get("size", 0)
+    return size > 0
 
 
 def test_outcomes_compile_in_the_order_written() -> None:

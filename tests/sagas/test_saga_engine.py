@@ -186,6 +186,7 @@ def test_start_creates_one_saga_per_key(trip: Harness) -> None:
     assert a.saga.id != b.saga.id
     assert {s.key for s in trip.store.list_sagas(saga_type="trip")} == {"t1", "t2"}
     for applied in (a, b):
+        assert applied.saga is not None
         (row,) = applied.rows
         (request,) = requests(applied.rows)
         assert row.routing_key == HOTEL
@@ -714,9 +715,9 @@ def test_saving_a_stale_record_raises_version_conflict(trip: Harness) -> None:
 class _Interleaving:
     """A store that, just before the first saga save, lets ``meanwhile`` run (another engine)."""
 
-    def __init__(self, store: MemoryStore, meanwhile: Callable[[], None]) -> None:
+    def __init__(self, store: MemoryStore, meanwhile: Callable[[], object]) -> None:
         self._store = store
-        self._meanwhile: Callable[[], None] | None = meanwhile
+        self._meanwhile: Callable[[], object] | None = meanwhile
         self.conflicts = 0
 
     def __getattr__(self, name: str) -> Any:

@@ -109,7 +109,9 @@ def test_state_style_saga_compensates_in_reverse_order(broker_url: str, unique: 
             what="both orders final",
         )
         states = {s.key: s.state for s in worker.store.list_sagas()}
-        history = [h.to_state for h in worker.store.saga_history(worker.store.find_saga("order", "o1").id)]
+        o1 = worker.store.find_saga("order", "o1")
+        assert o1 is not None
+        history = [h.to_state for h in worker.store.saga_history(o1.id)]
     assert states == {"o1": "cancelled", "o2": "shipped"}
     assert [c for c in calls if c.endswith(":o1")] == ["reserve:o1", "charge:o1", "ship:o1", "refund:o1", "release:o1"]
     assert [c for c in calls if c.endswith(":o2")] == ["reserve:o2", "charge:o2", "ship:o2"]

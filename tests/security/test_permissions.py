@@ -111,7 +111,7 @@ def test_each_role_is_refused_what_is_not_its_own(roles: dict[str, Permission]) 
             intruder.start()
     finally:
         intruder.close()  # a start that failed leaves its connection open (shutdown() only stops a started one)
-    checks = [
+    checks: list[tuple[str, Callable[[EventBus], object]]] = [
         ("notifications", lambda bus: bus.dead_letters()),
         ("sharing", lambda bus: bus.declare(Subscription(f"{EXCHANGE}.sharing.sneaky", (SHARE,)))),
         ("sharing", lambda bus: bus.dead_letters()),

@@ -265,12 +265,12 @@ def sql_store(request: pytest.FixtureRequest, tmp_path: Path, unique: str) -> It
     if request.param == "sqlite":
         store = open_store(f"sqlite:///{tmp_path}/inject.db")
         yield store
-        store.close()  # type: ignore[attr-defined]
+        store.close()
         return
     url: str = request.getfixturevalue("postgres_url")
     store = open_store(f"{url}?schema={unique}")
     yield store
-    store.close()  # type: ignore[attr-defined]
+    store.close()
     import psycopg
     from psycopg import sql
 

@@ -92,9 +92,13 @@ def test_worker_and_publish_over_amqps_verify_the_broker_and_work(
                 event = Event("ocis.secure.work")
                 publisher.publish(event)
                 wait_for(lambda: event.id in handled, "the event sent over TLS")
-                sock = publisher.connection.connection.sock  # type: ignore[union-attr]
+                conn = publisher.connection
+                assert conn is not None
+                sock = conn.connection.sock
                 assert isinstance(sock, ssl.SSLSocket)
-                assert sock.getpeercert()["subject"] == ((("commonName", "localhost"),),)
+                cert = sock.getpeercert()
+                assert cert is not None
+                assert cert["subject"] == ((("commonName", "localhost"),),)
             publisher.close()
     finally:
         structlog.reset_defaults()
