@@ -15,6 +15,7 @@ never changes the saga class: definitions are kept here, by class.
 
 from __future__ import annotations
 
+import copy
 import random
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -125,7 +126,7 @@ def set_data(**values: Any) -> Action:
     """An action that sets fields of the saga's data: ``Go("reverting", do=set_data(outcome="abort"))``."""
 
     def set_fields(ctx: SagaContext) -> None:
-        ctx.data.update(values)
+        ctx.data.update(copy.deepcopy(values))  # (a list or dict value is never shared between sagas)
 
     set_fields.__name__ = "set " + ", ".join(f"{k}={v!r}" for k, v in values.items())
     return set_fields

@@ -1,4 +1,4 @@
-"""Retry and dead-letter copies of a message, and the dead-letter queue: browsing it and replaying from it.
+"""Retry and dead-letter copies of a message, and the dead-letter queue: browsing, replaying and dropping.
 
 A message is never sent back or parked by a reject: a copy goes to the subscription's delay queue (a
 retry, with the attempt count raised) or to the dead-letter queue (with the reason and the error in its
