@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 import click
 
-from transport import DeadLetter, Event, EventBus, TransportError, redact_url
+from transport import DeadLetter, Event, EventBus, TransportError, is_memory_url, redact_url
 
 from ._errors import NotFound, SagasError
 from ._logging import configure_logging
@@ -187,7 +187,14 @@ def _table(rows: Sequence[Sequence[str]]) -> list[str]:
 
 @click.group()
 @click.option("--log-json", is_flag=True, envvar="SAGAS_LOG_JSON", help="Log JSON lines instead of text.")
-@click.option("--log-level", default="info", show_default=True, envvar="SAGAS_LOG_LEVEL")
+@click.option(
+    "--log-level",
+    default="info",
+    show_default=True,
+    envvar="SAGAS_LOG_LEVEL",
+    type=click.Choice(["debug", "info", "warning", "error", "critical"], case_sensitive=False),
+    help="Env: SAGAS_LOG_LEVEL.",
+)
 def cli(log_json: bool, log_level: str) -> None:
     """Saga orchestration on events. Every command has --help with an example."""
     configure_logging(json=log_json, level=log_level)
@@ -199,11 +206,14 @@ def cli(log_json: bool, log_level: str) -> None:
 @_tls
 @_exchange
 @_store
-@click.option("--concurrency", default=4, show_default=True, help="Handlers running at once.")
+@click.option(
+    "--concurrency", default=4, show_default=True, type=click.IntRange(min=1), help="Handlers running at once."
+)
 @click.option(
     "--grace-period",
     default=60.0,
     show_default=True,
+    type=click.FloatRange(min=0),
     help="Exit non-zero (3) if the broker stays unreachable this many seconds.",
 )
 def run(
@@ -247,6 +257,7 @@ def run(
     "--timeout",
     default=10.0,
     show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
     help="Seconds to wait for the broker's confirm (and at most 5 to connect).",
 )
 def publish(
@@ -349,7 +360,7 @@ def _print_letter(d: DeadLetter, *, traceback: bool = False) -> None:
 @_tls
 @_exchange
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
-@click.option("--limit", default=1000, show_default=True)
+@click.option("--limit", default=1000, show_default=True, type=click.IntRange(min=1))
 def dead_ls(broker: str, tls: dict[str, Any] | None, exchange: str | None, as_json: bool, limit: int) -> None:
     """List dead letters with their queue, reason and error. They stay in the dead-letter queue.
 
@@ -460,7 +471,7 @@ def dead_drop(
 @cli.command()
 @_broker
 @_tls
-@click.option("--timeout", default=5.0, show_default=True)
+@click.option("--timeout", default=5.0, show_default=True, type=click.FloatRange(min=0, min_open=True))
 def health(broker: str, tls: dict[str, Any] | None, timeout: float) -> None:
     """Exit 0 if the broker answers within TIMEOUT seconds, else 1.
 
@@ -486,12 +497,28 @@ def health(broker: str, tls: dict[str, Any] | None, timeout: float) -> None:
     help="Only sagas that have not ended and whose deadline is missing or passed --stuck-after ago.",
 )
 @click.option(
-    "--stuck-after", default=60.0, show_default=True, help="With --stuck: seconds a deadline must be overdue."
+    "--stuck-after",
+    default=60.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="With --stuck: seconds a deadline must be overdue.",
 )
 @click.option("--newest", is_flag=True, help="Newest first (default: oldest first).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per line.")
-@click.option("--limit", default=100, show_default=True, help=f"At most this many sagas (1 to {MAX_PAGE}).")
-@click.option("--offset", default=0, show_default=True, help="Skip this many (the next page starts here).")
+@click.option(
+    "--limit",
+    default=100,
+    show_default=True,
+    type=click.IntRange(1, MAX_PAGE),
+    help=f"At most this many sagas (1 to {MAX_PAGE:,}).",
+)
+@click.option(
+    "--offset",
+    default=0,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Skip this many (the next page starts here).",
+)
 def saga_ls(
     store: str,
     saga_type: str | None,
@@ -686,7 +713,11 @@ _app_option = click.option(
     help="The app (module:attribute) that declares the saga types. Env: SAGAS_APP.",
 )
 _timeout = click.option(
-    "--timeout", default=10.0, show_default=True, help="Seconds to wait for the broker and its confirms."
+    "--timeout",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Seconds to wait for the broker and its confirms.",
 )
 
 
@@ -758,7 +789,11 @@ def _operate(
     timeout: float,
     actor: str | None,
 ) -> None:
-    with _operations(store, app_spec=app_spec, broker=broker, exchange=exchange, tls=tls, timeout=timeout) as ops:
+    # memory:// reaches no other process: publishing there, the request would find no participant and
+    # fail the saga's step. The workers' relay sends what the action commits instead.
+    in_memory = is_memory_url(broker)
+    publish_on = None if in_memory else broker
+    with _operations(store, app_spec=app_spec, broker=publish_on, exchange=exchange, tls=tls, timeout=timeout) as ops:
         act = ops.retry if action == "retry" else ops.compensate
         result = act(saga_id, actor=_actor(actor))
         record = ops.saga(saga_id).record
@@ -766,16 +801,19 @@ def _operate(
     for event_type, message_id in result.published:
         click.echo(f"published {event_type} ({message_id})")
     if result.pending:
-        why = f" ({result.problem})" if result.problem else ""
+        if in_memory:
+            why = " (no --broker given, or memory://, which reaches no other process)"
+        else:
+            why = f" ({result.problem})" if result.problem else ""
         click.echo(
-            f"warning: {result.pending} message(s) not published{why}; they stay in the store's outbox and a "
-            "running worker's relay sends them",
+            f"note: {result.pending} message(s) not published{why}; they wait in the store's outbox and a "
+            "running worker's relay sends them within its relay interval (5 s by default)",
             err=True,
         )
 
 
 @cli.command()
-@click.option("--shares", default=5, show_default=True, help="How many shares to create.")
+@click.option("--shares", default=5, show_default=True, type=click.IntRange(1, 1000), help="How many shares to create.")
 def demo(shares: int) -> None:
     """Run the notifications example in memory, with an embedded SMTP sink, and print what was mailed.
 

@@ -164,7 +164,6 @@ class Service:
 
     def on(
         self,
-        pattern: str,
         *patterns: str,
         delivery: Delivery | str = Delivery.AT_LEAST_ONCE,
         retry: Retry | None = None,
@@ -176,7 +175,7 @@ class Service:
         _replies: bool = False,
         _cache_replies: bool = False,
     ) -> Callable[[Handler], Handler]:
-        """Declare a handler for events matching ``pattern`` (``*`` one word, ``#`` zero or more).
+        """Declare a handler for events matching one or more ``patterns`` (``*`` one word, ``#`` zero or more).
 
         The handler is ``fn(event)`` or ``fn(event, ctx)``. Options: ``delivery`` (at-least-once by
         default), ``retry`` (a :class:`Retry`), ``idempotent`` (skip events whose id this handler
@@ -186,12 +185,12 @@ class Service:
         handler at once in one worker; default: the worker's pool size).
         The function is returned unchanged.
         """
-        if callable(pattern):
+        if not patterns or callable(patterns[0]):
             raise ConfigurationError(
                 f"@{self.name}.on needs the event name or pattern to subscribe to, "
                 f"e.g. @{self.name}.on('ocis.sharing.share_created')"
             )
-        all_patterns = (pattern, *patterns)
+        all_patterns = patterns
         for p in all_patterns:
             validate_pattern(p)
         try:
@@ -254,6 +253,11 @@ class Service:
         default), the reply is kept by request id, so a re-sent request gets the same reply without the
         work running again.
         """
+        if not isinstance(request, str):
+            raise ConfigurationError(
+                f"@{self.name}.handles needs the request type it answers, "
+                f"e.g. @{self.name}.handles('ocis.antivirus.scan')"
+            )
         validate_pattern(request)
         if "*" in request or "#" in request:
             raise ConfigurationError("@handles takes one request type, not a pattern")

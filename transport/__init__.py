@@ -4,7 +4,7 @@ This package knows kombu and py-amqp and nothing about sagas.
 """
 
 from ._bus import EventBus
-from ._connection import ConnectionLost, redact_url
+from ._connection import ConnectionLost, is_memory_url, redact_url
 from ._consumer import ATTEMPT_HEADER, Inbound
 from ._deadletters import DeadLetter
 from ._envelope import CONTENT_TYPE, DEFAULT_MAX_EVENT_SIZE, Event, decode, encode, new_id
@@ -47,6 +47,7 @@ __all__ = [
     "Unroutable",
     "decode",
     "encode",
+    "is_memory_url",
     "isolated_transport",
     "new_id",
     "redact_url",

@@ -44,6 +44,10 @@ def redact_url(url: str) -> str:
     return ";".join(parts)
 
 
+#: the URL schemes a bus connects with: RabbitMQ (plain or TLS), or the in-process memory broker
+_SCHEMES = frozenset({"amqp", "amqps", "pyamqp", "memory"})
+
+
 def is_memory_url(url: str) -> bool:
     """Whether ``url`` names the in-process memory transport."""
     return url.startswith("memory://")
@@ -80,6 +84,13 @@ class FailoverConnection:
         self.lock = threading.RLock()
         #: the brokers of a ``;``-separated URL, tried in turn; ``_next_host`` goes first
         self._hosts = [h for h in url.split(";") if h] or [url]
+        for host in self._hosts:
+            scheme = host.split("://", 1)[0] if "://" in host else ""
+            if scheme not in _SCHEMES or (scheme == "memory" and len(self._hosts) > 1):
+                raise TransportError(
+                    f"unsupported broker URL {redact_url(host)!r}: use amqp://user:pass@host:5672/vhost "
+                    "(amqps:// for TLS; several separated by ';') or memory://"
+                )
         self._next_host = 0
         self._conn: Connection | None = None
         self._on_connect = on_connect

@@ -235,3 +235,20 @@ def test_dead_drop_deletes_letters(broker_url: str, unique: str, buses: list[obj
     assert rest.exit_code == 0, rest.output
     assert bus.dead_letters() == []
     assert runner.invoke(cli, ["dead", "drop", *common]).exit_code == 2
+
+
+def test_an_unknown_broker_scheme_or_log_level_is_an_error_without_a_traceback(tmp_path: Path) -> None:
+    """A broker URL of another scheme and an unknown log level print an error, exit 2, no traceback."""
+
+    def sagas(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "sagas", *args]
+        return subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=tmp_path, check=False)
+
+    bad_broker = sagas("publish", "ocis.a.b", "--broker", "http://x")
+    assert bad_broker.returncode == 2, bad_broker.stderr
+    assert "error: unsupported broker URL 'http://x'" in bad_broker.stderr
+    assert "Traceback" not in bad_broker.stderr
+    bad_level = sagas("--log-level", "loud", "ls")
+    assert bad_level.returncode == 2, bad_level.stderr
+    assert "'loud' is not one of" in bad_level.stderr
+    assert "Traceback" not in bad_level.stderr

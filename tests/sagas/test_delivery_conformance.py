@@ -393,6 +393,18 @@ def test_subscribing_to_an_invalid_pattern_raises() -> None:
         svc.on("ocis.a.b", delivery="exactly-once")
 
 
+def test_a_decorator_without_its_event_says_what_to_write() -> None:
+    """`@svc.on`, `@svc.on()` and `@svc.handles` without the event name raise a ConfigurationError with an
+    example, never a TypeError."""
+    svc = Service("bad")
+    with pytest.raises(ConfigurationError, match=r"@bad.on needs the event name or pattern.*@bad.on\('ocis"):
+        svc.on(lambda event: None)  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match=r"@bad\.on needs the event name or pattern"):
+        svc.on()
+    with pytest.raises(ConfigurationError, match=r"@bad.handles needs the request type it answers"):
+        svc.handles(lambda event: None)  # type: ignore[arg-type]
+
+
 def test_handler_concurrency_limit(broker_url: str, unique: str, buses: list[object]) -> None:
     """A handler declared with concurrency=1 never runs twice at once, even in a worker with a larger pool."""
     lock = threading.Lock()

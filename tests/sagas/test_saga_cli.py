@@ -210,7 +210,10 @@ def operated(tmp_path: Path, unique: str) -> Iterator[tuple[Worker, str]]:
     """A worker running `app_for_retry` on memory:// and a SQLite store; yields it and the store URL."""
     store = f"sqlite:///{tmp_path}/ops.db"
     worker = Worker(
-        App(*app_for_retry.services, sagas=app_for_retry.sagas, exchange=unique), broker="memory://", store=store
+        App(*app_for_retry.services, sagas=app_for_retry.sagas, exchange=unique),
+        broker="memory://",
+        store=store,
+        relay_interval=0.2,  # (the CLI leaves what it commits on memory:// to the relay)
     )
     with worker.running():
         yield worker, store
@@ -546,7 +549,8 @@ def test_retry_takes_a_failed_saga_back_and_it_completes(operated: tuple[Worker,
     )
     assert result.exit_code == 0, result.output
     assert f"retry: saga {saga_id} (cli_parking) failed -> waiting" in result.stdout
-    assert f"published {WORK}" in result.stdout
+    assert "wait in the store's outbox" in result.stderr
+    assert "memory://, which reaches no other process" in result.stderr
     wait_for(lambda: state_of(store, saga_id) == "done", what="retried saga done")
     history = json.loads(invoke("show", saga_id, "--json", "--store", store).stdout)["history"]
     assert [(h["from_state"], h["to_state"], h["reason"]) for h in history][1:] == [
@@ -579,7 +583,7 @@ def test_retry_with_the_broker_down_leaves_the_request_in_the_outbox(operated: t
     )
     assert result.exit_code == 0, result.output
     assert "failed -> waiting" in result.stdout
-    assert "stay in the store's outbox" in result.stderr
+    assert "wait in the store's outbox" in result.stderr
     assert "relay" in result.stderr
     assert state_of(store, saga_id) == "waiting"
     reader = SQLiteStore(store.removeprefix("sqlite:///"))
@@ -609,7 +613,7 @@ def test_compensate_moves_a_saga_to_its_compensation(operated: tuple[Worker, str
     )
     assert again.exit_code == 0, again.output
     assert f"retry: saga {saga_id} (cli_booking) charge -> charge" in again.stdout
-    assert f"published {CHARGE}" in again.stdout
+    assert "1 message(s) not published" in again.stderr
     result = invoke(
         "compensate",
         saga_id,
