@@ -15,7 +15,6 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any, NoReturn
-from urllib.parse import urlsplit
 
 import click
 
@@ -155,23 +154,17 @@ def _fail(message: str) -> NoReturn:
 
 @contextlib.contextmanager
 def _existing_store(url: str) -> Iterator[Store]:
-    """Open the store at ``url`` for an operator command, and close it. A SQLite file that does not exist
-    is an error (opening it would create an empty store and hide a wrong --store)."""
-    parts = urlsplit(url)
-    if parts.scheme == "sqlite":
-        path = parts.path[1:] if parts.path.startswith("/") else parts.path
-        if path and path != ":memory:" and not os.path.exists(path):
-            _fail(f"no SQLite store at {path!r}: give --store (or SAGAS_STORE_URL) the one the workers use")
+    """Open the store at ``url`` for an operator command, and close it. A store that does not exist is an
+    error (opening it would create an empty one and hide a wrong --store)."""
     try:
-        store = open_store(url)
+        store = open_store(url, create=False)
     except SagasError as exc:
-        _fail(str(exc))
+        hint = "" if "SAGAS_STORE_URL" in str(exc) else " (--store or SAGAS_STORE_URL)"
+        _fail(f"{exc}{hint}")
     try:
         yield store
     finally:
-        close = getattr(store, "close", None)
-        if callable(close):
-            close()
+        store.close()
 
 
 def _iso(ts: float | None, timespec: str = "seconds") -> str:

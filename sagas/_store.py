@@ -693,11 +693,14 @@ class PostgresStore(_SqlStore):
     """PostgreSQL through psycopg 3 (``pip install 'kombu-sagas[postgres]'``), for workers on several machines.
 
     Tables live in ``schema`` (default ``public``), so several apps or test runs can share a database.
+    With ``create=False`` (operator tools), a schema that holds no store is an error instead of a new,
+    empty store.
     """
 
-    def __init__(self, url: str, *, schema: str = "public") -> None:
+    def __init__(self, url: str, *, schema: str = "public", create: bool = True) -> None:
         try:
             import psycopg
+            from psycopg import sql
         except ImportError:
             raise ConfigurationError(
                 "the PostgreSQL store needs psycopg: pip install 'kombu-sagas[postgres]'"
@@ -708,7 +711,13 @@ class PostgresStore(_SqlStore):
         self._url = url
         try:
             self._connect(setup=True)
+            if not create and not self._has_store():
+                self._db.close()
+                raise StoreError(
+                    f"no sagas store in schema {schema!r} of that database: give the store URL the workers use"
+                )
             try:
+                self._db.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
                 self._create_schema(serial="BIGSERIAL PRIMARY KEY", real="DOUBLE PRECISION")
                 self._db.execute("SELECT pg_advisory_unlock(hashtext(%s))", (_SETUP_LOCK + schema,))
             except BaseException:
@@ -729,8 +738,11 @@ class PostgresStore(_SqlStore):
             # Two processes creating one schema at the same moment collide on the catalog's unique keys
             # (CREATE ... IF NOT EXISTS is not safe against that): they take turns. __init__ unlocks.
             self._db.execute("SELECT pg_advisory_lock(hashtext(%s))", (_SETUP_LOCK + self.schema,))
-        self._db.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(self.schema)))
         self._db.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(self.schema)))
+
+    def _has_store(self) -> bool:
+        row = self._db.execute("SELECT to_regclass(%s)", (f'"{self.schema}".schema_version',)).fetchone()
+        return row is not None and row[0] is not None
 
     def _live(self) -> None:
         """Reconnect if the connection broke (PostgreSQL restarted, or the session was killed). The call
@@ -759,9 +771,13 @@ class PostgresStore(_SqlStore):
         self._db.close()
 
 
-def open_store(url: str | Store | None = None) -> Store:
+def open_store(url: str | Store | None = None, *, create: bool = True) -> Store:
     """Open a store from a URL: ``memory://``, ``sqlite:///relative.db``, ``sqlite:////abs/path.db``
-    (optionally ``?synchronous=full``), or ``postgresql://user@host/db`` (optionally ``?schema=name``)."""
+    (optionally ``?synchronous=full``), or ``postgresql://user@host/db`` (optionally ``?schema=name``).
+
+    With ``create=False``, a SQLite file or PostgreSQL schema that holds no store is a
+    :class:`StoreError` instead of a new, empty store (for operator tools: a mistyped URL must not
+    look like a store without sagas)."""
     if url is None:
         url = os.environ.get("SAGAS_STORE_URL") or DEFAULT_STORE_URL
     if not isinstance(url, str):
@@ -776,11 +792,13 @@ def open_store(url: str | Store | None = None) -> Store:
         path = parts.path[1:] if parts.path.startswith("/") else parts.path
         if not path:
             raise ConfigurationError("sqlite store URL needs a path: sqlite:///sagas.db or sqlite:////abs/sagas.db")
+        if not create and path != ":memory:" and not os.path.exists(path):
+            raise StoreError(f"no SQLite store at {path!r}: give the store URL the workers use")
         return SQLiteStore(path, synchronous=query.get("synchronous", "NORMAL"))
     if parts.scheme in ("postgresql", "postgres"):
         schema = query.pop("schema", "public")
         rest = "&".join(f"{k}={v}" for k, v in query.items())
-        return PostgresStore(parts._replace(query=rest).geturl(), schema=schema)
+        return PostgresStore(parts._replace(query=rest).geturl(), schema=schema, create=create)
     raise ConfigurationError(
         f"unknown store URL scheme {parts.scheme!r}: use memory://, sqlite:///path or postgresql://..."
     )

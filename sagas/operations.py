@@ -120,9 +120,9 @@ class DropResult:
 
 
 class Operations:
-    """Operator actions on one store (a URL, or an open :class:`~sagas.Store`), for an app's ``sagas``,
-    publishing on ``bus`` when one is given. A store opened from a URL is closed by :meth:`close` (or
-    the ``with`` block); a store or bus passed in belongs to the caller."""
+    """Operator actions on one store (the URL of an existing store, or an open :class:`~sagas.Store`),
+    for an app's ``sagas``, publishing on ``bus`` when one is given. A store opened from a URL is
+    closed by :meth:`close` (or the ``with`` block); a store or bus passed in belongs to the caller."""
 
     def __init__(
         self,
@@ -133,7 +133,8 @@ class Operations:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._owns_store = isinstance(store, str)
-        self.store = open_store(store)
+        # (a URL that names no store is an error here, not a new, empty store)
+        self.store = open_store(store, create=False)
         self.bus = bus
         self.clock = clock
         self._engine = SagaEngine(sagas, self.store, clock=clock) if sagas else None

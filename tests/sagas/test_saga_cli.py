@@ -749,3 +749,16 @@ def test_show_needs_an_id_or_a_type_and_key(run: Run) -> None:
         result = invoke(*args, "--store", run.store)
         assert result.exit_code == 2, (args, result.output)
         assert "give a saga id, or --type and --key" in result.output
+
+
+@pytest.mark.postgres
+def test_a_mistyped_postgres_schema_is_an_error_and_creates_nothing(postgres_url: str, unique: str) -> None:
+    """`ls` on a schema that holds no store says so (exit 1) instead of listing nothing, and creates nothing."""
+    import psycopg
+
+    result = invoke("ls", "--store", f"{postgres_url}?schema={unique}")
+    assert result.exit_code == 1, result.output
+    assert f"error: no sagas store in schema '{unique}'" in result.output
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        found = conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (unique,)).fetchone()
+    assert found is None
