@@ -24,7 +24,7 @@ import structlog
 from kombu.connection import Connection
 
 from . import _memory
-from ._connection import ConnectionLost, FailoverConnection, queue_node_down, redact_url
+from ._connection import ConnectionLost, FailoverConnection, is_connection_error, queue_node_down, redact_url
 from ._consumer import Consumer, Inbound
 from ._deadletters import DeadLetter, DeadLetterOffice
 from ._envelope import DEFAULT_MAX_EVENT_SIZE, Event, encode
@@ -277,11 +277,22 @@ class EventBus:
     # -- consuming ---------------------------------------------------------------------------------
 
     def consume(self, subscriptions: Sequence[Subscription], on_message: Callable[[Inbound], None]) -> None:
-        """Start consuming. ``on_message`` runs inside :meth:`drain`, on the calling thread."""
-        ch = self._consumer.open()
-        for sub in subscriptions:
-            self._declare(ch, sub, dead=False)  # declared (or found unavailable) on connect
-            self._consumer.subscribe(sub, on_message, self.max_event_size)
+        """Start consuming. ``on_message`` runs inside :meth:`drain`, on the calling thread.
+
+        Raises :class:`ConnectionLost` when the connection breaks meanwhile, as it can while a cluster
+        node goes down (RabbitMQ may close it with ``INTERNAL_ERROR``): connect again and retry."""
+        try:
+            ch = self._consumer.open()
+            for sub in subscriptions:
+                self._declare(ch, sub, dead=False)  # declared (or found unavailable) on connect
+                self._consumer.subscribe(sub, on_message, self.max_event_size)
+        except TransportError:
+            raise
+        except Exception as exc:
+            conn = self._link.current
+            if conn is not None and is_connection_error(conn, exc):
+                raise self.lost(exc) from None
+            raise
 
     def cancel(self) -> None:
         """Stop receiving new messages; messages already received can still be acked."""

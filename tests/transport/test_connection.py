@@ -74,3 +74,33 @@ def test_an_unreachable_broker_is_skipped_for_the_next_one(amqp_url: str, unique
     finally:
         bus.delete_topology()
         bus.close()
+
+
+@pytest.mark.rabbitmq
+def test_a_connection_error_while_subscribing_is_a_lost_connection(
+    amqp_url: str, unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A broker that closes the connection while a consumer declares its queues (RabbitMQ answers
+    INTERNAL_ERROR while a cluster node goes down) raises ConnectionLost, which a worker retries, not
+    the raw py-amqp error, which stopped it."""
+    from amqp.exceptions import InternalError
+
+    from transport import Subscription
+    from transport._topology import declare as real_declare
+
+    def declare(channel: object, exchange: str, subscription: object = None, *, dead: bool = True) -> list[str]:
+        if subscription is not None:
+            raise InternalError("INTERNAL_ERROR", method_sig=(40, 10))
+        return real_declare(channel, exchange, None, dead=dead)
+
+    monkeypatch.setattr("transport._bus.declare", declare)
+    bus = EventBus(amqp_url, exchange=unique)
+    try:
+        bus.connect()
+        with pytest.raises(ConnectionLost, match="INTERNAL_ERROR"):
+            bus.consume([Subscription(queue=f"{unique}.q", patterns=("ocis.#",))], lambda inbound: None)
+        assert not bus.connected
+    finally:
+        monkeypatch.undo()
+        bus.delete_topology()
+        bus.close()
