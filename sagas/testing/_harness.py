@@ -186,10 +186,26 @@ class VirtualClock:
 
 class InlineExecutor(Executor):
     """Runs each handler at once, on the caller's thread: no threads, so every run is reproducible.
-    ``ran`` is told what each call returned."""
+    ``ran`` is told what each call returned.
 
-    def __init__(self, ran: Callable[[Any], None] | None = None) -> None:
+    With a ``clock`` and ``seconds`` (how long a call takes, from what it returned), a call that takes
+    time is held: its effects happened when it started, and the worker learns it finished only once
+    the clock has moved that far (:meth:`release`). Meanwhile other workers go on, as they would while
+    a slow handler runs in another process.
+    """
+
+    def __init__(
+        self,
+        ran: Callable[[Any], None] | None = None,
+        *,
+        clock: Callable[[], float] | None = None,
+        seconds: Callable[[Any], float] | None = None,
+    ) -> None:
         self._ran = ran
+        self._clock = clock
+        self._seconds = seconds
+        self._held: list[tuple[float, int, Future[Any], Any]] = []
+        self._seq = 0
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
         future: Future[T] = Future()
@@ -197,11 +213,40 @@ class InlineExecutor(Executor):
             result = fn(*args, **kwargs)
         except BaseException as exc:  # noqa: BLE001 - handed to the future, as a pool would
             future.set_exception(exc)
+            return future
+        if self._ran is not None:
+            self._ran(result)
+        takes = self._seconds(result) if self._seconds is not None else 0.0
+        if takes > 0 and self._clock is not None:
+            self._seq += 1
+            self._held.append((self._clock() + takes, self._seq, future, result))
         else:
-            if self._ran is not None:
-                self._ran(result)
             future.set_result(result)
         return future
+
+    @property
+    def held(self) -> int:
+        """Calls that ran and are still taking their time."""
+        return len(self._held)
+
+    def next_done(self) -> float | None:
+        """When the first held call finishes, if any."""
+        return min((done for done, *_ in self._held), default=None)
+
+    def release(self) -> int:
+        """Finish the held calls whose time has come, in the order they finish."""
+        if not self._held or self._clock is None:
+            return 0
+        now = self._clock()
+        done = sorted(h for h in self._held if h[0] <= now)
+        self._held = [h for h in self._held if h[0] > now]
+        for _, _, future, result in done:
+            future.set_result(result)
+        return len(done)
+
+    def abandon(self) -> None:
+        """Forget the held calls (their worker crashed: nobody learns they finished)."""
+        self._held.clear()
 
 
 # -- the network between the workers and the broker --------------------------------------------------
@@ -383,6 +428,7 @@ class Harness:
         auto_restart: bool = True,
         timer_interval: float = 0.2,
         relay_interval: float = 5.0,
+        handler_seconds: float | Mapping[str, float] | Callable[[HandlerOutcome], float] = 0.0,
     ) -> None:
         self.app = app if isinstance(app, App) else App(app)
         if workers < 1:
@@ -397,6 +443,10 @@ class Harness:
         self.auto_restart = auto_restart
         self.timer_interval = timer_interval
         self.relay_interval = relay_interval
+        #: how long each handler call takes, in virtual seconds: a number for all, a mapping by handler
+        #: (``"service.name"``), or a function of the call's outcome; 0 runs every call inline
+        self.handler_seconds = handler_seconds
+        self._executors: list[InlineExecutor | None] = [None] * workers
         self._rng = random.Random(seed)
         self._counts: Counter[tuple[Stage, str]] = Counter()
         self._armed: list[tuple[Crash, int]] = []  # crash, and the count at which it fires
@@ -437,9 +487,14 @@ class Harness:
             self.workers.extend([None] * (slot + 1 - len(self.workers)))
             self._generations.extend([0] * (slot + 1 - len(self._generations)))
             self._unrecorded.extend(set() for _ in range(slot + 1 - len(self._unrecorded)))
+            self._executors.extend([None] * (slot + 1 - len(self._executors)))
         if self.workers[slot] is not None:
             raise SagasError(f"worker {slot} is running; crash or stop it first")
         self._generations[slot] += 1
+        executor = InlineExecutor(
+            lambda outcomes: self._ran(slot, outcomes), clock=self.clock, seconds=self._seconds_of
+        )
+        self._executors[slot] = executor
         worker = Worker(
             self.app,
             store=self._crashing_store,
@@ -448,7 +503,7 @@ class Harness:
             instance=f"harness-{slot}-{self._generations[slot]}",
             clock=self.clock,
             rng=random.Random(self._rng.random()),
-            executor=InlineExecutor(lambda outcomes: self._ran(slot, outcomes)),
+            executor=executor,
             timer_interval=self.timer_interval,
             relay_interval=self.relay_interval,
             grace_period=1.0,
@@ -469,7 +524,27 @@ class Harness:
         self.workers[slot] = None
         self.stats.at_risk += len(self._unrecorded[slot])
         self._unrecorded[slot].clear()
+        executor = self._executors[slot]
+        if executor is not None:
+            executor.abandon()
         worker.bus.close()
+
+    def _seconds_of(self, outcomes: Any) -> float:
+        """How long a chunk of handler calls takes, in virtual seconds (see ``handler_seconds``)."""
+        per = self.handler_seconds
+        if not per:
+            return 0.0
+        total = 0.0
+        for o in outcomes if isinstance(outcomes, list) else ():
+            if not isinstance(o, HandlerOutcome):
+                continue
+            if callable(per):
+                total += per(o)
+            elif isinstance(per, Mapping):
+                total += per.get(o.spec.key, 0.0)
+            else:
+                total += float(per)
+        return total
 
     def _ran(self, slot: int, outcomes: Any) -> None:
         """Handlers ran on worker ``slot``: those that de-duplicate are at risk until recorded."""
@@ -557,6 +632,8 @@ class Harness:
         bus.drained = False
         self.current = slot
         reconnects = worker.reconnects
+        executor = self._executors[slot]
+        released = executor.release() if executor is not None else 0
         try:
             worker.step(0)
         except Crashed:
@@ -566,7 +643,7 @@ class Harness:
             return True
         finally:
             self.current = None
-        return bus.drained or worker.reconnects != reconnects or self._busy(worker)
+        return bool(released) or bus.drained or worker.reconnects != reconnects or self._busy(slot, worker)
 
     def run(self, max_steps: int = 100_000) -> None:
         """Step every worker until nothing more happens without the clock moving."""
@@ -637,6 +714,11 @@ class Harness:
         if channel.delayed:
             times.append(channel.delayed[0][0])
         times += [t for w in live if (t := w.next_wakeup()) is not None]
+        times += [
+            t
+            for slot, w in enumerate(self.workers)
+            if w is not None and (e := self._executors[slot]) is not None and (t := e.next_done()) is not None
+        ]
         future = [t for t in times if t > now]
         if len(future) < len(times):
             return now  # something is due already (a worker that is down, or a timer not run yet)
@@ -657,6 +739,7 @@ class Harness:
             "held": len(self.network.held),
             "delayed": len(self.transport.Channel.delayed),
             "open_sagas": sum(1 for r in self.sagas() if not r.final),
+            "handling": sum(e.held for e in self._executors if e is not None),
             "next_due_in": (None if (n := self.next_due()) is None else round(n - self.clock(), 3)),
         }
 
@@ -665,8 +748,11 @@ class Harness:
         channel = self.transport.Channel
         return any(q.qsize() and channel.consumer_counts.get(name) for name, q in channel.queues.items())
 
-    def _busy(self, worker: Worker) -> bool:
-        return not worker.idle
+    def _busy(self, slot: int, worker: Worker) -> bool:
+        """Whether the worker has more to do without the clock moving (a handler taking virtual time
+        holds its worker, which runs one call at a time, until the clock gets there)."""
+        executor = self._executors[slot]
+        return not worker.idle and not (executor is not None and executor.held)
 
     # -- looking ---------------------------------------------------------------------------------------
 

@@ -250,3 +250,53 @@ def test_a_key_starts_a_new_saga_after_its_old_one_is_deleted(tmp_path: Path) ->
     assert second.id != first.id
     assert second.state == "completed"
     assert share_effects.count("grant again") == 2
+
+
+def test_a_handler_that_takes_virtual_time_holds_its_message_until_the_clock_gets_there() -> None:
+    """With handler_seconds, a call's effect happens when it starts, and its message settles only once the
+    clock has moved that far; a crash meanwhile sends the message back, so it runs again."""
+    ran: list[str] = []
+    svc = Service("slow")
+
+    @svc.on("files.slow.thing")
+    def work(event: Event) -> None:
+        ran.append(event.id)
+
+    with Harness(svc, handler_seconds={"slow.work": 10.0}) as h:
+        event = h.publish("files.slow.thing")
+        h.run()
+        assert ran == [event.id]
+        worker = h.workers[0]
+        assert worker is not None
+        assert (worker.handled, worker.idle) == (0, False)
+        assert h.pending()["handling"] == 1
+        h.advance(9.0)
+        assert worker.handled == 0
+        h.advance(1.0)
+        assert (worker.handled, worker.idle) == (1, True)
+        assert h.queued() == {}
+
+        second = h.publish("files.slow.thing")
+        h.run()
+        h.crash(0)  # in the middle of the call: nobody learns it finished
+        h.restart(0)
+        h.settle()
+        assert ran == [event.id, second.id, second.id]
+
+
+def test_two_workers_run_a_slow_handler_side_by_side() -> None:
+    """While one worker's call takes virtual time, another worker takes the next message."""
+    started: list[str] = []
+    svc = Service("slow")
+
+    @svc.on("files.slow.thing")
+    def work(event: Event) -> None:
+        started.append(event.payload["n"])
+
+    with Harness(svc, workers=2, handler_seconds=5.0) as h:
+        for n in ("a", "b"):
+            h.publish("files.slow.thing", {"n": n})
+        h.run()
+        assert sorted(started) == ["a", "b"]  # both started before the clock moved
+        h.settle()
+        assert sum(w.handled for w in h.live_workers()) == 2
