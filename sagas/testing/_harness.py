@@ -447,6 +447,7 @@ class Harness:
         #: (``"service.name"``), or a function of the call's outcome; 0 runs every call inline
         self.handler_seconds = handler_seconds
         self._executors: list[InlineExecutor | None] = [None] * workers
+        self._first = 0  # the worker that steps first in the next round of run()
         self._rng = random.Random(seed)
         self._counts: Counter[tuple[Stage, str]] = Counter()
         self._armed: list[tuple[Crash, int]] = []  # crash, and the count at which it fires
@@ -507,6 +508,9 @@ class Harness:
             timer_interval=self.timer_interval,
             relay_interval=self.relay_interval,
             grace_period=1.0,
+            # with handlers that take time, a worker reads one message a turn, so that copies of a
+            # message spread over the workers as a broker's round-robin spreads them
+            batch_size=1 if self.handler_seconds else 256,
         )
         self.current = slot
         try:
@@ -646,10 +650,14 @@ class Harness:
         return bool(released) or bus.drained or worker.reconnects != reconnects or self._busy(slot, worker)
 
     def run(self, max_steps: int = 100_000) -> None:
-        """Step every worker until nothing more happens without the clock moving."""
+        """Step every worker until nothing more happens without the clock moving. Each round starts
+        with the next worker, so that each gets its turn to receive first (as a broker hands messages
+        round-robin to its consumers)."""
         for _ in range(max_steps):
             moved = False
-            for slot in range(len(self.workers)):
+            count = len(self.workers)
+            self._first = (self._first + 1) % count
+            for slot in [*range(self._first, count), *range(self._first)]:
                 moved = self.step(slot) or moved
             if (
                 not moved

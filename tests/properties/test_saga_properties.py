@@ -7,7 +7,8 @@ steps the workers in any interleaving and moves the clock. Then the faults stop,
 and every property must hold:
 
 - every saga reaches a final state;
-- compensations run for exactly the steps that completed, in reverse order;
+- compensations run for exactly the steps that completed, in reverse order; a saga parks in ``failed``
+  only from a compensation whose every attempt a fault took, having undone the start of that order;
 - no participant effect applies twice (the participants use their reply cache), except where a crash
   fell in the window between the effect and its reply-cache commit, which no framework can close;
 - no saga handles the same message twice;
@@ -175,7 +176,8 @@ class SagaFaults(FaultyWorld):
         assert set(sagas) == arrived, "every trip whose start event arrived started exactly one saga"
         for key, record in sagas.items():
             assert record.final, (key, record.state)
-            _check_compensations(key, record.state, [s["step"] for s in record.meta.get("steps", [])], self.trips[key])
+            completed = [s["step"] for s in record.meta.get("steps", [])]
+            _check_compensations(key, record.state, completed, self.trips[key], record.meta, h.stats)
         _check_effects(h.stats)
 
 
@@ -203,19 +205,28 @@ def _check_effects(stats: Stats) -> None:
     assert twice <= window, f"{twice} effect(s) applied again, with only {window} run(s) caught in the window"
 
 
-def _check_compensations(key: str, state: str, completed: list[str], fail: str) -> None:
+def _check_compensations(
+    key: str, state: str, completed: list[str], fail: str, meta: dict[str, Any], stats: Stats
+) -> None:
     done = [name for name, trip, _ in EFFECTS if trip == key]
     undone = list(dict.fromkeys(n for n in done if n in UNDO.values()))
+    expected = [UNDO[s] for s in reversed(completed) if s in UNDO]
+    # the completed steps are a prefix of the steps: nothing ran after a failed one
+    assert completed == ["hotel", "car", "flight"][: len(completed)]
     if state == "completed":
         assert completed == ["hotel", "car", "flight"]
         assert not undone, (key, done)
         assert fail == ""
-    else:
-        assert state == "compensated", (key, state)
+    elif state == "compensated":
         # exactly the steps that completed, in reverse order
-        assert undone == [UNDO[s] for s in reversed(completed) if s in UNDO], (key, completed, done)
-        # and the completed ones are a prefix of the steps: nothing ran after a failed one
-        assert completed == ["hotel", "car", "flight"][: len(completed)]
+        assert undone == expected, (key, completed, done)
+    else:
+        # parked: every attempt of a compensation was lost or late (the documented end of a compensation
+        # that keeps failing); what was undone so far is the start of the reverse order
+        assert state == "failed", (key, state)
+        assert str(meta.get("failed_from", "")).startswith("undo_"), (key, meta)
+        assert stats.dropped or stats.delayed or sum(stats.crashes.values()), "a compensation failed with no cause"
+        assert undone == expected[: len(undone)], (key, completed, done)
         for step in completed:
             assert DO[step] in done
 
