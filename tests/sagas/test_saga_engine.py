@@ -31,7 +31,7 @@ from sagas import (
     set_data,
 )
 from sagas._protocol import REQUEST_ID_HEADER
-from sagas._saga_engine import DUPLICATE, REFUSED, Applied
+from sagas._saga_engine import Applied
 from sagas._store import HistoryEntry, OutboxRow, VersionConflict
 from transport import CONTENT_TYPE, decode
 
@@ -205,7 +205,7 @@ def test_repeated_start_event_is_a_noop(trip: Harness) -> None:
     assert first.moved
     assert not again.moved
     assert again.rows == []
-    assert again.outcome == DUPLICATE
+    assert again.outcome == "duplicate"
     assert again.note == "duplicate: this message was handled before"
     assert len(trip.store.list_sagas(saga_type="trip")) == 1
 
@@ -241,7 +241,7 @@ def test_start_event_without_a_usable_key_is_refused_with_the_reason(trip: Harne
     for reason, value in cases.items():
         payload = {"tripid": "m1"} if reason.startswith("the payload has no") else {"trip_id": value}
         applied = trip.engine.handle("trip", Event(TRIP_REQUESTED, payload))
-        assert (applied.moved, applied.rows, applied.outcome) == (False, [], REFUSED)
+        assert (applied.moved, applied.rows, applied.outcome) == (False, [], "refused")
         assert applied.refused
         assert applied.note.startswith(f"start event without a usable key: {reason}")
     assert trip.store.list_sagas() == []
@@ -273,7 +273,7 @@ def test_repeated_reply_is_a_noop(trip: Harness) -> None:
     again = trip.engine.handle("trip", answer)
     assert not again.moved
     assert again.rows == []
-    assert again.outcome == DUPLICATE
+    assert again.outcome == "duplicate"
     assert again.note == "duplicate: this message was handled before"
     assert trip.saga(saga_id).version == version
     assert trip.saga(saga_id).state == "car"
