@@ -157,8 +157,9 @@ class State:
       re-sends it up to ``retries`` times, waiting ``timeout * backoff**n`` (with jitter); then, or
       at once without a request, ``on_timeout`` is taken (default: ``failed``);
     - ``on_reply`` and ``on_failure``: where the request's reply and failure reply lead (``ctx.result``,
-      ``ctx.reason``); only for a state that sends a request. Without ``on_failure``, a failure reply
-      takes ``on_timeout`` at once (default: ``failed``, with the participant's reason);
+      ``ctx.reason``); only for a state that sends a request. A failure reply that no ``on_failure``
+      outcome takes (none declared, or no guard passed) takes ``on_timeout`` at once (default:
+      ``failed``, with the participant's reason);
     - ``on``: correlated event type -> where it leads (see ``Saga.correlate``);
     - ``on_compensate``: where an operator's ``sagas compensate ID`` takes the saga from this state.
 
@@ -491,11 +492,16 @@ def _state_transitions(
                 f"{here} sends {spec.type} but says nothing about its reply: add on_reply=<the next state>"
             )
         out += _moves(here, "on_reply", on_reply(spec.type), st, st.on_reply, states)
-        if st.on_failure is not None:
-            out += _moves(here, "on_failure", on_failure(spec.type), st, st.on_failure, states)
-        else:
-            # A failure reply gives up at once, where the deadline would give up: never ignored
-            # (waiting out the retries for a participant that said no would lose its reason).
+        failures = (
+            []
+            if st.on_failure is None
+            else _moves(here, "on_failure", on_failure(spec.type), st, st.on_failure, states)
+        )
+        out += failures
+        if not failures or failures[-1].guard is not None:
+            # A failure reply that no declared outcome takes gives up at once, where the deadline would
+            # give up: never ignored (waiting out the retries for a participant that said no would lose
+            # its reason).
             gives_up = _single(here, "on_timeout", st.on_timeout or FAILED, states)
             out.append(Transition(on_failure(spec.type), st.name, gives_up.to, None, gives_up.do))
     if not isinstance(st.on or {}, Mapping):

@@ -17,6 +17,7 @@ from sagas import (
     FAILED,
     Event,
     Final,
+    Go,
     MemoryStore,
     Request,
     Saga,
@@ -950,3 +951,31 @@ def test_start_with_do_only_starts_empty_and_a_step_saga_keeps_its_keep_fields()
     assert picky.saga is not None
     assert noted.saga.data == {"seen": True}
     assert picky.saga.data == {"id": "p1"}
+
+
+def test_failure_reply_that_no_guarded_on_failure_takes_gives_up_at_once() -> None:
+    """A failure reply that none of the state's guarded on_failure outcomes takes gives up at once too
+    (on_timeout, default 'failed'), with the participant's reason."""
+
+    class Picky(Saga):
+        type = "picky"
+        start = Start("ocis.picky.started", key="id", to="asking")
+        states = [
+            State(
+                "asking",
+                sends=Request("ocis.picky.ask"),
+                timeout=5.0,
+                on_reply="done",
+                on_failure=Go("done", when=lambda ctx: ctx.reason == "busy"),
+            ),
+            Final("done"),
+        ]
+
+    h = Harness(Picky)
+    busy, fatal = (h.start("picky", "ocis.picky.started", id=key).saga for key in ("p1", "p2"))
+    assert busy is not None
+    assert fatal is not None
+    h.answer("picky", busy.id, ok=False, reason="busy")
+    h.answer("picky", fatal.id, ok=False, reason="disk on fire")
+    assert h.saga(busy.id).state == "done"
+    assert (h.saga(fatal.id).state, h.saga(fatal.id).meta["reason"]) == (FAILED, "disk on fire")
