@@ -339,7 +339,11 @@ class HandlerPipeline:
             if isinstance(error, NoReply):
                 error = None
             elif error is not None and (isinstance(error, Failure | Reject) or exhausted):
-                reason = str(error) or type(error).__name__
+                reason = (
+                    (str(error) or type(error).__name__)
+                    if isinstance(error, Failure | Reject)
+                    else f"{type(error).__name__}: {error}".removesuffix(": ")  # a KeyError's name says what it is
+                )
                 reply = reply_event(event, spec.key, spec.service, ok=False, reason=reason)
                 error = None
             if reply is not None:

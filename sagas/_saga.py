@@ -157,7 +157,9 @@ class State:
       re-sends it up to ``retries`` times, waiting ``timeout * backoff**n`` (with jitter); then, or
       at once without a request, ``on_timeout`` is taken (default: ``failed``);
     - ``on_reply`` and ``on_failure``: where the request's reply and failure reply lead (``ctx.result``,
-      ``ctx.reason``); only for a state that sends a request;
+      ``ctx.reason``); only for a state that sends a request. A failure reply that no ``on_failure``
+      outcome takes (none declared, or no guard passed) takes ``on_timeout`` at once (default:
+      ``failed``, with the participant's reason);
     - ``on``: correlated event type -> where it leads (see ``Saga.correlate``);
     - ``on_compensate``: where an operator's ``sagas compensate ID`` takes the saga from this state.
 
@@ -195,9 +197,10 @@ def Final(name: str) -> State:
 @dataclass(frozen=True, slots=True)
 class Start:
     """An event that starts a saga, in the state ``to``. ``key`` names the payload field that
-    identifies the saga, so a duplicate start event never starts a second one. ``keep`` copies these
-    fields of the event's payload (those present) into the data; ``do`` can then fill in more.
-    (A step saga starts at its first step: no ``to``.)"""
+    identifies the saga (a non-empty string, kept exactly), so a duplicate start event never starts a
+    second one. The saga's data starts as a copy of the event's payload; with ``keep``, only these
+    fields of it (those present); with ``do`` and no ``keep``, empty, for ``do`` to fill in (after
+    ``keep``, ``do`` can fill in more). (A step saga starts at its first step: no ``to``.)"""
 
     event: str
     key: str = field(kw_only=True)
@@ -355,7 +358,7 @@ def _step_states(cls: type[StepSaga], where: str) -> tuple[list[State], list[Sta
             raise ConfigurationError(
                 f"{where}: a step saga starts at its first step; write Start({s.event!r}, key={s.key!r}) without to="
             )
-        starts.append(Start(s.event, key=s.key, to=steps[0].name, do=s.do))
+        starts.append(Start(s.event, key=s.key, to=steps[0].name, keep=s.keep, do=s.do))
     return states, starts
 
 
@@ -489,8 +492,18 @@ def _state_transitions(
                 f"{here} sends {spec.type} but says nothing about its reply: add on_reply=<the next state>"
             )
         out += _moves(here, "on_reply", on_reply(spec.type), st, st.on_reply, states)
-        if st.on_failure is not None:
-            out += _moves(here, "on_failure", on_failure(spec.type), st, st.on_failure, states)
+        failures = (
+            []
+            if st.on_failure is None
+            else _moves(here, "on_failure", on_failure(spec.type), st, st.on_failure, states)
+        )
+        out += failures
+        if not failures or failures[-1].guard is not None:
+            # A failure reply that no declared outcome takes gives up at once, where the deadline would
+            # give up: never ignored (waiting out the retries for a participant that said no would lose
+            # its reason).
+            gives_up = _single(here, "on_timeout", st.on_timeout or FAILED, states)
+            out.append(Transition(on_failure(spec.type), st.name, gives_up.to, None, gives_up.do))
     if not isinstance(st.on or {}, Mapping):
         raise ConfigurationError(f"{here}: `on` maps event types to outcomes, e.g. on={{'a.b.c': 'done'}}")
     for event_type, leads in (st.on or {}).items():

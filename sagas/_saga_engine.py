@@ -17,6 +17,7 @@ transition. Nothing here touches the broker.
 
 from __future__ import annotations
 
+import copy
 import random
 import time
 import uuid
@@ -57,14 +58,42 @@ class _Model:
         self.state = state
 
 
+#: What became of a message that did not move a saga (``Applied.outcome``). The pipeline logs each
+#: with its reason (docs/sagas.md, "Messages that move no saga"); a refused one is dead-lettered.
+DUPLICATE = "duplicate"  # its id is in the saga type's inbox: handled before
+DUPLICATE_START = "duplicate-start"  # a start event for a key whose saga exists
+LATE_REPLY = "late-reply"  # a reply to a request the saga no longer waits on, or to an ended saga
+UNKNOWN_SAGA = "unknown-saga"  # a reply whose correlation id names no saga of this type
+NOT_APPLICABLE = "not-applicable"  # no outcome of the saga's current state takes it (or no guard passed)
+NO_WAITING_SAGA = "no-waiting-saga"  # a correlated event whose saga does not exist or has ended
+ENDED = "ended"  # the saga has ended
+UNRELATED = "unrelated"  # an event type this saga type does not use
+REFUSED = "refused"  # bad input (a start or correlated event without an acceptable key): dead-lettered
+#: a message that moved a saga
+MOVED = "moved"
+#: a message that parked a saga left in a state its type no longer has
+STRANDED = "stranded"
+
+#: The longest business key, in bytes of UTF-8. Keys are stored whole and indexed (unique per saga
+#: type): this keeps them well inside PostgreSQL's B-tree entry limit (about 2,700 bytes).
+MAX_KEY_BYTES = 1024
+
+
 @dataclass(frozen=True, slots=True)
 class Applied:
-    """What handling one message did: the saga (if any), whether it moved, and rows to publish."""
+    """What handling one message did: the saga (if any), whether it moved, the rows to publish, and
+    for a message that moved nothing, what became of it (``outcome``) and why (``note``)."""
 
     saga: SagaRecord | None
     moved: bool
     rows: list[OutboxRow]
     note: str = ""
+    outcome: str = MOVED
+
+    @property
+    def refused(self) -> bool:
+        """The message is bad input: dead-letter it with ``note`` instead of acking it."""
+        return self.outcome == REFUSED
 
 
 class SagaEngine:
@@ -107,20 +136,22 @@ class SagaEngine:
     def _handle_once(self, d: SagaDefinition, event: Event) -> Applied:
         consumer = f"saga:{d.type}"
         if self.store.seen(consumer, event.id):
-            return Applied(None, False, [], "duplicate")
+            return Applied(None, False, [], "duplicate: this message was handled before", DUPLICATE)
         inbox = (consumer, event.id)
         start = d.starts.get(event.type)
         if start is not None:
-            key = _key(event.payload, start.key)
+            key, problem = _key(event.payload, start.key)
             if key is None:
-                return Applied(None, False, [], f"start event without a usable {start.key!r}")
+                return Applied(None, False, [], f"start event without a usable key: {problem}", REFUSED)
             existing: SagaRecord | None = self.store.find_saga(d.type, key)
             if existing is not None:
                 trigger = on_event(event.type)
                 if not existing.final and trigger in d.triggers_from(existing.state):
                     ctx = _context(d, existing, event)
                     return self._trigger(d, existing, trigger, ctx, event.id, event.type, inbox)
-                return Applied(existing, False, [], "duplicate start: the saga exists")
+                return Applied(
+                    existing, False, [], f"duplicate start: the saga exists (in {existing.state})", DUPLICATE_START
+                )
             now = self.clock()
             # Random; from the given RNG when there is one, so that sagas.testing (which seeds it) replays.
             saga_id = (
@@ -128,7 +159,11 @@ class SagaEngine:
             ).hex
             record = SagaRecord(id=saga_id, type=d.type, key=key, state="", data={}, created_at=now, updated_at=now)
             ctx = SagaContext(record.id, d.type, "", {}, event)
-            ctx.data.update({name: event.payload[name] for name in start.keep if name in event.payload})
+            if start.keep:
+                kept = {name: event.payload[name] for name in start.keep if name in event.payload}
+                ctx.data.update(copy.deepcopy(kept))
+            elif start.do is None:
+                ctx.data.update(copy.deepcopy(dict(event.payload)))  # neither keep= nor do=: the whole payload
             if start.do is not None:
                 start.do(ctx)
             try:
@@ -136,30 +171,34 @@ class SagaEngine:
                     d, record, start.to, ctx, event.id, f"started by {event.type}", inbox, expected_version=None
                 )
             except DuplicateSaga:
-                return Applied(None, False, [], "duplicate start: the saga exists")
+                return Applied(None, False, [], "duplicate start: the saga exists", DUPLICATE_START)
             return Applied(record, True, rows)
         request_type = self._reply_of[d.type].get(event.type)
         if request_type is not None:
             found: SagaRecord | None = self.store.get_saga(event.correlation_id)
             if found is None or found.type != d.type:
-                return Applied(None, False, [], f"reply for unknown saga {event.correlation_id[:64]!r}")
+                return Applied(None, False, [], f"reply for unknown saga {event.correlation_id[:64]!r}", UNKNOWN_SAGA)
             record = found
             pending = record.meta.get("request") or {}
             reply = read_reply(event)
             if record.final or pending.get("id") != reply.request_id:
-                return Applied(record, False, [], "late or duplicate reply: ignored")
+                why = "the saga has ended" if record.final else "the saga no longer waits on that request"
+                return Applied(record, False, [], f"late or duplicate reply: {why}", LATE_REPLY)
             trigger = on_reply(request_type) if reply.ok else on_failure(request_type)
             ctx = _context(d, record, event, reply.result, reply.reason)
             return self._trigger(d, record, trigger, ctx, event.id, reply.reason or f"reply to {request_type}", inbox)
         key_field = d.correlate.get(event.type)
         if key_field is not None:
-            key = _key(event.payload, key_field)
-            waiting: SagaRecord | None = None if key is None else self.store.find_saga(d.type, key)
+            key, problem = _key(event.payload, key_field)
+            if key is None:
+                return Applied(None, False, [], f"correlated event without a usable key: {problem}", REFUSED)
+            waiting: SagaRecord | None = self.store.find_saga(d.type, key)
             if waiting is None or waiting.final:
-                return Applied(waiting, False, [], "no waiting saga for this event")
+                why = "no saga has this key" if waiting is None else f"the saga has ended in {waiting.state}"
+                return Applied(waiting, False, [], f"no waiting saga for this event: {why}", NO_WAITING_SAGA)
             ctx = _context(d, waiting, event)
             return self._trigger(d, waiting, on_event(event.type), ctx, event.id, event.type, inbox)
-        return Applied(None, False, [], f"{event.type} means nothing to saga type {d.type}")
+        return Applied(None, False, [], f"{event.type} means nothing to saga type {d.type}", UNRELATED)
 
     def _trigger(
         self,
@@ -173,13 +212,14 @@ class SagaEngine:
         actor: str = "",
     ) -> Applied:
         if record.final:
-            return Applied(record, False, [], "the saga has ended")
+            return Applied(record, False, [], f"the saga has ended in {record.state}", ENDED)
         if record.state not in d.states:
-            return Applied(record, True, self._park_stranded(d, record, message_id), "stranded: parked")
+            return Applied(record, True, self._park_stranded(d, record, message_id), "stranded: parked", STRANDED)
         model = _Model(record.state)
         event = d.machine.events.get(trigger.name)
         if event is None or not event.trigger(model, ctx=ctx):
-            return Applied(record, False, [], f"{trigger} does not apply in state {record.state}")
+            why = f"{trigger} does not apply in state {record.state}: no outcome of that state takes it"
+            return Applied(record, False, [], f"{why} (none is declared, or no guard passed)", NOT_APPLICABLE)
         rows = self._enter(
             d, record, model.state, ctx, message_id, reason, inbox, expected_version=record.version, actor=actor
         )
@@ -396,8 +436,38 @@ def _context(
     return SagaContext(record.id, d.type, record.state, record.data, event, result, reason, steps=steps)
 
 
-def _key(payload: Mapping[str, Any], field: str) -> str | None:
-    value = payload.get(field)
-    if isinstance(value, bool) or not isinstance(value, str | int) or value == "":
-        return None
-    return str(value)[:255]
+def _key(payload: Mapping[str, Any], field: str) -> tuple[str | None, str]:
+    """The business key in ``payload[field]``, exactly as sent (never cut or converted), or None and
+    why it is refused. A key is a non-empty string of at most :data:`MAX_KEY_BYTES` bytes of UTF-8,
+    without NUL (PostgreSQL's text cannot hold one)."""
+    if field not in payload:
+        return None, f"the payload has no {field!r}"
+    value = payload[field]
+    if not isinstance(value, str):
+        hint = f' (send it as the string "{value}")' if isinstance(value, int) and not isinstance(value, bool) else ""
+        return None, f"{field!r} is {_json_kind(value)}, not a string{hint}: a saga key is a string"
+    if value == "":
+        return None, f"{field!r} is an empty string"
+    if "\x00" in value:
+        return None, f"{field!r} contains a NUL character"
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        return None, f"{field!r} is not valid Unicode (it holds a lone surrogate)"
+    if size > MAX_KEY_BYTES:
+        return None, f"{field!r} is {size} bytes long in UTF-8; the limit is {MAX_KEY_BYTES}"
+    return value, ""
+
+
+def _json_kind(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return f"the number {value!r}"
+    if isinstance(value, Mapping):
+        return "an object"
+    if isinstance(value, list | tuple):
+        return "an array"
+    return f"a {type(value).__name__}"

@@ -4,7 +4,10 @@ Saga messages are applied inline on the worker's I/O thread (no user I/O runs in
 actions), as one group: every state change in one store transaction with a savepoint per message
 (group commit), then their outbox rows published with pipelined confirms and marked sent, then the
 acks. A message whose step raises rolls back alone and is retried through a delay queue, then
-dead-lettered; the rest of the group commits.
+dead-lettered; the rest of the group commits. A message the engine refuses (a start or correlated
+event without an acceptable key) is dead-lettered with the reason; one that moves no saga (a duplicate,
+a late reply, an event the saga's state does not take) is acked and logged at info or warning with the
+reason. ``SagaPipeline.outcomes`` counts every outcome.
 
 Every ``timer_interval`` the pipeline fires the deadlines that have passed, and every
 ``relay_interval`` it republishes outbox rows a crash or an outage left unsent.
@@ -13,6 +16,7 @@ Every ``timer_interval`` the pipeline fires the deadlines that have passed, and 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 
 import structlog
@@ -21,11 +25,16 @@ from transport import ConnectionLost, Inbound
 
 from ._outbox import OutboxPublisher
 from ._redelivery import retry_or_dead_letter, send_back
-from ._saga_engine import Applied, SagaEngine
+from ._saga_engine import NOT_APPLICABLE, UNKNOWN_SAGA, UNRELATED, Applied, SagaEngine
 from ._service import Retry
 from ._store import Store
 
 log = structlog.get_logger("sagas.worker")
+
+#: Messages that moved no saga and point at a mistake or a forged message: logged at warning. The
+#: others (duplicates, late replies, events for sagas that ended) are at-least-once delivery doing its
+#: job: logged at info. Refused ones are dead-lettered (and logged at warning).
+_WARN = frozenset({UNKNOWN_SAGA, NOT_APPLICABLE, UNRELATED})
 
 #: How a saga message whose step raised (a bug in a guard or action, or the store) is retried.
 SAGA_RETRY = Retry(attempts=5, initial=1.0, factor=2.0, maximum=30.0)
@@ -54,8 +63,10 @@ class SagaPipeline:
         self.relay_interval = relay_interval
         self._next_timers = 0.0
         self._next_relay = 0.0
-        #: messages applied (moved a saga, or were ignored with a reason)
+        #: messages applied (moved a saga, were ignored with a reason, or were refused and dead-lettered)
         self.handled = 0
+        #: how many messages had each outcome (``Applied.outcome``: moved, duplicate, late-reply, refused, ...)
+        self.outcomes: Counter[str] = Counter()
 
     # -- messages ------------------------------------------------------------------------------------
 
@@ -85,21 +96,32 @@ class SagaPipeline:
             raise
         except Exception as exc:  # noqa: BLE001 - committed: the relay sends what is still unsent
             log.error("saga.outbox_not_published", error=repr(exc)[:500], relay_in=self.relay_interval)
-        bus.ack_many([inbound for inbound, _ in applied])
+        bus.ack_many([inbound for inbound, a in applied if not a.refused])
         self.handled += len(applied)
-        if log.is_enabled_for(logging.DEBUG) if hasattr(log, "is_enabled_for") else True:
-            for inbound, a in applied:
-                event = inbound.event
-                log.debug(
-                    "message.handled",
-                    event_id=event.id if event else None,
-                    event_type=event.type if event else None,
-                    saga_type=saga_type,
-                    saga_id=a.saga.id if a.saga else None,
-                    attempt=inbound.attempt,
-                    outcome="moved" if a.moved else "ignored",
-                    note=a.note or None,
-                )
+        debug = log.is_enabled_for(logging.DEBUG) if hasattr(log, "is_enabled_for") else True
+        for inbound, a in applied:
+            self.outcomes[a.outcome] += 1
+            if a.moved and not debug:
+                continue
+            event = inbound.event
+            fields = {
+                "event_id": event.id if event else None,
+                "event_type": event.type if event else None,
+                "saga_type": saga_type,
+                "saga_id": a.saga.id if a.saga else None,
+                "attempt": inbound.attempt,
+                "kind": a.outcome,
+                "note": a.note or None,
+            }
+            if a.moved:
+                log.debug("message.handled", outcome="moved", **fields)
+            elif a.refused:
+                sent = send_back(bus, inbound, None, None, f"saga {saga_type} refused it: {a.note}")
+                log.warning("message.handled", outcome="refused", sent_back=sent, **fields)
+            elif a.outcome in _WARN:
+                log.warning("message.handled", outcome="ignored", **fields)
+            else:
+                log.info("message.handled", outcome="ignored", **fields)
         for inbound, problem in failed:
             outcome = retry_or_dead_letter(bus, inbound, problem, f"saga {saga_type} could not apply it", SAGA_RETRY)
             log.warning(

@@ -23,6 +23,7 @@ from sagas import (
     set_data,
 )
 from sagas._protocol import COMPENSATE, TIMEOUT, Kind
+from sagas._protocol import on_failure as on_failure_trigger
 
 ASK = "ocis.test.ask"
 OTHER = "ocis.test.other"
@@ -529,3 +530,26 @@ def test_set_data_sets_fields_and_start_keep_copies_them() -> None:
     assert ctx.data == {"outcome": "abort", "why": "policy"}
     with pytest.raises(ConfigurationError, match="keep= is a tuple of names"):
         Start(BEGIN, key="id", to="asking", keep="id")  # type: ignore[arg-type]
+
+
+def test_a_request_without_on_failure_fails_where_its_deadline_gives_up() -> None:
+    """A state that sends a request and declares no on_failure compiles a failure transition to its
+    on_timeout (default 'failed'), with on_timeout's action: a failure reply always leads somewhere."""
+
+    def note(ctx: SagaContext) -> None:
+        ctx.data["gave_up"] = True
+
+    class Quiet(Saga):
+        type = "quiet"
+        start = Start("ocis.quiet.started", key="id", to="asking")
+        states = [
+            State("asking", sends="ocis.quiet.ask", timeout=1.0, on_reply="telling"),
+            State("telling", sends="ocis.quiet.tell", timeout=1.0, on_reply="done", on_timeout=Go("done", do=note)),
+            Final("done"),
+        ]
+
+    d = Quiet.definition()
+    (asked,) = [t for t in d.transitions if t.trigger == on_failure_trigger("ocis.quiet.ask")]
+    assert (asked.source, asked.dest, asked.action) == ("asking", FAILED, None)
+    (told,) = [t for t in d.transitions if t.trigger == on_failure_trigger("ocis.quiet.tell")]
+    assert (told.source, told.dest, told.action) == ("telling", "done", note)

@@ -17,6 +17,7 @@ from sagas import (
     FAILED,
     Event,
     Final,
+    Go,
     MemoryStore,
     Request,
     Saga,
@@ -205,7 +206,8 @@ def test_repeated_start_event_is_a_noop(trip: Harness) -> None:
     assert first.moved
     assert not again.moved
     assert again.rows == []
-    assert again.note == "duplicate"
+    assert again.outcome == "duplicate"
+    assert again.note == "duplicate: this message was handled before"
     assert len(trip.store.list_sagas(saga_type="trip")) == 1
 
 
@@ -221,13 +223,43 @@ def test_second_start_event_for_one_key_never_creates_a_second_saga(trip: Harnes
     assert only.version == 1
 
 
-def test_start_event_without_a_key_starts_nothing(trip: Harness) -> None:
-    """A start event whose key field is missing or empty starts no saga."""
-    for payload in ({}, {"trip_id": ""}, {"trip_id": None}, {"trip_id": True}):
+def test_start_event_without_a_usable_key_is_refused_with_the_reason(trip: Harness) -> None:
+    """A start event whose key is missing, empty, not a string, or over the limit starts no saga and is
+    refused (the pipeline dead-letters it) with a reason naming the field and what is wrong."""
+    cases: dict[str, object] = {
+        "the payload has no 'trip_id'": None,
+        "'trip_id' is an empty string": "",
+        "'trip_id' is null, not a string": None,
+        "'trip_id' is a boolean, not a string": True,
+        "'trip_id' is the number 7, not a string (send it as the string \"7\")": 7,
+        "'trip_id' is the number 1.5, not a string": 1.5,
+        "'trip_id' is an array, not a string": ["x"],
+        "'trip_id' is an object, not a string": {"k": "v"},
+        "'trip_id' contains a NUL character": "a\x00b",
+        "'trip_id' is 1025 bytes long in UTF-8; the limit is 1024": "k" * 1025,
+        "'trip_id' is 1026 bytes long in UTF-8; the limit is 1024": "\u00e9" * 513,
+    }
+    for reason, value in cases.items():
+        payload = {"tripid": "m1"} if reason.startswith("the payload has no") else {"trip_id": value}
         applied = trip.engine.handle("trip", Event(TRIP_REQUESTED, payload))
-        assert not applied.moved
-        assert "usable 'trip_id'" in applied.note
+        assert (applied.moved, applied.rows, applied.outcome) == (False, [], "refused")
+        assert applied.refused
+        assert applied.note.startswith(f"start event without a usable key: {reason}")
     assert trip.store.list_sagas() == []
+
+
+def test_keys_are_kept_whole_and_never_merged(trip: Harness) -> None:
+    """Keys are stored exactly as sent up to the limit: two keys that share a 255-character (or 1,023
+    byte) prefix are two sagas, and the key of the limit's length is kept whole."""
+    long_a, long_b = "u" * 255 + "a", "u" * 255 + "b"
+    limit_a, limit_b = "v" * 1023 + "a", "v" * 1023 + "b"
+    ids = {key: _started(trip, key=key) for key in (long_a, long_b, limit_a, limit_b, " t1 ", "t1")}
+    assert len(set(ids.values())) == 6
+    for key, saga_id in ids.items():
+        assert trip.saga(saga_id).key == key
+        found = trip.store.find_saga("trip", key)
+        assert found is not None
+        assert found.id == saga_id
 
 
 # -- replies -----------------------------------------------------------------------------------------
@@ -242,7 +274,8 @@ def test_repeated_reply_is_a_noop(trip: Harness) -> None:
     again = trip.engine.handle("trip", answer)
     assert not again.moved
     assert again.rows == []
-    assert again.note == "duplicate"
+    assert again.outcome == "duplicate"
+    assert again.note == "duplicate: this message was handled before"
     assert trip.saga(saga_id).version == version
     assert trip.saga(saga_id).state == "car"
     assert trip.saga(saga_id).meta["steps"] == [{"step": "hotel", "result": {"room": 12}}]
@@ -316,7 +349,7 @@ def test_step_results_are_kept_in_meta_not_in_data(trip: Harness) -> None:
         trip.answer("trip", saga_id, result=result)
     ended = trip.saga(saga_id)
     assert ended.state == "completed"
-    assert ended.data == {}
+    assert ended.data == {"trip_id": "t1"}  # the start event's payload, and nothing of the steps
     assert ended.meta["steps"] == [
         {"step": "hotel", "result": {"room": 12}},
         {"step": "car", "result": {"plate": "B-1"}},
@@ -836,3 +869,113 @@ def test_start_keep_copies_the_fields_present_and_do_runs_after() -> None:
     applied = engine.handle("kept", Event("ocis.kept.started", {"id": "k1", "name": "a.txt", "other": 1}))
     assert applied.saga is not None
     assert applied.saga.data == {"id": "k1", "name": "a.txt", "seen": True}
+
+
+# -- failures with nowhere declared to go -----------------------------------------------------------
+
+
+class Holiday(Saga):
+    """A state that sends a request and declares no on_failure (the deadline would re-send it 5 times)."""
+
+    type = "holiday"
+    start = Start("ocis.holiday.cancelled", key="id", to="cancelling_hotel")
+    states = [
+        State("cancelling_hotel", sends=Request(CANCEL_HOTEL), timeout=5.0, retries=5, on_reply="done"),
+        Final("done"),
+    ]
+
+
+def test_failure_reply_without_on_failure_fails_the_saga_at_once_with_the_reason() -> None:
+    """A failure reply to a state without on_failure moves the saga to 'failed' at once (no re-sends),
+    and the saga's reason and history entry are the participant's reason."""
+    h = Harness(Holiday)
+    applied = h.start("holiday", "ocis.holiday.cancelled", id="h1")
+    assert applied.saga is not None
+    saga_id = applied.saga.id
+    moved = h.answer("holiday", saga_id, ok=False, reason="503 Service Unavailable")
+    assert (moved.moved, moved.rows) == (True, [])
+    failed = h.saga(saga_id)
+    assert (failed.state, failed.final, failed.attempts) == (FAILED, True, 0)
+    assert failed.meta["reason"] == "503 Service Unavailable"
+    assert failed.meta["failed_from"] == "cancelling_hotel"
+    assert h.store.saga_history(saga_id)[-1].reason == "503 Service Unavailable"
+    assert h.states(saga_id) == ["cancelling_hotel", FAILED]
+    assert _fire_at(h, T0 + 1_000.0) == []  # nothing left to re-send
+
+
+def test_failure_reply_without_on_failure_takes_on_timeout_at_once(trip: Harness) -> None:
+    """Where the state says where it gives up (on_timeout), a failure reply without on_failure goes
+    there at once, with the participant's reason in the history."""
+    applied = trip.start("stubborn", "ocis.stubborn.requested", id="s1")
+    assert applied.saga is not None
+    trip.answer("stubborn", applied.saga.id, ok=False, reason="quota exceeded")
+    assert trip.saga(applied.saga.id).state == "gave_up"
+    assert trip.store.saga_history(applied.saga.id)[-1].reason == "quota exceeded"
+
+
+# -- what a saga's data starts as -------------------------------------------------------------------
+
+
+def test_start_without_keep_or_do_copies_the_whole_payload_into_the_data() -> None:
+    """Start without keep= and do= starts the data as a copy of the event's payload, so the first
+    request (the data, by default) carries it to the participant."""
+    h = Harness(Holiday)
+    payload = {"id": "h1", "guest": {"name": "Ada"}, "nights": 3}
+    event = Event("ocis.holiday.cancelled", payload)
+    applied = h.engine.handle("holiday", event)
+    assert applied.saga is not None
+    assert applied.saga.data == payload
+    assert applied.saga.data["guest"] is not event.payload["guest"]  # a copy: the event is never shared
+    (request,) = requests(applied.rows)
+    assert request.payload == payload
+
+
+def test_start_with_do_only_starts_empty_and_a_step_saga_keeps_its_keep_fields() -> None:
+    """With do= and no keep=, the data starts empty for do= to fill; a step saga's Start(keep=...) keeps
+    those fields only."""
+
+    class Noted(Saga):
+        type = "noted"
+        start = Start("ocis.noted.started", key="id", to="waiting", do=set_data(seen=True))
+        states = [State("waiting", sends=Request("ocis.noted.ask"), timeout=5.0, on_reply="done"), Final("done")]
+
+    class Picky(StepSaga):
+        type = "picky"
+        start = Start("ocis.picky.started", key="id", keep=("id",))
+        steps = [Step("ask", "ocis.picky.ask")]
+
+    engine = SagaEngine([Noted, Picky], MemoryStore())
+    noted = engine.handle("noted", Event("ocis.noted.started", {"id": "n1", "other": 1}))
+    picky = engine.handle("picky", Event("ocis.picky.started", {"id": "p1", "other": 1}))
+    assert noted.saga is not None
+    assert picky.saga is not None
+    assert noted.saga.data == {"seen": True}
+    assert picky.saga.data == {"id": "p1"}
+
+
+def test_failure_reply_that_no_guarded_on_failure_takes_gives_up_at_once() -> None:
+    """A failure reply that none of the state's guarded on_failure outcomes takes gives up at once too
+    (on_timeout, default 'failed'), with the participant's reason."""
+
+    class Picky(Saga):
+        type = "picky"
+        start = Start("ocis.picky.started", key="id", to="asking")
+        states = [
+            State(
+                "asking",
+                sends=Request("ocis.picky.ask"),
+                timeout=5.0,
+                on_reply="done",
+                on_failure=Go("done", when=lambda ctx: ctx.reason == "busy"),
+            ),
+            Final("done"),
+        ]
+
+    h = Harness(Picky)
+    busy, fatal = (h.start("picky", "ocis.picky.started", id=key).saga for key in ("p1", "p2"))
+    assert busy is not None
+    assert fatal is not None
+    h.answer("picky", busy.id, ok=False, reason="busy")
+    h.answer("picky", fatal.id, ok=False, reason="disk on fire")
+    assert h.saga(busy.id).state == "done"
+    assert (h.saga(fatal.id).state, h.saga(fatal.id).meta["reason"]) == (FAILED, "disk on fire")

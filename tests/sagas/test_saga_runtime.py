@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 
 from examples import postprocessing
 from examples.postprocessing import Postprocessing
@@ -19,18 +20,24 @@ from sagas import (
     Event,
     EventBus,
     Failure,
+    Final,
     MemoryStore,
     NoReply,
+    Request,
+    Retry,
+    Saga,
     SagaContext,
     SagaRecord,
     Service,
     Start,
+    State,
     Step,
     StepSaga,
     Store,
     Worker,
     open_store,
 )
+from sagas._protocol import REQUEST_ID_HEADER
 from tests.helpers import wait_for
 
 HOTEL, CANCEL_HOTEL = "ocis.trip.book_hotel", "ocis.trip.cancel_hotel"
@@ -384,3 +391,70 @@ def test_deadline_fires_after_a_worker_restart(
         assert len(shipped) == 1  # the copies of one request id were answered from the reply cache
     finally:
         reader.close()
+
+
+class Holiday(Saga):
+    """A state-machine saga whose one request has no on_failure."""
+
+    type = "holiday"
+    start = Start("ocis.holiday.cancelled", key="id", to="cancelling_hotel")
+    states = [
+        State("cancelling_hotel", sends=Request(CANCEL_HOTEL), timeout=30.0, retries=5, on_reply="done"),
+        Final("done"),
+    ]
+
+
+def test_a_participant_exception_fails_the_saga_with_its_type_and_message(
+    broker_url: str, unique: str, buses: list[object]
+) -> None:
+    """A KeyError in a participant, once its retries are spent, becomes a failure reply whose reason
+    names the exception type and message; the saga (no on_failure) fails at once with that reason."""
+    hotels, runs = Service("hotels"), list[str]()
+
+    @hotels.handles(CANCEL_HOTEL, retry=Retry(attempts=2, initial=0.05, maximum=0.05))
+    def cancel(event: Event) -> dict[str, Any]:
+        runs.append(event.id)
+        return {"name": event.payload["passenger_name"]}
+
+    store = MemoryStore()
+    bus = make_bus(buses, broker_url, unique)
+    with make_worker(buses, App(hotels, sagas=[Holiday], exchange=unique), broker_url, store=store).running():
+        bus.publish(Event("ocis.holiday.cancelled", {"id": "h1"}))
+        saga = wait_for(lambda: _final(store, "holiday", "h1"), what="the saga to fail")
+    assert (saga.state, saga.meta["failed_from"]) == ("failed", "cancelling_hotel")
+    assert saga.meta["reason"] == "KeyError: 'passenger_name'"
+    assert store.saga_history(saga.id)[-1].reason == "KeyError: 'passenger_name'"
+    assert len(runs) == 2  # the handler's two attempts, and no re-sent request
+
+
+def test_messages_that_move_no_saga_are_logged_with_their_reason_and_counted(
+    broker_url: str, unique: str, buses: list[object]
+) -> None:
+    """A duplicate start is logged at info, a reply for an unknown saga at warning, and a start event
+    without its key is refused (dead-lettered) at warning; the pipeline counts each outcome."""
+    store = MemoryStore()
+    bus = make_bus(buses, broker_url, unique)
+    worker = make_worker(buses, App(sagas=[Parcel], exchange=unique), broker_url, store=store)
+    with worker.running(), structlog.testing.capture_logs() as logs:
+        bus.publish(Event("ocis.parcel.sent", {"parcel_id": "p1"}))
+        wait_for(lambda: _final(store, "parcel", "p1"), what="the parcel saga to end")  # (nobody ships)
+        again = Event("ocis.parcel.sent", {"parcel_id": "p1"})
+        keyless = Event("ocis.parcel.sent", {"parcelid": "p1"})
+        stray = Event(
+            SHIP + ".reply",
+            {"ok": True, "result": {}},
+            correlation_id="f" * 32,
+            headers={REQUEST_ID_HEADER: "0" * 32},
+        )
+        for event in (again, keyless, stray):
+            bus.publish(event)
+        pipeline = worker.sagas
+        assert pipeline is not None
+        wait_for(lambda: sum(pipeline.outcomes.values()) >= 4 or None, what="the three messages")
+    assert pipeline.outcomes == {"moved": 1, "duplicate-start": 1, "refused": 1, "unknown-saga": 1}
+    handled = {e["event_id"]: e for e in logs if e.get("event") == "message.handled"}
+    assert (handled[again.id]["log_level"], handled[again.id]["kind"]) == ("info", "duplicate-start")
+    assert (handled[keyless.id]["log_level"], handled[keyless.id]["outcome"]) == ("warning", "refused")
+    assert handled[keyless.id]["note"] == "start event without a usable key: the payload has no 'parcel_id'"
+    assert handled[keyless.id]["sent_back"] == "dead-letter"
+    assert (handled[stray.id]["log_level"], handled[stray.id]["kind"]) == ("warning", "unknown-saga")

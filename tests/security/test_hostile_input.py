@@ -657,7 +657,7 @@ def test_replies_for_unknown_and_finished_sagas_are_ignored_logged_and_acked(
         assert snapshot(store, waiting)[0] == "hotel"
         notes = ignored_notes(logs)
         assert sum("reply for unknown saga" in n for n in notes) == 2
-        assert sum(n == "duplicate" for n in notes) == 1
+        assert sum(n.startswith("duplicate: ") for n in notes) == 1
         assert sum("late or duplicate reply" in n for n in notes) == 2
         assert r.reasons == []  # ignored, not dead-lettered
         r.publisher.publish(reply_to(hotel))
@@ -745,18 +745,28 @@ def test_duplicate_start_events_start_exactly_one_saga(broker_url: str, unique: 
 
 
 def test_hostile_messages_on_a_saga_queue(broker_url: str, unique: str, buses: list[object]) -> None:
-    """On a saga type's queue, an undecodable message is dead-lettered with the reason and a start event
-    without a usable key is ignored and acked; a good start event after them starts its saga."""
+    """On a saga type's queue, an undecodable message, and start events whose key is missing or not a
+    usable string, are dead-lettered with the reason (and logged at warning); a good start event after
+    them starts its saga."""
     with saga_rig(buses, broker_url, unique) as (r, store, requests), structlog.testing.capture_logs() as logs:
         r.send(TRIP_REQUESTED, b'{"id": "x", "type": ', message_id="truncated")
-        keyless = [Event(TRIP_REQUESTED, {"trip_id": value}) for value in (None, True, "", ["a"], {"k": "v"})]
+        values = (None, True, "", ["a"], {"k": "v"}, 7, 1.5, "k" * 1025)
+        keyless = [Event(TRIP_REQUESTED, {"trip_id": value}) for value in values]
+        keyless.append(Event(TRIP_REQUESTED, {"tripid": "m1"}))
         r.publisher.publish_many(keyless)
-        r.dead_lettered(1)
-        r.until(lambda: all(e.id in r.acked for e in keyless), "the keyless start events to be acked")
-        letter = r.letters()["truncated"]
+        r.dead_lettered(1 + len(keyless))
+        letters = r.letters()
+        letter = letters["truncated"]
         assert letter.reason.startswith(UNDECODABLE + "body is not valid UTF-8 JSON")
         assert letter.queue == f"{unique}.saga.trip"
-        assert sum("start event without a usable 'trip_id'" in n for n in ignored_notes(logs)) == len(keyless)
+        for event in keyless:
+            assert letters[event.id].reason.startswith("saga trip refused it: start event without a usable key: ")
+            assert letters[event.id].queue == f"{unique}.saga.trip"
+        assert "the payload has no 'trip_id'" in letters[keyless[-1].id].reason
+        assert '(send it as the string "7")' in letters[keyless[5].id].reason
+        assert "1025 bytes long in UTF-8; the limit is 1024" in letters[keyless[7].id].reason
+        refused = [e for e in logs if e.get("outcome") == "refused" and e["log_level"] == "warning"]
+        assert sorted(e["event_id"] for e in refused) == sorted(e.id for e in keyless)
         assert store.list_sagas() == []
         start(r, store, requests, "trip", TRIP_REQUESTED, "trip_id", "good", HOTEL)
 
