@@ -8,6 +8,7 @@ is refunded and then the stock released: the compensations run in the reverse or
 that completed. The participants are simulated: the payment service pays every order whose ``pay``
 is true, and the carrier cannot ship to ``"nowhere"``.
 
+    export SAGAS_BROKER_URL=amqp://guest:guest@localhost//   # sagas publish refuses memory://
     sagas run examples.order:app
     sagas publish shop.orders.placed '{"order_id": "o1", "items": 2, "pay": true, "address": "Paris"}'
 """

@@ -13,6 +13,7 @@ fail transiently; ``DROP_RATE`` (0 to 1) makes them drop replies, as an at-most-
 retries and deadlines have work to do. Every saga ends final with ``data.outcome`` one of ``continue``,
 ``abort`` or ``delete``.
 
+    export SAGAS_BROKER_URL=amqp://guest:guest@localhost//   # sagas publish refuses memory://
     sagas run examples.postprocessing:app
     sagas publish ocis.storage.bytes_received '{"upload_id": "u1", "name": "a.txt", "size": 10, "user": "marie"}'
 """

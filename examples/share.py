@@ -6,6 +6,7 @@ then the quota released. The participants are simulated here: the quota service 
 ``QUOTA_LIMIT`` bytes (default 1 GiB), and the notifications service cannot reach a grantee called
 ``nobody``.
 
+    export SAGAS_BROKER_URL=amqp://guest:guest@localhost//   # sagas publish refuses memory://
     sagas run examples.share:app
     sagas publish ocis.sharing.share_requested \
         '{"share_id": "s1", "owner": "einstein", "grantee": "marie", "path": "/Photos", "size": 1000}'

@@ -23,7 +23,17 @@ from ._saga import (
     set_data,
 )
 from ._saga_engine import SagaEngine
-from ._service import AT_LEAST_ONCE, AT_MOST_ONCE, App, Context, Delivery, HandlerSpec, Retry, Service
+from ._service import (
+    AT_LEAST_ONCE,
+    AT_MOST_ONCE,
+    DEFAULT_PERMANENT,
+    App,
+    Context,
+    Delivery,
+    HandlerSpec,
+    Retry,
+    Service,
+)
 from ._store import (
     HistoryEntry,
     MemoryStore,
@@ -39,6 +49,7 @@ from ._worker import Worker
 __all__ = [
     "AT_LEAST_ONCE",
     "AT_MOST_ONCE",
+    "DEFAULT_PERMANENT",
     "FAILED",
     "ActionRefused",
     "App",

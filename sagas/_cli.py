@@ -18,9 +18,19 @@ from typing import Any, NoReturn
 
 import click
 
-from transport import DeadLetter, Event, EventBus, TransportError, is_memory_url, redact_url
+from transport import (
+    DEFAULT_MAX_EVENT_SIZE,
+    DeadLetter,
+    Event,
+    EventBus,
+    TransportError,
+    Unroutable,
+    encode,
+    is_memory_url,
+    redact_url,
+)
 
-from ._errors import NotFound, SagasError
+from ._errors import ConfigurationError, NotFound, SagasError
 from ._logging import configure_logging
 from ._saga import FAILED, Saga
 from ._service import App, Service
@@ -158,6 +168,9 @@ def _existing_store(url: str) -> Iterator[Store]:
     error (opening it would create an empty one and hide a wrong --store)."""
     try:
         store = open_store(url, create=False)
+    except ConfigurationError as exc:  # a malformed URL: a command-line mistake, exit 2
+        click.echo(f"error: {exc} (--store or SAGAS_STORE_URL)", err=True)
+        sys.exit(2)
     except SagasError as exc:
         hint = "" if "SAGAS_STORE_URL" in str(exc) else " (--store or SAGAS_STORE_URL)"
         _fail(f"{exc}{hint}")
@@ -253,6 +266,11 @@ def run(
     type=click.FloatRange(min=0, min_open=True),
     help="Seconds to wait for the broker's confirm (and at most 5 to connect).",
 )
+@click.option(
+    "--allow-unroutable",
+    is_flag=True,
+    help="Publish even if no queue receives the event (by default that is an error, exit 3).",
+)
 def publish(
     type: str,
     payload: str,
@@ -262,8 +280,11 @@ def publish(
     source: str,
     correlation_id: str,
     timeout: float,
+    allow_unroutable: bool,
 ) -> None:
-    """Publish one event and wait for the broker to confirm it; print its id.
+    """Publish one event and wait for the broker to confirm it; print its id. An event that no queue
+    receives (a mistyped name, or no worker has declared its queue yet) is an error, exit 3, unless
+    --allow-unroutable. memory:// is refused: it reaches no other process.
 
     \b
     Example:
@@ -276,12 +297,30 @@ def publish(
     if not isinstance(data, dict):
         raise click.BadParameter("PAYLOAD must be a JSON object")
     event = Event(type=type, payload=data, source=source, correlation_id=correlation_id)
-    with EventBus(
-        broker, exchange=exchange or "sagas", publish_timeout=timeout, connect_timeout=min(timeout, 5.0), ssl=tls
-    ) as bus:
-        bus.publish(event, timeout=timeout)
+    encode(event, DEFAULT_MAX_EVENT_SIZE)  # an event no bus would take is refused before the broker is
+    if is_memory_url(broker):
+        click.echo(
+            f"error: not publishing on {redact_url(broker)}: memory:// lives inside one process, so no worker "
+            "can receive the event; give the workers' broker with --broker or SAGAS_BROKER_URL",
+            err=True,
+        )
+        sys.exit(2)
+    name = exchange or "sagas"
+    with EventBus(broker, exchange=name, publish_timeout=timeout, connect_timeout=min(timeout, 5.0), ssl=tls) as bus:
+        try:
+            bus.publish(event, mandatory=not allow_unroutable, timeout=timeout)
+        except Unroutable:
+            click.echo(
+                f"error: no queue receives {type} on the exchange {name!r}, so the broker dropped it (check the "
+                "event name and --exchange; --allow-unroutable to publish anyway)",
+                err=True,
+            )
+            sys.exit(EXIT_UNROUTABLE)
     click.echo(event.id)
 
+
+#: Exit code of `sagas publish` for an event that no queue receives.
+EXIT_UNROUTABLE = 3
 
 _operator = click.option(
     "--as",

@@ -31,7 +31,7 @@ from transport import decode as decode_event
 
 from ._errors import Failure, NoReply, Reject
 from ._protocol import reply_event
-from ._redelivery import retry_or_dead_letter, send_back
+from ._redelivery import retry_or_dead_letter, send_back, unencodable
 from ._service import Context, Delivery, HandlerSpec
 from ._store import Store
 
@@ -327,15 +327,18 @@ class HandlerPipeline:
                 except Exception as exc:  # noqa: BLE001 - then the redelivery runs it again
                     log.error("message.not_remembered", event_id=event.id, error=repr(exc)[:500])
             return None
-        error = o.error
+        error = o.error if o.error is not None else unencodable(o.outbox, self.bus.max_event_size)
         reply: Event | None = None
         if spec.replies:
-            exhausted = error is not None and (not durable or inbound.attempt >= spec.retry.attempts)
             if error is None:
                 if o.result is None or isinstance(o.result, Mapping):
                     reply = reply_event(event, spec.key, spec.service, ok=True, result=o.result)
+                    if (error := unencodable([reply], self.bus.max_event_size)) is not None:
+                        reply = None
                 else:
                     error = Failure(f"handler returned {type(o.result).__name__}, not a JSON object")
+            permanent = error is not None and spec.retry.gives_up(error)
+            exhausted = error is not None and (not durable or permanent or inbound.attempt >= spec.retry.attempts)
             if isinstance(error, NoReply):
                 error = None
             elif error is not None and (isinstance(error, Failure | Reject) or exhausted):
@@ -344,6 +347,8 @@ class HandlerPipeline:
                     if isinstance(error, Failure | Reject)
                     else f"{type(error).__name__}: {error}".removesuffix(": ")  # a KeyError's name says what it is
                 )
+                if permanent:
+                    o.outbox.clear()  # one of them may be what cannot be encoded: none is sent
                 reply = reply_event(event, spec.key, spec.service, ok=False, reason=reason)
                 error = None
             if reply is not None:
@@ -387,6 +392,8 @@ class HandlerPipeline:
                 if inbound.subscription.durable
                 else f"at-most-once handler {spec.key} failed"
             )
+            if spec.retry.gives_up(error):
+                failed += f" with {type(error).__name__}, which is not retried (Retry.give_up_on)"
             outcome = retry_or_dead_letter(self.bus, inbound, error, failed, spec.retry)
         log.warning("message.failed", error=repr(error)[:500], **s.fields(outcome))
 

@@ -9,9 +9,11 @@ back to its queue when the connection closes.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import structlog
 
-from transport import ConnectionLost, EventBus, Inbound, TransportError
+from transport import ConnectionLost, Event, EventBus, EventTooLarge, Inbound, InvalidEvent, TransportError, encode
 
 from ._service import Retry
 
@@ -40,8 +42,19 @@ def send_back(
 
 
 def retry_or_dead_letter(bus: EventBus, inbound: Inbound, error: BaseException, reason: str, policy: Retry) -> str:
-    """Retry an at-least-once message after ``policy``'s delay, or dead-letter it (at-most-once, or
-    its attempts spent) with ``reason`` and the error."""
-    if inbound.subscription.durable and inbound.attempt < policy.attempts:
+    """Retry an at-least-once message after ``policy``'s delay, or dead-letter it (at-most-once, its
+    attempts spent, or an error the policy gives up on) with ``reason`` and the error."""
+    if inbound.subscription.durable and inbound.attempt < policy.attempts and not policy.gives_up(error):
         return send_back(bus, inbound, error, policy.delay(inbound.attempt))
     return send_back(bus, inbound, error, None, f"{reason}: {error!r}")
+
+
+def unencodable(events: Iterable[Event], max_size: int) -> TransportError | None:
+    """The error of the first of ``events`` that cannot be encoded (not JSON, or too large), or None. A
+    handler whose follow-up or reply cannot be encoded has failed, and no other attempt can fix it."""
+    for event in events:
+        try:
+            encode(event, max_size)
+        except (InvalidEvent, EventTooLarge) as exc:
+            return exc
+    return None

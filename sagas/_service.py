@@ -15,7 +15,15 @@ from typing import Any
 
 import structlog
 
-from transport import DEFAULT_PREFETCH, Event, Subscription, validate_pattern
+from transport import (
+    DEFAULT_PREFETCH,
+    Event,
+    EventTooLarge,
+    InvalidEvent,
+    InvalidEventName,
+    Subscription,
+    validate_pattern,
+)
 
 from ._errors import ConfigurationError
 from ._protocol import follow_up_id
@@ -39,21 +47,42 @@ AT_MOST_ONCE = Delivery.AT_MOST_ONCE
 AT_LEAST_ONCE = Delivery.AT_LEAST_ONCE
 
 
+#: Errors that another attempt cannot fix, so a handler that raises one is not retried (``Retry.give_up_on``):
+#: a follow-up or reply that cannot be encoded (``InvalidEvent``: not JSON, say a ``datetime``; or
+#: ``EventTooLarge``), an invalid event name, and a ``TypeError`` (a bug in the code, not a passing fault).
+DEFAULT_PERMANENT: tuple[type[BaseException], ...] = (InvalidEvent, InvalidEventName, EventTooLarge, TypeError)
+
+
 @dataclass(frozen=True, slots=True)
 class Retry:
     """Retry policy of an at-least-once handler: ``attempts`` in all, waiting ``initial * factor**n``
-    seconds (at most ``maximum``) between them, then the message goes to the dead-letter queue."""
+    seconds (at most ``maximum``) between them, then the message goes to the dead-letter queue.
+
+    An error that is an instance of one of ``give_up_on`` (default :data:`DEFAULT_PERMANENT`) is
+    permanent: it is not retried. The message is dead-lettered with it at once, and a request handler
+    answers with a failure reply at once. Extend it with ``give_up_on=(*DEFAULT_PERMANENT, MyError)``."""
 
     attempts: int = 5
     initial: float = 1.0
     factor: float = 2.0
     maximum: float = 300.0
+    give_up_on: tuple[type[BaseException], ...] = DEFAULT_PERMANENT
 
     def __post_init__(self) -> None:
         if self.attempts < 1:
             raise ConfigurationError("Retry.attempts must be at least 1 (1 means: never retry)")
         if self.initial <= 0 or self.factor < 1 or self.maximum < self.initial:
             raise ConfigurationError("Retry needs initial > 0, factor >= 1 and maximum >= initial")
+        if not isinstance(self.give_up_on, tuple) or not all(
+            isinstance(t, type) and issubclass(t, BaseException) for t in self.give_up_on
+        ):
+            raise ConfigurationError(
+                "Retry.give_up_on must be a tuple of exception classes, e.g. (*DEFAULT_PERMANENT, MyError)"
+            )
+
+    def gives_up(self, error: BaseException) -> bool:
+        """Whether ``error`` is permanent under this policy (an instance of one of ``give_up_on``)."""
+        return isinstance(error, self.give_up_on)
 
     def delay(self, attempt: int) -> float:
         """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
@@ -248,10 +277,11 @@ class Service:
         """Declare the handler of a saga's request (``fn(event)`` or ``fn(event, ctx)``).
 
         Its return value (a JSON object, or None) becomes the success reply. Raising :class:`Failure`
-        answers with a failure reply at once. Any other exception is retried (at-least-once, with
-        ``retry``) and becomes a failure reply once the retries run out. With ``cache_replies`` (the
-        default), the reply is kept by request id, so a re-sent request gets the same reply without the
-        work running again.
+        answers with a failure reply at once, and so does an error in ``retry.give_up_on`` (a reply
+        that is not JSON, a TypeError: see :data:`DEFAULT_PERMANENT`). Any other exception is retried
+        (at-least-once, with ``retry``) and becomes a failure reply once the retries run out. With
+        ``cache_replies`` (the default), the reply is kept by request id, so a re-sent request gets the
+        same reply without the work running again.
         """
         if not isinstance(request, str):
             raise ConfigurationError(

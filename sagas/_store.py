@@ -792,10 +792,21 @@ def open_store(url: str | Store | None = None, *, create: bool = True) -> Store:
         path = parts.path[1:] if parts.path.startswith("/") else parts.path
         if not path:
             raise ConfigurationError("sqlite store URL needs a path: sqlite:///sagas.db or sqlite:////abs/sagas.db")
+        if unknown := sorted(set(query) - {"synchronous"}):
+            raise ConfigurationError(f"unknown sqlite store URL option {unknown[0]!r}: the one option is synchronous")
+        synchronous = query.get("synchronous", "NORMAL")
+        if synchronous.upper() not in ("NORMAL", "FULL", "EXTRA"):
+            raise ConfigurationError(f"synchronous must be NORMAL, FULL or EXTRA, not {synchronous!r}")
         if not create and path != ":memory:" and not os.path.exists(path):
             raise StoreError(f"no SQLite store at {path!r}: give the store URL the workers use")
-        return SQLiteStore(path, synchronous=query.get("synchronous", "NORMAL"))
+        return SQLiteStore(path, synchronous=synchronous)
     if parts.scheme in ("postgresql", "postgres"):
+        try:
+            parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+        except ValueError:
+            raise ConfigurationError(
+                "the PostgreSQL store URL has a port that is not a number from 0 to 65535"
+            ) from None
         schema = query.pop("schema", "public")
         rest = "&".join(f"{k}={v}" for k, v in query.items())
         return PostgresStore(parts._replace(query=rest).geturl(), schema=schema, create=create)

@@ -37,6 +37,7 @@ from transport import (
     ConnectionLost,
     EventBus,
     Inbound,
+    LoginRefused,
     PublishError,
     Subscription,
     TransportError,
@@ -55,6 +56,8 @@ log = structlog.get_logger("sagas.worker")
 
 #: Exit code of a worker that lost its broker for longer than the grace period.
 EXIT_BROKER_UNAVAILABLE = 3
+#: Exit code of a worker whose broker refused the login (a wrong user or password: not retried).
+EXIT_LOGIN_REFUSED = 4
 #: messages a saga type's queue sends ahead
 _SAGA_PREFETCH = 256
 
@@ -224,7 +227,8 @@ class Worker:
         self._stop.set()
 
     def run(self, *, install_signals: bool = False) -> int:
-        """Run until stopped. Returns the process exit code: 0, or 3 if the broker stayed away."""
+        """Run until stopped. Returns the process exit code: 0, 3 if the broker stayed away, or 4 at once
+        if it refused the login."""
         if install_signals:
             self._install_signals()
         try:
@@ -235,6 +239,10 @@ class Worker:
             log.error("worker.broker_unavailable", error=str(exc))
             self.close()
             return EXIT_BROKER_UNAVAILABLE
+        except LoginRefused as exc:
+            log.error("worker.login_refused", error=str(exc))
+            self.close()
+            return EXIT_LOGIN_REFUSED
         self.shutdown()
         return 0
 

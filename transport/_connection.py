@@ -17,7 +17,7 @@ from urllib.parse import urlsplit, urlunsplit
 import structlog
 from kombu.connection import Connection
 
-from ._errors import BrokerUnavailable, TransportError
+from ._errors import BrokerUnavailable, InvalidBrokerURL, LoginRefused, TransportError
 from ._frames import frame_handler
 
 log = structlog.get_logger("transport")
@@ -46,6 +46,61 @@ def redact_url(url: str) -> str:
 
 #: the URL schemes a bus connects with: RabbitMQ (plain or TLS), or the in-process memory broker
 _SCHEMES = frozenset({"amqp", "amqps", "pyamqp", "memory"})
+
+
+#: the query options a broker URL may carry, with what each must be (kombu passes them to its Connection,
+#: where an unknown one or a bad value is a TypeError or ValueError deep in the first connect)
+_QUERY_OPTIONS = {
+    "heartbeat": "a number of seconds >= 0",
+    "connect_timeout": "a number of seconds > 0",
+    "login_method": "one of AMQPLAIN, PLAIN, EXTERNAL",
+}
+
+
+def check_broker_url(url: str) -> None:
+    """Raise :class:`InvalidBrokerURL` unless every host of ``url`` (``;``-separated) is a broker URL this
+    bus connects with: its scheme, its port and its query options (see ``_QUERY_OPTIONS``)."""
+    hosts = [h for h in url.split(";") if h] or [url]
+    for host in hosts:
+        scheme = host.split("://", 1)[0] if "://" in host else ""
+        if scheme not in _SCHEMES or (scheme == "memory" and len(hosts) > 1):
+            raise InvalidBrokerURL(
+                f"unsupported broker URL {redact_url(host)!r}: use amqp://user:pass@host:5672/vhost "
+                "(amqps:// for TLS; several separated by ';') or memory://"
+            )
+        if scheme == "memory":
+            continue
+        try:
+            parts = urlsplit(host)
+            port = parts.port
+        except ValueError:
+            raise InvalidBrokerURL(
+                f"broker URL {redact_url(host)!r} has a port that is not a number from 1 to 65535"
+            ) from None
+        if port == 0:
+            raise InvalidBrokerURL(f"broker URL {redact_url(host)!r} has port 0; use 1 to 65535 (5672 for AMQP)")
+        for item in parts.query.split("&") if parts.query else ():
+            name, _, value = item.partition("=")
+            if name not in _QUERY_OPTIONS:
+                valid = ", ".join(f"{k} ({v})" for k, v in _QUERY_OPTIONS.items())
+                raise InvalidBrokerURL(
+                    f"broker URL {redact_url(host)!r} has an unknown option {name!r}; valid options: {valid}"
+                )
+            if not _valid_option(name, value):
+                raise InvalidBrokerURL(
+                    f"broker URL {redact_url(host)!r}: {name}={value!r} is not valid; {name} must be "
+                    f"{_QUERY_OPTIONS[name]}"
+                )
+
+
+def _valid_option(name: str, value: str) -> bool:
+    if name == "login_method":
+        return value in ("AMQPLAIN", "PLAIN", "EXTERNAL")
+    try:
+        number = float(value)
+    except ValueError:
+        return False
+    return number == number and number < float("inf") and (number >= 0 if name == "heartbeat" else number > 0)
 
 
 def is_memory_url(url: str) -> bool:
@@ -84,13 +139,7 @@ class FailoverConnection:
         self.lock = threading.RLock()
         #: the brokers of a ``;``-separated URL, tried in turn; ``_next_host`` goes first
         self._hosts = [h for h in url.split(";") if h] or [url]
-        for host in self._hosts:
-            scheme = host.split("://", 1)[0] if "://" in host else ""
-            if scheme not in _SCHEMES or (scheme == "memory" and len(self._hosts) > 1):
-                raise TransportError(
-                    f"unsupported broker URL {redact_url(host)!r}: use amqp://user:pass@host:5672/vhost "
-                    "(amqps:// for TLS; several separated by ';') or memory://"
-                )
+        check_broker_url(url)
         self._next_host = 0
         self._conn: Connection | None = None
         self._on_connect = on_connect
@@ -130,7 +179,9 @@ class FailoverConnection:
                     self._on_connect(conn)
                 except Exception as exc:
                     close_quietly(conn)
-                    if not (is_connection_error(conn, exc) or login_refused(exc)):
+                    if login_refused(exc):
+                        raise refused_login(conn, exc) from None
+                    if not is_connection_error(conn, exc):
                         raise
                     # Fail over: the next broker of the URL is tried at once; after a whole round, wait.
                     self._next_host += 1
@@ -174,7 +225,8 @@ class FailoverConnection:
         return tuple(conn.connection_errors) + tuple(conn.channel_errors) + (OSError,)
 
     def health(self, timeout: float = 5.0) -> bool:
-        """Whether the broker answers within ``timeout`` seconds (opens a channel; declares nothing)."""
+        """Whether the broker answers within ``timeout`` seconds (opens a channel; declares nothing).
+        Raises :class:`LoginRefused` if it answers but refuses the user or password."""
         if self.memory:
             return True
         conn = self._new(connect_timeout=timeout)
@@ -182,7 +234,9 @@ class FailoverConnection:
             conn.ensure_connection(max_retries=0, reraise_as_library_errors=False)
             conn.channel().close()
         except Exception as exc:
-            if not (is_connection_error(conn, exc) or login_refused(exc)):
+            if login_refused(exc):
+                raise refused_login(conn, exc) from None
+            if not is_connection_error(conn, exc):
                 raise
             return False
         finally:
@@ -207,9 +261,18 @@ def queue_node_down(exc: BaseException) -> bool:
 
 def login_refused(exc: BaseException) -> bool:
     """Whether the broker closed the connection in the handshake with 403: a wrong user or password.
-    py-amqp raises that as a channel error, which crashed the worker and the CLI with a traceback; it is
-    reported like an unreachable broker instead (the message says why), and never shows the password."""
+    py-amqp raises that as a channel error; it becomes :class:`LoginRefused`, which is raised at once
+    (retrying cannot help) and never shows the password."""
     return getattr(exc, "reply_code", None) == 403 and getattr(exc, "method_sig", None) == (0, 0)
+
+
+def refused_login(conn: Connection, exc: BaseException) -> LoginRefused:
+    """The :class:`LoginRefused` for a login that ``conn``'s broker refused with ``exc``."""
+    where = redact_url(conn.as_uri(include_password=True))
+    return LoginRefused(
+        f"the broker at {where} refused the login for user {conn.userid!r}: check the user and password "
+        f"(SAGAS_BROKER_URL or --broker); the broker said: {getattr(exc, 'reply_text', '') or exc}"
+    )
 
 
 def close_quietly(conn: Connection) -> None:

@@ -49,6 +49,16 @@ class BrokerUnavailable(TransportError):
     """No connection to the broker could be made within the time allowed."""
 
 
+class InvalidBrokerURL(TransportError, ValueError):
+    """A broker URL is malformed: an unsupported scheme, a port that is not a number, or a query option
+    that is unknown or has a bad value. Retrying cannot help; the message says what is valid."""
+
+
+class LoginRefused(TransportError):
+    """The broker refused the login (RabbitMQ's 403 ACCESS_REFUSED): a wrong user or password. Retrying
+    cannot help, so it is raised at once instead of :class:`BrokerUnavailable` after the time allowed."""
+
+
 class TopologyMismatch(TransportError):
     """A queue or exchange exists on the broker with other arguments (RabbitMQ's PRECONDITION_FAILED).
     Changing a queue's arguments is a migration; the message says how."""

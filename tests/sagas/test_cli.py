@@ -16,6 +16,7 @@ from click.testing import CliRunner
 from sagas import App, Event, EventBus, Reject, Service, Worker
 from sagas._cli import cli
 from tests.helpers import wait_for
+from transport import Subscription, is_memory_url
 
 COMMANDS = [
     ["run"],
@@ -38,6 +39,18 @@ def test_every_command_has_help_with_an_example(command: list[str]) -> None:
     assert "Example" in result.output
 
 
+def _publish(runner: CliRunner, bus: EventBus, type: str, payload: dict[str, object], common: list[str]) -> str:
+    """Publish with `sagas publish` on RabbitMQ; on memory://, which `publish` refuses (it reaches no other
+    process), with the test's bus in this process. The event's id."""
+    if is_memory_url(bus.url):
+        event = Event(type, payload)
+        bus.publish(event)
+        return event.id
+    out = runner.invoke(cli, ["publish", type, json.dumps(payload), *common])
+    assert out.exit_code == 0, out.output
+    return out.output.strip().splitlines()[-1]  # (the worker logs to the same output)
+
+
 def test_publish_then_dead_ls_and_replay(broker_url: str, unique: str, buses: list[object]) -> None:
     """A rejected event shows in `dead ls` with its error, and `dead replay` puts it back."""
     handled: list[str] = []
@@ -56,9 +69,7 @@ def test_publish_then_dead_ls_and_replay(broker_url: str, unique: str, buses: li
     runner = CliRunner()
     common = ["--broker", broker_url, "--exchange", unique]
     with worker.running():
-        out = runner.invoke(cli, ["publish", "ocis.cli.poked", '{"n": 1}', *common])
-        assert out.exit_code == 0, out.output
-        event_id = out.output.strip()
+        event_id = _publish(runner, bus, "ocis.cli.poked", {"n": 1}, common)
         wait_for(lambda: bus.dead_letters(), what="dead letter")
         listed = runner.invoke(cli, ["dead", "ls", "--json", *common])
         (letter,) = json.loads(listed.output)
@@ -223,8 +234,7 @@ def test_dead_drop_deletes_letters(broker_url: str, unique: str, buses: list[obj
     runner = CliRunner()
     common = ["--broker", broker_url, "--exchange", unique]
     with worker.running():
-        published = [runner.invoke(cli, ["publish", "ocis.cli.poked", "{}", *common]) for _ in range(2)]
-        ids = [p.output.strip().splitlines()[-1] for p in published]  # (the worker logs to the same output)
+        ids = [_publish(runner, bus, "ocis.cli.poked", {}, common) for _ in range(2)]
         wait_for(lambda: len(bus.dead_letters()) == 2, what="two dead letters")
     one = runner.invoke(cli, ["dead", "drop", ids[0], "nope", "--as", "marie", *common])
     assert one.exit_code == 1, one.output
@@ -252,3 +262,60 @@ def test_an_unknown_broker_scheme_or_log_level_is_an_error_without_a_traceback(t
     assert bad_level.returncode == 2, bad_level.stderr
     assert "'loud' is not one of" in bad_level.stderr
     assert "Traceback" not in bad_level.stderr
+
+
+def test_publish_on_memory_is_refused() -> None:
+    """`sagas publish` on memory:// (the default) exits 2 and says why: no other process can receive it."""
+    result = CliRunner().invoke(cli, ["publish", "ocis.cli.poked", "{}"], env={"SAGAS_BROKER_URL": "memory://"})
+    assert result.exit_code == 2, result.output
+    assert "error: not publishing on memory://" in result.output
+    assert "--broker or SAGAS_BROKER_URL" in result.output
+
+
+def test_publish_of_an_event_no_queue_receives_exits_3(amqp_url: str, unique: str) -> None:
+    """On RabbitMQ an event that no queue is bound to (a typo) is an error, exit 3, naming the event;
+    --allow-unroutable publishes it anyway; a bound name is published (exit 0)."""
+    runner = CliRunner()
+    common = ["--broker", amqp_url, "--exchange", unique]
+    bus = EventBus(amqp_url, exchange=unique)
+    try:
+        bus.declare(Subscription(queue=f"{unique}.cli.bound", patterns=("ocis.cli.poked",)))
+        typo = runner.invoke(cli, ["publish", "ocis.cli.pokde", "{}", *common])
+        assert typo.exit_code == 3, typo.output
+        assert "error: no queue receives ocis.cli.pokde" in typo.output
+        assert "--allow-unroutable" in typo.output
+        anyway = runner.invoke(cli, ["publish", "ocis.cli.pokde", "{}", "--allow-unroutable", *common])
+        assert anyway.exit_code == 0, anyway.output
+        bound = runner.invoke(cli, ["publish", "ocis.cli.poked", "{}", *common])
+        assert bound.exit_code == 0, bound.output
+    finally:
+        bus.delete_topology()
+        bus.close()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["publish", "ocis.a.b", "--broker", "amqp://g:pw@127.0.0.1:5672//?heartbeat=abc"], "heartbeat='abc'"),
+        (["publish", "ocis.a.b", "--broker", "amqp://g:pw@127.0.0.1:5672//?hartbeat=5"], "unknown option"),
+        (["publish", "ocis.a.b", "--broker", "amqp://g:pw@127.0.0.1:notaport//"], "port that is not a number"),
+        (["publish", "ocis.a.b", "--broker", "ampq://g:pw@127.0.0.1//"], "unsupported broker URL"),
+        (["health", "--broker", "amqp://g:pw@127.0.0.1:5672//?connect_timeout=-1"], "connect_timeout='-1'"),
+        (["dead", "ls", "--broker", "amqp://g:pw@127.0.0.1:5672//?heartbeat="], "heartbeat=''"),
+        (["run", "capp:app", "--broker", "amqp://g:pw@h:notaport//"], "port that is not a number"),
+        (["ls", "--store", "sqlite:///sagas.db?synchronus=full"], "unknown sqlite store URL option"),
+        (["counts", "--store", "sqlite:///sagas.db?synchronous=sometimes"], "synchronous must be"),
+        (["ls", "--store", "postgresql://u:pw@127.0.0.1:notaport/db"], "port that is not a number"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else " ".join(v[:2]),
+)
+def test_a_malformed_url_is_an_error_without_a_traceback(args: list[str], message: str, tmp_path: Path) -> None:
+    """A broker or store URL with a bad port or a bad or unknown option prints `error: ...` (without the
+    password) and exits 2, before anything connects; no traceback."""
+    (tmp_path / "capp.py").write_text(APP.format(exchange="unused"))
+    command = [sys.executable, "-m", "sagas", *args]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=tmp_path, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert ":pw@" not in proc.stderr

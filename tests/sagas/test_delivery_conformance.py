@@ -7,11 +7,28 @@ import json
 import pickle
 import threading
 from collections import Counter
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 
-from sagas import AT_MOST_ONCE, App, ConfigurationError, Context, Event, EventBus, Reject, Retry, Service, Worker
+from sagas import (
+    AT_MOST_ONCE,
+    DEFAULT_PERMANENT,
+    App,
+    ConfigurationError,
+    Context,
+    Event,
+    EventBus,
+    MemoryStore,
+    Reject,
+    Retry,
+    Service,
+    Start,
+    Step,
+    StepSaga,
+    Worker,
+)
 from tests.helpers import raw_publish, wait_for
 from transport import (
     CONTENT_TYPE,
@@ -453,3 +470,81 @@ def test_a_duplicate_waiting_for_a_busy_handler_does_not_strand_the_next_event(
         release.set()
         wait_for(lambda: "last" in got, what="the event after the duplicate")
     assert got == ["blocker", "a", "last"]
+
+
+class _Dated(StepSaga):
+    """One request whose participant answers with a datetime; its deadline is far away."""
+
+    type = "dated"
+    start = Start("ocis.dated.requested", key="dated_id")
+    steps = [Step("stamp", "ocis.dated.stamp", timeout=30.0)]
+
+
+def test_a_reply_that_is_not_json_fails_the_saga_at_once(broker_url: str, unique: str, buses: list[object]) -> None:
+    """A request handler whose reply cannot be encoded (a datetime) runs once: the saga gets a failure
+    reply with the encoding error's type and reason at once, and does not wait for its deadline."""
+    calls: list[int] = []
+    svc = Service("stamper")
+
+    @svc.handles("ocis.dated.stamp", retry=FAST)
+    def stamp(event: Event) -> dict[str, Any]:
+        calls.append(1)
+        return {"when": datetime.now(UTC)}
+
+    store = MemoryStore()
+    bus = make_bus(buses, broker_url, unique)
+    with make_worker(buses, App(svc, sagas=[_Dated], exchange=unique), broker_url, store=store).running():
+        bus.publish(Event("ocis.dated.requested", {"dated_id": "d1"}))
+        saga = wait_for(
+            lambda: (r := store.find_saga("dated", "d1")) is not None and r.final and r, what="the saga to end"
+        )
+    assert calls == [1]
+    reasons = [h.reason for h in store.saga_history(saga.id)]
+    assert any("InvalidEvent: the payload of" in r and "not JSON-serialisable" in r for r in reasons), reasons
+    assert not any("deadline" in r for r in reasons), reasons
+    assert bus.dead_letters() == []
+
+
+def test_a_permanent_error_is_dead_lettered_without_retries(broker_url: str, unique: str, buses: list[object]) -> None:
+    """A TypeError (in Retry.give_up_on by default) dead-letters the event after one attempt, with the
+    error; an error added to give_up_on is not retried either; other errors still are."""
+    calls: Counter[str] = Counter()
+    svc = Service("mailer")
+
+    class QuotaGone(Exception):
+        pass
+
+    @svc.on("ocis.sharing.share_created", retry=FAST)
+    def send(event: Event) -> None:
+        calls["send"] += 1
+        raise TypeError("send() got an unexpected keyword argument 'to'")
+
+    @svc.on(
+        "ocis.sharing.share_removed", retry=Retry(attempts=3, initial=0.05, give_up_on=(*DEFAULT_PERMANENT, QuotaGone))
+    )
+    def unshare(event: Event) -> None:
+        calls["unshare"] += 1
+        raise QuotaGone("over quota")
+
+    bus = make_bus(buses, broker_url, unique)
+    with make_worker(buses, App(svc, exchange=unique), broker_url).running():
+        bus.publish(Event("ocis.sharing.share_created", {"share_id": "s1"}))
+        bus.publish(Event("ocis.sharing.share_removed", {"share_id": "s1"}))
+        dead = wait_for(lambda: len(bus.dead_letters()) == 2 and bus.dead_letters(), what="two dead letters")
+    assert calls == {"send": 1, "unshare": 1}
+    by_type = {d.error_type: d for d in dead}
+    letter = by_type["builtins.TypeError"]
+    assert letter.attempts == 1
+    assert letter.error_message == "send() got an unexpected keyword argument 'to'"
+    assert "not retried" in letter.reason
+    assert {d.attempts for d in dead} == {1}
+
+
+def test_give_up_on_must_be_exception_classes() -> None:
+    """Retry(give_up_on=...) takes a tuple of exception classes; anything else is a ConfigurationError."""
+    with pytest.raises(ConfigurationError, match="give_up_on"):
+        Retry(give_up_on=(ValueError, "KeyError"))  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="give_up_on"):
+        Retry(give_up_on=ValueError)  # type: ignore[arg-type]
+    assert Retry().gives_up(TypeError())
+    assert not Retry().gives_up(ValueError())

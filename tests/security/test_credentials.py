@@ -131,7 +131,7 @@ def test_cli_never_prints_passwords(tmp_path: Path, unique: str, pg_schema: str,
         ),
         "publish-memory": (
             _sagas("publish", "ocis.creds.work", "{}", cwd=tmp_path, env={"SAGAS_BROKER_URL": MEMORY_WITH_PASSWORD}),
-            0,
+            2,
         ),
         "health-unreachable": (_sagas("health", "--broker", DEAD_BROKER, "--timeout", "1", cwd=tmp_path), 1),
         "run-unreachable": (
@@ -169,27 +169,42 @@ def test_cli_never_prints_passwords(tmp_path: Path, unique: str, pg_schema: str,
 
 @pytest.mark.rabbitmq
 def test_a_wrong_password_on_the_real_broker_is_not_printed(tmp_path: Path, unique: str, pg_schema: str) -> None:
-    """With the real broker: a wrong password is refused, and `sagas health` (unreachable, exit 1),
-    `sagas publish` (the broker's reason, exit 2) and a worker (exit 3) say so without a traceback and
-    without the password; `sagas run` with the right password and a PostgreSQL store with a password
-    starts up and stops without printing either. (A refused login used to escape as a traceback.)"""
+    """With the real broker: a wrong password is refused at once, not retried as if the broker were
+    down. `sagas health`, `publish` and `dead ls` say so (the user, what to check, exit 2), `sagas run`
+    exits 4 long before its grace period, all without a traceback and without the password; `sagas run`
+    with the right password and a PostgreSQL store with a password starts up and stops without printing
+    either. (A refused login used to escape as a traceback, then was retried for the grace period.)"""
     require(AMQP_URL, "RabbitMQ")
     wrong = AMQP_URL.replace(":guest@", f":{BROKER_PASSWORD}@")
     assert wrong != AMQP_URL
-    health = _sagas("health", "--broker", wrong, "--timeout", "2", cwd=tmp_path)
-    publish = _sagas("publish", "ocis.creds.work", "{}", "--broker", wrong, "--timeout", "1", cwd=tmp_path)
-    code, output = _finish(health)
-    assert code == 1, output
-    assert "unreachable: amqp://guest:***@" in output
-    code, published = _finish(publish)
-    assert code == 2, published
-    assert "ACCESS_REFUSED" in published
-    for text in (output, published):
-        assert_no_secret(text, BROKER_PASSWORD, "Traceback")
+    (tmp_path / "credsapp.py").write_text(textwrap.dedent(APP.format(exchange=unique)))
+    started = time.monotonic()
+    procs = {
+        "health": (_sagas("health", "--broker", wrong, "--timeout", "2", cwd=tmp_path), 2),
+        "publish": (_sagas("publish", "ocis.creds.work", "{}", "--broker", wrong, "--timeout", "1", cwd=tmp_path), 2),
+        "dead-ls": (_sagas("dead", "ls", "--broker", wrong, cwd=tmp_path), 2),
+        "run": (
+            _sagas(
+                "run",
+                "credsapp:app",
+                "--grace-period",
+                "60",
+                cwd=tmp_path,
+                env={"SAGAS_BROKER_URL": wrong, "SAGAS_STORE_URL": "memory://"},
+            ),
+            4,
+        ),
+    }
+    for name, (proc, expected) in procs.items():
+        code, output = _finish(proc)
+        assert code == expected, f"{name} exited {code}:\n{output}"
+        assert "refused the login for user 'guest': check the user and password" in output, output
+        assert_no_secret(output, BROKER_PASSWORD, "Traceback")
+    assert time.monotonic() - started < 30, "a refused login was retried"
     svc = Service("creds")
     svc.on("ocis.creds.work", name="work")(lambda e: None)
-    assert Worker(App(svc, exchange=unique), broker=wrong, store="memory://", grace_period=1.0).run() == 3
-    (tmp_path / "credsapp.py").write_text(textwrap.dedent(APP.format(exchange=unique)))
+    assert Worker(App(svc, exchange=unique), broker=wrong, store="memory://", grace_period=60.0).run() == 4
+    assert time.monotonic() - started < 40, "a refused login was retried"
     proc = _sagas("run", "credsapp:app", cwd=tmp_path, env={"SAGAS_BROKER_URL": AMQP_URL, "SAGAS_STORE_URL": pg_schema})
     try:
         code, output = _start_up_and_stop(proc)

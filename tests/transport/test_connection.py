@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
-from transport import ConnectionLost, Event, EventBus, redact_url
+from tests.conftest import AMQP_URL, require
+from transport import ConnectionLost, Event, EventBus, InvalidBrokerURL, LoginRefused, redact_url
 
 
 def test_redact_url_hides_the_password_of_every_host() -> None:
@@ -104,3 +107,45 @@ def test_a_connection_error_while_subscribing_is_a_lost_connection(
         monkeypatch.undo()
         bus.delete_topology()
         bus.close()
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("amqp://u:pw@h:5672//?heartbeat=abc", "heartbeat must be a number of seconds >= 0"),
+        ("amqp://u:pw@h:5672//?connect_timeout=0", "connect_timeout must be a number of seconds > 0"),
+        ("amqp://u:pw@h:5672//?login_method=NOPE", "login_method must be one of"),
+        ("amqp://u:pw@h:5672//?ssl=1", "unknown option 'ssl'"),
+        ("amqp://u:pw@h:99999//", "port that is not a number"),
+        ("amqp://u:pw@h:5672//;amqp://u:pw@h:x//", "port that is not a number"),
+        ("ampq://u:pw@h//", "unsupported broker URL"),
+    ],
+)
+def test_a_malformed_broker_url_is_refused_when_the_bus_is_made(url: str, message: str) -> None:
+    """EventBus(url) raises InvalidBrokerURL (a TransportError and ValueError) naming what is valid,
+    without the password, before connecting."""
+    with pytest.raises(InvalidBrokerURL, match=message) as info:
+        EventBus(url)
+    assert ":pw@" not in str(info.value)
+
+
+def test_good_query_options_are_accepted() -> None:
+    """heartbeat, connect_timeout and login_method with valid values make a bus."""
+    EventBus("amqp://u:pw@h:5672//?heartbeat=0&connect_timeout=2.5&login_method=PLAIN").close()
+
+
+@pytest.mark.rabbitmq
+def test_a_refused_login_raises_at_once() -> None:
+    """A wrong password raises LoginRefused at once, naming the user, instead of BrokerUnavailable after
+    the connect timeout; health() raises it too."""
+    require(AMQP_URL, "RabbitMQ")
+    wrong = AMQP_URL.replace(":guest@", ":wrong-pw@")
+    bus = EventBus(wrong, connect_timeout=30.0)
+    started = time.monotonic()
+    with pytest.raises(LoginRefused, match="refused the login for user 'guest'") as info:
+        bus.connect()
+    assert time.monotonic() - started < 10
+    assert "wrong-pw" not in str(info.value)
+    with pytest.raises(LoginRefused):
+        bus.health(timeout=5.0)
+    bus.close()
