@@ -21,7 +21,7 @@ import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from transitions import Machine
 
@@ -34,6 +34,8 @@ from ._protocol import COMPENSATE, TIMEOUT, Trigger, on_event, on_failure, on_re
 FAILED = "failed"
 #: Where a step saga keeps its steps' results in the saga's metadata.
 STEPS_META = "steps"
+#: Where a step saga keeps what its compensations undid and did not undo, in the saga's metadata.
+COMPENSATION_META = "compensation"
 
 
 class SagaContext:
@@ -41,7 +43,19 @@ class SagaContext:
     triggered the transition, a reply's result, a failure's reason, the results of a step saga's
     completed steps (read-only), and a way to publish events."""
 
-    __slots__ = ("_steps", "data", "event", "outbox", "reason", "result", "saga_id", "saga_type", "state")
+    __slots__ = (
+        "_compensation",
+        "_note",
+        "_steps",
+        "data",
+        "event",
+        "outbox",
+        "reason",
+        "result",
+        "saga_id",
+        "saga_type",
+        "state",
+    )
 
     def __init__(
         self,
@@ -54,6 +68,7 @@ class SagaContext:
         reason: str | None = None,
         *,
         steps: Mapping[str, Mapping[str, Any]] | None = None,
+        compensation: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
         self.saga_id = saga_id
         self.saga_type = saga_type
@@ -64,6 +79,11 @@ class SagaContext:
         self.reason = reason
         self.outbox: list[tuple[str, Mapping[str, Any]]] = []
         self._steps: dict[str, Mapping[str, Any]] = {k: MappingProxyType(dict(v)) for k, v in (steps or {}).items()}
+        self._compensation: dict[str, list[str]] = {
+            "undone": list((compensation or {}).get("undone", ())),
+            "not_undone": list((compensation or {}).get("not_undone", ())),
+        }
+        self._note = ""
 
     @property
     def steps(self) -> Mapping[str, Mapping[str, Any]]:
@@ -77,6 +97,22 @@ class SagaContext:
 
     def _complete_step(self, step: str, result: Mapping[str, Any]) -> None:
         self._steps[step] = MappingProxyType(dict(result))
+
+    def _undone(self, step: str) -> None:
+        if step not in self._compensation["undone"]:
+            self._compensation["undone"].append(step)
+        self._compensation["not_undone"] = [s for s in self._compensation["not_undone"] if s != step]
+
+    def _not_undone(self, steps: Iterable[str]) -> None:
+        for step in steps:
+            if step not in self._compensation["not_undone"]:
+                self._compensation["not_undone"].append(step)
+
+    def _compensation_meta(self) -> dict[str, list[str]] | None:
+        """What the compensations undid and did not undo so far, for the metadata (None: nothing yet)."""
+        if not any(self._compensation.values()):
+            return None
+        return {k: list(v) for k, v in self._compensation.items()}
 
 
 def steps_from_meta(meta: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
@@ -214,9 +250,21 @@ class Start:
             raise ConfigurationError(f"Start({self.event!r}): keep= is a tuple of names, e.g. keep=('id',)")
 
 
+#: What a step saga takes a step to have done when its retries ran out without a reply: see :class:`Step`.
+UnknownOutcome = Literal["compensate", "assume_not_done"]
+
+
 @dataclass(frozen=True, slots=True)
 class Step:
-    """One step of a :class:`StepSaga`: a request, and the request that undoes it if a later step fails."""
+    """One step of a :class:`StepSaga`: a request, and the request that undoes it if a later step fails.
+
+    ``unknown_outcome`` says what a step whose retries ran out without any reply is taken to have
+    done. Its outcome is unknown: the participant may have done the work, and only the replies were
+    lost. ``"compensate"`` (the default) runs its compensation too, before those of the earlier steps;
+    so a compensation must be idempotent and accept "nothing to undo". ``"assume_not_done"`` is for a
+    step known to have no effect unless it answered: only the earlier steps are compensated. A failure
+    reply always means "not done": that step is never compensated.
+    """
 
     name: str
     request: str
@@ -226,6 +274,14 @@ class Step:
     timeout: float = 10.0
     retries: int = 3
     backoff: float = 2.0
+    unknown_outcome: UnknownOutcome = "compensate"
+
+    def __post_init__(self) -> None:
+        if self.unknown_outcome not in ("compensate", "assume_not_done"):
+            raise ConfigurationError(
+                f"Step({self.name!r}): unknown_outcome= is 'compensate' (the default) or 'assume_not_done', "
+                f"not {self.unknown_outcome!r}"
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -298,11 +354,16 @@ class StepSaga(Saga):
     to states ``<step>`` and ``undo_<step>`` plus finals ``completed``, ``compensated`` and ``failed``.
     The saga's data is the user's alone: each step's reply result is kept in the saga's metadata and
     read as ``ctx.steps[<step name>]``. When a step fails or times out, the compensations of the steps
-    that completed run in reverse order, each with its own deadline and retries; a compensation that
-    still fails parks the saga in ``failed``.
+    that completed run in reverse order, each with its own deadline and retries. A step that timed out
+    (its outcome unknown) is compensated first, unless it says ``unknown_outcome="assume_not_done"``.
+
+    A compensation that still fails parks the saga in ``failed``, with what was undone and what was
+    not in ``meta["compensation"]``. With ``continue_compensating = True``, the compensations of the
+    earlier steps run first, and then the saga parks.
     """
 
     steps: ClassVar[list[Step]]
+    continue_compensating: ClassVar[bool] = False
 
 
 def _complete(step: str) -> Action:
@@ -313,6 +374,38 @@ def _complete(step: str) -> Action:
     return complete
 
 
+def _unknown(step: str) -> Action:
+    def unknown(ctx: SagaContext) -> None:
+        ctx._note = f"{step}'s outcome is unknown, so it is compensated"  # noqa: SLF001
+
+    unknown.__name__ = f"compensate_unknown_{step}"
+    return unknown
+
+
+def _undone(step: str, note: str = "") -> Action:
+    def undone(ctx: SagaContext) -> None:
+        ctx._undone(step)  # noqa: SLF001
+        if note:
+            ctx._note = note  # noqa: SLF001
+
+    undone.__name__ = f"undone_{step}"
+    return undone
+
+
+def _not_undone(steps: list[str], note: str = "") -> Action:
+    def not_undone(ctx: SagaContext) -> None:
+        ctx._not_undone(steps)  # noqa: SLF001
+        if note:
+            ctx._note = note  # noqa: SLF001
+
+    not_undone.__name__ = "not_undone_" + "_".join(steps)
+    return not_undone
+
+
+def _some_not_undone(ctx: SagaContext) -> bool:
+    return bool(ctx._compensation["not_undone"])  # noqa: SLF001
+
+
 def _step_states(cls: type[StepSaga], where: str) -> tuple[list[State], list[Start]]:
     steps = list(getattr(cls, "steps", []))
     if not steps:
@@ -320,10 +413,14 @@ def _step_states(cls: type[StepSaga], where: str) -> tuple[list[State], list[Sta
     names = [s.name for s in steps]
     if len(set(names)) != len(names):
         raise ConfigurationError(f"step saga {cls.__name__} has two steps with one name: name each step once")
+    keep_going = bool(getattr(cls, "continue_compensating", False))
     states: list[State] = []
     for i, step in enumerate(steps):
         undo = _undo_target(steps, i)
         nxt = steps[i + 1].name if i + 1 < len(steps) else "completed"
+        compensate_unknown = step.compensation is not None and step.unknown_outcome == "compensate"
+        # no reply at all (or an operator's compensate while waiting): the outcome is unknown
+        unknown: Outcome = Go(f"undo_{step.name}", do=_unknown(step.name)) if compensate_unknown else undo
         states.append(
             State(
                 step.name,
@@ -332,25 +429,15 @@ def _step_states(cls: type[StepSaga], where: str) -> tuple[list[State], list[Sta
                 retries=step.retries,
                 backoff=step.backoff,
                 on_reply=Go(nxt, do=_complete(step.name)),
-                on_failure=undo,
-                on_timeout=undo,
-                on_compensate=undo,
+                on_failure=undo,  # the participant said it did nothing: only the earlier steps are undone
+                on_timeout=unknown,
+                on_compensate=unknown,
             )
         )
-        if step.compensation and i + 1 < len(steps):
-            # (the last step's compensation never runs: when it completes, the saga has completed)
-            states.append(
-                State(
-                    f"undo_{step.name}",
-                    sends=Request(step.compensation, step.compensation_payload),
-                    timeout=step.timeout,
-                    retries=step.retries,
-                    backoff=step.backoff,
-                    on_reply=undo,
-                    on_failure=FAILED,
-                    on_timeout=FAILED,
-                )
-            )
+        if step.compensation and (i + 1 < len(steps) or compensate_unknown):
+            # (the last step's compensation runs only when its outcome is unknown: when it completes,
+            # the saga has completed)
+            states.append(_undo_state(steps, i, keep_going))
     states += [Final("completed"), Final("compensated")]
     starts = []
     for s in _declared_starts(cls, where):
@@ -360,6 +447,38 @@ def _step_states(cls: type[StepSaga], where: str) -> tuple[list[State], list[Sta
             )
         starts.append(Start(s.event, key=s.key, to=steps[0].name, keep=s.keep, do=s.do))
     return states, starts
+
+
+def _undo_state(steps: list[Step], i: int, keep_going: bool) -> State:
+    """The state that sends step ``i``'s compensation. Its reply leads to the next compensation; when
+    it still fails, the saga parks with what was and was not undone, or with ``keep_going`` first
+    compensates the earlier steps."""
+    step = steps[i]
+    assert step.compensation is not None
+    nxt = _undo_target(steps, i)
+    earlier = [s.name for s in reversed(steps[:i]) if s.compensation]
+    on_reply: Outcomes = Go(nxt, do=_undone(step.name))
+    if keep_going and nxt == "compensated":
+        on_reply = [
+            Go(FAILED, when=_some_not_undone, do=_undone(step.name, "some steps could not be undone")),
+            Go(nxt, do=_undone(step.name)),
+        ]
+    if keep_going and nxt != "compensated":
+        gave_up = Go(nxt, do=_not_undone([step.name], f"{step.name} could not be undone; undoing the earlier steps"))
+    elif keep_going:
+        gave_up = Go(FAILED, do=_not_undone([step.name], f"{step.name} could not be undone"))
+    else:
+        gave_up = Go(FAILED, do=_not_undone([step.name, *earlier]))
+    return State(
+        f"undo_{step.name}",
+        sends=Request(step.compensation, step.compensation_payload),
+        timeout=step.timeout,
+        retries=step.retries,
+        backoff=step.backoff,
+        on_reply=on_reply,
+        on_failure=gave_up,
+        on_timeout=gave_up,
+    )
 
 
 def _undo_target(steps: list[Step], failed_index: int) -> str:

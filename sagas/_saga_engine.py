@@ -41,7 +41,16 @@ from ._protocol import (
     request_event,
     saga_event,
 )
-from ._saga import FAILED, STEPS_META, Saga, SagaContext, SagaDefinition, steps_from_meta, steps_to_meta
+from ._saga import (
+    COMPENSATION_META,
+    FAILED,
+    STEPS_META,
+    Saga,
+    SagaContext,
+    SagaDefinition,
+    steps_from_meta,
+    steps_to_meta,
+)
 from ._store import DuplicateSaga, HistoryEntry, OutboxRow, Outgoing, SagaRecord, Store, VersionConflict
 
 log = structlog.get_logger("sagas.saga")
@@ -249,8 +258,13 @@ class SagaEngine:
         meta = dict(record.meta)
         if ctx.steps:
             meta[STEPS_META] = steps_to_meta(ctx.steps)
+        if ctx._note:  # noqa: SLF001 - what a step saga's compiled action says about this move
+            reason = f"{reason}: {ctx._note}"  # noqa: SLF001
+        compensation = ctx._compensation_meta()  # noqa: SLF001
+        if compensation is not None:
+            meta[COMPENSATION_META] = compensation
         if new_state == FAILED:
-            meta["failed_from"], meta["reason"] = previous, reason
+            meta["failed_from"], meta["reason"] = _resume_from(d, previous, compensation), reason
         if state.final:
             record.final, record.deadline, record.attempts = True, None, 0
             meta["request"] = None
@@ -433,7 +447,18 @@ def _context(
 ) -> SagaContext:
     """What a guard, an action or a request builder of ``record`` sees."""
     steps = steps_from_meta(record.meta)
-    return SagaContext(record.id, d.type, record.state, record.data, event, result, reason, steps=steps)
+    compensation = record.meta.get(COMPENSATION_META)
+    return SagaContext(
+        record.id, d.type, record.state, record.data, event, result, reason, steps=steps, compensation=compensation
+    )
+
+
+def _resume_from(d: SagaDefinition, previous: str, compensation: Mapping[str, Any] | None) -> str:
+    """Where ``sagas retry`` takes a saga parked in ``failed``: the state it failed in, or for a step
+    saga whose compensations went on past one that failed, the first compensation not done."""
+    not_undone = (compensation or {}).get("not_undone") or []
+    first = f"undo_{not_undone[0]}" if not_undone else ""
+    return first if first in d.states else previous
 
 
 def _key(payload: Mapping[str, Any], field: str) -> tuple[str | None, str]:

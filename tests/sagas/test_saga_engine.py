@@ -46,8 +46,9 @@ SCAN, CHECK, REVERT = "ocis.antivirus.scan", "ocis.policies.check", "ocis.storag
 
 
 def _what_was_done(step: str) -> Callable[[SagaContext], Mapping[str, Any]]:
-    """A compensation's payload: the result of the step it undoes (from ``ctx.steps``)."""
-    return lambda ctx: {step: dict(ctx.steps[step])}
+    """A compensation's payload: the result of the step it undoes (from ``ctx.steps``; none when the
+    step's outcome is unknown: every reply was lost)."""
+    return lambda ctx: {step: dict(ctx.steps.get(step) or {})}
 
 
 class Trip(StepSaga):
@@ -530,12 +531,13 @@ def test_deadline_resends_the_same_request_until_retries_are_spent(trip: Harness
     deadline = trip.saga(saga_id).deadline
     assert deadline is not None
     (undo,) = requests(_fire_at(trip, deadline))
-    assert undo.type == CANCEL_HOTEL
-    assert trip.saga(saga_id).state == "undo_hotel"
+    assert undo.type == RETURN_CAR  # the car's outcome is unknown: it is undone first
+    assert undo.payload == {"car": {}}
+    assert trip.saga(saga_id).state == "undo_car"
     history = trip.store.saga_history(saga_id)
-    assert [h.to_state for h in history] == ["hotel", "car", "car", "car", "undo_hotel"]
+    assert [h.to_state for h in history] == ["hotel", "car", "car", "car", "undo_car"]
     assert "re-sent ocis.trip.rent_car (attempt 2)" in history[2].reason
-    assert history[-1].reason == "timed out in car after 3 request(s)"
+    assert history[-1].reason == "timed out in car after 3 request(s): car's outcome is unknown, so it is compensated"
 
 
 def test_timeout_takes_on_timeout_with_its_action() -> None:
