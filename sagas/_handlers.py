@@ -31,7 +31,7 @@ from transport import decode as decode_event
 
 from ._errors import Failure, NoReply, Reject
 from ._protocol import reply_event
-from ._redelivery import retry_or_dead_letter, send_back, unencodable
+from ._redelivery import encode_events, retry_or_dead_letter, send_back
 from ._service import Context, Delivery, HandlerSpec
 from ._store import Store
 
@@ -74,8 +74,10 @@ class _Settling:
     o: HandlerOutcome
     error: BaseException | None
     reply: Event | None
-    #: the reply as published (and then cached): encoded once
+    #: the reply as published (and then cached)
     reply_body: bytes = b""
+    #: the outbox encoded once, in its order (the reply last)
+    bodies: list[bytes] = field(default_factory=list)
 
     def fields(self, outcome: str) -> dict[str, Any]:
         o = self.o
@@ -327,13 +329,21 @@ class HandlerPipeline:
                 except Exception as exc:  # noqa: BLE001 - then the redelivery runs it again
                     log.error("message.not_remembered", event_id=event.id, error=repr(exc)[:500])
             return None
-        error = o.error if o.error is not None else unencodable(o.outbox, self.bus.max_event_size)
+        limit = self.bus.max_event_size
+        bodies: list[bytes] = []
+        error = o.error
+        if error is None:
+            bodies, error = encode_events(o.outbox, limit)
         reply: Event | None = None
+        reply_body = b""
         if spec.replies:
             if error is None:
                 if o.result is None or isinstance(o.result, Mapping):
                     reply = reply_event(event, spec.key, spec.service, ok=True, result=o.result)
-                    if (error := unencodable([reply], self.bus.max_event_size)) is not None:
+                    encoded, error = encode_events([reply], limit)
+                    if error is None:
+                        reply_body = encoded[0]
+                    else:
                         reply = None
                 else:
                     error = Failure(f"handler returned {type(o.result).__name__}, not a JSON object")
@@ -349,11 +359,14 @@ class HandlerPipeline:
                 )
                 if permanent:
                     o.outbox.clear()  # one of them may be what cannot be encoded: none is sent
-                reply = reply_event(event, spec.key, spec.service, ok=False, reason=reason)
+                    bodies = []
+                reply = reply_event(event, spec.key, spec.service, ok=False, reason=reason[:2000])
+                reply_body = encode(reply, limit)
                 error = None
             if reply is not None:
                 o.outbox.append(reply)
-        return _Settling(o, error, reply)
+                bodies.append(reply_body)
+        return _Settling(o, error, reply, reply_body, bodies)
 
     def _publish(self, settling: Sequence[_Settling]) -> None:
         """Publish the follow-ups and replies of every message that succeeded, with pipelined confirms.
@@ -362,13 +375,7 @@ class HandlerPipeline:
         if not sending:
             return
         try:
-            items = []
-            for s in sending:
-                for e in s.o.outbox:
-                    body = encode(e, self.bus.max_event_size)
-                    if e is s.reply:
-                        s.reply_body = body
-                    items.append((e.type, body, e.id, False))
+            items = [(e.type, body, e.id, False) for s in sending for e, body in zip(s.o.outbox, s.bodies, strict=True)]
             self.bus.publish_encoded(items)
         except ConnectionLost:
             raise

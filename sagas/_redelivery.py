@@ -49,12 +49,14 @@ def retry_or_dead_letter(bus: EventBus, inbound: Inbound, error: BaseException, 
     return send_back(bus, inbound, error, None, f"{reason}: {error!r}")
 
 
-def unencodable(events: Iterable[Event], max_size: int) -> TransportError | None:
-    """The error of the first of ``events`` that cannot be encoded (not JSON, or too large), or None. A
-    handler whose follow-up or reply cannot be encoded has failed, and no other attempt can fix it."""
+def encode_events(events: Iterable[Event], max_size: int) -> tuple[list[bytes], TransportError | None]:
+    """Encode ``events`` once, for the publish that follows: their bodies, or the error of the first
+    that cannot be encoded (not JSON, or too large). A handler whose follow-up or reply cannot be
+    encoded has failed, and no other attempt can fix it."""
+    bodies: list[bytes] = []
     for event in events:
         try:
-            encode(event, max_size)
+            bodies.append(encode(event, max_size))
         except (InvalidEvent, EventTooLarge) as exc:
-            return exc
-    return None
+            return [], exc
+    return bodies, None
