@@ -708,10 +708,15 @@ def test_a_release_in_a_group_commits_with_the_inbox_record(reopen: Opener) -> N
     """Released inside a group, the claim goes with the group's writes: a failed group keeps it."""
     a, b = reopen(), reopen()
     assert a.claim("hotel.book", "m1", "worker-a", T0 + 30, T0)
-    with pytest.raises(RuntimeError), a.group():
-        a.remember("hotel.book", "m1")
-        a.release("hotel.book", "m1", "worker-a")
-        raise RuntimeError("the store failed")
+
+    def failed_group() -> None:
+        with a.group():
+            a.remember("hotel.book", "m1")
+            a.release("hotel.book", "m1", "worker-a")
+            raise RuntimeError("the store failed")
+
+    with pytest.raises(RuntimeError):
+        failed_group()
     assert not b.seen("hotel.book", "m1")
     assert not b.claim("hotel.book", "m1", "worker-b", T0 + 30, T0)
     with a.group():

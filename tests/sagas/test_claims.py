@@ -1,0 +1,128 @@
+"""Claims on de-duplicated messages across workers (``sagas._handlers``): two workers sharing one store
+never both run an idempotent handler or a cached-reply request handler for one message id, on
+memory:// and RabbitMQ."""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from sagas import App, Event, EventBus, SagaContext, Service, Start, Step, StepSaga, Store, Worker, open_store
+from tests.helpers import wait_for
+
+HOTEL = "ocis.trip.book_hotel"
+TRIP_REQUESTED = "ocis.trip.requested"
+
+
+def _keep_trip_id(ctx: SagaContext) -> None:
+    assert ctx.event is not None
+    ctx.data["trip_id"] = ctx.event.payload["trip_id"]
+
+
+class SlowBooking(StepSaga):
+    """One step whose deadline (0.4 s) is shorter than the participant's handling time."""
+
+    type = "slow_booking"
+    start = Start(TRIP_REQUESTED, key="trip_id", do=_keep_trip_id)
+    steps = [Step("hotel", HOTEL, timeout=0.4, retries=8)]
+
+
+class _Effects:
+    """Counts a handler's effects per message id, from any thread."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.counts: collections.Counter[str] = collections.Counter()
+
+    def add(self, message_id: str) -> None:
+        with self.lock:
+            self.counts[message_id] += 1
+
+    @property
+    def total(self) -> int:
+        with self.lock:
+            return sum(self.counts.values())
+
+    def duplicates(self) -> dict[str, int]:
+        with self.lock:
+            return {k: n for k, n in self.counts.items() if n > 1}
+
+
+def _workers(buses: list[object], app: App, broker_url: str, store: str, n: int = 2) -> list[Worker]:
+    workers = [Worker(app, broker=broker_url, store=store, timer_interval=0.05) for _ in range(n)]
+    buses.extend(workers)
+    return workers
+
+
+def test_an_idempotent_handler_runs_once_per_id_across_two_workers(
+    broker_url: str, unique: str, buses: list[object], tmp_path: Path
+) -> None:
+    """Two workers share an SQLite store; each event is published twice with the same id and the handler
+    takes 0.5 s: every event's effect happens exactly once (the copy meets the other worker's claim,
+    waits in the delay queue, and then meets the inbox)."""
+    effects = _Effects()
+    indexer = Service("indexer")
+
+    @indexer.on("ocis.file.uploaded", idempotent=True, prefetch=2)  # (so that both workers get copies)
+    def index(event: Event) -> None:
+        time.sleep(0.5)
+        effects.add(event.id)
+
+    url = f"sqlite:///{tmp_path}/shared.db"
+    a, b = _workers(buses, App(indexer, exchange=unique), broker_url, url)
+    bus = EventBus(broker_url, exchange=unique)
+    buses.append(bus)
+    events = [Event("ocis.file.uploaded", {"n": i}) for i in range(20)]
+    with a.running(), b.running():
+        for e in events:
+            bus.publish(e)
+            bus.publish(e)
+        wait_for(lambda: effects.total >= len(events), timeout=30.0, what="every event handled")
+        wait_for(lambda: a.idle and b.idle and a.handlers.idle and b.handlers.idle, timeout=30.0, what="both idle")
+        time.sleep(1.5)  # a copy held back comes back from the delay queue within 1 s
+        wait_for(lambda: a.idle and b.idle, timeout=30.0, what="both idle again")
+    assert effects.duplicates() == {}
+    assert set(effects.counts) == {e.id for e in events}
+    assert a.handlers.handled > 0 and b.handlers.handled > 0  # both workers took part
+
+
+def test_a_slow_participant_runs_once_per_request_across_two_workers(
+    broker_url: str, unique: str, buses: list[object], tmp_path: Path
+) -> None:
+    """A step's deadline (0.4 s) is shorter than its participant's handling time (1.2 s), and two workers
+    share the store: the re-sent requests meet the claim of the worker on it, the work runs once per
+    request id, and every saga completes."""
+    effects = _Effects()
+    hotels = Service("hotels")
+
+    @hotels.handles(HOTEL, cache_replies=True)
+    def book(event: Event) -> dict[str, Any]:
+        time.sleep(1.2)
+        effects.add(event.id)
+        return {"room": event.payload["trip_id"]}
+
+    url = f"sqlite:///{tmp_path}/shared.db"
+    a, b = _workers(buses, App(hotels, sagas=[SlowBooking], exchange=unique), broker_url, url)
+    bus = EventBus(broker_url, exchange=unique)
+    buses.append(bus)
+    trips = [f"t{i}" for i in range(6)]
+    store: Store = open_store(url)
+    try:
+
+        def completed() -> bool:
+            return all((r := store.find_saga("slow_booking", t)) is not None and r.final for t in trips)
+
+        with a.running(), b.running():
+            for t in trips:
+                bus.publish(Event(TRIP_REQUESTED, {"trip_id": t}))
+            wait_for(completed, timeout=45.0, what="every booking completed")
+        states = {t: r.state for t in trips if (r := store.find_saga("slow_booking", t)) is not None}
+    finally:
+        store.close()
+    assert states == dict.fromkeys(trips, "completed")
+    assert effects.duplicates() == {}
+    assert effects.total == len(trips)
+    assert a.handlers.held_back + b.handlers.held_back > 0  # re-sent copies met another worker's claim
