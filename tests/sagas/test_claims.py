@@ -86,7 +86,8 @@ def test_an_idempotent_handler_runs_once_per_id_across_two_workers(
         wait_for(lambda: a.idle and b.idle, timeout=30.0, what="both idle again")
     assert effects.duplicates() == {}
     assert set(effects.counts) == {e.id for e in events}
-    assert a.handlers.handled > 0 and b.handlers.handled > 0  # both workers took part
+    assert a.handlers.handled > 0  # both workers took part
+    assert b.handlers.handled > 0
 
 
 def test_a_slow_participant_runs_once_per_request_across_two_workers(
