@@ -311,7 +311,7 @@ class HandlerPipeline:
 
     def _release(self, key: str, event_id: str) -> None:
         """Release a claim now (outside a group); one that fails is released again at the next tick,
-        and is not renewed meanwhile (its lease runs out if the store stays away)."""
+        before the renewal (while the store stays away, neither happens and its lease runs out)."""
         if (key, event_id) not in self._claimed:
             return
         self._claimed.discard((key, event_id))
