@@ -151,6 +151,11 @@ class Store(InboxStore, Protocol):
         """Extend every claim ``owner`` holds to ``until``."""
         ...
 
+    def claimed(self, message_id: str, now: float) -> bool:
+        """Whether a live claim (not expired at ``now``) on ``message_id`` exists, by any consumer: a
+        saga asks whether its request is being handled."""
+        ...
+
     def release(self, consumer: str, message_id: str, owner: str) -> None:
         """Drop ``owner``'s claim on ``message_id`` (inside a group: with the inbox record or cached
         reply written there)."""
@@ -233,6 +238,9 @@ class MemoryStore:
                 return False
             self._claims[(consumer, message_id)] = (owner, until)
             return True
+
+    def claimed(self, message_id: str, now: float) -> bool:
+        return any(m == message_id and until >= now for (_, m), (_, until) in list(self._claims.items()))
 
     def renew_claims(self, owner: str, until: float) -> None:
         with self._lock:
@@ -441,6 +449,7 @@ class _SqlStore:
             "CREATE TABLE IF NOT EXISTS claims (consumer TEXT NOT NULL, message_id TEXT NOT NULL,"
             f" owner TEXT NOT NULL, expires_at {real} NOT NULL, PRIMARY KEY (consumer, message_id))",
             "CREATE INDEX IF NOT EXISTS claims_by_owner ON claims (owner)",
+            "CREATE INDEX IF NOT EXISTS claims_by_message ON claims (message_id)",
             "CREATE TABLE IF NOT EXISTS sagas (id TEXT PRIMARY KEY, type TEXT NOT NULL, key TEXT NOT NULL,"
             " state TEXT NOT NULL, data TEXT NOT NULL, version INTEGER NOT NULL,"
             f" deadline {real}, attempts INTEGER NOT NULL, meta TEXT NOT NULL, final INTEGER NOT NULL,"
@@ -522,6 +531,12 @@ class _SqlStore:
                 (consumer, message_id, owner, until, now),
             )
             return bool(cur.rowcount == 1)
+
+    def claimed(self, message_id: str, now: float) -> bool:
+        row = self._execute(
+            "SELECT 1 FROM claims WHERE message_id = ? AND expires_at >= ? LIMIT 1", (message_id, now)
+        ).fetchone()
+        return row is not None
 
     def renew_claims(self, owner: str, until: float) -> None:
         with self._atomic():

@@ -51,12 +51,15 @@ with_sagas = App(
 hotels = Service("slow_hotels")
 
 
-@hotels.handles("drill.slow.book", cache_replies=True)
+# (concurrency: one request per pool thread, so a kill -9 catches at most 4 done and not yet recorded)
+@hotels.handles("drill.slow.book", cache_replies=True, concurrency=4)
 def book(event: Event) -> dict[str, Any]:
-    """A slow participant: ``book-start n`` when it starts, ``book n`` (the effect) when it is done."""
+    """A slow participant: ``book-start n`` when it starts, ``book n`` (the effect) when it is done,
+    and ``book@<pid> n``: which worker process did it."""
     _record("book-start", event)
     time.sleep(float(os.environ.get("DRILL_SLOW_SECONDS", "1.5")))
     _record("book", event)
+    _record(f"book@{os.getpid()}", event)
     return {"room": event.payload["n"]}
 
 

@@ -339,6 +339,10 @@ class SlowRun:
     duplicates: int
     #: how many times the work started for a request whose worker was killed on it (each must be 2)
     restarted: dict[int, int]
+    #: sagas whose effect the killed worker had made without recording it (the window no claim closes:
+    #: the effect is made again), and the other duplicates (must be 0)
+    unrecorded: int
+    other_duplicates: int
     #: states of the sagas, requests re-sent by deadlines, seconds from the first publish to all final
     states: dict[str, int]
     resends: int
@@ -373,10 +377,12 @@ def slow_participant(
         bus.close()
         kills = 0
         in_flight: set[int] = set()
+        killed_effects: set[int] = set()
         if kill:
             wait(lambda: len(lines(out, "book")) >= sagas // 4, 120, "a quarter of the bookings")
             procs[0].kill()  # kill -9, in the middle of its handlers (each takes 1 s, and they keep coming)
             procs[0].wait(30)
+            killed_effects = set(lines(out, f"book@{procs[0].pid}"))
             kills += 1
             # What was started and not done when it died: its own requests among them.
             in_flight = set(lines(out, "book-start")) - set(lines(out, "book"))
@@ -393,6 +399,7 @@ def slow_participant(
         effects = collections.Counter(lines(out, "book"))
         starts = collections.Counter(lines(out, "book-start"))
         resends = sum(1 for r in listed for h in store.saga_history(r.id) if h.reason.startswith("deadline passed"))
+        doubled = {n for n, count in effects.items() if count > 1}
         return SlowRun(
             sagas=sagas,
             workers=workers,
@@ -400,6 +407,8 @@ def slow_participant(
             effects=sum(effects.values()),
             duplicates=sum(1 for n in effects.values() if n > 1),
             restarted={n: starts[n] for n in sorted(in_flight)},
+            unrecorded=len(doubled & killed_effects),
+            other_duplicates=len(doubled - killed_effects),
             states=dict(collections.Counter(r.state for r in listed)),
             resends=resends,
             seconds=round(seconds, 1),

@@ -388,7 +388,8 @@ def slow(s: Services, n: int) -> None:
             restarted = collections.Counter(run.restarted.values())
             print(
                 f"slow-participant: {run.sagas} sagas, {run.workers} workers (RabbitMQ + PostgreSQL), "
-                f"kills {run.kills}; effects counted {run.effects}, duplicates {run.duplicates}; "
+                f"kills {run.kills}; effects counted {run.effects}, duplicates {run.duplicates} "
+                f"(made by the killed worker and not recorded: {run.unrecorded}; other: {run.other_duplicates}); "
                 f"states {run.states}; requests re-sent by deadlines {run.resends}; "
                 f"in flight at the kill: {len(run.restarted)} (started twice: {restarted.get(2, 0)}); "
                 f"all final after {run.seconds}s"

@@ -10,7 +10,21 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sagas import App, Event, EventBus, SagaContext, Service, Start, Step, StepSaga, Store, Worker, open_store
+from sagas import (
+    App,
+    Event,
+    EventBus,
+    MemoryStore,
+    SagaContext,
+    SagaRecord,
+    Service,
+    Start,
+    Step,
+    StepSaga,
+    Store,
+    Worker,
+    open_store,
+)
 from tests.helpers import wait_for
 
 HOTEL = "ocis.trip.book_hotel"
@@ -127,3 +141,67 @@ def test_a_slow_participant_runs_once_per_request_across_two_workers(
     assert effects.duplicates() == {}
     assert effects.total == len(trips)
     assert a.handlers.held_back + b.handlers.held_back > 0  # re-sent copies met another worker's claim
+
+
+class PatientBooking(StepSaga):
+    """Deadlines of 0.3 s with one re-send, and a participant allowed 6 s."""
+
+    type = "patient_booking"
+    start = Start(TRIP_REQUESTED, key="trip_id", do=_keep_trip_id)
+    steps = [Step("hotel", HOTEL, timeout=0.3, retries=1, handling_timeout=6.0)]
+
+
+class HastyBooking(StepSaga):
+    """A participant allowed 0.8 s only."""
+
+    type = "hasty_booking"
+    start = Start(TRIP_REQUESTED, key="trip_id", do=_keep_trip_id)
+    steps = [Step("hotel", HOTEL, timeout=0.3, retries=1, handling_timeout=0.8)]
+
+
+def _slow_hotels(effects: _Effects, seconds: float) -> Service:
+    hotels = Service("hotels")
+
+    @hotels.handles(HOTEL, cache_replies=True)
+    def book(event: Event) -> dict[str, Any]:
+        time.sleep(seconds)
+        effects.add(event.id)
+        return {"room": 1}
+
+    return hotels
+
+
+def test_a_participant_being_handled_uses_up_no_retries(unique: str) -> None:
+    """While a worker holds the request's claim, a deadline neither re-sends it nor counts an attempt:
+    a 2 s participant behind 0.3 s deadlines with one re-send completes, within its handling_timeout."""
+    effects = _Effects()
+    store = MemoryStore()
+    worker = Worker(App(_slow_hotels(effects, 2.0), sagas=[PatientBooking], exchange=unique), store=store)
+    with worker.running():
+        EventBus("memory://", exchange=unique).publish(Event(TRIP_REQUESTED, {"trip_id": "t1"}))
+        saga = wait_for(lambda: _final(store, "patient_booking", "t1"), timeout=10.0, what="the booking final")
+    assert saga.state == "completed"
+    assert effects.total == 1
+    reasons = [h.reason for h in store.saga_history(saga.id)]
+    assert any("is being handled, waiting" in r for r in reasons)
+    assert saga.attempts <= 2
+
+
+def test_past_its_handling_timeout_the_step_times_out(unique: str) -> None:
+    """A participant still handling the request after handling_timeout (0.8 s) is given up on: the step
+    takes its timeout outcome, and the request is not run again."""
+    effects = _Effects()
+    store = MemoryStore()
+    worker = Worker(App(_slow_hotels(effects, 2.0), sagas=[HastyBooking], exchange=unique), store=store)
+    with worker.running():
+        EventBus("memory://", exchange=unique).publish(Event(TRIP_REQUESTED, {"trip_id": "t1"}))
+        saga = wait_for(lambda: _final(store, "hasty_booking", "t1"), timeout=10.0, what="the booking final")
+        wait_for(lambda: effects.total == 1, timeout=5.0, what="the participant done")
+    assert saga.state != "completed"
+    assert any("still being handled after 0.8s" in h.reason for h in store.saga_history(saga.id))
+    assert effects.total == 1
+
+
+def _final(store: Store, saga_type: str, key: str) -> SagaRecord | None:
+    record = store.find_saga(saga_type, key)
+    return record if record is not None and record.final else None
