@@ -186,6 +186,8 @@ class HandlerPipeline:
     def admit(self, generation: int, inbound: Inbound) -> Work | None:
         """Decide whether a message runs now; answer duplicates and re-sent requests at once. A message
         the worker cannot process (say the store is down) is sent back."""
+        if self._claimed and self.clock() >= self._next_renewal:
+            self.renew()  # (a long batch must not outlast the leases of the messages being handled)
         try:
             return self._admit(generation, inbound)
         except (ConnectionLost, KeyboardInterrupt):
@@ -294,8 +296,12 @@ class HandlerPipeline:
             due = [ready for at, ready in self._held if at <= now]
             self._held = [(at, ready) for at, ready in self._held if at > now]
             self._ready.extend(due)
-        if now < self._next_renewal or not (self._claimed or self._unreleased):
-            return
+        if now >= self._next_renewal and (self._claimed or self._unreleased):
+            self.renew()
+
+    def renew(self) -> None:
+        """Renew this worker's claims for another lease, after releasing those whose release failed."""
+        now = self.clock()
         self._next_renewal = now + self.lease / 3
         try:
             for key, event_id in list(self._unreleased):

@@ -350,7 +350,7 @@ class SlowRun:
 
 
 def slow_participant(
-    s: Services, tmp: Path, exchange: str, *, sagas: int, workers: int, kill: bool, lease: float = 3.0
+    s: Services, tmp: Path, exchange: str, *, sagas: int, workers: int, kill: bool, lease: float = 30.0
 ) -> SlowRun:
     """Run ``sagas`` slow-trip sagas (drill_app.slow: a 1 s participant, a 0.4 s step deadline) on
     ``workers`` worker processes sharing a PostgreSQL store; with ``kill``, kill -9 one worker while it
@@ -394,7 +394,7 @@ def slow_participant(
 
         wait(all_final, 240, "every saga final")
         seconds = time.monotonic() - t0
-        time.sleep(lease + 1.5)  # a copy still bouncing would run the work again by now: count after it
+        time.sleep((lease if kill else 2.0) + 1.5)  # a copy still bouncing would have run the work by now
         listed = store.list_sagas(limit=sagas + 10)
         effects = collections.Counter(lines(out, "book"))
         starts = collections.Counter(lines(out, "book-start"))

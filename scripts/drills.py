@@ -380,11 +380,14 @@ def scale(s: Services, n: int) -> None:
 
 def slow(s: Services, n: int) -> None:
     """A participant that takes 1 s behind a step deadline of 0.4 s: every request is re-sent while it
-    is being handled. Two workers, then two with a kill -9 of one mid-handler (claim lease 3 s), then
+    is being handled. Two workers, then two with a kill -9 of one mid-handler (claim lease 10 s), then
     three; the participant's effects are counted per saga."""
     with tempfile.TemporaryDirectory() as tmp:
         for workers, kill in ((2, False), (2, True), (3, False)):
-            run = slow_participant(s, Path(tmp), f"drill{uuid.uuid4().hex[:8]}", sagas=n, workers=workers, kill=kill)
+            exchange = f"drill{uuid.uuid4().hex[:8]}"
+            run = slow_participant(
+                s, Path(tmp), exchange, sagas=n, workers=workers, kill=kill, lease=10.0 if kill else 30.0
+            )
             restarted = collections.Counter(run.restarted.values())
             print(
                 f"slow-participant: {run.sagas} sagas, {run.workers} workers (RabbitMQ + PostgreSQL), "

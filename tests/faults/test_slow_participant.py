@@ -40,9 +40,9 @@ def test_work_of_a_killed_claimant_runs_again_once_after_its_lease(
     services: kit.Services, tmp_path: Path, unique: str
 ) -> None:
     """kill -9 of a worker in the middle of its handlers: the requests it held are taken over when their
-    claims expire (lease 3 s) and run exactly once more; every other request once. (A request whose
+    claims expire (lease 10 s) and run exactly once more; every other request once. (A request whose
     effect the killed worker had made, and not yet recorded, is made again: the window no claim closes.)"""
-    run = kit.slow_participant(services, tmp_path, unique, sagas=SAGAS, workers=2, kill=True)
+    run = kit.slow_participant(services, tmp_path, unique, sagas=SAGAS, workers=2, kill=True, lease=10.0)
     assert run.kills == 1
     assert run.states == {"completed": SAGAS}
     # The only repeats: effects the killed worker made and had not recorded yet (the window that no

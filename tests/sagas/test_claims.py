@@ -135,12 +135,49 @@ def test_a_slow_participant_runs_once_per_request_across_two_workers(
                 bus.publish(Event(TRIP_REQUESTED, {"trip_id": t}))
             wait_for(completed, timeout=45.0, what="every booking completed")
         states = {t: r.state for t in trips if (r := store.find_saga("slow_booking", t)) is not None}
+        reasons = [
+            h.reason for t in trips if (r := store.find_saga("slow_booking", t)) for h in store.saga_history(r.id)
+        ]
     finally:
         store.close()
     assert states == dict.fromkeys(trips, "completed")
     assert effects.duplicates() == {}
     assert effects.total == len(trips)
-    assert a.handlers.held_back + b.handlers.held_back > 0  # re-sent copies met another worker's claim
+    assert any(r.startswith("deadline passed") for r in reasons)  # deadlines passed during the handling
+
+
+def test_a_request_sent_twice_runs_once_across_two_workers(
+    broker_url: str, unique: str, buses: list[object], tmp_path: Path
+) -> None:
+    """The same request published twice at once, to two workers that share the store: one copy meets the
+    other's claim, goes back through the delay queue without counting an attempt, and is answered
+    with the cached reply; the work runs once per request and every request gets two replies."""
+    effects = _Effects()
+    replies: list[Event] = []
+    hotels, audit = Service("hotels"), Service("audit")
+
+    @hotels.handles(HOTEL, cache_replies=True, prefetch=1)  # (so that both workers get copies)
+    def book(event: Event) -> dict[str, Any]:
+        time.sleep(0.5)
+        effects.add(event.id)
+        return {"room": 1}
+
+    audit.on(HOTEL + ".reply", name="replies")(replies.append)
+    url = f"sqlite:///{tmp_path}/shared.db"
+    a, b = _workers(buses, App(hotels, audit, exchange=unique), broker_url, url)
+    bus = EventBus(broker_url, exchange=unique)
+    buses.append(bus)
+    requests = [Event(HOTEL, {"trip_id": f"t{i}"}) for i in range(6)]
+    with a.running(), b.running():
+        for r in requests:
+            bus.publish(r)
+            bus.publish(r)
+        wait_for(lambda: len(replies) == 2 * len(requests), timeout=30.0, what="every copy answered")
+    assert effects.duplicates() == {}
+    assert effects.total == len(requests)
+    if broker_url != "memory://":  # (RabbitMQ hands the two copies to the two workers in turn)
+        assert a.handlers.held_back + b.handlers.held_back > 0  # copies met the other worker's claim
+    assert {e.headers["request_id"] for e in replies} == {r.id for r in requests}
 
 
 class PatientBooking(StepSaga):
