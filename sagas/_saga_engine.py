@@ -285,7 +285,9 @@ class SagaEngine:
             limit = sent_at + state.handling_limit
             if now < limit:
                 record.version += 1
-                record.deadline = min(limit, now + state.deadline_after(max(record.attempts, 1), self.rng))
+                # (waits double with the time it has taken so far: few history entries for a long one)
+                wait = max(state.deadline_after(max(record.attempts, 1), self.rng), now - sent_at)
+                record.deadline = min(limit, now + wait)
                 record.updated_at = now
                 reason = f"deadline passed: {pending['type']} is being handled, waiting"
                 waited: list[OutboxRow] = self.store.save_saga(

@@ -5,6 +5,7 @@ memory:// and RabbitMQ."""
 from __future__ import annotations
 
 import collections
+import random
 import threading
 import time
 from pathlib import Path
@@ -25,6 +26,7 @@ from sagas import (
     Worker,
     open_store,
 )
+from sagas._saga_engine import SagaEngine
 from tests.helpers import wait_for
 
 HOTEL = "ocis.trip.book_hotel"
@@ -242,3 +244,60 @@ def test_past_its_handling_timeout_the_step_times_out(unique: str) -> None:
 def _final(store: Store, saga_type: str, key: str) -> SagaRecord | None:
     record = store.find_saga(saga_type, key)
     return record if record is not None and record.final else None
+
+
+class Errand(StepSaga):
+    """Deadlines of 1 s, one re-send, a participant allowed 10 s."""
+
+    type = "errand"
+    start = Start(TRIP_REQUESTED, key="trip_id", do=_keep_trip_id)
+    steps = [Step("hotel", HOTEL, timeout=1.0, retries=1, handling_timeout=10.0)]
+
+
+def test_a_deadline_waits_on_a_claimed_request_then_times_out_past_its_handling_timeout() -> None:
+    """Engine alone, on a clock the test moves: while the request is claimed, a deadline re-sends
+    nothing and counts no attempt, with waits that grow; once the claim is gone the request is re-sent
+    as before; past handling_timeout a still-claimed request times the step out."""
+    now = [1_000.0]
+    store = MemoryStore()
+    engine = SagaEngine([Errand], store, clock=lambda: now[0], rng=random.Random(0))
+    engine.handle("errand", Event(TRIP_REQUESTED, {"trip_id": "t1"}))
+    record = store.find_saga("errand", "t1")
+    assert record is not None
+    request_id = record.meta["request"]["id"]
+    assert store.claim("hotels.book", request_id, "worker-a", now[0] + 30, now[0])
+    deadlines: list[float] = []
+    for _ in range(3):
+        saga = store.get_saga(record.id)
+        assert saga is not None
+        assert saga.deadline is not None
+        now[0] = saga.deadline
+        assert engine.fire_due() == []  # nothing re-sent
+        after = store.get_saga(record.id)
+        assert after is not None
+        assert after.attempts == 1
+        assert after.state == "hotel"
+        assert after.deadline is not None
+        deadlines.append(after.deadline - now[0])
+    assert deadlines == sorted(deadlines)  # waits that grow
+    store.release("hotels.book", request_id, "worker-a")
+    saga = store.get_saga(record.id)
+    assert saga is not None
+    assert saga.deadline is not None
+    now[0] = saga.deadline
+    (resent,) = engine.fire_due()  # not claimed: re-sent, an attempt counted
+    assert resent.message_id == request_id
+    saga = store.get_saga(record.id)
+    assert saga is not None
+    assert saga.attempts == 2
+    assert saga.deadline is not None
+    assert store.claim("hotels.book", request_id, "worker-b", now[0] + 60, now[0])
+    while not saga.final:
+        assert saga.deadline is not None
+        assert saga.deadline <= 1_000.0 + 10.0
+        now[0] = saga.deadline
+        engine.fire_due()
+        saga = store.get_saga(record.id)
+        assert saga is not None
+    assert saga.state != "completed"
+    assert any("still being handled after 10s" in h.reason for h in store.saga_history(saga.id))
