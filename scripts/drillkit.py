@@ -343,9 +343,11 @@ class SlowRun:
     #: the effect is made again), and the other duplicates (must be 0)
     unrecorded: int
     other_duplicates: int
-    #: states of the sagas, requests re-sent by deadlines, seconds from the first publish to all final
+    #: states of the sagas, requests re-sent by deadlines, deadlines that found their request being
+    #: handled (and waited), seconds from the first publish to all final
     states: dict[str, int]
     resends: int
+    waits: int
     seconds: float
 
 
