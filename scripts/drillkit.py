@@ -400,7 +400,9 @@ def slow_participant(
         listed = store.list_sagas(limit=sagas + 10)
         effects = collections.Counter(lines(out, "book"))
         starts = collections.Counter(lines(out, "book-start"))
-        resends = sum(1 for r in listed for h in store.saga_history(r.id) if h.reason.startswith("deadline passed"))
+        reasons = [h.reason for r in listed for h in store.saga_history(r.id)]
+        resends = sum(1 for reason in reasons if reason.startswith("deadline passed: re-sent"))
+        waits = sum(1 for reason in reasons if "is being handled" in reason)
         doubled = {n for n, count in effects.items() if count > 1}
         return SlowRun(
             sagas=sagas,
@@ -413,6 +415,7 @@ def slow_participant(
             other_duplicates=len(doubled - killed_effects),
             states=dict(collections.Counter(r.state for r in listed)),
             resends=resends,
+            waits=waits,
             seconds=round(seconds, 1),
         )
     finally:

@@ -393,7 +393,8 @@ def slow(s: Services, n: int) -> None:
                 f"slow-participant: {run.sagas} sagas, {run.workers} workers (RabbitMQ + PostgreSQL), "
                 f"kills {run.kills}; effects counted {run.effects}, duplicates {run.duplicates} "
                 f"(made by the killed worker and not recorded: {run.unrecorded}; other: {run.other_duplicates}); "
-                f"states {run.states}; requests re-sent by deadlines {run.resends}; "
+                f"states {run.states}; requests re-sent by deadlines {run.resends}, "
+                f"deadlines that waited on a request being handled {run.waits}; "
                 f"in flight at the kill: {len(run.restarted)} (started twice: {restarted.get(2, 0)}); "
                 f"all final after {run.seconds}s"
             )

@@ -33,7 +33,7 @@ def test_a_slow_participant_runs_once_per_request(
     assert run.states == {"completed": SAGAS}
     assert run.duplicates == 0
     assert run.effects == SAGAS
-    assert run.resends > 0  # the deadlines did re-send requests while they were being handled
+    assert run.resends + run.waits > 0  # deadlines passed while requests were queued or being handled
 
 
 def test_work_of_a_killed_claimant_runs_again_once_after_its_lease(
