@@ -348,6 +348,15 @@ class _CountingStore:
     def mark_sent(self, *args: Any) -> None:
         self._write(self._store.mark_sent, *args)
 
+    def claim(self, *args: Any) -> bool:
+        return bool(self._write(self._store.claim, *args))
+
+    def renew_claims(self, *args: Any) -> None:
+        self._write(self._store.renew_claims, *args)
+
+    def release(self, *args: Any) -> None:
+        self._write(self._store.release, *args)
+
     @contextlib.contextmanager
     def group(self) -> Iterator[None]:
         if not self._depth:

@@ -3,8 +3,16 @@ dead-lettered.
 
 For one message (DESIGN: at-least-once acks only after the handler has committed)::
 
-    admit -> (inbox: seen? ack and stop) -> (cached reply? send it, ack, stop) -> handler on the pool
-          -> publish follow-ups and the reply (confirmed) -> inbox record, cached reply -> ack
+    admit -> (de-duplicated: claim it in the store; held by another worker? send it back, stop)
+          -> (inbox: seen? ack and stop) -> (cached reply? send it, ack, stop) -> handler on the pool
+          -> publish follow-ups and the reply (confirmed) -> inbox record, cached reply, release -> ack
+
+A de-duplicated message (an idempotent handler's, or a request whose replies are cached) is claimed
+in the shared store before its handler starts: ``(handler, message id)`` with this worker as owner and
+a lease the I/O loop renews while the handler runs. A copy that meets a live claim of another worker
+(a request re-sent by a saga's deadline, an event published twice) is not run: it goes back through
+the subscription's shortest delay queue without counting an attempt, and when it returns meets the
+inbox or the reply cache. A claim whose owner died expires, and the next copy takes it over.
 
 and on failure: retry through a delay queue, or after the last attempt dead-letter it with the error
 (see :mod:`sagas._redelivery`). Finished messages settle as a group: one pipelined publish, one
@@ -19,7 +27,7 @@ import logging
 import queue
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +49,11 @@ log = structlog.get_logger("sagas.worker")
 Ready = tuple[int, Inbound]
 #: messages a pool thread takes at once at most (fewer when fewer wait: each free thread gets some)
 _CHUNK = 32
+#: seconds a claim lasts unless renewed (renewed every third of it while the handler runs)
+DEFAULT_CLAIM_LEASE = 30.0
+#: seconds a copy held back by another worker's claim waits in this worker, unacked, when its
+#: subscription has no delay queue to send it through (a handler with ``Retry(attempts=1)``)
+_HOLD = 1.0
 
 
 @dataclass(slots=True)
@@ -109,6 +122,10 @@ class HandlerPipeline:
         pool: Executor,
         concurrency: int,
         ready: deque[Ready],
+        *,
+        owner: str = "worker",
+        clock: Callable[[], float] = time.time,
+        lease: float = DEFAULT_CLAIM_LEASE,
     ) -> None:
         #: queue name -> the handler consuming it
         self.routes = dict(specs)
@@ -127,6 +144,18 @@ class HandlerPipeline:
         self._waiting: dict[str, deque[Ready]] = collections.defaultdict(deque)
         #: messages handled successfully
         self.handled = 0
+        #: who this worker is in the store's claims, the clock of their leases, and the lease
+        self.owner = owner
+        self.clock = clock
+        self.lease = lease
+        #: (handler key, event id) claimed in the store and not released yet, and releases that failed
+        self._claimed: set[tuple[str, str]] = set()
+        self._unreleased: set[tuple[str, str]] = set()
+        self._next_renewal = 0.0
+        #: copies held back by another worker's claim, waiting here (no delay queue): (due, message)
+        self._held: list[tuple[float, Ready]] = []
+        #: copies held back by another worker's claim (sent back or held here)
+        self.held_back = 0
 
     # -- what the loop asks ----------------------------------------------------------------------------
 
@@ -148,7 +177,7 @@ class HandlerPipeline:
     @property
     def idle(self) -> bool:
         """Nothing running, finished and unsettled, or waiting for a free slot."""
-        return not self._inflight and self._outcomes.empty() and not any(self._waiting.values())
+        return not self._inflight and self._outcomes.empty() and not any(self._waiting.values()) and not self._held
 
     def waiting(self, handler: str) -> int:
         """Messages waiting because ``handler`` (``service.name``) is at its concurrency limit."""
@@ -159,6 +188,8 @@ class HandlerPipeline:
     def admit(self, generation: int, inbound: Inbound) -> Work | None:
         """Decide whether a message runs now; answer duplicates and re-sent requests at once. A message
         the worker cannot process (say the store is down) is sent back."""
+        if self._claimed and self.clock() >= self._next_renewal:
+            self.renew()  # (a long batch must not outlast the leases of the messages being handled)
         try:
             return self._admit(generation, inbound)
         except (ConnectionLost, KeyboardInterrupt):
@@ -182,16 +213,47 @@ class HandlerPipeline:
             )
             return None
         dedupe = spec.idempotent or (spec.replies and spec.cache_replies)
+        claims = dedupe and inbound.subscription.durable  # (at-most-once messages are not de-duplicated)
         if dedupe:
             busy = self._busy.get((spec.key, event.id))
             if busy is not None:
                 # The same event is being handled right now: decide once that one has settled.
                 busy.append((generation, inbound))
                 return None
-            if spec.idempotent and self.store.seen(spec.key, event.id):
-                self.bus.ack(inbound)
-                self._debug(spec, event, inbound, "duplicate")
+        if not claims and self._answered(spec, event, inbound):
+            return None
+        if spec.concurrency is not None and self._running[spec.key] >= spec.concurrency:
+            self._waiting[spec.key].append((generation, inbound))
+            return None
+        if claims:
+            # Claimed first, then the inbox and reply cache read: a holder that settles in between
+            # released its claim in the transaction that recorded the message, so it is seen here.
+            now = self.clock()
+            if not self.store.claim(spec.key, event.id, self.owner, now + self.lease, now):
+                self._hold_back(spec, event, generation, inbound)
                 return None
+            self._claimed.add((spec.key, event.id))
+            try:
+                answered = self._answered(spec, event, inbound)
+            except BaseException:
+                self._release(spec.key, event.id)
+                raise
+            if answered:
+                self._release(spec.key, event.id)
+                return None
+        if dedupe:
+            self._busy[(spec.key, event.id)] = []
+        if not inbound.subscription.durable:
+            self.bus.ack(inbound)  # at-most-once: acked before it is handled
+        self._running[spec.key] += 1
+        return spec, inbound, event, generation
+
+    def _answered(self, spec: HandlerSpec, event: Event, inbound: Inbound) -> bool:
+        """Ack a message handled before (inbox), or answer a request again with its cached reply."""
+        if spec.idempotent and self.store.seen(spec.key, event.id):
+            self.bus.ack(inbound)
+            self._debug(spec, event, inbound, "duplicate")
+            return True
         if spec.replies and spec.cache_replies:
             cached = self.store.cached_reply(spec.key, event.id)
             if cached is not None:
@@ -199,16 +261,74 @@ class HandlerPipeline:
                 self.bus.publish(decode_event(cached.encode(), CONTENT_TYPE))
                 self.bus.ack(inbound)
                 self._debug(spec, event, inbound, "cached-reply")
-                return None
-        if spec.concurrency is not None and self._running[spec.key] >= spec.concurrency:
-            self._waiting[spec.key].append((generation, inbound))
-            return None
-        if dedupe:
-            self._busy[(spec.key, event.id)] = []
-        if not inbound.subscription.durable:
-            self.bus.ack(inbound)  # at-most-once: acked before it is handled
-        self._running[spec.key] += 1
-        return spec, inbound, event, generation
+                return True
+        return False
+
+    def _hold_back(self, spec: HandlerSpec, event: Event, generation: int, inbound: Inbound) -> None:
+        """Another worker holds the message's claim: send this copy back through the shortest delay
+        queue, its attempt not counted (or, without one, keep it here unacked for a moment). When it
+        returns, the holder has recorded it (inbox or reply cache), or its claim has expired."""
+        self.held_back += 1
+        delays = inbound.subscription.retry_delays
+        delay = min(delays) if delays else None
+        outcome = "held"
+        if delay is None:
+            self._held.append((self.clock() + _HOLD, (generation, inbound)))
+        else:
+            outcome = send_back(self.bus, inbound, None, delay, count_attempt=False)
+        log.info(
+            "message.held_back",
+            event_id=event.id,
+            event_type=event.type,
+            service=spec.service,
+            handler=spec.name,
+            attempt=inbound.attempt,
+            reason="held by another worker",
+            outcome=outcome,
+            retry_in=delay if delay is not None else _HOLD,
+        )
+
+    # -- claims ----------------------------------------------------------------------------------------
+
+    def tick(self) -> None:
+        """On the I/O loop: renew the claims of messages being handled (every third of the lease), retry
+        releases that failed, and put back copies held here whose wait is over."""
+        now = self.clock()
+        if self._held and self._held[0][0] <= now:
+            due = [ready for at, ready in self._held if at <= now]
+            self._held = [(at, ready) for at, ready in self._held if at > now]
+            self._ready.extend(due)
+        if now >= self._next_renewal and (self._claimed or self._unreleased):
+            self.renew()
+
+    def renew(self) -> None:
+        """Renew this worker's claims for another lease, after releasing those whose release failed."""
+        now = self.clock()
+        self._next_renewal = now + self.lease / 3
+        try:
+            for key, event_id in list(self._unreleased):
+                self.store.release(key, event_id, self.owner)
+                self._unreleased.discard((key, event_id))
+            if self._claimed:
+                self.store.renew_claims(self.owner, now + self.lease)
+        except (ConnectionLost, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the store is down: the next tick tries again
+            self._next_renewal = now + min(1.0, self.lease / 10)
+            log.error("claims.not_renewed", owner=self.owner, claims=len(self._claimed), error=repr(exc)[:500])
+
+    def _release(self, key: str, event_id: str) -> None:
+        """Release a claim now (outside a group); one that fails is released again at the next tick,
+        before the renewal (while the store stays away, neither happens and its lease runs out)."""
+        if (key, event_id) not in self._claimed:
+            return
+        self._claimed.discard((key, event_id))
+        try:
+            self.store.release(key, event_id, self.owner)
+        except (ConnectionLost, KeyboardInterrupt):
+            raise
+        except Exception:  # noqa: BLE001 - released at the next tick
+            self._unreleased.add((key, event_id))
 
     def _debug(self, spec: HandlerSpec, event: Event, inbound: Inbound, outcome: str) -> None:
         log.debug(
@@ -248,6 +368,7 @@ class HandlerPipeline:
         """Forget messages that did not start (the loop forgets its ready ones): nothing acked them, so
         they go back to their queue when the connection closes."""
         self._waiting.clear()
+        self._held.clear()
         for waiting in self._busy.values():
             waiting.clear()
 
@@ -292,10 +413,16 @@ class HandlerPipeline:
                 try:
                     with self.store.group():
                         for s in done:
+                            key, event_id = s.o.spec.key, s.o.event.id
                             if s.o.spec.idempotent:
-                                self.store.remember(s.o.spec.key, s.o.event.id)
+                                self.store.remember(key, event_id)
                             if s.reply is not None and s.o.spec.cache_replies:
-                                self.store.cache_reply(s.o.spec.key, s.o.event.id, s.reply_body.decode())
+                                self.store.cache_reply(key, event_id, s.reply_body.decode())
+                            if (key, event_id) in self._claimed:
+                                # With the record: a copy that claims it next finds the record.
+                                self.store.release(key, event_id, self.owner)
+                    for s in done:
+                        self._claimed.discard((s.o.spec.key, s.o.event.id))
                 except (ConnectionLost, KeyboardInterrupt):
                     raise
                 except Exception as exc:  # noqa: BLE001 - e.g. the store failed after the handlers ran
@@ -313,6 +440,8 @@ class HandlerPipeline:
                     log.debug("message.handled", **s.fields("failure-reply" if failed_reply else "ok"))
         finally:
             for o in outcomes:
+                # Failed, or given back: release, so that the retry (here or elsewhere) claims it again.
+                self._release(o.spec.key, o.event.id)
                 # Copies that waited on this one go first, and now meet the inbox.
                 self._ready.extendleft(reversed(self._busy.pop((o.spec.key, o.event.id), [])))
 

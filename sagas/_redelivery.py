@@ -24,13 +24,20 @@ RETRY, DEAD_LETTER, KEPT_UNACKED = "retry", "dead-letter", "kept-unacked"
 
 
 def send_back(
-    bus: EventBus, inbound: Inbound, error: BaseException | None, delay: float | None, reason: str = ""
+    bus: EventBus,
+    inbound: Inbound,
+    error: BaseException | None,
+    delay: float | None,
+    reason: str = "",
+    *,
+    count_attempt: bool = True,
 ) -> str:
-    """Retry the message after ``delay`` seconds, or (``delay`` None) dead-letter it with ``reason``.
-    Returns the outcome: ``retry``, ``dead-letter`` or ``kept-unacked``."""
+    """Retry the message after ``delay`` seconds (its attempt not counted with ``count_attempt=False``),
+    or (``delay`` None) dead-letter it with ``reason``. Returns the outcome: ``retry``, ``dead-letter``
+    or ``kept-unacked``."""
     try:
         if delay is not None:
-            bus.retry(inbound, delay, error)
+            bus.retry(inbound, delay, error, count_attempt=count_attempt)
             return RETRY
         bus.dead_letter(inbound, reason, error)
         return DEAD_LETTER

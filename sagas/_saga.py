@@ -192,6 +192,10 @@ class State:
     - ``timeout`` (seconds): the deadline every non-final state needs. With a request, the deadline
       re-sends it up to ``retries`` times, waiting ``timeout * backoff**n`` (with jitter); then, or
       at once without a request, ``on_timeout`` is taken (default: ``failed``);
+    - ``handling_timeout`` (seconds, from the request's first send): how long a participant may take.
+      A deadline that finds the request being handled (a worker holds its claim) neither re-sends it
+      nor counts an attempt, and waits again, until ``handling_timeout`` has passed: then
+      ``on_timeout`` is taken. Default: as long as the re-sends would last (the sum of the waits);
     - ``on_reply`` and ``on_failure``: where the request's reply and failure reply lead (``ctx.result``,
       ``ctx.reason``); only for a state that sends a request. A failure reply that no ``on_failure``
       outcome takes (none declared, or no guard passed) takes ``on_timeout`` at once (default:
@@ -208,6 +212,7 @@ class State:
     timeout: float | None = None
     retries: int = 3
     backoff: float = 2.0
+    handling_timeout: float | None = None
     on_reply: Outcomes | None = None
     on_failure: Outcomes | None = None
     on_timeout: Outcome | None = None
@@ -223,6 +228,14 @@ class State:
         """Seconds until the deadline after send number ``attempt`` (1-based), with +-10 % jitter."""
         base = (self.timeout or 0.0) * self.backoff ** (attempt - 1)
         return base * (0.9 + 0.2 * (rng or random).random())
+
+    @property
+    def handling_limit(self) -> float:
+        """Seconds from a request's first send after which a participant still handling it is given up
+        on: ``handling_timeout``, or the waits of every send (without jitter)."""
+        if self.handling_timeout is not None:
+            return self.handling_timeout
+        return sum((self.timeout or 0.0) * self.backoff**n for n in range(self.retries + 1))
 
 
 def Final(name: str) -> State:
@@ -274,6 +287,8 @@ class Step:
     timeout: float = 10.0
     retries: int = 3
     backoff: float = 2.0
+    #: how long the participant may take (see :class:`State`); for the step and its compensation
+    handling_timeout: float | None = None
     unknown_outcome: UnknownOutcome = "compensate"
 
     def __post_init__(self) -> None:
@@ -428,6 +443,7 @@ def _step_states(cls: type[StepSaga], where: str) -> tuple[list[State], list[Sta
                 timeout=step.timeout,
                 retries=step.retries,
                 backoff=step.backoff,
+                handling_timeout=step.handling_timeout,
                 on_reply=Go(nxt, do=_complete(step.name)),
                 on_failure=undo,  # the participant said it did nothing: only the earlier steps are undone
                 on_timeout=unknown,
@@ -475,6 +491,7 @@ def _undo_state(steps: list[Step], i: int, keep_going: bool) -> State:
         timeout=step.timeout,
         retries=step.retries,
         backoff=step.backoff,
+        handling_timeout=step.handling_timeout,
         on_reply=on_reply,
         on_failure=gave_up,
         on_timeout=gave_up,
@@ -598,6 +615,11 @@ def _state_transitions(
             "lost message can never leave a saga stuck"
         )
     spec = st.request_spec
+    if st.handling_timeout is not None and (spec is None or not st.handling_timeout > 0):
+        raise ConfigurationError(
+            f"{here}: handling_timeout is how long a participant may take on the state's request: "
+            "give it a request and a number of seconds above 0"
+        )
     out: list[Transition] = []
     if spec is None:
         for key in ("on_reply", "on_failure"):

@@ -276,7 +276,7 @@ class SagaEngine:
                     record.id, d.type, record.version, spec.type, payload, ctx.event.id if ctx.event else None
                 )
                 body = encode(request).decode()
-                meta["request"] = {"id": request.id, "type": spec.type, "body": body}
+                meta["request"] = {"id": request.id, "type": spec.type, "body": body, "sent_at": now}
                 outgoing.append(Outgoing(request.id, spec.type, body, mandatory=True))
                 record.attempts = 1
             else:
@@ -331,6 +331,31 @@ class SagaEngine:
         pending = record.meta.get("request")
         now = self.clock()
         message_id = f"deadline:{record.id}:{record.version}"
+        if pending and self.store.claimed(pending["id"], now):
+            # A participant is handling the request (a worker holds its claim): re-sending it would only
+            # bounce, and a slow participant is not a lost request. Wait, counting no attempt, until it
+            # has taken longer than the state allows.
+            sent_at = float(pending.get("sent_at", record.updated_at))
+            limit = sent_at + state.handling_limit
+            if now < limit:
+                record.version += 1
+                # (waits double with the time it has taken so far: few history entries for a long one)
+                wait = max(state.deadline_after(max(record.attempts, 1), self.rng), now - sent_at)
+                record.deadline = min(limit, now + wait)
+                record.updated_at = now
+                reason = f"deadline passed: {pending['type']} is being handled, waiting"
+                waited: list[OutboxRow] = self.store.save_saga(
+                    record,
+                    expected_version=record.version - 1,
+                    history=HistoryEntry(now, message_id, record.state, record.state, reason),
+                    inbox=None,
+                    outbox=[],
+                )
+                log.info("saga.request_being_handled", saga_id=record.id, saga_type=d.type, state=record.state)
+                return waited
+            ctx = _context(d, record, None, reason="timed out")
+            what = f"timed out in {record.state}: {pending['type']} was still being handled after {limit - sent_at:g}s"
+            return self._trigger(d, record, TIMEOUT, ctx, message_id, what, None).rows
         if pending and record.attempts < state.retries + 1:
             record.attempts += 1
             record.version += 1

@@ -26,7 +26,7 @@ from ._errors import ConfigurationError, StoreError
 from ._types import InboxStore
 
 DEFAULT_STORE_URL = "sqlite:///sagas.db"
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 
 class VersionConflict(StoreError):
@@ -141,6 +141,26 @@ class Store(InboxStore, Protocol):
 
     def cached_reply(self, consumer: str, request_id: str) -> str | None: ...
     def cache_reply(self, consumer: str, request_id: str, body: str) -> None: ...
+    def claim(self, consumer: str, message_id: str, owner: str, until: float, now: float) -> bool:
+        """Claim ``message_id`` for ``consumer`` on behalf of ``owner`` (a worker's instance) until the
+        time ``until``: true if it was free, expired at ``now``, or held by ``owner`` already. Committed
+        at once (outside a group), so other workers see it."""
+        ...
+
+    def renew_claims(self, owner: str, until: float) -> None:
+        """Extend every claim ``owner`` holds to ``until``."""
+        ...
+
+    def claimed(self, message_id: str, now: float) -> bool:
+        """Whether a live claim (not expired at ``now``) on ``message_id`` exists, by any consumer: a
+        saga asks whether its request is being handled."""
+        ...
+
+    def release(self, consumer: str, message_id: str, owner: str) -> None:
+        """Drop ``owner``'s claim on ``message_id`` (inside a group: with the inbox record or cached
+        reply written there)."""
+        ...
+
     def save_saga(
         self,
         record: SagaRecord,
@@ -187,6 +207,8 @@ class MemoryStore:
     def __init__(self) -> None:
         self._inbox: set[tuple[str, str]] = set()
         self._replies: dict[tuple[str, str], str] = {}
+        #: (consumer, message id) -> (owner, expires at)
+        self._claims: dict[tuple[str, str], tuple[str, float]] = {}
         #: saga id -> its record's columns (data and meta left empty) and the JSON text of (data, meta):
         #: a read builds a new record from them, as from a database row
         self._sagas: dict[str, SagaRecord] = {}
@@ -208,6 +230,29 @@ class MemoryStore:
 
     def cache_reply(self, consumer: str, request_id: str, body: str) -> None:
         self._replies.setdefault((consumer, request_id), body)
+
+    def claim(self, consumer: str, message_id: str, owner: str, until: float, now: float) -> bool:
+        with self._lock:
+            held = self._claims.get((consumer, message_id))
+            if held is not None and held[0] != owner and held[1] >= now:
+                return False
+            self._claims[(consumer, message_id)] = (owner, until)
+            return True
+
+    def claimed(self, message_id: str, now: float) -> bool:
+        return any(m == message_id and until >= now for (_, m), (_, until) in list(self._claims.items()))
+
+    def renew_claims(self, owner: str, until: float) -> None:
+        with self._lock:
+            for key, (holder, _) in self._claims.items():
+                if holder == owner:
+                    self._claims[key] = (owner, until)
+
+    def release(self, consumer: str, message_id: str, owner: str) -> None:
+        with self._lock:
+            held = self._claims.get((consumer, message_id))
+            if held is not None and held[0] == owner:
+                del self._claims[(consumer, message_id)]
 
     def save_saga(
         self,
@@ -400,6 +445,11 @@ class _SqlStore:
             f" handled_at {real} NOT NULL, PRIMARY KEY (consumer, message_id))",
             "CREATE TABLE IF NOT EXISTS reply_cache (consumer TEXT NOT NULL, request_id TEXT NOT NULL,"
             f" body TEXT NOT NULL, cached_at {real} NOT NULL, PRIMARY KEY (consumer, request_id))",
+            # A worker's claim on a de-duplicated message while its handler runs (released when it settles).
+            "CREATE TABLE IF NOT EXISTS claims (consumer TEXT NOT NULL, message_id TEXT NOT NULL,"
+            f" owner TEXT NOT NULL, expires_at {real} NOT NULL, PRIMARY KEY (consumer, message_id))",
+            "CREATE INDEX IF NOT EXISTS claims_by_owner ON claims (owner)",
+            "CREATE INDEX IF NOT EXISTS claims_by_message ON claims (message_id)",
             "CREATE TABLE IF NOT EXISTS sagas (id TEXT PRIMARY KEY, type TEXT NOT NULL, key TEXT NOT NULL,"
             " state TEXT NOT NULL, data TEXT NOT NULL, version INTEGER NOT NULL,"
             f" deadline {real}, attempts INTEGER NOT NULL, meta TEXT NOT NULL, final INTEGER NOT NULL,"
@@ -434,6 +484,7 @@ class _SqlStore:
                     self._execute("DROP INDEX IF EXISTS sagas_due")  # replaced by sagas_due_by_type
                 if 0 < current < 3:
                     self._execute("ALTER TABLE saga_history ADD COLUMN actor TEXT NOT NULL DEFAULT ''")
+                # (version 4 added the claims table, created above)
                 self._execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
 
     # inbox and reply cache
@@ -466,6 +517,35 @@ class _SqlStore:
                 "INSERT INTO reply_cache (consumer, request_id, body, cached_at) VALUES (?, ?, ?, ?)"
                 " ON CONFLICT DO NOTHING",
                 (consumer, request_id, body, time.time()),
+            )
+
+    # claims
+
+    def claim(self, consumer: str, message_id: str, owner: str, until: float, now: float) -> bool:
+        # One statement, committed at once: a new claim, or one taken over (expired, or already ours).
+        with self._atomic():
+            cur = self._execute(
+                "INSERT INTO claims (consumer, message_id, owner, expires_at) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (consumer, message_id) DO UPDATE SET owner = excluded.owner,"
+                " expires_at = excluded.expires_at WHERE claims.expires_at < ? OR claims.owner = excluded.owner",
+                (consumer, message_id, owner, until, now),
+            )
+            return bool(cur.rowcount == 1)
+
+    def claimed(self, message_id: str, now: float) -> bool:
+        row = self._execute(
+            "SELECT 1 FROM claims WHERE message_id = ? AND expires_at >= ? LIMIT 1", (message_id, now)
+        ).fetchone()
+        return row is not None
+
+    def renew_claims(self, owner: str, until: float) -> None:
+        with self._atomic():
+            self._execute("UPDATE claims SET expires_at = ? WHERE owner = ?", (until, owner))
+
+    def release(self, consumer: str, message_id: str, owner: str) -> None:
+        with self._atomic():
+            self._execute(
+                "DELETE FROM claims WHERE consumer = ? AND message_id = ? AND owner = ?", (consumer, message_id, owner)
             )
 
     # sagas

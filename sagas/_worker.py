@@ -45,7 +45,7 @@ from transport import (
 )
 
 from ._errors import ConfigurationError, SagasError
-from ._handlers import HandlerPipeline, Ready, Work
+from ._handlers import DEFAULT_CLAIM_LEASE, HandlerPipeline, Ready, Work
 from ._outbox import OutboxPublisher
 from ._saga_engine import SagaEngine
 from ._saga_pipeline import SAGA_RETRY, SagaPipeline
@@ -73,6 +73,10 @@ class Worker:
     ``clock`` is the wall clock of deadlines and timers, ``rng`` jitters deadlines and ``executor``
     runs handlers (a thread pool of ``concurrency`` threads by default): :mod:`sagas.testing`
     replaces all three to make a run reproducible.
+
+    ``claim_lease`` (seconds; default ``SAGAS_CLAIM_LEASE`` or 30) is how long this worker's claim on a
+    de-duplicated message outlives the worker if it dies; while the handler runs it is renewed every
+    third of it. ``instance`` names the worker in those claims: it must be unique among the workers.
     """
 
     bus: EventBus
@@ -100,6 +104,7 @@ class Worker:
         executor: Executor | None = None,
         ssl: bool | Mapping[str, Any] | None = None,
         batch_size: int = 256,
+        claim_lease: float | None = None,
     ) -> None:
         if isinstance(app, Service):
             app = App(app)
@@ -107,6 +112,15 @@ class Worker:
             raise ConfigurationError(f"a worker runs an App (or one Service), not {type(app).__name__}")
         if concurrency < 1:
             raise ConfigurationError("concurrency must be at least 1")
+        if claim_lease is None:
+            try:
+                claim_lease = float(os.environ.get("SAGAS_CLAIM_LEASE") or DEFAULT_CLAIM_LEASE)
+            except ValueError:
+                raise ConfigurationError("SAGAS_CLAIM_LEASE must be a number of seconds") from None
+        if not claim_lease > 0:
+            raise ConfigurationError("claim_lease must be more than 0 seconds")
+        #: seconds a claim on a de-duplicated message lasts unless renewed (see :mod:`sagas._handlers`)
+        self.claim_lease = claim_lease
         self.app = app
         self.broker = broker or os.environ.get("SAGAS_BROKER_URL") or "memory://"
         self.exchange = exchange or app.exchange
@@ -171,7 +185,17 @@ class Worker:
             saga_routes[sub.queue] = d.type
             self._subscriptions.append(sub)
         self._pool = self._executor or ThreadPoolExecutor(self.concurrency, thread_name_prefix="sagas-handler")
-        self.handlers = HandlerPipeline(routes, self.bus, self.store, self._pool, self.concurrency, self._ready)
+        self.handlers = HandlerPipeline(
+            routes,
+            self.bus,
+            self.store,
+            self._pool,
+            self.concurrency,
+            self._ready,
+            owner=self.instance,
+            clock=self.clock,
+            lease=self.claim_lease,
+        )
         self.sagas = (
             SagaPipeline(
                 saga_routes,
@@ -269,6 +293,7 @@ class Worker:
         while (self.handlers.inflight or self._ready) and time.monotonic() < deadline:
             try:
                 self.handlers.settle_finished(self._generation)
+                self.handlers.tick()
                 self._dispatch()
                 if self.handlers.inflight:
                     self.handlers.settle_finished(self._generation, wait=0.05)
@@ -323,6 +348,7 @@ class Worker:
             raise SagasError("the worker is not running: call start() first")
         try:
             self.handlers.settle_finished(self._generation)
+            self.handlers.tick()
             self._dispatch()
             if self.handlers.full:
                 self.handlers.settle_finished(self._generation, wait=timeout)

@@ -5,15 +5,19 @@ line, so a kill -9 loses at most the line being written and the drill can count 
 
 ``app`` has the drill service only; ``with_sagas`` adds the post-processing saga and its simulated
 participants (examples/postprocessing.py, which reads FAIL_RATE and DROP_RATE), so one worker process
-carries both plain at-least-once events and sagas through the same faults.
+carries both plain at-least-once events and sagas through the same faults. ``slow`` is a saga whose
+one step's deadline (``DRILL_SLOW_TIMEOUT``) is shorter than its participant's handling time
+(``DRILL_SLOW_SECONDS``): every re-sent request meets the claim of the worker on it.
 """
 
 from __future__ import annotations
 
 import os
+import time
+from typing import Any
 
 from examples.postprocessing import Postprocessing, antivirus, policies, storage
-from sagas import AT_MOST_ONCE, App, Event, Service
+from sagas import AT_MOST_ONCE, App, Event, SagaContext, Service, Start, Step, StepSaga
 
 drill = Service("drill")
 _out = None
@@ -33,8 +37,6 @@ def record(event: Event) -> None:
 
 @drill.on("drill.presence.seen", delivery=AT_MOST_ONCE)
 def seen(event: Event) -> None:
-    import time
-
     _record("amo-start", event)
     time.sleep(float(os.environ.get("DRILL_AMO_SLEEP", "0")))
     _record("amo", event)
@@ -44,3 +46,45 @@ app = App(drill, exchange=os.environ.get("DRILL_EXCHANGE", "drill"))
 with_sagas = App(
     drill, antivirus, policies, storage, sagas=[Postprocessing], exchange=os.environ.get("DRILL_EXCHANGE", "drill")
 )
+
+
+hotels = Service("slow_hotels")
+
+
+# (concurrency: one request per pool thread, so a kill -9 catches at most 4 done and not yet recorded)
+@hotels.handles("drill.slow.book", cache_replies=True, concurrency=4)
+def book(event: Event) -> dict[str, Any]:
+    """A slow participant: ``book-start n`` when it starts, ``book n`` (the effect) when it is done,
+    and ``book@<pid> n``: which worker process did it."""
+    _record("book-start", event)
+    time.sleep(float(os.environ.get("DRILL_SLOW_SECONDS", "1.5")))
+    _record("book", event)
+    _record(f"book@{os.getpid()}", event)
+    return {"room": event.payload["n"]}
+
+
+def _keep_n(ctx: SagaContext) -> None:
+    if ctx.event is not None:  # (a start always has its event)
+        ctx.data["n"] = ctx.event.payload["n"]
+
+
+def _trip(ctx: SagaContext) -> dict[str, Any]:
+    return {"n": ctx.data["n"]}
+
+
+class SlowTrip(StepSaga):
+    type = "slow_trip"
+    start = Start("drill.slow.requested", key="trip", do=_keep_n)
+    steps = [  # noqa: RUF012 - a saga type declares its steps as a class-level list
+        Step(
+            "book",
+            "drill.slow.book",
+            payload=_trip,
+            timeout=float(os.environ.get("DRILL_SLOW_TIMEOUT", "0.5")),
+            retries=int(os.environ.get("DRILL_SLOW_RETRIES", "12")),
+            backoff=1.5,
+        )
+    ]
+
+
+slow = App(hotels, sagas=[SlowTrip], exchange=os.environ.get("DRILL_EXCHANGE", "drill"))

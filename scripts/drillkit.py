@@ -10,8 +10,10 @@ private ones :func:`services` starts (``scripts/private_services.py``). Only the
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -320,3 +322,112 @@ def restart_postgres(db: PostgresCluster, pg: str) -> float:
             db.start()
         await_postgres(pg)
     return time.monotonic() - t0
+
+
+# -- a slow participant across worker processes -------------------------------------------------------
+
+
+@dataclass
+class SlowRun:
+    """Figures of one slow-participant run (:func:`slow_participant`)."""
+
+    sagas: int
+    workers: int
+    kills: int
+    #: the participant's effects (``book n`` lines), and how many sagas have more than one
+    effects: int
+    duplicates: int
+    #: how many times the work started for a request whose worker was killed on it (each must be 2)
+    restarted: dict[int, int]
+    #: sagas whose effect the killed worker had made without recording it (the window no claim closes:
+    #: the effect is made again), and the other duplicates (must be 0)
+    unrecorded: int
+    other_duplicates: int
+    #: states of the sagas, requests re-sent by deadlines, deadlines that found their request being
+    #: handled (and waited), seconds from the first publish to all final
+    states: dict[str, int]
+    resends: int
+    waits: int
+    seconds: float
+
+
+def slow_participant(
+    s: Services, tmp: Path, exchange: str, *, sagas: int, workers: int, kill: bool, lease: float = 30.0
+) -> SlowRun:
+    """Run ``sagas`` slow-trip sagas (drill_app.slow: a 1 s participant, a 0.4 s step deadline) on
+    ``workers`` worker processes sharing a PostgreSQL store; with ``kill``, kill -9 one worker while it
+    is handling requests, and start another. The participant's effects are counted in ``tmp``."""
+    store_url = f"{s.postgres_url}?schema={exchange}"
+    out = tmp / f"{exchange}.txt"
+    env = {
+        "DRILL_SLOW_SECONDS": "1.0",
+        "DRILL_SLOW_TIMEOUT": "0.4",
+        "SAGAS_CLAIM_LEASE": str(lease),
+    }
+    store = pg_store(exchange, s.postgres_url)  # creates the schema before the workers race to
+    procs = [start_worker("drill_app:slow", exchange, out, store_url, url=s.amqp_url, **env) for _ in range(workers)]
+    try:
+        for queue in (f"{exchange}.saga.slow_trip", f"{exchange}.slow_hotels.book"):
+
+            def consuming(q: str = queue) -> bool:
+                return consumers(q, s.amqp_url) == workers
+
+            wait(consuming, 60, f"{workers} workers consuming {queue}")
+        bus = EventBus(s.amqp_url, exchange=exchange)
+        t0 = time.monotonic()
+        bus.publish_many([Event("drill.slow.requested", {"trip": f"t{i}", "n": i}) for i in range(sagas)])
+        bus.close()
+        kills = 0
+        in_flight: set[int] = set()
+        killed_effects: set[int] = set()
+        if kill:
+            wait(lambda: len(lines(out, "book")) >= sagas // 4, 120, "a quarter of the bookings")
+            procs[0].kill()  # kill -9, in the middle of its handlers (each takes 1 s, and they keep coming)
+            procs[0].wait(30)
+            killed_effects = set(lines(out, f"book@{procs[0].pid}"))
+            kills += 1
+            # What was started and not done when it died: its own requests among them.
+            in_flight = set(lines(out, "book-start")) - set(lines(out, "book"))
+            procs[0] = start_worker("drill_app:slow", exchange, out, store_url, url=s.amqp_url, **env)
+
+        def all_final() -> bool:
+            listed = store.list_sagas(limit=sagas + 10)
+            return len(listed) == sagas and all(r.final for r in listed)
+
+        wait(all_final, 240, "every saga final")
+        seconds = time.monotonic() - t0
+        time.sleep((lease if kill else 2.0) + 1.5)  # a copy still bouncing would have run the work by now
+        listed = store.list_sagas(limit=sagas + 10)
+        effects = collections.Counter(lines(out, "book"))
+        starts = collections.Counter(lines(out, "book-start"))
+        reasons = [h.reason for r in listed for h in store.saga_history(r.id)]
+        resends = sum(1 for reason in reasons if reason.startswith("deadline passed: re-sent"))
+        waits = sum(1 for reason in reasons if "is being handled" in reason)
+        doubled = {n for n, count in effects.items() if count > 1}
+        return SlowRun(
+            sagas=sagas,
+            workers=workers,
+            kills=kills,
+            effects=sum(effects.values()),
+            duplicates=sum(1 for n in effects.values() if n > 1),
+            restarted={n: starts[n] for n in sorted(in_flight)},
+            unrecorded=len(doubled & killed_effects),
+            other_duplicates=len(doubled - killed_effects),
+            states=dict(collections.Counter(r.state for r in listed)),
+            resends=resends,
+            waits=waits,
+            seconds=round(seconds, 1),
+        )
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        store.close()
+        drop_schema(exchange, s.postgres_url)
+        cleanup(exchange, s.node, s.amqp_url)

@@ -7,6 +7,7 @@
     python scripts/drills.py postprocessing  [-n 500]     # 2 workers, PostgreSQL, faults, kill -9 one
     python scripts/drills.py deadlines                    # deadlines fire after a restart / on another worker
     python scripts/drills.py scale           [-n 500]     # sagas/s with 1 and with 2 worker processes
+    python scripts/drills.py slow-participant [-n 200]    # step deadline < handling time, 2 and 3 workers, kill -9
 
 Each drill starts a private RabbitMQ node and PostgreSQL cluster (scripts/private_services.py: free ports,
 temporary folders, always stopped and deleted), so broker-restart stops and starts that node only. With
@@ -42,6 +43,7 @@ from drillkit import (
     pg_store,
     restart_broker,
     services,
+    slow_participant,
     start_worker,
     upload,
     wait,
@@ -376,6 +378,28 @@ def scale(s: Services, n: int) -> None:
     )
 
 
+def slow(s: Services, n: int) -> None:
+    """A participant that takes 1 s behind a step deadline of 0.4 s: every request is re-sent while it
+    is being handled. Two workers, then two with a kill -9 of one mid-handler (claim lease 10 s), then
+    three; the participant's effects are counted per saga."""
+    with tempfile.TemporaryDirectory() as tmp:
+        for workers, kill in ((2, False), (2, True), (3, False)):
+            exchange = f"drill{uuid.uuid4().hex[:8]}"
+            run = slow_participant(
+                s, Path(tmp), exchange, sagas=n, workers=workers, kill=kill, lease=10.0 if kill else 30.0
+            )
+            restarted = collections.Counter(run.restarted.values())
+            print(
+                f"slow-participant: {run.sagas} sagas, {run.workers} workers (RabbitMQ + PostgreSQL), "
+                f"kills {run.kills}; effects counted {run.effects}, duplicates {run.duplicates} "
+                f"(made by the killed worker and not recorded: {run.unrecorded}; other: {run.other_duplicates}); "
+                f"states {run.states}; requests re-sent by deadlines {run.resends}, "
+                f"deadlines that waited on a request being handled {run.waits}; "
+                f"in flight at the kill: {len(run.restarted)} (started twice: {restarted.get(2, 0)}); "
+                f"all final after {run.seconds}s"
+            )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
@@ -388,6 +412,7 @@ def main() -> None:
             "postprocessing",
             "deadlines",
             "scale",
+            "slow-participant",
         ],
     )
     p.add_argument("-n", type=int, default=None)
@@ -418,6 +443,8 @@ def run(s: Services, drill: str, n: int | None) -> None:
         deadlines(s)
     elif drill == "scale":
         scale(s, n or 500)
+    elif drill == "slow-participant":
+        slow(s, n or 200)
     else:
         notifications(s, n or 1000)
 

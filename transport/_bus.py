@@ -319,10 +319,13 @@ class EventBus:
 
     # -- retries and dead letters ------------------------------------------------------------------
 
-    def retry(self, inbound: Inbound, delay: float, error: BaseException | None = None) -> None:
+    def retry(
+        self, inbound: Inbound, delay: float, error: BaseException | None = None, *, count_attempt: bool = True
+    ) -> None:
         """Send the message back to its queue after ``delay`` seconds (one of the subscription's
-        ``retry_delays``), with the attempt count raised; ack the original once the copy is confirmed."""
-        self._dead.copy_to_retry(inbound, delay)
+        ``retry_delays``), with the attempt count raised, or kept as it is with ``count_attempt=False``
+        (a message held back rather than failed); ack the original once the copy is confirmed."""
+        self._dead.copy_to_retry(inbound, delay, count_attempt=count_attempt)
         self.ack(inbound)
 
     def dead_letter(self, inbound: Inbound, reason: str, error: BaseException | None = None) -> None:

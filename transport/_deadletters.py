@@ -109,15 +109,16 @@ class DeadLetterOffice:
         self._dead_queue = dead_queue
         self._declare = declare
 
-    def copy_to_retry(self, inbound: Inbound, delay: float) -> None:
-        """Copy the message, with the attempt count raised, to its subscription's delay queue for
-        ``delay`` seconds; return once the copy is confirmed."""
+    def copy_to_retry(self, inbound: Inbound, delay: float, *, count_attempt: bool = True) -> None:
+        """Copy the message, with the attempt count raised (kept with ``count_attempt=False``: a copy
+        held back, not a failure), to its subscription's delay queue for ``delay`` seconds; return once
+        the copy is confirmed."""
         sub = inbound.subscription
         if not sub.durable:
             raise TransportError("at-most-once messages are not retried")
         headers = _copyable(inbound.message.headers)
         headers.pop("x-delivery-count", None)
-        headers[ATTEMPT_HEADER] = inbound.attempt + 1
+        headers[ATTEMPT_HEADER] = inbound.attempt + 1 if count_attempt else inbound.attempt
         self._keep_routing_key(inbound, headers)
         self._copy(inbound, delay_queue(sub.queue, delay), headers)
 

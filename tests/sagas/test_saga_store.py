@@ -651,3 +651,91 @@ def test_a_duplicate_or_conflict_inside_a_group_leaves_the_group_usable(reopen: 
     assert [r.message_id for r in after.unsent(T0 + 10)] == ["out-1"] == [r.message_id for r in rows]
     after.mark_sent([r.id for r in rows])
     assert after.unsent(T0 + 10) == []
+
+
+# -- claims: one worker at a time on a de-duplicated message ------------------------------------------
+
+
+@pytest.fixture(params=BACKENDS)
+def shared(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Opener]:
+    """Opens a store of each backend; every call opens the same storage again (as a second worker)."""
+    with _opener(request.param, request, tmp_path) as open_again:
+        yield open_again
+
+
+def test_a_claim_held_by_one_worker_is_refused_to_another(shared: Opener) -> None:
+    """A live claim is the holder's alone: another owner's claim fails, a second claim by the holder succeeds."""
+    a, b = shared(), shared()
+    assert a.claim("hotel.book", "m1", "worker-a", T0 + 30, T0)
+    assert not b.claim("hotel.book", "m1", "worker-b", T0 + 31, T0 + 1)
+    assert a.claim("hotel.book", "m1", "worker-a", T0 + 32, T0 + 2)
+    assert b.claim("hotel.book", "m2", "worker-b", T0 + 30, T0)  # another message
+    assert b.claim("car.book", "m1", "worker-b", T0 + 30, T0)  # another handler
+
+
+def test_an_expired_claim_is_taken_over(shared: Opener) -> None:
+    """A claim whose lease ran out (its owner died) goes to the next owner who asks."""
+    a, b = shared(), shared()
+    assert a.claim("hotel.book", "m1", "worker-a", T0 + 30, T0)
+    assert not b.claim("hotel.book", "m1", "worker-b", T0 + 60, T0 + 30)
+    assert b.claim("hotel.book", "m1", "worker-b", T0 + 61, T0 + 31)
+    assert not a.claim("hotel.book", "m1", "worker-a", T0 + 62, T0 + 32)
+
+
+def test_renewing_extends_every_claim_of_its_owner_only(shared: Opener) -> None:
+    """renew_claims moves the lease of the owner's claims, and leaves other owners' claims to expire."""
+    a, b, c = shared(), shared(), shared()
+    assert a.claim("hotel.book", "m1", "worker-a", T0 + 30, T0)
+    assert a.claim("car.book", "m2", "worker-a", T0 + 30, T0)
+    assert b.claim("hotel.book", "m3", "worker-b", T0 + 30, T0)
+    a.renew_claims("worker-a", T0 + 90)
+    assert not c.claim("hotel.book", "m1", "worker-c", T0 + 100, T0 + 60)
+    assert not c.claim("car.book", "m2", "worker-c", T0 + 100, T0 + 60)
+    assert c.claim("hotel.book", "m3", "worker-c", T0 + 100, T0 + 60)
+
+
+def test_a_released_claim_is_free_and_only_its_owner_releases_it(shared: Opener) -> None:
+    """release drops the owner's claim; a release by another owner leaves it in place."""
+    a, b = shared(), shared()
+    assert a.claim("hotel.book", "m1", "worker-a", T0 + 30, T0)
+    b.release("hotel.book", "m1", "worker-b")
+    assert not b.claim("hotel.book", "m1", "worker-b", T0 + 30, T0)
+    a.release("hotel.book", "m1", "worker-a")
+    assert b.claim("hotel.book", "m1", "worker-b", T0 + 30, T0)
+
+
+def test_a_release_in_a_group_commits_with_the_inbox_record(reopen: Opener) -> None:
+    """Released inside a group, the claim goes with the group's writes: a failed group keeps it."""
+    a, b = reopen(), reopen()
+    assert a.claim("hotel.book", "m1", "worker-a", T0 + 30, T0)
+
+    def failed_group() -> None:
+        with a.group():
+            a.remember("hotel.book", "m1")
+            a.release("hotel.book", "m1", "worker-a")
+            raise RuntimeError("the store failed")
+
+    with pytest.raises(RuntimeError):
+        failed_group()
+    assert not b.seen("hotel.book", "m1")
+    assert not b.claim("hotel.book", "m1", "worker-b", T0 + 30, T0)
+    with a.group():
+        a.remember("hotel.book", "m1")
+        a.release("hotel.book", "m1", "worker-a")
+    assert b.seen("hotel.book", "m1")
+    assert b.claim("hotel.book", "m1", "worker-b", T0 + 30, T0)
+
+
+def test_a_version_3_store_gets_the_claims_table_when_it_opens(tmp_path: Path) -> None:
+    """Opening a schema-3 store (no claims table) creates it and records version 4."""
+    path = tmp_path / "old.db"
+    SQLiteStore(str(path)).close()
+    db = sqlite3.connect(path)  # as version 3 left it
+    db.executescript("DROP TABLE claims; DELETE FROM schema_version; INSERT INTO schema_version VALUES (3);")
+    db.close()
+    store = SQLiteStore(str(path))
+    assert store.claim("hotel.book", "m1", "worker-a", T0 + 30, T0)
+    store.close()
+    db = sqlite3.connect(path)
+    assert db.execute("SELECT max(version) FROM schema_version").fetchone()[0] == SCHEMA_VERSION == 4
+    db.close()
