@@ -32,6 +32,8 @@ from ._protocol import COMPENSATE, TIMEOUT, Trigger, on_event, on_failure, on_re
 
 #: Final state every saga type has: parked after something kept failing. An operator can act on it.
 FAILED = "failed"
+#: The final states the step style adds besides ``failed``; no step may be named like them.
+_STEP_FINALS = ("completed", "compensated", FAILED)
 #: Where a step saga keeps its steps' results in the saga's metadata.
 STEPS_META = "steps"
 #: Where a step saga keeps what its compensations undid and did not undo, in the saga's metadata.
@@ -428,6 +430,13 @@ def _step_states(cls: type[StepSaga], where: str) -> tuple[list[State], list[Sta
     names = [s.name for s in steps]
     if len(set(names)) != len(names):
         raise ConfigurationError(f"step saga {cls.__name__} has two steps with one name: name each step once")
+    for step_name in names:
+        if step_name in _STEP_FINALS or step_name.startswith("undo_"):
+            raise ConfigurationError(
+                f"step saga {cls.__name__}: a step is named {step_name!r}, a name the step style uses itself "
+                f"(the final states {', '.join(repr(n) for n in _STEP_FINALS)} and the undo_<step> states): "
+                "rename the step"
+            )
     keep_going = bool(getattr(cls, "continue_compensating", False))
     states: list[State] = []
     for i, step in enumerate(steps):
@@ -544,6 +553,11 @@ def _compile(
     for st in declared:
         if not isinstance(st, State):
             raise ConfigurationError(f"{where}: `states` holds {st!r}; list State(...) and Final(...) entries only")
+        if st.name == FAILED:
+            raise ConfigurationError(
+                f"{where} declares a state named {FAILED!r}, the state every saga type parks in when something "
+                "keeps failing (it is always there): name your state otherwise, e.g. 'rejected'"
+            )
         if st.name in states:
             raise ConfigurationError(f"{where} declares state {st.name!r} twice: give each state its own name")
         states[st.name] = st

@@ -419,6 +419,11 @@ class SagaEngine:
         record = self._require(saga_id)
         d = self.definitions[record.type]
         target = record.state
+        if record.state not in d.states:
+            raise ActionRefused(
+                f"saga {saga_id} is in state {record.state!r}, which saga type {d.type} no longer has (a deploy "
+                "renamed or removed it): a worker parks it in 'failed' at its next deadline; retry it from there"
+            )
         if record.state == FAILED:
             target = record.meta.get("failed_from") or ""
             if target not in d.states or target == FAILED:

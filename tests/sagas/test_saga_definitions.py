@@ -553,3 +553,25 @@ def test_a_request_without_on_failure_fails_where_its_deadline_gives_up() -> Non
     assert (asked.source, asked.dest, asked.action) == ("asking", FAILED, None)
     (told,) = [t for t in d.transitions if t.trigger == on_failure_trigger("ocis.quiet.tell")]
     assert (told.source, told.dest, told.action) == ("telling", "done", note)
+
+
+def test_a_state_named_failed_is_refused() -> None:
+    """`failed` is the state every saga type parks in; a state of that name (which replaced it, and sent a
+    failing saga forward again) is refused with the clash named."""
+    with pytest.raises(ConfigurationError, match="declares a state named 'failed', the state every saga type parks in"):
+        _compile(_saga(ASKING, DONE, State("failed", sends=Request(OTHER), timeout=1.0, on_reply="done")))
+    with pytest.raises(ConfigurationError, match="declares a state named 'failed'"):
+        _compile(_saga(ASKING, DONE, Final("failed")))
+
+
+@pytest.mark.parametrize("name", ["completed", "compensated", "failed", "undo_hotel"])
+def test_a_step_named_like_a_state_the_step_style_adds_is_refused(name: str) -> None:
+    """Steps named `completed`, `compensated`, `failed` or `undo_<...>` are refused with the clash named."""
+    body = {
+        "type": "probe",
+        "start": Start(BEGIN, key="id"),
+        "steps": [Step("hotel", ASK, compensation=OTHER), Step(name, NUDGE)],
+    }
+    saga = type("Probe", (StepSaga,), body)
+    with pytest.raises(ConfigurationError, match=rf"a step is named '{name}', a name the step style uses itself"):
+        _compile(saga)

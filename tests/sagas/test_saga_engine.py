@@ -15,6 +15,7 @@ import pytest
 from examples.postprocessing import READY, Postprocessing
 from sagas import (
     FAILED,
+    ActionRefused,
     Event,
     Final,
     Go,
@@ -857,6 +858,45 @@ def test_a_saga_in_a_state_its_type_no_longer_has_is_parked_not_blocking() -> No
     assert (parked.state, parked.final) == ("failed", True)
     assert "no longer exists" in parked.meta["reason"]
     assert other.attempts == 2  # its request was re-sent in the same tick
+    with pytest.raises(ActionRefused, match="has no state to go back to \\(it failed in 'renamed_away'\\)"):
+        engine.retry(parked.id, actor="marie")
+
+
+def test_an_operator_retry_of_a_stranded_saga_is_refused_with_what_to_do() -> None:
+    """Retrying a saga in a state its type no longer has is refused with the reason (it raised KeyError)."""
+    h = Harness(Trip)
+    saga_id = _started(h)
+    record = h.saga(saga_id)
+    record.state, record.version = "renamed_away", record.version + 1
+    moved = HistoryEntry(h.now[0], "m", "hotel", "renamed_away", "as if a deploy removed the state it waits in")
+    h.store.save_saga(record, expected_version=record.version - 1, history=moved, inbox=None, outbox=[])
+    with pytest.raises(ActionRefused, match="is in state 'renamed_away', which saga type trip no longer has"):
+        h.engine.retry(saga_id, actor="marie")
+    assert h.saga(saga_id).state == "renamed_away"
+
+
+def test_user_data_may_hold_any_keys_a_step_saga_uses_itself() -> None:
+    """A start payload holding `completed`, step names and the metadata's own keys stays the user's data,
+    untouched, and the step saga runs to the end (the bookkeeping lives in the saga's metadata)."""
+    h = Harness(Trip)
+    payload = {
+        "trip_id": "t1",
+        "completed": False,
+        "hotel": "my own hotel note",
+        "steps": "not the saga's",
+        "request": None,
+        "compensation": ["x"],
+        "failed_from": 3,
+    }
+    started = h.engine.handle("trip", Event(TRIP_REQUESTED, payload)).saga
+    assert started is not None
+    saga_id = started.id
+    for _ in range(3):
+        assert h.answer("trip", saga_id, result={"ref": "r"}).moved
+    done = h.saga(saga_id)
+    assert done.state == "completed"
+    assert done.data == payload
+    assert [s["step"] for s in done.meta["steps"]] == ["hotel", "car", "flight"]
 
 
 def test_start_keep_copies_the_fields_present_and_do_runs_after() -> None:
