@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import structlog
@@ -13,7 +14,8 @@ from examples.postprocessing import Postprocessing
 from examples.postprocessing import app as postprocessing_app
 from examples.share import Share
 from examples.share import app as share_app
-from sagas import App, ConfigurationError, Event, Reject, Service
+from sagas import App, ConfigurationError, Event, HistoryEntry, Reject, SagaRecord, Service, Store
+from sagas._store import VersionConflict
 from sagas.operations import ActionRefused, NotFound, Operations
 from sagas.testing import Drop, Harness
 
@@ -218,3 +220,61 @@ def test_dead_letters_are_dropped_one_by_one_or_all(saga_harness: MakeHarness) -
     rest = ops.drop_dead(None, actor="marie")
     assert sorted(rest.dropped) == sorted(e.id for e in events[1:])
     assert ops.dead_letters() == []
+
+
+class _MovedMeanwhile:
+    """A store on which another worker moves the saga between the action's read and its write: the write
+    meets a version conflict, as it would."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    def save_saga(self, record: SagaRecord, **kwargs: Any) -> Any:
+        raise VersionConflict(f"saga {record.id} is not at version {kwargs.get('expected_version')}")
+
+
+def _strand(h: Harness, saga_id: str) -> None:
+    """Move a saga into a state its type does not have, as a deploy that renamed the state would."""
+    record = h.store.get_saga(saga_id)
+    assert record is not None
+    record.state, record.version = "renamed_away", record.version + 1
+    moved = HistoryEntry(h.clock(), "m", "grant", "renamed_away", "as if a deploy removed the state")
+    h.store.save_saga(record, expected_version=record.version - 1, history=moved, inbox=None, outbox=[])
+
+
+@pytest.mark.parametrize("action", ["retry", "compensate"])
+@pytest.mark.parametrize("case", ["stranded", "finished", "changed meanwhile"])
+def test_every_operator_action_refuses_cleanly(saga_harness: MakeHarness, action: str, case: str) -> None:
+    """Retry and compensate, on a stranded saga, a finished one, or one that another worker moves while
+    the action is applied: ActionRefused with the reason, and the saga is left as it was."""
+    h = saga_harness(share_app)
+    if case != "finished":
+        h.inject(Drop(), match="ocis.sharing.grant", times=100)  # the saga waits in grant
+    h.publish(
+        "ocis.sharing.share_requested",
+        {"share_id": "s1", "owner": "einstein", "grantee": "marie", "path": "/p", "size": 1},
+    )
+    if case == "finished":
+        h.settle()
+    else:
+        h.run()
+    saga_id = h.saga(Share, "s1").id
+    if case == "stranded":
+        _strand(h, saga_id)
+    before = h.store.get_saga(saga_id)
+    assert before is not None
+    store: Any = _MovedMeanwhile(h.store) if case == "changed meanwhile" else h.store
+    ops = Operations(store, sagas=h.app.sagas, bus=h.client_bus(), clock=h.clock)
+    expected = {
+        "stranded": "no longer has|defines no compensation from state 'renamed_away'",
+        "finished": "has ended in completed",
+        "changed meanwhile": "changed while the .* was being applied",
+    }[case]
+    with pytest.raises(ActionRefused, match=expected):
+        ops.retry(saga_id, actor="marie") if action == "retry" else ops.compensate(saga_id, actor="marie")
+    after = h.store.get_saga(saga_id)
+    assert after is not None
+    assert (after.state, after.version) == (before.state, before.version)
