@@ -387,6 +387,13 @@ def _print_letter(d: DeadLetter, *, traceback: bool = False) -> None:
             click.echo(f"      {line}")
 
 
+def _letter_ids(ids: tuple[str, ...], every: bool) -> tuple[str, ...] | None:
+    """The dead letters a command acts on: the ids given, or None for ``--all`` (one of the two)."""
+    if every == bool(ids):
+        raise click.UsageError("give either --all or one or more dead-letter ids")
+    return None if every else ids
+
+
 @dead.command("ls")
 @_broker
 @_tls
@@ -455,10 +462,8 @@ def dead_replay(
       sagas dead replay 5f0c1d2e...      # one or more ids from 'sagas dead ls'
       sagas dead replay --all
     """
-    if replay_all == bool(ids):
-        raise click.UsageError("give either --all or one or more dead-letter ids")
     with _operations(broker=broker, exchange=exchange, tls=tls) as ops:
-        result = ops.replay_dead(None if replay_all else ids, actor=_actor(actor))
+        result = ops.replay_dead(_letter_ids(ids, replay_all), actor=_actor(actor))
     click.echo(f"replayed {len(result.replayed)} message(s)")
     for dead_id, why in result.kept.items():
         click.echo(f"kept {dead_id}: {why}", err=True)
@@ -490,10 +495,8 @@ def dead_drop(
       sagas dead drop 5f0c1d2e...      # one or more ids from 'sagas dead ls'
       sagas dead drop --all
     """
-    if drop_all == bool(ids):
-        raise click.UsageError("give either --all or one or more dead-letter ids")
     with _operations(broker=broker, exchange=exchange, tls=tls) as ops:
-        result = ops.drop_dead(None if drop_all else ids, actor=_actor(actor))
+        result = ops.drop_dead(_letter_ids(ids, drop_all), actor=_actor(actor))
     click.echo(f"dropped {len(result.dropped)} message(s)")
     if result.missing:
         click.echo(f"not found: {', '.join(sorted(result.missing))}", err=True)

@@ -338,19 +338,10 @@ class SagaEngine:
             sent_at = float(pending.get("sent_at", record.updated_at))
             limit = sent_at + state.handling_limit
             if now < limit:
-                record.version += 1
                 # (waits double with the time it has taken so far: few history entries for a long one)
                 wait = max(state.deadline_after(max(record.attempts, 1), self.rng), now - sent_at)
-                record.deadline = min(limit, now + wait)
-                record.updated_at = now
                 reason = f"deadline passed: {pending['type']} is being handled, waiting"
-                waited: list[OutboxRow] = self.store.save_saga(
-                    record,
-                    expected_version=record.version - 1,
-                    history=HistoryEntry(now, message_id, record.state, record.state, reason),
-                    inbox=None,
-                    outbox=[],
-                )
+                waited = self._stay(record, now, min(limit, now + wait), message_id, reason, [])
                 log.info("saga.request_being_handled", saga_id=record.id, saga_type=d.type, state=record.state)
                 return waited
             ctx = _context(d, record, None, reason="timed out")
@@ -358,17 +349,10 @@ class SagaEngine:
             return self._trigger(d, record, TIMEOUT, ctx, message_id, what, None).rows
         if pending and record.attempts < state.retries + 1:
             record.attempts += 1
-            record.version += 1
-            record.deadline = now + state.deadline_after(record.attempts, self.rng)
-            record.updated_at = now
             reason = f"deadline passed: re-sent {pending['type']} (attempt {record.attempts})"
-            rows: list[OutboxRow] = self.store.save_saga(
-                record,
-                expected_version=record.version - 1,
-                history=HistoryEntry(now, message_id, record.state, record.state, reason),
-                inbox=None,
-                outbox=[Outgoing(pending["id"], pending["type"], pending["body"], mandatory=True)],
-            )
+            resend = Outgoing(pending["id"], pending["type"], pending["body"], mandatory=True)
+            deadline = now + state.deadline_after(record.attempts, self.rng)
+            rows = self._stay(record, now, deadline, message_id, reason, [resend])
             log.info(
                 "saga.request_resent",
                 saga_id=record.id,
@@ -381,6 +365,20 @@ class SagaEngine:
         ctx = _context(d, record, None, reason="timed out")
         what = f"timed out in {record.state}" + (f" after {record.attempts} request(s)" if pending else "")
         return self._trigger(d, record, TIMEOUT, ctx, message_id, what, None).rows
+
+    def _stay(
+        self, record: SagaRecord, now: float, deadline: float, message_id: str, reason: str, outbox: list[Outgoing]
+    ) -> list[OutboxRow]:
+        """Commit a deadline that keeps the saga in its state: the next deadline, the history entry, and
+        what it sends (the re-sent request, or nothing while a participant is still on it)."""
+        record.version += 1
+        record.deadline = deadline
+        record.updated_at = now
+        history = HistoryEntry(now, message_id, record.state, record.state, reason)
+        rows: list[OutboxRow] = self.store.save_saga(
+            record, expected_version=record.version - 1, history=history, inbox=None, outbox=outbox
+        )
+        return rows
 
     def request_unroutable(self, saga_id: str, request_id: str, reason: str) -> list[OutboxRow]:
         """A request could not be routed: nobody serves it. Fail the step at once (no waiting)."""
