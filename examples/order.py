@@ -3,9 +3,10 @@
 ``shop.orders.placed`` ``{order_id, items, pay}`` starts one saga per order. The saga reserves stock,
 then asks for the payment (``shop.orders.awaiting_payment``) and waits for ``shop.payments.authorized``
 for that order. The waiting state's own timeout cancels an order whose payment does not come within
-``ORDER_PAYMENT_TIMEOUT`` seconds (default 3): the stock is released. If shipping fails, the payment
-is refunded and then the stock released: the compensations run in the reverse order of the steps
-that completed. The participants are simulated: the payment service pays every order whose ``pay``
+``ORDER_PAYMENT_TIMEOUT`` seconds (default 3): the stock is released. A payment that comes after
+that is refunded (``late=``): the card was charged, and the order is cancelled. If shipping fails,
+the payment is refunded and then the stock released: the compensations run in the reverse order of
+the steps that completed. The participants are simulated: the payment service pays every order whose ``pay``
 is true, and the carrier cannot ship to ``"nowhere"``.
 
     export SAGAS_BROKER_URL=amqp://guest:guest@localhost//   # sagas publish refuses memory://
@@ -18,7 +19,21 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
-from sagas import App, Context, Event, Failure, Final, Go, Request, Saga, SagaContext, Service, Start, State
+from sagas import (
+    App,
+    Context,
+    Event,
+    Failure,
+    Final,
+    Go,
+    Request,
+    Saga,
+    SagaContext,
+    Service,
+    Start,
+    State,
+    compensate,
+)
 
 RESERVE, RELEASE = "shop.stock.reserve", "shop.stock.release"
 REFUND, SHIP = "shop.payments.refund", "shop.shipping.ship"
@@ -57,8 +72,9 @@ class Order(Saga):
             "awaiting_payment",
             timeout=float(os.environ.get("ORDER_PAYMENT_TIMEOUT", "3")),
             on={PAID: "shipping"},
-            # No payment, no order.
+            # No payment, no order; and a payment that comes after all is refunded.
             on_timeout=Go("releasing", do=_why("payment not received in time")),
+            late={PAID: compensate(REFUND)},
         ),
         State(
             "shipping",

@@ -10,6 +10,7 @@ from ._errors import ActionRefused, ConfigurationError, Failure, NoReply, NotFou
 from ._logging import configure_logging
 from ._saga import (
     FAILED,
+    Compensate,
     Final,
     Go,
     Request,
@@ -20,6 +21,7 @@ from ._saga import (
     State,
     Step,
     StepSaga,
+    compensate,
     set_data,
 )
 from ._saga_engine import SagaEngine
@@ -53,6 +55,7 @@ __all__ = [
     "FAILED",
     "ActionRefused",
     "App",
+    "Compensate",
     "ConfigurationError",
     "Context",
     "Delivery",
@@ -86,6 +89,7 @@ __all__ = [
     "Store",
     "StoreError",
     "Worker",
+    "compensate",
     "configure_logging",
     "open_store",
     "set_data",

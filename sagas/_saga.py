@@ -171,6 +171,48 @@ def set_data(**values: Any) -> Action:
 
 
 @dataclass(frozen=True, slots=True)
+class Compensate:
+    """What undoes something a saga stopped waiting for when it arrives after all (see ``State.late``):
+    the ``request`` to send, with its own deadline (``timeout``, default the state's) and ``retries``."""
+
+    request: Request
+    timeout: float | None = field(default=None, kw_only=True)
+    retries: int = field(default=3, kw_only=True)
+    backoff: float = field(default=2.0, kw_only=True)
+
+
+def compensate(
+    request: Request | str, *, timeout: float | None = None, retries: int = 3, backoff: float = 2.0
+) -> Compensate:
+    """Undo a late success with ``request``: ``State(..., late={"shop.payments.authorized":
+    compensate("shop.payments.refund")})``. Its payload is built as a state's request is (the saga's
+    data by default); ``ctx.result`` and ``ctx.event`` are the late reply or event."""
+    spec = Request(request) if isinstance(request, str) else request
+    if not isinstance(spec, Request):
+        raise ConfigurationError(f"compensate() takes a Request or a request type, not {request!r}")
+    if timeout is not None and not timeout > 0:
+        raise ConfigurationError(f"compensate({spec.type!r}): timeout= is a number of seconds above 0")
+    if retries < 0:
+        raise ConfigurationError(f"compensate({spec.type!r}): retries= is 0 or more")
+    return Compensate(spec, timeout=timeout, retries=retries, backoff=backoff)
+
+
+@dataclass(frozen=True, slots=True)
+class LateUndo:
+    """A compiled :class:`Compensate`: the request, its deadline, and for a step saga, the step it undoes."""
+
+    request: Request
+    timeout: float
+    retries: int
+    backoff: float
+    step: str | None = None
+
+    def deadline_after(self, attempt: int, rng: random.Random | None = None) -> float:
+        """Seconds until the deadline after send number ``attempt`` (1-based), with +-10 % jitter."""
+        return self.timeout * self.backoff ** (attempt - 1) * (0.9 + 0.2 * (rng or random).random())
+
+
+@dataclass(frozen=True, slots=True)
 class Go:
     """A move to the state ``to``. ``when`` is a guard: the move is taken only if it returns true.
     ``do`` is an action, run on the way (it may change ``ctx.data`` and publish events)."""
@@ -203,7 +245,10 @@ class State:
       outcome takes (none declared, or no guard passed) takes ``on_timeout`` at once (default:
       ``failed``, with the participant's reason);
     - ``on``: correlated event type -> where it leads (see ``Saga.correlate``);
-    - ``on_compensate``: where an operator's ``sagas compensate ID`` takes the saga from this state.
+    - ``on_compensate``: where an operator's ``sagas compensate ID`` takes the saga from this state;
+    - ``late``: what undoes something this state waited for when it arrives after the saga stopped
+      waiting (a timeout, an operator's retry or compensate, another event): the state's request type
+      (its success reply came late) or an event type of ``on``, mapped to :func:`compensate`.
 
     In a list of outcomes, the first whose ``when`` passes (or that has none) is taken; when none
     passes, the message is ignored and the reason logged.
@@ -220,6 +265,7 @@ class State:
     on_timeout: Outcome | None = None
     on: Mapping[str, Outcomes] | None = None
     on_compensate: Outcome | None = None
+    late: Mapping[str, Compensate] | None = None
     final: bool = False
 
     @property
@@ -323,6 +369,29 @@ class SagaDefinition:
     correlate: dict[str, str]
     machine: Any = field(repr=False)
     requests: dict[str, str] = field(default_factory=dict)  # request type -> reply type
+    #: state -> what it waits for (its request type, or an event type) -> what undoes it when it comes late
+    late: dict[str, dict[str, LateUndo]] = field(default_factory=dict)
+    #: a step saga's undo states -> the step each undoes
+    undo_states: dict[str, str] = field(default_factory=dict)
+
+    def late_undo(self, awaited: Mapping[str, Any], state: str, meta: Mapping[str, Any]) -> LateUndo | None:
+        """What undoes ``awaited`` (a request or event a saga stopped waiting for, as the engine keeps
+        it) now that its success came after all, with the saga in ``state``; None: nothing to undo.
+
+        In the state-machine style, it is undone unless the saga counted its effect (another attempt of
+        the same request answered first). A step is undone unless the saga counts it as completed and
+        has not started to undo it (its compensation is still to come, or the saga completed with it):
+        the participants' effects are per step, and undoing a step after its compensation ran, or one
+        never counted as done, is what leaves nothing behind.
+        """
+        undo = self.late.get(str(awaited.get("state")), {}).get(str(awaited.get("what")))
+        if undo is None:
+            return None
+        if undo.step is None:
+            return None if awaited.get("counted") else undo
+        completed = undo.step in steps_from_meta(meta)
+        undone = undo.step in ((meta.get(COMPENSATION_META) or {}).get("undone") or ())
+        return undo if not completed or undone or state == f"undo_{undo.step}" else None
 
     @property
     def finals(self) -> set[str]:
@@ -457,6 +526,18 @@ def _step_states(cls: type[StepSaga], where: str) -> tuple[list[State], list[Sta
                 on_failure=undo,  # the participant said it did nothing: only the earlier steps are undone
                 on_timeout=unknown,
                 on_compensate=unknown,
+                late=(
+                    None
+                    if step.compensation is None
+                    else {
+                        step.request: Compensate(
+                            Request(step.compensation, step.compensation_payload),
+                            timeout=step.timeout,
+                            retries=step.retries,
+                            backoff=step.backoff,
+                        )
+                    }
+                ),
             )
         )
         if step.compensation and (i + 1 < len(steps) or compensate_unknown):
@@ -538,16 +619,23 @@ def compile_saga(cls: type[Saga]) -> SagaDefinition:
             f"{where} has a `transitions` list: declare what each state leads to in the state itself "
             "(State(..., on_reply=..., on_failure=..., on_timeout=..., on={...}))"
         )
+    steps = issubclass(cls, StepSaga)
     if issubclass(cls, StepSaga):
         declared, starts = _step_states(cls, where)
     else:
         declared, starts = list(getattr(cls, "states", [])), _declared_starts(cls, where)
     correlate = dict(getattr(cls, "correlate", {}))
-    return _compile(where, name, declared, {s.event: s for s in starts}, correlate)
+    return _compile(where, name, declared, {s.event: s for s in starts}, correlate, steps=steps)
 
 
 def _compile(
-    where: str, name: str, declared: Iterable[Any], starts: dict[str, Start], correlate: dict[str, str]
+    where: str,
+    name: str,
+    declared: Iterable[Any],
+    starts: dict[str, Start],
+    correlate: dict[str, str],
+    *,
+    steps: bool = False,
 ) -> SagaDefinition:
     states: dict[str, State] = {}
     for st in declared:
@@ -566,11 +654,16 @@ def _compile(
         raise ConfigurationError(f"{where} has no final state besides 'failed': declare one with Final(...)")
     requests: dict[str, str] = {}
     transitions: list[Transition] = []
+    late: dict[str, dict[str, LateUndo]] = {}
     for st in states.values():
         transitions += _state_transitions(where, st, states, starts, correlate)
         spec = st.request_spec
         if spec is not None:
             requests[spec.type] = reply_type(spec.type)
+        undoes = _late_undoes(where, st, step=st.name if steps else None)
+        if undoes:
+            late[st.name] = undoes
+            requests.update({u.request.type: reply_type(u.request.type) for u in undoes.values()})
     for s in starts.values():
         if not s.to:
             raise ConfigurationError(f"{where}: Start({s.event!r}) needs to=<the first state>")
@@ -601,7 +694,35 @@ def _compile(
         correlate=correlate,
         machine=machine,
         requests=requests,
+        late=late,
+        undo_states={n: n[len("undo_") :] for n in states if steps and n.startswith("undo_")},
     )
+
+
+def _late_undoes(where: str, st: State, *, step: str | None) -> dict[str, LateUndo]:
+    """``st.late`` checked and compiled: each key is what the state waits for (its request type, or an
+    event type of its ``on``); each value a :func:`compensate`."""
+    if st.late is None:
+        return {}
+    here = f"{where}: state {st.name!r}"
+    if not isinstance(st.late, Mapping):
+        raise ConfigurationError(f"{here}: late= maps what the state waits for to compensate(...)")
+    if st.final:
+        raise ConfigurationError(f"{here} is final, so it waits for nothing: remove late=")
+    spec = st.request_spec
+    awaited = ([spec.type] if spec is not None else []) + list(st.on or {})
+    out: dict[str, LateUndo] = {}
+    for what, undo in st.late.items():
+        if what not in awaited:
+            raise ConfigurationError(
+                f"{here}: late= names {what!r}, which the state does not wait for: name its request type "
+                f"or an event of its on= ({', '.join(awaited) or 'it waits for nothing'})"
+            )
+        if not isinstance(undo, Compensate):
+            raise ConfigurationError(f"{here}: late[{what!r}] is {undo!r}; write compensate(Request(...))")
+        timeout = undo.timeout or st.timeout or 0.0
+        out[what] = LateUndo(undo.request, timeout, undo.retries, undo.backoff, step)
+    return out
 
 
 def _state_transitions(

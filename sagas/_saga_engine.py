@@ -33,6 +33,7 @@ from ._errors import ActionRefused, ConfigurationError, NotFound, SagasError
 from ._protocol import (
     COMPENSATE,
     TIMEOUT,
+    Kind,
     Trigger,
     on_event,
     on_failure,
@@ -57,6 +58,15 @@ log = structlog.get_logger("sagas.saga")
 
 _CONFLICT_RETRIES = 10
 
+#: In a saga's metadata: what it stopped waiting for without getting it (requests, by id, and
+#: events), kept while a state's ``late=`` (or a step's compensation) says how to undo a late success
+AWAITED_META = "awaited"
+#: In a saga's metadata: the compensations of late successes in flight, each with its own deadline
+LATE_META = "late"
+#: In a saga's metadata, while late compensations are in flight: the state's own deadline (the
+#: record's deadline is the earliest of it and theirs)
+OWN_DEADLINE_META = "own_deadline"
+
 
 class _Model:
     """The throw-away model the type's machine is triggered on (``transitions`` needs ``state``)."""
@@ -80,6 +90,9 @@ UNRELATED = "unrelated"  # an event type this saga type does not use
 REFUSED = "refused"  # bad input (a start or correlated event without an acceptable key): dead-lettered
 #: a message that moved a saga
 MOVED = "moved"
+#: a success that came after the saga stopped waiting for it (a late reply or event): its effect is
+#: undone, or the saga counts it already; recorded in the saga's history either way
+LATE_SUCCESS = "late-success"
 #: a message that parked a saga left in a state its type no longer has
 STRANDED = "stranded"
 
@@ -182,31 +195,41 @@ class SagaEngine:
             except DuplicateSaga:
                 return Applied(None, False, [], "duplicate start: the saga exists", DUPLICATE_START)
             return Applied(record, True, rows)
-        request_type = self._reply_of[d.type].get(event.type)
-        if request_type is not None:
+        if event.type in self._reply_of[d.type]:
             found: SagaRecord | None = self.store.get_saga(event.correlation_id)
             if found is None or found.type != d.type:
                 return Applied(None, False, [], f"reply for unknown saga {event.correlation_id[:64]!r}", UNKNOWN_SAGA)
             record = found
             pending = record.meta.get("request") or {}
             reply = read_reply(event)
-            if record.final or pending.get("id") != reply.request_id:
-                why = "the saga has ended" if record.final else "the saga no longer waits on that request"
-                return Applied(record, False, [], f"late or duplicate reply: {why}", LATE_REPLY)
-            trigger = on_reply(request_type) if reply.ok else on_failure(request_type)
-            ctx = _context(d, record, event, reply.result, reply.reason)
-            return self._trigger(d, record, trigger, ctx, event.id, reply.reason or f"reply to {request_type}", inbox)
+            live = reply.request_id == pending.get("id")
+            # (a request an operator's retry superseded still counts while the saga waits on the retry:
+            # its success is the step's success; its failure waits for the retry's answer)
+            superseded = reply.ok and reply.request_id in (pending.get("superseded") or ())
+            if not record.final and reply.request_id and (live or superseded):
+                request_type = pending["type"]
+                trigger = on_reply(request_type) if reply.ok else on_failure(request_type)
+                ctx = _context(d, record, event, reply.result, reply.reason)
+                reason = reply.reason or f"reply to {request_type}" + ("" if live else " (a superseded request)")
+                answered = (reply.request_id, reply.ok)
+                return self._trigger(d, record, trigger, ctx, event.id, reason, inbox, answered=answered)
+            return self._late_reply(d, record, event, reply.request_id, reply.ok, reply.result, reply.reason, inbox)
         key_field = d.correlate.get(event.type)
         if key_field is not None:
             key, problem = _key(event.payload, key_field)
             if key is None:
                 return Applied(None, False, [], f"correlated event without a usable key: {problem}", REFUSED)
             waiting: SagaRecord | None = self.store.find_saga(d.type, key)
+            trigger = on_event(event.type)
+            if waiting is not None and (waiting.final or trigger not in d.triggers_from(waiting.state)):
+                late = _awaited(waiting.meta, what=event.type)
+                if late is not None:  # an event the saga stopped waiting for: a late success
+                    return self._late_success(d, waiting, late, event, event.payload, inbox)
             if waiting is None or waiting.final:
                 why = "no saga has this key" if waiting is None else f"the saga has ended in {waiting.state}"
                 return Applied(waiting, False, [], f"no waiting saga for this event: {why}", NO_WAITING_SAGA)
             ctx = _context(d, waiting, event)
-            return self._trigger(d, waiting, on_event(event.type), ctx, event.id, event.type, inbox)
+            return self._trigger(d, waiting, trigger, ctx, event.id, event.type, inbox)
         return Applied(None, False, [], f"{event.type} means nothing to saga type {d.type}", UNRELATED)
 
     def _trigger(
@@ -219,6 +242,7 @@ class SagaEngine:
         reason: str,
         inbox: tuple[str, str] | None,
         actor: str = "",
+        answered: tuple[str, bool] | None = None,
     ) -> Applied:
         if record.final:
             return Applied(record, False, [], f"the saga has ended in {record.state}", ENDED)
@@ -230,7 +254,17 @@ class SagaEngine:
             why = f"{trigger} does not apply in state {record.state}: no outcome of that state takes it"
             return Applied(record, False, [], f"{why} (none is declared, or no guard passed)", NOT_APPLICABLE)
         rows = self._enter(
-            d, record, model.state, ctx, message_id, reason, inbox, expected_version=record.version, actor=actor
+            d,
+            record,
+            model.state,
+            ctx,
+            message_id,
+            reason,
+            inbox,
+            expected_version=record.version,
+            actor=actor,
+            answered=answered,
+            taken=trigger.subject if trigger.kind is Kind.EVENT else None,
         )
         return Applied(record, True, rows)
 
@@ -245,17 +279,27 @@ class SagaEngine:
         inbox: tuple[str, str] | None,
         expected_version: int | None,
         actor: str = "",
+        *,
+        answered: tuple[str, bool] | None = None,
+        taken: str | None = None,
+        supersede: bool = False,
     ) -> list[OutboxRow]:
-        """Move ``record`` into ``new_state``: build its request and deadline, and commit."""
+        """Move ``record`` into ``new_state``: build its request and deadline, and commit.
+
+        What the state it leaves waited for and did not get (its request, unless ``answered`` says which
+        attempt answered and whether it succeeded; its late-undoable events, unless ``taken`` is the one
+        that moved it) is kept as awaited, so that a late success is undone. An operator's retry
+        (``supersede``) keeps the state's earlier request ids with the new one instead."""
         now = self.clock()
         state = d.states[new_state]
         previous = record.state
+        old_meta = record.meta
         record.version += 1
         record.state = new_state
         record.data = ctx.data
         record.updated_at = now
         outgoing = [self._event_out(record, ctx, i, t, p) for i, (t, p) in enumerate(ctx.outbox)]
-        meta = dict(record.meta)
+        meta = dict(old_meta)
         if ctx.steps:
             meta[STEPS_META] = steps_to_meta(ctx.steps)
         if ctx._note:  # noqa: SLF001 - what a step saga's compiled action says about this move
@@ -265,8 +309,14 @@ class SagaEngine:
             meta[COMPENSATION_META] = compensation
         if new_state == FAILED:
             meta["failed_from"], meta["reason"] = _resume_from(d, previous, compensation), reason
+        left = old_meta.get("request") or {}
+        if not supersede:
+            awaited = _left_unanswered(d, previous, left, answered, taken, now)
+            if awaited:
+                meta[AWAITED_META] = [*(old_meta.get(AWAITED_META) or ()), *awaited]
+        own: float | None = None
         if state.final:
-            record.final, record.deadline, record.attempts = True, None, 0
+            record.final, record.attempts = True, 0
             meta["request"] = None
         else:
             spec = state.request_spec
@@ -277,13 +327,16 @@ class SagaEngine:
                 )
                 body = encode(request).decode()
                 meta["request"] = {"id": request.id, "type": spec.type, "body": body, "sent_at": now}
+                if supersede and left.get("type") == spec.type:
+                    meta["request"]["superseded"] = [*(left.get("superseded") or ()), left["id"]]
                 outgoing.append(Outgoing(request.id, spec.type, body, mandatory=True))
                 record.attempts = 1
             else:
                 meta["request"] = None
                 record.attempts = 0
-            record.deadline = now + state.deadline_after(max(record.attempts, 1), self.rng)
+            own = now + state.deadline_after(max(record.attempts, 1), self.rng)
         record.meta = meta
+        _set_deadline(record, own)
         history = HistoryEntry(now, message_id, previous or "-", new_state, reason, actor)
         rows: list[OutboxRow] = self.store.save_saga(
             record, expected_version=expected_version, history=history, inbox=inbox, outbox=outgoing
@@ -323,7 +376,16 @@ class SagaEngine:
 
     def fire(self, record: SagaRecord) -> list[OutboxRow]:
         d = self.definitions.get(record.type)
-        if d is None or record.final:
+        if d is None:
+            return []
+        late = record.meta.get(LATE_META) or []
+        if late:
+            first = min(late, key=lambda e: float(e["due"]))
+            if float(first["due"]) <= self.clock():
+                return self._late_deadline(d, record, first)
+            if record.final or (own := _own_deadline(record)) is None or own > self.clock():
+                return []  # only a late compensation had a deadline, and it is not due any more
+        if record.final:
             return []
         if record.state not in d.states:
             return self._park_stranded(d, record, f"deadline:{record.id}:{record.version}")
@@ -372,7 +434,7 @@ class SagaEngine:
         """Commit a deadline that keeps the saga in its state: the next deadline, the history entry, and
         what it sends (the re-sent request, or nothing while a participant is still on it)."""
         record.version += 1
-        record.deadline = deadline
+        _set_deadline(record, deadline)
         record.updated_at = now
         history = HistoryEntry(now, message_id, record.state, record.state, reason)
         rows: list[OutboxRow] = self.store.save_saga(
@@ -386,10 +448,16 @@ class SagaEngine:
             record = self.store.get_saga(saga_id)
             if record is None or record.final:
                 return []
+            d = self.definitions[record.type]
             pending = record.meta.get("request") or {}
+            late = [e for e in record.meta.get(LATE_META) or () if e["id"] == request_id]
+            if late:
+                try:
+                    return self._late_gave_up(d, record, late[0], f"unroutable:{request_id}", reason, None)
+                except VersionConflict:
+                    continue
             if pending.get("id") != request_id:
                 return []
-            d = self.definitions[record.type]
             ctx = _context(d, record, None, reason=reason)
             trigger = on_failure(pending["type"])
             try:
@@ -408,6 +476,185 @@ class SagaEngine:
         ctx = _context(d, record, None, reason=reason)
         log.warning("saga.stranded", saga_id=record.id, saga_type=d.type, state=record.state)
         return self._enter(d, record, FAILED, ctx, message_id, reason, None, expected_version=record.version)
+
+    # -- late successes ----------------------------------------------------------------------------
+
+    def _late_reply(
+        self,
+        d: SagaDefinition,
+        record: SagaRecord,
+        event: Event,
+        request_id: str,
+        ok: bool,
+        result: Mapping[str, Any],
+        reason: str | None,
+        inbox: tuple[str, str] | None,
+    ) -> Applied:
+        """A reply to a request the saga does not wait on (any more): the answer of a late success's
+        compensation, a late success, or a duplicate or a late failure, which change nothing."""
+        for entry in record.meta.get(LATE_META) or ():
+            if entry["id"] == request_id:
+                if ok:
+                    return self._late_undone(d, record, entry, event.id, inbox)
+                why = f"{entry['type']} failed: {reason}"
+                return Applied(
+                    record, True, self._late_gave_up(d, record, entry, event.id, why, inbox), why, LATE_SUCCESS
+                )
+        awaited = _awaited(record.meta, request_id=request_id) if request_id else None
+        if awaited is not None and ok:
+            return self._late_success(d, record, awaited, event, result, inbox)
+        why = "the saga has ended" if record.final else "the saga no longer waits on that request"
+        if awaited is not None:
+            why += " (a failure reply: nothing was done)"
+        return Applied(record, False, [], f"late or duplicate reply: {why}", LATE_REPLY)
+
+    def _late_success(
+        self,
+        d: SagaDefinition,
+        record: SagaRecord,
+        awaited: Mapping[str, Any],
+        event: Event,
+        result: Mapping[str, Any],
+        inbox: tuple[str, str] | None,
+    ) -> Applied:
+        """Something the saga stopped waiting for succeeded after all. A step saga's compensation: the
+        step is undone after all. Otherwise, unless the saga counts its effect, send what undoes it
+        (with its own deadline and retries), and record it in the history."""
+        now = self.clock()
+        meta = dict(record.meta)
+        meta[AWAITED_META] = [e for e in meta.get(AWAITED_META) or () if e is not awaited]
+        what, where = str(awaited["what"]), str(awaited["state"])
+        came = f"{what} succeeded after the saga stopped waiting for it in {where}"
+        outgoing: list[Outgoing] = []
+        undone_step = d.undo_states.get(where)
+        undo = None if undone_step is not None else d.late_undo(awaited, record.state, record.meta)
+        if undone_step is not None:
+            meta[COMPENSATION_META] = _mark_undone(meta, undone_step)
+            reason = f"late success: {came}: {undone_step} is undone after all"
+        elif undo is None:
+            reason = f"late success: {came}: the saga counts its effect already, nothing to undo"
+        else:
+            steps = dict(steps_from_meta(record.meta))
+            if undo.step is not None:
+                steps[undo.step] = result
+            ctx = SagaContext(
+                record.id, d.type, record.state, copy.deepcopy(record.data), event, result, None, steps=steps
+            )
+            request = request_event(
+                record.id, d.type, record.version + 1, undo.request.type, undo.request.build(ctx), event.id
+            )
+            body = encode(request).decode()
+            meta[LATE_META] = [
+                *(meta.get(LATE_META) or ()),
+                {
+                    "id": request.id,
+                    "type": request.type,
+                    "body": body,
+                    "state": where,
+                    "what": what,
+                    "step": undo.step,
+                    "sent_at": now,
+                    "attempts": 1,
+                    "timeout": undo.timeout,
+                    "retries": undo.retries,
+                    "backoff": undo.backoff,
+                    "due": now + undo.deadline_after(1, self.rng),
+                },
+            ]
+            outgoing.append(Outgoing(request.id, request.type, body, mandatory=True))
+            reason = f"late success: {came}: sent {request.type} to undo it"
+        log.warning(
+            "saga.late_success", saga_id=record.id, saga_type=d.type, state=record.state, what=what, reason=reason
+        )
+        rows = self._aside(record, meta, now, event.id, reason, inbox, outgoing)
+        return Applied(record, True, rows, reason, LATE_SUCCESS)
+
+    def _late_undone(
+        self,
+        d: SagaDefinition,
+        record: SagaRecord,
+        entry: Mapping[str, Any],
+        message_id: str,
+        inbox: tuple[str, str] | None,
+    ) -> Applied:
+        """The compensation of a late success answered: the effect is undone."""
+        meta = dict(record.meta)
+        meta[LATE_META] = [e for e in meta.get(LATE_META) or () if e["id"] != entry["id"]]
+        if entry.get("step"):
+            meta[COMPENSATION_META] = _mark_undone(meta, str(entry["step"]))
+        reason = f"late success of {entry['what']} undone: {entry['type']} answered"
+        log.info("saga.late_success_undone", saga_id=record.id, saga_type=d.type, what=entry["what"])
+        return Applied(
+            record, True, self._aside(record, meta, self.clock(), message_id, reason, inbox, []), reason, LATE_SUCCESS
+        )
+
+    def _late_deadline(self, d: SagaDefinition, record: SagaRecord, entry: Mapping[str, Any]) -> list[OutboxRow]:
+        """A late success's compensation is due: send it again (same id), or give up after its retries."""
+        now = self.clock()
+        message_id = f"deadline:{record.id}:{record.version}"
+        attempts = int(entry["attempts"])
+        if attempts >= int(entry["retries"]) + 1:
+            why = f"{entry['type']} got no answer after {attempts} request(s)"
+            return self._late_gave_up(d, record, entry, message_id, why, None)
+        again = dict(entry, attempts=attempts + 1)
+        wait = float(entry["timeout"]) * float(entry["backoff"]) ** attempts * (0.9 + 0.2 * self.rng.random())
+        again["due"] = now + wait
+        meta = dict(record.meta)
+        meta[LATE_META] = [again if e["id"] == entry["id"] else e for e in meta.get(LATE_META) or ()]
+        reason = (
+            f"deadline passed: re-sent {entry['type']} to undo the late success of {entry['what']} "
+            f"(attempt {attempts + 1})"
+        )
+        resend = Outgoing(str(entry["id"]), str(entry["type"]), str(entry["body"]), mandatory=True)
+        return self._aside(record, meta, now, message_id, reason, None, [resend])
+
+    def _late_gave_up(
+        self,
+        d: SagaDefinition,
+        record: SagaRecord,
+        entry: Mapping[str, Any],
+        message_id: str,
+        why: str,
+        inbox: tuple[str, str] | None,
+    ) -> list[OutboxRow]:
+        """A late success could not be undone: its effect remains. The saga says so, and parks in
+        ``failed`` (or stays there) for an operator."""
+        meta = dict(record.meta)
+        meta[LATE_META] = [e for e in meta.get(LATE_META) or () if e["id"] != entry["id"]]
+        remains = str(entry.get("step") or entry["what"])
+        compensation = dict(meta.get(COMPENSATION_META) or {"undone": [], "not_undone": []})
+        compensation["not_undone"] = [*(s for s in compensation.get("not_undone", ()) if s != remains), remains]
+        meta[COMPENSATION_META] = compensation
+        reason = f"could not undo the late success of {entry['what']} ({why}): its effect remains"
+        log.warning("saga.late_success_not_undone", saga_id=record.id, saga_type=d.type, what=entry["what"], why=why)
+        if record.state == FAILED:
+            return self._aside(record, meta, self.clock(), message_id, reason, inbox, [])
+        record.meta = meta
+        ctx = _context(d, record, None, reason=reason)
+        return self._enter(d, record, FAILED, ctx, message_id, reason, inbox, expected_version=record.version)
+
+    def _aside(
+        self,
+        record: SagaRecord,
+        meta: dict[str, Any],
+        now: float,
+        message_id: str,
+        reason: str,
+        inbox: tuple[str, str] | None,
+        outgoing: list[Outgoing],
+    ) -> list[OutboxRow]:
+        """Commit a change beside the state machine (the saga stays in its state): its metadata, the
+        history entry, what it sends, and the deadline (the state's own, or a late compensation's)."""
+        own = _own_deadline(record)
+        record.version += 1
+        record.meta = meta
+        record.updated_at = now
+        _set_deadline(record, own)
+        history = HistoryEntry(now, message_id, record.state, record.state, reason)
+        rows: list[OutboxRow] = self.store.save_saga(
+            record, expected_version=record.version - 1, history=history, inbox=inbox, outbox=outgoing
+        )
+        return rows
 
     # -- operators ---------------------------------------------------------------------------------
 
@@ -429,14 +676,30 @@ class SagaEngine:
                     f"saga {saga_id} has no state to go back to (it failed in {target or 'no known state'!r}): "
                     "compensate it, or fix its data and start a new one"
                 )
+            if d.states[target].final:
+                raise ActionRefused(
+                    f"saga {saga_id} failed after it had ended in {target!r} ({record.meta.get('reason', '')}): "
+                    "there is no step to send again; undo what its history lists as remaining by hand"
+                )
             record.final = False
             record.meta = {k: v for k, v in record.meta.items() if k not in ("failed_from", "reason")}
         elif record.final:
             raise ActionRefused(f"saga {saga_id} has ended in {record.state}; only a failed saga can be retried")
         ctx = _context(d, record, None)
         message_id = f"operator:retry:{record.version}"
+        # (the request it waits on is superseded, not forgotten: its success still counts, and after the
+        # saga moved on, its late success is undone)
         return self._enter(
-            d, record, target, ctx, message_id, "operator: retry", None, expected_version=record.version, actor=actor
+            d,
+            record,
+            target,
+            ctx,
+            message_id,
+            "operator: retry",
+            None,
+            expected_version=record.version,
+            actor=actor,
+            supersede=True,
         )
 
     def compensate(self, saga_id: str, *, actor: str) -> list[OutboxRow]:
@@ -479,6 +742,69 @@ def _context(
     return SagaContext(
         record.id, d.type, record.state, record.data, event, result, reason, steps=steps, compensation=compensation
     )
+
+
+def _left_unanswered(
+    d: SagaDefinition,
+    previous: str,
+    left: Mapping[str, Any],
+    answered: tuple[str, bool] | None,
+    taken: str | None,
+    now: float,
+) -> list[dict[str, Any]]:
+    """What a saga leaving ``previous`` waited for and did not get, where a late success would need
+    undoing: the ids of its request (all attempts but the one that answered; ``counted`` when one
+    succeeded) and the events its ``late=`` names, but the one that moved it."""
+    if previous not in d.states:
+        return []
+    undoes = d.late.get(previous, {})
+    out: list[dict[str, Any]] = []
+    request_type = left.get("type")
+    if left and (request_type in undoes or previous in d.undo_states):
+        counted = answered is not None and answered[1]
+        for request_id in (left["id"], *(left.get("superseded") or ())):
+            if answered is None or request_id != answered[0]:
+                out.append({"id": request_id, "state": previous, "what": request_type, "counted": counted, "at": now})
+    for what in undoes:
+        if what != request_type and what != taken:
+            out.append({"id": None, "state": previous, "what": what, "counted": False, "at": now})
+    return out
+
+
+def _awaited(meta: Mapping[str, Any], *, request_id: str | None = None, what: str | None = None) -> Any:
+    """The latest thing the saga stopped waiting for with this request id (or, for an event, type)."""
+    for entry in reversed(meta.get(AWAITED_META) or ()):
+        if (request_id is not None and entry.get("id") == request_id) or (
+            what is not None and entry.get("id") is None and entry.get("what") == what
+        ):
+            return entry
+    return None
+
+
+def _mark_undone(meta: Mapping[str, Any], step: str) -> dict[str, list[str]]:
+    """The compensation metadata with ``step`` undone (and no longer listed as not undone)."""
+    compensation = meta.get(COMPENSATION_META) or {}
+    undone = [s for s in compensation.get("undone", ()) if s != step] + [step]
+    return {"undone": undone, "not_undone": [s for s in compensation.get("not_undone", ()) if s != step]}
+
+
+def _own_deadline(record: SagaRecord) -> float | None:
+    """The deadline of the saga's state (not of a late success's compensation)."""
+    if record.meta.get(LATE_META):
+        own = record.meta.get(OWN_DEADLINE_META)
+        return None if own is None else float(own)
+    return record.deadline
+
+
+def _set_deadline(record: SagaRecord, own: float | None) -> None:
+    """Set the record's deadline: the state's own (``own``), or a late compensation's if earlier."""
+    late = record.meta.get(LATE_META) or []
+    if not late:
+        record.meta.pop(OWN_DEADLINE_META, None)
+        record.deadline = own
+        return
+    record.meta[OWN_DEADLINE_META] = own
+    record.deadline = min([float(e["due"]) for e in late] + ([own] if own is not None else []))
 
 
 def _resume_from(d: SagaDefinition, previous: str, compensation: Mapping[str, Any] | None) -> str:

@@ -8,6 +8,7 @@ import pytest
 
 from examples import order, share
 from sagas import App, Event, EventBus, Worker
+from sagas.testing import Delay, Harness
 from tests.helpers import wait_for
 
 
@@ -92,3 +93,24 @@ def test_readme_and_docs_show_the_diagram_sagas_graph_draws() -> None:
     assert drawn.startswith("stateDiagram-v2")
     assert (root / "docs" / "postprocessing.mmd").read_text().strip() == drawn
     assert f"```mermaid\n{drawn}\n```" in (root / "README.md").read_text()
+
+
+def test_a_payment_that_comes_after_the_timeout_is_refunded() -> None:
+    """The payment event is delayed past the order's payment timeout: the order is cancelled and its
+    stock released, and when the payment comes after all, the card is refunded (``late=``), as the
+    saga's history says."""
+    order.effects.clear()
+    with Harness(order.app) as h:
+        h.inject(Delay(seconds=20), match="shop.payments.authorized")
+        h.publish("shop.orders.placed", {"order_id": "slow", "items": 1, "pay": True, "address": "Paris"})
+        h.settle()
+        record = h.saga(order.Order, "slow")
+        history = [e.reason for e in h.history(record.id)]
+    assert record.state == "cancelled"
+    assert record.data["cancelled_because"] == "payment not received in time"
+    assert order.effects == ["reserve slow", "charge slow", "release slow", "refund slow"]
+    late = [r for r in history if r.startswith("late success")]
+    assert len(late) == 2, history
+    assert "shop.payments.authorized" in late[0]
+    assert "sent shop.payments.refund" in late[0]
+    assert "undone" in late[1]
