@@ -531,6 +531,22 @@ class SagaEngine:
         if undone_step is not None:
             meta[COMPENSATION_META] = _mark_undone(meta, undone_step)
             reason = f"late success: {came}: {undone_step} is undone after all"
+            if record.state == FAILED and not meta[COMPENSATION_META]["not_undone"] and "compensated" in d.states:
+                # parked because that compensation went unanswered: now nothing is left to undo
+                log.warning("saga.late_success", saga_id=record.id, saga_type=d.type, state=record.state, what=what)
+                record.meta = {k: v for k, v in meta.items() if k not in ("failed_from", "reason")}
+                ctx = _context(d, record, event, result)
+                rows = self._enter(
+                    d,
+                    record,
+                    "compensated",
+                    ctx,
+                    event.id,
+                    f"{reason}: every step is undone",
+                    inbox,
+                    expected_version=record.version,
+                )
+                return Applied(record, True, rows, reason, LATE_SUCCESS)
         elif undo is None:
             reason = f"late success: {came}: the saga counts its effect already, nothing to undo"
         else:
@@ -622,9 +638,11 @@ class SagaEngine:
         meta = dict(record.meta)
         meta[LATE_META] = [e for e in meta.get(LATE_META) or () if e["id"] != entry["id"]]
         remains = str(entry.get("step") or entry["what"])
-        compensation = dict(meta.get(COMPENSATION_META) or {"undone": [], "not_undone": []})
-        compensation["not_undone"] = [*(s for s in compensation.get("not_undone", ()) if s != remains), remains]
-        meta[COMPENSATION_META] = compensation
+        compensation = meta.get(COMPENSATION_META) or {}
+        meta[COMPENSATION_META] = {  # (a step undone before is in place again)
+            "undone": [s for s in compensation.get("undone", ()) if s != remains],
+            "not_undone": [*(s for s in compensation.get("not_undone", ()) if s != remains), remains],
+        }
         reason = f"could not undo the late success of {entry['what']} ({why}): its effect remains"
         log.warning("saga.late_success_not_undone", saga_id=record.id, saga_type=d.type, what=entry["what"], why=why)
         if record.state == FAILED:
@@ -784,8 +802,11 @@ def _awaited(meta: Mapping[str, Any], *, request_id: str | None = None, what: st
 def _mark_undone(meta: Mapping[str, Any], step: str) -> dict[str, list[str]]:
     """The compensation metadata with ``step`` undone (and no longer listed as not undone)."""
     compensation = meta.get(COMPENSATION_META) or {}
-    undone = [s for s in compensation.get("undone", ()) if s != step] + [step]
-    return {"undone": undone, "not_undone": [s for s in compensation.get("not_undone", ()) if s != step]}
+    undone = list(compensation.get("undone", ()))
+    return {
+        "undone": undone if step in undone else [*undone, step],  # (in the order first undone)
+        "not_undone": [s for s in compensation.get("not_undone", ()) if s != step],
+    }
 
 
 def _own_deadline(record: SagaRecord) -> float | None:

@@ -20,6 +20,8 @@ from sagas import (
     Service,
     Start,
     State,
+    Step,
+    StepSaga,
     compensate,
 )
 from sagas.testing import Delay, Drop, Harness
@@ -192,3 +194,67 @@ def test_compensate_checks_its_arguments() -> None:
     with pytest.raises(ConfigurationError, match="0 or more"):
         compensate(CANCEL, retries=-1)
     assert compensate(CANCEL).request.type == CANCEL
+
+
+# -- step sagas: the compensation metadata stays exact -------------------------------------------------
+
+HOTEL, UNHOTEL, CAR = "late.hotels.book", "late.hotels.cancel", "late.cars.rent"
+
+
+class Trip(StepSaga):
+    type = "late_trip"
+    start = Start("late.trips.requested", key="id")
+    steps = [
+        Step("hotel", request=HOTEL, compensation=UNHOTEL, timeout=5, retries=1),
+        Step("car", request=CAR, timeout=5, retries=1),
+    ]
+
+
+travel = Service("travel")
+
+
+@travel.handles(HOTEL)
+def book_hotel(event: Event) -> None:
+    effects.append(f"hotel {event.payload['id']}")
+
+
+@travel.handles(UNHOTEL)
+def cancel_hotel(event: Event) -> None:
+    effects.append(f"unhotel {event.payload['id']}")
+
+
+@travel.handles(CAR)
+def rent_car(event: Event) -> None:
+    raise Failure("no car")
+
+
+trips = App(travel, sagas=[Trip])
+
+
+def test_a_compensation_that_answers_after_the_saga_parked_completes_the_compensation() -> None:
+    with Harness(trips) as h:
+        h.inject(Delay(seconds=100), match=UNHOTEL + ".reply", times=2)  # past both of its sends
+        h.publish("late.trips.requested", {"id": "t1"})
+        h.settle()
+        record = h.saga(Trip, "t1")
+        reasons = [e.reason for e in h.history(record.id)]
+    assert record.state == "compensated"
+    assert record.meta["compensation"] == {"undone": ["hotel"], "not_undone": []}
+    assert "hotel is undone after all: every step is undone" in reasons[-1]
+    assert effects == ["hotel t1", "unhotel t1"]
+
+
+def test_a_late_success_that_cannot_be_undone_is_no_longer_listed_as_undone() -> None:
+    with Harness(trips) as h:
+        # the hotel's answers come after the step gave up (it is undone, its outcome unknown), and then
+        # every answer of the second undo is lost
+        h.inject(Delay(seconds=100), match=HOTEL + ".reply", times=2)
+        h.publish("late.trips.requested", {"id": "t2"})
+        h.run()
+        h.advance(40)  # the step has timed out and been undone
+        h.inject(Drop(), match=UNHOTEL + ".reply", times=5)
+        h.settle()
+        record = h.saga(Trip, "t2")
+    assert record.state == "failed"
+    assert record.meta["compensation"] == {"undone": [], "not_undone": ["hotel"]}
+    assert effects[-1] == "unhotel t2"  # (the participant undid it; the saga cannot know)
