@@ -37,6 +37,19 @@ class NotFound(SagasError, LookupError):
     """An operator asked for a saga or a dead letter that does not exist (the message says which)."""
 
 
+class SagaCodeError(SagasError):
+    """A saga's own code raised (a guard, an action, a request's payload builder), or what it made
+    cannot be kept or sent (its data is not JSON, an event it publishes is too large). The worker parks
+    that saga in ``failed`` with ``where``, the error and its traceback in the history; every other
+    saga goes on."""
+
+    def __init__(self, where: str, error: BaseException, saga_id: str | None) -> None:
+        super().__init__(f"{where} raised {type(error).__name__}: {error}".removesuffix(": "))
+        self.where = where
+        self.error = error
+        self.saga_id = saga_id
+
+
 class ActionRefused(SagasError):
     """An operator action does not apply to the saga as it is now (the message says why, and what
     would apply)."""
@@ -49,6 +62,7 @@ __all__ = [
     "NoReply",
     "NotFound",
     "Reject",
+    "SagaCodeError",
     "SagasError",
     "StoreError",
     "TransportError",

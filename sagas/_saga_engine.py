@@ -20,8 +20,10 @@ from __future__ import annotations
 import copy
 import random
 import time
+import traceback
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +31,7 @@ import structlog
 
 from transport import Event, encode
 
-from ._errors import ActionRefused, ConfigurationError, NotFound, SagasError
+from ._errors import ActionRefused, ConfigurationError, NotFound, SagaCodeError, SagasError
 from ._protocol import (
     COMPENSATE,
     TIMEOUT,
@@ -57,6 +59,8 @@ from ._store import DuplicateSaga, HistoryEntry, OutboxRow, Outgoing, SagaRecord
 log = structlog.get_logger("sagas.saga")
 
 _CONFLICT_RETRIES = 10
+#: the end of a saga code error's traceback kept in the saga's history
+_TRACEBACK_CHARS = 4000
 
 #: In a saga's metadata: what it stopped waiting for without getting it (requests, by id, and
 #: events), kept while a state's ``late=`` (or a step's compensation) says how to undo a late success
@@ -95,6 +99,8 @@ MOVED = "moved"
 LATE_SUCCESS = "late-success"
 #: a message that parked a saga left in a state its type no longer has
 STRANDED = "stranded"
+#: a message whose saga's own code raised (or made data that cannot be kept): the saga is parked
+PARKED = "parked"
 
 #: The longest business key, in bytes of UTF-8. Keys are stored whole and indexed (unique per saga
 #: type): this keeps them well inside PostgreSQL's B-tree entry limit (about 2,700 bytes).
@@ -150,7 +156,10 @@ class SagaEngine:
         d = self.definitions[saga_type]
         for _ in range(_CONFLICT_RETRIES):
             try:
-                return self._handle_once(d, event)
+                try:
+                    return self._handle_once(d, event)
+                except SagaCodeError as error:
+                    return self._park_broken(d, error, event.id, (f"saga:{d.type}", event.id))
             except VersionConflict:
                 continue
         raise SagasError(f"saga message {event.id} kept conflicting with other workers")
@@ -187,7 +196,8 @@ class SagaEngine:
             elif start.do is None:
                 ctx.data.update(copy.deepcopy(dict(event.payload)))  # neither keep= nor do=: the whole payload
             if start.do is not None:
-                start.do(ctx)
+                with _saga_code(f"the start action of {event.type}", None):
+                    start.do(ctx)
             try:
                 rows = self._enter(
                     d, record, start.to, ctx, event.id, f"started by {event.type}", inbox, expected_version=None
@@ -250,7 +260,9 @@ class SagaEngine:
             return Applied(record, True, self._park_stranded(d, record, message_id), "stranded: parked", STRANDED)
         model = _Model(record.state)
         event = d.machine.events.get(trigger.name)
-        if event is None or not event.trigger(model, ctx=ctx):
+        with _saga_code(f"a guard or action of {trigger} in state {record.state!r}", record.id):
+            moved = event is not None and event.trigger(model, ctx=ctx)
+        if not moved:
             why = f"{trigger} does not apply in state {record.state}: no outcome of that state takes it"
             return Applied(record, False, [], f"{why} (none is declared, or no guard passed)", NOT_APPLICABLE)
         rows = self._enter(
@@ -283,6 +295,7 @@ class SagaEngine:
         answered: tuple[str, bool] | None = None,
         taken: str | None = None,
         supersede: bool = False,
+        detail: str = "",
     ) -> list[OutboxRow]:
         """Move ``record`` into ``new_state``: build its request and deadline, and commit.
 
@@ -298,7 +311,8 @@ class SagaEngine:
         record.state = new_state
         record.data = ctx.data
         record.updated_at = now
-        outgoing = [self._event_out(record, ctx, i, t, p) for i, (t, p) in enumerate(ctx.outbox)]
+        with _saga_code("an event the transition publishes", record.id):
+            outgoing = [self._event_out(record, ctx, i, t, p) for i, (t, p) in enumerate(ctx.outbox)]
         meta = dict(old_meta)
         if ctx.steps:
             meta[STEPS_META] = steps_to_meta(ctx.steps)
@@ -321,11 +335,12 @@ class SagaEngine:
         else:
             spec = state.request_spec
             if spec is not None:
-                payload = spec.build(ctx)
-                request = request_event(
-                    record.id, d.type, record.version, spec.type, payload, ctx.event.id if ctx.event else None
-                )
-                body = encode(request).decode()
+                with _saga_code(f"the request {spec.type} of state {new_state!r}", record.id):
+                    payload = spec.build(ctx)
+                    request = request_event(
+                        record.id, d.type, record.version, spec.type, payload, ctx.event.id if ctx.event else None
+                    )
+                    body = encode(request).decode()
                 meta["request"] = {"id": request.id, "type": spec.type, "body": body, "sent_at": now}
                 if supersede and left.get("type") == spec.type:
                     meta["request"]["superseded"] = [*(left.get("superseded") or ()), left["id"]]
@@ -337,10 +352,13 @@ class SagaEngine:
             own = now + state.deadline_after(max(record.attempts, 1), self.rng)
         record.meta = meta
         _set_deadline(record, own)
-        history = HistoryEntry(now, message_id, previous or "-", new_state, reason, actor)
-        rows: list[OutboxRow] = self.store.save_saga(
-            record, expected_version=expected_version, history=history, inbox=inbox, outbox=outgoing
-        )
+        history = HistoryEntry(now, message_id, previous or "-", new_state, reason + detail, actor)
+        try:
+            rows: list[OutboxRow] = self.store.save_saga(
+                record, expected_version=expected_version, history=history, inbox=inbox, outbox=outgoing
+            )
+        except (TypeError, ValueError) as exc:  # (the store's own errors are neither)
+            raise SagaCodeError("the saga's data (it cannot be stored as JSON)", exc, record.id) from exc
         log.info(
             "saga.transition",
             saga_id=record.id,
@@ -367,11 +385,19 @@ class SagaEngine:
         rows: list[OutboxRow] = []
         with self.store.group():
             for record in self.store.due_sagas(self.clock(), limit, types=tuple(self.definitions)):
+                # Each saga alone: one whose own code raises is parked, and the others fire.
+                message_id = f"deadline:{record.id}:{record.version}"
                 try:
                     with self.store.group():
                         rows += self.fire(record)
                 except VersionConflict:
                     continue  # another worker fired it, or a message moved the saga meanwhile
+                except SagaCodeError as error:
+                    try:
+                        with self.store.group():
+                            rows += self._park_broken(self.definitions[record.type], error, message_id, None).rows
+                    except VersionConflict:
+                        continue
         return rows
 
     def fire(self, record: SagaRecord) -> list[OutboxRow]:
@@ -461,13 +487,44 @@ class SagaEngine:
             ctx = _context(d, record, None, reason=reason)
             trigger = on_failure(pending["type"])
             try:
-                applied = self._trigger(d, record, trigger, ctx, f"unroutable:{request_id}", reason, None)
-                if not applied.moved:
-                    applied = self._trigger(d, record, TIMEOUT, ctx, f"unroutable:{request_id}", reason, None)
+                try:
+                    applied = self._trigger(d, record, trigger, ctx, f"unroutable:{request_id}", reason, None)
+                    if not applied.moved:
+                        applied = self._trigger(d, record, TIMEOUT, ctx, f"unroutable:{request_id}", reason, None)
+                except SagaCodeError as error:
+                    applied = self._park_broken(d, error, f"unroutable:{request_id}", None)
                 return applied.rows
             except VersionConflict:
                 continue
         return []
+
+    def _park_broken(
+        self, d: SagaDefinition, error: SagaCodeError, message_id: str, inbox: tuple[str, str] | None
+    ) -> Applied:
+        """The saga's own code raised: park the saga in ``failed``, with where, the error and its
+        traceback in the history, so that it blocks nothing else (an operator retries it after the
+        fix). A start whose code raised made no saga: the message is refused (dead-lettered) with it."""
+        trace = "".join(traceback.format_exception(error.error)).strip()[-_TRACEBACK_CHARS:]
+        record: SagaRecord | None = self.store.get_saga(error.saga_id) if error.saga_id else None
+        if record is None or record.type != d.type:
+            return Applied(None, False, [], f"{error}; no saga was started\n{trace}", REFUSED)
+        reason = f"{error}: parked; fix the saga's code or data, then retry it"
+        log.error(
+            "saga.code_failed",
+            saga_id=record.id,
+            saga_type=d.type,
+            state=record.state,
+            where=error.where,
+            error=f"{type(error.error).__name__}: {error.error}"[:500],
+        )
+        ctx = _context(d, record, None, reason=reason)
+        if record.state == FAILED:
+            rows = self._aside(record, dict(record.meta), self.clock(), message_id, f"{reason}\n{trace}", inbox, [])
+        else:
+            rows = self._enter(
+                d, record, FAILED, ctx, message_id, reason, inbox, expected_version=record.version, detail=f"\n{trace}"
+            )
+        return Applied(record, True, rows, reason, PARKED)
 
     def _park_stranded(self, d: SagaDefinition, record: SagaRecord, message_id: str) -> list[OutboxRow]:
         """A saga in a state its type no longer has (renamed or removed in a deploy): park it in
@@ -556,10 +613,11 @@ class SagaEngine:
             ctx = SagaContext(
                 record.id, d.type, record.state, copy.deepcopy(record.data), event, result, None, steps=steps
             )
-            request = request_event(
-                record.id, d.type, record.version + 1, undo.request.type, undo.request.build(ctx), event.id
-            )
-            body = encode(request).decode()
+            with _saga_code(f"the request {undo.request.type} that undoes a late {what}", record.id):
+                request = request_event(
+                    record.id, d.type, record.version + 1, undo.request.type, undo.request.build(ctx), event.id
+                )
+                body = encode(request).decode()
             meta[LATE_META] = [
                 *(meta.get(LATE_META) or ()),
                 {
@@ -707,18 +765,19 @@ class SagaEngine:
         message_id = f"operator:retry:{record.version}"
         # (the request it waits on is superseded, not forgotten: its success still counts, and after the
         # saga moved on, its late success is undone)
-        return self._enter(
-            d,
-            record,
-            target,
-            ctx,
-            message_id,
-            "operator: retry",
-            None,
-            expected_version=record.version,
-            actor=actor,
-            supersede=True,
-        )
+        with _refused_if_code_fails(saga_id):
+            return self._enter(
+                d,
+                record,
+                target,
+                ctx,
+                message_id,
+                "operator: retry",
+                None,
+                expected_version=record.version,
+                actor=actor,
+                supersede=True,
+            )
 
     def compensate(self, saga_id: str, *, actor: str) -> list[OutboxRow]:
         """Operator ``actor``: start compensating a saga now, where its type says how from its state."""
@@ -731,7 +790,8 @@ class SagaEngine:
         reason = "operator: compensate"
         ctx = _context(d, record, None, reason=reason)
         message_id = f"operator:compensate:{record.version}"
-        applied = self._trigger(d, record, COMPENSATE, ctx, message_id, reason, None, actor=actor)
+        with _refused_if_code_fails(saga_id):
+            applied = self._trigger(d, record, COMPENSATE, ctx, message_id, reason, None, actor=actor)
         if not applied.moved:
             raise ActionRefused(f"saga {saga_id} did not move: {applied.note}")
         return applied.rows
@@ -760,6 +820,26 @@ def _context(
     return SagaContext(
         record.id, d.type, record.state, record.data, event, result, reason, steps=steps, compensation=compensation
     )
+
+
+@contextmanager
+def _saga_code(where: str, saga_id: str | None) -> Iterator[None]:
+    """Run a saga's own code (or make what it sends): what it raises is a :class:`SagaCodeError`."""
+    try:
+        yield
+    except SagaCodeError:
+        raise
+    except Exception as exc:
+        raise SagaCodeError(where, exc, saga_id) from exc
+
+
+@contextmanager
+def _refused_if_code_fails(saga_id: str) -> Iterator[None]:
+    """An operator's action whose saga code raises changes nothing, and says why."""
+    try:
+        yield
+    except SagaCodeError as error:
+        raise ActionRefused(f"saga {saga_id}: {error}; nothing was changed: fix the code or the data first") from error
 
 
 def _left_unanswered(

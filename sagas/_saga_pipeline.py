@@ -36,7 +36,7 @@ log = structlog.get_logger("sagas.worker")
 #: job: logged at info. Refused ones are dead-lettered (and logged at warning).
 _WARN = frozenset({UNKNOWN_SAGA, NOT_APPLICABLE, UNRELATED})
 
-#: How a saga message whose step raised (a bug in a guard or action, or the store) is retried.
+#: How a saga message whose step raised is retried: the store failed (a saga whose own code raises is parked).
 SAGA_RETRY = Retry(attempts=5, initial=1.0, factor=2.0, maximum=30.0)
 
 
@@ -144,16 +144,24 @@ class SagaPipeline:
         if now < self._next_timers:
             return
         self._next_timers = now + self.timer_interval
+        # The deadlines and the relay are two failure domains: one failing never stops the other.
+        # (A saga whose own code raises is parked by the engine; what fails here is the store or the bus.)
         try:
             self.outbox.publish(self.engine.fire_due())
-            now = self.clock()
-            if now >= self._next_relay:
-                self._next_relay = now + self.relay_interval
-                self.outbox.relay(created_before=now - self.relay_interval)
         except (ConnectionLost, KeyboardInterrupt):
             raise
         except Exception as exc:  # noqa: BLE001 - the store may be restarting; the next tick tries again
             log.error("worker.timers_failed", error=repr(exc)[:500])
+        now = self.clock()
+        if now < self._next_relay:
+            return
+        self._next_relay = now + self.relay_interval
+        try:
+            self.outbox.relay(created_before=now - self.relay_interval)
+        except (ConnectionLost, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the store may be restarting; the next turn tries again
+            log.error("worker.relay_failed", error=repr(exc)[:500])
 
     def next_wakeup(self) -> float | None:
         """The clock time at which :meth:`tick` next has work: the first deadline, or the relay of the

@@ -7,7 +7,8 @@ line, so a kill -9 loses at most the line being written and the drill can count 
 participants (examples/postprocessing.py, which reads FAIL_RATE and DROP_RATE), so one worker process
 carries both plain at-least-once events and sagas through the same faults. ``slow`` is a saga whose
 one step's deadline (``DRILL_SLOW_TIMEOUT``) is shorter than its participant's handling time
-(``DRILL_SLOW_SECONDS``): every re-sent request meets the claim of the worker on it.
+(``DRILL_SLOW_SECONDS``): every re-sent request meets the claim of the worker on it. ``unpaid`` is an
+order saga whose timeout action raises for an order placed without a customer (fault isolation).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import time
 from typing import Any
 
 from examples.postprocessing import Postprocessing, antivirus, policies, storage
-from sagas import AT_MOST_ONCE, App, Event, SagaContext, Service, Start, Step, StepSaga
+from sagas import AT_MOST_ONCE, App, Event, Final, Go, Saga, SagaContext, Service, Start, State, Step, StepSaga
 
 drill = Service("drill")
 _out = None
@@ -88,3 +89,31 @@ class SlowTrip(StepSaga):
 
 
 slow = App(hotels, sagas=[SlowTrip], exchange=os.environ.get("DRILL_EXCHANGE", "drill"))
+
+
+# -- one saga's own code raises on timeout (fault isolation) ------------------------------------------
+
+
+def _greet_on_cancel(ctx: SagaContext) -> None:
+    """The timeout action reads the customer's name: an order placed without a customer makes it raise
+    ``KeyError``, for that saga alone."""
+    ctx.data["note"] = f"sorry, {ctx.data['customer']['name']}: no payment came"
+
+
+class UnpaidOrder(Saga):
+    type = "unpaid_order"
+    start = Start("drill.orders.placed", key="order_id", to="awaiting_payment")
+    correlate = {"drill.orders.paid": "order_id"}  # noqa: RUF012 - a saga type declares its correlations
+    states = [  # noqa: RUF012 - a saga type declares its states as a class-level list
+        State(
+            "awaiting_payment",
+            timeout=float(os.environ.get("DRILL_PAYMENT_TIMEOUT", "1.0")),
+            on={"drill.orders.paid": "paid"},
+            on_timeout=Go("cancelled", do=_greet_on_cancel),
+        ),
+        Final("paid"),
+        Final("cancelled"),
+    ]
+
+
+unpaid = App(sagas=[UnpaidOrder], exchange=os.environ.get("DRILL_EXCHANGE", "drill"))

@@ -431,3 +431,81 @@ def slow_participant(
         store.close()
         drop_schema(exchange, s.postgres_url)
         cleanup(exchange, s.node, s.amqp_url)
+
+
+# -- one saga's own code raises on timeout ------------------------------------------------------------
+
+
+@dataclass
+class BadTimeoutRun:
+    """Figures of one bad-timeout run (:func:`bad_timeout`)."""
+
+    orders: int
+    workers: int
+    #: states of the sagas when every one was final (or when the wait gave up)
+    states: dict[str, int]
+    #: seconds from the publish until every good order was final (None: they were not, within the wait)
+    good_final_after: float | None
+    #: the history reason that parked the bad saga ("" if it was not parked)
+    parked_reason: str
+
+
+def bad_timeout(s: Services, tmp: Path, exchange: str, *, orders: int = 11, workers: int = 2) -> BadTimeoutRun:
+    """Place ``orders`` orders (drill_app.unpaid: a 1 s payment timeout whose action reads the
+    customer's name) on ``workers`` worker processes sharing a PostgreSQL store; the first is placed
+    without a customer, so its saga's timeout action raises ``KeyError``, and it has the earliest
+    deadline. Nobody pays, so every good order is cancelled at its deadline."""
+    store_url = f"{s.postgres_url}?schema={exchange}"
+    out = tmp / f"{exchange}.txt"
+    store = pg_store(exchange, s.postgres_url)
+    procs = [start_worker("drill_app:unpaid", exchange, out, store_url, url=s.amqp_url) for _ in range(workers)]
+    try:
+        queue = f"{exchange}.saga.unpaid_order"
+        wait(lambda: consumers(queue, s.amqp_url) == workers, 60, f"{workers} workers consuming {queue}")
+        bus = EventBus(s.amqp_url, exchange=exchange)
+        bus.publish(Event("drill.orders.placed", {"order_id": "o0"}))  # no customer
+        # (the others are placed once it waits: its deadline is the earliest)
+        wait(lambda: store.find_saga("unpaid_order", "o0") is not None, 30, "o0 started")
+        bus.publish_many(
+            [
+                Event("drill.orders.placed", {"order_id": f"o{i}", "customer": {"name": f"c{i}"}})
+                for i in range(1, orders)
+            ]
+        )
+        bus.close()
+        t0 = time.monotonic()
+
+        def good_final() -> bool:
+            listed = [r for r in store.list_sagas(limit=orders + 10) if r.key != "o0"]
+            return len(listed) == orders - 1 and all(r.final for r in listed)
+
+        good_final_after: float | None = None
+        try:
+            wait(good_final, 30, "every good order final")
+            good_final_after = round(time.monotonic() - t0, 1)
+            wait(lambda: (bad := store.find_saga("unpaid_order", "o0")) is not None and bad.final, 30, "o0 final")
+        except WaitTimeout:
+            pass
+        listed = store.list_sagas(limit=orders + 10)
+        bad = store.find_saga("unpaid_order", "o0")
+        history = store.saga_history(bad.id) if bad is not None else []
+        parked = [h.reason for h in history if h.to_state == "failed"]
+        return BadTimeoutRun(
+            orders=orders,
+            workers=workers,
+            states=dict(collections.Counter(r.state for r in listed)),
+            good_final_after=good_final_after,
+            parked_reason=parked[-1] if parked else "",
+        )
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        store.close()
+        drop_schema(exchange, s.postgres_url)
+        cleanup(exchange, s.node, s.amqp_url)

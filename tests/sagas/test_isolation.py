@@ -1,0 +1,257 @@
+"""Fault isolation: a saga whose own code raises (a guard, an action, a payload builder, data that is
+not JSON) is parked in ``failed`` with the error and its traceback in its history, and every other saga
+goes on; a start whose code raises is dead-lettered with the reason; the relay and the deadlines fail
+apart; an operator action whose saga code raises changes nothing and says why."""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from sagas import (
+    ActionRefused,
+    App,
+    Event,
+    Final,
+    Go,
+    Request,
+    Saga,
+    SagaContext,
+    Service,
+    Start,
+    State,
+)
+from sagas._saga_pipeline import SagaPipeline
+from sagas.testing import Harness
+
+PAID, CHARGE = "iso.orders.paid", "iso.cards.charge"
+
+#: the saga code's behaviour, per order id: what raises where
+BROKEN: dict[str, str] = {}
+
+
+def _maybe_raise(ctx: SagaContext, where: str) -> None:
+    if BROKEN.get(ctx.data.get("order_id", "")) == where:
+        raise KeyError("customer")
+
+
+def _on_timeout(ctx: SagaContext) -> None:
+    _maybe_raise(ctx, "timeout")
+    ctx.data["note"] = "no payment"
+
+
+def _guard(ctx: SagaContext) -> bool:
+    _maybe_raise(ctx, "guard")
+    return True
+
+
+def _charge_payload(ctx: SagaContext) -> dict[str, Any]:
+    _maybe_raise(ctx, "payload")
+    if BROKEN.get(ctx.data["order_id"]) == "not-json":
+        ctx.data["when"] = datetime.datetime(2026, 1, 1)
+    return {"order_id": ctx.data["order_id"]}
+
+
+def _start(ctx: SagaContext) -> None:
+    assert ctx.event is not None
+    ctx.data.update(ctx.event.payload)
+    _maybe_raise(ctx, "start")
+
+
+class Order(Saga):
+    type = "iso_order"
+    start = Start("iso.orders.placed", key="order_id", to="awaiting_payment", do=_start)
+    correlate = {PAID: "order_id"}
+    states = [
+        State(
+            "awaiting_payment",
+            timeout=5,
+            on={PAID: Go("charging", when=_guard)},
+            on_timeout=Go("cancelled", do=_on_timeout),
+            on_compensate=Go("cancelled", do=_on_timeout),
+        ),
+        State("charging", sends=Request(CHARGE, _charge_payload), timeout=5, on_reply="paid"),
+        Final("paid"),
+        Final("cancelled"),
+    ]
+
+
+cards = Service("cards")
+
+
+@cards.handles(CHARGE)
+def charge(event: Event) -> None:
+    return None
+
+
+app = App(cards, sagas=[Order])
+
+
+@pytest.fixture(autouse=True)
+def _clear() -> None:
+    BROKEN.clear()
+
+
+def _place(h: Harness, n: int, *, broken: str = "", where: str = "") -> None:
+    if broken:
+        BROKEN[broken] = where
+        h.publish("iso.orders.placed", {"order_id": broken})
+        h.run()  # its deadline is the earliest
+    for i in range(n):
+        h.publish("iso.orders.placed", {"order_id": f"good-{i}"})
+
+
+def _parked(h: Harness, key: str) -> str:
+    record = h.saga(Order, key)
+    assert record.state == "failed", (key, record.state)
+    return h.history(record.id)[-1].reason
+
+
+def test_a_timeout_action_that_raises_parks_its_saga_and_every_other_deadline_fires() -> None:
+    with Harness(app, workers=2) as h:
+        _place(h, 10, broken="bad", where="timeout")
+        h.settle()
+        states = {r.key: r.state for r in h.sagas(Order)}
+        reason = _parked(h, "bad")
+    assert {k: v for k, v in states.items() if k != "bad"} == {f"good-{i}": "cancelled" for i in range(10)}
+    assert reason.startswith("a guard or action of timeout in state 'awaiting_payment' raised KeyError: 'customer'")
+    assert "Traceback (most recent call last)" in reason
+    assert "_on_timeout" in reason
+    assert h.saga(Order, "bad").meta["failed_from"] == "awaiting_payment"
+    assert "\n" not in h.saga(Order, "bad").meta["reason"]  # the traceback is in the history only
+
+
+def test_a_guard_that_raises_on_a_message_parks_its_saga_alone() -> None:
+    with Harness(app, workers=2) as h:
+        _place(h, 5, broken="bad", where="guard")
+        h.run()
+        for key in ["bad", *(f"good-{i}" for i in range(5))]:
+            h.publish(PAID, {"order_id": key})
+        h.settle()
+        states = {r.key: r.state for r in h.sagas(Order)}
+        reason = _parked(h, "bad")
+        parked = sum(w.sagas.outcomes["parked"] for w in h.live_workers() if w.sagas)
+        dead = h.dead_letters()
+    assert {k: v for k, v in states.items() if k != "bad"} == {f"good-{i}": "paid" for i in range(5)}
+    assert f"a guard or action of event:{PAID} in state 'awaiting_payment' raised KeyError" in reason
+    assert "_guard" in reason
+    assert parked == 1
+    assert dead == []  # the message was handled: it parked the saga
+
+
+@pytest.mark.parametrize(
+    ("where", "says"),
+    [
+        ("payload", f"the request {CHARGE} of state 'charging' raised KeyError: 'customer'"),
+        ("not-json", "the saga's data (it cannot be stored as JSON) raised TypeError"),
+    ],
+)
+def test_a_payload_builder_that_raises_or_data_that_is_not_json_parks_its_saga(where: str, says: str) -> None:
+    with Harness(app) as h:
+        _place(h, 3, broken="bad", where=where)
+        h.run()
+        for key in ["bad", "good-0", "good-1", "good-2"]:
+            h.publish(PAID, {"order_id": key})
+        h.settle()
+        states = {r.key: r.state for r in h.sagas(Order)}
+        reason = _parked(h, "bad")
+    assert states == {"bad": "failed", "good-0": "paid", "good-1": "paid", "good-2": "paid"}
+    assert reason.startswith(says), reason
+
+
+def test_a_start_whose_code_raises_is_dead_lettered_with_the_reason_and_others_start() -> None:
+    with Harness(app) as h:
+        _place(h, 3, broken="bad", where="start")
+        h.settle()
+        keys = sorted(r.key for r in h.sagas(Order))
+        dead = h.dead_letters()
+    assert keys == ["good-0", "good-1", "good-2"]
+    assert len(dead) == 1
+    assert dead[0].routing_key == "iso.orders.placed"
+    assert dead[0].attempts == 1  # at once: no retry can fix the saga's code
+    assert "the start action of iso.orders.placed raised KeyError: 'customer'" in dead[0].reason
+    assert "no saga was started" in dead[0].reason
+
+
+def test_a_parked_saga_is_retried_after_the_fix_and_completes() -> None:
+    with Harness(app) as h:
+        _place(h, 0, broken="bad", where="guard")
+        h.publish(PAID, {"order_id": "bad"})
+        h.settle()
+        assert h.saga(Order, "bad").state == "failed"
+        BROKEN.clear()  # the fix is deployed
+        h.operations.retry(h.saga(Order, "bad").id, actor="marie")
+        h.publish(PAID, {"order_id": "bad"})
+        h.settle()
+        assert h.saga(Order, "bad").state == "paid"
+
+
+def test_an_operator_action_whose_saga_code_raises_changes_nothing() -> None:
+    with Harness(app) as h:
+        _place(h, 0)
+        h.publish("iso.orders.placed", {"order_id": "o1"})
+        h.run()
+        before = h.saga(Order, "o1")
+        BROKEN["o1"] = "timeout"  # the compensate outcome runs the same action
+        with pytest.raises(ActionRefused, match="raised KeyError: 'customer'; nothing was changed"):
+            h.operations.compensate(before.id, actor="marie")
+        after = h.saga(Order, "o1")
+    assert (after.state, after.version) == (before.state, before.version)
+
+
+class _FailingEngine:
+    def __init__(self, fail: bool) -> None:
+        self.fail = fail
+
+    def fire_due(self) -> list[Any]:
+        if self.fail:
+            raise RuntimeError("the store is restarting")
+        return []
+
+
+class _Outbox:
+    def __init__(self, fail: bool) -> None:
+        self.fail = fail
+        self.relayed: list[float] = []
+
+    def publish(self, rows: list[Any]) -> None:
+        pass
+
+    def relay(self, created_before: float) -> None:
+        if self.fail:
+            raise RuntimeError("the store is restarting")
+        self.relayed.append(created_before)
+
+
+@pytest.mark.parametrize(("timers_fail", "relay_fails"), [(True, False), (False, True)])
+def test_the_relay_and_the_deadlines_fail_apart(timers_fail: bool, relay_fails: bool) -> None:
+    """Failing deadlines never stop the relay, and a failing relay never stops the deadlines."""
+    now = [1000.0]
+    engine, outbox = _FailingEngine(timers_fail), _Outbox(relay_fails)
+    fired: list[float] = []
+    real_fire: Callable[[], list[Any]] = engine.fire_due
+
+    def fire_due() -> list[Any]:
+        fired.append(now[0])
+        return real_fire()
+
+    engine.fire_due = fire_due  # type: ignore[method-assign]
+    pipeline = SagaPipeline(
+        {},
+        engine,  # type: ignore[arg-type]
+        store=None,  # type: ignore[arg-type]
+        outbox=outbox,  # type: ignore[arg-type]
+        clock=lambda: now[0],
+        timer_interval=0.2,
+        relay_interval=5.0,
+    )
+    for _ in range(30):  # 30 turns of 0.5 s: 15 s
+        pipeline.tick()
+        now[0] += 0.5
+    assert len(fired) == 30  # the deadlines were looked at every turn
+    assert len(outbox.relayed) == (0 if relay_fails else 3)  # the relay ran every 5 s
+    if not relay_fails:
+        assert outbox.relayed == [995.0, 1000.0, 1005.0]
