@@ -161,13 +161,50 @@ def encode(event: Event, max_size: int = DEFAULT_MAX_EVENT_SIZE) -> bytes:
     try:
         body = _encoder.encode(event.to_dict()).encode("ascii")
     except (TypeError, ValueError) as exc:
-        raise InvalidEvent(f"the payload of {event.type} is not JSON-serialisable: {exc}") from exc
+        at = _not_json_at(event.payload, "payload")
+        where = f" (at {at})" if at else ""
+        raise InvalidEvent(f"the payload of {event.type} is not JSON-serialisable{where}: {exc}") from exc
     if len(body) > max_size:
         raise EventTooLarge(
-            f"event {event.type} encodes to {len(body)} bytes, over the limit of {max_size}; "
+            f"event {event.type} encodes to {len(body)} bytes, over the limit of {max_size}"
+            f"{_largest_field(event.payload)}; "
             "send a reference (a path or URL) instead of the data, or raise max_event_size"
         )
     return body
+
+
+def _not_json_at(value: Any, path: str, depth: int = 0) -> str | None:
+    """Where in ``value`` the first value JSON cannot hold is (``payload.result.when``), or None."""
+    if depth > 100:
+        return None
+    if value is None or isinstance(value, str | bool | int):
+        return None
+    if isinstance(value, float):
+        return None if math.isfinite(value) else f"{path} ({value!r})"
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if not isinstance(key, str | int | float | bool) and key is not None:
+                return f"{path} (a {type(key).__name__} key)"
+            found = _not_json_at(item, f"{path}.{key}", depth + 1)
+            if found:
+                return found
+        return None
+    if isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            found = _not_json_at(item, f"{path}[{i}]", depth + 1)
+            if found:
+                return found
+        return None
+    return f"{path} (a {type(value).__name__})"
+
+
+def _largest_field(payload: Mapping[str, Any]) -> str:
+    """``; its largest field is payload.x (N bytes)``, for an event that is too large."""
+    sizes = {key: len(_encoder.encode(value)) for key, value in payload.items()}
+    if not sizes:
+        return ""
+    key = max(sizes, key=lambda k: sizes[k])
+    return f"; its largest field is payload.{key} ({sizes[key]} bytes)"
 
 
 def decode(body: bytes | str, content_type: str | None, max_size: int = DEFAULT_MAX_EVENT_SIZE) -> Event:

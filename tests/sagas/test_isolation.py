@@ -6,6 +6,7 @@ apart; an operator action whose saga code raises changes nothing and says why.""
 from __future__ import annotations
 
 import datetime
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -14,18 +15,26 @@ import pytest
 from sagas import (
     ActionRefused,
     App,
+    Context,
     Event,
+    EventBus,
     Final,
     Go,
+    MemoryStore,
     Request,
+    Retry,
     Saga,
     SagaContext,
     Service,
     Start,
     State,
+    Step,
+    StepSaga,
+    Worker,
 )
 from sagas._saga_pipeline import SagaPipeline
 from sagas.testing import Harness
+from tests.helpers import wait_for
 
 PAID, CHARGE = "iso.orders.paid", "iso.cards.charge"
 
@@ -255,3 +264,92 @@ def test_the_relay_and_the_deadlines_fail_apart(timers_fail: bool, relay_fails: 
     assert len(outbox.relayed) == (0 if relay_fails else 3)  # the relay ran every 5 s
     if not relay_fails:
         assert outbox.relayed == [995.0, 1000.0, 1005.0]
+
+
+# -- grouped settling: one message whose follow-up or reply cannot be encoded fails alone ---------------
+
+
+def _worker(buses: list[object], app: App, url: str) -> Worker:
+    worker = Worker(app, broker=url, store="memory://", concurrency=8)
+    buses.append(worker)
+    return worker
+
+
+def _bus(buses: list[object], url: str, exchange: str) -> EventBus:
+    bus = EventBus(url, exchange=exchange)
+    buses.append(bus)
+    return bus
+
+
+def test_a_follow_up_too_large_fails_its_own_message_alone(broker_url: str, unique: str, buses: list[object]) -> None:
+    """200 orders and one whose follow-up is over 1 MiB, settled in groups: every handler runs once, the
+    200 follow-ups go out, and the bad order is dead-lettered at once, its reason naming the field."""
+    ran: Counter[str] = Counter()
+    got: set[str] = set()
+    shop, mail = Service("shop"), Service("mail")
+
+    @shop.on("iso.shop.placed", retry=Retry(attempts=5, initial=0.05))
+    def placed(event: Event, ctx: Context) -> None:
+        ran[event.payload["n"]] += 1
+        blob = "x" * (2 << 20) if event.payload["n"] == "bad" else ""
+        ctx.publish("iso.shop.confirmed", {"n": event.payload["n"], "blob": blob})
+
+    @mail.on("iso.shop.confirmed")
+    def confirmed(event: Event) -> None:
+        got.add(event.payload["n"])
+
+    bus = _bus(buses, broker_url, unique)
+    with _worker(buses, App(shop, mail, exchange=unique), broker_url).running():
+        names = [str(i) for i in range(100)] + ["bad"] + [str(i) for i in range(100, 200)]
+        bus.publish_many([Event("iso.shop.placed", {"n": n}) for n in names])
+        wait_for(lambda: len(got) == 200 and bus.dead_letters(), timeout=30, what="200 follow-ups and a dead letter")
+        dead = bus.dead_letters()
+    assert got == {str(i) for i in range(200)}
+    assert set(ran.values()) == {1}  # no handler ran twice: neither the bad one nor its neighbours
+    assert len(ran) == 201
+    assert len(dead) == 1
+    assert dead[0].attempts == 1
+    assert dead[0].error_type.endswith("EventTooLarge")
+    assert "its largest field is payload.blob" in dead[0].error_message
+
+
+def test_a_reply_that_is_not_json_fails_its_own_request_alone(
+    broker_url: str, unique: str, buses: list[object]
+) -> None:
+    """A participant returning a datetime for one request among many: its saga fails at once with the
+    field named; every other request's work runs once and its saga completes."""
+    ran: Counter[str] = Counter()
+    svc = Service("stamps")
+
+    @svc.handles("iso.stamps.stamp")
+    def stamp(event: Event) -> dict[str, Any]:
+        ran[event.payload["stamp_id"]] += 1
+        if event.payload["stamp_id"] == "bad":
+            return {"when": datetime.datetime.now(datetime.UTC)}
+        return {"ok": True}
+
+    store = MemoryStore()
+    bus = _bus(buses, broker_url, unique)
+    worker = Worker(App(svc, sagas=[_Stamped], exchange=unique), broker=broker_url, store=store, concurrency=8)
+    buses.append(worker)
+    keys = [f"s{i}" for i in range(50)] + ["bad"] + [f"s{i}" for i in range(50, 100)]
+    with worker.running():
+        bus.publish_many([Event("iso.stamps.requested", {"stamp_id": k}) for k in keys])
+
+        def all_final() -> bool:
+            return sum(r.final for r in store.list_sagas(limit=200)) == 101
+
+        wait_for(all_final, timeout=30, what="101 sagas final")
+    states = Counter(r.state for r in store.list_sagas(limit=200))
+    bad = store.find_saga("stamped", "bad")
+    assert bad is not None
+    assert states == {"completed": 100, "compensated": 1}
+    assert set(ran.values()) == {1}
+    reasons = " ".join(h.reason for h in store.saga_history(bad.id))
+    assert "not JSON-serialisable (at payload.result.when (a datetime))" in reasons
+
+
+class _Stamped(StepSaga):
+    type = "stamped"
+    start = Start("iso.stamps.requested", key="stamp_id")
+    steps = [Step("stamp", "iso.stamps.stamp", timeout=30.0)]
