@@ -125,6 +125,7 @@ class HandlerPipeline:
         *,
         owner: str = "worker",
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] | None = None,
         lease: float = DEFAULT_CLAIM_LEASE,
     ) -> None:
         #: queue name -> the handler consuming it
@@ -144,9 +145,11 @@ class HandlerPipeline:
         self._waiting: dict[str, deque[Ready]] = collections.defaultdict(deque)
         #: messages handled successfully
         self.handled = 0
-        #: who this worker is in the store's claims, the clock of their leases, and the lease
+        #: who this worker is in the store's claims, the clock of their leases (stored: every worker
+        #: compares them), the clock of this worker's own waits (renewals, copies held here), the lease
         self.owner = owner
         self.clock = clock
+        self.monotonic = monotonic or clock
         self.lease = lease
         #: (handler key, event id) claimed in the store and not released yet, and releases that failed
         self._claimed: set[tuple[str, str]] = set()
@@ -188,7 +191,7 @@ class HandlerPipeline:
     def admit(self, generation: int, inbound: Inbound) -> Work | None:
         """Decide whether a message runs now; answer duplicates and re-sent requests at once. A message
         the worker cannot process (say the store is down) is sent back."""
-        if self._claimed and self.clock() >= self._next_renewal:
+        if self._claimed and self.monotonic() >= self._next_renewal:
             self.renew()  # (a long batch must not outlast the leases of the messages being handled)
         try:
             return self._admit(generation, inbound)
@@ -273,7 +276,7 @@ class HandlerPipeline:
         delay = min(delays) if delays else None
         outcome = "held"
         if delay is None:
-            self._held.append((self.clock() + _HOLD, (generation, inbound)))
+            self._held.append((self.monotonic() + _HOLD, (generation, inbound)))
         else:
             outcome = send_back(self.bus, inbound, None, delay, count_attempt=False)
         log.info(
@@ -293,7 +296,7 @@ class HandlerPipeline:
     def tick(self) -> None:
         """On the I/O loop: renew the claims of messages being handled (every third of the lease), retry
         releases that failed, and put back copies held here whose wait is over."""
-        now = self.clock()
+        now = self.monotonic()
         if self._held and self._held[0][0] <= now:
             due = [ready for at, ready in self._held if at <= now]
             self._held = [(at, ready) for at, ready in self._held if at > now]
@@ -304,7 +307,7 @@ class HandlerPipeline:
     def renew(self) -> None:
         """Renew this worker's claims for another lease, after releasing those whose release failed."""
         now = self.clock()
-        self._next_renewal = now + self.lease / 3
+        self._next_renewal = self.monotonic() + self.lease / 3
         try:
             for key, event_id in list(self._unreleased):
                 self.store.release(key, event_id, self.owner)
@@ -314,7 +317,7 @@ class HandlerPipeline:
         except (ConnectionLost, KeyboardInterrupt):
             raise
         except Exception as exc:  # noqa: BLE001 - the store is down: the next tick tries again
-            self._next_renewal = now + min(1.0, self.lease / 10)
+            self._next_renewal = self.monotonic() + min(1.0, self.lease / 10)
             log.error("claims.not_renewed", owner=self.owner, claims=len(self._claimed), error=repr(exc)[:500])
 
     def _release(self, key: str, event_id: str) -> None:

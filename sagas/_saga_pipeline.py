@@ -51,6 +51,7 @@ class SagaPipeline:
         outbox: OutboxPublisher,
         *,
         clock: Callable[[], float],
+        monotonic: Callable[[], float] | None = None,
         timer_interval: float,
         relay_interval: float,
     ) -> None:
@@ -58,11 +59,13 @@ class SagaPipeline:
         self.engine = engine
         self.store = store
         self.outbox = outbox
+        #: the steady clock of deadlines and outbox ages, and the clock of this worker's turns
         self.clock = clock
+        self.monotonic = monotonic or clock
         self.timer_interval = timer_interval
         self.relay_interval = relay_interval
-        self._next_timers = 0.0
-        self._next_relay = 0.0
+        self._next_timers = float("-inf")  # (on the monotonic clock)
+        self._next_relay = float("-inf")
         #: messages applied (moved a saga, were ignored with a reason, or were refused and dead-lettered)
         self.handled = 0
         #: how many messages had each outcome (``Applied.outcome``: moved, duplicate, late-reply, refused, ...)
@@ -140,7 +143,7 @@ class SagaPipeline:
 
     def tick(self) -> None:
         """Fire due deadlines, and republish outbox rows a crash left unsent, when their time has come."""
-        now = self.clock()
+        now = self.monotonic()
         if now < self._next_timers:
             return
         self._next_timers = now + self.timer_interval
@@ -152,12 +155,12 @@ class SagaPipeline:
             raise
         except Exception as exc:  # noqa: BLE001 - the store may be restarting; the next tick tries again
             log.error("worker.timers_failed", error=repr(exc)[:500])
-        now = self.clock()
+        now = self.monotonic()
         if now < self._next_relay:
             return
         self._next_relay = now + self.relay_interval
         try:
-            self.outbox.relay(created_before=now - self.relay_interval)
+            self.outbox.relay(created_before=self.clock() - self.relay_interval)
         except (ConnectionLost, KeyboardInterrupt):
             raise
         except Exception as exc:  # noqa: BLE001 - the store may be restarting; the next turn tries again
@@ -168,10 +171,12 @@ class SagaPipeline:
         oldest unsent row, but not before the timers' next turn. None when nothing waits. (Reads the
         store: for harnesses and tools, not for the loop.)"""
         times: list[float] = []
+        shift = self.clock() - self.monotonic()  # (the turns are on the monotonic clock)
+        next_timers, next_relay = self._next_timers + shift, self._next_relay + shift
         due = self.store.due_sagas(float("inf"), 1, types=tuple(self.engine.definitions))
         if due and due[0].deadline is not None:
-            times.append(max(due[0].deadline, self._next_timers))
+            times.append(max(due[0].deadline, next_timers))
         oldest = self.store.outbox_backlog().oldest_created_at
         if oldest is not None:
-            times.append(max(oldest + self.relay_interval, self._next_relay, self._next_timers))
+            times.append(max(oldest + self.relay_interval, next_relay, next_timers))
         return min(times, default=None)

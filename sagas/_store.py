@@ -847,6 +847,12 @@ class PostgresStore(_SqlStore):
         finally:
             self._depth -= 1
 
+    def database_time(self) -> float:
+        """The database's clock, in seconds since the epoch: the one clock every worker of this store
+        shares (a worker's deadlines follow it; see :mod:`sagas._clock`)."""
+        row = self._execute("SELECT extract(epoch from clock_timestamp())").fetchone()
+        return float(row[0])
+
     def close(self) -> None:
         self._db.close()
 

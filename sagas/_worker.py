@@ -44,6 +44,7 @@ from transport import (
     redact_url,
 )
 
+from ._clock import SteadyClock
 from ._errors import ConfigurationError, SagasError
 from ._handlers import DEFAULT_CLAIM_LEASE, HandlerPipeline, Ready, Work
 from ._outbox import OutboxPublisher
@@ -70,9 +71,12 @@ class Worker:
     ``bus``, ``store``, ``handlers`` and ``sagas`` (the pipelines; ``sagas`` is None for an app
     without sagas) exist once the worker has started.
 
-    ``clock`` is the wall clock of deadlines and timers, ``rng`` jitters deadlines and ``executor``
-    runs handlers (a thread pool of ``concurrency`` threads by default): :mod:`sagas.testing`
-    replaces all three to make a run reproducible.
+    ``clock`` is the host's wall clock and ``monotonic`` the clock of local waits (timer and relay
+    turns, claim renewals). Deadlines and leases read :attr:`now`, a steady clock that starts at the
+    database's clock on PostgreSQL (at ``clock`` otherwise, or when ``clock`` is given) and never jumps
+    when the host's clock is stepped (see :mod:`sagas._clock`). ``rng`` jitters deadlines and
+    ``executor`` runs handlers (a thread pool of ``concurrency`` threads by default):
+    :mod:`sagas.testing` replaces them to make a run reproducible.
 
     ``claim_lease`` (seconds; default ``SAGAS_CLAIM_LEASE`` or 30) is how long this worker's claim on a
     de-duplicated message outlives the worker if it dies; while the handler runs it is renewed every
@@ -99,7 +103,8 @@ class Worker:
         relay_interval: float = 5.0,
         instance: str | None = None,
         bus: EventBus | None = None,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
         executor: Executor | None = None,
         ssl: bool | Mapping[str, Any] | None = None,
@@ -137,7 +142,11 @@ class Worker:
         self._bus_arg = bus
         #: TLS options for the bus the worker creates (as EventBus takes them); unused when ``bus`` is given
         self.ssl = ssl
-        self.clock = clock
+        self._host_clock = clock is None
+        self.clock: Callable[[], float] = clock or time.time
+        self.monotonic = monotonic
+        #: the steady clock of deadlines and leases (set by :meth:`start`)
+        self.now: Callable[[], float] = self.clock
         self.rng = rng
         self._executor = executor
         self.timer_interval = timer_interval
@@ -165,6 +174,8 @@ class Worker:
         if not specs and not self.app.sagas:
             raise ConfigurationError("the app has no handlers and no sagas: declare some with @service.on(...)")
         self.store = open_store(self._store_arg)
+        database_time = getattr(self.store, "database_time", None) if self._host_clock else None
+        self.now = SteadyClock(database_time if callable(database_time) else self.clock, self.monotonic)
         self.bus = self._bus_arg or EventBus(self.broker, exchange=self.exchange, ssl=self.ssl)
         routes: dict[str, HandlerSpec] = {}
         self._subscriptions = []
@@ -172,7 +183,7 @@ class Worker:
             sub = spec.subscription(self.exchange, self.instance)
             routes[sub.queue] = spec
             self._subscriptions.append(sub)
-        engine = SagaEngine(self.app.sagas, self.store, clock=self.clock, rng=self.rng) if self.app.sagas else None
+        engine = SagaEngine(self.app.sagas, self.store, clock=self.now, rng=self.rng) if self.app.sagas else None
         self.outbox = OutboxPublisher(self.bus, self.store, engine)
         saga_routes: dict[str, str] = {}
         for d in engine.definitions.values() if engine else ():
@@ -193,7 +204,8 @@ class Worker:
             self.concurrency,
             self._ready,
             owner=self.instance,
-            clock=self.clock,
+            clock=self.now,
+            monotonic=self.monotonic,
             lease=self.claim_lease,
         )
         self.sagas = (
@@ -202,7 +214,8 @@ class Worker:
                 engine,
                 self.store,
                 self.outbox,
-                clock=self.clock,
+                clock=self.now,
+                monotonic=self.monotonic,
                 timer_interval=self.timer_interval,
                 relay_interval=self.relay_interval,
             )

@@ -503,6 +503,7 @@ class Harness:
             concurrency=1,
             instance=f"harness-{slot}-{self._generations[slot]}",
             clock=self.clock,
+            monotonic=self.clock,
             rng=random.Random(self._rng.random()),
             executor=executor,
             timer_interval=self.timer_interval,
