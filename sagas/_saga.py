@@ -719,7 +719,7 @@ def _late_undoes(where: str, st: State, *, step: str | None) -> dict[str, LateUn
                 f"or an event of its on= ({', '.join(awaited) or 'it waits for nothing'})"
             )
         if not isinstance(undo, Compensate):
-            raise ConfigurationError(f"{here}: late[{what!r}] is {undo!r}; write compensate(Request(...))")
+            raise ConfigurationError(f"{here}: late[{what!r}] is {undo!r}; write compensate(<request type>)")
         timeout = undo.timeout or st.timeout or 0.0
         out[what] = LateUndo(undo.request, timeout, undo.retries, undo.backoff, step)
     return out

@@ -18,6 +18,9 @@ transition. Nothing here touches the broker.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
+import os
 import random
 import time
 import traceback
@@ -28,8 +31,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import structlog
+import transitions
 
-from transport import Event, encode
+from transport import CONTENT_TYPE, Event, decode, encode
 
 from ._errors import ActionRefused, ConfigurationError, NotFound, SagaCodeError, SagasError
 from ._protocol import (
@@ -67,6 +71,9 @@ _TRACEBACK_CHARS = 4000
 AWAITED_META = "awaited"
 #: In a saga's metadata: the compensations of late successes in flight, each with its own deadline
 LATE_META = "late"
+#: In a saga's metadata, for a saga its own code parked while applying a message: that message (and the
+#: state and request it met), which ``retry`` applies again
+PARKED_ON_META = "parked_on"
 #: In a saga's metadata, while late compensations are in flight: the state's own deadline (the
 #: record's deadline is the earliest of it and theirs)
 OWN_DEADLINE_META = "own_deadline"
@@ -117,6 +124,8 @@ class Applied:
     rows: list[OutboxRow]
     note: str = ""
     outcome: str = MOVED
+    #: for a refused message, the error behind the refusal (kept with the dead letter), if any
+    error: BaseException | None = None
 
     @property
     def refused(self) -> bool:
@@ -159,7 +168,7 @@ class SagaEngine:
                 try:
                     return self._handle_once(d, event)
                 except SagaCodeError as error:
-                    return self._park_broken(d, error, event.id, (f"saga:{d.type}", event.id))
+                    return self._park_broken(d, error, event.id, (f"saga:{d.type}", event.id), event)
             except VersionConflict:
                 continue
         raise SagasError(f"saga message {event.id} kept conflicting with other workers")
@@ -499,16 +508,27 @@ class SagaEngine:
         return []
 
     def _park_broken(
-        self, d: SagaDefinition, error: SagaCodeError, message_id: str, inbox: tuple[str, str] | None
+        self,
+        d: SagaDefinition,
+        error: SagaCodeError,
+        message_id: str,
+        inbox: tuple[str, str] | None,
+        event: Event | None = None,
     ) -> Applied:
         """The saga's own code raised: park the saga in ``failed``, with where, the error and its
         traceback in the history, so that it blocks nothing else (an operator retries it after the
-        fix). A start whose code raised made no saga: the message is refused (dead-lettered) with it."""
+        fix; the message that ran into it, kept in ``meta.parked_on``, is then applied again). A start
+        whose code raised made no saga: the message is refused (dead-lettered) with the error."""
         trace = "".join(traceback.format_exception(error.error)).strip()[-_TRACEBACK_CHARS:]
+        where = _user_frame(error.error)
         record: SagaRecord | None = self.store.get_saga(error.saga_id) if error.saga_id else None
         if record is None or record.type != d.type:
-            return Applied(None, False, [], f"{error}; no saga was started\n{trace}", REFUSED)
-        reason = f"{error}: parked; fix the saga's code or data, then retry it"
+            return Applied(None, False, [], f"{error}{where}; no saga was started", REFUSED, error.error)
+        reason = f"{error}{where}: parked; fix the saga's code or data, then retry it"
+        if event is not None and record.state != FAILED:
+            # what the retry applies again (the message is in the inbox: it will not come back)
+            parked = {"state": record.state, "body": encode(event).decode(), "request": record.meta.get("request")}
+            record.meta = {**record.meta, PARKED_ON_META: parked}
         log.error(
             "saga.code_failed",
             saga_id=record.id,
@@ -745,6 +765,12 @@ class SagaEngine:
                 f"saga {saga_id} is in state {record.state!r}, which saga type {d.type} no longer has (a deploy "
                 "renamed or removed it): a worker parks it in 'failed' at its next deadline; retry it from there"
             )
+        parked = record.meta.get(PARKED_ON_META) if record.state == FAILED else None
+        if parked and parked.get("state") in d.states and not d.states[parked["state"]].final:
+            with _refused_if_code_fails(saga_id):
+                applied = self._apply_again(d, record, parked, actor)
+            if applied is not None:
+                return applied
         if record.state == FAILED:
             target = record.meta.get("failed_from") or ""
             if target not in d.states or target == FAILED:
@@ -779,6 +805,38 @@ class SagaEngine:
                 supersede=True,
             )
 
+    def _apply_again(
+        self, d: SagaDefinition, record: SagaRecord, parked: Mapping[str, Any], actor: str
+    ) -> list[OutboxRow] | None:
+        """Take a saga its own code parked back to the state it was in, and apply the message that
+        parked it again; None when that message no longer moves it (then the state starts again)."""
+        event = decode(str(parked["body"]).encode(), CONTENT_TYPE)
+        state = str(parked["state"])
+        meta = {k: v for k, v in record.meta.items() if k not in ("failed_from", "reason", PARKED_ON_META)}
+        meta["request"] = parked.get("request")
+        pending = parked.get("request") or {}
+        result: Mapping[str, Any] | None = None
+        reason: str | None = None
+        answered: tuple[str, bool] | None = None
+        if event.type in self._reply_of[d.type]:
+            reply = read_reply(event)
+            result, reason, answered = reply.result, reply.reason, (reply.request_id, reply.ok)
+            request_type = str(pending.get("type") or self._reply_of[d.type][event.type])
+            trigger = on_reply(request_type) if reply.ok else on_failure(request_type)
+            meta[AWAITED_META] = [e for e in meta.get(AWAITED_META) or () if e.get("id") != reply.request_id]
+        else:
+            trigger = on_event(event.type)
+            meta[AWAITED_META] = [
+                e for e in meta.get(AWAITED_META) or () if not (e.get("id") is None and e.get("what") == event.type)
+            ]
+        again = dataclasses.replace(record, state=state, final=False, meta=meta)
+        ctx = _context(d, again, event, result, reason)
+        why = f"operator: retry: {event.type} applied again in {state}"
+        applied = self._trigger(
+            d, again, trigger, ctx, f"operator:retry:{record.version}", why, None, actor=actor, answered=answered
+        )
+        return applied.rows if applied.moved else None
+
     def compensate(self, saga_id: str, *, actor: str) -> list[OutboxRow]:
         """Operator ``actor``: start compensating a saga now, where its type says how from its state."""
         record = self._require(saga_id)
@@ -786,7 +844,10 @@ class SagaEngine:
         if record.final:
             raise ActionRefused(f"saga {saga_id} has ended in {record.state}; there is nothing to compensate")
         if COMPENSATE not in d.triggers_from(record.state):
-            raise ActionRefused(f"saga type {d.type} defines no compensation from state {record.state!r}")
+            raise ActionRefused(
+                f"saga type {d.type} defines no compensation from state {record.state!r} "
+                "(give that State on_compensate=<the state that undoes it>)"
+            )
         reason = "operator: compensate"
         ctx = _context(d, record, None, reason=reason)
         message_id = f"operator:compensate:{record.version}"
@@ -831,6 +892,19 @@ def _saga_code(where: str, saga_id: str | None) -> Iterator[None]:
         raise
     except Exception as exc:
         raise SagaCodeError(where, exc, saga_id) from exc
+
+
+def _user_frame(error: BaseException) -> str:
+    """`` (in function, file.py:line)``: the innermost frame of the error's traceback outside the
+    framework and ``transitions`` (the saga's own code), or nothing."""
+    libraries = (os.path.dirname(transitions.__file__), os.path.dirname(json.__file__))
+    here = os.path.dirname(__file__)
+    found = ""
+    for frame in traceback.extract_tb(error.__traceback__):
+        folder, name = os.path.split(frame.filename)
+        if not frame.filename.startswith(libraries) and not (folder == here and name.startswith("_")):
+            found = f" (in {frame.name}, {name}:{frame.lineno})"
+    return found
 
 
 @contextmanager

@@ -119,7 +119,7 @@ class SagaPipeline:
             if a.moved:
                 log.debug("message.handled", outcome="moved", **fields)
             elif a.refused:
-                sent = send_back(bus, inbound, None, None, f"saga {saga_type} refused it: {a.note}")
+                sent = send_back(bus, inbound, a.error, None, f"saga {saga_type} refused it: {a.note}")
                 log.warning("message.handled", outcome="refused", sent_back=sent, **fields)
             elif a.outcome in _WARN:
                 log.warning("message.handled", outcome="ignored", **fields)

@@ -126,7 +126,9 @@ def test_a_timeout_action_that_raises_parks_its_saga_and_every_other_deadline_fi
         states = {r.key: r.state for r in h.sagas(Order)}
         reason = _parked(h, "bad")
     assert {k: v for k, v in states.items() if k != "bad"} == {f"good-{i}": "cancelled" for i in range(10)}
-    assert reason.startswith("a guard or action of timeout in state 'awaiting_payment' raised KeyError: 'customer'")
+    assert reason.startswith(
+        "a guard or action of timeout in state 'awaiting_payment' raised KeyError: 'customer' (in _maybe_raise, "
+    )
     assert "Traceback (most recent call last)" in reason
     assert "_on_timeout" in reason
     assert h.saga(Order, "bad").meta["failed_from"] == "awaiting_payment"
@@ -181,21 +183,34 @@ def test_a_start_whose_code_raises_is_dead_lettered_with_the_reason_and_others_s
     assert len(dead) == 1
     assert dead[0].routing_key == "iso.orders.placed"
     assert dead[0].attempts == 1  # at once: no retry can fix the saga's code
+    assert dead[0].error_type.endswith("KeyError")
+    assert "Traceback" in dead[0].traceback
+    assert "(in _maybe_raise, test_isolation.py:" in dead[0].reason  # the innermost frame of the saga's code
     assert "the start action of iso.orders.placed raised KeyError: 'customer'" in dead[0].reason
     assert "no saga was started" in dead[0].reason
 
 
-def test_a_parked_saga_is_retried_after_the_fix_and_completes() -> None:
+def test_a_saga_parked_on_a_message_applies_it_again_when_retried_after_the_fix() -> None:
+    """The payment event met a guard that raised: the saga parked, and the event is in its inbox (it will
+    not come again). After the fix, a retry applies that event again: the order is paid."""
     with Harness(app) as h:
         _place(h, 0, broken="bad", where="guard")
         h.publish(PAID, {"order_id": "bad"})
         h.settle()
-        assert h.saga(Order, "bad").state == "failed"
+        parked = h.saga(Order, "bad")
+        assert parked.state == "failed"
+        assert parked.meta["parked_on"]["state"] == "awaiting_payment"
+        with pytest.raises(ActionRefused, match="nothing was changed"):
+            h.operations.retry(parked.id, actor="marie")  # not fixed yet: refused, and nothing changes
+        assert h.saga(Order, "bad").version == parked.version
         BROKEN.clear()  # the fix is deployed
-        h.operations.retry(h.saga(Order, "bad").id, actor="marie")
-        h.publish(PAID, {"order_id": "bad"})
+        h.operations.retry(parked.id, actor="marie")
         h.settle()
-        assert h.saga(Order, "bad").state == "paid"
+        record = h.saga(Order, "bad")
+        reasons = [e.reason for e in h.history(record.id)]
+    assert record.state == "paid"
+    assert f"operator: retry: {PAID} applied again in awaiting_payment" in reasons
+    assert "parked_on" not in record.meta
 
 
 def test_an_operator_action_whose_saga_code_raises_changes_nothing() -> None:
