@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -27,6 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from blackhole import black_hole  # noqa: E402
 from private_services import (  # noqa: E402
     PostgresCluster,
     RabbitNode,
@@ -35,7 +37,7 @@ from private_services import (  # noqa: E402
     private_rabbit_node,
 )
 
-from sagas import Event, EventBus, Store  # noqa: E402
+from sagas import Event, EventBus, Store, open_store  # noqa: E402
 
 #: the machine's services, for the drills' --machine-services mode only
 MACHINE_URL = os.environ.get("SAGAS_DRILL_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
@@ -509,3 +511,138 @@ def bad_timeout(s: Services, tmp: Path, exchange: str, *, orders: int = 11, work
         store.close()
         drop_schema(exchange, s.postgres_url)
         cleanup(exchange, s.node, s.amqp_url)
+
+
+# -- a broker that stops answering (a black hole) in front of the first host of a fail-over URL ---------
+
+
+@dataclass
+class BlackHoleRun:
+    """Figures of one black-hole fail-over run (:func:`black_hole_failover`)."""
+
+    heartbeat: float
+    #: seconds from the start of the partition to the worker logging ``worker.connection_lost``, and to it
+    #: consuming on the second host
+    detect_seconds: float
+    failover_seconds: float
+    #: sagas started before the partition and not final when it began (their requests and replies were on
+    #: the first host: deadlines re-send them on the second), and sagas started during it (on the second host)
+    in_flight_at_partition: int
+    started_during: int
+    #: sagas that reached a final state during the partition, and sagas that did not end with the outcome
+    #: they should have (must be 0)
+    moved: int
+    lost: int
+    #: plain at-least-once events published to the second host during the partition, and how many of them
+    #: the worker handled there
+    events_during: int
+    events_handled: int
+    #: requests re-sent by deadlines, the worker's exit code after SIGTERM, and its warnings by event name
+    resends: int
+    exit_code: int | None
+    warnings: dict[str, int]
+
+
+def _log_has(out: Path, event: str) -> bool:
+    log = out.with_suffix(".log")
+    return log.exists() and event in log.read_text(errors="replace")
+
+
+def black_hole_failover(
+    node_a: RabbitNode,
+    node_b: RabbitNode,
+    tmp: Path,
+    exchange: str,
+    *,
+    store: Path | str,
+    heartbeat: float = 2.0,
+    sagas_before: int = 20,
+    sagas_during: int = 40,
+    events_during: int = 200,
+    settle: float = 90.0,
+    patience: float = 30.0,
+) -> BlackHoleRun:
+    """One worker process (``drill_app:with_sagas``, no simulated failures) with the fail-over URL
+    ``hostA;hostB`` (two separate nodes; ``heartbeat`` seconds on both), where hostA is reached through a
+    :class:`~blackhole.BlackHoleProxy`. ``sagas_before`` uploads are published to hostA; once they all
+    started the proxy goes black (nothing forwarded, nothing closed). Measured: when the worker notices and
+    when it consumes on hostB; then ``sagas_during`` uploads and ``events_during`` plain events are published
+    to hostB, and every saga must end final with its expected outcome while hostA stays black. A worker that
+    does not notice, or does not move, within ``patience`` seconds fails the run (:class:`WaitTimeout`)."""
+    out = tmp / f"{exchange}.txt"
+    hb = f"heartbeat={heartbeat:g}"
+    saga_store = open_store(store if isinstance(store, str) else f"sqlite:///{store}")
+    with black_hole(node_a.port) as proxy:
+        url = f"{proxy.url(node_a.url)}?{hb};{node_b.url}?{hb}"
+        proc = start_worker("drill_app:with_sagas", exchange, out, store, url=url, FAIL_RATE="0", DROP_RATE="0")
+        try:
+            queues = (f"{exchange}.saga.postprocessing", f"{exchange}.drill.record")
+            for queue in queues:
+
+                def on_a(q: str = queue) -> bool:
+                    return proc.poll() is None and consumers(q, node_a.url) == 1
+
+                wait(on_a, 60, f"the worker consuming {queue} on A")
+            bus_a = EventBus(node_a.url, exchange=exchange)
+            bus_a.publish_many([upload(i) for i in range(sagas_before)])
+            bus_a.close()
+            wait(lambda: len(saga_store.list_sagas(limit=10_000)) >= sagas_before, 60, "the first sagas started")
+            in_flight = sum(1 for r in saga_store.list_sagas(limit=10_000) if not r.final)
+            proxy.freeze()
+            t0 = time.monotonic()
+            final_at_freeze = sum(1 for r in saga_store.list_sagas(limit=10_000) if r.final)
+            wait(lambda: _log_has(out, "worker.connection_lost"), patience, "the worker to notice the partition")
+            detect = time.monotonic() - t0
+            wait(lambda: all(consumers(q, node_b.url) == 1 for q in queues), patience, "the worker consuming on B")
+            failover = time.monotonic() - t0
+            total = sagas_before + sagas_during
+            bus_b = EventBus(node_b.url, exchange=exchange)
+            bus_b.publish_many(
+                [upload(i) for i in range(sagas_before, total)]
+                + [Event("drill.events.created", {"n": k}) for k in range(events_during)],
+                mandatory=True,
+            )
+            bus_b.close()
+
+            def settled() -> bool:
+                listed = saga_store.list_sagas(limit=10_000)
+                handled = set(lines(out, "alo"))
+                return len(listed) == total and all(r.final for r in listed) and handled >= set(range(events_during))
+
+            with contextlib.suppress(WaitTimeout):  # what did not settle is counted as lost below
+                wait(settled, settle, "every saga final and every event handled", interval=0.2)
+            if not proxy.frozen:
+                raise AssertionError("the partition ended before the run did")
+            listed = saga_store.list_sagas(limit=10_000)
+            right = sum(1 for r in listed if r.final and r.data.get("outcome") == expected(int(r.key.split("-")[1])))
+            resends = sum(
+                1 for r in listed for h in saga_store.saga_history(r.id) if h.reason.startswith("deadline passed")
+            )
+            handled = set(lines(out, "alo")) & set(range(events_during))
+            moved = sum(1 for r in listed if r.final) - final_at_freeze
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+            try:
+                code: int | None = proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                code = proc.wait()
+            saga_store.close()
+    log = out.with_suffix(".log")
+    text = log.read_text(errors="replace") if log.exists() else ""
+    warnings = dict(collections.Counter(re.findall(r"\[(?:warning|error|critical) *\] (\S+)", text)))
+    return BlackHoleRun(
+        heartbeat=heartbeat,
+        detect_seconds=round(detect, 2),
+        failover_seconds=round(failover, 2),
+        in_flight_at_partition=in_flight,
+        started_during=sagas_during,
+        moved=moved,
+        lost=total - right,
+        events_during=events_during,
+        events_handled=len(handled),
+        resends=resends,
+        exit_code=code,
+        warnings=warnings,
+    )

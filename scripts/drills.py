@@ -8,6 +8,7 @@
     python scripts/drills.py deadlines                    # deadlines fire after a restart / on another worker
     python scripts/drills.py scale           [-n 500]     # sagas/s with 1 and with 2 worker processes
     python scripts/drills.py slow-participant [-n 200]    # step deadline < handling time, 2 and 3 workers, kill -9
+    python scripts/drills.py black-hole      [-n 200]     # hostA;hostB, hostA stops answering (no close): fail-over
 
 Each drill starts a private RabbitMQ node and PostgreSQL cluster (scripts/private_services.py: free ports,
 temporary folders, always stopped and deleted), so broker-restart stops and starts that node only. With
@@ -34,6 +35,7 @@ from drillkit import (
     ROOT,
     Services,
     WaitTimeout,
+    black_hole_failover,
     cleanup,
     consumers,
     depth,
@@ -48,6 +50,7 @@ from drillkit import (
     upload,
     wait,
 )
+from private_services import private_rabbit_node
 
 from sagas import (
     Event,
@@ -400,6 +403,42 @@ def slow(s: Services, n: int) -> None:
             )
 
 
+def black_hole(s: Services, n: int) -> None:
+    """A worker with the fail-over URL hostA;hostB (heartbeat 2 s), hostA behind a proxy that stops
+    forwarding without closing anything (scripts/blackhole.py); hostB a second private node. n/4 sagas
+    start on hostA before the partition, 3n/4 sagas and n plain events are published to hostB during it."""
+    with tempfile.TemporaryDirectory() as tmp, private_rabbit_node("sagas-drill-b") as node_b:
+        exchange = f"drill{uuid.uuid4().hex[:8]}"
+        store = pg_store(exchange, s.postgres_url)  # creates the schema
+        store.close()
+        try:
+            run = black_hole_failover(
+                s.node,
+                node_b,
+                Path(tmp),
+                exchange,
+                store=f"{s.postgres_url}?schema={exchange}",
+                heartbeat=2.0,
+                sagas_before=max(1, n // 4),
+                sagas_during=max(1, n - n // 4),
+                events_during=n,
+                settle=180.0,
+            )
+        finally:
+            drop_schema(exchange, s.postgres_url)
+            cleanup(exchange, s.node, s.amqp_url)
+            cleanup(exchange, node_b, node_b.url)
+        print(
+            f"black-hole: heartbeat {run.heartbeat:g}s; partition noticed after {run.detect_seconds}s "
+            f"(2 heartbeats = {2 * run.heartbeat:g}s), consuming on hostB after {run.failover_seconds}s; "
+            f"sagas in flight on hostA at the partition {run.in_flight_at_partition}, started on hostB during it "
+            f"{run.started_during}; sagas moved to a final state during the partition {run.moved}; sagas lost "
+            f"{run.lost}; events published to hostB during it {run.events_during}, handled "
+            f"{run.events_handled}; requests re-sent by deadlines {run.resends}; worker warnings {run.warnings}; "
+            f"worker exit after SIGTERM {run.exit_code}"
+        )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
@@ -413,6 +452,7 @@ def main() -> None:
             "deadlines",
             "scale",
             "slow-participant",
+            "black-hole",
         ],
     )
     p.add_argument("-n", type=int, default=None)
@@ -445,6 +485,8 @@ def run(s: Services, drill: str, n: int | None) -> None:
         scale(s, n or 500)
     elif drill == "slow-participant":
         slow(s, n or 200)
+    elif drill == "black-hole":
+        black_hole(s, n or 200)
     else:
         notifications(s, n or 1000)
 

@@ -42,6 +42,11 @@ class EventBus:
 
     ``url`` may list several brokers separated by ``;`` for fail-over. Nothing connects until
     :meth:`connect` (or the first publish).
+
+    No call waits on a broker that stopped answering for longer than its bound: a publish raises within
+    its ``timeout`` (or within 2 heartbeat intervals, if that is sooner), a wait for messages raises
+    :class:`ConnectionLost` within 2 heartbeat intervals, and :meth:`close` waits for the broker's
+    close-ok ``close_timeout`` seconds at most (see :mod:`transport._connection`).
     """
 
     def __init__(
@@ -56,6 +61,7 @@ class EventBus:
         ssl: bool | Mapping[str, Any] | None = None,
         confirm_window: int = 1000,
         memory_transport: type[Any] | None = None,
+        close_timeout: float = 2.0,
     ) -> None:
         if not exchange or not exchange.replace(".", "").replace("-", "").replace("_", "").isalnum():
             raise TransportError(f"invalid exchange name {exchange!r}: use letters, digits, '.', '-' and '_'")
@@ -72,6 +78,7 @@ class EventBus:
             memory_transport=memory_transport or _memory.Transport,
             on_connect=self._set_up,
             on_close=self._forget_channels,
+            close_timeout=close_timeout,
         )
         self.memory = self._link.memory
         self._publisher = Publisher(self._link, timeout=publish_timeout, confirm_window=confirm_window)

@@ -4,10 +4,20 @@ A URL may list several brokers separated by ``;``. :class:`FailoverConnection` h
 connection at a time, to the first of them that answers, and moves on to the next one when a connect
 fails or a live connection breaks. It opens no channels itself: whoever owns it says what to set up on
 each new connection and what to forget when it closes.
+
+Nothing waits on the broker for ever, also when it stops answering without closing the connection (a
+network partition, a paused host): a close waits for the broker's close-ok ``close_timeout`` seconds at most
+and then drops the socket (:func:`close_within`); a connection found broken is dropped without a close
+handshake (:func:`drop`); a blocked write fails after ``write_timeout`` (``SO_SNDTIMEO``); and the waits of
+the consumer and the publisher check the heartbeats every :meth:`FailoverConnection.tick` seconds (py-amqp
+raises once 2 heartbeat intervals passed with nothing received), so a silent broker is noticed within 2
+heartbeat intervals, wherever the caller waits.
 """
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -128,12 +138,15 @@ class FailoverConnection:
         memory_transport: type[Any],
         on_connect: Callable[[Connection], None],
         on_close: Callable[[], None],
+        close_timeout: float = 2.0,
     ) -> None:
         self.url = url
         self.memory = is_memory_url(url)
         self.heartbeat = heartbeat
         self.connect_timeout = connect_timeout
         self.ssl = ssl
+        #: seconds a close waits for the broker's close-ok before it drops the socket
+        self.close_timeout = close_timeout
         #: the kombu transport class behind ``memory://``
         self.memory_transport = memory_transport
         self.lock = threading.RLock()
@@ -161,8 +174,30 @@ class FailoverConnection:
             # A copy per connection: kombu fills a None server_hostname in with the host it connects to,
             # in place, which pinned the first host's name for every other host of a ';'-separated URL.
             ssl=dict(self.ssl) if isinstance(self.ssl, Mapping) else self.ssl,
-            transport_options={"confirm_publish": False, "frame_handler": frame_handler},
+            transport_options={
+                "confirm_publish": False,
+                "frame_handler": frame_handler,
+                # A write the broker does not take (its socket buffer full: a partition, a paused host)
+                # fails instead of blocking for ever.
+                "write_timeout": self.write_timeout,
+            },
         )
+
+    @property
+    def write_timeout(self) -> float:
+        """Seconds a blocked write to the broker waits: 2 heartbeat intervals, at least ``connect_timeout``
+        (10 s without heartbeats)."""
+        return max(self.connect_timeout, 2 * self.heartbeat if self.heartbeat else 10.0)
+
+    def tick(self) -> float:
+        """The longest slice a wait on the broker may take between two heartbeat checks: a quarter of
+        the negotiated heartbeat interval (of the URL's ``heartbeat`` if it names one), at most 1 s."""
+        conn = self._conn
+        interval = 0.0
+        if conn is not None and not self.memory:
+            with contextlib.suppress(Exception):  # no transport connection yet: no heartbeat either
+                interval = float(conn.get_heartbeat_interval() or 0)
+        return min(1.0, interval / 4) if interval > 0 else 1.0
 
     def connect(self, timeout: float | None = None) -> None:
         """Connect, retrying with backoff for up to ``timeout`` seconds; raise :class:`BrokerUnavailable`."""
@@ -178,7 +213,7 @@ class FailoverConnection:
                     conn.ensure_connection(max_retries=0, reraise_as_library_errors=False)
                     self._on_connect(conn)
                 except Exception as exc:
-                    close_quietly(conn)
+                    self._discard(conn)
                     if login_refused(exc):
                         raise refused_login(conn, exc) from None
                     if not is_connection_error(conn, exc):
@@ -196,6 +231,13 @@ class FailoverConnection:
                 self._conn = conn
                 return
 
+    def _discard(self, conn: Connection) -> None:
+        """Throw away ``conn``, which may have half connected: no close handshake to wait for on RabbitMQ."""
+        if self.memory:
+            close_quietly(conn)
+        else:
+            drop(conn)
+
     def live(self) -> Connection:
         """The established connection, connecting first if needed."""
         self.connect()
@@ -204,19 +246,37 @@ class FailoverConnection:
         return self._conn
 
     def close(self) -> None:
-        """Close the connection. Unacked messages go back to their queues (broker side)."""
+        """Close the connection. Unacked messages go back to their queues (broker side). Waits for the
+        broker's close-ok ``close_timeout`` seconds at most, then drops the socket."""
         with self.lock:
             conn, self._conn = self._conn, None
             self._on_close()
             if conn is not None:
-                close_quietly(conn)
+                if self.memory:
+                    close_quietly(conn)
+                else:
+                    close_within(conn, self.close_timeout)
+
+    def drop(self) -> None:
+        """Throw the connection away without a close handshake (it broke, or its broker stopped
+        answering): the socket is closed at once, and the broker requeues what was unacked on it."""
+        with self.lock:
+            conn, self._conn = self._conn, None
+            self._on_close()
+            if conn is not None:
+                if self.memory:
+                    close_quietly(conn)
+                else:
+                    drop(conn)
 
     def lost(self, exc: BaseException) -> ConnectionLost:
-        """Close after the connection broke with ``exc``, and return the :class:`ConnectionLost` to raise.
-        The next connect tries the next broker first, in case this one is going down."""
-        self.close()
+        """Drop the connection after it broke with ``exc``, and return the :class:`ConnectionLost` to
+        raise. The next connect tries the next broker first, in case this one is going down (or silent)."""
+        where = self._conn.as_uri() if self._conn is not None and not self.memory else self.url
+        self.drop()
         self._next_host += 1
-        return ConnectionLost(f"connection to {redact_url(self.url)} lost: {exc}")
+        log.warning("bus.connection_dropped", broker=redact_url(where), error=str(exc) or type(exc).__name__)
+        return ConnectionLost(f"connection to {redact_url(where)} lost: {exc or type(exc).__name__}")
 
     @property
     def connection_errors(self) -> tuple[type[BaseException], ...]:
@@ -232,6 +292,9 @@ class FailoverConnection:
         conn = self._new(connect_timeout=timeout)
         try:
             conn.ensure_connection(max_retries=0, reraise_as_library_errors=False)
+            sock = _socket_of(conn)
+            if sock is not None:
+                sock.settimeout(timeout)  # a broker that accepted the connection and then went silent
             conn.channel().close()
         except Exception as exc:
             if login_refused(exc):
@@ -240,7 +303,7 @@ class FailoverConnection:
                 raise
             return False
         finally:
-            close_quietly(conn)
+            drop(conn)
         return True
 
 
@@ -281,6 +344,40 @@ def close_quietly(conn: Connection) -> None:
         conn.release()
     except Exception as exc:  # noqa: BLE001 - the connection is being thrown away; the reason is logged
         log.debug("bus.close_failed", error=repr(exc))
+
+
+def _socket_of(conn: Connection) -> socket.socket | None:
+    """The TCP socket under a kombu pyamqp connection, or None."""
+    # (``conn.connection`` would connect; ``_connection`` is the py-amqp connection as it is, or None)
+    transport = getattr(getattr(conn, "_connection", None), "transport", None)
+    sock = getattr(transport, "sock", None)
+    return sock if isinstance(sock, socket.socket) else None
+
+
+def close_within(conn: Connection, timeout: float) -> None:
+    """Close ``conn`` with the AMQP handshake, waiting for the broker's close-ok ``timeout`` seconds at
+    most; a broker that does not answer by then has its socket dropped (:func:`drop`).
+
+    py-amqp waits for the close-ok with no timeout of its own, on the socket's timeout: so the socket is
+    given one first. A timeout there makes py-amqp collect the connection (close the socket) and kombu
+    swallow the error; :func:`drop` then clears whatever is left."""
+    try:
+        sock = _socket_of(conn)
+        if sock is not None:
+            sock.settimeout(timeout)
+        conn.release()
+    except Exception as exc:  # noqa: BLE001 - the connection is being thrown away; the reason is logged
+        log.debug("bus.close_failed", error=repr(exc))
+    drop(conn)
+
+
+def drop(conn: Connection) -> None:
+    """Throw ``conn`` away without a close handshake: close its socket and forget its channels
+    (``Connection.collect``: nothing is sent, nothing is waited for)."""
+    try:
+        conn.collect()
+    except Exception as exc:  # noqa: BLE001 - the connection is being thrown away; the reason is logged
+        log.debug("bus.drop_failed", error=repr(exc))
 
 
 def close_channel_quietly(ch: Any) -> None:

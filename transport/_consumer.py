@@ -157,13 +157,21 @@ class Consumer:
         conn = link.current
         if conn is None:
             raise ConnectionLost("not connected")
+        # The wait is cut in slices of at most link.tick() seconds, with a heartbeat check before each: a
+        # broker that stopped answering is noticed within 2 heartbeat intervals however long the drain.
+        deadline = time.monotonic() + timeout
+        tick = link.tick()
         try:
-            if not link.memory:
-                conn.heartbeat_check()
-            conn.drain_events(timeout=timeout)
-            return True
-        except TimeoutError:
-            return False
+            while True:
+                if not link.memory:
+                    conn.heartbeat_check()
+                remaining = deadline - time.monotonic()
+                try:
+                    conn.drain_events(timeout=max(0.0, min(remaining, tick)))
+                    return True
+                except TimeoutError:
+                    if remaining <= tick:
+                        return False
         except Exception as exc:
             if is_connection_error(conn, exc):
                 raise link.lost(exc) from None

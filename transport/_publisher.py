@@ -132,13 +132,18 @@ class Publisher:
                 if confirms is not None:
                     self._wait_confirms(confirms, deadline, 0)
             except PublishTimeout:
-                link.close()
+                # A broker that did not confirm in time may not answer a close either: the connection
+                # is dropped without a close handshake, so the publish raises at its timeout; the next
+                # connect tries the next broker of the URL first.
+                link.lost(TimeoutError("no publisher confirm in time"))
                 raise
             except Exception as exc:
                 conn = link.current
                 if conn is not None and is_connection_error(conn, exc):
-                    link.close()
-                    raise PublishError(f"publish failed, the broker connection broke: {exc}") from None
+                    link.lost(exc)  # dropped; the next connect tries the next broker of the URL first
+                    raise PublishError(
+                        f"publish failed, the broker connection broke: {exc or type(exc).__name__}"
+                    ) from None
                 raise
             failed = dict(unroutable)
             if confirms is not None and confirms.failed:
@@ -158,7 +163,10 @@ class Publisher:
                     f"the broker did not confirm {len(confirms.pending)} message(s) in time; "
                     "they may or may not have been taken"
                 )
+            # Heartbeats are checked on each slice: a broker gone silent raises ConnectionForced within 2
+            # heartbeat intervals, even when the publish timeout is longer.
+            conn.heartbeat_check()
             try:
-                conn.drain_events(timeout=min(remaining, 1.0))
+                conn.drain_events(timeout=min(remaining, self._link.tick()))
             except TimeoutError:
                 continue
