@@ -602,22 +602,30 @@ def saga_ls(
 
 
 @cli.command()
-@click.argument("saga_id", required=False)
+@click.argument("target", nargs=-1)
 @_store
 @click.option("--type", "saga_type", default=None, help="With --key: find the saga by type and business key.")
 @click.option("--key", default=None, help="With --type: the saga's business key.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: the saga and its history.")
-def show(saga_id: str | None, store: str, saga_type: str | None, key: str | None, as_json: bool) -> None:
-    """Show one saga, by id or by type and key: state, data, deadline, attempts, why it failed, and its
-    history with who acted.
+def show(target: tuple[str, ...], store: str, saga_type: str | None, key: str | None, as_json: bool) -> None:
+    """Show one saga, by id (ID) or by type and business key (TYPE KEY): state, data, deadline,
+    attempts, why it failed, and its history with who acted.
 
     \b
     Example:
       sagas show 3f2a9c0e5b6d4c1e8a7f6b5c4d3e2f10 --store sqlite:///sagas.db
+      sagas show postprocessing u1 --store sqlite:///sagas.db
       sagas show --type postprocessing --key u1 --store sqlite:///sagas.db
     """
+    saga_id: str | None = None
+    if len(target) == 2 and saga_type is None and key is None:
+        saga_type, key = target
+    elif len(target) == 1:
+        saga_id = target[0]
+    elif len(target) > 2 or (len(target) == 2 and (saga_type or key)):
+        raise click.UsageError("give a saga id, or a type and a key (TYPE KEY, or --type and --key)")
     if (saga_id is None) == (saga_type is None and key is None) or (saga_id is None and not (saga_type and key)):
-        raise click.UsageError("give a saga id, or --type and --key")
+        raise click.UsageError("give a saga id, or a type and a key (TYPE KEY, or --type and --key)")
     with _operations(store) as ops:
         view = ops.saga(saga_id, type=saga_type, key=key)
     if as_json:

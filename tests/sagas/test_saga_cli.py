@@ -561,6 +561,7 @@ def test_retry_takes_a_failed_saga_back_and_it_completes(operated: tuple[Worker,
     assert [h["actor"] for h in history][1:] == ["", "marie", ""]
     shown = invoke("show", "--type", "cli_parking", "--key", "p1", "--store", store).stdout
     assert re.search(r"failed -> waiting\s+operator: retry  by marie", shown)
+    assert invoke("show", "cli_parking", "p1", "--store", store).stdout == shown  # TYPE KEY
 
 
 def test_retry_with_the_broker_down_leaves_the_request_in_the_outbox(operated: tuple[Worker, str], unique: str) -> None:
@@ -744,11 +745,17 @@ def test_counts_shows_sagas_by_type_and_state_and_the_outbox(run: Run) -> None:
 
 
 def test_show_needs_an_id_or_a_type_and_key(run: Run) -> None:
-    """`show` with neither an id nor --type and --key, or with both, is a usage error (exit 2)."""
-    for args in (["show"], ["show", "--type", "postprocessing"], ["show", "x", "--type", "t", "--key", "k"]):
+    """`show` with neither an id nor a type and key, or with both, is a usage error (exit 2)."""
+    for args in (
+        ["show"],
+        ["show", "--type", "postprocessing"],
+        ["show", "x", "--type", "t", "--key", "k"],
+        ["show", "a", "b", "c"],
+        ["show", "t", "k", "--key", "k"],
+    ):
         result = invoke(*args, "--store", run.store)
         assert result.exit_code == 2, (args, result.output)
-        assert "give a saga id, or --type and --key" in result.output
+        assert "give a saga id, or a type and a key (TYPE KEY, or --type and --key)" in result.output
 
 
 @pytest.mark.postgres
