@@ -13,6 +13,8 @@ from starlette.testclient import TestClient
 
 from examples.postprocessing import Postprocessing
 from examples.postprocessing import app as postprocessing_app
+from examples.share import Share
+from examples.share import app as share_app
 from sagas import App, Event, Reject, Service
 from sagas.console import create_app
 from sagas.operations import Operations
@@ -214,6 +216,26 @@ def test_retry_and_compensate_from_the_page_record_who_acted(saga_harness: MakeH
     refused = client.post(f"/sagas/{saga_id}/compensate", data={"csrf": csrf})
     assert refused.status_code == 409
     assert 'id="error"' in refused.text
+
+
+def test_compensate_from_the_page_records_the_default_actor(saga_harness: MakeHarness) -> None:
+    """Compensating a waiting step saga from its page undoes its steps; with no name, the actor is console."""
+    h = saga_harness(share_app)
+    h.inject(Drop(), match="ocis.sharing.grant", times=100)
+    h.publish(
+        "ocis.sharing.share_requested",
+        {"share_id": "s1", "owner": "einstein", "grantee": "marie", "path": "/p", "size": 1},
+    )
+    h.run()
+    saga_id = h.saga(Share, "s1").id
+    client = _client(h)
+    csrf = _login(client)
+    response = client.post(f"/sagas/{saga_id}/compensate", data={"csrf": csrf, "actor": "  "})
+    assert response.status_code == 200
+    assert "compensate by console: grant" in response.text
+    h.settle()
+    assert h.saga(Share, "s1").state == "compensated"
+    assert [e.actor for e in h.history(saga_id) if e.reason.startswith("operator: compensate")] == ["console"]
 
 
 def test_the_message_after_an_action_cannot_be_forged(saga_harness: MakeHarness) -> None:
