@@ -905,3 +905,60 @@ def main() -> Any:
     except (SagasError, TransportError) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
+
+
+@cli.command()
+@_app_option
+@_broker
+@_tls
+@_exchange
+@_store
+@_timeout
+@click.option("--bind", default="127.0.0.1:8080", show_default=True, help="Address and port to listen on.")
+@click.option(
+    "--token",
+    envvar="SAGAS_CONSOLE_TOKEN",
+    default=None,
+    help="Token that allows actions (retry, compensate, replay, drop); without it the console is read-only. "
+    "Env: SAGAS_CONSOLE_TOKEN.",
+)
+def console(
+    app_spec: str,
+    broker: str,
+    tls: dict[str, Any] | None,
+    exchange: str | None,
+    store: str,
+    timeout: float,
+    bind: str,
+    token: str | None,
+) -> None:
+    """Serve the web console: overview, sagas, dead letters, and actions with --token (docs/console.md).
+
+    \b
+    Example:
+      sagas console --store sqlite:///sagas.db --broker amqp://localhost// --app examples.postprocessing:app
+    """
+    try:
+        import uvicorn
+
+        from .console import create_app
+    except ImportError:
+        click.echo("error: the console needs: pip install 'kombu-sagas[console]'", err=True)
+        sys.exit(2)
+    host, _, port = bind.rpartition(":")
+    if not host or not port.isdigit():
+        click.echo(f"error: --bind takes host:port, e.g. 127.0.0.1:8080, not {bind!r}", err=True)
+        sys.exit(2)
+    host = host.strip("[]")
+    if host not in {"127.0.0.1", "localhost", "::1"} and not token:
+        click.echo(
+            f"WARNING: the console listens on {host} without a token: anyone who reaches this port reads every "
+            "saga's data (it stays read-only). Bind 127.0.0.1, or put it behind an authenticating proxy.",
+            err=True,
+        )
+    publish_on = None if is_memory_url(broker) else broker
+    with _operations(store, app_spec=app_spec, broker=publish_on, exchange=exchange, tls=tls, timeout=timeout) as ops:
+        app = _load_app(app_spec) if app_spec else None
+        web = create_app(ops, token=token, sagas=app.sagas if app else ())
+        click.echo(f"sagas console on http://{bind} ({'actions allowed with the token' if token else 'read-only'})")
+        uvicorn.run(web, host=host, port=int(port), log_level="warning")

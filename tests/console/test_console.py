@@ -1,0 +1,316 @@
+"""The web console (sagas.console): pages, escaping, static files, 404s, and actions guarded by the
+token and CSRF, on the harness's store and bus through Starlette's TestClient."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable
+
+import pytest
+import structlog
+from starlette.testclient import TestClient
+
+from examples.postprocessing import Postprocessing
+from examples.postprocessing import app as postprocessing_app
+from examples.share import Share
+from examples.share import app as share_app
+from sagas import App, Event, Reject, Service
+from sagas.console import create_app
+from sagas.operations import Operations
+from sagas.testing import Drop, Harness
+
+MakeHarness = Callable[..., Harness]
+TOKEN = "s3cret-token"
+EVIL = "<script>alert(1)</script>\"'"
+
+
+@pytest.fixture(autouse=True)
+def _quiet() -> None:
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL))
+    return
+
+
+def _upload(h: Harness, upload_id: str, name: str = "a.txt") -> None:
+    h.publish("ocis.storage.bytes_received", {"upload_id": upload_id, "name": name, "size": 10, "user": "marie"})
+
+
+def _client(h: Harness, token: str | None = TOKEN) -> TestClient:
+    ops = Operations(h.store, sagas=h.app.sagas, bus=h.client_bus(), clock=h.clock)
+    return TestClient(create_app(ops, token=token, sagas=h.app.sagas, clock=h.clock))
+
+
+def _stuck(h: Harness, upload_id: str = "u1", name: str = "a.txt") -> str:
+    """A postprocessing saga waiting in scanning: its scan request was lost."""
+    h.inject(Drop(), match="ocis.antivirus.scan")
+    _upload(h, upload_id, name)
+    h.run()
+    return h.saga(Postprocessing, upload_id).id
+
+
+def _csrf(client: TestClient, path: str = "/login") -> str:
+    match = re.search(r'name="csrf" value="([0-9a-f]+)"', client.get(path).text)
+    assert match is not None
+    return match.group(1)
+
+
+def _login(client: TestClient) -> str:
+    csrf = _csrf(client)
+    response = client.post("/login", data={"csrf": csrf, "token": TOKEN}, follow_redirects=False)
+    assert response.status_code == 303
+    return csrf
+
+
+def test_overview_shows_counts_stuck_sagas_outbox_and_time(saga_harness: MakeHarness) -> None:
+    """The overview counts sagas by type and state, lists stuck ones, the outbox and the data's time."""
+    h = saga_harness(postprocessing_app)
+    _upload(h, "done-1")
+    h.settle()
+    saga_id = _stuck(h, "stuck-1")
+    h.clock.advance(3600)
+    page = _client(h).get("/")
+    assert page.status_code == 200
+    assert 'id="counts-postprocessing"' in page.text
+    assert ">done<" in page.text
+    assert ">scanning<" in page.text
+    assert saga_id in page.text
+    assert "message(s) not yet confirmed" in page.text
+    assert 'id="data-time"' in page.text
+    assert 'id="auto-refresh"' in page.text
+    assert 'src="/static/console.js"' in page.text
+    assert "http" not in page.text.split("<body")[0].lower()
+
+
+def test_saga_list_filters_orders_and_pages(saga_harness: MakeHarness) -> None:
+    """The list filters by type, state, key and stuck, orders newest first, and pages."""
+    h = saga_harness(postprocessing_app)
+    for i in range(3):
+        _upload(h, f"u{i}")
+        h.run()
+        h.clock.advance(1)
+    h.settle()
+    client = _client(h)
+    assert client.get("/sagas?key=u1").text.count("/sagas/") == 1
+    page = client.get("/sagas?limit=2&order=newest")
+    assert page.text.index("u2") < page.text.index("u1")
+    assert "u0" not in page.text
+    assert 'rel="next"' in page.text
+    assert "u0" in client.get("/sagas?limit=2&order=newest&offset=2").text
+    assert "none" in client.get("/sagas?state=scanning").text
+    assert "none" in client.get("/sagas?stuck=1").text
+    assert client.get("/sagas?limit=abc").status_code == 400
+
+
+def test_saga_page_by_id_and_by_type_and_key(saga_harness: MakeHarness) -> None:
+    """The saga page shows data, history, the pending request and deadline, and the diagram."""
+    h = saga_harness(postprocessing_app)
+    saga_id = _stuck(h)
+    client = _client(h)
+    page = client.get(f"/sagas/{saga_id}")
+    assert page.status_code == 200
+    assert "ocis.antivirus.scan" in page.text.split('id="waiting"')[1].split("</td>")[0]
+    assert "Z" in page.text.split('id="deadline"')[1].split("</td>")[0]
+    assert "&#34;upload_id&#34;: &#34;u1&#34;" in page.text
+    assert "→ scanning</td>" in page.text
+    assert 'class="state visited current" aria-current="true"' in page.text
+    assert client.get("/saga?type=postprocessing&key=u1").text == page.text
+
+
+def test_saga_data_is_escaped(saga_harness: MakeHarness) -> None:
+    """Saga data holding a script tag and quotes shows as text, in the list and on the saga page."""
+    h = saga_harness(postprocessing_app)
+    saga_id = _stuck(h, upload_id=EVIL, name=EVIL)
+    client = _client(h)
+    for path in (f"/sagas/{saga_id}", "/sagas"):
+        text = client.get(path).text
+        assert "<script>alert" not in text
+        assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/static/../../etc/passwd",
+        "/static/%2e%2e/%2e%2e/etc/passwd",
+        "/static/..%2f..%2f..%2fetc%2fpasswd",
+        "/static/%252e%252e/etc/passwd",
+        "/static/....//....//etc/passwd",
+        "/static//etc/passwd",
+    ],
+)
+def test_static_route_refuses_path_traversal(saga_harness: MakeHarness, path: str) -> None:
+    """No path outside the package's static folder is served."""
+    client = _client(saga_harness(postprocessing_app))
+    response = client.get(path)
+    assert "root:" not in response.text
+    assert response.status_code in {400, 404}
+    assert client.get("/static/console.css").status_code == 200
+
+
+@pytest.mark.parametrize(
+    "path", ["/sagas/0123456789abcdef0123456789abcdef", "/sagas/%3Cscript%3E", "/saga?type=postprocessing&key=nope"]
+)
+def test_unknown_or_malformed_ids_give_a_404_page(saga_harness: MakeHarness, path: str) -> None:
+    """An id or key that is not there, or not an id at all, gives a 404 page, not a traceback."""
+    response = _client(saga_harness(postprocessing_app)).get(path)
+    assert response.status_code == 404
+    assert "Not found" in response.text
+    assert "Traceback" not in response.text
+    assert "<script>" not in response.text
+
+
+def test_a_store_that_is_down_gives_a_503_page(saga_harness: MakeHarness) -> None:
+    """When the store fails to answer, pages say so with a 503."""
+    h = saga_harness(postprocessing_app, store="sqlite:///:memory:")
+    client = _client(h)
+    h.store.close()
+    response = client.get("/")
+    assert response.status_code == 503
+    assert "Store or broker unavailable" in response.text
+    assert client.get("/api/sagas").status_code == 503
+
+
+def test_read_only_console_has_no_buttons_and_refuses_actions(saga_harness: MakeHarness) -> None:
+    """Without a token there are no action buttons and actions answer 403."""
+    h = saga_harness(postprocessing_app)
+    saga_id = _stuck(h)
+    client = _client(h, token=None)
+    page = client.get(f"/sagas/{saga_id}")
+    assert "Retry</button>" not in page.text
+    assert "read-only" in page.text
+    assert client.post(f"/sagas/{saga_id}/retry", data={"csrf": "x"}).status_code == 403
+    assert client.post(f"/api/sagas/{saga_id}/retry", headers={"Authorization": "Bearer x"}).status_code == 403
+    assert all(e.actor == "" for e in h.history(saga_id))
+
+
+def test_actions_need_the_login_and_the_csrf_token(saga_harness: MakeHarness) -> None:
+    """A form action without login, with a wrong token, or a missing or wrong CSRF token answers 403."""
+    h = saga_harness(postprocessing_app)
+    saga_id = _stuck(h)
+    client = _client(h)
+    csrf = _csrf(client)
+    assert client.post(f"/sagas/{saga_id}/retry", data={"csrf": csrf}).status_code == 403  # not logged in
+    assert client.post("/login", data={"csrf": csrf, "token": "wrong"}).status_code == 403
+    assert client.post("/login", data={"token": TOKEN}).status_code == 403  # no CSRF token
+    _login(client)
+    assert "Retry</button>" in client.get(f"/sagas/{saga_id}").text
+    assert client.post(f"/sagas/{saga_id}/retry", data={}).status_code == 403
+    assert client.post(f"/sagas/{saga_id}/retry", data={"csrf": "0" * 64}).status_code == 403
+    other = TestClient(client.app)  # another browser's CSRF token does not fit this one's cookie
+    assert client.post(f"/sagas/{saga_id}/retry", data={"csrf": _csrf(other)}).status_code == 403
+    assert all(e.actor == "" for e in h.history(saga_id))
+
+
+def test_retry_and_compensate_from_the_page_record_who_acted(saga_harness: MakeHarness) -> None:
+    """With the login and the CSRF token, retry works and the history names the actor; a refusal shows why."""
+    h = saga_harness(postprocessing_app)
+    saga_id = _stuck(h)
+    client = _client(h)
+    csrf = _login(client)
+    response = client.post(f"/sagas/{saga_id}/retry", data={"csrf": csrf, "actor": "marie"})
+    assert response.status_code == 200
+    assert "retry by marie: scanning → scanning" in response.text
+    h.run()
+    assert h.saga(Postprocessing, "u1").state == "done"
+    assert [e.actor for e in h.history(saga_id) if e.reason == "operator: retry"] == ["marie"]
+    refused = client.post(f"/sagas/{saga_id}/compensate", data={"csrf": csrf})
+    assert refused.status_code == 409
+    assert 'id="error"' in refused.text
+
+
+def test_compensate_from_the_page_records_the_default_actor(saga_harness: MakeHarness) -> None:
+    """Compensating a waiting step saga from its page undoes its steps; with no name, the actor is console."""
+    h = saga_harness(share_app)
+    h.inject(Drop(), match="ocis.sharing.grant", times=100)
+    h.publish(
+        "ocis.sharing.share_requested",
+        {"share_id": "s1", "owner": "einstein", "grantee": "marie", "path": "/p", "size": 1},
+    )
+    h.run()
+    saga_id = h.saga(Share, "s1").id
+    client = _client(h)
+    csrf = _login(client)
+    response = client.post(f"/sagas/{saga_id}/compensate", data={"csrf": csrf, "actor": "  "})
+    assert response.status_code == 200
+    assert "compensate by console: grant" in response.text
+    h.settle()
+    assert h.saga(Share, "s1").state == "compensated"
+    assert [e.actor for e in h.history(saga_id) if e.reason.startswith("operator: compensate")] == ["console"]
+
+
+def test_the_message_after_an_action_cannot_be_forged(saga_harness: MakeHarness) -> None:
+    """A link cannot make a page show a message of its choosing."""
+    text = _client(saga_harness(postprocessing_app)).get("/sagas?message=call+555&sig=00").text
+    assert "call 555" not in text
+
+
+def _dead_harness(saga_harness: MakeHarness) -> tuple[Harness, list[Event], list[bool]]:
+    accept = [False]
+    svc = Service("picky")
+
+    @svc.on("ocis.files.uploaded")
+    def take(event: Event) -> None:
+        if not accept[0]:
+            raise Reject(f"not today {EVIL}")
+
+    h = saga_harness(App(svc))
+    events = [h.publish("ocis.files.uploaded", {"path": f"/{i}"}) for i in range(2)]
+    h.run()
+    return h, events, accept
+
+
+def test_dead_letters_page_replays_and_drops(saga_harness: MakeHarness) -> None:
+    """The dead letters page lists letters (escaped) and replays one and drops another."""
+    h, events, accept = _dead_harness(saga_harness)
+    client = _client(h)
+    page = client.get("/dead-letters")
+    assert all(e.id in page.text for e in events)
+    assert "<script>alert" not in page.text
+    assert "not today &lt;script&gt;" in page.text
+    csrf = _login(client)
+    accept[0] = True
+    assert client.post(f"/dead-letters/{events[0].id}/replay", data={"csrf": csrf}).status_code == 200
+    assert client.post(f"/dead-letters/{events[1].id}/drop", data={"csrf": "bad"}).status_code == 403
+    assert client.post(f"/dead-letters/{events[1].id}/drop", data={"csrf": csrf}).status_code == 200
+    assert client.post(f"/dead-letters/{events[1].id}/drop", data={"csrf": csrf}).status_code == 404
+    assert client.get("/api/dead-letters").json() == {"items": []}
+
+
+def test_json_api_reads(saga_harness: MakeHarness) -> None:
+    """The JSON API gives the overview, a page of sagas, one saga and the dead letters."""
+    h = saga_harness(postprocessing_app)
+    saga_id = _stuck(h)
+    client = _client(h)
+    overview = client.get("/api/overview").json()
+    assert overview["counts"]["postprocessing"] == [{"state": "scanning", "final": False, "count": 1}]
+    assert overview["outbox"]["unsent"] == 0
+    listing = client.get("/api/sagas?type=postprocessing").json()
+    assert [s["id"] for s in listing["items"]] == [saga_id]
+    assert listing["next_offset"] is None
+    one = client.get(f"/api/sagas/{saga_id}").json()
+    assert one["waiting_for"]["type"] == "ocis.antivirus.scan"
+    assert one["history"][0]["to_state"] == "scanning"
+    assert client.get("/api/saga?type=postprocessing&key=u1").json()["id"] == saga_id
+    assert client.get("/api/sagas/nope").json() == {"error": "no saga 'nope'"}
+    assert client.get("/api/dead-letters").json() == {"items": []}
+
+
+def test_json_api_acts_with_the_bearer_token(saga_harness: MakeHarness) -> None:
+    """API actions need the bearer token (no CSRF token) and record the actor given in the body."""
+    h = saga_harness(postprocessing_app)
+    saga_id = _stuck(h)
+    client = _client(h)
+    url = f"/api/sagas/{saga_id}/retry"
+    assert client.post(url).status_code == 403
+    assert client.post(url, headers={"Authorization": "Bearer wrong"}).status_code == 403
+    response = client.post(url, headers={"Authorization": f"Bearer {TOKEN}"}, json={"actor": "ops-bot"})
+    assert response.status_code == 200
+    assert response.json()["published"][0]["type"] == "ocis.antivirus.scan"
+    h.run()
+    assert [e.actor for e in h.history(saga_id) if e.actor] == ["ops-bot"]
+    h2, events, accept = _dead_harness(saga_harness)
+    api = _client(h2)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    assert api.post(f"/api/dead-letters/{events[0].id}/drop", headers=auth).json()["dropped"] == [events[0].id]
+    accept[0] = True
+    assert api.post(f"/api/dead-letters/{events[1].id}/replay", headers=auth).json()["replayed"] == [events[1].id]
