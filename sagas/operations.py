@@ -17,6 +17,10 @@ history with who (``actor``), what and when. Dead letters need the bus.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
+import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -40,14 +44,43 @@ T = TypeVar("T")
 MAX_PAGE = 100_000
 
 
+class InvalidCursor(ConfigurationError):
+    """A paging cursor that this API did not make (mistyped, cut short, or edited)."""
+
+
+def encode_cursor(created_at: float, saga_id: str) -> str:
+    """The opaque cursor of a listing position: the (created_at, id) of the last saga of a page, as URL-safe
+    base64 of JSON (the creation time exactly, as ``repr`` of the float)."""
+    raw = json.dumps([repr(float(created_at)), saga_id], separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[float, str]:
+    """The (created_at, id) of a cursor from :func:`encode_cursor`. Raises :class:`InvalidCursor`."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        value = json.loads(raw.decode())
+        if not (isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value)):
+            raise ValueError("not a [time, id] pair")
+        created_at = float(value[0])
+        if not math.isfinite(created_at) or not value[1]:
+            raise ValueError("not a time and an id")
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        shown = cursor if len(cursor) <= 40 else cursor[:40] + "..."
+        raise InvalidCursor(f"invalid cursor {shown!r}: pass the next_cursor of a previous page unchanged") from None
+    return created_at, value[1]
+
+
 @dataclass(frozen=True, slots=True)
 class Page(Generic[T]):
-    """One page of a listing: ``items``, where it starts (``offset``), and whether more follow."""
+    """One page of a listing: ``items``, where it starts (``offset``), whether more follow, and the
+    cursor of the next page (``next_cursor``, None on the last one; pass it as ``cursor=``)."""
 
     items: list[T]
     offset: int
     limit: int
     has_more: bool
+    next_cursor: str | None = None
 
     @property
     def next_offset(self) -> int | None:
@@ -163,20 +196,50 @@ class Operations:
         newest_first: bool = False,
         limit: int = 50,
         offset: int = 0,
+        cursor: str | None = None,
+        key_prefix: str | None = None,
+        created_after: float | None = None,
+        created_before: float | None = None,
+        failed: bool = False,
     ) -> Page[SagaRecord]:
-        """A page of sagas, oldest first (or newest), filtered by type, state and business key.
+        """A page of sagas, oldest first (or newest), filtered by type, state, business key (exact, or
+        ``key_prefix``), ``failed`` (parked in ``failed``) and creation time (``created_after`` <=
+        created_at < ``created_before``, seconds since the epoch).
 
         ``stuck`` keeps only sagas that have not ended and whose deadline is missing or passed at least
-        ``stuck_after`` seconds ago: a worker should have moved them (is one running?)."""
+        ``stuck_after`` seconds ago: a worker should have moved them (is one running?).
+
+        Page with ``cursor`` (the ``next_cursor`` of the previous page, with the same filters and order):
+        it stays fast however deep, where ``offset`` reads and skips every row before the page. An invalid
+        cursor raises :class:`InvalidCursor`."""
         if not 1 <= limit <= MAX_PAGE:
             raise ConfigurationError(f"limit must be between 1 and {MAX_PAGE}, not {limit}")
         if offset < 0:
             raise ConfigurationError(f"offset must be 0 or more, not {offset}")
+        after = None
+        if cursor is not None:
+            if offset:
+                raise ConfigurationError("page with a cursor or an offset, not both")
+            after = decode_cursor(cursor)
         stuck_before = self.clock() - stuck_after if stuck else None
         records = self.store.list_sagas(
-            type, state, stuck_before, limit + 1, key=key, newest_first=newest_first, offset=offset
+            type,
+            state,
+            stuck_before,
+            limit + 1,
+            key=key,
+            newest_first=newest_first,
+            offset=offset,
+            after=after,
+            key_prefix=key_prefix,
+            created_after=created_after,
+            created_before=created_before,
+            failed=failed,
         )
-        return Page(records[:limit], offset, limit, has_more=len(records) > limit)
+        items = records[:limit]
+        has_more = len(records) > limit
+        next_cursor = encode_cursor(items[-1].created_at, items[-1].id) if has_more else None
+        return Page(items, offset, limit, has_more=has_more, next_cursor=next_cursor)
 
     def saga(self, saga_id: str | None = None, *, type: str | None = None, key: str | None = None) -> SagaView:
         """One saga with its history: by id, or by type and business key. Raises :class:`NotFound`."""
@@ -305,9 +368,12 @@ __all__ = [
     "ActionRefused",
     "ActionResult",
     "DropResult",
+    "InvalidCursor",
     "NotFound",
     "Operations",
     "Page",
     "ReplayResult",
     "SagaView",
+    "decode_cursor",
+    "encode_cursor",
 ]
