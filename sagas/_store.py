@@ -218,6 +218,10 @@ class Store(InboxStore, Protocol):
 
     def saga_history(self, saga_id: str) -> list[HistoryEntry]: ...
     def count_sagas(self, final: bool | None = None) -> int: ...
+    def count_deadlines(self, after: float, until: float) -> int:
+        """How many sagas have a deadline in ``after < deadline <= until`` (due soon)."""
+        ...
+
     def count_by_state(self) -> list[StateCount]: ...
     def outbox_backlog(self) -> OutboxBacklog: ...
     def unsent(self, created_before: float, limit: int = 500) -> list[OutboxRow]: ...
@@ -386,6 +390,9 @@ class MemoryStore:
 
     def count_sagas(self, final: bool | None = None) -> int:
         return sum(1 for r in self._sagas.values() if final is None or r.final == final)
+
+    def count_deadlines(self, after: float, until: float) -> int:
+        return sum(1 for r in self._sagas.values() if r.deadline is not None and after < r.deadline <= until)
 
     def count_by_state(self) -> list[StateCount]:
         counts = Counter((r.type, r.state, r.final) for r in self._sagas.values())
@@ -761,6 +768,13 @@ class _SqlStore:
         if final is None:
             return int(self._execute("SELECT count(*) FROM sagas").fetchone()[0])
         return int(self._execute("SELECT count(*) FROM sagas WHERE final = ?", (int(final),)).fetchone()[0])
+
+    def count_deadlines(self, after: float, until: float) -> int:
+        # (the partial index of sagas with a deadline: the waiting ones, not every saga)
+        row = self._execute(
+            "SELECT count(*) FROM sagas WHERE deadline IS NOT NULL AND deadline > ? AND deadline <= ?", (after, until)
+        ).fetchone()
+        return int(row[0])
 
     def saga_history(self, saga_id: str) -> list[HistoryEntry]:
         rows = self._execute(

@@ -32,7 +32,7 @@ from transport import DeadLetter, EventBus, TransportError
 
 from ._errors import ActionRefused, ConfigurationError, NotFound, SagasError
 from ._outbox import OutboxPublisher
-from ._saga import Saga
+from ._saga import FAILED, Saga
 from ._saga_engine import SagaEngine
 from ._store import HistoryEntry, OutboxBacklog, OutboxRow, SagaRecord, StateCount, Store, VersionConflict, open_store
 
@@ -152,6 +152,117 @@ class DropResult:
     missing: list[str]
 
 
+def first_line(reason: str) -> str:
+    """A failure reason without its traceback: its first line that is not blank, or, for a reason that
+    starts with a traceback, the exception line it ends with."""
+    lines = [line.strip() for line in reason.strip().splitlines() if line.strip()]
+    if not lines:
+        return ""
+    if lines[0].startswith("Traceback (most recent call last)"):
+        return lines[-1]
+    return lines[0]
+
+
+@dataclass(frozen=True, slots=True)
+class StuckSaga:
+    """A saga that has not ended and whose deadline is missing or overdue: ``overdue`` seconds past its
+    deadline at the overview's time (None without a deadline)."""
+
+    id: str
+    type: str
+    key: str
+    state: str
+    created_at: float
+    updated_at: float
+    deadline: float | None
+    overdue: float | None
+    attempts: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f: getattr(self, f) for f in self.__slots__}
+
+
+@dataclass(frozen=True, slots=True)
+class FailureGroup:
+    """Sagas of ``type`` parked in ``failed`` for one reason (its first line): how many, the state they
+    failed in when all agree (else empty), the latest failure's time and one saga's id as an example."""
+
+    type: str
+    reason: str
+    count: int
+    failed_from: str
+    latest_at: float
+    example_id: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f: getattr(self, f) for f in self.__slots__}
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetterGroup:
+    """Dead letters of one queue and error type (the dead-letter reason when the error has no type):
+    how many, the oldest one's ``dead_at``, and the first line of one's error message."""
+
+    queue: str
+    error_type: str
+    count: int
+    oldest_dead_at: str
+    example_message: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f: getattr(self, f) for f in self.__slots__}
+
+
+@dataclass(frozen=True, slots=True)
+class Overview:
+    """What an operator looks at first, as of ``as_of`` (the time of the data, seconds since the epoch):
+
+    - ``counts``: sagas by type and state;
+    - ``stuck``: the oldest sagas that have not ended and whose deadline is missing or overdue by
+      ``stuck_after`` seconds, oldest first (``stuck_more`` when there are more than listed);
+    - ``failures``: the sagas parked in ``failed`` grouped by type and reason, most first, read from the
+      ``failed_read`` most recent of ``failed_total``;
+    - ``outbox``: messages not yet confirmed by the broker, and ``outbox_oldest_age`` in seconds;
+    - ``deadlines_next_minute``: deadlines that fire in the next 60 seconds;
+    - ``dead_letters``: by queue and error type (None without a bus; ``dead_letters_problem`` says why
+      they could not be read when the bus failed)."""
+
+    as_of: float
+    stuck_after: float
+    counts: list[StateCount]
+    stuck: list[StuckSaga]
+    stuck_more: bool
+    failures: list[FailureGroup]
+    failed_total: int
+    failed_read: int
+    outbox: OutboxBacklog
+    outbox_oldest_age: float | None
+    deadlines_next_minute: int
+    dead_letters: list[DeadLetterGroup] | None
+    dead_letters_problem: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The overview as JSON-ready values."""
+        return {
+            "as_of": self.as_of,
+            "stuck_after": self.stuck_after,
+            "counts": [{"type": c.type, "state": c.state, "final": c.final, "count": c.count} for c in self.counts],
+            "stuck": [x.to_dict() for x in self.stuck],
+            "stuck_more": self.stuck_more,
+            "failures": [x.to_dict() for x in self.failures],
+            "failed_total": self.failed_total,
+            "failed_read": self.failed_read,
+            "outbox": {
+                "unsent": self.outbox.unsent,
+                "oldest_created_at": self.outbox.oldest_created_at,
+                "oldest_age": self.outbox_oldest_age,
+            },
+            "deadlines_next_minute": self.deadlines_next_minute,
+            "dead_letters": None if self.dead_letters is None else [x.to_dict() for x in self.dead_letters],
+            "dead_letters_problem": self.dead_letters_problem,
+        }
+
+
 class Operations:
     """Operator actions on one store (the URL of an existing store, or an open :class:`~sagas.Store`),
     for an app's ``sagas``, publishing on ``bus`` when one is given. A store opened from a URL is
@@ -266,6 +377,77 @@ class Operations:
         relays them: is one running, and does it reach the broker?)."""
         return self.store.outbox_backlog()
 
+    def overview(
+        self,
+        now: float | None = None,
+        stuck_after: float = 60.0,
+        *,
+        stuck_limit: int = 20,
+        failed_limit: int = 1000,
+        dead_letter_limit: int = 1000,
+    ) -> Overview:
+        """What is stuck, failing or piling up, as of ``now`` (default: this object's clock).
+
+        Each part is one query on an index: the counts by type and state, the ``stuck_limit`` oldest
+        stuck sagas (see :meth:`sagas`), the reasons of the ``failed_limit`` latest sagas parked in
+        ``failed`` (grouped by their first line), the outbox backlog and the deadlines due in the next
+        minute; with a bus, the first ``dead_letter_limit`` dead letters grouped by queue and error type."""
+        as_of = self.clock() if now is None else now
+        counts = self.store.count_by_state()
+        stuck_records = self.store.list_sagas(stuck_before=as_of - stuck_after, limit=stuck_limit + 1)
+        stuck = [
+            StuckSaga(
+                r.id,
+                r.type,
+                r.key,
+                r.state,
+                r.created_at,
+                r.updated_at,
+                r.deadline,
+                None if r.deadline is None else as_of - r.deadline,
+                r.attempts,
+            )
+            for r in stuck_records[:stuck_limit]
+        ]
+        failed = self.store.list_sagas(failed=True, newest_first=True, limit=failed_limit)
+        groups: dict[tuple[str, str], list[SagaRecord]] = {}
+        for r in failed:
+            groups.setdefault((r.type, first_line(str(r.meta.get("reason") or ""))), []).append(r)
+        failures = [
+            FailureGroup(
+                saga_type,
+                reason,
+                len(records),
+                _same(str(r.meta.get("failed_from") or "") for r in records),
+                max(r.updated_at for r in records),
+                records[0].id,
+            )
+            for (saga_type, reason), records in groups.items()
+        ]
+        failures.sort(key=lambda g: (-g.count, g.type, g.reason))
+        backlog = self.store.outbox_backlog()
+        letters, problem = None, None
+        if self.bus is not None:
+            try:
+                letters = _group_dead_letters(self.bus.dead_letters(dead_letter_limit))
+            except (TransportError, SagasError) as exc:
+                problem = str(exc)
+        return Overview(
+            as_of=as_of,
+            stuck_after=stuck_after,
+            counts=counts,
+            stuck=stuck,
+            stuck_more=len(stuck_records) > stuck_limit,
+            failures=failures,
+            failed_total=sum(c.count for c in counts if c.state == FAILED),
+            failed_read=len(failed),
+            outbox=backlog,
+            outbox_oldest_age=None if backlog.oldest_created_at is None else as_of - backlog.oldest_created_at,
+            deadlines_next_minute=self.store.count_deadlines(as_of, as_of + 60.0),
+            dead_letters=letters,
+            dead_letters_problem=problem,
+        )
+
     # -- acting on sagas -----------------------------------------------------------------------------
 
     def retry(self, saga_id: str, *, actor: str) -> ActionResult:
@@ -364,16 +546,45 @@ class Operations:
         return self.bus
 
 
+def _same(values: Iterable[str]) -> str:
+    """The one value every item has, or empty when they differ."""
+    distinct = set(values)
+    return distinct.pop() if len(distinct) == 1 else ""
+
+
+def _group_dead_letters(letters: Sequence[DeadLetter]) -> list[DeadLetterGroup]:
+    groups: dict[tuple[str, str], list[DeadLetter]] = {}
+    for d in letters:
+        groups.setdefault((d.queue, d.error_type or first_line(d.reason)), []).append(d)
+    out = [
+        DeadLetterGroup(
+            queue,
+            error_type,
+            len(ds),
+            min(d.dead_at for d in ds),
+            first_line(ds[0].error_message or ds[0].reason),
+        )
+        for (queue, error_type), ds in groups.items()
+    ]
+    out.sort(key=lambda g: (-g.count, g.queue, g.error_type))
+    return out
+
+
 __all__ = [
     "ActionRefused",
     "ActionResult",
+    "DeadLetterGroup",
     "DropResult",
+    "FailureGroup",
     "InvalidCursor",
     "NotFound",
     "Operations",
+    "Overview",
     "Page",
     "ReplayResult",
     "SagaView",
+    "StuckSaga",
     "decode_cursor",
     "encode_cursor",
+    "first_line",
 ]
