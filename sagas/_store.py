@@ -721,7 +721,7 @@ class _SqlStore:
             where.append("state = ?")
             params.append(state)
         if key:
-            where.append("key = ?")
+            where.append(f"key{self._collate_c} = ?")  # (so that PostgreSQL searches sagas_by_key)
             params.append(key)
         if stuck_before is not None:
             where.append("final = 0 AND (deadline IS NULL OR deadline <= ?)")
