@@ -458,12 +458,16 @@ def _record(row: Sequence[Any]) -> SagaRecord:
     )
 
 
+#: Marks where a key compares in code point order (key prefix ranges, and the index that serves them): a
+#: comment to SQLite, whose default collation is that order already; PostgreSQL's _sql puts COLLATE "C" there.
+_C_MARK = "/*C*/"
+_KEY_C = f"key {_C_MARK}"
+
+
 class _SqlStore:
     """The SQL shared by SQLite and PostgreSQL. Statements use ``?``; PostgreSQL swaps in ``%s``."""
 
     _db: Any
-    #: the collation that compares keys in code point order (key prefix ranges)
-    _collate_c = ""
     #: how many transactions are open on the connection: the outer one, then savepoints (nested groups)
     _depth = 0
 
@@ -511,7 +515,7 @@ class _SqlStore:
             "CREATE INDEX IF NOT EXISTS sagas_by_type_created ON sagas (type, created_at, id)",
             "CREATE INDEX IF NOT EXISTS sagas_by_type_state ON sagas (type, state, created_at, id)",
             "CREATE INDEX IF NOT EXISTS sagas_by_state_created ON sagas (state, created_at, id)",
-            f"CREATE INDEX IF NOT EXISTS sagas_by_key ON sagas (key{self._collate_c}, created_at, id)",
+            f"CREATE INDEX IF NOT EXISTS sagas_by_key ON sagas ({_KEY_C}, created_at, id)",
             # the sagas that have not ended, oldest first (stuck sagas; usually few among many ended ones)
             "CREATE INDEX IF NOT EXISTS sagas_open_by_created ON sagas (created_at, id) WHERE final = 0",
             "CREATE TABLE IF NOT EXISTS saga_history (saga_id TEXT NOT NULL, seq INTEGER NOT NULL,"
@@ -721,18 +725,18 @@ class _SqlStore:
             where.append("state = ?")
             params.append(state)
         if key:
-            where.append(f"key{self._collate_c} = ?")  # (so that PostgreSQL searches sagas_by_key)
+            where.append(f"{_KEY_C} = ?")  # (so that PostgreSQL searches sagas_by_key)
             params.append(key)
         if stuck_before is not None:
             where.append("final = 0 AND (deadline IS NULL OR deadline <= ?)")
             params.append(stuck_before)
         if key_prefix:
             # a range on the key in code point order (the C collation on PostgreSQL): an index range scan
-            where.append(f"key{self._collate_c} >= ?")
+            where.append(f"{_KEY_C} >= ?")
             params.append(key_prefix)
             upper = prefix_upper_bound(key_prefix)
             if upper is not None:
-                where.append(f"key{self._collate_c} < ?")
+                where.append(f"{_KEY_C} < ?")
                 params.append(upper)
         if failed:
             where.append("state = ?")
@@ -880,7 +884,6 @@ class PostgresStore(_SqlStore):
             raise ConfigurationError(f"invalid schema name {schema!r}")
         self.schema = schema
         self._url = url
-        self._collate_c = ' COLLATE "C"'
         try:
             self._connect(setup=True)
             if not create and not self._has_store():
@@ -927,7 +930,7 @@ class PostgresStore(_SqlStore):
         return self._db.execute(self._sql(statement), params)
 
     def _sql(self, statement: str) -> str:
-        return statement.replace("?", "%s")
+        return statement.replace("?", "%s").replace(_C_MARK, ' COLLATE "C"')
 
     @contextmanager
     def _transaction(self) -> Iterator[None]:

@@ -906,9 +906,10 @@ def test_postgres_lists_through_the_listing_indexes(
     db = psycopg.connect(postgres_url, autocommit=True)
     plans: list[str] = []
     real = inspect.getattr_static(PostgresStore, "_execute")
+    to_postgres = inspect.getattr_static(PostgresStore, "_sql")
 
     def explain(self: PostgresStore, statement: str, params: Any = ()) -> Any:
-        rows = db.execute("EXPLAIN " + statement.replace("?", "%s"), params)
+        rows = db.execute("EXPLAIN " + to_postgres(self, statement), params)
         plans.append("\n".join(str(r[0]) for r in rows))
         return real(self, statement, params)
 
