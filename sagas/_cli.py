@@ -7,6 +7,7 @@ import functools
 import getpass
 import importlib
 import json
+import math
 import os
 import socket
 import ssl
@@ -35,7 +36,7 @@ from ._logging import configure_logging
 from ._saga import FAILED, Saga
 from ._service import App, Service
 from ._store import MemoryStore, Store, open_store
-from .operations import MAX_PAGE, Operations, SagaView
+from .operations import MAX_PAGE, InvalidCursor, Operations, SagaView, encode_cursor
 
 _broker = click.option(
     "--broker",
@@ -178,6 +179,35 @@ def _existing_store(url: str) -> Iterator[Store]:
         yield store
     finally:
         store.close()
+
+
+def _usage_error(message: str) -> NoReturn:
+    """A bad option value: ``error: ...`` and exit 2."""
+    click.echo(f"error: {message}", err=True)
+    sys.exit(2)
+
+
+def _when(value: str | None, option: str) -> float | None:
+    """A time option: ISO 8601 (UTC when it names no zone) or seconds since the epoch. A bad value is a
+    usage error (exit 2)."""
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            moment = datetime.fromisoformat(value.strip())
+        except ValueError:
+            _usage_error(
+                f"{option} must be an ISO 8601 time such as 2026-11-27T02:40:47Z, or seconds since the epoch,"
+                f" not {value!r}"
+            )
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+        return moment.timestamp()
+    if not math.isfinite(seconds):
+        _usage_error(f"{option} must be a time, not {value!r}")
+    return seconds
 
 
 def _iso(ts: float | None, timespec: str = "seconds") -> str:
@@ -538,8 +568,25 @@ def health(broker: str, tls: dict[str, Any] | None, timeout: float) -> None:
     type=click.FloatRange(min=0),
     help="With --stuck: seconds a deadline must be overdue.",
 )
+@click.option("--key-prefix", default=None, help="Only sagas whose business key starts with this.")
+@click.option("--failed", is_flag=True, help="Only sagas parked in the state 'failed'.")
+@click.option(
+    "--since",
+    default=None,
+    help="Only sagas created at or after this time: ISO 8601 (UTC if no zone) or epoch seconds.",
+)
+@click.option(
+    "--until", default=None, help="Only sagas created before this time: ISO 8601 (UTC if no zone) or epoch seconds."
+)
 @click.option("--newest", is_flag=True, help="Newest first (default: oldest first).")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per line.")
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print one JSON object per line, each with the cursor that follows it."
+)
+@click.option(
+    "--cursor",
+    default=None,
+    help="Start after this position: the next cursor a previous page printed (same filters and order).",
+)
 @click.option(
     "--limit",
     default=100,
@@ -561,35 +608,60 @@ def saga_ls(
     key: str | None,
     stuck: bool,
     stuck_after: float,
+    key_prefix: str | None,
+    failed: bool,
+    since: str | None,
+    until: str | None,
     newest: bool,
     as_json: bool,
+    cursor: str | None,
     limit: int,
     offset: int,
 ) -> None:
     """List sagas with their type, key, state and deadline, oldest first.
 
+    Page through many with --cursor: when more follow, the first line (stderr with --json) gives the
+    next cursor.
+
     \b
     Example:
       sagas ls --store sqlite:///sagas.db --type postprocessing --stuck
+      sagas ls --key-prefix u1 --failed --since 2026-11-27T00:00:00Z --newest
     """
+    created_after = _when(since, "--since")
+    created_before = _when(until, "--until")
+    if cursor is not None and offset:
+        _usage_error("page with --cursor or --offset, not both")
     with _operations(store) as ops:
-        page = ops.sagas(
-            type=saga_type,
-            state=state,
-            key=key,
-            stuck=stuck,
-            stuck_after=stuck_after,
-            newest_first=newest,
-            limit=limit,
-            offset=offset,
-        )
+        try:
+            page = ops.sagas(
+                type=saga_type,
+                state=state,
+                key=key,
+                stuck=stuck,
+                stuck_after=stuck_after,
+                newest_first=newest,
+                limit=limit,
+                offset=offset,
+                cursor=cursor,
+                key_prefix=key_prefix,
+                created_after=created_after,
+                created_before=created_before,
+                failed=failed,
+            )
+        except InvalidCursor as exc:
+            _usage_error(f"{exc} (--cursor)")
     if as_json:
         for r in page.items:
-            click.echo(json.dumps(r.to_dict(), sort_keys=True))
+            click.echo(json.dumps({**r.to_dict(), "cursor": encode_cursor(r.created_at, r.id)}, sort_keys=True))
+        if page.next_cursor is not None:
+            click.echo(f"next cursor: {page.next_cursor}", err=True)
         return
     if not page.items:
         click.echo("no sagas")
         return
+    if page.next_cursor is not None:
+        click.echo(f"next cursor: {page.next_cursor}")
     rows = [("ID", "TYPE", "KEY", "STATE", "FINAL", "DEADLINE", "UPDATED")]
     rows += [
         (r.id, r.type, r.key, r.state, "yes" if r.final else "no", _iso(r.deadline), _iso(r.updated_at))
@@ -597,8 +669,9 @@ def saga_ls(
     ]
     for line in _table(rows):
         click.echo(line)
-    if page.next_offset is not None:
-        click.echo(f"(more: --offset {page.next_offset})")
+    if page.next_cursor is not None:
+        by_offset = "" if cursor is not None else f", or --offset {page.next_offset}"
+        click.echo(f"(more: --cursor {page.next_cursor}{by_offset})")
 
 
 @cli.command()

@@ -26,7 +26,9 @@ from ._errors import ConfigurationError, StoreError
 from ._types import InboxStore
 
 DEFAULT_STORE_URL = "sqlite:///sagas.db"
-SCHEMA_VERSION = 4
+#: the state a saga is parked in when it failed (``sagas.FAILED``)
+FAILED_STATE = "failed"
+SCHEMA_VERSION = 5
 
 
 class VersionConflict(StoreError):
@@ -35,6 +37,21 @@ class VersionConflict(StoreError):
 
 class DuplicateSaga(StoreError):
     """A saga of this type with this key exists already (a duplicate start event)."""
+
+
+def prefix_upper_bound(prefix: str) -> str | None:
+    """The least string greater than every string that starts with ``prefix`` (in code point order,
+    which is also the byte order of UTF-8), or None when there is none (an empty prefix, or one of only
+    U+10FFFF). ``prefix <= s < bound`` holds exactly for the strings ``s`` that start with ``prefix``:
+    an index range scan, with no LIKE pattern to escape."""
+    chars = list(prefix)
+    while chars:
+        code = ord(chars.pop()) + 1
+        if code <= 0x10FFFF:
+            if 0xD800 <= code <= 0xDFFF:  # surrogates cannot be stored: the next code point is U+E000
+                code = 0xE000
+            return "".join(chars) + chr(code)
+    return None
 
 
 @dataclass(slots=True)
@@ -183,14 +200,28 @@ class Store(InboxStore, Protocol):
         key: str | None = None,
         newest_first: bool = False,
         offset: int = 0,
+        after: tuple[float, str] | None = None,
+        key_prefix: str | None = None,
+        created_after: float | None = None,
+        created_before: float | None = None,
+        failed: bool = False,
     ) -> list[SagaRecord]:
-        """Sagas by creation time (oldest first, or newest), filtered by type, state, key and
-        ``stuck_before`` (not final, and the deadline missing or at most that time); a page of ``limit``
-        after skipping ``offset``."""
+        """Sagas by creation time, then id (oldest first, or newest), filtered by type, state, key
+        (exact, or ``key_prefix``), ``stuck_before`` (not final, and the deadline missing or at most that
+        time), ``failed`` (parked in the state ``failed``) and creation time (``created_after`` <=
+        created_at < ``created_before``); a page of ``limit`` after skipping ``offset``.
+
+        ``after`` is a keyset cursor, the (created_at, id) of the last row of the previous page: the page
+        starts past it in the listing's order (for newest first, the rows before it). Unlike ``offset``,
+        it costs no more on the last page of a million than on the first."""
         ...
 
     def saga_history(self, saga_id: str) -> list[HistoryEntry]: ...
     def count_sagas(self, final: bool | None = None) -> int: ...
+    def count_deadlines(self, after: float, until: float) -> int:
+        """How many sagas have a deadline in ``after < deadline <= until`` (due soon)."""
+        ...
+
     def count_by_state(self) -> list[StateCount]: ...
     def outbox_backlog(self) -> OutboxBacklog: ...
     def unsent(self, created_before: float, limit: int = 500) -> list[OutboxRow]: ...
@@ -330,6 +361,11 @@ class MemoryStore:
         key: str | None = None,
         newest_first: bool = False,
         offset: int = 0,
+        after: tuple[float, str] | None = None,
+        key_prefix: str | None = None,
+        created_after: float | None = None,
+        created_before: float | None = None,
+        failed: bool = False,
     ) -> list[SagaRecord]:
         out = []
         ordered = sorted(self._sagas.values(), key=lambda r: (r.created_at, r.id), reverse=newest_first)
@@ -337,6 +373,14 @@ class MemoryStore:
             if (saga_type and r.type != saga_type) or (state and r.state != state) or (key and r.key != key):
                 continue
             if stuck_before is not None and (r.final or (r.deadline is not None and r.deadline > stuck_before)):
+                continue
+            if (key_prefix and not r.key.startswith(key_prefix)) or (failed and r.state != FAILED_STATE):
+                continue
+            if (created_after is not None and r.created_at < created_after) or (
+                created_before is not None and r.created_at >= created_before
+            ):
+                continue
+            if after is not None and ((r.created_at, r.id) >= after if newest_first else (r.created_at, r.id) <= after):
                 continue
             out.append(r)
         return [self._read(r) for r in out[offset : offset + limit]]
@@ -346,6 +390,9 @@ class MemoryStore:
 
     def count_sagas(self, final: bool | None = None) -> int:
         return sum(1 for r in self._sagas.values() if final is None or r.final == final)
+
+    def count_deadlines(self, after: float, until: float) -> int:
+        return sum(1 for r in self._sagas.values() if r.deadline is not None and after < r.deadline <= until)
 
     def count_by_state(self) -> list[StateCount]:
         counts = Counter((r.type, r.state, r.final) for r in self._sagas.values())
@@ -411,6 +458,12 @@ def _record(row: Sequence[Any]) -> SagaRecord:
     )
 
 
+#: Marks where a key compares in code point order (key prefix ranges, and the index that serves them): a
+#: comment to SQLite, whose default collation is that order already; PostgreSQL's _sql puts COLLATE "C" there.
+_C_MARK = "/*C*/"
+_KEY_C = f"key {_C_MARK}"
+
+
 class _SqlStore:
     """The SQL shared by SQLite and PostgreSQL. Statements use ``?``; PostgreSQL swaps in ``%s``."""
 
@@ -455,9 +508,16 @@ class _SqlStore:
             f" deadline {real}, attempts INTEGER NOT NULL, meta TEXT NOT NULL, final INTEGER NOT NULL,"
             f" created_at {real} NOT NULL, updated_at {real} NOT NULL, UNIQUE (type, key))",
             # Finding the due sagas of an engine's types reads this partial index only: O(due), not O(all).
-            # (An index on the deadline alone lost to sagas_by_state, which reads every saga of the type.)
+            # (An index on the deadline alone lost to the (type, state) index, which reads every saga of the type.)
             "CREATE INDEX IF NOT EXISTS sagas_due_by_type ON sagas (type, deadline) WHERE deadline IS NOT NULL",
-            "CREATE INDEX IF NOT EXISTS sagas_by_state ON sagas (type, state)",
+            # Listings in creation order, each filter an index range scan (keyset paging on (created_at, id)).
+            "CREATE INDEX IF NOT EXISTS sagas_by_created ON sagas (created_at, id)",
+            "CREATE INDEX IF NOT EXISTS sagas_by_type_created ON sagas (type, created_at, id)",
+            "CREATE INDEX IF NOT EXISTS sagas_by_type_state ON sagas (type, state, created_at, id)",
+            "CREATE INDEX IF NOT EXISTS sagas_by_state_created ON sagas (state, created_at, id)",
+            f"CREATE INDEX IF NOT EXISTS sagas_by_key ON sagas ({_KEY_C}, created_at, id)",
+            # the sagas that have not ended, oldest first (stuck sagas; usually few among many ended ones)
+            "CREATE INDEX IF NOT EXISTS sagas_open_by_created ON sagas (created_at, id) WHERE final = 0",
             "CREATE TABLE IF NOT EXISTS saga_history (saga_id TEXT NOT NULL, seq INTEGER NOT NULL,"
             f" at {real} NOT NULL, message_id TEXT NOT NULL, from_state TEXT NOT NULL,"
             " to_state TEXT NOT NULL, reason TEXT NOT NULL, actor TEXT NOT NULL DEFAULT '',"
@@ -485,6 +545,9 @@ class _SqlStore:
                 if 0 < current < 3:
                     self._execute("ALTER TABLE saga_history ADD COLUMN actor TEXT NOT NULL DEFAULT ''")
                 # (version 4 added the claims table, created above)
+                if 0 < current < 5:
+                    # (version 5 added the listing indexes above; this one is a prefix of sagas_by_type_state)
+                    self._execute("DROP INDEX IF EXISTS sagas_by_state")
                 self._execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
 
     # inbox and reply cache
@@ -647,6 +710,11 @@ class _SqlStore:
         key: str | None = None,
         newest_first: bool = False,
         offset: int = 0,
+        after: tuple[float, str] | None = None,
+        key_prefix: str | None = None,
+        created_after: float | None = None,
+        created_before: float | None = None,
+        failed: bool = False,
     ) -> list[SagaRecord]:
         where: list[str] = ["1 = 1"]
         params: list[Any] = []
@@ -657,11 +725,31 @@ class _SqlStore:
             where.append("state = ?")
             params.append(state)
         if key:
-            where.append("key = ?")
+            where.append(f"{_KEY_C} = ?")  # (so that PostgreSQL searches sagas_by_key)
             params.append(key)
         if stuck_before is not None:
             where.append("final = 0 AND (deadline IS NULL OR deadline <= ?)")
             params.append(stuck_before)
+        if key_prefix:
+            # a range on the key in code point order (the C collation on PostgreSQL): an index range scan
+            where.append(f"{_KEY_C} >= ?")
+            params.append(key_prefix)
+            upper = prefix_upper_bound(key_prefix)
+            if upper is not None:
+                where.append(f"{_KEY_C} < ?")
+                params.append(upper)
+        if failed:
+            where.append("state = ?")
+            params.append(FAILED_STATE)
+        if created_after is not None:
+            where.append("created_at >= ?")
+            params.append(created_after)
+        if created_before is not None:
+            where.append("created_at < ?")
+            params.append(created_before)
+        if after is not None:
+            where.append(f"(created_at, id) {'<' if newest_first else '>'} (?, ?)")
+            params.extend((float(after[0]), str(after[1])))
         order = "DESC" if newest_first else "ASC"
         rows = self._execute(
             f"SELECT {_SAGA_COLUMNS} FROM sagas WHERE {' AND '.join(where)}"
@@ -684,6 +772,13 @@ class _SqlStore:
         if final is None:
             return int(self._execute("SELECT count(*) FROM sagas").fetchone()[0])
         return int(self._execute("SELECT count(*) FROM sagas WHERE final = ?", (int(final),)).fetchone()[0])
+
+    def count_deadlines(self, after: float, until: float) -> int:
+        # (the partial index of sagas with a deadline: the waiting ones, not every saga)
+        row = self._execute(
+            "SELECT count(*) FROM sagas WHERE deadline IS NOT NULL AND deadline > ? AND deadline <= ?", (after, until)
+        ).fetchone()
+        return int(row[0])
 
     def saga_history(self, saga_id: str) -> list[HistoryEntry]:
         rows = self._execute(
@@ -835,7 +930,7 @@ class PostgresStore(_SqlStore):
         return self._db.execute(self._sql(statement), params)
 
     def _sql(self, statement: str) -> str:
-        return statement.replace("?", "%s")
+        return statement.replace("?", "%s").replace(_C_MARK, ' COLLATE "C"')
 
     @contextmanager
     def _transaction(self) -> Iterator[None]:

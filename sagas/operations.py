@@ -17,6 +17,10 @@ history with who (``actor``), what and when. Dead letters need the bus.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
+import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -28,7 +32,7 @@ from transport import DeadLetter, EventBus, TransportError
 
 from ._errors import ActionRefused, ConfigurationError, NotFound, SagasError
 from ._outbox import OutboxPublisher
-from ._saga import Saga
+from ._saga import FAILED, Saga
 from ._saga_engine import SagaEngine
 from ._store import HistoryEntry, OutboxBacklog, OutboxRow, SagaRecord, StateCount, Store, VersionConflict, open_store
 
@@ -40,14 +44,43 @@ T = TypeVar("T")
 MAX_PAGE = 100_000
 
 
+class InvalidCursor(ConfigurationError):
+    """A paging cursor that this API did not make (mistyped, cut short, or edited)."""
+
+
+def encode_cursor(created_at: float, saga_id: str) -> str:
+    """The opaque cursor of a listing position: the (created_at, id) of the last saga of a page, as URL-safe
+    base64 of JSON (the creation time exactly, as ``repr`` of the float)."""
+    raw = json.dumps([repr(float(created_at)), saga_id], separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[float, str]:
+    """The (created_at, id) of a cursor from :func:`encode_cursor`. Raises :class:`InvalidCursor`."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        value = json.loads(raw.decode())
+        if not (isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value)):
+            raise ValueError("not a [time, id] pair")
+        created_at = float(value[0])
+        if not math.isfinite(created_at) or not value[1]:
+            raise ValueError("not a time and an id")
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        shown = cursor if len(cursor) <= 40 else cursor[:40] + "..."
+        raise InvalidCursor(f"invalid cursor {shown!r}: pass the next_cursor of a previous page unchanged") from None
+    return created_at, value[1]
+
+
 @dataclass(frozen=True, slots=True)
 class Page(Generic[T]):
-    """One page of a listing: ``items``, where it starts (``offset``), and whether more follow."""
+    """One page of a listing: ``items``, where it starts (``offset``), whether more follow, and the
+    cursor of the next page (``next_cursor``, None on the last one; pass it as ``cursor=``)."""
 
     items: list[T]
     offset: int
     limit: int
     has_more: bool
+    next_cursor: str | None = None
 
     @property
     def next_offset(self) -> int | None:
@@ -119,6 +152,117 @@ class DropResult:
     missing: list[str]
 
 
+def first_line(reason: str) -> str:
+    """A failure reason without its traceback: its first line that is not blank, or, for a reason that
+    starts with a traceback, the exception line it ends with."""
+    lines = [line.strip() for line in reason.strip().splitlines() if line.strip()]
+    if not lines:
+        return ""
+    if lines[0].startswith("Traceback (most recent call last)"):
+        return lines[-1]
+    return lines[0]
+
+
+@dataclass(frozen=True, slots=True)
+class StuckSaga:
+    """A saga that has not ended and whose deadline is missing or overdue: ``overdue`` seconds past its
+    deadline at the overview's time (None without a deadline)."""
+
+    id: str
+    type: str
+    key: str
+    state: str
+    created_at: float
+    updated_at: float
+    deadline: float | None
+    overdue: float | None
+    attempts: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f: getattr(self, f) for f in self.__slots__}
+
+
+@dataclass(frozen=True, slots=True)
+class FailureGroup:
+    """Sagas of ``type`` parked in ``failed`` for one reason (its first line): how many, the state they
+    failed in when all agree (else empty), the latest failure's time and one saga's id as an example."""
+
+    type: str
+    reason: str
+    count: int
+    failed_from: str
+    latest_at: float
+    example_id: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f: getattr(self, f) for f in self.__slots__}
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetterGroup:
+    """Dead letters of one queue and error type (the dead-letter reason when the error has no type):
+    how many, the oldest one's ``dead_at``, and the first line of one's error message."""
+
+    queue: str
+    error_type: str
+    count: int
+    oldest_dead_at: str
+    example_message: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f: getattr(self, f) for f in self.__slots__}
+
+
+@dataclass(frozen=True, slots=True)
+class Overview:
+    """What an operator looks at first, as of ``as_of`` (the time of the data, seconds since the epoch):
+
+    - ``counts``: sagas by type and state;
+    - ``stuck``: the oldest sagas that have not ended and whose deadline is missing or overdue by
+      ``stuck_after`` seconds, oldest first (``stuck_more`` when there are more than listed);
+    - ``failures``: the sagas parked in ``failed`` grouped by type and reason, most first, read from the
+      ``failed_read`` most recent of ``failed_total``;
+    - ``outbox``: messages not yet confirmed by the broker, and ``outbox_oldest_age`` in seconds;
+    - ``deadlines_next_minute``: deadlines that fire in the next 60 seconds;
+    - ``dead_letters``: by queue and error type (None without a bus; ``dead_letters_problem`` says why
+      they could not be read when the bus failed)."""
+
+    as_of: float
+    stuck_after: float
+    counts: list[StateCount]
+    stuck: list[StuckSaga]
+    stuck_more: bool
+    failures: list[FailureGroup]
+    failed_total: int
+    failed_read: int
+    outbox: OutboxBacklog
+    outbox_oldest_age: float | None
+    deadlines_next_minute: int
+    dead_letters: list[DeadLetterGroup] | None
+    dead_letters_problem: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The overview as JSON-ready values."""
+        return {
+            "as_of": self.as_of,
+            "stuck_after": self.stuck_after,
+            "counts": [{"type": c.type, "state": c.state, "final": c.final, "count": c.count} for c in self.counts],
+            "stuck": [x.to_dict() for x in self.stuck],
+            "stuck_more": self.stuck_more,
+            "failures": [x.to_dict() for x in self.failures],
+            "failed_total": self.failed_total,
+            "failed_read": self.failed_read,
+            "outbox": {
+                "unsent": self.outbox.unsent,
+                "oldest_created_at": self.outbox.oldest_created_at,
+                "oldest_age": self.outbox_oldest_age,
+            },
+            "deadlines_next_minute": self.deadlines_next_minute,
+            "dead_letters": None if self.dead_letters is None else [x.to_dict() for x in self.dead_letters],
+            "dead_letters_problem": self.dead_letters_problem,
+        }
+
+
 class Operations:
     """Operator actions on one store (the URL of an existing store, or an open :class:`~sagas.Store`),
     for an app's ``sagas``, publishing on ``bus`` when one is given. A store opened from a URL is
@@ -163,20 +307,50 @@ class Operations:
         newest_first: bool = False,
         limit: int = 50,
         offset: int = 0,
+        cursor: str | None = None,
+        key_prefix: str | None = None,
+        created_after: float | None = None,
+        created_before: float | None = None,
+        failed: bool = False,
     ) -> Page[SagaRecord]:
-        """A page of sagas, oldest first (or newest), filtered by type, state and business key.
+        """A page of sagas, oldest first (or newest), filtered by type, state, business key (exact, or
+        ``key_prefix``), ``failed`` (parked in ``failed``) and creation time (``created_after`` <=
+        created_at < ``created_before``, seconds since the epoch).
 
         ``stuck`` keeps only sagas that have not ended and whose deadline is missing or passed at least
-        ``stuck_after`` seconds ago: a worker should have moved them (is one running?)."""
+        ``stuck_after`` seconds ago: a worker should have moved them (is one running?).
+
+        Page with ``cursor`` (the ``next_cursor`` of the previous page, with the same filters and order):
+        it stays fast however deep, where ``offset`` reads and skips every row before the page. An invalid
+        cursor raises :class:`InvalidCursor`."""
         if not 1 <= limit <= MAX_PAGE:
             raise ConfigurationError(f"limit must be between 1 and {MAX_PAGE}, not {limit}")
         if offset < 0:
             raise ConfigurationError(f"offset must be 0 or more, not {offset}")
+        after = None
+        if cursor is not None:
+            if offset:
+                raise ConfigurationError("page with a cursor or an offset, not both")
+            after = decode_cursor(cursor)
         stuck_before = self.clock() - stuck_after if stuck else None
         records = self.store.list_sagas(
-            type, state, stuck_before, limit + 1, key=key, newest_first=newest_first, offset=offset
+            type,
+            state,
+            stuck_before,
+            limit + 1,
+            key=key,
+            newest_first=newest_first,
+            offset=offset,
+            after=after,
+            key_prefix=key_prefix,
+            created_after=created_after,
+            created_before=created_before,
+            failed=failed,
         )
-        return Page(records[:limit], offset, limit, has_more=len(records) > limit)
+        items = records[:limit]
+        has_more = len(records) > limit
+        next_cursor = encode_cursor(items[-1].created_at, items[-1].id) if has_more else None
+        return Page(items, offset, limit, has_more=has_more, next_cursor=next_cursor)
 
     def saga(self, saga_id: str | None = None, *, type: str | None = None, key: str | None = None) -> SagaView:
         """One saga with its history: by id, or by type and business key. Raises :class:`NotFound`."""
@@ -202,6 +376,77 @@ class Operations:
         """Messages committed and not yet confirmed by the broker (a growing backlog means no worker
         relays them: is one running, and does it reach the broker?)."""
         return self.store.outbox_backlog()
+
+    def overview(
+        self,
+        now: float | None = None,
+        stuck_after: float = 60.0,
+        *,
+        stuck_limit: int = 20,
+        failed_limit: int = 1000,
+        dead_letter_limit: int = 1000,
+    ) -> Overview:
+        """What is stuck, failing or piling up, as of ``now`` (default: this object's clock).
+
+        Each part is one query on an index: the counts by type and state, the ``stuck_limit`` oldest
+        stuck sagas (see :meth:`sagas`), the reasons of the ``failed_limit`` latest sagas parked in
+        ``failed`` (grouped by their first line), the outbox backlog and the deadlines due in the next
+        minute; with a bus, the first ``dead_letter_limit`` dead letters grouped by queue and error type."""
+        as_of = self.clock() if now is None else now
+        counts = self.store.count_by_state()
+        stuck_records = self.store.list_sagas(stuck_before=as_of - stuck_after, limit=stuck_limit + 1)
+        stuck = [
+            StuckSaga(
+                r.id,
+                r.type,
+                r.key,
+                r.state,
+                r.created_at,
+                r.updated_at,
+                r.deadline,
+                None if r.deadline is None else as_of - r.deadline,
+                r.attempts,
+            )
+            for r in stuck_records[:stuck_limit]
+        ]
+        failed = self.store.list_sagas(failed=True, newest_first=True, limit=failed_limit)
+        groups: dict[tuple[str, str], list[SagaRecord]] = {}
+        for r in failed:
+            groups.setdefault((r.type, first_line(str(r.meta.get("reason") or ""))), []).append(r)
+        failures = [
+            FailureGroup(
+                saga_type,
+                reason,
+                len(records),
+                _same(str(r.meta.get("failed_from") or "") for r in records),
+                max(r.updated_at for r in records),
+                records[0].id,
+            )
+            for (saga_type, reason), records in groups.items()
+        ]
+        failures.sort(key=lambda g: (-g.count, g.type, g.reason))
+        backlog = self.store.outbox_backlog()
+        letters, problem = None, None
+        if self.bus is not None:
+            try:
+                letters = _group_dead_letters(self.bus.dead_letters(dead_letter_limit))
+            except (TransportError, SagasError) as exc:
+                problem = str(exc)
+        return Overview(
+            as_of=as_of,
+            stuck_after=stuck_after,
+            counts=counts,
+            stuck=stuck,
+            stuck_more=len(stuck_records) > stuck_limit,
+            failures=failures,
+            failed_total=sum(c.count for c in counts if c.state == FAILED),
+            failed_read=len(failed),
+            outbox=backlog,
+            outbox_oldest_age=None if backlog.oldest_created_at is None else as_of - backlog.oldest_created_at,
+            deadlines_next_minute=self.store.count_deadlines(as_of, as_of + 60.0),
+            dead_letters=letters,
+            dead_letters_problem=problem,
+        )
 
     # -- acting on sagas -----------------------------------------------------------------------------
 
@@ -301,13 +546,45 @@ class Operations:
         return self.bus
 
 
+def _same(values: Iterable[str]) -> str:
+    """The one value every item has, or empty when they differ."""
+    distinct = set(values)
+    return distinct.pop() if len(distinct) == 1 else ""
+
+
+def _group_dead_letters(letters: Sequence[DeadLetter]) -> list[DeadLetterGroup]:
+    groups: dict[tuple[str, str], list[DeadLetter]] = {}
+    for d in letters:
+        groups.setdefault((d.queue, d.error_type or first_line(d.reason)), []).append(d)
+    out = [
+        DeadLetterGroup(
+            queue,
+            error_type,
+            len(ds),
+            min(d.dead_at for d in ds),
+            first_line(ds[0].error_message or ds[0].reason),
+        )
+        for (queue, error_type), ds in groups.items()
+    ]
+    out.sort(key=lambda g: (-g.count, g.queue, g.error_type))
+    return out
+
+
 __all__ = [
     "ActionRefused",
     "ActionResult",
+    "DeadLetterGroup",
     "DropResult",
+    "FailureGroup",
+    "InvalidCursor",
     "NotFound",
     "Operations",
+    "Overview",
     "Page",
     "ReplayResult",
     "SagaView",
+    "StuckSaga",
+    "decode_cursor",
+    "encode_cursor",
+    "first_line",
 ]

@@ -278,3 +278,32 @@ def test_every_operator_action_refuses_cleanly(saga_harness: MakeHarness, action
     after = h.store.get_saga(saga_id)
     assert after is not None
     assert (after.state, after.version) == (before.state, before.version)
+
+
+def test_overview_groups_dead_letters_by_queue_and_error_type(saga_harness: MakeHarness) -> None:
+    """With a bus, the overview groups the dead letters by queue and error type, most first; without one
+    it has none to show."""
+    svc = Service("picky")
+
+    @svc.on("ocis.files.uploaded")
+    def take(event: Event) -> None:
+        if event.payload["path"].startswith("/bad"):
+            raise ValueError(f"bad path {event.payload['path']}\nmore detail")
+        raise Reject("never")
+
+    h = saga_harness(App(svc))
+    for path in ["/a", "/bad1", "/b", "/c"]:
+        h.publish("ocis.files.uploaded", {"path": path})
+    h.settle()
+    ops = Operations(h.store, bus=h.client_bus(), clock=h.clock)
+    letters = ops.dead_letters()
+    view = ops.overview()
+    assert view.dead_letters is not None
+    assert [(g.queue, g.count) for g in view.dead_letters] == [(letters[0].queue, 3), (letters[0].queue, 1)]
+    assert [g.error_type for g in view.dead_letters] == ["sagas._errors.Reject", "builtins.ValueError"]
+    (value_error,) = [g for g in view.dead_letters if g.count == 1]
+    assert value_error.example_message.startswith("bad path /bad1")
+    assert "\n" not in value_error.example_message
+    assert value_error.oldest_dead_at
+    assert view.to_dict()["dead_letters"][0]["count"] == 3
+    assert Operations(h.store).overview().dead_letters is None

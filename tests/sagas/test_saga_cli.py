@@ -336,6 +336,105 @@ def test_ls_on_a_missing_sqlite_file_fails_without_creating_it(tmp_path: Path) -
     assert not (tmp_path / "nope.db").exists()
 
 
+def _listing_store(tmp_path: Path) -> str:
+    """A SQLite store of 7 sagas: keys up-0..up-5 (odd ones failed) a second apart from T, and 'other'."""
+    store = SQLiteStore(str(tmp_path / "listing.db"))
+    for i, key in enumerate([*(f"up-{n}" for n in range(6)), "other"]):
+        state = "failed" if i % 2 else "scanning"
+        record = SagaRecord(
+            id=f"id{i}",
+            type="postprocessing",
+            key=key,
+            state=state,
+            data={},
+            version=1,
+            created_at=LISTING_T + i,
+            updated_at=LISTING_T + i,
+            meta={"reason": "scan failed"} if i % 2 else {},
+        )
+        store.save_saga(
+            record,
+            expected_version=None,
+            history=HistoryEntry(LISTING_T, "m", "-", state, "test"),
+            inbox=None,
+            outbox=[],
+        )
+    store.close()
+    return f"sqlite:///{tmp_path}/listing.db"
+
+
+LISTING_T = 1_795_000_000.0  # 2026-11-18T11:06:40Z
+
+
+def test_ls_pages_with_the_cursor_in_the_header_and_in_json(tmp_path: Path) -> None:
+    """When more follow, the table's first line gives the next cursor (stderr with --json, where each
+    object carries its own cursor); following it, in either order, lists every saga once."""
+    url = _listing_store(tmp_path)
+    for newest in (False, True):
+        order = ["--newest"] if newest else []
+        seen: list[str] = []
+        cursor: list[str] = []
+        while True:
+            result = invoke("ls", "--limit", "3", *order, *cursor, "--store", url)
+            assert result.exit_code == 0, result.output
+            lines = result.stdout.splitlines()
+            if lines[0].startswith("next cursor: "):
+                next_cursor = lines[0].removeprefix("next cursor: ")
+                assert lines[1].split()[0] == "ID"
+                by_offset = "" if cursor else ", or --offset 3"
+                assert lines[-1] == f"(more: --cursor {next_cursor}{by_offset})"
+                seen += [line.split()[0] for line in lines[2:-1]]
+                cursor = ["--cursor", next_cursor]
+            else:
+                assert lines[0].split()[0] == "ID"
+                seen += [line.split()[0] for line in lines[1:]]
+                break
+        expected = [f"id{i}" for i in range(7)]
+        assert seen == (expected[::-1] if newest else expected)
+    result = invoke("ls", "--limit", "2", "--json", "--store", url)
+    first = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [s["id"] for s in first] == ["id0", "id1"]
+    assert result.stderr.strip() == f"next cursor: {first[-1]['cursor']}"
+    rest = invoke("ls", "--json", "--cursor", first[-1]["cursor"], "--store", url)
+    assert [json.loads(line)["id"] for line in rest.stdout.splitlines()] == [f"id{i}" for i in range(2, 7)]
+    assert rest.stderr == ""
+
+
+def test_ls_filters_by_key_prefix_failed_and_time(tmp_path: Path) -> None:
+    """--key-prefix, --failed, --since and --until (ISO 8601 or epoch seconds) filter the listing."""
+    url = _listing_store(tmp_path)
+
+    def keys(*args: str) -> list[str]:
+        result = invoke("ls", "--json", *args, "--store", url)
+        assert result.exit_code == 0, result.output
+        return [json.loads(line)["key"] for line in result.stdout.splitlines()]
+
+    assert keys("--key-prefix", "up-") == [f"up-{n}" for n in range(6)]
+    assert keys("--failed") == ["up-1", "up-3", "up-5"]
+    assert keys("--key-prefix", "up-", "--failed", "--newest") == ["up-5", "up-3", "up-1"]
+    assert keys("--since", "2026-11-18T11:06:42Z", "--until", str(LISTING_T + 4)) == ["up-2", "up-3"]
+    assert keys("--since", "2026-11-18T11:06:45") == ["up-5", "other"]  # no zone: UTC
+    assert keys("--since", "2026-11-18T12:06:45+01:00") == ["up-5", "other"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--cursor", "garbage!"], "error: invalid cursor 'garbage!'"),
+        (["--since", "yesterday"], "error: --since must be an ISO 8601 time"),
+        (["--until", "2026-13-01"], "error: --until must be an ISO 8601 time"),
+        (["--until", "nan"], "error: --until must be a time"),
+        (["--cursor", "WyIxIiwieCJd", "--offset", "2"], "error: page with --cursor or --offset, not both"),
+    ],
+)
+def test_ls_bad_paging_or_time_values_exit_2(tmp_path: Path, args: list[str], message: str) -> None:
+    """A bad cursor or time prints `error: ...` and exits 2, as other command-line mistakes."""
+    result = invoke("ls", *args, "--store", _listing_store(tmp_path))
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith(message), result.stderr
+    assert result.stdout == ""
+
+
 # -- show -----------------------------------------------------------------------------------------------
 
 

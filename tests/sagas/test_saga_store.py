@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
@@ -12,7 +13,15 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from sagas import MemoryStore, SagaRecord, SQLiteStore, Store, open_store
-from sagas._store import _SAGA_COLUMNS, SCHEMA_VERSION, DuplicateSaga, HistoryEntry, Outgoing, VersionConflict
+from sagas._store import (
+    _SAGA_COLUMNS,
+    SCHEMA_VERSION,
+    DuplicateSaga,
+    HistoryEntry,
+    Outgoing,
+    VersionConflict,
+    prefix_upper_bound,
+)
 
 if TYPE_CHECKING:
     from private_services import PostgresCluster
@@ -727,7 +736,7 @@ def test_a_release_in_a_group_commits_with_the_inbox_record(reopen: Opener) -> N
 
 
 def test_a_version_3_store_gets_the_claims_table_when_it_opens(tmp_path: Path) -> None:
-    """Opening a schema-3 store (no claims table) creates it and records version 4."""
+    """Opening a schema-3 store (no claims table) creates it and records the current version."""
     path = tmp_path / "old.db"
     SQLiteStore(str(path)).close()
     db = sqlite3.connect(path)  # as version 3 left it
@@ -737,5 +746,195 @@ def test_a_version_3_store_gets_the_claims_table_when_it_opens(tmp_path: Path) -
     assert store.claim("hotel.book", "m1", "worker-a", T0 + 30, T0)
     store.close()
     db = sqlite3.connect(path)
-    assert db.execute("SELECT max(version) FROM schema_version").fetchone()[0] == SCHEMA_VERSION == 4
+    assert db.execute("SELECT max(version) FROM schema_version").fetchone()[0] == SCHEMA_VERSION
     db.close()
+
+
+def _indexes(db: sqlite3.Connection) -> set[str]:
+    return {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'sagas'")}
+
+
+def test_a_version_4_store_gets_the_listing_indexes_when_it_opens(tmp_path: Path) -> None:
+    """Opening a schema-4 store adds the keyset listing indexes and drops the (type, state) one they replace."""
+    path = tmp_path / "old.db"
+    SQLiteStore(str(path)).close()
+    db = sqlite3.connect(path)  # as version 4 left it
+    for name in _indexes(db) - {"sagas_due_by_type"}:
+        if not name.startswith("sqlite_"):
+            db.execute(f"DROP INDEX {name}")
+    db.executescript(
+        "CREATE INDEX sagas_by_state ON sagas (type, state);"
+        "DELETE FROM schema_version; INSERT INTO schema_version VALUES (4);"
+    )
+    db.close()
+    SQLiteStore(str(path)).close()
+    db = sqlite3.connect(path)
+    assert db.execute("SELECT max(version) FROM schema_version").fetchone()[0] == SCHEMA_VERSION == 5
+    names = _indexes(db)
+    assert "sagas_by_state" not in names
+    assert {
+        "sagas_by_created",
+        "sagas_by_type_created",
+        "sagas_by_type_state",
+        "sagas_by_state_created",
+        "sagas_by_key",
+        "sagas_open_by_created",
+    } <= names
+    db.close()
+
+
+# -- keyset paging and listing filters -----------------------------------------------------------------
+
+
+def _page_all(store: Store, newest_first: bool, limit: int, **filters: Any) -> list[str]:
+    """Every saga id, page by page with the keyset cursor."""
+    ids: list[str] = []
+    after: tuple[float, str] | None = None
+    while True:
+        page = store.list_sagas(limit=limit, newest_first=newest_first, after=after, **filters)
+        ids += [r.id for r in page]
+        if len(page) < limit:
+            return ids
+        after = (page[-1].created_at, page[-1].id)
+
+
+def test_keyset_pages_cover_every_saga_once_in_both_orders_with_ties(store: Store) -> None:
+    """Pages by (created_at, id) cursor list every saga exactly once, oldest or newest first, though many
+    sagas share a creation time."""
+    for i in range(23):
+        _insert(store, _record(f"k{i:02d}", saga_id=f"s{(i * 7) % 23:02d}", created_at=T0 + i // 5))
+    expected = [r.id for r in store.list_sagas()]
+    assert len(expected) == 23
+    for limit in (1, 4, 5, 7, 23, 50):
+        assert _page_all(store, False, limit) == expected
+        assert _page_all(store, True, limit) == expected[::-1]
+    # a cursor in the middle of a tie: the rest of the tie, then later sagas
+    third = store.list_sagas(limit=3)[-1]
+    assert [r.id for r in store.list_sagas(after=(third.created_at, third.id))] == expected[3:]
+    assert [r.id for r in store.list_sagas(after=(third.created_at, third.id), newest_first=True)] == expected[:2][::-1]
+
+
+def test_list_sagas_filters_by_key_prefix_failed_and_creation_time(store: Store) -> None:
+    """key_prefix keeps keys that start with it (any characters, LIKE wildcards included); failed keeps sagas
+    parked in failed; created_after <= created_at < created_before."""
+    keys = ["up-1", "up-2", "up-10", "upload", "u", "up", "up%x", "up_y", "UP-3", "up\\z", "upé", "up\U0010ffff"]
+    for i, k in enumerate(keys):
+        _insert(store, _record(k, state="failed" if i % 3 == 0 else "hotel", created_at=T0 + i))
+    _insert(store, _record("up-1", type="errand", state="failed", created_at=T0 + 100))
+
+    def found(**kw: Any) -> list[str]:
+        return [f"{r.type}/{r.key}" for r in store.list_sagas(**kw)]
+
+    def trips(*ks: str) -> list[str]:
+        return [f"trip/{k}" for k in ks]
+
+    assert found(key_prefix="up-", saga_type="trip") == trips("up-1", "up-2", "up-10")
+    assert found(key_prefix="up-") == [*trips("up-1", "up-2", "up-10"), "errand/up-1"]
+    assert found(key_prefix="up%") == trips("up%x")
+    assert found(key_prefix="up_") == trips("up_y")
+    assert found(key_prefix="up\\") == trips("up\\z")
+    assert found(key_prefix="upé") == trips("upé")
+    assert found(key_prefix="up\U0010ffff") == trips("up\U0010ffff")
+    assert found(key_prefix="up", saga_type="trip") == trips(*[k for k in keys if k.startswith("up")])
+    assert found(key_prefix="nothing") == []
+    assert found(failed=True, saga_type="trip") == trips(*keys[::3])
+    assert found(failed=True, newest_first=True, limit=2) == ["errand/up-1", f"trip/{keys[9]}"]
+    assert found(created_after=T0 + 2, created_before=T0 + 5) == trips(*keys[2:5])
+    assert found(created_after=T0 + 10) == [*trips(*keys[10:]), "errand/up-1"]
+    assert found(created_before=T0 + 1) == trips(keys[0])
+    assert found(key_prefix="up-", failed=True, created_after=T0 + 1) == ["errand/up-1"]
+    first = store.list_sagas(key_prefix="up", limit=2)
+    rest = store.list_sagas(key_prefix="up", after=(first[-1].created_at, first[-1].id))
+    assert [r.key for r in first + rest] == [r.key for r in store.list_sagas(key_prefix="up")]
+    assert found(key_prefix="up-", offset=1, limit=2) == trips("up-2", "up-10")
+
+
+def test_prefix_upper_bound_is_the_least_string_after_every_extension() -> None:
+    """The bound bumps the last character that can be bumped (skipping surrogates); none is left for an
+    empty prefix or one of only U+10FFFF."""
+    assert prefix_upper_bound("ab") == "ac"
+    assert prefix_upper_bound("a\U0010ffff") == "b"
+    assert prefix_upper_bound("a\ud7ff") == "a\ue000"
+    assert prefix_upper_bound("\U0010ffff") is None
+    assert prefix_upper_bound("") is None
+
+
+def test_sqlite_lists_through_the_listing_indexes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each listing filter and order is an index search on SQLite, never a scan of the sagas table."""
+    store = SQLiteStore(str(tmp_path / "plan.db"))
+    db = sqlite3.connect(tmp_path / "plan.db")
+    cursor = (T0, "x")
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"after": cursor, "newest_first": True}, "sagas_by_created"),
+        ({"saga_type": "t", "after": cursor}, "sagas_by_type_created"),
+        ({"saga_type": "t", "state": "s", "after": cursor}, "sagas_by_type_state"),
+        ({"failed": True, "after": cursor}, "sagas_by_state_created"),
+        ({"key_prefix": "up-"}, "sagas_by_key"),
+        ({"key": "k"}, "sagas_by_key"),
+        ({"created_after": T0, "created_before": T0 + 1}, "sagas_by_created"),
+    ]
+    plans: list[str] = []
+    real = inspect.getattr_static(SQLiteStore, "_execute")
+
+    def explain(self: SQLiteStore, statement: str, params: Any = ()) -> Any:
+        plans.append(" ".join(str(r[3]) for r in db.execute("EXPLAIN QUERY PLAN " + statement, params)))
+        return real(self, statement, params)
+
+    monkeypatch.setattr(SQLiteStore, "_execute", explain)
+    try:
+        for filters, index in cases:
+            plans.clear()
+            store.list_sagas(**filters)
+            assert f"INDEX {index}" in plans[0], (filters, plans)
+            assert "SCAN sagas" not in plans[0], (filters, plans)
+    finally:
+        store.close()
+        db.close()
+
+
+@pytest.mark.postgres
+def test_postgres_lists_through_the_listing_indexes(
+    postgres_url: str, unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On PostgreSQL each listing filter and order of the store's own queries is an index scan (sequential
+    scans disabled, to ask whether an index can serve it at all, as the planner does on a big table)."""
+    import psycopg
+
+    from sagas import PostgresStore
+
+    store = open_store(f"{postgres_url}?schema={unique}")
+    db = psycopg.connect(postgres_url, autocommit=True)
+    plans: list[str] = []
+    real = inspect.getattr_static(PostgresStore, "_execute")
+    to_postgres = inspect.getattr_static(PostgresStore, "_sql")
+
+    def explain(self: PostgresStore, statement: str, params: Any = ()) -> Any:
+        rows = db.execute("EXPLAIN " + to_postgres(self, statement), params)
+        plans.append("\n".join(str(r[0]) for r in rows))
+        return real(self, statement, params)
+
+    try:
+        db.execute(f"SET search_path TO {unique}")
+        db.execute("SET enable_seqscan = off")
+        monkeypatch.setattr(PostgresStore, "_execute", explain)
+        cursor = (T0, "x")
+        cases: list[tuple[dict[str, Any], str]] = [
+            ({"after": cursor, "newest_first": True}, "sagas_by_created"),
+            ({"saga_type": "t", "after": cursor}, "sagas_by_type_created"),
+            ({"saga_type": "t", "state": "s", "after": cursor}, "sagas_by_type_state|sagas_by_state_created"),
+            ({"failed": True, "after": cursor}, "sagas_by_state_created"),
+            ({"key_prefix": "up-"}, "sagas_by_key"),
+            ({"key": "k"}, "sagas_by_key"),
+            ({"created_after": T0, "created_before": T0 + 1}, "sagas_by_created"),
+        ]
+        for filters, index in cases:
+            plans.clear()
+            store.list_sagas(**filters)
+            # (on an empty table either of two indexes that both serve a filter may win)
+            assert any(name in plans[0] for name in index.split("|")), (filters, plans)
+            assert "Seq Scan" not in plans[0], (filters, plans)
+    finally:
+        monkeypatch.undo()
+        store.close()
+        db.close()
+        _drop_schema(postgres_url, unique)
