@@ -204,15 +204,41 @@ class Console:
                 raise ConfigurationError(f"{name} must be a whole number, not {raw[:40]!r}") from None
             return min(max(value, low), high)
 
-        return {
+        def moment(name: str) -> float | None:
+            raw = (q.get(name) or "").strip()
+            if not raw:
+                return None
+            try:
+                return float(raw)
+            except ValueError:
+                pass
+            try:
+                when = datetime.fromisoformat(raw)
+            except ValueError:
+                raise ConfigurationError(
+                    f"{name} must be an ISO 8601 time such as 2026-11-27T02:40:47Z, or seconds since the epoch"
+                ) from None
+            return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
+
+        yes = {"1", "true", "on", "yes"}
+        query: dict[str, Any] = {
             "type": q.get("type") or None,
             "state": q.get("state") or None,
             "key": q.get("key") or None,
-            "stuck": q.get("stuck") in {"1", "true", "on", "yes"},
+            "key_prefix": q.get("key_prefix") or None,
+            "stuck": q.get("stuck") in yes,
+            "failed": q.get("failed") in yes,
+            "created_after": moment("since"),
+            "created_before": moment("until"),
             "newest_first": q.get("order") == "newest",
             "limit": number("limit", DEFAULT_LIMIT, 1, MAX_LIMIT),
-            "offset": number("offset", 0, 0, 10**12),
         }
+        # Pages follow a cursor (fast at any depth); an offset still works when no cursor is given.
+        if q.get("cursor"):
+            query["cursor"] = q["cursor"]
+        else:
+            query["offset"] = number("offset", 0, 0, 10**12)
+        return query
 
     def saga_view(self, request: Request) -> Any:
         if "saga_id" in request.path_params:
@@ -237,7 +263,7 @@ class Console:
     async def saga_list(self, request: Request) -> Response:
         query = self.list_query(request)
         page = self._read(lambda: self.ops.sagas(**query))
-        params = {k: v for k, v in request.query_params.items() if k != "offset" and v}
+        params = {k: v for k, v in request.query_params.items() if k not in ("offset", "cursor") and v}
         return self.render(
             request,
             "sagas.html",
@@ -375,6 +401,7 @@ class Console:
                 "limit": page.limit,
                 "has_more": page.has_more,
                 "next_offset": page.next_offset,
+                "next_cursor": page.next_cursor,
             }
         )
 

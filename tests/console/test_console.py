@@ -101,6 +101,39 @@ def test_saga_list_filters_orders_and_pages(saga_harness: MakeHarness) -> None:
     assert client.get("/sagas?limit=abc").status_code == 400
 
 
+def test_saga_list_follows_cursors_and_filters_by_key_prefix_failed_and_time(saga_harness: MakeHarness) -> None:
+    """Following the "next" links (cursors) in both orders shows every saga once; the key prefix, failed
+    and time filters narrow the list; a cursor that was not given out is a 400 page."""
+    h = saga_harness(postprocessing_app)
+    for i in range(7):
+        _upload(h, f"up-{i}")
+    _upload(h, "other-1")
+    h.settle()
+    client = _client(h)
+    for order in ("oldest", "newest"):
+        seen: list[str] = []
+        url: str | None = f"/sagas?limit=3&order={order}"
+        while url:
+            text = client.get(url).text
+            seen += re.findall(r'href="/sagas/([0-9a-f]{32})"', text)
+            found = re.search(r'href="(/sagas\?[^"]*cursor=[^"]+)" rel="next"', text)
+            url = found.group(1).replace("&amp;", "&") if found else None
+        assert len(seen) == len(set(seen)) == 8, (order, seen)
+    assert client.get("/sagas?key_prefix=up-").text.count('href="/sagas/') == 7
+    assert client.get("/sagas?key_prefix=other").text.count('href="/sagas/') == 1
+    assert 'href="/sagas/' not in client.get("/sagas?failed=1").text
+    assert client.get("/sagas?since=2000-01-01T00:00:00Z&until=2001-01-01").text.count('href="/sagas/') == 0
+    assert client.get("/sagas?since=2000-01-01T00:00:00Z").text.count('href="/sagas/') == 8
+    assert client.get("/sagas?cursor=not-a-cursor").status_code == 400
+    assert client.get("/sagas?since=yesterday").status_code == 400
+    api = client.get("/api/sagas?limit=5").json()
+    assert len(api["items"]) == 5
+    rest = client.get("/api/sagas", params={"limit": 5, "cursor": api["next_cursor"]}).json()
+    assert len(rest["items"]) == 3
+    assert rest["next_cursor"] is None
+    assert {r["id"] for r in api["items"]}.isdisjoint(r["id"] for r in rest["items"])
+
+
 def test_saga_page_by_id_and_by_type_and_key(saga_harness: MakeHarness) -> None:
     """The saga page shows data, history, the pending request and deadline, and the diagram."""
     h = saga_harness(postprocessing_app)
