@@ -944,32 +944,70 @@ def demo(shares: int) -> None:
 
 
 @cli.command()
-@click.argument("workload", type=click.Choice(["events", "sagas", "raw", "deadlines", "all"]))
+@click.argument("workload", type=click.Choice(["events", "sagas", "raw", "deadlines", "all", "console"]))
 @_broker
 @click.option(
     "--store",
     default=None,
     envvar="SAGAS_BENCH_STORE_URL",
-    help="Store of the sagas workload (default: memory:// with memory://, else a fresh SQLite file).",
+    help="Store of the sagas workload (default: memory:// with memory://, else a fresh SQLite file); "
+    "the existing store whose console pages the console workload measures (required there).",
 )
 @click.option("-n", "n", default=20000, show_default=True, help="Events, or sagas, per run.")
 @click.option("--workers", default=1, show_default=True, help="Worker processes of the sagas workload.")
+@click.option(
+    "--requests",
+    default=200,
+    show_default=True,
+    type=click.IntRange(1, 100_000),
+    help="Timed requests of each page kind per run (console workload).",
+)
 @click.option("--repeat", default=1, show_default=True, help="Runs of each workload; the report gives medians.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (every run, medians, ratios).")
-def bench(workload: str, broker: str, store: str | None, n: int, workers: int, repeat: int, as_json: bool) -> None:
-    """Measure events/s and sagas/s on a broker and store, beside the raw py-amqp ceiling.
+def bench(
+    workload: str,
+    broker: str,
+    store: str | None,
+    n: int,
+    workers: int,
+    requests: int,
+    repeat: int,
+    as_json: bool,
+) -> None:
+    """Measure events/s and sagas/s on a broker and store, beside the raw py-amqp ceiling; or the
+    console's page times over a store (console: p50/p95/p99/max ms per page, through HTTP).
 
     \b
     Examples:
       sagas bench events --broker amqp://guest:guest@localhost// --repeat 3
       sagas bench sagas --broker amqp://guest:guest@localhost// --store sqlite:////tmp/bench.db -n 5000
       sagas bench all --json
+      sagas bench console --store 'postgresql://postgres@127.0.0.1/test?schema=bench_console_1m' --repeat 3
     """
     from . import _bench
 
     configure_logging(level="warning")
+    if workload == "console":
+        _bench_console(broker, store, requests, repeat, as_json)
+        return
     report = _bench.run(workload, broker, store, n, workers, repeat)
     click.echo(json.dumps(report) if as_json else _bench.table(report))
+
+
+def _bench_console(broker: str, store: str | None, requests: int, repeat: int, as_json: bool) -> None:
+    try:
+        from .console import _bench as console_bench
+    except ImportError:
+        _usage_error("sagas bench console needs the console: pip install 'kombu-sagas[console]'")
+    if not store:
+        _usage_error("sagas bench console needs --store: the URL of a store that holds sagas")
+    publish_on = None if is_memory_url(broker) else broker
+    with _operations(store, broker=publish_on) as ops:
+        try:
+            report = console_bench.run(ops, store_url=store, requests=requests, repeat=repeat)
+        except ValueError as exc:
+            _fail(str(exc))
+    click.echo(json.dumps(report) if as_json else console_bench.table(report))
 
 
 def main() -> Any:

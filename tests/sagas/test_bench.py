@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import json
+import random
+import sys
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
+import sagas.console
 from sagas import _bench
 from sagas._cli import cli
+from sagas._store import HistoryEntry, SagaRecord, open_store
+from sagas.console import _bench as console_bench
+from sagas.operations import Operations
 
 
 def test_events_on_memory_report_every_figure() -> None:
@@ -69,3 +75,98 @@ def test_sagas_runs_sharing_a_store_each_count_only_their_own(tmp_path: Path) ->
     second = _bench.bench_sagas("memory://", store, 30)
     # the second run waits for its own 30 sagas (not the 30 already final) and reports only them
     assert first["states"] == second["states"] == {"completed": 27, "compensated": 3}
+
+
+# -- sagas bench console -------------------------------------------------------------------------------
+
+
+def _fill(url: str, n: int) -> None:
+    """``n`` sagas of two types in several states, created a second apart, each with one history row."""
+    store = open_store(url)
+    try:
+        with store.group():
+            for i in range(n):
+                saga_type, state = ("share", "waiting") if i % 3 else ("upload", "done" if i % 2 else "failed")
+                record = SagaRecord(
+                    id=f"s{i:05d}",
+                    type=saga_type,
+                    key=f"{saga_type}-{i:05d}",
+                    state=state,
+                    data={"n": i},
+                    version=1,
+                    final=state != "waiting",
+                    created_at=1_700_000_000.0 + i,
+                    updated_at=1_700_000_000.0 + i,
+                )
+                history = HistoryEntry(record.created_at, f"m{i}", "started", state, "test")
+                store.save_saga(record, expected_version=None, history=history, inbox=None, outbox=[])
+    finally:
+        store.close()
+
+
+def test_console_measures_every_page_over_http(tmp_path: Path) -> None:
+    store = f"sqlite:///{tmp_path}/console.db"
+    _fill(store, 300)
+    result = CliRunner().invoke(
+        cli, ["bench", "console", "--store", store, "--requests", "5", "--repeat", "2", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output.strip().splitlines()[-1])
+    kinds = [k for k, _ in console_bench.KINDS]
+    assert report["sagas"] == 300
+    assert report["requests"] == 5
+    assert len(report["runs"]) == 2
+    assert list(report["median"]) == kinds, "every page kind, and no dead letters without --broker"
+    for run in report["runs"]:
+        assert list(run) == kinds
+    for kind, figures in report["median"].items():
+        assert 0 < figures["p50_ms"] <= figures["p95_ms"] <= figures["p99_ms"] <= figures["max_ms"], kind
+    assert report["over_budget"] == [k for k in kinds if report["median"][k]["p95_ms"] > 200]
+    table = console_bench.table(report)
+    assert "300 sagas, 5 requests per page (median of 2 runs)" in table
+    assert all(f"  {kind} " in table for kind in kinds)
+
+
+def test_console_samples_sagas_from_the_whole_store(tmp_path: Path) -> None:
+    store = f"sqlite:///{tmp_path}/console.db"
+    _fill(store, 300)
+    with Operations(store) as ops:
+        picked = console_bench.sample(ops, 50, random.Random(3))
+    assert len(picked) == 50
+    assert len({r.id for r in picked}) > 30, "random, not one saga again and again"
+    created = sorted(r.created_at - 1_700_000_000 for r in picked)
+    assert created[0] < 100, "from the whole store, not one end of it"
+    assert created[-1] >= 200, "from the whole store, not one end of it"
+
+
+def test_console_on_a_bad_store_url_is_an_error_without_traceback() -> None:
+    result = CliRunner().invoke(cli, ["bench", "console", "--store", "nosuch://x", "--requests", "1"])
+    assert result.exit_code == 2
+    assert result.output.startswith("error: ")
+    assert isinstance(result.exception, SystemExit), "a clean exit, not an exception"
+    assert "Traceback" not in result.output
+
+
+def test_console_on_an_empty_store_is_an_error(tmp_path: Path) -> None:
+    store = f"sqlite:///{tmp_path}/empty.db"
+    open_store(store).close()
+    result = CliRunner().invoke(cli, ["bench", "console", "--store", store])
+    assert result.exit_code == 1
+    assert "error: the store holds no saga" in result.output
+
+
+def test_console_without_the_console_extra_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    # (a None entry in sys.modules makes an import fail, as it does when uvicorn is not installed; the
+    # bench module is imported afresh)
+    monkeypatch.setitem(sys.modules, "uvicorn", None)
+    monkeypatch.delitem(sys.modules, "sagas.console._bench")
+    monkeypatch.delattr(sagas.console, "_bench")
+    result = CliRunner().invoke(cli, ["bench", "console", "--store", "sqlite:///x.db"])
+    assert result.exit_code == 2
+    assert result.output == "error: sagas bench console needs the console: pip install 'kombu-sagas[console]'\n"
+
+
+def test_console_needs_a_store() -> None:
+    result = CliRunner().invoke(cli, ["bench", "console"], env={"SAGAS_BENCH_STORE_URL": ""})
+    assert result.exit_code == 2
+    assert "error: sagas bench console needs --store" in result.output
