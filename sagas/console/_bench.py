@@ -35,6 +35,8 @@ from ._app import create_app
 BUDGET_MS = 200.0
 #: The figures of each page kind, in milliseconds.
 FIGURES = ("p50_ms", "p95_ms", "p99_ms", "max_ms")
+#: The most sagas sampled for one run (requests then name them again, in turn).
+MAX_SAMPLE = 5000
 
 
 #: (kind, what it asks for) in report order; each path is built from a sampled saga by :func:`_paths`.
@@ -151,18 +153,24 @@ def _figures(seconds: list[float]) -> dict[str, float]:
 
 def measure(port: int, kinds: list[str], records: list[SagaRecord], requests: int, warmup: int) -> dict[str, Any]:
     """``warmup`` untimed, then ``requests`` timed requests of each kind, the kinds taking turns (so that
-    the machine's noise spreads over all of them), each request naming the next sampled saga."""
+    the machine's noise spreads over all of them). Each request names the next sampled saga: no two
+    requests in a row ask for the same one while the sample lasts."""
     client = _Client(port)
+    turn = 0
+
+    def ask(kind: str) -> float:
+        nonlocal turn
+        turn += 1
+        return client.get(_paths(records[turn % len(records)])[kind])
+
     try:
-        for i in range(warmup):
-            paths = _paths(records[i % len(records)])
+        for _ in range(warmup):
             for kind in kinds:
-                client.get(paths[kind])
+                ask(kind)
         timings: dict[str, list[float]] = {kind: [] for kind in kinds}
-        for i in range(requests):
-            paths = _paths(records[i % len(records)])
+        for _ in range(requests):
             for kind in kinds:
-                timings[kind].append(client.get(paths[kind]))
+                timings[kind].append(ask(kind))
     finally:
         client.close()
     return {kind: _figures(times) for kind, times in timings.items()}
@@ -188,14 +196,15 @@ def run(
         raise ValueError("requests and repeat must be 1 or more")
     kinds = [k for k, _ in KINDS] + ([DEAD_LETTERS[0]] if ops.bus is not None else [])
     rng = random.Random(seed)
-    progress("console: counting and sampling the store's sagas")
+    progress("console: counting the store's sagas")
     count = ops.store.count_sagas()
-    records = sample(ops, min(max(requests, warmup), 1000), rng)
     runs: list[dict[str, Any]] = []
     with serving(ops) as port:
         for i in range(repeat):
-            progress(f"console: run {i + 1} of {repeat}, {requests} requests of {len(kinds)} pages")
-            rng.shuffle(records)  # (each run asks for the sagas in another order)
+            progress(f"console: run {i + 1} of {repeat}: sampling the store's sagas")
+            # (a fresh sample each run, read while no request is in flight: the client asks in this thread)
+            records = sample(ops, min((requests + warmup) * len(kinds), MAX_SAMPLE), rng)
+            progress(f"console: run {i + 1} of {repeat}: {requests} requests of {len(kinds)} pages")
             runs.append(measure(port, kinds, records, requests, warmup))
     progress("")
     median = {k: {f: round(statistics.median(r[k][f] for r in runs), 2) for f in FIGURES} for k in kinds}
