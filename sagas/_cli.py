@@ -1005,7 +1005,7 @@ def _bench_console(broker: str, store: str | None, requests: int, repeat: int, a
     with _operations(store, broker=publish_on) as ops:
         try:
             report = console_bench.run(ops, store_url=store, requests=requests, repeat=repeat)
-        except ValueError as exc:
+        except (ValueError, RuntimeError) as exc:  # an empty store; a page that did not answer 200
             _fail(str(exc))
     click.echo(json.dumps(report) if as_json else console_bench.table(report))
 
