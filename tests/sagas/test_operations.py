@@ -300,7 +300,7 @@ def test_overview_groups_dead_letters_by_queue_and_error_type(saga_harness: Make
     view = ops.overview()
     assert view.dead_letters is not None
     assert [(g.queue, g.count) for g in view.dead_letters] == [(letters[0].queue, 3), (letters[0].queue, 1)]
-    assert [g.error_type for g in view.dead_letters] == ["sagas._errors.Reject", "builtins.ValueError"]
+    assert [g.error_type for g in view.dead_letters] == ["sagas.Reject", "builtins.ValueError"]
     (value_error,) = [g for g in view.dead_letters if g.count == 1]
     assert value_error.example_message.startswith("bad path /bad1")
     assert "\n" not in value_error.example_message
