@@ -121,7 +121,7 @@ def test_find_a_parked_saga_read_why_log_in_and_retry_it(console: Console, page:
     page.locator("#filters input[name=key]").fill(PARKED)
     page.locator("#filters button[type=submit]").click()
     page.wait_for_url("**/sagas?*key=upload-parked*")
-    links = page.locator("a[href^='/sagas/']")
+    links = page.locator("#saga-rows a[href^='/sagas/']")
     assert links.count() == 1
     _shot(page, "sagas", tmp_path)
     links.first.click()
@@ -173,7 +173,7 @@ def test_saga_data_with_a_script_tag_shows_as_text_and_runs_nothing(console: Con
     page.wait_for_load_state()
     assert page.evaluate("window.__xss") is None
     assert XSS in page.locator("table").inner_text()
-    page.locator("a[href^='/sagas/']").first.click()
+    page.locator("#saga-rows a[href^='/sagas/']").first.click()
     page.wait_for_load_state()
     assert page.evaluate("window.__xss") is None
     with console.store() as store:
