@@ -572,3 +572,171 @@ def test_the_signing_secret_comes_from_the_token(saga_harness: MakeHarness) -> N
     other.cookies = first.cookies
     assert other.post(f"/sagas/{saga_id}/retry", data={"csrf": csrf}).status_code == 403
     assert [e.actor for e in h.history(saga_id) if e.actor] == ["marie"]
+
+
+# -- bulk actions --------------------------------------------------------------------------------------
+
+
+def _stuck_many(h: Harness, n: int, prefix: str = "s") -> list[str]:
+    """``n`` postprocessing sagas waiting in scanning (their scan requests lost)."""
+    h.inject(Drop(), match="ocis.antivirus.scan", times=n)
+    for i in range(n):
+        _upload(h, f"{prefix}{i}")
+    h.run()
+    return [h.saga(Postprocessing, f"{prefix}{i}").id for i in range(n)]
+
+
+def _field(html: str, name: str) -> str:
+    match = re.search(rf'name="{name}" value="([^"]*)"', html)
+    assert match is not None, name
+    return match.group(1)
+
+
+def test_bulk_retry_confirms_the_count_then_acts_and_records_who(saga_harness: MakeHarness) -> None:
+    """Retry all matching: the confirmation counts the matching sagas and lists them; a confirmation
+    whose count no longer holds is shown again with the new count, and nothing is done; the confirmed one
+    retries each saga (history: who), lists the refused ones grouped by why, and links them."""
+    h = saga_harness(postprocessing_app)
+    _upload(h, "done-1")
+    h.settle()
+    done_id = h.saga(Postprocessing, "done-1").id
+    ids = _stuck_many(h, 2)
+    client = _client(h)
+    csrf = _login(client)
+    listing = client.get("/sagas?type=postprocessing&key_prefix=").text
+    assert 'href="/sagas/bulk/retry?type=postprocessing"' in listing
+    confirm = client.get("/sagas/bulk/retry?type=postprocessing")
+    assert confirm.status_code == 200
+    assert "This will retry <strong>3</strong> sagas (type postprocessing)" in confirm.text
+    assert all(i in confirm.text for i in [*ids, done_id])
+    assert _field(confirm.text, "expected") == "3"
+    assert _field(confirm.text, "type") == "postprocessing"
+    form = {"csrf": csrf, "type": "postprocessing", "expected": "3", "actor": "marie"}
+    ids += _stuck_many(h, 1, prefix="late")  # one more matches now
+    again = client.post("/sagas/bulk/retry", data=form)
+    assert again.status_code == 409
+    assert "the selection changed: 4 sagas match now" in again.text
+    assert _field(again.text, "expected") == "4"
+    assert all(e.actor == "" for i in ids for e in h.history(i))
+    result = client.post("/sagas/bulk/retry", data={**form, "expected": "4"})
+    assert result.status_code == 200
+    assert '<strong id="done">3</strong> done, <strong id="refused">1</strong> refused' in result.text
+    assert "the saga has ended in done" in result.text
+    assert f'href="/sagas/{done_id}"' in result.text
+    for saga_id in ids:
+        assert [e.actor for e in h.history(saga_id) if e.reason == "operator: retry"] == ["marie"]
+    assert all(e.actor == "" for e in h.history(done_id))
+    h.run()
+    assert all(h.store.get_saga(i).state == "done" for i in ids)  # type: ignore[union-attr]
+
+
+def test_bulk_compensate_by_state_and_over_the_cap_refuses(saga_harness: MakeHarness) -> None:
+    """More sagas than the cap: the confirmation says to narrow the filter, has no Confirm button, and a
+    POST acts on none; under the cap, compensate all matching acts on each."""
+    h = saga_harness(share_app)
+    h.inject(Drop(), match="ocis.sharing.grant", times=100)
+    for i in range(3):
+        h.publish(
+            "ocis.sharing.share_requested",
+            {"share_id": f"s{i}", "owner": "einstein", "grantee": "marie", "path": "/p", "size": 1},
+        )
+    h.run()
+    ids = [h.saga(Share, f"s{i}").id for i in range(3)]
+    client = _client(h, bulk_cap=2)
+    csrf = _login(client)
+    page = client.get("/sagas/bulk/compensate?type=share")
+    assert page.status_code == 409
+    assert "more than 2 sagas match; narrow the filter" in page.text
+    assert 'id="confirm"' not in page.text
+    refused = client.post("/sagas/bulk/compensate", data={"csrf": csrf, "type": "share", "expected": "2"})
+    assert refused.status_code == 409
+    assert all(e.actor == "" for i in ids for e in h.history(i))
+    narrow = client.get(f"/sagas/bulk/compensate?type=share&key={'s1'}")
+    assert "This will compensate <strong>1</strong> sagas (type share, key s1)" in narrow.text
+    done = client.post("/sagas/bulk/compensate", data={"csrf": csrf, "type": "share", "key": "s1", "expected": "1"})
+    assert done.status_code == 200
+    h.run()
+    assert h.saga(Share, "s1").state == "compensated"
+    assert [e.actor for e in h.history(ids[1]) if e.reason.startswith("operator: compensate")] == ["console"]
+    assert all(e.actor == "" for i in (ids[0], ids[2]) for e in h.history(i))
+
+
+def test_bulk_pages_refuse_a_wrong_call_with_a_clear_page(saga_harness: MakeHarness) -> None:
+    """An unknown bulk action is a 404 page, a missing or bad count or time a 400 page: never a traceback."""
+    h = saga_harness(postprocessing_app)
+    _stuck_many(h, 1)
+    client = _client(h)
+    csrf = _login(client)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    cases = [
+        (client.get("/sagas/bulk/delete"), 404),
+        (client.post("/sagas/bulk/delete", data={"csrf": csrf, "expected": "1"}), 404),
+        (client.post("/sagas/bulk/retry", data={"csrf": csrf}), 400),
+        (client.post("/sagas/bulk/retry", data={"csrf": csrf, "expected": "many"}), 400),
+        (client.get("/sagas/bulk/retry?since=yesterday"), 400),
+        (client.post("/api/sagas/bulk/retry", headers=auth, json={"filter": []}), 400),
+        (client.post("/api/sagas/bulk/retry", headers=auth, content=b"{nope"), 400),
+        (client.post("/api/sagas/bulk/retry", headers=auth, json={"filter": {}}), 400),
+    ]
+    for response, status in cases:
+        assert response.status_code == status, response.text
+        assert "Traceback" not in response.text
+
+
+def test_bulk_over_the_json_api_needs_the_expected_count(saga_harness: MakeHarness) -> None:
+    """GET /api/sagas/bulk/ACTION counts; POST acts only with that expected_count (409 with the new
+    count otherwise) and records the actor of the body."""
+    h = saga_harness(postprocessing_app)
+    ids = _stuck_many(h, 2)
+    client = _client(h)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    counted = client.get("/api/sagas/bulk/retry?state=scanning").json()
+    assert (counted["count"], counted["over_cap"], sorted(counted["ids"])) == (2, False, sorted(ids))
+    body = {"filter": {"state": "scanning"}, "expected_count": 3, "actor": "ops-bot"}
+    changed = client.post("/api/sagas/bulk/retry", headers=auth, json=body)
+    assert changed.status_code == 409
+    assert changed.json()["count"] == 2
+    assert all(e.actor == "" for i in ids for e in h.history(i))
+    done = client.post("/api/sagas/bulk/retry", headers=auth, json={**body, "expected_count": 2})
+    assert done.status_code == 200
+    assert sorted(done.json()["done"]) == sorted(ids)
+    assert done.json()["refused"] == {}
+    for saga_id in ids:
+        assert [e.actor for e in h.history(saga_id) if e.actor] == ["ops-bot"]
+
+
+def test_dead_letters_filter_show_payloads_escaped_and_bulk_replay_and_drop(saga_harness: MakeHarness) -> None:
+    """The dead letters page filters by queue and error type and shows each letter's event type, error,
+    traceback and payload (pretty JSON, escaped); replay all of the queue and drop all matching ask to
+    confirm the count and then act; the API does the same with expected_count."""
+    h, events, accept = _dead_harness(saga_harness)
+    bus = h.client_bus()
+    queue = bus.dead_letters()[0].queue
+    client = _client(h)
+    page = client.get(f"/dead-letters?queue={queue}&error_type=sagas.Reject").text
+    assert all(e.id in page for e in events)
+    assert "&#34;path&#34;: &#34;/0&#34;" in page  # the payload, indented JSON, escaped
+    assert "<script>alert" not in page
+    assert "<details><summary>traceback</summary>" in page
+    assert "sagas.Reject" in page
+    assert events[0].id not in client.get("/dead-letters?error_type=builtins.ValueError").text
+    csrf = _login(client)
+    confirm = client.get(f"/dead-letters/bulk/replay?queue={queue}")
+    assert "This will replay <strong>2</strong> dead letters (queue " in confirm.text
+    accept[0] = True
+    refused = client.post("/dead-letters/bulk/replay", data={"csrf": csrf, "queue": queue, "expected": "1"})
+    assert refused.status_code == 409
+    assert len(bus.dead_letters()) == 2
+    done = client.post("/dead-letters/bulk/replay", data={"csrf": csrf, "queue": queue, "expected": "2"})
+    assert done.status_code == 200
+    assert '<strong id="done">2</strong> done' in done.text
+    assert bus.dead_letters() == []
+    h2, events2, _ = _dead_harness(saga_harness)
+    api = _client(h2)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    assert api.get("/api/dead-letters/bulk/drop?error_type=sagas.Reject").json()["count"] == 2
+    assert api.get("/api/dead-letters?error_type=nope").json() == {"items": []}
+    body = {"filter": {"error_type": "sagas.Reject"}, "expected_count": 2}
+    dropped = api.post("/api/dead-letters/bulk/drop", headers=auth, json=body).json()
+    assert sorted(dropped["done"]) == sorted(e.id for e in events2)
+    assert h2.client_bus().dead_letters() == []
