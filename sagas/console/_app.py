@@ -37,6 +37,7 @@ from .._saga import Saga
 from ..operations import BULK_CAP, DEAD_ACTIONS, SAGA_ACTIONS, Operations, Overview
 from ._bulk import DEAD_FILTER, SAGA_FILTER, BulkActions
 from ._diagram import diagram
+from ._format import age, duration, iso, pretty, preview, relative
 from ._security import AUTH_COOKIE, CSRF_COOKIE, CSRF_FIELD, Guard
 
 HERE = Path(__file__).resolve().parent
@@ -54,52 +55,6 @@ _YES = {"1", "true", "on", "yes"}
 
 class Unavailable(Exception):
     """The store or the broker did not answer."""
-
-
-def _iso(ts: float | None) -> str:
-    if ts is None:
-        return ""
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
-def _age(ts: float | None, now: float) -> str:
-    if ts is None:
-        return ""
-    s = int(now - ts)
-    sign = "-" if s < 0 else ""
-    s = abs(s)
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if s >= size:
-            return f"{sign}{s // size}{unit}"
-    return f"{sign}{s}s"
-
-
-def _duration(seconds: float) -> str:
-    s = int(abs(seconds))
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if s >= size:
-            return f"{s // size}{unit}"
-    return f"{s}s"
-
-
-def _relative(ts: float | None, now: float) -> str:
-    """A deadline relative to now: "in 12s", or "overdue 3m"."""
-    if ts is None:
-        return ""
-    return f"in {_duration(ts - now)}" if ts > now else f"overdue {_duration(now - ts)}"
-
-
-def _preview(text: str, size: int = 120) -> str:
-    flat = " ".join(text.split())
-    return flat if len(flat) <= size else flat[: size - 1] + "…"
-
-
-def _pretty(text: str) -> str:
-    """A message body as indented JSON when it is JSON, else as it is."""
-    try:
-        return json.dumps(json.loads(text), indent=2, sort_keys=True, ensure_ascii=False)
-    except ValueError:
-        return text
 
 
 def _backend_error(exc: BaseException) -> bool:
@@ -135,10 +90,10 @@ class Console:
             autoescape=True,
             undefined=jinja2.StrictUndefined,
         )
-        self.env.filters["iso"] = _iso
-        self.env.filters["duration"] = _duration
-        self.env.filters["preview"] = _preview
-        self.env.filters["pretty"] = _pretty
+        self.env.filters["iso"] = iso
+        self.env.filters["duration"] = duration
+        self.env.filters["preview"] = preview
+        self.env.filters["pretty"] = pretty
         self.env.filters["tojson_pretty"] = lambda v: json.dumps(v, indent=2, sort_keys=True, default=str)
 
     # -- plumbing ------------------------------------------------------------------------------------
@@ -176,8 +131,8 @@ class Console:
             csrf=self.guard.csrf_token(seed),
             has_bus=self.ops.bus is not None,
             now=self.clock(),
-            age=lambda ts: _age(ts, self.clock()),
-            relative=lambda ts: _relative(ts, self.clock()),
+            age=lambda ts: age(ts, self.clock()),
+            relative=lambda ts: relative(ts, self.clock()),
             **context,
         )
         response = HTMLResponse(html, status_code=status)

@@ -23,7 +23,7 @@ from examples.postprocessing import Postprocessing
 from examples.postprocessing import app as postprocessing_app
 from sagas import Store, open_store
 from sagas.console import create_app
-from sagas.console._app import _iso
+from sagas.console._format import iso
 from sagas.operations import Operations
 from sagas.testing import Drop, Harness
 
@@ -110,7 +110,7 @@ def test_the_overview_shows_the_counts_and_the_time_of_the_data(console: Console
     with console.store() as store:
         counted = {c.state: c.count for c in store.count_by_state() if c.type == "postprocessing"}
     assert shown == counted == {"done": 4, "failed": 1, "scanning": 1}
-    assert page.locator("#data-time").inner_text() == _iso(console.harness.clock())
+    assert page.locator("#data-time").inner_text() == iso(console.harness.clock())
     _shot(page, "overview", tmp_path)
 
 

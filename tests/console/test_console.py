@@ -368,7 +368,7 @@ def _dead_harness(saga_harness: MakeHarness) -> tuple[Harness, list[Event], list
             raise Reject(f"not today {EVIL}")
 
     h = saga_harness(App(svc))
-    events = [h.publish("ocis.files.uploaded", {"path": f"/{i}"}) for i in range(2)]
+    events = [h.publish("ocis.files.uploaded", {"path": f"/{i}", "note": EVIL}) for i in range(2)]
     h.run()
     return h, events, accept
 
@@ -716,6 +716,7 @@ def test_dead_letters_filter_show_payloads_escaped_and_bulk_replay_and_drop(saga
     page = client.get(f"/dead-letters?queue={queue}&error_type=sagas.Reject").text
     assert all(e.id in page for e in events)
     assert "&#34;path&#34;: &#34;/0&#34;" in page  # the payload, indented JSON, escaped
+    assert "&#34;note&#34;: &#34;&lt;script&gt;alert(1)&lt;/script&gt;" in page
     assert "<script>alert" not in page
     assert "<details><summary>traceback</summary>" in page
     assert "sagas.Reject" in page
