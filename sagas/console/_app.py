@@ -45,6 +45,8 @@ HERE = Path(__file__).resolve().parent
 _ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 MAX_LIMIT = 500
 DEFAULT_LIMIT = 50
+#: How many dead letters the dead letters page reads to find those of its filter (a bulk action reads more).
+DEAD_PAGE_BROWSE = 10_000
 #: The most outbox rows a saga's page shows.
 OUTBOX_ROWS = 50
 REFRESH_SECONDS = 10
@@ -285,7 +287,9 @@ class Console:
         self.need_bus()
         wanted = self.filter_params(request.query_params, DEAD_FILTER)
         queue, kind = wanted.get("queue"), wanted.get("error_type")
-        selection = await self.call(lambda: self.ops.select_dead(queue=queue, kind=kind, cap=MAX_LIMIT))
+        selection = await self.call(
+            lambda: self.ops.select_dead(queue=queue, kind=kind, cap=MAX_LIMIT, browse=DEAD_PAGE_BROWSE)
+        )
         return wanted, list(selection.items)
 
     # -- pages ---------------------------------------------------------------------------------------
