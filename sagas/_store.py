@@ -28,7 +28,9 @@ from ._types import InboxStore
 DEFAULT_STORE_URL = "sqlite:///sagas.db"
 #: the state a saga is parked in when it failed (``sagas.FAILED``)
 FAILED_STATE = "failed"
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
+#: The most ids :meth:`Store.last_reasons` reads in one statement (SQLite allows 32,766 parameters).
+_ID_CHUNK = 500
 
 
 class VersionConflict(StoreError):
@@ -143,6 +145,14 @@ class OutboxRow:
 
 
 @dataclass(frozen=True, slots=True)
+class OutboxState:
+    """An outbox row as an operator sees it: the message and when the broker confirmed it (None: pending)."""
+
+    row: OutboxRow
+    sent_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
 class Outgoing:
     """A message to put in the outbox with a saga's state change."""
 
@@ -217,6 +227,16 @@ class Store(InboxStore, Protocol):
         ...
 
     def saga_history(self, saga_id: str) -> list[HistoryEntry]: ...
+    def last_reasons(self, saga_ids: Sequence[str]) -> dict[str, HistoryEntry]:
+        """The latest history entry of each saga of ``saga_ids`` that has one (for a listing's "last
+        reason" column): one lookup on the history's primary key per saga, in one statement per 500 ids."""
+        ...
+
+    def outbox_rows(self, saga_id: str, limit: int = 50) -> list[OutboxState]:
+        """The newest ``limit`` outbox rows of one saga, newest first, with when each was sent (None while
+        pending). Reads the outbox's index on saga_id (schema 6)."""
+        ...
+
     def count_sagas(self, final: bool | None = None) -> int: ...
     def count_deadlines(self, after: float, until: float) -> int:
         """How many sagas have a deadline in ``after < deadline <= until`` (due soon)."""
@@ -388,6 +408,14 @@ class MemoryStore:
     def saga_history(self, saga_id: str) -> list[HistoryEntry]:
         return list(self._history.get(saga_id, []))
 
+    def last_reasons(self, saga_ids: Sequence[str]) -> dict[str, HistoryEntry]:
+        return {i: self._history[i][-1] for i in saga_ids if self._history.get(i)}
+
+    def outbox_rows(self, saga_id: str, limit: int = 50) -> list[OutboxState]:
+        rows = [OutboxState(r, sent) for r, sent in self._outbox.values() if r.saga_id == saga_id]
+        rows.sort(key=lambda o: o.row.id, reverse=True)
+        return rows[:limit]
+
     def count_sagas(self, final: bool | None = None) -> int:
         return sum(1 for r in self._sagas.values() if final is None or r.final == final)
 
@@ -526,6 +554,8 @@ class _SqlStore:
             " message_id TEXT NOT NULL, routing_key TEXT NOT NULL, body TEXT NOT NULL,"
             f" mandatory INTEGER NOT NULL, created_at {real} NOT NULL, sent_at {real})",
             "CREATE INDEX IF NOT EXISTS outbox_unsent ON outbox (created_at) WHERE sent_at IS NULL",
+            # a saga's messages on its page (schema 6)
+            "CREATE INDEX IF NOT EXISTS outbox_by_saga ON outbox (saga_id, id)",
             "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)",
         ]
         with self._transaction():
@@ -548,6 +578,7 @@ class _SqlStore:
                 if 0 < current < 5:
                     # (version 5 added the listing indexes above; this one is a prefix of sagas_by_type_state)
                     self._execute("DROP INDEX IF EXISTS sagas_by_state")
+                # (version 6 added the index outbox_by_saga, created above)
                 self._execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
 
     # inbox and reply cache
@@ -787,6 +818,36 @@ class _SqlStore:
             (saga_id,),
         ).fetchall()
         return [HistoryEntry(float(r[0]), r[1], r[2], r[3], r[4], r[5]) for r in rows]
+
+    def last_reasons(self, saga_ids: Sequence[str]) -> dict[str, HistoryEntry]:
+        ids = list(dict.fromkeys(saga_ids))
+        out: dict[str, HistoryEntry] = {}
+        for start in range(0, len(ids), _ID_CHUNK):
+            chunk = ids[start : start + _ID_CHUNK]
+            # (per saga, the greatest seq is one probe of the primary key (saga_id, seq))
+            rows = self._execute(
+                "SELECT h.saga_id, h.at, h.message_id, h.from_state, h.to_state, h.reason, h.actor"
+                f" FROM saga_history h WHERE h.saga_id IN ({', '.join('?' for _ in chunk)})"
+                " AND h.seq = (SELECT max(l.seq) FROM saga_history l WHERE l.saga_id = h.saga_id)",
+                chunk,
+            ).fetchall()
+            for r in rows:
+                out[r[0]] = HistoryEntry(float(r[1]), r[2], r[3], r[4], r[5], r[6])
+        return out
+
+    def outbox_rows(self, saga_id: str, limit: int = 50) -> list[OutboxState]:
+        rows = self._execute(
+            "SELECT id, saga_id, message_id, routing_key, body, mandatory, created_at, sent_at FROM outbox"
+            " WHERE saga_id = ? ORDER BY id DESC LIMIT ?",
+            (saga_id, limit),
+        ).fetchall()
+        return [
+            OutboxState(
+                OutboxRow(int(r[0]), r[1], r[2], r[3], r[4], bool(r[5]), float(r[6])),
+                None if r[7] is None else float(r[7]),
+            )
+            for r in rows
+        ]
 
     def unsent(self, created_before: float, limit: int = 500) -> list[OutboxRow]:
         rows = self._execute(

@@ -34,7 +34,17 @@ from ._errors import ActionRefused, ConfigurationError, NotFound, SagasError
 from ._outbox import OutboxPublisher
 from ._saga import FAILED, Saga
 from ._saga_engine import SagaEngine
-from ._store import HistoryEntry, OutboxBacklog, OutboxRow, SagaRecord, StateCount, Store, VersionConflict, open_store
+from ._store import (
+    HistoryEntry,
+    OutboxBacklog,
+    OutboxRow,
+    OutboxState,
+    SagaRecord,
+    StateCount,
+    Store,
+    VersionConflict,
+    open_store,
+)
 
 log = structlog.get_logger("sagas.operations")
 
@@ -42,6 +52,12 @@ T = TypeVar("T")
 
 #: The most sagas one page holds.
 MAX_PAGE = 100_000
+#: The most sagas or dead letters one bulk action touches (:meth:`Operations.select`).
+BULK_CAP = 1000
+#: The most dead letters :meth:`Operations.select_dead` reads to count a filter's matches.
+DEAD_BROWSE = 100_000
+SAGA_ACTIONS = ("retry", "compensate")
+DEAD_ACTIONS = ("replay", "drop")
 
 
 class InvalidCursor(ConfigurationError):
@@ -150,6 +166,53 @@ class DropResult:
 
     dropped: list[str]
     missing: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class Selection(Generic[T]):
+    """What a filter matches, for a bulk action: the first ``cap`` ``items`` (oldest first), and
+    ``over_cap`` when more match (then ``count`` is not the number of matches: narrow the filter)."""
+
+    items: list[T]
+    cap: int
+    over_cap: bool
+
+    @property
+    def count(self) -> int:
+        return len(self.items)
+
+
+@dataclass(frozen=True, slots=True)
+class BulkResult:
+    """What a bulk action did: the ids it acted on (``done``, with each result) and the ids refused,
+    with why (``refused``: id -> reason)."""
+
+    action: str
+    actor: str
+    done: list[ActionResult]
+    refused: dict[str, str]
+
+    def refused_by_reason(self) -> dict[str, list[str]]:
+        """The refused ids grouped by why, the commonest reason first."""
+        groups: dict[str, list[str]] = {}
+        for saga_id, why in self.refused.items():
+            groups.setdefault(why.replace(f"saga {saga_id}", "the saga"), []).append(saga_id)
+        return dict(sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0])))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "action": self.action,
+            "actor": self.actor,
+            "done": [r.saga_id for r in self.done],
+            "pending": sum(r.pending for r in self.done),
+            "refused": dict(self.refused),
+            "refused_by_reason": self.refused_by_reason(),
+        }
+
+
+def dead_letter_kind(letter: DeadLetter) -> str:
+    """What a dead letter is grouped and filtered by: its error type, else the first line of its reason."""
+    return letter.error_type or first_line(letter.reason)
 
 
 def first_line(reason: str) -> str:
@@ -377,6 +440,61 @@ class Operations:
         relays them: is one running, and does it reach the broker?)."""
         return self.store.outbox_backlog()
 
+    def outbox(self, saga_id: str, limit: int = 50) -> list[OutboxState]:
+        """The newest ``limit`` messages a saga committed to its outbox, with whether each was sent."""
+        return self.store.outbox_rows(saga_id, limit)
+
+    def last_reasons(self, saga_ids: Sequence[str]) -> dict[str, HistoryEntry]:
+        """The latest history entry of each of ``saga_ids`` (one query for a page of sagas)."""
+        return self.store.last_reasons(saga_ids)
+
+    def select(
+        self,
+        *,
+        cap: int = BULK_CAP,
+        type: str | None = None,
+        state: str | None = None,
+        key: str | None = None,
+        key_prefix: str | None = None,
+        stuck: bool = False,
+        stuck_after: float = 60.0,
+        failed: bool = False,
+        created_after: float | None = None,
+        created_before: float | None = None,
+    ) -> Selection[SagaRecord]:
+        """The sagas a filter (as :meth:`sagas`) matches, oldest first, up to ``cap``: what a bulk action
+        would touch. Reads ``cap + 1`` rows at most."""
+        if not 1 <= cap <= MAX_PAGE:
+            raise ConfigurationError(f"cap must be between 1 and {MAX_PAGE}, not {cap}")
+        records = self.store.list_sagas(
+            type,
+            state,
+            self.clock() - stuck_after if stuck else None,
+            cap + 1,
+            key=key,
+            key_prefix=key_prefix,
+            created_after=created_after,
+            created_before=created_before,
+            failed=failed,
+        )
+        return Selection(records[:cap], cap, len(records) > cap)
+
+    def bulk(self, action: str, saga_ids: Iterable[str], *, actor: str) -> BulkResult:
+        """Retry or compensate (``action``) each saga of ``saga_ids`` in turn, as :meth:`retry` and
+        :meth:`compensate` do (each recorded in the saga's history); a saga that is not there or refuses
+        is listed with why, and the others go on."""
+        if action not in SAGA_ACTIONS:
+            raise ConfigurationError(f"no bulk action {action!r}: use one of {', '.join(SAGA_ACTIONS)}")
+        done: list[ActionResult] = []
+        refused: dict[str, str] = {}
+        for saga_id in dict.fromkeys(saga_ids):
+            try:
+                done.append(self._act(action, saga_id, actor))
+            except (ActionRefused, NotFound) as exc:
+                refused[saga_id] = str(exc)
+        log.info("operator.bulk", action=action, actor=actor, done=len(done), refused=len(refused))
+        return BulkResult(action, actor, done, refused)
+
     def overview(
         self,
         now: float | None = None,
@@ -519,6 +637,18 @@ class Operations:
                 return letter
         raise NotFound(f"no dead letter {letter_id!r}")
 
+    def select_dead(
+        self, *, queue: str | None = None, kind: str | None = None, cap: int = BULK_CAP, browse: int = DEAD_BROWSE
+    ) -> Selection[DeadLetter]:
+        """The dead letters of ``queue`` and of error type ``kind`` (see :func:`dead_letter_kind`), oldest
+        first, up to ``cap``: what a bulk replay or drop would touch. Browses up to ``browse`` letters: a
+        longer queue counts as over the cap."""
+        letters = self._need_bus("select dead letters").dead_letters(browse + 1)
+        matching = [
+            d for d in letters[:browse] if (not queue or d.queue == queue) and (not kind or dead_letter_kind(d) == kind)
+        ]
+        return Selection(matching[:cap], cap, len(matching) > cap or len(letters) > browse)
+
     def replay_dead(self, ids: Iterable[str] | None, *, actor: str) -> ReplayResult:
         """Put dead letters (``ids``, or every one with None) back on the queue they came from, with a
         fresh attempt count."""
@@ -555,7 +685,7 @@ def _same(values: Iterable[str]) -> str:
 def _group_dead_letters(letters: Sequence[DeadLetter]) -> list[DeadLetterGroup]:
     groups: dict[tuple[str, str], list[DeadLetter]] = {}
     for d in letters:
-        groups.setdefault((d.queue, d.error_type or first_line(d.reason)), []).append(d)
+        groups.setdefault((d.queue, dead_letter_kind(d)), []).append(d)
     out = [
         DeadLetterGroup(
             queue,
@@ -573,6 +703,7 @@ def _group_dead_letters(letters: Sequence[DeadLetter]) -> list[DeadLetterGroup]:
 __all__ = [
     "ActionRefused",
     "ActionResult",
+    "BulkResult",
     "DeadLetterGroup",
     "DropResult",
     "FailureGroup",
@@ -583,7 +714,9 @@ __all__ = [
     "Page",
     "ReplayResult",
     "SagaView",
+    "Selection",
     "StuckSaga",
+    "dead_letter_kind",
     "decode_cursor",
     "encode_cursor",
     "first_line",

@@ -9,6 +9,7 @@ replay puts it back where it came from and a letter that dies again still names 
 
 from __future__ import annotations
 
+import sys
 import traceback
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -59,6 +60,8 @@ _BROKER_HEADERS = (
     "x-delivery-count",
 )
 _MAX_TRACEBACK = 4000
+#: How much of a dead letter's body :class:`DeadLetter` carries, to show.
+_MAX_BODY_SHOWN = 64 * 1024
 #: A retry or dead-letter copy carries the original headers only up to this encoded size. A copy's
 #: headers must fit in one AMQP frame (128 KiB on RabbitMQ) together with the framework's own: a copy
 #: that did not broke the connection, and the message and every one prefetched with it came back, until
@@ -81,6 +84,8 @@ class DeadLetter:
     dead_at: str
     content_type: str
     size: int
+    #: the message body as text (UTF-8, invalid bytes replaced), up to 64 KiB
+    body: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {f: getattr(self, f) for f in self.__slots__}
@@ -139,7 +144,7 @@ class DeadLetterOffice:
         )
         self._keep_routing_key(inbound, headers)
         if error is not None:
-            headers[DL_ERROR_TYPE] = f"{type(error).__module__}.{type(error).__qualname__}"
+            headers[DL_ERROR_TYPE] = public_name(type(error))
             headers[DL_ERROR_MESSAGE] = str(error)[:1000]
             tb = "".join(traceback.format_exception(error, limit=-8))
             headers[DL_TRACEBACK] = tb[-_MAX_TRACEBACK:]
@@ -251,6 +256,22 @@ class DeadLetterOffice:
         return dropped
 
 
+def public_name(cls: type) -> str:
+    """A class's name as its users import it: ``transport.EventTooLarge`` for a class defined in the
+    private ``transport._errors`` and exported by ``transport`` (the nearest public package that exports
+    that very class), else its defining ``module.qualname``."""
+    module = cls.__module__
+    parts = module.split(".")
+    if any(p.startswith("_") for p in parts[1:]):
+        for end in range(len(parts) - 1, 0, -1):
+            package = ".".join(parts[:end])
+            if any(p.startswith("_") for p in parts[1:end]):
+                continue
+            if getattr(sys.modules.get(package), cls.__qualname__, None) is cls:
+                return f"{package}.{cls.__qualname__}"
+    return f"{module}.{cls.__qualname__}"
+
+
 def _copyable(headers: Mapping[Any, Any] | None) -> dict[Any, Any]:
     """The headers a copy of a message carries: the original ones, unless they are too big to travel with
     the framework's own (``_MAX_COPIED_HEADERS``); then only its routing key, and a note."""
@@ -291,4 +312,7 @@ def _dead_letter_of(message: Message) -> DeadLetter:
         dead_at=str(h.get(DL_DEAD_AT, "")),
         content_type=str(message.content_type or ""),
         size=len(body),
+        body=bytes(body[:_MAX_BODY_SHOWN]).decode("utf-8", "replace")
+        if isinstance(body, bytes | bytearray | memoryview)
+        else str(body)[:_MAX_BODY_SHOWN],
     )

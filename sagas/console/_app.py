@@ -1,16 +1,22 @@
 """The console's Starlette app: HTML pages and a JSON API, both thin layers over :class:`Operations`.
 
-Handlers are ``async`` and call :class:`Operations` directly: the store connection and the bus are
-used from one thread (the event loop's), one request at a time, as the CLI uses them.
+Handlers are ``async``; every :class:`Operations` call runs on one worker thread that the console owns
+(:meth:`Console.call`), so a slow store or broker never blocks the event loop, and the store connection
+and the bus are still used from one thread, one call at a time, as the CLI uses them. The thread stops
+when the app shuts down (its lifespan).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import re
 import sqlite3
+import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -28,8 +34,10 @@ from transport import DeadLetter, TransportError
 
 from .._errors import ActionRefused, ConfigurationError, NotFound, SagasError, StoreError
 from .._saga import Saga
-from ..operations import Operations
+from ..operations import BULK_CAP, DEAD_ACTIONS, SAGA_ACTIONS, Operations, Overview
+from ._bulk import DEAD_FILTER, SAGA_FILTER, BulkActions
 from ._diagram import diagram
+from ._format import age, duration, iso, pretty, preview, relative
 from ._security import AUTH_COOKIE, CSRF_COOKIE, CSRF_FIELD, Guard
 
 HERE = Path(__file__).resolve().parent
@@ -37,29 +45,18 @@ HERE = Path(__file__).resolve().parent
 _ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 MAX_LIMIT = 500
 DEFAULT_LIMIT = 50
+#: How many dead letters the dead letters page reads to find those of its filter (a bulk action reads more).
+DEAD_PAGE_BROWSE = 10_000
+#: The most outbox rows a saga's page shows.
+OUTBOX_ROWS = 50
 REFRESH_SECONDS = 10
+#: How long the overview is served from memory: open tabs and auto-refresh do not each query the store.
+OVERVIEW_TTL = 2.0
+_YES = {"1", "true", "on", "yes"}
 
 
 class Unavailable(Exception):
     """The store or the broker did not answer."""
-
-
-def _iso(ts: float | None) -> str:
-    if ts is None:
-        return ""
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
-def _age(ts: float | None, now: float) -> str:
-    if ts is None:
-        return ""
-    s = int(now - ts)
-    sign = "-" if s < 0 else ""
-    s = abs(s)
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if s >= size:
-            return f"{sign}{s // size}{unit}"
-    return f"{sign}{s}s"
 
 
 def _backend_error(exc: BaseException) -> bool:
@@ -73,10 +70,21 @@ class Console:
     """The routes of one console over ``operations``, for the saga types ``sagas``."""
 
     def __init__(
-        self, operations: Operations, *, token: str | None, sagas: Sequence[type[Saga]], clock: Callable[[], float]
+        self,
+        operations: Operations,
+        *,
+        token: str | None,
+        sagas: Sequence[type[Saga]],
+        clock: Callable[[], float],
+        overview_ttl: float = OVERVIEW_TTL,
     ) -> None:
         self.ops = operations
         self.guard = Guard(token)
+        self.overview_ttl = overview_ttl
+        #: the one thread every Operations call runs on (see call)
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sagas-console-ops")
+        self._overview: Overview | None = None
+        self._overview_lock = threading.Lock()
         self.definitions = {cls.definition().type: cls.definition() for cls in sagas}
         self.clock = clock
         self.env = jinja2.Environment(
@@ -84,10 +92,22 @@ class Console:
             autoescape=True,
             undefined=jinja2.StrictUndefined,
         )
-        self.env.filters["iso"] = _iso
+        self.env.filters["iso"] = iso
+        self.env.filters["duration"] = duration
+        self.env.filters["preview"] = preview
+        self.env.filters["pretty"] = pretty
         self.env.filters["tojson_pretty"] = lambda v: json.dumps(v, indent=2, sort_keys=True, default=str)
 
     # -- plumbing ------------------------------------------------------------------------------------
+
+    async def call(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn`` (Operations calls) on the console's worker thread, and wait for it without
+        blocking the event loop. A store or broker that fails raises :class:`Unavailable`."""
+        return await asyncio.get_running_loop().run_in_executor(self.worker, self._read, fn)
+
+    def close(self) -> None:
+        """Stop the worker thread, once the calls it has queued are done."""
+        self.worker.shutdown(wait=True)
 
     def _read(self, fn: Callable[[], Any]) -> Any:
         try:
@@ -113,7 +133,8 @@ class Console:
             csrf=self.guard.csrf_token(seed),
             has_bus=self.ops.bus is not None,
             now=self.clock(),
-            age=lambda ts: _age(ts, self.clock()),
+            age=lambda ts: age(ts, self.clock()),
+            relative=lambda ts: relative(ts, self.clock()),
             **context,
         )
         response = HTMLResponse(html, status_code=status)
@@ -165,48 +186,28 @@ class Console:
 
     # -- reads ---------------------------------------------------------------------------------------
 
-    def overview_data(self) -> dict[str, Any]:
-        counts = self._read(self.ops.counts)
-        by_type: dict[str, list[dict[str, Any]]] = {}
-        for c in counts:
-            by_type.setdefault(c.type, []).append({"state": c.state, "final": c.final, "count": c.count})
-        stuck = self._read(lambda: self.ops.sagas(stuck=True, limit=20))
-        backlog = self._read(self.ops.outbox_backlog)
-        dead: dict[str, Any] | None = None
-        if self.ops.bus is not None:
-            try:
-                letters = self.ops.dead_letters()
-                queues: dict[str, int] = {}
-                for d in letters:
-                    queues[d.queue] = queues.get(d.queue, 0) + 1
-                dead = {"count": len(letters), "by_queue": queues, "error": None}
-            except Exception as exc:
-                if not _backend_error(exc):
-                    raise
-                dead = {"count": None, "by_queue": {}, "error": str(exc) or type(exc).__name__}
-        return {
-            "at": self.clock(),
-            "counts": by_type,
-            "stuck": [r.to_dict() for r in stuck.items],
-            "stuck_more": stuck.has_more,
-            "outbox": {"unsent": backlog.unsent, "oldest_created_at": backlog.oldest_created_at},
-            "dead_letters": dead,
-        }
+    def overview_now(self) -> Overview:
+        """The overview, from memory when it is younger than ``overview_ttl`` (runs on the worker thread:
+        callers that wait behind one reading it get its result)."""
+        with self._overview_lock:
+            cached = self._overview
+            if cached is not None and 0 <= self.clock() - cached.as_of < self.overview_ttl:
+                return cached
+            fresh = self.ops.overview()
+            self._overview = fresh
+            return fresh
 
-    def list_query(self, request: Request) -> dict[str, Any]:
-        q = request.query_params
+    @staticmethod
+    def saga_filter(values: Mapping[str, Any]) -> dict[str, Any]:
+        """The saga filter (arguments of Operations.sagas and .select) of a query string, form or JSON."""
 
-        def number(name: str, default: int, low: int, high: int) -> int:
-            raw = q.get(name, "")
-            try:
-                value = int(raw) if raw else default
-            except ValueError:
-                raise ConfigurationError(f"{name} must be a whole number, not {raw[:40]!r}") from None
-            return min(max(value, low), high)
+        def text(name: str) -> str | None:
+            value = values.get(name)
+            return str(value).strip() or None if value not in (None, False) else None
 
         def moment(name: str) -> float | None:
-            raw = (q.get(name) or "").strip()
-            if not raw:
+            raw = text(name)
+            if raw is None:
                 return None
             try:
                 return float(raw)
@@ -220,19 +221,36 @@ class Console:
                 ) from None
             return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
 
-        yes = {"1", "true", "on", "yes"}
-        query: dict[str, Any] = {
-            "type": q.get("type") or None,
-            "state": q.get("state") or None,
-            "key": q.get("key") or None,
-            "key_prefix": q.get("key_prefix") or None,
-            "stuck": q.get("stuck") in yes,
-            "failed": q.get("failed") in yes,
+        return {
+            "type": text("type"),
+            "state": text("state"),
+            "key": text("key"),
+            "key_prefix": text("key_prefix"),
+            "stuck": str(values.get("stuck", "")).lower() in _YES,
+            "failed": str(values.get("failed", "")).lower() in _YES,
             "created_after": moment("since"),
             "created_before": moment("until"),
-            "newest_first": q.get("order") == "newest",
-            "limit": number("limit", DEFAULT_LIMIT, 1, MAX_LIMIT),
         }
+
+    @staticmethod
+    def filter_params(values: Mapping[str, Any], fields: Sequence[str]) -> dict[str, str]:
+        """The filter fields of ``values`` that are set, as query-string values."""
+        return {f: str(values[f]) for f in fields if values.get(f) not in (None, "", False)}
+
+    def list_query(self, request: Request) -> dict[str, Any]:
+        q = request.query_params
+
+        def number(name: str, default: int, low: int, high: int) -> int:
+            raw = q.get(name, "")
+            try:
+                value = int(raw) if raw else default
+            except ValueError:
+                raise ConfigurationError(f"{name} must be a whole number, not {raw[:40]!r}") from None
+            return min(max(value, low), high)
+
+        query = self.saga_filter(q)
+        query["newest_first"] = q.get("order") == "newest"
+        query["limit"] = number("limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
         # Pages follow a cursor (fast at any depth); an offset still works when no cursor is given.
         if q.get("cursor"):
             query["cursor"] = q["cursor"]
@@ -240,42 +258,64 @@ class Console:
             query["offset"] = number("offset", 0, 0, 10**12)
         return query
 
-    def saga_view(self, request: Request) -> Any:
+    async def saga_listing(self, request: Request) -> tuple[dict[str, Any], Any, dict[str, Any]]:
+        """The list's query, its page of sagas, and the last history entry of each (one store query)."""
+        query = self.list_query(request)
+
+        def read() -> tuple[Any, dict[str, Any]]:
+            page = self.ops.sagas(**query)
+            return page, self.ops.last_reasons([r.id for r in page.items])
+
+        page, last = await self.call(read)
+        return query, page, last
+
+    async def saga_view(self, request: Request) -> Any:
         if "saga_id" in request.path_params:
             saga_id = self.valid_id(request.path_params["saga_id"])
-            return self._read(lambda: self.ops.saga(saga_id))
+            return await self.call(lambda: self.ops.saga(saga_id))
         saga_type, key = request.query_params.get("type", ""), request.query_params.get("key", "")
         if not (saga_type and key):
             raise NotFound("find a saga by its type and key: give both")
-        return self._read(lambda: self.ops.saga(type=saga_type, key=key))
+        return await self.call(lambda: self.ops.saga(type=saga_type, key=key))
 
-    def letters(self) -> list[DeadLetter]:
+    def need_bus(self) -> None:
         if self.ops.bus is None:
             raise ConfigurationError("dead letters need a broker: start the console with --broker")
-        return list(self._read(self.ops.dead_letters))
+
+    async def letters(self, request: Request) -> tuple[dict[str, str], list[DeadLetter]]:
+        """The dead-letters filter of the query string, and the letters it matches."""
+        self.need_bus()
+        wanted = self.filter_params(request.query_params, DEAD_FILTER)
+        queue, kind = wanted.get("queue"), wanted.get("error_type")
+        selection = await self.call(
+            lambda: self.ops.select_dead(queue=queue, kind=kind, cap=MAX_LIMIT, browse=DEAD_PAGE_BROWSE)
+        )
+        return wanted, list(selection.items)
 
     # -- pages ---------------------------------------------------------------------------------------
 
     async def overview(self, request: Request) -> Response:
-        data = self.overview_data()
+        data = await self.call(self.overview_now)
         return self.render(request, "overview.html", data=data, refresh=REFRESH_SECONDS)
 
     async def saga_list(self, request: Request) -> Response:
-        query = self.list_query(request)
-        page = self._read(lambda: self.ops.sagas(**query))
+        query, page, last = await self.saga_listing(request)
         params = {k: v for k, v in request.query_params.items() if k not in ("offset", "cursor") and v}
         return self.render(
             request,
             "sagas.html",
             page=page,
+            last=last,
             query=query,
             types=sorted(self.definitions),
             params=params,
+            bulk_params=self.filter_params(request.query_params, SAGA_FILTER),
             refresh=REFRESH_SECONDS,
         )
 
     async def saga_page(self, request: Request) -> Response:
-        view = self.saga_view(request)
+        view = await self.saga_view(request)
+        outbox = await self.call(lambda: self.ops.outbox(view.record.id, OUTBOX_ROWS))
         definition = self.definitions.get(view.record.type)
         drawn = None
         if definition is not None:
@@ -286,13 +326,22 @@ class Console:
             "saga.html",
             view=view,
             record=view.record,
+            outbox=outbox,
+            outbox_limit=OUTBOX_ROWS,
             diagram=drawn,
             message=self.flash(request),
         )
 
     async def dead_letters_page(self, request: Request) -> Response:
-        letters = self.letters()
-        return self.render(request, "dead_letters.html", letters=letters, message=self.flash(request))
+        wanted, letters = await self.letters(request)
+        return self.render(
+            request,
+            "dead_letters.html",
+            letters=letters,
+            wanted=wanted,
+            limit=MAX_LIMIT,
+            message=self.flash(request),
+        )
 
     async def login_page(self, request: Request) -> Response:
         return self.render(request, "login.html")
@@ -317,12 +366,29 @@ class Console:
         response.delete_cookie(AUTH_COOKIE)
         return response
 
-    # -- actions -------------------------------------------------------------------------------------
+    # -- actions (forms and API share them) ----------------------------------------------------------
 
-    def do_saga_action(self, action: str, saga_id: str, actor: str) -> dict[str, Any]:
+    async def authorize(
+        self, request: Request, allowed: Sequence[str], *, api: bool
+    ) -> tuple[str, str, dict[str, Any]]:
+        """Check who asks (a bearer token for the API; the login and the CSRF token for a form) and the
+        action's name; return the action, who acts, and the body's fields (form or JSON object)."""
+        if api:
+            self.check_bearer(request)
+            fields = await self.json_body(request)
+        else:
+            fields = dict(await self.form(request))
+            self.check_form(request, fields)
+        action = request.path_params["action"]
+        if action not in allowed:
+            raise NotFound(f"no action {action[:40]!r}")
+        given = fields.get("actor")
+        return action, self.actor(given if isinstance(given, str) else None), fields
+
+    async def do_saga_action(self, action: str, saga_id: str, actor: str) -> dict[str, Any]:
         saga_id = self.valid_id(saga_id)
         act = self.ops.retry if action == "retry" else self.ops.compensate
-        result = self._read(lambda: act(saga_id, actor=actor))
+        result = await self.call(lambda: act(saga_id, actor=actor))
         return {
             "saga_id": result.saga_id,
             "action": result.action,
@@ -334,42 +400,38 @@ class Console:
             "problem": result.problem,
         }
 
-    def do_letter_action(self, action: str, letter_id: str, actor: str) -> dict[str, Any]:
+    async def do_letter_action(self, action: str, letter_id: str, actor: str) -> dict[str, Any]:
         letter_id = self.valid_id(letter_id)
-        if self.ops.bus is None:
-            raise ConfigurationError("dead letters need a broker: start the console with --broker")
+        self.need_bus()
         if action == "replay":
-            replayed = self._read(lambda: self.ops.replay_dead([letter_id], actor=actor))
+            replayed = await self.call(lambda: self.ops.replay_dead([letter_id], actor=actor))
             if replayed.missing:
                 raise NotFound(f"no dead letter {letter_id!r}")
             return {"replayed": replayed.replayed, "kept": replayed.kept, "actor": actor}
-        dropped = self._read(lambda: self.ops.drop_dead([letter_id], actor=actor))
+        dropped = await self.call(lambda: self.ops.drop_dead([letter_id], actor=actor))
         if dropped.missing:
             raise NotFound(f"no dead letter {letter_id!r}")
         return {"dropped": dropped.dropped, "actor": actor}
 
     async def saga_action(self, request: Request) -> Response:
-        form = await self.form(request)
-        self.check_form(request, form)
-        action, saga_id = request.path_params["action"], request.path_params["saga_id"]
-        if action not in {"retry", "compensate"}:
-            raise NotFound(f"no action {action[:40]!r}")
-        try:
-            r = self.do_saga_action(action, saga_id, self.actor(form.get("actor")))
-        except ActionRefused as exc:
-            return self.error_page(request, 409, f"{action} refused", str(exc))
+        api = request.url.path.startswith("/api/")
+        action, actor, _ = await self.authorize(request, SAGA_ACTIONS, api=api)
+        saga_id = request.path_params["saga_id"]
+        r = await self.do_saga_action(action, saga_id, actor)
+        if api:
+            return JSONResponse(r)
         note = f"{action} by {r['actor']}: {r['from_state']} → {r['to_state']}"
         if r["pending"]:
             note += f"; {r['pending']} message(s) wait in the outbox for a worker's relay"
         return self.render_after(request, f"/sagas/{saga_id}", note)
 
     async def letter_action(self, request: Request) -> Response:
-        form = await self.form(request)
-        self.check_form(request, form)
-        action, letter_id = request.path_params["action"], request.path_params["letter_id"]
-        if action not in {"replay", "drop"}:
-            raise NotFound(f"no action {action[:40]!r}")
-        r = self.do_letter_action(action, letter_id, self.actor(form.get("actor")))
+        api = request.url.path.startswith("/api/")
+        action, actor, _ = await self.authorize(request, DEAD_ACTIONS, api=api)
+        letter_id = request.path_params["letter_id"]
+        r = await self.do_letter_action(action, letter_id, actor)
+        if api:
+            return JSONResponse(r)
         if action == "replay":
             note = f"replayed {letter_id}" if r["replayed"] else f"kept {letter_id}: {r['kept'].get(letter_id, '')}"
         else:
@@ -389,14 +451,20 @@ class Console:
     # -- JSON API ------------------------------------------------------------------------------------
 
     async def api_overview(self, request: Request) -> Response:
-        return JSONResponse(self.overview_data())
+        data = await self.call(self.overview_now)
+        return JSONResponse(data.to_dict())
 
     async def api_sagas(self, request: Request) -> Response:
-        query = self.list_query(request)
-        page = self._read(lambda: self.ops.sagas(**query))
+        _, page, last = await self.saga_listing(request)
+        items = []
+        for r in page.items:
+            item = r.to_dict()
+            entry = last.get(r.id)
+            item["last_reason"] = entry.reason if entry is not None else None
+            items.append(item)
         return JSONResponse(
             {
-                "items": [r.to_dict() for r in page.items],
+                "items": items,
                 "offset": page.offset,
                 "limit": page.limit,
                 "has_more": page.has_more,
@@ -406,40 +474,40 @@ class Console:
         )
 
     async def api_saga(self, request: Request) -> Response:
-        view = self.saga_view(request)
+        view = await self.saga_view(request)
+        outbox = await self.call(lambda: self.ops.outbox(view.record.id, OUTBOX_ROWS))
         out = view.to_dict()
         out["waiting_for"] = view.waiting_for
         out["failure"] = view.failure
+        out["outbox"] = [
+            {
+                "id": o.row.id,
+                "message_id": o.row.message_id,
+                "routing_key": o.row.routing_key,
+                "created_at": o.row.created_at,
+                "sent_at": o.sent_at,
+                "body": o.row.body,
+            }
+            for o in outbox
+        ]
         return JSONResponse(out)
 
     async def api_dead_letters(self, request: Request) -> Response:
-        return JSONResponse({"items": [d.to_dict() for d in self.letters()]})
+        _, letters = await self.letters(request)
+        return JSONResponse({"items": [d.to_dict() for d in letters]})
 
-    async def _api_actor(self, request: Request) -> str:
+    async def json_body(self, request: Request) -> dict[str, Any]:
+        """The JSON object of a request's body ({} when empty)."""
         body = await request.body()
         if not body:
-            return "console"
+            return {}
         try:
             data = json.loads(body)
         except ValueError:
             raise ConfigurationError('the body must be JSON, e.g. {"actor": "marie"}') from None
-        return self.actor(data.get("actor") if isinstance(data, dict) and isinstance(data.get("actor"), str) else None)
-
-    async def api_saga_action(self, request: Request) -> Response:
-        self.check_bearer(request)
-        action = request.path_params["action"]
-        if action not in {"retry", "compensate"}:
-            raise NotFound(f"no action {action[:40]!r}")
-        return JSONResponse(self.do_saga_action(action, request.path_params["saga_id"], await self._api_actor(request)))
-
-    async def api_letter_action(self, request: Request) -> Response:
-        self.check_bearer(request)
-        action = request.path_params["action"]
-        if action not in {"replay", "drop"}:
-            raise NotFound(f"no action {action[:40]!r}")
-        return JSONResponse(
-            self.do_letter_action(action, request.path_params["letter_id"], await self._api_actor(request))
-        )
+        if not isinstance(data, dict):
+            raise ConfigurationError('the body must be a JSON object, e.g. {"actor": "marie"}')
+        return data
 
 
 def create_app(
@@ -448,10 +516,15 @@ def create_app(
     token: str | None,
     sagas: Sequence[type[Saga]] = (),
     clock: Callable[[], float] = time.time,
+    overview_ttl: float = OVERVIEW_TTL,
+    bulk_cap: int = BULK_CAP,
 ) -> Starlette:
     """The console over ``operations``: read-only without ``token``; ``sagas`` (the app's saga types)
-    give the saga pages their state diagrams."""
-    console = Console(operations, token=token, sagas=sagas, clock=clock)
+        give the saga pages their state diagrams; the overview is read at most every ``overview_ttl``
+        seconds; a bulk action touches at most ``bulk_cap`` sagas or dead letters (more matching is refused:
+    narrow the filter). ``app.state.console`` is the :class:`Console`."""
+    console = Console(operations, token=token, sagas=sagas, clock=clock, overview_ttl=overview_ttl)
+    bulk = BulkActions(console, cap=bulk_cap)
 
     async def not_found(request: Request, exc: Exception) -> Response:
         return console.error_page(request, 404, "Not found", str(exc))
@@ -489,9 +562,13 @@ def create_app(
         Route("/", console.overview),
         Route("/sagas", console.saga_list),
         Route("/saga", console.saga_page),
+        Route("/sagas/bulk/{action}", bulk.saga_confirm),
+        Route("/sagas/bulk/{action}", bulk.saga_bulk, methods=["POST"]),
         Route("/sagas/{saga_id}", console.saga_page),
         Route("/sagas/{saga_id}/{action}", console.saga_action, methods=["POST"]),
         Route("/dead-letters", console.dead_letters_page),
+        Route("/dead-letters/bulk/{action}", bulk.letter_confirm),
+        Route("/dead-letters/bulk/{action}", bulk.letter_bulk, methods=["POST"]),
         Route("/dead-letters/{letter_id}/{action}", console.letter_action, methods=["POST"]),
         Route("/login", console.login_page),
         Route("/login", console.login, methods=["POST"]),
@@ -499,10 +576,24 @@ def create_app(
         Route("/api/overview", console.api_overview),
         Route("/api/sagas", console.api_sagas),
         Route("/api/saga", console.api_saga),
+        Route("/api/sagas/bulk/{action}", bulk.saga_confirm),
+        Route("/api/sagas/bulk/{action}", bulk.saga_bulk, methods=["POST"]),
         Route("/api/sagas/{saga_id}", console.api_saga),
-        Route("/api/sagas/{saga_id}/{action}", console.api_saga_action, methods=["POST"]),
+        Route("/api/sagas/{saga_id}/{action}", console.saga_action, methods=["POST"]),
         Route("/api/dead-letters", console.api_dead_letters),
-        Route("/api/dead-letters/{letter_id}/{action}", console.api_letter_action, methods=["POST"]),
+        Route("/api/dead-letters/bulk/{action}", bulk.letter_confirm),
+        Route("/api/dead-letters/bulk/{action}", bulk.letter_bulk, methods=["POST"]),
+        Route("/api/dead-letters/{letter_id}/{action}", console.letter_action, methods=["POST"]),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]
-    return Starlette(routes=routes, exception_handlers=handlers)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            console.close()
+
+    app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)
+    app.state.console = console
+    return app

@@ -1,10 +1,15 @@
 """Who may act in the console: the operator token, a signed login cookie, and CSRF tokens for forms.
 
 Without a token the console is read-only. With one, a browser logs in once (the token is checked, then
-a cookie signed with a per-process secret says so) and every form carries a CSRF token: the HMAC of a
+a signed cookie says so) and every form carries a CSRF token: the HMAC of a
 random per-browser value kept in its own cookie (a signed double-submit token). Scripts send the token
 as ``Authorization: Bearer ...`` on the JSON API, which needs no CSRF token (a browser never adds that
 header by itself).
+
+The signing secret (of the login cookie, the CSRF tokens and the messages after an action) is derived
+from the token (an HMAC of it with a fixed label), so a restart of the console, or a second console with
+the same token, accepts the cookies and open forms of the first; changing the token logs everyone out.
+Without a token it is random per process.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ import secrets
 AUTH_COOKIE = "sagas_console_auth"
 CSRF_COOKIE = "sagas_console_csrf"
 CSRF_FIELD = "csrf"
+#: What the signing secret is derived for, from the token.
+_SECRET_LABEL = b"sagas-console signing secret v1"
 
 
 class Guard:
@@ -23,7 +30,13 @@ class Guard:
 
     def __init__(self, token: str | None, *, secret: bytes | None = None) -> None:
         self.token = token or None
-        self._secret = secret if secret is not None else secrets.token_bytes(32)
+        if secret is None:
+            secret = (
+                hmac.new(self.token.encode(), _SECRET_LABEL, hashlib.sha256).digest()
+                if self.token is not None
+                else secrets.token_bytes(32)
+            )
+        self._secret = secret
 
     @property
     def can_act(self) -> bool:

@@ -23,7 +23,7 @@ from examples.postprocessing import Postprocessing
 from examples.postprocessing import app as postprocessing_app
 from sagas import Store, open_store
 from sagas.console import create_app
-from sagas.console._app import _iso
+from sagas.console._format import iso
 from sagas.operations import Operations
 from sagas.testing import Drop, Harness
 
@@ -110,7 +110,7 @@ def test_the_overview_shows_the_counts_and_the_time_of_the_data(console: Console
     with console.store() as store:
         counted = {c.state: c.count for c in store.count_by_state() if c.type == "postprocessing"}
     assert shown == counted == {"done": 4, "failed": 1, "scanning": 1}
-    assert page.locator("#data-time").inner_text() == _iso(console.harness.clock())
+    assert page.locator("#data-time").inner_text() == iso(console.harness.clock())
     _shot(page, "overview", tmp_path)
 
 
@@ -121,7 +121,7 @@ def test_find_a_parked_saga_read_why_log_in_and_retry_it(console: Console, page:
     page.locator("#filters input[name=key]").fill(PARKED)
     page.locator("#filters button[type=submit]").click()
     page.wait_for_url("**/sagas?*key=upload-parked*")
-    links = page.locator("a[href^='/sagas/']")
+    links = page.locator("#saga-rows a[href^='/sagas/']")
     assert links.count() == 1
     _shot(page, "sagas", tmp_path)
     links.first.click()
@@ -173,7 +173,7 @@ def test_saga_data_with_a_script_tag_shows_as_text_and_runs_nothing(console: Con
     page.wait_for_load_state()
     assert page.evaluate("window.__xss") is None
     assert XSS in page.locator("table").inner_text()
-    page.locator("a[href^='/sagas/']").first.click()
+    page.locator("#saga-rows a[href^='/sagas/']").first.click()
     page.wait_for_load_state()
     assert page.evaluate("window.__xss") is None
     with console.store() as store:

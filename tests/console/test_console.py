@@ -3,9 +3,12 @@ token and CSRF, on the harness's store and bus through Starlette's TestClient.""
 
 from __future__ import annotations
 
+import json
 import logging
 import re
+import threading
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import structlog
@@ -35,9 +38,9 @@ def _upload(h: Harness, upload_id: str, name: str = "a.txt") -> None:
     h.publish("ocis.storage.bytes_received", {"upload_id": upload_id, "name": name, "size": 10, "user": "marie"})
 
 
-def _client(h: Harness, token: str | None = TOKEN) -> TestClient:
+def _client(h: Harness, token: str | None = TOKEN, **options: Any) -> TestClient:
     ops = Operations(h.store, sagas=h.app.sagas, bus=h.client_bus(), clock=h.clock)
-    return TestClient(create_app(ops, token=token, sagas=h.app.sagas, clock=h.clock))
+    return TestClient(create_app(ops, token=token, sagas=h.app.sagas, clock=h.clock, **options))
 
 
 def _stuck(h: Harness, upload_id: str = "u1", name: str = "a.txt") -> str:
@@ -46,6 +49,11 @@ def _stuck(h: Harness, upload_id: str = "u1", name: str = "a.txt") -> str:
     _upload(h, upload_id, name)
     h.run()
     return h.saga(Postprocessing, upload_id).id
+
+
+def _rows(html: str) -> int:
+    """How many saga rows a page lists (links to a saga's page)."""
+    return len(re.findall(r'href="/sagas/[0-9a-f]{32}"', html))
 
 
 def _csrf(client: TestClient, path: str = "/login") -> str:
@@ -90,7 +98,7 @@ def test_saga_list_filters_orders_and_pages(saga_harness: MakeHarness) -> None:
         h.clock.advance(1)
     h.settle()
     client = _client(h)
-    assert client.get("/sagas?key=u1").text.count("/sagas/") == 1
+    assert _rows(client.get("/sagas?key=u1").text) == 1
     page = client.get("/sagas?limit=2&order=newest")
     assert page.text.index("u2") < page.text.index("u1")
     assert "u0" not in page.text
@@ -119,11 +127,11 @@ def test_saga_list_follows_cursors_and_filters_by_key_prefix_failed_and_time(sag
             found = re.search(r'href="(/sagas\?[^"]*cursor=[^"]+)" rel="next"', text)
             url = found.group(1).replace("&amp;", "&") if found else None
         assert len(seen) == len(set(seen)) == 8, (order, seen)
-    assert client.get("/sagas?key_prefix=up-").text.count('href="/sagas/') == 7
-    assert client.get("/sagas?key_prefix=other").text.count('href="/sagas/') == 1
-    assert 'href="/sagas/' not in client.get("/sagas?failed=1").text
-    assert client.get("/sagas?since=2000-01-01T00:00:00Z&until=2001-01-01").text.count('href="/sagas/') == 0
-    assert client.get("/sagas?since=2000-01-01T00:00:00Z").text.count('href="/sagas/') == 8
+    assert _rows(client.get("/sagas?key_prefix=up-").text) == 7
+    assert _rows(client.get("/sagas?key_prefix=other").text) == 1
+    assert _rows(client.get("/sagas?failed=1").text) == 0
+    assert _rows(client.get("/sagas?since=2000-01-01T00:00:00Z&until=2001-01-01").text) == 0
+    assert _rows(client.get("/sagas?since=2000-01-01T00:00:00Z").text) == 8
     assert client.get("/sagas?cursor=not-a-cursor").status_code == 400
     assert client.get("/sagas?since=yesterday").status_code == 400
     api = client.get("/api/sagas?limit=5").json()
@@ -203,35 +211,108 @@ def test_a_store_that_is_down_gives_a_503_page(saga_harness: MakeHarness) -> Non
     assert client.get("/api/sagas").status_code == 503
 
 
-def test_read_only_console_has_no_buttons_and_refuses_actions(saga_harness: MakeHarness) -> None:
-    """Without a token there are no action buttons and actions answer 403."""
+def test_read_only_console_has_no_buttons(saga_harness: MakeHarness) -> None:
+    """Without a token there are no action buttons or bulk links (every action answers 403: see below)."""
     h = saga_harness(postprocessing_app)
     saga_id = _stuck(h)
     client = _client(h, token=None)
     page = client.get(f"/sagas/{saga_id}")
     assert "Retry</button>" not in page.text
     assert "read-only" in page.text
-    assert client.post(f"/sagas/{saga_id}/retry", data={"csrf": "x"}).status_code == 403
-    assert client.post(f"/api/sagas/{saga_id}/retry", headers={"Authorization": "Bearer x"}).status_code == 403
-    assert all(e.actor == "" for e in h.history(saga_id))
+    assert "Retry all matching" not in client.get("/sagas").text
 
 
-def test_actions_need_the_login_and_the_csrf_token(saga_harness: MakeHarness) -> None:
-    """A form action without login, with a wrong token, or a missing or wrong CSRF token answers 403."""
+def test_login_needs_the_token_and_the_csrf_token(saga_harness: MakeHarness) -> None:
+    """Logging in with a wrong token or without the CSRF token answers 403; then the buttons show."""
     h = saga_harness(postprocessing_app)
     saga_id = _stuck(h)
     client = _client(h)
     csrf = _csrf(client)
-    assert client.post(f"/sagas/{saga_id}/retry", data={"csrf": csrf}).status_code == 403  # not logged in
     assert client.post("/login", data={"csrf": csrf, "token": "wrong"}).status_code == 403
     assert client.post("/login", data={"token": TOKEN}).status_code == 403  # no CSRF token
+    assert "Retry</button>" not in client.get(f"/sagas/{saga_id}").text
     _login(client)
     assert "Retry</button>" in client.get(f"/sagas/{saga_id}").text
-    assert client.post(f"/sagas/{saga_id}/retry", data={}).status_code == 403
-    assert client.post(f"/sagas/{saga_id}/retry", data={"csrf": "0" * 64}).status_code == 403
-    other = TestClient(client.app)  # another browser's CSRF token does not fit this one's cookie
-    assert client.post(f"/sagas/{saga_id}/retry", data={"csrf": _csrf(other)}).status_code == 403
-    assert all(e.actor == "" for e in h.history(saga_id))
+
+
+#: Every form action: (path, with {saga} or {letter} for the target, extra form fields).
+FORM_POSTS = [
+    ("/sagas/{saga}/retry", {}),
+    ("/sagas/{saga}/compensate", {}),
+    ("/sagas/bulk/retry", {"type": "postprocessing", "expected": "1"}),
+    ("/sagas/bulk/compensate", {"type": "postprocessing", "expected": "1"}),
+    ("/dead-letters/{letter}/replay", {}),
+    ("/dead-letters/{letter}/drop", {}),
+    ("/dead-letters/bulk/replay", {"expected": "2"}),
+    ("/dead-letters/bulk/drop", {"expected": "2"}),
+]
+#: Every API action: (path, JSON body).
+API_POSTS = [
+    ("/api/sagas/{saga}/retry", {}),
+    ("/api/sagas/{saga}/compensate", {}),
+    ("/api/sagas/bulk/retry", {"filter": {"type": "postprocessing"}, "expected_count": 1}),
+    ("/api/sagas/bulk/compensate", {"filter": {"type": "postprocessing"}, "expected_count": 1}),
+    ("/api/dead-letters/{letter}/replay", {}),
+    ("/api/dead-letters/{letter}/drop", {}),
+    ("/api/dead-letters/bulk/replay", {"expected_count": 2}),
+    ("/api/dead-letters/bulk/drop", {"expected_count": 2}),
+]
+
+
+def _target(saga_harness: MakeHarness, path: str) -> tuple[Harness, str, Callable[[], object]]:
+    """A harness with a target for ``path`` (a stuck saga, or two dead letters), the path filled in, and
+    a snapshot of what an action would change (to compare before and after)."""
+    if "{saga}" in path or path.startswith(("/sagas", "/api/sagas")):
+        h = saga_harness(postprocessing_app)
+        saga_id = _stuck(h)
+        return h, path.format(saga=saga_id), lambda: (h.store.get_saga(saga_id), h.history(saga_id))
+    h, events, _ = _dead_harness(saga_harness)
+    bus = h.client_bus()
+    return h, path.format(letter=events[0].id), lambda: sorted(d.id for d in bus.dead_letters())
+
+
+@pytest.mark.parametrize("case", ["read-only", "not logged in", "no csrf", "wrong csrf", "other browser's csrf"])
+@pytest.mark.parametrize(("path", "fields"), FORM_POSTS)
+def test_every_form_action_needs_the_login_and_the_csrf_token(
+    saga_harness: MakeHarness, path: str, fields: dict[str, str], case: str
+) -> None:
+    """A form action on a read-only console, without the login, or with a missing, wrong or another
+    browser's CSRF token answers 403 (a page, not a traceback) and changes nothing."""
+    h, url, snapshot = _target(saga_harness, path)
+    before = snapshot()
+    client = _client(h, token=None if case == "read-only" else TOKEN)
+    csrf = "0" * 64 if case == "read-only" else _csrf(client)  # (a read-only console has no login form)
+    if case not in ("read-only", "not logged in"):
+        csrf = _login(client)
+    data = dict(fields)
+    if case == "wrong csrf":
+        data["csrf"] = "0" * 64
+    elif case == "other browser's csrf":
+        data["csrf"] = _csrf(TestClient(client.app))
+    elif case != "no csrf":
+        data["csrf"] = csrf
+    response = client.post(url, data=data)
+    assert response.status_code == 403
+    assert 'id="error"' in response.text
+    assert "Traceback" not in response.text
+    assert snapshot() == before
+
+
+@pytest.mark.parametrize("auth", [None, "Bearer wrong", f"Basic {TOKEN}", "Bearer", "read-only"])
+@pytest.mark.parametrize(("path", "body"), API_POSTS)
+def test_every_api_action_needs_the_bearer_token(
+    saga_harness: MakeHarness, path: str, body: dict[str, Any], auth: str | None
+) -> None:
+    """An API action without the bearer token, with a wrong one, or on a read-only console answers 403
+    as JSON and changes nothing."""
+    h, url, snapshot = _target(saga_harness, path)
+    before = snapshot()
+    client = _client(h, token=None if auth == "read-only" else TOKEN)
+    headers = {"Authorization": f"Bearer {TOKEN}" if auth == "read-only" else auth} if auth else {}
+    response = client.post(url, json=body, headers=headers)
+    assert response.status_code == 403
+    assert "error" in response.json()
+    assert snapshot() == before
 
 
 def test_retry_and_compensate_from_the_page_record_who_acted(saga_harness: MakeHarness) -> None:
@@ -287,7 +368,7 @@ def _dead_harness(saga_harness: MakeHarness) -> tuple[Harness, list[Event], list
             raise Reject(f"not today {EVIL}")
 
     h = saga_harness(App(svc))
-    events = [h.publish("ocis.files.uploaded", {"path": f"/{i}"}) for i in range(2)]
+    events = [h.publish("ocis.files.uploaded", {"path": f"/{i}", "note": EVIL}) for i in range(2)]
     h.run()
     return h, events, accept
 
@@ -313,10 +394,12 @@ def test_json_api_reads(saga_harness: MakeHarness) -> None:
     """The JSON API gives the overview, a page of sagas, one saga and the dead letters."""
     h = saga_harness(postprocessing_app)
     saga_id = _stuck(h)
+    h.clock.advance(3600)  # (its deadline long past, and no worker ran)
     client = _client(h)
     overview = client.get("/api/overview").json()
-    assert overview["counts"]["postprocessing"] == [{"state": "scanning", "final": False, "count": 1}]
+    assert overview["counts"] == [{"type": "postprocessing", "state": "scanning", "final": False, "count": 1}]
     assert overview["outbox"]["unsent"] == 0
+    assert [s["id"] for s in overview["stuck"]] == [saga_id]
     listing = client.get("/api/sagas?type=postprocessing").json()
     assert [s["id"] for s in listing["items"]] == [saga_id]
     assert listing["next_offset"] is None
@@ -347,3 +430,314 @@ def test_json_api_acts_with_the_bearer_token(saga_harness: MakeHarness) -> None:
     assert api.post(f"/api/dead-letters/{events[0].id}/drop", headers=auth).json()["dropped"] == [events[0].id]
     accept[0] = True
     assert api.post(f"/api/dead-letters/{events[1].id}/replay", headers=auth).json()["replayed"] == [events[1].id]
+
+
+# -- the worker thread, the overview, the list's columns, the saga's outbox --------------------------
+
+
+def test_operations_run_on_one_worker_thread_that_stops_with_the_app(saga_harness: MakeHarness) -> None:
+    """Every store read of the console runs on one thread of its own (not the event loop's), and that
+    thread stops when the app shuts down."""
+    h = saga_harness(postprocessing_app)
+    saga_id = _stuck(h)
+    threads: set[threading.Thread] = set()
+    store = h.store
+    for name in ("get_saga", "list_sagas", "count_by_state", "last_reasons", "outbox_rows", "saga_history"):
+        real = getattr(store, name)
+
+        def spy(*args: Any, _real: Any = real, **kwargs: Any) -> Any:
+            threads.add(threading.current_thread())
+            return _real(*args, **kwargs)
+
+        setattr(store, name, spy)
+    app = _client(h).app
+    with TestClient(app) as client:  # (runs the lifespan: startup, then shutdown at the end)
+        loop_thread = client.portal.call(threading.current_thread)  # type: ignore[union-attr]
+        for path in ("/", "/sagas", f"/sagas/{saga_id}", "/api/overview", "/api/sagas", f"/api/sagas/{saga_id}"):
+            assert client.get(path).status_code == 200, path
+    assert len(threads) == 1, threads
+    (worker,) = threads
+    assert worker.name.startswith("sagas-console-ops")
+    assert worker is not loop_thread
+    assert not worker.is_alive()
+
+
+def test_overview_shows_failures_dead_letters_deadlines_and_is_cached(
+    saga_harness: MakeHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The overview groups failed sagas by type and reason with links, lists stuck sagas with how long
+    overdue, dead letters by queue and error type with a link to them, the deadlines of the next minute
+    and the data's time; it is read again only after its time to live."""
+    h = saga_harness(postprocessing_app)
+    monkeypatch.setenv("FAIL_RATE", "1")
+    _upload(h, "bad-1", name="eicar.txt")  # infected: reverting, where storage keeps failing
+    _upload(h, "bad-2", name="eicar2.txt")
+    h.settle()
+    monkeypatch.setenv("FAIL_RATE", "0")
+    failed = [r for r in h.store.list_sagas(failed=True)]
+    assert len(failed) == 2
+    stuck_id = _stuck(h, "stuck-1")
+    h.clock.advance(600)
+    client = _client(h, overview_ttl=5.0)
+    data = client.get("/api/overview").json()
+    assert data["as_of"] == h.clock()
+    (group,) = data["failures"]
+    assert (group["type"], group["count"], group["failed_from"]) == ("postprocessing", 2, "reverting")
+    assert [s["id"] for s in data["stuck"]] == [stuck_id]
+    assert data["stuck"][0]["overdue"] > 500
+    page = client.get("/").text
+    assert f'href="/sagas/{group["example_id"]}"' in page
+    assert 'href="/sagas?type=postprocessing&amp;failed=1"' in page
+    assert "overdue 9m" in page
+    assert 'id="deadlines"' in page
+    # cached: a new saga shows only once the overview is older than its time to live
+    _upload(h, "new-1")
+    h.run()
+    assert client.get("/api/overview").json() == data
+    h.clock.advance(5)
+    fresh = client.get("/api/overview").json()
+    assert fresh["as_of"] == h.clock()
+    assert sum(c["count"] for c in fresh["counts"]) == sum(c["count"] for c in data["counts"]) + 1
+
+
+def test_overview_groups_dead_letters_with_a_link_to_them(saga_harness: MakeHarness) -> None:
+    """Dead letters show by queue and error type, escaped, each group linking to the filtered page."""
+    h, _, _ = _dead_harness(saga_harness)
+    letter = h.client_bus().dead_letters()[0]
+    page = _client(h).get("/").text
+    assert "<script>alert" not in page
+    assert f'href="/dead-letters?queue={letter.queue}&amp;error_type=sagas.Reject"' in page
+    assert "not today &lt;script&gt;" in page
+
+
+def test_saga_list_shows_the_next_deadline_and_the_last_reason(saga_harness: MakeHarness) -> None:
+    """The list shows each saga's next deadline relative to now and its latest history reason, escaped;
+    the API items carry the last reason too."""
+    h = saga_harness(postprocessing_app)
+    saga_id = _stuck(h, upload_id="w1", name=EVIL)
+    record = h.store.get_saga(saga_id)
+    assert record is not None
+    assert record.deadline is not None
+    last = h.history(saga_id)[-1].reason
+    client = _client(h)
+    text = client.get("/sagas").text
+    assert f"in {int(record.deadline - h.clock())}s" in text
+    assert last.split()[0] in text
+    h.clock.advance(record.deadline - h.clock() + 180)
+    assert "overdue 3m" in client.get("/sagas").text
+    items = client.get("/api/sagas").json()["items"]
+    assert [(i["id"], i["last_reason"]) for i in items] == [(saga_id, last)]
+    # an operator's action with a hostile name shows, escaped, as the last reason's actor
+    csrf = _login(client)
+    client.post(f"/sagas/{saga_id}/retry", data={"csrf": csrf, "actor": EVIL})
+    text = client.get("/sagas").text
+    assert "operator: retry" in text
+    assert "<script>alert" not in text
+    assert client.get("/api/sagas").json()["items"][0]["last_reason"] == "operator: retry"
+
+
+def test_saga_page_lists_its_outbox_rows_escaped(saga_harness: MakeHarness) -> None:
+    """A saga's page lists the messages it committed: message id, routing key, sent or pending, and a
+    short, escaped preview of the body; the API gives them too."""
+    h = saga_harness(postprocessing_app)
+    saga_id = _stuck(h, name=EVIL)
+    rows = h.store.outbox_rows(saga_id)
+    assert rows
+    client = _client(h)
+    text = client.get(f"/sagas/{saga_id}").text
+    section = text.split('id="outbox"')[1].split("</table>")[0]
+    assert rows[0].row.message_id in section
+    assert "ocis.antivirus.scan" in section
+    assert ("pending" in section) == any(o.sent_at is None for o in rows)
+    assert "&lt;script&gt;" in section
+    assert "<script>alert" not in text
+    api = client.get(f"/api/sagas/{saga_id}").json()["outbox"]
+    assert [o["message_id"] for o in api] == [o.row.message_id for o in rows]
+    assert json.loads(api[0]["body"])["payload"]["name"] == EVIL
+
+
+def test_the_signing_secret_comes_from_the_token(saga_harness: MakeHarness) -> None:
+    """A restarted console with the same token accepts the login cookie and the CSRF token of open
+    forms; one with another token does not."""
+    h = saga_harness(postprocessing_app)
+    saga_id = _stuck(h)
+    first = _client(h)
+    csrf = _login(first)
+    again = _client(h)
+    again.cookies = first.cookies
+    response = again.post(f"/sagas/{saga_id}/retry", data={"csrf": csrf, "actor": "marie"})
+    assert response.status_code == 200
+    assert [e.actor for e in h.history(saga_id) if e.actor] == ["marie"]
+    other = _client(h, token="another-token")
+    other.cookies = first.cookies
+    assert other.post(f"/sagas/{saga_id}/retry", data={"csrf": csrf}).status_code == 403
+    assert [e.actor for e in h.history(saga_id) if e.actor] == ["marie"]
+
+
+# -- bulk actions --------------------------------------------------------------------------------------
+
+
+def _stuck_many(h: Harness, n: int, prefix: str = "s") -> list[str]:
+    """``n`` postprocessing sagas waiting in scanning (their scan requests lost)."""
+    h.inject(Drop(), match="ocis.antivirus.scan", times=n)
+    for i in range(n):
+        _upload(h, f"{prefix}{i}")
+    h.run()
+    return [h.saga(Postprocessing, f"{prefix}{i}").id for i in range(n)]
+
+
+def _field(html: str, name: str) -> str:
+    match = re.search(rf'name="{name}" value="([^"]*)"', html)
+    assert match is not None, name
+    return match.group(1)
+
+
+def test_bulk_retry_confirms_the_count_then_acts_and_records_who(saga_harness: MakeHarness) -> None:
+    """Retry all matching: the confirmation counts the matching sagas and lists them; a confirmation
+    whose count no longer holds is shown again with the new count, and nothing is done; the confirmed one
+    retries each saga (history: who), lists the refused ones grouped by why, and links them."""
+    h = saga_harness(postprocessing_app)
+    _upload(h, "done-1")
+    h.settle()
+    done_id = h.saga(Postprocessing, "done-1").id
+    ids = _stuck_many(h, 2)
+    client = _client(h)
+    csrf = _login(client)
+    listing = client.get("/sagas?type=postprocessing&key_prefix=").text
+    assert 'href="/sagas/bulk/retry?type=postprocessing"' in listing
+    confirm = client.get("/sagas/bulk/retry?type=postprocessing")
+    assert confirm.status_code == 200
+    assert "This will retry <strong>3</strong> sagas (type postprocessing)" in confirm.text
+    assert all(i in confirm.text for i in [*ids, done_id])
+    assert _field(confirm.text, "expected") == "3"
+    assert _field(confirm.text, "type") == "postprocessing"
+    form = {"csrf": csrf, "type": "postprocessing", "expected": "3", "actor": "marie"}
+    ids += _stuck_many(h, 1, prefix="late")  # one more matches now
+    again = client.post("/sagas/bulk/retry", data=form)
+    assert again.status_code == 409
+    assert "the selection changed: 4 sagas match now" in again.text
+    assert _field(again.text, "expected") == "4"
+    assert all(e.actor == "" for i in ids for e in h.history(i))
+    result = client.post("/sagas/bulk/retry", data={**form, "expected": "4"})
+    assert result.status_code == 200
+    assert '<strong id="done">3</strong> done, <strong id="refused">1</strong> refused' in result.text
+    assert "the saga has ended in done" in result.text
+    assert f'href="/sagas/{done_id}"' in result.text
+    for saga_id in ids:
+        assert [e.actor for e in h.history(saga_id) if e.reason == "operator: retry"] == ["marie"]
+    assert all(e.actor == "" for e in h.history(done_id))
+    h.run()
+    assert all(h.store.get_saga(i).state == "done" for i in ids)  # type: ignore[union-attr]
+
+
+def test_bulk_compensate_by_state_and_over_the_cap_refuses(saga_harness: MakeHarness) -> None:
+    """More sagas than the cap: the confirmation says to narrow the filter, has no Confirm button, and a
+    POST acts on none; under the cap, compensate all matching acts on each."""
+    h = saga_harness(share_app)
+    h.inject(Drop(), match="ocis.sharing.grant", times=100)
+    for i in range(3):
+        h.publish(
+            "ocis.sharing.share_requested",
+            {"share_id": f"s{i}", "owner": "einstein", "grantee": "marie", "path": "/p", "size": 1},
+        )
+    h.run()
+    ids = [h.saga(Share, f"s{i}").id for i in range(3)]
+    client = _client(h, bulk_cap=2)
+    csrf = _login(client)
+    page = client.get("/sagas/bulk/compensate?type=share")
+    assert page.status_code == 409
+    assert "more than 2 sagas match; narrow the filter" in page.text
+    assert 'id="confirm"' not in page.text
+    refused = client.post("/sagas/bulk/compensate", data={"csrf": csrf, "type": "share", "expected": "2"})
+    assert refused.status_code == 409
+    assert all(e.actor == "" for i in ids for e in h.history(i))
+    narrow = client.get(f"/sagas/bulk/compensate?type=share&key={'s1'}")
+    assert "This will compensate <strong>1</strong> sagas (type share, key s1)" in narrow.text
+    done = client.post("/sagas/bulk/compensate", data={"csrf": csrf, "type": "share", "key": "s1", "expected": "1"})
+    assert done.status_code == 200
+    h.run()
+    assert h.saga(Share, "s1").state == "compensated"
+    assert [e.actor for e in h.history(ids[1]) if e.reason.startswith("operator: compensate")] == ["console"]
+    assert all(e.actor == "" for i in (ids[0], ids[2]) for e in h.history(i))
+
+
+def test_bulk_pages_refuse_a_wrong_call_with_a_clear_page(saga_harness: MakeHarness) -> None:
+    """An unknown bulk action is a 404 page, a missing or bad count or time a 400 page: never a traceback."""
+    h = saga_harness(postprocessing_app)
+    _stuck_many(h, 1)
+    client = _client(h)
+    csrf = _login(client)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    cases = [
+        (client.get("/sagas/bulk/delete"), 404),
+        (client.post("/sagas/bulk/delete", data={"csrf": csrf, "expected": "1"}), 404),
+        (client.post("/sagas/bulk/retry", data={"csrf": csrf}), 400),
+        (client.post("/sagas/bulk/retry", data={"csrf": csrf, "expected": "many"}), 400),
+        (client.get("/sagas/bulk/retry?since=yesterday"), 400),
+        (client.post("/api/sagas/bulk/retry", headers=auth, json={"filter": []}), 400),
+        (client.post("/api/sagas/bulk/retry", headers=auth, content=b"{nope"), 400),
+        (client.post("/api/sagas/bulk/retry", headers=auth, json={"filter": {}}), 400),
+    ]
+    for response, status in cases:
+        assert response.status_code == status, response.text
+        assert "Traceback" not in response.text
+
+
+def test_bulk_over_the_json_api_needs_the_expected_count(saga_harness: MakeHarness) -> None:
+    """GET /api/sagas/bulk/ACTION counts; POST acts only with that expected_count (409 with the new
+    count otherwise) and records the actor of the body."""
+    h = saga_harness(postprocessing_app)
+    ids = _stuck_many(h, 2)
+    client = _client(h)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    counted = client.get("/api/sagas/bulk/retry?state=scanning").json()
+    assert (counted["count"], counted["over_cap"], sorted(counted["ids"])) == (2, False, sorted(ids))
+    body = {"filter": {"state": "scanning"}, "expected_count": 3, "actor": "ops-bot"}
+    changed = client.post("/api/sagas/bulk/retry", headers=auth, json=body)
+    assert changed.status_code == 409
+    assert changed.json()["count"] == 2
+    assert all(e.actor == "" for i in ids for e in h.history(i))
+    done = client.post("/api/sagas/bulk/retry", headers=auth, json={**body, "expected_count": 2})
+    assert done.status_code == 200
+    assert sorted(done.json()["done"]) == sorted(ids)
+    assert done.json()["refused"] == {}
+    for saga_id in ids:
+        assert [e.actor for e in h.history(saga_id) if e.actor] == ["ops-bot"]
+
+
+def test_dead_letters_filter_show_payloads_escaped_and_bulk_replay_and_drop(saga_harness: MakeHarness) -> None:
+    """The dead letters page filters by queue and error type and shows each letter's event type, error,
+    traceback and payload (pretty JSON, escaped); replay all of the queue and drop all matching ask to
+    confirm the count and then act; the API does the same with expected_count."""
+    h, events, accept = _dead_harness(saga_harness)
+    bus = h.client_bus()
+    queue = bus.dead_letters()[0].queue
+    client = _client(h)
+    page = client.get(f"/dead-letters?queue={queue}&error_type=sagas.Reject").text
+    assert all(e.id in page for e in events)
+    assert "&#34;path&#34;: &#34;/0&#34;" in page  # the payload, indented JSON, escaped
+    assert "&#34;note&#34;: &#34;&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "<script>alert" not in page
+    assert "<details><summary>traceback</summary>" in page
+    assert "sagas.Reject" in page
+    assert events[0].id not in client.get("/dead-letters?error_type=builtins.ValueError").text
+    csrf = _login(client)
+    confirm = client.get(f"/dead-letters/bulk/replay?queue={queue}")
+    assert "This will replay <strong>2</strong> dead letters (queue " in confirm.text
+    accept[0] = True
+    refused = client.post("/dead-letters/bulk/replay", data={"csrf": csrf, "queue": queue, "expected": "1"})
+    assert refused.status_code == 409
+    assert len(bus.dead_letters()) == 2
+    done = client.post("/dead-letters/bulk/replay", data={"csrf": csrf, "queue": queue, "expected": "2"})
+    assert done.status_code == 200
+    assert '<strong id="done">2</strong> done' in done.text
+    assert bus.dead_letters() == []
+    h2, events2, _ = _dead_harness(saga_harness)
+    api = _client(h2)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    assert api.get("/api/dead-letters/bulk/drop?error_type=sagas.Reject").json()["count"] == 2
+    assert api.get("/api/dead-letters?error_type=nope").json() == {"items": []}
+    body = {"filter": {"error_type": "sagas.Reject"}, "expected_count": 2}
+    dropped = api.post("/api/dead-letters/bulk/drop", headers=auth, json=body).json()
+    assert sorted(dropped["done"]) == sorted(e.id for e in events2)
+    assert h2.client_bus().dead_letters() == []

@@ -300,10 +300,68 @@ def test_overview_groups_dead_letters_by_queue_and_error_type(saga_harness: Make
     view = ops.overview()
     assert view.dead_letters is not None
     assert [(g.queue, g.count) for g in view.dead_letters] == [(letters[0].queue, 3), (letters[0].queue, 1)]
-    assert [g.error_type for g in view.dead_letters] == ["sagas._errors.Reject", "builtins.ValueError"]
+    assert [g.error_type for g in view.dead_letters] == ["sagas.Reject", "builtins.ValueError"]
     (value_error,) = [g for g in view.dead_letters if g.count == 1]
     assert value_error.example_message.startswith("bad path /bad1")
     assert "\n" not in value_error.example_message
     assert value_error.oldest_dead_at
     assert view.to_dict()["dead_letters"][0]["count"] == 3
     assert Operations(h.store).overview().dead_letters is None
+
+
+def test_select_counts_a_filter_up_to_a_cap_and_bulk_acts_on_each(saga_harness: MakeHarness) -> None:
+    """select gives what a filter matches (over_cap when more than the cap); bulk retries each saga,
+    records who acted in each history, and lists the refused ones grouped by why."""
+    h = saga_harness(postprocessing_app)
+    _upload(h, "done-1")
+    h.settle()
+    h.inject(Drop(), match="ocis.antivirus.scan", times=3)
+    for i in range(3):
+        _upload(h, f"s{i}")
+    h.run()
+    ops = _ops(h)
+    everything = ops.select(type="postprocessing")
+    assert (everything.count, everything.over_cap) == (4, False)
+    assert ops.select(type="postprocessing", cap=3).over_cap
+    assert ops.select(type="postprocessing", cap=4).count == 4
+    assert ops.select(state="scanning").count == 3
+    assert ops.select(key_prefix="s").count == 3
+    result = ops.bulk("retry", [r.id for r in everything.items], actor="marie")
+    done_id = h.saga(Postprocessing, "done-1").id
+    assert sorted(r.saga_id for r in result.done) == sorted(r.id for r in everything.items if r.id != done_id)
+    assert list(result.refused) == [done_id]
+    (why,) = result.refused_by_reason()
+    assert why.startswith("the saga has ended in done")
+    for r in result.done:
+        assert [e.actor for e in h.history(r.saga_id) if e.reason == "operator: retry"] == ["marie"]
+    assert all(e.actor == "" for e in h.history(done_id))
+    assert result.to_dict()["done"] == [r.saga_id for r in result.done]
+    assert ops.bulk("retry", ["nope"], actor="marie").refused == {"nope": "no saga 'nope'"}
+    with pytest.raises(ConfigurationError, match="no bulk action"):
+        ops.bulk("delete", [], actor="marie")
+    with pytest.raises(ConfigurationError, match="cap must be"):
+        ops.select(cap=0)
+
+
+def test_select_dead_filters_by_queue_and_error_type(saga_harness: MakeHarness) -> None:
+    """select_dead filters the dead letters by queue and by error type (as the overview groups them)."""
+    svc = Service("picky")
+
+    @svc.on("ocis.files.uploaded")
+    def take(event: Event) -> None:
+        if event.payload["path"].startswith("/bad"):
+            raise ValueError("bad path")
+        raise Reject("never")
+
+    h = saga_harness(App(svc))
+    for path in ["/a", "/bad1", "/b"]:
+        h.publish("ocis.files.uploaded", {"path": path})
+    h.settle()
+    ops = _ops(h)
+    queue = ops.dead_letters()[0].queue
+    assert ops.select_dead().count == 3
+    assert ops.select_dead(queue=queue, kind="sagas.Reject").count == 2
+    assert ops.select_dead(kind="builtins.ValueError").count == 1
+    assert ops.select_dead(queue="other").count == 0
+    assert ops.select_dead(cap=2).over_cap
+    assert ops.select_dead(browse=2).over_cap  # a queue longer than what was read cannot be counted

@@ -769,7 +769,7 @@ def test_a_version_4_store_gets_the_listing_indexes_when_it_opens(tmp_path: Path
     db.close()
     SQLiteStore(str(path)).close()
     db = sqlite3.connect(path)
-    assert db.execute("SELECT max(version) FROM schema_version").fetchone()[0] == SCHEMA_VERSION == 5
+    assert db.execute("SELECT max(version) FROM schema_version").fetchone()[0] == SCHEMA_VERSION
     names = _indexes(db)
     assert "sagas_by_state" not in names
     assert {
@@ -935,6 +935,113 @@ def test_postgres_lists_through_the_listing_indexes(
             assert "Seq Scan" not in plans[0], (filters, plans)
     finally:
         monkeypatch.undo()
+        store.close()
+        db.close()
+        _drop_schema(postgres_url, unique)
+
+
+# -- the console's reads: last reasons, a saga's outbox rows ------------------------------------------
+
+
+def test_last_reasons_gives_each_sagas_latest_history_entry(store: Store) -> None:
+    """One call gives the latest history entry of each saga asked for that has one; ids that are not
+    there are left out; a list longer than one statement's chunk is read whole."""
+    a, b = _record("a"), _record("b", created_at=T0 + 1)
+    _insert(store, a)
+    _insert(store, b)
+    _move(store, a, "flight")
+    record = store.get_saga(a.id)
+    assert record is not None
+    record.version += 1
+    record.state = "failed"
+    store.save_saga(
+        record,
+        expected_version=record.version - 1,
+        history=HistoryEntry(T0 + 9, "m-op", "flight", "failed", "boom <script>", "marie"),
+        inbox=None,
+        outbox=[],
+    )
+    last = store.last_reasons([a.id, b.id, "nope", a.id])
+    assert set(last) == {a.id, b.id}
+    assert last[a.id] == HistoryEntry(T0 + 9, "m-op", "flight", "failed", "boom <script>", "marie")
+    assert last[b.id].to_state == "hotel"
+    assert last[b.id].reason == "test"
+    many = [_record(f"k{i}", created_at=T0 + 10 + i) for i in range(520)]
+    with store.group():
+        for r in many:
+            _insert(store, r)
+    assert len(store.last_reasons([r.id for r in many])) == 520
+    assert store.last_reasons([]) == {}
+
+
+def test_outbox_rows_lists_a_sagas_messages_newest_first_with_their_sending(store: Store) -> None:
+    """A saga's outbox rows, newest first up to the limit, say which were sent; other sagas' rows are
+    not listed."""
+    a, b = _record("a"), _record("b")
+    rows = _insert(store, a, outbox=[_out(1), _out(2)])
+    _insert(store, b, outbox=[_out(3)])
+    rows += _move(store, a, "flight", outbox=[_out(4, "ocis.trip.book_flight")])
+    store.mark_sent([rows[0].id])
+    listed = store.outbox_rows(a.id)
+    assert [o.row.message_id for o in listed] == ["msg-4", "msg-2", "msg-1"]
+    assert [o.sent_at is not None for o in listed] == [False, False, True]
+    assert listed[0].row.routing_key == "ocis.trip.book_flight"
+    assert listed[0].row.body == '{"n": 4}'
+    assert listed[0].row.saga_id == a.id
+    assert [o.row.message_id for o in store.outbox_rows(a.id, limit=2)] == ["msg-4", "msg-2"]
+    assert [o.row.message_id for o in store.outbox_rows(b.id)] == ["msg-3"]
+    assert store.outbox_rows("nope") == []
+
+
+def test_a_version_5_store_gets_the_outbox_index_when_it_opens(tmp_path: Path) -> None:
+    """Opening a schema-5 store adds the index of the outbox on saga_id and keeps its rows."""
+    path = tmp_path / "old.db"
+    store = SQLiteStore(str(path))
+    saga = _record("a")
+    _insert(store, saga, outbox=[_out(1)])
+    store.close()
+    db = sqlite3.connect(path)  # as version 5 left it
+    db.executescript("DROP INDEX outbox_by_saga; DELETE FROM schema_version; INSERT INTO schema_version VALUES (5);")
+    db.close()
+    store = SQLiteStore(str(path))
+    assert [o.row.message_id for o in store.outbox_rows(saga.id)] == ["msg-1"]
+    store.close()
+    db = sqlite3.connect(path)
+    assert db.execute("SELECT max(version) FROM schema_version").fetchone()[0] == SCHEMA_VERSION == 6
+    names = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'outbox'")}
+    assert "outbox_by_saga" in names
+    plan = " ".join(
+        str(r) for r in db.execute("EXPLAIN QUERY PLAN SELECT id FROM outbox WHERE saga_id = 'x' ORDER BY id DESC")
+    )
+    assert "outbox_by_saga" in plan
+    db.close()
+
+
+@pytest.mark.postgres
+def test_postgres_reads_last_reasons_and_outbox_rows_through_indexes(postgres_url: str, unique: str) -> None:
+    """On PostgreSQL (sequential scans off) the outbox rows of a saga read outbox_by_saga, and the last
+    reasons read the history's primary key."""
+    import psycopg
+
+    store = open_store(f"{postgres_url}?schema={unique}")
+    db = psycopg.connect(postgres_url, autocommit=True)
+    try:
+        db.execute(f"SET search_path TO {unique}")
+        db.execute("SET enable_seqscan = off")
+        plan = " ".join(
+            str(r[0]) for r in db.execute("EXPLAIN SELECT id FROM outbox WHERE saga_id = 'x' ORDER BY id DESC LIMIT 5")
+        )
+        assert "outbox_by_saga" in plan
+        plan = " ".join(
+            str(r[0])
+            for r in db.execute(
+                "EXPLAIN SELECT h.reason FROM saga_history h WHERE h.saga_id IN ('a', 'b')"
+                " AND h.seq = (SELECT max(l.seq) FROM saga_history l WHERE l.saga_id = h.saga_id)"
+            )
+        )
+        assert "saga_history_pkey" in plan
+        assert "Seq Scan" not in plan
+    finally:
         store.close()
         db.close()
         _drop_schema(postgres_url, unique)
