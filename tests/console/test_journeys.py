@@ -236,8 +236,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     schema = f"t{uuid.uuid4().hex[:12]}"
     with _vhost() as amqp_url:
         w = World(amqp_url, f"{POSTGRES_URL}?schema={schema}", schema, tmp_path_factory.mktemp("journeys"))
-        open_store(w.store_url).close()  # creates the schema before workers race to
         try:
+            open_store(w.store_url).close()  # creates the schema before workers race to
             _build(w)
             yield w
         finally:
