@@ -81,10 +81,10 @@ class Postprocessing(Saga):
     states = [
         State("scanning", sends=Request("ocis.antivirus.scan", fields=UPLOAD), timeout=5.0, retries=4,
               on_reply=[Go("reverting", when=_infected, do=set_data(outcome="delete")), Go("checking")],
-              on_failure=ABORT, on_timeout=ABORT),
+              on_failure=ABORT, on_timeout=ABORT, on_compensate=ABORT),
         State("checking", sends=Request("ocis.policies.check", fields=UPLOAD), timeout=5.0, retries=4,
               on_reply=[Go("reverting", when=_too_big, do=set_data(outcome="abort")), Go("finishing", do=_finish)],
-              on_failure=ABORT, on_timeout=ABORT),
+              on_failure=ABORT, on_timeout=ABORT, on_compensate=ABORT),
         State("reverting", sends=Request("ocis.storage.revert", fields=UPLOAD), timeout=5.0, retries=6,
               on_reply=Go("finishing", do=_finish), on_failure="failed"),
         State("finishing", timeout=10.0, on={READY: "done"}, on_timeout="done"),

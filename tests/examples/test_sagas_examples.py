@@ -6,9 +6,10 @@ from types import ModuleType
 
 import pytest
 
-from examples import order, share
+from examples import order, postprocessing, share
 from sagas import App, Event, EventBus, Worker
-from sagas.testing import Delay, Harness
+from sagas.operations import Operations
+from sagas.testing import Delay, Drop, Harness
 from tests.helpers import wait_for
 
 
@@ -114,3 +115,24 @@ def test_a_payment_that_comes_after_the_timeout_is_refunded() -> None:
     assert "shop.payments.authorized" in late[0]
     assert "sent shop.payments.refund" in late[0]
     assert "undone" in late[1]
+
+
+@pytest.mark.parametrize("waiting_in", ["scanning", "checking"])
+def test_an_operator_compensates_an_upload_that_waits_and_it_is_reverted(waiting_in: str) -> None:
+    """An upload whose scan or policy check gets no answer can be compensated by an operator (``sagas
+    compensate``, the console's Compensate): it is aborted, storage reverts it, and it ends done."""
+    request = "ocis.antivirus.scan" if waiting_in == "scanning" else "ocis.policies.check"
+    with Harness(postprocessing.app) as h:
+        h.inject(Drop(), match=request, times=100)
+        h.publish("ocis.storage.bytes_received", {"upload_id": "u1", "name": "a.txt", "size": 10, "user": "marie"})
+        h.run()
+        record = h.saga(postprocessing.Postprocessing, "u1")
+        assert record.state == waiting_in
+        ops = Operations(h.store, sagas=h.app.sagas, bus=h.client_bus(), clock=h.clock)
+        result = ops.compensate(record.id, actor="marie")
+        assert (result.from_state, result.to_state) == (waiting_in, "reverting")
+        assert [t for t, _ in result.published] == ["ocis.storage.revert"]
+        h.settle()
+        done = h.saga(postprocessing.Postprocessing, "u1")
+        assert (done.state, done.data["outcome"]) == ("done", "abort")
+        assert [e.actor for e in h.history(record.id) if e.actor] == ["marie"]
