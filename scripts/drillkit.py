@@ -126,6 +126,19 @@ def lines(out: Path, tag: str) -> list[int]:
     return result
 
 
+def lines_by_worker(out: Path, tag: str) -> dict[int, list[int]]:
+    """The numbers the drill app wrote after ``tag@<pid>`` in ``out``, by worker process id: one line
+    per event, which a kill -9 writes whole or not at all (each line is one write)."""
+    if not out.exists():
+        return {}
+    result: dict[int, list[int]] = {}
+    for line in out.read_text().split("\n")[:-1]:  # (a line still being written is not counted)
+        parts = line.split()
+        if len(parts) == 2 and parts[0].startswith(f"{tag}@"):
+            result.setdefault(int(parts[0].removeprefix(f"{tag}@")), []).append(int(parts[1]))
+    return result
+
+
 def wait(pred: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> None:
     """Poll ``pred`` until it is truthy; raise :class:`WaitTimeout` naming ``what`` after ``timeout`` s."""
     deadline = time.monotonic() + timeout
@@ -336,10 +349,12 @@ class SlowRun:
     sagas: int
     workers: int
     kills: int
-    #: the participant's effects (``book n`` lines), and how many sagas have more than one
+    #: the participant's effects (``book@<pid> n`` lines), and how many sagas have more than one
     effects: int
     duplicates: int
-    #: how many times the work started for a request whose worker was killed on it (each must be 2)
+    #: the requests the killed worker started and did not finish (killed in its handler, or after its
+    #: effect and before the claim recorded it), and how many times their work started in all (each
+    #: must be 2: once on the killed worker, once more after its claim expired)
     restarted: dict[int, int]
     #: sagas whose effect the killed worker had made without recording it (the window no claim closes:
     #: the effect is made again), and the other duplicates (must be 0)
@@ -380,16 +395,19 @@ def slow_participant(
         bus.publish_many([Event("drill.slow.requested", {"trip": f"t{i}", "n": i}) for i in range(sagas)])
         bus.close()
         kills = 0
-        in_flight: set[int] = set()
-        killed_effects: set[int] = set()
+        killed: int | None = None
         if kill:
-            wait(lambda: len(lines(out, "book")) >= sagas // 4, 120, "a quarter of the bookings")
+            wait(lambda: sum(map(len, lines_by_worker(out, "book").values())) >= sagas // 4, 120, "a quarter done")
+            pid = killed = procs[0].pid
+
+            def in_handler() -> bool:  # a request it started and has not made the effect of yet
+                started = lines_by_worker(out, "book-start").get(pid, [])
+                return bool(set(started) - set(lines_by_worker(out, "book").get(pid, [])))
+
+            wait(in_handler, 30, "the worker to kill to be in a handler")
             procs[0].kill()  # kill -9, in the middle of its handlers (each takes 1 s, and they keep coming)
             procs[0].wait(30)
-            killed_effects = set(lines(out, f"book@{procs[0].pid}"))
             kills += 1
-            # What was started and not done when it died: its own requests among them.
-            in_flight = set(lines(out, "book-start")) - set(lines(out, "book"))
             procs[0] = start_worker("drill_app:slow", exchange, out, store_url, url=s.amqp_url, **env)
 
         def all_final() -> bool:
@@ -400,19 +418,26 @@ def slow_participant(
         seconds = time.monotonic() - t0
         time.sleep((lease if kill else 2.0) + 1.5)  # a copy still bouncing would have run the work by now
         listed = store.list_sagas(limit=sagas + 10)
-        effects = collections.Counter(lines(out, "book"))
-        starts = collections.Counter(lines(out, "book-start"))
+        effects_by = lines_by_worker(out, "book")
+        starts_by = lines_by_worker(out, "book-start")
+        effects = collections.Counter(n for ns in effects_by.values() for n in ns)
+        starts = collections.Counter(n for ns in starts_by.values() for n in ns)
         reasons = [h.reason for r in listed for h in store.saga_history(r.id)]
         resends = sum(1 for reason in reasons if reason.startswith("deadline passed: re-sent"))
         waits = sum(1 for reason in reasons if "is being handled" in reason)
         doubled = {n for n, count in effects.items() if count > 1}
+        # The killed worker's work: what it made the effect of, and what it started and did not finish
+        # (no effect, or an effect the claim did not record, so made again).
+        killed_effects = set(effects_by.get(killed, ())) if killed is not None else set()
+        killed_starts = set(starts_by.get(killed, ())) if killed is not None else set()
+        unfinished = (killed_starts - killed_effects) | (killed_effects & doubled)
         return SlowRun(
             sagas=sagas,
             workers=workers,
             kills=kills,
             effects=sum(effects.values()),
             duplicates=sum(1 for n in effects.values() if n > 1),
-            restarted={n: starts[n] for n in sorted(in_flight)},
+            restarted={n: starts[n] for n in sorted(unfinished)},
             unrecorded=len(doubled & killed_effects),
             other_duplicates=len(doubled - killed_effects),
             states=dict(collections.Counter(r.state for r in listed)),
