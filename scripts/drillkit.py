@@ -113,6 +113,43 @@ def start_worker(
         log.close()
 
 
+def stop_workers(procs: list[subprocess.Popen[bytes]], timeout: float = 60) -> list[int]:
+    """SIGTERM every worker still running, then wait for each to exit (kill -9 one that takes more than
+    ``timeout`` seconds); their exit codes."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    codes = []
+    for p in procs:
+        try:
+            codes.append(p.wait(timeout))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            codes.append(p.wait())
+    return codes
+
+
+@contextlib.contextmanager
+def workers_on_schema(
+    s: Services, exchange: str, app: str, out: Path, count: int, **env: str
+) -> Iterator[tuple[Store, list[subprocess.Popen[bytes]]]]:
+    """``count`` workers of ``app`` on ``exchange``, sharing the PostgreSQL schema ``exchange`` (made
+    first, so they do not race to), and a store on it for the drill. Afterwards, always: the workers
+    stopped (:func:`stop_workers`, also those put in the list meanwhile), the store closed, the schema
+    dropped and the exchange's queues deleted."""
+    store = pg_store(exchange, s.postgres_url)
+    url = f"{s.postgres_url}?schema={exchange}"
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        procs.extend(start_worker(app, exchange, out, url, url=s.amqp_url, **env) for _ in range(count))
+        yield store, procs
+    finally:
+        stop_workers(procs)
+        store.close()
+        drop_schema(exchange, s.postgres_url)
+        cleanup(exchange, s.node, s.amqp_url)
+
+
 def lines(out: Path, tag: str) -> list[int]:
     """The numbers the drill app wrote after ``tag`` in ``out``, one per handled event, in order."""
     if not out.exists():
@@ -381,9 +418,7 @@ def slow_participant(
         "DRILL_SLOW_TIMEOUT": "0.4",
         "SAGAS_CLAIM_LEASE": str(lease),
     }
-    store = pg_store(exchange, s.postgres_url)  # creates the schema before the workers race to
-    procs = [start_worker("drill_app:slow", exchange, out, store_url, url=s.amqp_url, **env) for _ in range(workers)]
-    try:
+    with workers_on_schema(s, exchange, "drill_app:slow", out, workers, **env) as (store, procs):
         for queue in (f"{exchange}.saga.slow_trip", f"{exchange}.slow_hotels.book"):
 
             def consuming(q: str = queue) -> bool:
@@ -445,19 +480,6 @@ def slow_participant(
             waits=waits,
             seconds=round(seconds, 1),
         )
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(60)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        store.close()
-        drop_schema(exchange, s.postgres_url)
-        cleanup(exchange, s.node, s.amqp_url)
 
 
 # -- one saga's own code raises on timeout ------------------------------------------------------------
@@ -482,11 +504,8 @@ def bad_timeout(s: Services, tmp: Path, exchange: str, *, orders: int = 11, work
     customer's name) on ``workers`` worker processes sharing a PostgreSQL store; the first is placed
     without a customer, so its saga's timeout action raises ``KeyError``, and it has the earliest
     deadline. Nobody pays, so every good order is cancelled at its deadline."""
-    store_url = f"{s.postgres_url}?schema={exchange}"
     out = tmp / f"{exchange}.txt"
-    store = pg_store(exchange, s.postgres_url)
-    procs = [start_worker("drill_app:unpaid", exchange, out, store_url, url=s.amqp_url) for _ in range(workers)]
-    try:
+    with workers_on_schema(s, exchange, "drill_app:unpaid", out, workers) as (store, _procs):
         queue = f"{exchange}.saga.unpaid_order"
         wait(lambda: consumers(queue, s.amqp_url) == workers, 60, f"{workers} workers consuming {queue}")
         bus = EventBus(s.amqp_url, exchange=exchange)
@@ -524,18 +543,6 @@ def bad_timeout(s: Services, tmp: Path, exchange: str, *, orders: int = 11, work
             good_final_after=good_final_after,
             parked_reason=parked[-1] if parked else "",
         )
-    finally:
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(60)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        store.close()
-        drop_schema(exchange, s.postgres_url)
-        cleanup(exchange, s.node, s.amqp_url)
 
 
 # -- a broker that stops answering (a black hole) in front of the first host of a fail-over URL ---------
@@ -646,13 +653,7 @@ def black_hole_failover(
             handled = set(lines(out, "alo")) & set(range(events_during))
             moved = sum(1 for r in listed if r.final) - final_at_freeze
         finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-            try:
-                code: int | None = proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                code = proc.wait()
+            code: int | None = stop_workers([proc])[0]
             saga_store.close()
     log = out.with_suffix(".log")
     text = log.read_text(errors="replace") if log.exists() else ""
