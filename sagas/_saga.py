@@ -209,7 +209,13 @@ class LateUndo:
 
     def deadline_after(self, attempt: int, rng: random.Random | None = None) -> float:
         """Seconds until the deadline after send number ``attempt`` (1-based), with +-10 % jitter."""
-        return self.timeout * self.backoff ** (attempt - 1) * (0.9 + 0.2 * (rng or random).random())
+        return backoff_wait(self.timeout, self.backoff, attempt, rng)
+
+
+def backoff_wait(timeout: float, backoff: float, attempt: int, rng: random.Random | None = None) -> float:
+    """Seconds until the deadline after send number ``attempt`` (1-based) of a request with this
+    ``timeout`` and ``backoff``: ``timeout * backoff ** (attempt - 1)``, with +-10 % jitter."""
+    return timeout * backoff ** (attempt - 1) * (0.9 + 0.2 * (rng or random).random())
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,8 +280,7 @@ class State:
 
     def deadline_after(self, attempt: int, rng: random.Random | None = None) -> float:
         """Seconds until the deadline after send number ``attempt`` (1-based), with +-10 % jitter."""
-        base = (self.timeout or 0.0) * self.backoff ** (attempt - 1)
-        return base * (0.9 + 0.2 * (rng or random).random())
+        return backoff_wait(self.timeout or 0.0, self.backoff, attempt, rng)
 
     @property
     def handling_limit(self) -> float:

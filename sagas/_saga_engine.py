@@ -35,6 +35,7 @@ import transitions
 
 from transport import CONTENT_TYPE, Event, decode, encode
 
+from . import _late
 from ._errors import ActionRefused, ConfigurationError, NotFound, SagaCodeError, SagasError
 from ._protocol import (
     COMPENSATE,
@@ -66,17 +67,9 @@ _CONFLICT_RETRIES = 10
 #: the end of a saga code error's traceback kept in the saga's history
 _TRACEBACK_CHARS = 4000
 
-#: In a saga's metadata: what it stopped waiting for without getting it (requests, by id, and
-#: events), kept while a state's ``late=`` (or a step's compensation) says how to undo a late success
-AWAITED_META = "awaited"
-#: In a saga's metadata: the compensations of late successes in flight, each with its own deadline
-LATE_META = "late"
 #: In a saga's metadata, for a saga its own code parked while applying a message: that message (and the
 #: state and request it met), which ``retry`` applies again
 PARKED_ON_META = "parked_on"
-#: In a saga's metadata, while late compensations are in flight: the state's own deadline (the
-#: record's deadline is the earliest of it and theirs)
-OWN_DEADLINE_META = "own_deadline"
 
 
 class _Model:
@@ -241,7 +234,7 @@ class SagaEngine:
             waiting: SagaRecord | None = self.store.find_saga(d.type, key)
             trigger = on_event(event.type)
             if waiting is not None and (waiting.final or trigger not in d.triggers_from(waiting.state)):
-                late = _awaited(waiting.meta, what=event.type)
+                late = _late.awaited(waiting.meta, what=event.type)
                 if late is not None:  # an event the saga stopped waiting for: a late success
                     return self._late_success(d, waiting, late, event, event.payload, inbox)
             if waiting is None or waiting.final:
@@ -334,9 +327,9 @@ class SagaEngine:
             meta["failed_from"], meta["reason"] = _resume_from(d, previous, compensation), reason
         left = old_meta.get("request") or {}
         if not supersede:
-            awaited = _left_unanswered(d, previous, left, answered, taken, now)
+            awaited = _late.left_unanswered(d, previous, left, answered, taken, now)
             if awaited:
-                meta[AWAITED_META] = [*(old_meta.get(AWAITED_META) or ()), *awaited]
+                meta[_late.AWAITED_META] = [*(old_meta.get(_late.AWAITED_META) or ()), *awaited]
         own: float | None = None
         if state.final:
             record.final, record.attempts = True, 0
@@ -360,7 +353,7 @@ class SagaEngine:
                 record.attempts = 0
             own = now + state.deadline_after(max(record.attempts, 1), self.rng)
         record.meta = meta
-        _set_deadline(record, own)
+        _late.set_deadline(record, own)
         history = HistoryEntry(now, message_id, previous or "-", new_state, reason + detail, actor)
         try:
             rows: list[OutboxRow] = self.store.save_saga(
@@ -413,12 +406,12 @@ class SagaEngine:
         d = self.definitions.get(record.type)
         if d is None:
             return []
-        late = record.meta.get(LATE_META) or []
+        late = record.meta.get(_late.LATE_META) or []
         if late:
             first = min(late, key=lambda e: float(e["due"]))
             if float(first["due"]) <= self.clock():
                 return self._late_deadline(d, record, first)
-            if record.final or (own := _own_deadline(record)) is None or own > self.clock():
+            if record.final or (own := _late.own_deadline(record)) is None or own > self.clock():
                 return []  # only a late compensation had a deadline, and it is not due any more
         if record.final:
             return []
@@ -469,7 +462,7 @@ class SagaEngine:
         """Commit a deadline that keeps the saga in its state: the next deadline, the history entry, and
         what it sends (the re-sent request, or nothing while a participant is still on it)."""
         record.version += 1
-        _set_deadline(record, deadline)
+        _late.set_deadline(record, deadline)
         record.updated_at = now
         history = HistoryEntry(now, message_id, record.state, record.state, reason)
         rows: list[OutboxRow] = self.store.save_saga(
@@ -485,7 +478,7 @@ class SagaEngine:
                 return []
             d = self.definitions[record.type]
             pending = record.meta.get("request") or {}
-            late = [e for e in record.meta.get(LATE_META) or () if e["id"] == request_id]
+            late = [e for e in record.meta.get(_late.LATE_META) or () if e["id"] == request_id]
             if late:
                 try:
                     return self._late_gave_up(d, record, late[0], f"unroutable:{request_id}", reason, None)
@@ -569,7 +562,7 @@ class SagaEngine:
     ) -> Applied:
         """A reply to a request the saga does not wait on (any more): the answer of a late success's
         compensation, a late success, or a duplicate or a late failure, which change nothing."""
-        for entry in record.meta.get(LATE_META) or ():
+        for entry in record.meta.get(_late.LATE_META) or ():
             if entry["id"] == request_id:
                 if ok:
                     return self._late_undone(d, record, entry, event.id, inbox)
@@ -577,7 +570,7 @@ class SagaEngine:
                 return Applied(
                     record, True, self._late_gave_up(d, record, entry, event.id, why, inbox), why, LATE_SUCCESS
                 )
-        awaited = _awaited(record.meta, request_id=request_id) if request_id else None
+        awaited = _late.awaited(record.meta, request_id=request_id) if request_id else None
         if awaited is not None and ok:
             return self._late_success(d, record, awaited, event, result, inbox)
         why = "the saga has ended" if record.final else "the saga no longer waits on that request"
@@ -599,14 +592,14 @@ class SagaEngine:
         (with its own deadline and retries), and record it in the history."""
         now = self.clock()
         meta = dict(record.meta)
-        meta[AWAITED_META] = [e for e in meta.get(AWAITED_META) or () if e is not awaited]
+        meta[_late.AWAITED_META] = [e for e in meta.get(_late.AWAITED_META) or () if e is not awaited]
         what, where = str(awaited["what"]), str(awaited["state"])
         came = f"{what} succeeded after the saga stopped waiting for it in {where}"
         outgoing: list[Outgoing] = []
         undone_step = d.undo_states.get(where)
         undo = None if undone_step is not None else d.late_undo(awaited, record.state, record.meta)
         if undone_step is not None:
-            meta[COMPENSATION_META] = _mark_undone(meta, undone_step)
+            meta[COMPENSATION_META] = _late.mark_undone(meta, undone_step)
             reason = f"late success: {came}: {undone_step} is undone after all"
             if record.state == FAILED and not meta[COMPENSATION_META]["not_undone"] and "compensated" in d.states:
                 # parked because that compensation went unanswered: now nothing is left to undo
@@ -638,22 +631,9 @@ class SagaEngine:
                     record.id, d.type, record.version + 1, undo.request.type, undo.request.build(ctx), event.id
                 )
                 body = encode(request).decode()
-            meta[LATE_META] = [
-                *(meta.get(LATE_META) or ()),
-                {
-                    "id": request.id,
-                    "type": request.type,
-                    "body": body,
-                    "state": where,
-                    "what": what,
-                    "step": undo.step,
-                    "sent_at": now,
-                    "attempts": 1,
-                    "timeout": undo.timeout,
-                    "retries": undo.retries,
-                    "backoff": undo.backoff,
-                    "due": now + undo.deadline_after(1, self.rng),
-                },
+            meta[_late.LATE_META] = [
+                *(meta.get(_late.LATE_META) or ()),
+                _late.late_compensation(request.id, request.type, body, where, what, undo, now, self.rng),
             ]
             outgoing.append(Outgoing(request.id, request.type, body, mandatory=True))
             reason = f"late success: {came}: sent {request.type} to undo it"
@@ -673,9 +653,9 @@ class SagaEngine:
     ) -> Applied:
         """The compensation of a late success answered: the effect is undone."""
         meta = dict(record.meta)
-        meta[LATE_META] = [e for e in meta.get(LATE_META) or () if e["id"] != entry["id"]]
+        meta[_late.LATE_META] = _late.late_but(meta, entry["id"])
         if entry.get("step"):
-            meta[COMPENSATION_META] = _mark_undone(meta, str(entry["step"]))
+            meta[COMPENSATION_META] = _late.mark_undone(meta, str(entry["step"]))
         reason = f"late success of {entry['what']} undone: {entry['type']} answered"
         log.info("saga.late_success_undone", saga_id=record.id, saga_type=d.type, what=entry["what"])
         return Applied(
@@ -686,18 +666,15 @@ class SagaEngine:
         """A late success's compensation is due: send it again (same id), or give up after its retries."""
         now = self.clock()
         message_id = f"deadline:{record.id}:{record.version}"
-        attempts = int(entry["attempts"])
-        if attempts >= int(entry["retries"]) + 1:
-            why = f"{entry['type']} got no answer after {attempts} request(s)"
+        if _late.spent(entry):
+            why = f"{entry['type']} got no answer after {int(entry['attempts'])} request(s)"
             return self._late_gave_up(d, record, entry, message_id, why, None)
-        again = dict(entry, attempts=attempts + 1)
-        wait = float(entry["timeout"]) * float(entry["backoff"]) ** attempts * (0.9 + 0.2 * self.rng.random())
-        again["due"] = now + wait
+        again = _late.sent_again(entry, now, self.rng)
         meta = dict(record.meta)
-        meta[LATE_META] = [again if e["id"] == entry["id"] else e for e in meta.get(LATE_META) or ()]
+        meta[_late.LATE_META] = [again if e["id"] == entry["id"] else e for e in meta.get(_late.LATE_META) or ()]
         reason = (
             f"deadline passed: re-sent {entry['type']} to undo the late success of {entry['what']} "
-            f"(attempt {attempts + 1})"
+            f"(attempt {again['attempts']})"
         )
         resend = Outgoing(str(entry["id"]), str(entry["type"]), str(entry["body"]), mandatory=True)
         return self._aside(record, meta, now, message_id, reason, None, [resend])
@@ -714,13 +691,8 @@ class SagaEngine:
         """A late success could not be undone: its effect remains. The saga says so, and parks in
         ``failed`` (or stays there) for an operator."""
         meta = dict(record.meta)
-        meta[LATE_META] = [e for e in meta.get(LATE_META) or () if e["id"] != entry["id"]]
-        remains = str(entry.get("step") or entry["what"])
-        compensation = meta.get(COMPENSATION_META) or {}
-        meta[COMPENSATION_META] = {  # (a step undone before is in place again)
-            "undone": [s for s in compensation.get("undone", ()) if s != remains],
-            "not_undone": [*(s for s in compensation.get("not_undone", ()) if s != remains), remains],
-        }
+        meta[_late.LATE_META] = _late.late_but(meta, entry["id"])
+        meta[COMPENSATION_META] = _late.mark_not_undone(meta, str(entry.get("step") or entry["what"]))
         reason = f"could not undo the late success of {entry['what']} ({why}): its effect remains"
         log.warning("saga.late_success_not_undone", saga_id=record.id, saga_type=d.type, what=entry["what"], why=why)
         if record.state == FAILED:
@@ -741,11 +713,11 @@ class SagaEngine:
     ) -> list[OutboxRow]:
         """Commit a change beside the state machine (the saga stays in its state): its metadata, the
         history entry, what it sends, and the deadline (the state's own, or a late compensation's)."""
-        own = _own_deadline(record)
+        own = _late.own_deadline(record)
         record.version += 1
         record.meta = meta
         record.updated_at = now
-        _set_deadline(record, own)
+        _late.set_deadline(record, own)
         history = HistoryEntry(now, message_id, record.state, record.state, reason)
         rows: list[OutboxRow] = self.store.save_saga(
             record, expected_version=record.version - 1, history=history, inbox=inbox, outbox=outgoing
@@ -823,12 +795,10 @@ class SagaEngine:
             result, reason, answered = reply.result, reply.reason, (reply.request_id, reply.ok)
             request_type = str(pending.get("type") or self._reply_of[d.type][event.type])
             trigger = on_reply(request_type) if reply.ok else on_failure(request_type)
-            meta[AWAITED_META] = [e for e in meta.get(AWAITED_META) or () if e.get("id") != reply.request_id]
+            meta[_late.AWAITED_META] = _late.awaited_but(meta, request_id=reply.request_id)
         else:
             trigger = on_event(event.type)
-            meta[AWAITED_META] = [
-                e for e in meta.get(AWAITED_META) or () if not (e.get("id") is None and e.get("what") == event.type)
-            ]
+            meta[_late.AWAITED_META] = _late.awaited_but(meta, what=event.type)
         again = dataclasses.replace(record, state=state, final=False, meta=meta)
         ctx = _context(d, again, event, result, reason)
         why = f"operator: retry: {event.type} applied again in {state}"
@@ -914,72 +884,6 @@ def _refused_if_code_fails(saga_id: str) -> Iterator[None]:
         yield
     except SagaCodeError as error:
         raise ActionRefused(f"saga {saga_id}: {error}; nothing was changed: fix the code or the data first") from error
-
-
-def _left_unanswered(
-    d: SagaDefinition,
-    previous: str,
-    left: Mapping[str, Any],
-    answered: tuple[str, bool] | None,
-    taken: str | None,
-    now: float,
-) -> list[dict[str, Any]]:
-    """What a saga leaving ``previous`` waited for and did not get, where a late success would need
-    undoing: the ids of its request (all attempts but the one that answered; ``counted`` when one
-    succeeded) and the events its ``late=`` names, but the one that moved it."""
-    if previous not in d.states:
-        return []
-    undoes = d.late.get(previous, {})
-    out: list[dict[str, Any]] = []
-    request_type = left.get("type")
-    if left and (request_type in undoes or previous in d.undo_states):
-        counted = answered is not None and answered[1]
-        for request_id in (left["id"], *(left.get("superseded") or ())):
-            if answered is None or request_id != answered[0]:
-                out.append({"id": request_id, "state": previous, "what": request_type, "counted": counted, "at": now})
-    for what in undoes:
-        if what != request_type and what != taken:
-            out.append({"id": None, "state": previous, "what": what, "counted": False, "at": now})
-    return out
-
-
-def _awaited(meta: Mapping[str, Any], *, request_id: str | None = None, what: str | None = None) -> Any:
-    """The latest thing the saga stopped waiting for with this request id (or, for an event, type)."""
-    for entry in reversed(meta.get(AWAITED_META) or ()):
-        if (request_id is not None and entry.get("id") == request_id) or (
-            what is not None and entry.get("id") is None and entry.get("what") == what
-        ):
-            return entry
-    return None
-
-
-def _mark_undone(meta: Mapping[str, Any], step: str) -> dict[str, list[str]]:
-    """The compensation metadata with ``step`` undone (and no longer listed as not undone)."""
-    compensation = meta.get(COMPENSATION_META) or {}
-    undone = list(compensation.get("undone", ()))
-    return {
-        "undone": undone if step in undone else [*undone, step],  # (in the order first undone)
-        "not_undone": [s for s in compensation.get("not_undone", ()) if s != step],
-    }
-
-
-def _own_deadline(record: SagaRecord) -> float | None:
-    """The deadline of the saga's state (not of a late success's compensation)."""
-    if record.meta.get(LATE_META):
-        own = record.meta.get(OWN_DEADLINE_META)
-        return None if own is None else float(own)
-    return record.deadline
-
-
-def _set_deadline(record: SagaRecord, own: float | None) -> None:
-    """Set the record's deadline: the state's own (``own``), or a late compensation's if earlier."""
-    late = record.meta.get(LATE_META) or []
-    if not late:
-        record.meta.pop(OWN_DEADLINE_META, None)
-        record.deadline = own
-        return
-    record.meta[OWN_DEADLINE_META] = own
-    record.deadline = min([float(e["due"]) for e in late] + ([own] if own is not None else []))
 
 
 def _resume_from(d: SagaDefinition, previous: str, compensation: Mapping[str, Any] | None) -> str:

@@ -55,11 +55,11 @@ hotels = Service("slow_hotels")
 # (concurrency: one request per pool thread, so a kill -9 catches at most 4 done and not yet recorded)
 @hotels.handles("drill.slow.book", cache_replies=True, concurrency=4)
 def book(event: Event) -> dict[str, Any]:
-    """A slow participant: ``book-start n`` when it starts, ``book n`` (the effect) when it is done,
-    and ``book@<pid> n``: which worker process did it."""
-    _record("book-start", event)
+    """A slow participant: ``book-start@<pid> n`` when it starts, ``book@<pid> n`` (the effect) when it
+    is done, each with the worker process that did it, in one line (one write: a kill -9 leaves it
+    whole or not at all)."""
+    _record(f"book-start@{os.getpid()}", event)
     time.sleep(float(os.environ.get("DRILL_SLOW_SECONDS", "1.5")))
-    _record("book", event)
     _record(f"book@{os.getpid()}", event)
     return {"room": event.payload["n"]}
 

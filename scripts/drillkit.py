@@ -113,6 +113,43 @@ def start_worker(
         log.close()
 
 
+def stop_workers(procs: list[subprocess.Popen[bytes]], timeout: float = 60) -> list[int]:
+    """SIGTERM every worker still running, then wait for each to exit (kill -9 one that takes more than
+    ``timeout`` seconds); their exit codes."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    codes = []
+    for p in procs:
+        try:
+            codes.append(p.wait(timeout))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            codes.append(p.wait())
+    return codes
+
+
+@contextlib.contextmanager
+def workers_on_schema(
+    s: Services, exchange: str, app: str, out: Path, count: int, **env: str
+) -> Iterator[tuple[Store, list[subprocess.Popen[bytes]]]]:
+    """``count`` workers of ``app`` on ``exchange``, sharing the PostgreSQL schema ``exchange`` (made
+    first, so they do not race to), and a store on it for the drill. Afterwards, always: the workers
+    stopped (:func:`stop_workers`, also those put in the list meanwhile), the store closed, the schema
+    dropped and the exchange's queues deleted."""
+    store = pg_store(exchange, s.postgres_url)
+    url = f"{s.postgres_url}?schema={exchange}"
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        procs.extend(start_worker(app, exchange, out, url, url=s.amqp_url, **env) for _ in range(count))
+        yield store, procs
+    finally:
+        stop_workers(procs)
+        store.close()
+        drop_schema(exchange, s.postgres_url)
+        cleanup(exchange, s.node, s.amqp_url)
+
+
 def lines(out: Path, tag: str) -> list[int]:
     """The numbers the drill app wrote after ``tag`` in ``out``, one per handled event, in order."""
     if not out.exists():
@@ -123,6 +160,19 @@ def lines(out: Path, tag: str) -> list[int]:
         parts = line.split()
         if len(parts) == 2 and parts[0] == tag:
             result.append(int(parts[1]))
+    return result
+
+
+def lines_by_worker(out: Path, tag: str) -> dict[int, list[int]]:
+    """The numbers the drill app wrote after ``tag@<pid>`` in ``out``, by worker process id: one line
+    per event, which a kill -9 writes whole or not at all (each line is one write)."""
+    if not out.exists():
+        return {}
+    result: dict[int, list[int]] = {}
+    for line in out.read_text().split("\n")[:-1]:  # (a line still being written is not counted)
+        parts = line.split()
+        if len(parts) == 2 and parts[0].startswith(f"{tag}@"):
+            result.setdefault(int(parts[0].removeprefix(f"{tag}@")), []).append(int(parts[1]))
     return result
 
 
@@ -336,10 +386,12 @@ class SlowRun:
     sagas: int
     workers: int
     kills: int
-    #: the participant's effects (``book n`` lines), and how many sagas have more than one
+    #: the participant's effects (``book@<pid> n`` lines), and how many sagas have more than one
     effects: int
     duplicates: int
-    #: how many times the work started for a request whose worker was killed on it (each must be 2)
+    #: the requests the killed worker started and did not finish (killed in its handler, or after its
+    #: effect and before the claim recorded it), and how many times their work started in all (each
+    #: must be 2: once on the killed worker, once more after its claim expired)
     restarted: dict[int, int]
     #: sagas whose effect the killed worker had made without recording it (the window no claim closes:
     #: the effect is made again), and the other duplicates (must be 0)
@@ -366,9 +418,7 @@ def slow_participant(
         "DRILL_SLOW_TIMEOUT": "0.4",
         "SAGAS_CLAIM_LEASE": str(lease),
     }
-    store = pg_store(exchange, s.postgres_url)  # creates the schema before the workers race to
-    procs = [start_worker("drill_app:slow", exchange, out, store_url, url=s.amqp_url, **env) for _ in range(workers)]
-    try:
+    with workers_on_schema(s, exchange, "drill_app:slow", out, workers, **env) as (store, procs):
         for queue in (f"{exchange}.saga.slow_trip", f"{exchange}.slow_hotels.book"):
 
             def consuming(q: str = queue) -> bool:
@@ -380,16 +430,19 @@ def slow_participant(
         bus.publish_many([Event("drill.slow.requested", {"trip": f"t{i}", "n": i}) for i in range(sagas)])
         bus.close()
         kills = 0
-        in_flight: set[int] = set()
-        killed_effects: set[int] = set()
+        killed: int | None = None
         if kill:
-            wait(lambda: len(lines(out, "book")) >= sagas // 4, 120, "a quarter of the bookings")
+            wait(lambda: sum(map(len, lines_by_worker(out, "book").values())) >= sagas // 4, 120, "a quarter done")
+            pid = killed = procs[0].pid
+
+            def in_handler() -> bool:  # a request it started and has not made the effect of yet
+                started = lines_by_worker(out, "book-start").get(pid, [])
+                return bool(set(started) - set(lines_by_worker(out, "book").get(pid, [])))
+
+            wait(in_handler, 30, "the worker to kill to be in a handler")
             procs[0].kill()  # kill -9, in the middle of its handlers (each takes 1 s, and they keep coming)
             procs[0].wait(30)
-            killed_effects = set(lines(out, f"book@{procs[0].pid}"))
             kills += 1
-            # What was started and not done when it died: its own requests among them.
-            in_flight = set(lines(out, "book-start")) - set(lines(out, "book"))
             procs[0] = start_worker("drill_app:slow", exchange, out, store_url, url=s.amqp_url, **env)
 
         def all_final() -> bool:
@@ -400,19 +453,26 @@ def slow_participant(
         seconds = time.monotonic() - t0
         time.sleep((lease if kill else 2.0) + 1.5)  # a copy still bouncing would have run the work by now
         listed = store.list_sagas(limit=sagas + 10)
-        effects = collections.Counter(lines(out, "book"))
-        starts = collections.Counter(lines(out, "book-start"))
+        effects_by = lines_by_worker(out, "book")
+        starts_by = lines_by_worker(out, "book-start")
+        effects = collections.Counter(n for ns in effects_by.values() for n in ns)
+        starts = collections.Counter(n for ns in starts_by.values() for n in ns)
         reasons = [h.reason for r in listed for h in store.saga_history(r.id)]
         resends = sum(1 for reason in reasons if reason.startswith("deadline passed: re-sent"))
         waits = sum(1 for reason in reasons if "is being handled" in reason)
         doubled = {n for n, count in effects.items() if count > 1}
+        # The killed worker's work: what it made the effect of, and what it started and did not finish
+        # (no effect, or an effect the claim did not record, so made again).
+        killed_effects = set(effects_by.get(killed, ())) if killed is not None else set()
+        killed_starts = set(starts_by.get(killed, ())) if killed is not None else set()
+        unfinished = (killed_starts - killed_effects) | (killed_effects & doubled)
         return SlowRun(
             sagas=sagas,
             workers=workers,
             kills=kills,
             effects=sum(effects.values()),
             duplicates=sum(1 for n in effects.values() if n > 1),
-            restarted={n: starts[n] for n in sorted(in_flight)},
+            restarted={n: starts[n] for n in sorted(unfinished)},
             unrecorded=len(doubled & killed_effects),
             other_duplicates=len(doubled - killed_effects),
             states=dict(collections.Counter(r.state for r in listed)),
@@ -420,19 +480,6 @@ def slow_participant(
             waits=waits,
             seconds=round(seconds, 1),
         )
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(60)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        store.close()
-        drop_schema(exchange, s.postgres_url)
-        cleanup(exchange, s.node, s.amqp_url)
 
 
 # -- one saga's own code raises on timeout ------------------------------------------------------------
@@ -457,11 +504,8 @@ def bad_timeout(s: Services, tmp: Path, exchange: str, *, orders: int = 11, work
     customer's name) on ``workers`` worker processes sharing a PostgreSQL store; the first is placed
     without a customer, so its saga's timeout action raises ``KeyError``, and it has the earliest
     deadline. Nobody pays, so every good order is cancelled at its deadline."""
-    store_url = f"{s.postgres_url}?schema={exchange}"
     out = tmp / f"{exchange}.txt"
-    store = pg_store(exchange, s.postgres_url)
-    procs = [start_worker("drill_app:unpaid", exchange, out, store_url, url=s.amqp_url) for _ in range(workers)]
-    try:
+    with workers_on_schema(s, exchange, "drill_app:unpaid", out, workers) as (store, _procs):
         queue = f"{exchange}.saga.unpaid_order"
         wait(lambda: consumers(queue, s.amqp_url) == workers, 60, f"{workers} workers consuming {queue}")
         bus = EventBus(s.amqp_url, exchange=exchange)
@@ -499,18 +543,6 @@ def bad_timeout(s: Services, tmp: Path, exchange: str, *, orders: int = 11, work
             good_final_after=good_final_after,
             parked_reason=parked[-1] if parked else "",
         )
-    finally:
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(60)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        store.close()
-        drop_schema(exchange, s.postgres_url)
-        cleanup(exchange, s.node, s.amqp_url)
 
 
 # -- a broker that stops answering (a black hole) in front of the first host of a fail-over URL ---------
@@ -621,13 +653,7 @@ def black_hole_failover(
             handled = set(lines(out, "alo")) & set(range(events_during))
             moved = sum(1 for r in listed if r.final) - final_at_freeze
         finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-            try:
-                code: int | None = proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                code = proc.wait()
+            code: int | None = stop_workers([proc])[0]
             saga_store.close()
     log = out.with_suffix(".log")
     text = log.read_text(errors="replace") if log.exists() else ""

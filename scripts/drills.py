@@ -398,7 +398,7 @@ def slow(s: Services, n: int) -> None:
                 f"(made by the killed worker and not recorded: {run.unrecorded}; other: {run.other_duplicates}); "
                 f"states {run.states}; requests re-sent by deadlines {run.resends}, "
                 f"deadlines that waited on a request being handled {run.waits}; "
-                f"in flight at the kill: {len(run.restarted)} (started twice: {restarted.get(2, 0)}); "
+                f"unfinished by the killed worker: {len(run.restarted)} (started twice: {restarted.get(2, 0)}); "
                 f"all final after {run.seconds}s"
             )
 

@@ -248,18 +248,15 @@ class FailoverConnection:
     def close(self) -> None:
         """Close the connection. Unacked messages go back to their queues (broker side). Waits for the
         broker's close-ok ``close_timeout`` seconds at most, then drops the socket."""
-        with self.lock:
-            conn, self._conn = self._conn, None
-            self._on_close()
-            if conn is not None:
-                if self.memory:
-                    close_quietly(conn)
-                else:
-                    close_within(conn, self.close_timeout)
+        self._let_go(lambda conn: close_within(conn, self.close_timeout))
 
     def drop(self) -> None:
         """Throw the connection away without a close handshake (it broke, or its broker stopped
         answering): the socket is closed at once, and the broker requeues what was unacked on it."""
+        self._let_go(drop)
+
+    def _let_go(self, end: Callable[[Connection], None]) -> None:
+        """Forget the connection and end it with ``end`` (a memory:// one is closed quietly)."""
         with self.lock:
             conn, self._conn = self._conn, None
             self._on_close()
@@ -267,7 +264,7 @@ class FailoverConnection:
                 if self.memory:
                     close_quietly(conn)
                 else:
-                    drop(conn)
+                    end(conn)
 
     def lost(self, exc: BaseException) -> ConnectionLost:
         """Drop the connection after it broke with ``exc``, and return the :class:`ConnectionLost` to

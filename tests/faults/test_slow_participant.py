@@ -50,5 +50,7 @@ def test_work_of_a_killed_claimant_runs_again_once_after_its_lease(
     assert run.other_duplicates == 0
     assert run.unrecorded <= 4
     assert run.effects == SAGAS + run.unrecorded
-    assert set(run.restarted.values()) <= {1, 2}
-    assert 2 in run.restarted.values()  # the killed worker's requests started again, once
+    # The killed worker's unfinished requests (killed in the handler, or after the effect and before the
+    # claim recorded it): there were some, and each started again exactly once.
+    assert run.restarted
+    assert set(run.restarted.values()) == {2}, run.restarted

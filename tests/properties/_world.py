@@ -10,10 +10,30 @@ from typing import Any
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, rule
 
-from sagas.testing import Harness
+from sagas.testing import Harness, VirtualClock
 from sagas.testing.strategies import crashes
+from tests import report
 
 WORKERS = 2
+
+
+def report_run(h: Harness, scenario: str, **figures: int) -> None:
+    """Add one example's figures to the test report: the faults ``h`` injected, the virtual time it took,
+    and the machine's own ``figures``."""
+    s = h.stats
+    report.add(
+        scenario,
+        examples=1,
+        messages=s.published,
+        dropped=s.dropped,
+        duplicated=s.duplicated,
+        delayed=s.delayed,
+        reordered=s.reordered,
+        worker_crashes=sum(s.crashes.values()),
+        broker_restarts=s.broker_restarts,
+        virtual_seconds=round(h.clock() - VirtualClock().now),
+        **figures,
+    )
 
 
 class FaultyWorld(RuleBasedStateMachine):

@@ -52,10 +52,9 @@ from hypothesis.stateful import initialize, invariant, rule
 from sagas import ActionRefused, App, Event, Failure, NotFound, SagaRecord, Service, Start, Step, StepSaga
 from sagas._handlers import HandlerOutcome
 from sagas._protocol import reply_event
-from sagas.testing import Harness, VirtualClock
+from sagas.testing import Harness
 from sagas.testing.strategies import message_faults
-from tests import report
-from tests.properties._world import WORKERS, FaultyWorld
+from tests.properties._world import WORKERS, FaultyWorld, report_run
 
 # -- the participants' ledger ------------------------------------------------------------------------
 
@@ -352,19 +351,10 @@ class LedgerFaults(FaultyWorld):
     def teardown(self) -> None:
         try:
             self.faults_stop_and_every_saga_ends()
-            s = self.h.stats
             records = self.sagas()
-            report.add(
+            report_run(
+                self.h,
                 "the compensation ledger rule under faults and operator actions (hypothesis)",
-                examples=1,
-                messages=s.published,
-                dropped=s.dropped,
-                duplicated=s.duplicated,
-                delayed=s.delayed,
-                reordered=s.reordered,
-                worker_crashes=sum(s.crashes.values()),
-                broker_restarts=s.broker_restarts,
-                virtual_seconds=round(self.h.clock() - VirtualClock().now),
                 sagas_started=len(records),
                 sagas_completed=sum(r.state == "completed" for r in records),
                 sagas_compensated=sum(r.state == "compensated" for r in records),

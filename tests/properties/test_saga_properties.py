@@ -33,10 +33,9 @@ from hypothesis import strategies as st
 from hypothesis.stateful import initialize, invariant, rule
 
 from sagas import App, Event, Failure, SagaContext, Service, Start, Step, StepSaga
-from sagas.testing import Harness, Stats, VirtualClock
+from sagas.testing import Harness, Stats
 from sagas.testing.strategies import message_faults
-from tests import report
-from tests.properties._world import WORKERS, FaultyWorld
+from tests.properties._world import WORKERS, FaultyWorld, report_run
 
 #: (effect, trip, request id) in the order the participants applied them
 EFFECTS: list[tuple[str, str, str]] = []
@@ -146,7 +145,7 @@ class SagaFaults(FaultyWorld):
     def teardown(self) -> None:
         try:
             self.faults_stop_and_every_saga_ends()
-            _report(
+            report_run(
                 self.h,
                 "sagas under any fault schedule (hypothesis)",
                 sagas_started=len(self.h.sagas(Trip)),
@@ -224,23 +223,6 @@ class SagaFaults(FaultyWorld):
                 continue
             _check_compensations(key, record.state, record.meta, self.trips[key], h.stats)
         _check_effects(h.stats)
-
-
-def _report(h: Harness, scenario: str, **figures: int) -> None:
-    s = h.stats
-    report.add(
-        scenario,
-        examples=1,
-        messages=s.published,
-        dropped=s.dropped,
-        duplicated=s.duplicated,
-        delayed=s.delayed,
-        reordered=s.reordered,
-        worker_crashes=sum(s.crashes.values()),
-        broker_restarts=s.broker_restarts,
-        virtual_seconds=round(h.clock() - VirtualClock().now),
-        **figures,
-    )
 
 
 def _check_effects(stats: Stats) -> None:
