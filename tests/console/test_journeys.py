@@ -325,7 +325,7 @@ def _find(page: Page, url: str, key: str) -> None:
     page.locator("#filters input[name=key]").fill(key)
     page.locator("#filters button[type=submit]").click()
     page.wait_for_url("**/sagas?*key=*")
-    links = page.locator("a[href^='/sagas/']")
+    links = page.locator("#saga-rows a[href^='/sagas/']")
     assert len(set(links.evaluate_all("links => links.map(a => a.pathname)"))) == 1
     links.first.click()
     page.wait_for_url("**/sagas/*")
@@ -353,6 +353,10 @@ def test_the_overview_counts_what_the_store_holds(world: World, console: Console
     letters = world.dead_letter_ids()
     assert set(world.letters) <= set(letters)
     assert page.get_by_role("link", name=f"{len(letters)} dead letter(s)", exact=True).count() == 1
+    grouped = sum(
+        int(row.locator("td").nth(2).inner_text()) for row in page.locator("#dead-letter-groups tr").all()[1:]
+    )
+    assert grouped == len(letters)
 
 
 def test_find_a_parked_saga_and_read_why_it_failed(world: World, console: Console, page: Page) -> None:
@@ -408,7 +412,7 @@ def test_without_login_nothing_can_be_done_and_data_runs_no_script(world: World,
     page.goto(console.url + "/")
     page.goto(console.url + f"/sagas?key={quote(XSS)}")
     assert XSS in page.locator("table").inner_text()
-    page.locator("a[href^='/sagas/']").first.click()
+    page.locator("#saga-rows a[href^='/sagas/']").first.click()
     page.wait_for_url("**/sagas/*")
     assert page.locator("h1 code").inner_text() == XSS
     assert json.loads(page.locator("#data").inner_text())["name"] == XSS
@@ -432,7 +436,7 @@ def test_compensate_a_stuck_saga(world: World, console: Console, page: Page, ser
     try:
         ahead = serve(create_app(later, token=None, sagas=postprocessing_app.sagas, clock=later.clock))
         page.goto(ahead + "/sagas?stuck=1")
-        listed = page.locator("a[href^='/sagas/']").evaluate_all("links => links.map(a => a.pathname)")
+        listed = page.locator("#saga-rows a[href^='/sagas/']").evaluate_all("links => links.map(a => a.pathname)")
         assert set(listed) == {f"/sagas/{stuck.id}"}
         page.goto(ahead + "/")
         assert page.locator(f"a[href='/sagas/{stuck.id}']").count() == 1
