@@ -13,13 +13,12 @@ import contextlib
 import json
 import re
 import sqlite3
-import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qs, urlencode
 
 import jinja2
@@ -38,6 +37,7 @@ from ..operations import BULK_CAP, DEAD_ACTIONS, SAGA_ACTIONS, Operations, Overv
 from ._bulk import DEAD_FILTER, SAGA_FILTER, BulkActions
 from ._diagram import diagram
 from ._format import age, duration, iso, pretty, preview, relative
+from ._overview import OverviewCache
 from ._security import AUTH_COOKIE, CSRF_COOKIE, CSRF_FIELD, Guard
 
 HERE = Path(__file__).resolve().parent
@@ -83,8 +83,8 @@ class Console:
         self.overview_ttl = overview_ttl
         #: the one thread every Operations call runs on (see call)
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sagas-console-ops")
-        self._overview: Overview | None = None
-        self._overview_lock = threading.Lock()
+        self.overview_cache = OverviewCache(operations.overview, ttl=overview_ttl, clock=clock)
+        self._overview_read: asyncio.Future[None] | None = None
         self.definitions = {cls.definition().type: cls.definition() for cls in sagas}
         self.clock = clock
         self.env = jinja2.Environment(
@@ -186,16 +186,16 @@ class Console:
 
     # -- reads ---------------------------------------------------------------------------------------
 
-    def overview_now(self) -> Overview:
-        """The overview, from memory when it is younger than ``overview_ttl`` (runs on the worker thread:
-        callers that wait behind one reading it get its result)."""
-        with self._overview_lock:
-            cached = self._overview
-            if cached is not None and 0 <= self.clock() - cached.as_of < self.overview_ttl:
-                return cached
-            fresh = self.ops.overview()
-            self._overview = fresh
-            return fresh
+    async def overview_data(self) -> Overview:
+        """The overview from memory, read again in the background once it is due (see
+        :mod:`._overview`); the first page, and the first after a background read failed, read it
+        themselves (and show the store's error)."""
+        cache = self.overview_cache
+        if cache.last is None or cache.failure is not None:
+            return cast(Overview, await self.call(cache.refresh))
+        if cache.due() and (self._overview_read is None or self._overview_read.done()):
+            self._overview_read = asyncio.get_running_loop().run_in_executor(self.worker, cache.refresh_quietly)
+        return cache.last
 
     @staticmethod
     def saga_filter(values: Mapping[str, Any]) -> dict[str, Any]:
@@ -295,7 +295,7 @@ class Console:
     # -- pages ---------------------------------------------------------------------------------------
 
     async def overview(self, request: Request) -> Response:
-        data = await self.call(self.overview_now)
+        data = await self.overview_data()
         return self.render(request, "overview.html", data=data, refresh=REFRESH_SECONDS)
 
     async def saga_list(self, request: Request) -> Response:
@@ -451,7 +451,7 @@ class Console:
     # -- JSON API ------------------------------------------------------------------------------------
 
     async def api_overview(self, request: Request) -> Response:
-        data = await self.call(self.overview_now)
+        data = await self.overview_data()
         return JSONResponse(data.to_dict())
 
     async def api_sagas(self, request: Request) -> Response:

@@ -8,6 +8,7 @@ import logging
 import re
 import threading
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -18,10 +19,12 @@ from examples.postprocessing import Postprocessing
 from examples.postprocessing import app as postprocessing_app
 from examples.share import Share
 from examples.share import app as share_app
-from sagas import App, Event, Reject, Service
+from sagas import App, Event, Reject, Service, StoreError
 from sagas.console import create_app
+from sagas.console._overview import OverviewCache
 from sagas.operations import Operations
 from sagas.testing import Drop, Harness
+from tests.helpers import wait_for
 
 MakeHarness = Callable[..., Harness]
 TOKEN = "s3cret-token"
@@ -490,14 +493,81 @@ def test_overview_shows_failures_dead_letters_deadlines_and_is_cached(
     assert 'href="/sagas?type=postprocessing&amp;failed=1"' in page
     assert "overdue 9m" in page
     assert 'id="deadlines"' in page
-    # cached: a new saga shows only once the overview is older than its time to live
+    # cached: a new saga shows only once the overview is older than its time to live, and then after
+    # a read in the background (the page that finds it due still gets the old one, without waiting)
     _upload(h, "new-1")
     h.run()
     assert client.get("/api/overview").json() == data
     h.clock.advance(5)
-    fresh = client.get("/api/overview").json()
-    assert fresh["as_of"] == h.clock()
+    assert client.get("/api/overview").json() == data
+    fresh = wait_for(
+        lambda: (o := client.get("/api/overview").json())["as_of"] == h.clock() and o, what="the background read"
+    )
     assert sum(c["count"] for c in fresh["counts"]) == sum(c["count"] for c in data["counts"]) + 1
+
+
+def test_overview_cache_reads_less_often_when_reading_costs_more() -> None:
+    """The overview is served for its time to live, or ten times what its read took if longer; a
+    failed read is kept for the next page, and a clock that went back makes it due."""
+    now = [1000.0]
+    cost = [0.1]
+
+    def read() -> Any:
+        if cost[0] < 0:
+            raise StoreError("the store is down")
+        now[0] += cost[0]
+        return SimpleNamespace(as_of=now[0])
+
+    cache = OverviewCache(read, ttl=2.0, clock=lambda: now[0])
+    assert cache.due()
+    cache.refresh()
+    assert cache.cost == pytest.approx(0.1)
+    assert cache.lifetime == 2.0
+    now[0] += 1.9
+    assert not cache.due()
+    now[0] += 0.2
+    assert cache.due()
+    cost[0] = 3.0  # a slow store: read at most every 30 s
+    cache.refresh()
+    assert cache.lifetime == pytest.approx(30.0)
+    now[0] += 29
+    assert not cache.due()
+    now[0] -= 60  # the clock went back
+    assert cache.due()
+    kept = cache.last
+    cost[0] = -1
+    cache.refresh_quietly()
+    assert cache.failure == "the store is down"
+    assert cache.last is kept
+    cost[0] = 0.1
+    cache.refresh()
+    assert cache.failure is None
+
+
+def test_overview_after_a_failed_background_read_shows_the_error_then_recovers(saga_harness: MakeHarness) -> None:
+    """When the background read fails (the store is down), the next page does not show the old
+    overview as if all were well: it reads itself and shows the 503 page; once the store answers, the
+    overview is back."""
+    h = saga_harness(postprocessing_app)
+    _upload(h, "u1")
+    h.settle()
+    client = _client(h, overview_ttl=1.0)
+    assert client.get("/").status_code == 200
+    real = h.store.count_by_state
+    down = [True]
+
+    def count_by_state() -> Any:
+        if down[0]:
+            raise StoreError("connection refused")
+        return real()
+
+    h.store.count_by_state = count_by_state  # type: ignore[method-assign]
+    h.clock.advance(2)
+    assert client.get("/").status_code == 200  # (the old overview; the read in the background fails)
+    page = wait_for(lambda: (r := client.get("/")).status_code == 503 and r, what="the error page")
+    assert "connection refused" in page.text
+    down[0] = False
+    assert client.get("/").status_code == 200
 
 
 def test_overview_groups_dead_letters_with_a_link_to_them(saga_harness: MakeHarness) -> None:
