@@ -410,6 +410,10 @@ class SagaDefinition:
     def triggers_from(self, state: str) -> set[Trigger]:
         return {t.trigger for t in self.transitions if t.source == state}
 
+    def compensable_from(self, state: str) -> bool:
+        """Whether an operator can compensate a saga of this type that is in ``state``."""
+        return COMPENSATE in self.triggers_from(state)
+
 
 #: Compiled definitions by saga class (the class itself is never written to).
 _DEFINITIONS: weakref.WeakKeyDictionary[type[Saga], SagaDefinition] = weakref.WeakKeyDictionary()

@@ -813,7 +813,7 @@ class SagaEngine:
         d = self.definitions[record.type]
         if record.final:
             raise ActionRefused(f"saga {saga_id} has ended in {record.state}; there is nothing to compensate")
-        if COMPENSATE not in d.triggers_from(record.state):
+        if not d.compensable_from(record.state):
             raise ActionRefused(
                 f"saga type {d.type} defines no compensation from state {record.state!r} "
                 "(give that State on_compensate=<the state that undoes it>)"

@@ -55,6 +55,11 @@ OVERVIEW_TTL = 2.0
 _YES = {"1", "true", "on", "yes"}
 
 
+def _unset(value: Any) -> bool:
+    """Whether a filter field is not given: missing, empty or false (but ``0`` is a value)."""
+    return value is None or value is False or value == ""
+
+
 class Unavailable(Exception):
     """The store or the broker did not answer."""
 
@@ -203,7 +208,7 @@ class Console:
 
         def text(name: str) -> str | None:
             value = values.get(name)
-            return str(value).strip() or None if value not in (None, False) else None
+            return None if _unset(value) else str(value).strip() or None
 
         def moment(name: str) -> float | None:
             raw = text(name)
@@ -235,7 +240,7 @@ class Console:
     @staticmethod
     def filter_params(values: Mapping[str, Any], fields: Sequence[str]) -> dict[str, str]:
         """The filter fields of ``values`` that are set, as query-string values."""
-        return {f: str(values[f]) for f in fields if values.get(f) not in (None, "", False)}
+        return {f: str(values[f]) for f in fields if not _unset(values.get(f))}
 
     def list_query(self, request: Request) -> dict[str, Any]:
         q = request.query_params
@@ -329,6 +334,7 @@ class Console:
             outbox=outbox,
             outbox_limit=OUTBOX_ROWS,
             diagram=drawn,
+            compensable=definition is not None and definition.compensable_from(view.record.state),
             message=self.flash(request),
         )
 

@@ -811,3 +811,40 @@ def test_dead_letters_filter_show_payloads_escaped_and_bulk_replay_and_drop(saga
     dropped = api.post("/api/dead-letters/bulk/drop", headers=auth, json=body).json()
     assert sorted(dropped["done"]) == sorted(e.id for e in events2)
     assert h2.client_bus().dead_letters() == []
+
+
+def test_saga_page_offers_compensate_only_where_the_type_defines_it(saga_harness: MakeHarness) -> None:
+    """Compensate shows on a saga whose state has a compensation (scanning: storage reverts the upload),
+    not on one whose state has none (finishing, waiting for storage's upload_ready), where the
+    operator API would refuse it; Retry shows on both."""
+    h = saga_harness(postprocessing_app)
+    scanning = _stuck(h, "u-scan")
+    h.inject(Drop(), match="ocis.storage.upload_ready")
+    _upload(h, "u-finish")
+    h.run()
+    finishing = h.saga(Postprocessing, "u-finish")
+    assert finishing.state == "finishing"
+    client = _client(h)
+    _login(client)
+    scan_page = client.get(f"/sagas/{scanning}").text
+    finish_page = client.get(f"/sagas/{finishing.id}").text
+    assert f'action="/sagas/{scanning}/compensate"' in scan_page
+    assert f'action="/sagas/{finishing.id}/compensate"' not in finish_page
+    assert f'action="/sagas/{finishing.id}/retry"' in finish_page
+
+
+def test_a_zero_in_a_filter_is_a_value(saga_harness: MakeHarness) -> None:
+    """``since=0`` (the epoch) is kept in the bulk links and the API's filter, not dropped as unset."""
+    h = saga_harness(postprocessing_app)
+    _stuck(h)
+    client = _client(h)
+    assert "since=0" in client.get("/sagas?since=0").text
+    bearer = {"Authorization": f"Bearer {TOKEN}"}
+    before_epoch = client.post(
+        "/api/sagas/bulk/retry", json={"filter": {"until": 0}, "expected_count": 0}, headers=bearer
+    )
+    assert before_epoch.status_code == 200, before_epoch.text
+    since_epoch = client.post(
+        "/api/sagas/bulk/retry", json={"filter": {"since": 0}, "expected_count": 0}, headers=bearer
+    )
+    assert since_epoch.status_code == 409, since_epoch.text
