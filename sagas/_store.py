@@ -268,6 +268,8 @@ class MemoryStore:
         self._history: dict[str, list[HistoryEntry]] = {}
         self._outbox: dict[int, tuple[OutboxRow, float | None]] = {}
         self._next_row = 1
+        # Reads take the lock too: a save writes several maps, and a reader on another thread (a test,
+        # the console) must see all of a save or none of it.
         self._lock = threading.Lock()
 
     def seen(self, consumer: str, message_id: str) -> bool:
@@ -353,23 +355,26 @@ class MemoryStore:
             return rows
 
     def get_saga(self, saga_id: str) -> SagaRecord | None:
-        r = self._sagas.get(saga_id)
-        return None if r is None else self._read(r)
+        with self._lock:
+            r = self._sagas.get(saga_id)
+            return None if r is None else self._read(r)
 
     def find_saga(self, saga_type: str, key: str) -> SagaRecord | None:
-        saga_id = self._keys.get((saga_type, key))
+        with self._lock:
+            saga_id = self._keys.get((saga_type, key))
         return None if saga_id is None else self.get_saga(saga_id)
 
     def due_sagas(self, now: float, limit: int, types: Sequence[str] | None = None) -> list[SagaRecord]:
-        due = sorted(
-            (
-                r
-                for r in self._sagas.values()
-                if r.deadline is not None and r.deadline <= now and (types is None or r.type in types)
-            ),
-            key=lambda r: r.deadline or 0.0,
-        )
-        return [self._read(r) for r in due[:limit]]
+        with self._lock:
+            due = sorted(
+                (
+                    r
+                    for r in self._sagas.values()
+                    if r.deadline is not None and r.deadline <= now and (types is None or r.type in types)
+                ),
+                key=lambda r: r.deadline or 0.0,
+            )
+            return [self._read(r) for r in due[:limit]]
 
     def list_sagas(
         self,
@@ -387,58 +392,70 @@ class MemoryStore:
         created_before: float | None = None,
         failed: bool = False,
     ) -> list[SagaRecord]:
-        out = []
-        ordered = sorted(self._sagas.values(), key=lambda r: (r.created_at, r.id), reverse=newest_first)
-        for r in ordered:
-            if (saga_type and r.type != saga_type) or (state and r.state != state) or (key and r.key != key):
-                continue
-            if stuck_before is not None and (r.final or (r.deadline is not None and r.deadline > stuck_before)):
-                continue
-            if (key_prefix and not r.key.startswith(key_prefix)) or (failed and r.state != FAILED_STATE):
-                continue
-            if (created_after is not None and r.created_at < created_after) or (
-                created_before is not None and r.created_at >= created_before
-            ):
-                continue
-            if after is not None and ((r.created_at, r.id) >= after if newest_first else (r.created_at, r.id) <= after):
-                continue
-            out.append(r)
-        return [self._read(r) for r in out[offset : offset + limit]]
+        with self._lock:
+            out = []
+            ordered = sorted(self._sagas.values(), key=lambda r: (r.created_at, r.id), reverse=newest_first)
+            for r in ordered:
+                if (saga_type and r.type != saga_type) or (state and r.state != state) or (key and r.key != key):
+                    continue
+                if stuck_before is not None and (r.final or (r.deadline is not None and r.deadline > stuck_before)):
+                    continue
+                if (key_prefix and not r.key.startswith(key_prefix)) or (failed and r.state != FAILED_STATE):
+                    continue
+                if (created_after is not None and r.created_at < created_after) or (
+                    created_before is not None and r.created_at >= created_before
+                ):
+                    continue
+                if after is not None and (
+                    (r.created_at, r.id) >= after if newest_first else (r.created_at, r.id) <= after
+                ):
+                    continue
+                out.append(r)
+            return [self._read(r) for r in out[offset : offset + limit]]
 
     def saga_history(self, saga_id: str) -> list[HistoryEntry]:
-        return list(self._history.get(saga_id, []))
+        with self._lock:
+            return list(self._history.get(saga_id, []))
 
     def last_reasons(self, saga_ids: Sequence[str]) -> dict[str, HistoryEntry]:
-        return {i: self._history[i][-1] for i in saga_ids if self._history.get(i)}
+        with self._lock:
+            return {i: self._history[i][-1] for i in saga_ids if self._history.get(i)}
 
     def outbox_rows(self, saga_id: str, limit: int = 50) -> list[OutboxState]:
-        rows = [OutboxState(r, sent) for r, sent in self._outbox.values() if r.saga_id == saga_id]
-        rows.sort(key=lambda o: o.row.id, reverse=True)
-        return rows[:limit]
+        with self._lock:
+            rows = [OutboxState(r, sent) for r, sent in self._outbox.values() if r.saga_id == saga_id]
+            rows.sort(key=lambda o: o.row.id, reverse=True)
+            return rows[:limit]
 
     def count_sagas(self, final: bool | None = None) -> int:
-        return sum(1 for r in self._sagas.values() if final is None or r.final == final)
+        with self._lock:
+            return sum(1 for r in self._sagas.values() if final is None or r.final == final)
 
     def count_deadlines(self, after: float, until: float) -> int:
-        return sum(1 for r in self._sagas.values() if r.deadline is not None and after < r.deadline <= until)
+        with self._lock:
+            return sum(1 for r in self._sagas.values() if r.deadline is not None and after < r.deadline <= until)
 
     def count_by_state(self) -> list[StateCount]:
-        counts = Counter((r.type, r.state, r.final) for r in self._sagas.values())
-        return [StateCount(t, st, final, n) for (t, st, final), n in sorted(counts.items())]
+        with self._lock:
+            counts = Counter((r.type, r.state, r.final) for r in self._sagas.values())
+            return [StateCount(t, st, final, n) for (t, st, final), n in sorted(counts.items())]
 
     def outbox_backlog(self) -> OutboxBacklog:
-        unsent = [row.created_at for row, sent in self._outbox.values() if sent is None]
-        return OutboxBacklog(len(unsent), min(unsent, default=None))
+        with self._lock:
+            unsent = [row.created_at for row, sent in self._outbox.values() if sent is None]
+            return OutboxBacklog(len(unsent), min(unsent, default=None))
 
     def unsent(self, created_before: float, limit: int = 500) -> list[OutboxRow]:
-        rows = [r for r, sent in self._outbox.values() if sent is None and r.created_at <= created_before]
-        return rows[:limit]
+        with self._lock:
+            rows = [r for r, sent in self._outbox.values() if sent is None and r.created_at <= created_before]
+            return rows[:limit]
 
     def mark_sent(self, ids: Sequence[int]) -> None:
-        now = time.time()
-        for i in ids:
-            if i in self._outbox:
-                self._outbox[i] = (self._outbox[i][0], now)
+        with self._lock:
+            now = time.time()
+            for i in ids:
+                if i in self._outbox:
+                    self._outbox[i] = (self._outbox[i][0], now)
 
     def group(self) -> AbstractContextManager[None]:
         return nullcontext()  # every write applies at once, and whole

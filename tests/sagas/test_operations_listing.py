@@ -4,6 +4,7 @@ identical on memory, SQLite and PostgreSQL."""
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ from typing import Any
 import pytest
 
 from sagas import ConfigurationError, SagaRecord, Store
-from sagas._store import HistoryEntry, Outgoing
+from sagas._store import HistoryEntry, MemoryStore, Outgoing
 from sagas.operations import InvalidCursor, Operations, decode_cursor, encode_cursor, first_line
 from tests.sagas.test_saga_store import BACKENDS, _opener
 
@@ -188,3 +189,33 @@ def test_first_line_drops_a_traceback_tail_or_keeps_the_exception_line() -> None
     assert first_line("\n  timed out after 30 s  \n") == "timed out after 30 s"
     assert first_line("Traceback (most recent call last):\n  File 'a'\nKeyError: 'k'\n") == "KeyError: 'k'"
     assert first_line("") == ""
+
+
+def test_memory_store_reads_never_see_half_a_save() -> None:
+    """A reader on another thread (a test polling, the console) lists and reads sagas while a worker
+    saves new ones: every saga it sees is whole (a save writes several maps; reads take the store's
+    lock too, so none of them raises or shows a saga without its data)."""
+    store = MemoryStore()
+    done = threading.Event()
+    problems: list[BaseException] = []
+
+    def read() -> None:
+        while not done.is_set():
+            try:
+                for r in store.list_sagas(limit=10_000):
+                    assert r.data == {"key": r.key}
+                store.count_by_state()
+            except BaseException as exc:  # reported by the assertion below
+                problems.append(exc)
+                return
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for i in range(3000):
+            _add(store, f"k{i}", created_at=float(i))
+    finally:
+        done.set()
+        reader.join()
+    assert problems == []
+    assert store.count_sagas() == 3000
