@@ -34,7 +34,7 @@ from transport import DeadLetter, TransportError
 from .._errors import ActionRefused, ConfigurationError, NotFound, SagasError, StoreError
 from .._saga import Saga
 from ..operations import BULK_CAP, DEAD_ACTIONS, SAGA_ACTIONS, Operations, Overview
-from ._bulk import DEAD_FILTER, SAGA_FILTER, BulkActions
+from ._bulk import DEAD_FILTER, SAGA_FILTER, BulkActions, known
 from ._diagram import diagram
 from ._format import age, duration, iso, pretty, preview, relative
 from ._overview import OverviewCache
@@ -53,11 +53,16 @@ REFRESH_SECONDS = 10
 #: How long the overview is served from memory: open tabs and auto-refresh do not each query the store.
 OVERVIEW_TTL = 2.0
 _YES = {"1", "true", "on", "yes"}
+_NO = {"", "0", "false", "off", "no"}
 
 
 def _unset(value: Any) -> bool:
     """Whether a filter field is not given: missing, empty or false (but ``0`` is a value)."""
     return value is None or value is False or value == ""
+
+
+#: The query string of the saga list (and /api/sagas): its filter, order and paging.
+LIST_PARAMS = (*SAGA_FILTER, "order", "limit", "cursor", "offset")
 
 
 class Unavailable(Exception):
@@ -202,9 +207,10 @@ class Console:
             self._overview_read = asyncio.get_running_loop().run_in_executor(self.worker, cache.refresh_quietly)
         return cache.last
 
-    @staticmethod
-    def saga_filter(values: Mapping[str, Any]) -> dict[str, Any]:
-        """The saga filter (arguments of Operations.sagas and .select) of a query string, form or JSON."""
+    def saga_filter(self, values: Mapping[str, Any]) -> dict[str, Any]:
+        """The saga filter (arguments of Operations.sagas and .select) of a query string, form or JSON.
+        A value that cannot be right (a time, a flag, a type or state the app does not have) is a
+        :class:`ConfigurationError` (400), not an empty list that looks like an answer."""
 
         def text(name: str) -> str | None:
             value = values.get(name)
@@ -226,16 +232,42 @@ class Console:
                 ) from None
             return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
 
+        def flag(name: str) -> bool:
+            value = values.get(name)
+            word = "" if _unset(value) else str(value).strip().lower()
+            if word not in _YES | _NO:
+                raise ConfigurationError(f"{name} must be 1 or 0 (true or false), not {word[:40]!r}")
+            return word in _YES
+
+        saga_type, state = text("type"), text("state")
+        self.check_type_and_state(saga_type, state)
         return {
-            "type": text("type"),
-            "state": text("state"),
+            "type": saga_type,
+            "state": state,
             "key": text("key"),
             "key_prefix": text("key_prefix"),
-            "stuck": str(values.get("stuck", "")).lower() in _YES,
-            "failed": str(values.get("failed", "")).lower() in _YES,
+            "stuck": flag("stuck"),
+            "failed": flag("failed"),
             "created_after": moment("since"),
             "created_before": moment("until"),
         }
+
+    def check_type_and_state(self, saga_type: str | None, state: str | None) -> None:
+        """Refuse a saga type the app does not declare, or a state its type (or no type) does not have.
+        Without the app's saga types (no ``--app``), any name is looked up as given."""
+        if not self.definitions:
+            return
+        if saga_type is not None and saga_type not in self.definitions:
+            raise ConfigurationError(
+                f"the app has no saga type {saga_type[:60]!r}: its types are {', '.join(sorted(self.definitions))}"
+            )
+        if state is None:
+            return
+        chosen = [self.definitions[saga_type]] if saga_type else list(self.definitions.values())
+        states = sorted({name for d in chosen for name in d.states})
+        if state not in states:
+            where = f"saga type {saga_type} has no state" if saga_type else "no saga type of the app has a state"
+            raise ConfigurationError(f"{where} {state[:60]!r}: the states are {', '.join(states)}")
 
     @staticmethod
     def filter_params(values: Mapping[str, Any], fields: Sequence[str]) -> dict[str, str]:
@@ -251,10 +283,16 @@ class Console:
                 value = int(raw) if raw else default
             except ValueError:
                 raise ConfigurationError(f"{name} must be a whole number, not {raw[:40]!r}") from None
-            return min(max(value, low), high)
+            if not low <= value <= high:
+                raise ConfigurationError(f"{name} must be from {low} to {high}, not {value}")
+            return value
 
+        known(q, LIST_PARAMS)
         query = self.saga_filter(q)
-        query["newest_first"] = q.get("order") == "newest"
+        order = q.get("order") or "oldest"
+        if order not in ("oldest", "newest"):
+            raise ConfigurationError(f"order must be oldest or newest, not {order[:40]!r}")
+        query["newest_first"] = order == "newest"
         query["limit"] = number("limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
         # Pages follow a cursor (fast at any depth); an offset still works when no cursor is given.
         if q.get("cursor"):
@@ -290,6 +328,7 @@ class Console:
     async def letters(self, request: Request) -> tuple[dict[str, str], list[DeadLetter]]:
         """The dead-letters filter of the query string, and the letters it matches."""
         self.need_bus()
+        known(request.query_params, (*DEAD_FILTER, "message", "sig"))
         wanted = self.filter_params(request.query_params, DEAD_FILTER)
         queue, kind = wanted.get("queue"), wanted.get("error_type")
         selection = await self.call(

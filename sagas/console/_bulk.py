@@ -48,6 +48,13 @@ def describe(params: Mapping[str, str]) -> str:
     return ", ".join(parts) or "no filter: every one"
 
 
+def known(values: Mapping[str, Any], names: Sequence[str], *, what: str = "parameter") -> None:
+    """Refuse a field that is not one of ``names``: a misspelt filter must not select everything."""
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ConfigurationError(f"unknown {what} {unknown[0][:40]!r}: use {', '.join(names)}")
+
+
 def _is_api(request: Request) -> bool:
     return request.url.path.startswith("/api/")
 
@@ -77,9 +84,10 @@ class BulkActions:
 
     async def saga_confirm(self, request: Request) -> Response:
         action = self._action(request, SAGA_ACTIONS)
+        known(request.query_params, SAGA_FILTER)
         params = self.console.filter_params(request.query_params, SAGA_FILTER)
         selection = await self._select_sagas(params)
-        return self._confirm(request, "sagas", action, params, selection, changed=False)
+        return self._confirm(request, "sagas", action, params, selection)
 
     async def saga_bulk(self, request: Request) -> Response:
         action, actor, fields = await self.console.authorize(request, SAGA_ACTIONS, api=_is_api(request))
@@ -96,7 +104,7 @@ class BulkActions:
 
         selection, result = await self.console.call(run)
         if result is None:
-            return self._confirm(request, "sagas", action, params, selection, changed=True)
+            return self._confirm(request, "sagas", action, params, selection, expected=expected)
         out = result.to_dict()
         if _is_api(request):
             return JSONResponse(out)
@@ -112,10 +120,11 @@ class BulkActions:
     async def letter_confirm(self, request: Request) -> Response:
         action = self._action(request, DEAD_ACTIONS)
         self.console.need_bus()
+        known(request.query_params, DEAD_FILTER)
         params = self.console.filter_params(request.query_params, DEAD_FILTER)
         queue, kind = params.get("queue"), params.get("error_type")
         selection = await self.console.call(lambda: self.console.ops.select_dead(queue=queue, kind=kind, cap=self.cap))
-        return self._confirm(request, "dead letters", action, params, selection, changed=False)
+        return self._confirm(request, "dead letters", action, params, selection)
 
     async def letter_bulk(self, request: Request) -> Response:
         action, actor, fields = await self.console.authorize(request, DEAD_ACTIONS, api=_is_api(request))
@@ -143,7 +152,7 @@ class BulkActions:
 
         selection, out = await self.console.call(run)
         if out is None:
-            return self._confirm(request, "dead letters", action, params, selection, changed=True)
+            return self._confirm(request, "dead letters", action, params, selection, expected=expected)
         groups: dict[str, list[str]] = {}
         for letter_id, why in out["refused"].items():
             groups.setdefault(why, []).append(letter_id)
@@ -168,6 +177,7 @@ class BulkActions:
             raw = fields.get("filter") or {}
             if not isinstance(raw, dict):
                 raise ConfigurationError('"filter" must be a JSON object, e.g. {"type": "postprocessing"}')
+            known(raw, names, what="filter field")
             return self.console.filter_params(raw, names), _expected(fields.get("expected_count"))
         return self.console.filter_params(fields, names), _expected(fields.get("expected"))
 
@@ -179,15 +189,19 @@ class BulkActions:
         params: dict[str, str],
         selection: Selection[Any],
         *,
-        changed: bool,
+        expected: int | None = None,
     ) -> Response:
         """The confirmation (its JSON on the API): how many the action would touch, and the first few.
-        409 when more than the cap match, or when the count changed since it was confirmed."""
+        409 when more than the cap match, or (``expected``: the count confirmed) when another number does."""
+        changed = expected is not None
         status = 409 if selection.over_cap or changed else 200
         if selection.over_cap:
             problem = f"more than {self.cap:,} {noun} match; narrow the filter"
         elif changed:
-            problem = f"the selection changed: {selection.count} {noun} match now; confirm again"
+            problem = (
+                f"{selection.count} {noun} match this filter, not the {expected} confirmed (the selection "
+                "changed, or the count sent was another): check them and confirm again"
+            )
         else:
             problem = None
         if _is_api(request):

@@ -685,7 +685,7 @@ def test_bulk_retry_confirms_the_count_then_acts_and_records_who(saga_harness: M
     ids += _stuck_many(h, 1, prefix="late")  # one more matches now
     again = client.post("/sagas/bulk/retry", data=form)
     assert again.status_code == 409
-    assert "the selection changed: 4 sagas match now" in again.text
+    assert "4 sagas match this filter, not the 3 confirmed" in again.text
     assert _field(again.text, "expected") == "4"
     assert all(e.actor == "" for i in ids for e in h.history(i))
     result = client.post("/sagas/bulk/retry", data={**form, "expected": "4"})
@@ -848,3 +848,55 @@ def test_a_zero_in_a_filter_is_a_value(saga_harness: MakeHarness) -> None:
         "/api/sagas/bulk/retry", json={"filter": {"since": 0}, "expected_count": 0}, headers=bearer
     )
     assert since_epoch.status_code == 409, since_epoch.text
+
+
+@pytest.mark.parametrize(
+    ("query", "says"),
+    [
+        ("limit=0", "limit must be from 1 to 500"),
+        ("limit=-5", "limit must be from 1 to 500"),
+        ("offset=-1", "offset must be from 0"),
+        ("order=sideways", "order must be oldest or newest"),
+        ("stuck=maybe", "stuck must be 1 or 0"),
+        ("type=nope", "the app has no saga type 'nope'"),
+        ("type=postprocessing&state=bogus", "saga type postprocessing has no state 'bogus'"),
+        ("state=bogus", "no saga type of the app has a state 'bogus'"),
+        ("stat=failed", "unknown parameter 'stat'"),
+    ],
+)
+def test_a_list_filter_that_cannot_be_right_is_a_400_not_an_answer(
+    saga_harness: MakeHarness, query: str, says: str
+) -> None:
+    """A misspelt parameter, a type or state the app does not have, or a value out of range is refused
+    with what to give instead, on the page and the API: an empty or clamped list would look like an
+    answer."""
+    h = saga_harness(postprocessing_app)
+    _stuck(h)
+    client = _client(h)
+    api = client.get(f"/api/sagas?{query}")
+    assert api.status_code == 400, api.text
+    assert says in api.json()["error"]
+    page = client.get(f"/sagas?{query}")
+    assert page.status_code == 400
+    assert "Traceback" not in page.text
+
+
+def test_a_misspelt_bulk_filter_is_refused_not_read_as_every_saga(saga_harness: MakeHarness) -> None:
+    """A bulk action's filter with a field it does not know is a 400 (a typo for ``state`` must not
+    compensate every saga), on the count and on the action; nothing moves."""
+    h = saga_harness(postprocessing_app)
+    saga_id = _stuck(h)
+    client = _client(h)
+    bearer = {"Authorization": f"Bearer {TOKEN}"}
+    count = client.get("/api/sagas/bulk/compensate?stat=scanning")
+    assert count.status_code == 400
+    assert "unknown parameter 'stat'" in count.json()["error"]
+    act = client.post(
+        "/api/sagas/bulk/compensate", json={"filter": {"stat": "scanning"}, "expected_count": 1}, headers=bearer
+    )
+    assert act.status_code == 400
+    assert "unknown filter field 'stat'" in act.json()["error"]
+    record = h.store.get_saga(saga_id)
+    assert record is not None
+    assert record.state == "scanning"
+    assert [e.actor for e in h.store.saga_history(saga_id) if e.actor] == []
