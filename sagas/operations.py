@@ -287,6 +287,9 @@ class Overview:
       ``failed_read`` most recent of ``failed_total``;
     - ``outbox``: messages not yet confirmed by the broker, and ``outbox_oldest_age`` in seconds;
     - ``deadlines_next_minute``: deadlines that fire in the next 60 seconds;
+    - ``deadlines_passed``: deadlines already passed that no worker has fired yet (a running worker
+      fires each within seconds: a number that stays above 0 says no worker of the app runs, before
+      the sagas count as stuck);
     - ``dead_letters``: by queue and error type (None without a bus; ``dead_letters_problem`` says why
       they could not be read when the bus failed)."""
 
@@ -302,6 +305,7 @@ class Overview:
     outbox_oldest_age: float | None
     deadlines_next_minute: int
     dead_letters: list[DeadLetterGroup] | None
+    deadlines_passed: int = 0
     dead_letters_problem: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -321,6 +325,7 @@ class Overview:
                 "oldest_age": self.outbox_oldest_age,
             },
             "deadlines_next_minute": self.deadlines_next_minute,
+            "deadlines_passed": self.deadlines_passed,
             "dead_letters": None if self.dead_letters is None else [x.to_dict() for x in self.dead_letters],
             "dead_letters_problem": self.dead_letters_problem,
         }
@@ -562,6 +567,7 @@ class Operations:
             outbox=backlog,
             outbox_oldest_age=None if backlog.oldest_created_at is None else as_of - backlog.oldest_created_at,
             deadlines_next_minute=self.store.count_deadlines(as_of, as_of + 60.0),
+            deadlines_passed=self.store.count_deadlines(0.0, as_of),
             dead_letters=letters,
             dead_letters_problem=problem,
         )

@@ -36,7 +36,7 @@ from .._saga import Saga
 from ..operations import BULK_CAP, DEAD_ACTIONS, SAGA_ACTIONS, Operations, Overview
 from ._bulk import DEAD_FILTER, SAGA_FILTER, BulkActions, known
 from ._diagram import diagram
-from ._format import age, duration, iso, pretty, preview, relative
+from ._format import age, duration, iso, pretty, preview, relative, stamp
 from ._overview import OverviewCache
 from ._security import AUTH_COOKIE, CSRF_COOKIE, CSRF_FIELD, Guard
 
@@ -145,6 +145,7 @@ class Console:
             now=self.clock(),
             age=lambda ts: age(ts, self.clock()),
             relative=lambda ts: relative(ts, self.clock()),
+            stamp=lambda text: stamp(text, self.clock()),
             **context,
         )
         response = HTMLResponse(html, status_code=status)
@@ -398,7 +399,7 @@ class Console:
         if not self.guard.csrf_ok(request.cookies.get(CSRF_COOKIE), form.get(CSRF_FIELD)):
             raise HTTPException(403, "the form's CSRF token is missing or wrong: reload the page and try again")
         if not self.guard.token_matches(form.get("token")):
-            raise HTTPException(403, "wrong token")
+            return self.render(request, "login.html", status=403, problem="wrong token: try again")
         response = RedirectResponse("/", status_code=303)
         response.set_cookie(AUTH_COOKIE, self.guard.login_cookie(), httponly=True, samesite="strict")
         return response
@@ -478,9 +479,13 @@ class Console:
         if api:
             return JSONResponse(r)
         if action == "replay":
-            note = f"replayed {letter_id}" if r["replayed"] else f"kept {letter_id}: {r['kept'].get(letter_id, '')}"
+            note = (
+                f"replayed {letter_id} (by {r['actor']})"
+                if r["replayed"]
+                else f"kept {letter_id}: {r['kept'].get(letter_id, '')}"
+            )
         else:
-            note = f"dropped {letter_id}"
+            note = f"dropped {letter_id} (by {r['actor']})"
         return self.render_after(request, "/dead-letters", note)
 
     def render_after(self, request: Request, path: str, message: str) -> Response:

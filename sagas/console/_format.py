@@ -39,6 +39,17 @@ def relative(ts: float | None, now: float) -> str:
     return f"in {duration(ts - now)}" if ts > now else f"overdue {duration(now - ts)}"
 
 
+def stamp(text: str, now: float) -> str:
+    """An ISO 8601 time as the console shows times: "2026-11-30T17:13:51Z (3m ago)" (as given when it
+    is not a time)."""
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        return text
+    ts = (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
+    return f"{iso(ts)} ({age(ts, now)} ago)"
+
+
 def preview(text: str, size: int = 120) -> str:
     flat = " ".join(text.split())
     return flat if len(flat) <= size else flat[: size - 1] + "…"

@@ -900,3 +900,34 @@ def test_a_misspelt_bulk_filter_is_refused_not_read_as_every_saga(saga_harness: 
     assert record is not None
     assert record.state == "scanning"
     assert [e.actor for e in h.store.saga_history(saga_id) if e.actor] == []
+
+
+def test_overview_warns_of_passed_deadlines_before_they_count_as_stuck(saga_harness: MakeHarness) -> None:
+    """A deadline that passed and was not fired (no worker runs) shows on the overview at once, with
+    what it means, though the saga is not yet stuck (60 s); the saga's page says how long overdue."""
+    h = saga_harness(postprocessing_app)
+    saga_id = _stuck(h)
+    record = h.store.get_saga(saga_id)
+    assert record is not None
+    assert record.deadline is not None
+    client = _client(h, overview_ttl=0.0)
+    calm = client.get("/").text
+    assert "0 deadline(s) passed and not fired yet." in calm
+    h.clock.advance(record.deadline - h.clock() + 7)  # 7 s overdue; no worker fires it in this test
+    page = wait_for(lambda: "1 deadline(s) passed" in (t := client.get("/").text) and t, what="the count")
+    assert 'id="deadlines-passed" class="warning"' in page
+    assert "no worker of the app is running" in page
+    assert client.get("/api/overview").json()["deadlines_passed"] == 1
+    assert "(overdue 7s)" in client.get(f"/sagas/{saga_id}").text
+
+
+def test_a_wrong_token_shows_the_login_form_again(saga_harness: MakeHarness) -> None:
+    """A wrong token is refused (403) on the login page itself, with the form to try again."""
+    h = saga_harness(postprocessing_app)
+    client = _client(h)
+    csrf = _csrf(client)
+    wrong = client.post("/login", data={"csrf": csrf, "token": "nope"}, follow_redirects=False)
+    assert wrong.status_code == 403
+    assert "wrong token: try again" in wrong.text
+    assert 'action="/login"' in wrong.text
+    assert "sagas_console_auth" not in wrong.headers.get("set-cookie", "")

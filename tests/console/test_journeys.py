@@ -517,16 +517,17 @@ def test_replay_one_dead_letter_and_drop_another(world: World, console: Console,
     _shot(page, "dead-letters", tmp_path)
 
     section = page.locator("section.letter", has=page.locator(f"h2 code:text-is('{replay}')"))
+    section.locator("form[action$='/replay'] input[name=actor]").fill("marie")
     section.get_by_role("button", name="Replay").click()
     page.wait_for_url("**/dead-letters?*")
-    assert page.locator(".message").inner_text() == f"replayed {replay}"
+    assert page.locator(".message").inner_text() == f"replayed {replay} (by marie)"
     assert replay not in world.dead_letter_ids()
     wait_for(lambda: world.published(READY, "upload-letter-1"), 30, "the replayed event handled again")
 
     section = page.locator("section.letter", has=page.locator(f"h2 code:text-is('{drop}')"))
     section.get_by_role("button", name="Drop").click()
     page.wait_for_url("**/dead-letters?*")
-    assert page.locator(".message").inner_text() == f"dropped {drop}"
+    assert page.locator(".message").inner_text() == f"dropped {drop} (by console)"
     assert page.locator(f"h2 code:text-is('{drop}')").count() == 0
     remaining = world.dead_letter_ids()
     assert replay not in remaining

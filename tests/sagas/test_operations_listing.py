@@ -169,6 +169,9 @@ def test_overview_counts_stuck_failures_outbox_and_deadlines(store: Store) -> No
     assert (view.failed_total, view.failed_read) == (4, 4)
     assert (view.outbox.unsent, view.outbox_oldest_age) == (1, 30.0)
     assert view.deadlines_next_minute == 1
+    passed = [r.key for r in store.list_sagas(limit=100) if r.deadline is not None and r.deadline <= NOW]
+    assert passed  # (the stuck ones at least)
+    assert view.deadlines_passed == len(passed)
     assert view.dead_letters is None
     as_json = json.loads(json.dumps(view.to_dict()))
     assert as_json["outbox"] == {"unsent": 1, "oldest_created_at": NOW - 30, "oldest_age": 30.0}
