@@ -13,6 +13,7 @@ import sys
 import traceback
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -21,7 +22,7 @@ import structlog
 from amqp.serialization import dumps as amqp_table
 from kombu.message import Message
 
-from ._connection import ConnectionLost, FailoverConnection, close_channel_quietly
+from ._connection import ConnectionLost, FailoverConnection, close_channel_quietly, is_connection_error
 from ._consumer import ATTEMPT_HEADER, Inbound, int_header, to_message
 from ._errors import PublishError, TransportError, Unroutable
 from ._publisher import Outgoing, Publisher
@@ -178,12 +179,39 @@ class DeadLetterOffice:
 
     def browse(self, limit: int) -> list[DeadLetter]:
         """Up to ``limit`` dead letters, oldest first. They stay in the queue."""
+        with self._channel() as ch:  # (closing it puts the unacked messages back in the queue)
+            return [_dead_letter_of(m) for m in self._browse(ch, limit)]
+
+    @contextmanager
+    def _channel(self) -> Iterator[Any]:
+        """A channel for one dead-letter operation, closed after it.
+
+        A bus used only for these operations (a console, a CLI command) sends no heartbeats between
+        them, so the broker may have closed its idle connection: a connection found broken when the
+        channel opens is dropped and opened again, once, before anything is done. One that breaks during
+        the operation is dropped too, and raises :class:`ConnectionLost`: the next operation connects
+        again instead of failing on the same dead socket."""
         with self._link.lock:
-            ch = self._link.live().channel()
             try:
-                return [_dead_letter_of(m) for m in self._browse(ch, limit)]
+                ch = self._link.live().channel()
+            except Exception as exc:
+                conn = self._link.current
+                if conn is None or not is_connection_error(conn, exc):
+                    raise
+                self._link.lost(exc)
+                ch = self._link.live().channel()
+            try:
+                yield ch
+            except TransportError:
+                raise
+            except Exception as exc:
+                conn = self._link.current
+                if conn is not None and is_connection_error(conn, exc):
+                    raise self._link.lost(exc) from None
+                raise
             finally:
-                ch.close()  # unacked messages go back to the queue
+                if self._link.current is not None:
+                    close_channel_quietly(ch)
 
     def _browse(self, ch: Any, limit: int) -> Iterator[Message]:
         """Get up to ``limit`` dead letters on ``ch`` without acking them."""
@@ -202,57 +230,47 @@ class DeadLetterOffice:
         """
         wanted = None if ids is None else set(ids)
         replayed: list[str] = []
-        with self._link.lock:
-            ch = self._link.live().channel()
-            try:
-                depth = ch.queue_declare(queue=self._dead_queue, passive=True).message_count
-                for message in self._browse(ch, depth):
-                    dl = _dead_letter_of(message)
-                    if wanted is not None and dl.id not in wanted:
-                        continue
-                    if not dl.queue:
-                        if skipped is not None:
-                            skipped[dl.id] = "it does not say which queue it came from"
-                        continue
-                    headers = {
-                        k: v
-                        for k, v in (message.headers or {}).items()
-                        if k not in _DL_HEADERS and k not in _BROKER_HEADERS
-                    }
-                    body = message.body if isinstance(message.body, bytes) else str(message.body).encode()
-                    try:
-                        self._publisher.publish(
-                            [("", dl.queue, body, dl.id, headers, True)],
-                            timeout,
-                            content_type=message.content_type or "",
-                        )
-                    except Unroutable:
-                        if skipped is not None:
-                            skipped[dl.id] = f"its queue {dl.queue!r} does not exist (any more)"
-                        continue
-                    message.ack()
-                    replayed.append(dl.id)
-            finally:
-                if self._link.current is not None:
-                    close_channel_quietly(ch)
+        with self._channel() as ch:
+            depth = ch.queue_declare(queue=self._dead_queue, passive=True).message_count
+            for message in self._browse(ch, depth):
+                dl = _dead_letter_of(message)
+                if wanted is not None and dl.id not in wanted:
+                    continue
+                if not dl.queue:
+                    if skipped is not None:
+                        skipped[dl.id] = "it does not say which queue it came from"
+                    continue
+                headers = {
+                    k: v
+                    for k, v in (message.headers or {}).items()
+                    if k not in _DL_HEADERS and k not in _BROKER_HEADERS
+                }
+                body = message.body if isinstance(message.body, bytes) else str(message.body).encode()
+                try:
+                    self._publisher.publish(
+                        [("", dl.queue, body, dl.id, headers, True)],
+                        timeout,
+                        content_type=message.content_type or "",
+                    )
+                except Unroutable:
+                    if skipped is not None:
+                        skipped[dl.id] = f"its queue {dl.queue!r} does not exist (any more)"
+                    continue
+                message.ack()
+                replayed.append(dl.id)
         return replayed
 
     def drop(self, ids: Iterable[str] | None) -> list[str]:
         """Delete dead letters for good (``ids``, or all with None). Returns the ids deleted."""
         wanted = None if ids is None else set(ids)
         dropped: list[str] = []
-        with self._link.lock:
-            ch = self._link.live().channel()
-            try:
-                depth = ch.queue_declare(queue=self._dead_queue, passive=True).message_count
-                for message in self._browse(ch, depth):
-                    letter_id = str(message.properties.get("message_id") or "")
-                    if wanted is None or letter_id in wanted:
-                        message.ack()
-                        dropped.append(letter_id)
-            finally:
-                if self._link.current is not None:
-                    close_channel_quietly(ch)  # the letters kept go back to the queue
+        with self._channel() as ch:  # (closing it puts the letters kept back in the queue)
+            depth = ch.queue_declare(queue=self._dead_queue, passive=True).message_count
+            for message in self._browse(ch, depth):
+                letter_id = str(message.properties.get("message_id") or "")
+                if wanted is None or letter_id in wanted:
+                    message.ack()
+                    dropped.append(letter_id)
         return dropped
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import socket
 import time
+from typing import Any
 
 import pytest
 
@@ -149,3 +151,34 @@ def test_a_refused_login_raises_at_once() -> None:
     with pytest.raises(LoginRefused):
         bus.health(timeout=5.0)
     bus.close()
+
+
+def _break(conn: Any) -> None:
+    """Shut our own end of ``conn``'s socket (the py-amqp connection under kombu's), as a reset by the
+    broker leaves it: the next write or read on it fails."""
+    sock: socket.socket = conn.connection.transport.sock
+    sock.shutdown(socket.SHUT_RDWR)
+
+
+@pytest.mark.rabbitmq
+def test_dead_letters_read_again_after_the_idle_connection_broke(amqp_url: str, unique: str) -> None:
+    """A bus used only to read and act on dead letters (a console, a CLI) sends no heartbeats between
+    calls, so the broker may close its idle connection. The next call finds the socket broken, connects
+    again and answers, instead of failing on the dead socket for ever; so do replay and drop."""
+    require(AMQP_URL, "RabbitMQ")
+    bus = EventBus(amqp_url, exchange=f"t-dl-idle-{unique}")
+    try:
+        assert bus.dead_letters() == []
+        first = bus.connection
+        assert first is not None
+        _break(first)
+        assert bus.dead_letters() == []
+        assert bus.connection is not first
+        for act in (bus.replay_dead, bus.drop_dead):
+            again = bus.connection
+            assert again is not None
+            _break(again)
+            assert act(None) == []
+            assert bus.connection is not again
+    finally:
+        bus.close()
