@@ -202,7 +202,7 @@ class Console:
         :mod:`._overview`); the first page, and the first after a background read failed, read it
         themselves (and show the store's error)."""
         cache = self.overview_cache
-        if cache.last is None or cache.failure is not None:
+        if cache.last is None or cache.failure is not None or cache.stale():
             return cast(Overview, await self.call(cache.refresh))
         if cache.due() and (self._overview_read is None or self._overview_read.done()):
             self._overview_read = asyncio.get_running_loop().run_in_executor(self.worker, cache.refresh_quietly)

@@ -1,8 +1,9 @@
 """The overview, read in the background and served from memory.
 
 Counting every saga by state reads the whole table (about half a second on 1,000,000 sagas in
-PostgreSQL), so no page waits for it but the first: a page gets the last overview read, with its time,
-and an overview older than its time to live is read again in the background. The time to live grows
+PostgreSQL), so pages do not wait for it: a page gets the last overview read, with its time, and an overview
+older than its time to live is read again in the background (a page waits only for the first one, and
+after nobody looked for a while: for one older than three times its time to live). The time to live grows
 with what a read costs (ten times its duration), so the console never spends more than about a tenth
 of the store's time on it, however large the store. A read that fails is not hidden behind the old
 overview: the next page reads again itself, and shows the error.
@@ -45,6 +46,14 @@ class OverviewCache:
             return True
         age = self._clock() - self.last.as_of
         return not 0 <= age < self.lifetime
+
+    def stale(self) -> bool:
+        """Whether the last overview is too old to show while a newer one is read (older than three
+        lifetimes: a console nobody looked at for a while reads it again before the page shows it)."""
+        if self.last is None:
+            return True
+        age = self._clock() - self.last.as_of
+        return not 0 <= age < 3 * self.lifetime
 
     def refresh(self) -> Overview:
         """Read the overview now (on the console's worker thread), keep it, and return it."""

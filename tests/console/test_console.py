@@ -532,6 +532,11 @@ def test_overview_cache_reads_less_often_when_reading_costs_more() -> None:
     assert cache.lifetime == pytest.approx(30.0)
     now[0] += 29
     assert not cache.due()
+    now[0] += 30
+    assert cache.due()
+    assert not cache.stale()  # shown while a newer one is read
+    now[0] += 40
+    assert cache.stale()  # older than three lifetimes: read before it is shown
     now[0] -= 60  # the clock went back
     assert cache.due()
     kept = cache.last
