@@ -31,7 +31,7 @@ from transport import (
     redact_url,
 )
 
-from ._errors import ConfigurationError, NotFound, SagasError
+from ._errors import NotFound, SagasError
 from ._logging import configure_logging
 from ._saga import FAILED, Saga
 from ._service import App, Service
@@ -166,15 +166,17 @@ def _fail(message: str) -> NoReturn:
 @contextlib.contextmanager
 def _existing_store(url: str) -> Iterator[Store]:
     """Open the store at ``url`` for an operator command, and close it. A store that does not exist is an
-    error (opening it would create an empty one and hide a wrong --store)."""
+    error (opening it would create an empty one and hide a wrong --store).
+
+    Every operator command opens its store here, so this is where a store that cannot be opened becomes
+    an exit code: 2, as for ``sagas run`` (docs/operations.md), whether the URL is malformed (a
+    :class:`ConfigurationError`) or names no store, a missing database or schema, or an unreachable
+    server (a :class:`StoreError`)."""
     try:
         store = open_store(url, create=False)
-    except ConfigurationError as exc:  # a malformed URL: a command-line mistake, exit 2
-        click.echo(f"error: {exc} (--store or SAGAS_STORE_URL)", err=True)
-        sys.exit(2)
     except SagasError as exc:
         hint = "" if "SAGAS_STORE_URL" in str(exc) else " (--store or SAGAS_STORE_URL)"
-        _fail(f"{exc}{hint}")
+        _usage_error(f"{exc}{hint}")
     try:
         yield store
     finally:
@@ -382,7 +384,8 @@ def _operations(
     timeout: float = 10.0,
 ) -> Iterator[Operations]:
     """:class:`Operations` for a command: on the store at ``store`` (which must exist), for the app's
-    saga types, publishing on ``broker``. Errors become ``error: ...`` and exit 1."""
+    saga types, publishing on ``broker``. A store that cannot be opened is ``error: ...`` and exit 2;
+    errors of the command itself (a saga not found, an action refused) are ``error: ...`` and exit 1."""
     app = _load_app(app_spec) if app_spec else None
     bus = None
     if broker is not None:

@@ -63,3 +63,12 @@ def test_binding_elsewhere_without_a_token_warns(
     assert ("WARNING: the console listens on 0.0.0.0 without a token" in result.output) is warned
     host, _, port = bind.partition(":")
     assert served == [(host, int(port))]
+
+
+def test_a_store_that_cannot_be_opened_exits_2(tmp_path: Path) -> None:
+    """A --store that names no store is `error: ...`, exit 2, before anything listens."""
+    missing = f"sqlite:///{tmp_path / 'nope.db'}"
+    result = CliRunner().invoke(_cli.cli, ["console", "--app", APP, "--store", missing])
+    assert result.exit_code == 2, result.output
+    assert "error: no SQLite store at" in result.output
+    assert "sagas console on" not in result.output
