@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import getpass
 import importlib
@@ -1059,20 +1060,50 @@ def console(
     except ImportError:
         click.echo("error: the console needs: pip install 'kombu-sagas[console]'", err=True)
         sys.exit(2)
-    host, _, port = bind.rpartition(":")
-    if not host or not port.isdigit():
-        click.echo(f"error: --bind takes host:port, e.g. 127.0.0.1:8080, not {bind!r}", err=True)
-        sys.exit(2)
+    host, _, port_text = bind.rpartition(":")
+    if not host or not port_text.isdigit():
+        _usage_error(f"--bind takes host:port, e.g. 127.0.0.1:8080, not {bind!r}")
+    port = int(port_text)
+    if not 1 <= port <= 65535:
+        _usage_error(f"--bind: the port must be from 1 to 65535, not {port} ({bind!r})")
     host = host.strip("[]")
-    if host not in {"127.0.0.1", "localhost", "::1"} and not token:
-        click.echo(
-            f"WARNING: the console listens on {host} without a token: anyone who reaches this port reads every "
-            "saga's data (it stays read-only). Bind 127.0.0.1, or put it behind an authenticating proxy.",
-            err=True,
-        )
     publish_on = None if is_memory_url(broker) else broker
     with _operations(store, app_spec=app_spec, broker=publish_on, exchange=exchange, tls=tls, timeout=timeout) as ops:
         app = _load_app(app_spec) if app_spec else None
         web = create_app(ops, token=token, sagas=app.sagas if app else ())
+        sock = _listen(host, port, bind)
+        if host not in {"127.0.0.1", "localhost", "::1"} and not token:
+            click.echo(
+                f"WARNING: the console listens on {host} without a token: anyone who reaches this port reads "
+                "every saga's data (it stays read-only). Bind 127.0.0.1, or put it behind an authenticating proxy.",
+                err=True,
+            )
         click.echo(f"sagas console on http://{bind} ({'actions allowed with the token' if token else 'read-only'})")
-        uvicorn.run(web, host=host, port=int(port), log_level="warning")
+        uvicorn.Server(uvicorn.Config(web, log_level="warning")).run(sockets=[sock])
+
+
+def _listen(host: str, port: int, bind: str) -> socket.socket:
+    """A socket listening on ``host:port``, for uvicorn to serve on, so that an address that cannot be
+    bound (taken by another program, not of this host, a host name that does not resolve) is an
+    ``error: ...`` and exit 2 before the console announces it."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except (socket.gaierror, UnicodeError) as exc:
+        _usage_error(f"cannot listen on {bind}: the host {host!r} does not resolve ({exc}); fix --bind")
+    sock = socket.socket(family, kind, proto)
+    try:
+        if os.name != "nt":  # as uvicorn does: restart at once on a port whose old connections linger
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            _usage_error(
+                f"cannot listen on {bind}: address already in use (another console or program uses it; "
+                "pick another with --bind)"
+            )
+        _usage_error(f"cannot listen on {bind}: {exc.strerror or exc} (pick another address with --bind)")
+    return sock
