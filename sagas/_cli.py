@@ -117,36 +117,45 @@ def _tls(command: Callable[..., None]) -> Callable[..., None]:
 
 
 def _import_attribute(spec: str, example: str, default: str | None = None) -> Any:
-    """The object named by ``module:attribute`` (the current folder is importable, as for python -m)."""
+    """The object named by ``module:attribute`` (the current folder is importable, as for python -m).
+    Every command that takes an app or a saga class imports it here: a spec that does not name one is
+    ``error: ...`` and exit 2, saying what to do."""
     module_name, _, attr = spec.partition(":")
     attr = attr or (default or "")
     if not module_name or not attr:
-        raise click.BadParameter(f"expected module:attribute, e.g. {example}")
+        _usage_error(f"expected module:attribute, e.g. {example}, not {spec!r}")
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise click.BadParameter(f"cannot import {module_name!r}: {exc}") from None
+        missing = exc.name if isinstance(exc, ModuleNotFoundError) else None
+        if missing and (module_name == missing or module_name.startswith(f"{missing}.")):
+            hint = "run from the folder that holds the module, or put it on PYTHONPATH"
+            if missing == "examples":
+                hint += f"; the examples ship with the package as sagas.{module_name}"
+        else:  # the module was found, and an import inside it failed
+            hint = f"{module_name!r} itself imports something that is missing"
+        _usage_error(f"cannot import {module_name!r}: {exc} ({hint})")
     if not hasattr(module, attr):
-        raise click.BadParameter(f"module {module_name!r} has no attribute {attr!r}")
+        _usage_error(f"module {module_name!r} has no attribute {attr!r}")
     return getattr(module, attr)
 
 
 def _load_app(spec: str) -> App:
-    obj = _import_attribute(spec, "examples.notifications:app", default="app")
+    obj = _import_attribute(spec, "sagas.examples.notifications:app", default="app")
     if isinstance(obj, Service):
         obj = App(obj)
     if not isinstance(obj, App):
-        raise click.BadParameter(f"{spec!r} is not a sagas.App (found {type(obj).__name__})")
+        _usage_error(f"{spec!r} is not a sagas.App (found {type(obj).__name__})")
     return obj
 
 
 def _load_saga_class(spec: str) -> type[Saga]:
-    obj = _import_attribute(spec, "examples.postprocessing:Postprocessing")
+    obj = _import_attribute(spec, "sagas.examples.postprocessing:Postprocessing")
     if not (isinstance(obj, type) and issubclass(obj, Saga)) or obj is Saga:
         found = obj.__name__ if isinstance(obj, type) else type(obj).__name__
-        raise click.BadParameter(f"{spec!r} is not a subclass of sagas.Saga (found {found})")
+        _usage_error(f"{spec!r} is not a subclass of sagas.Saga (found {found})")
     return obj
 
 
@@ -268,7 +277,7 @@ def run(
 
     \b
     Example:
-      sagas run examples.notifications:app --broker amqp://guest:guest@localhost//
+      sagas run sagas.examples.notifications:app --broker amqp://guest:guest@localhost//
     """
     from ._worker import Worker
 
@@ -803,7 +812,7 @@ def graph(saga_class: str, fmt: str, saga_id: str | None, store: str) -> None:
 
     \b
     Example:
-      sagas graph examples.postprocessing:Postprocessing --format dot | dot -Tsvg > postprocessing.svg
+      sagas graph sagas.examples.postprocessing:Postprocessing --format dot | dot -Tsvg > postprocessing.svg
     """
     from ._graph import draw
 
@@ -830,7 +839,8 @@ _app_option = click.option(
     "app_spec",
     envvar="SAGAS_APP",
     required=True,
-    help="The app (module:attribute) that declares the saga types. Env: SAGAS_APP.",
+    help="The app (module:attribute, importable from the current folder or PYTHONPATH) that declares the saga "
+    "types, the one the workers run; e.g. sagas.examples.postprocessing:app. Env: SAGAS_APP.",
 )
 _timeout = click.option(
     "--timeout",
@@ -865,7 +875,7 @@ def retry(
 
     \b
     Example:
-      sagas retry 3f2a9c0e5b6d4c1e8a7f6b5c4d3e2f10 --app examples.postprocessing:app --store sqlite:///sagas.db
+      sagas retry 3f2a9c0e5b6d4c1e8a7f6b5c4d3e2f10 --app sagas.examples.postprocessing:app --store sqlite:///sagas.db
     """
     _operate("retry", saga_id, app_spec, broker, tls, exchange, store, timeout, actor)
 
@@ -893,7 +903,7 @@ def compensate(
 
     \b
     Example:
-      sagas compensate 3f2a9c0e5b6d4c1e8a7f6b5c4d3e2f10 --app examples.postprocessing:app --store sqlite:///sagas.db
+      sagas compensate 3f2a9c0e5b6d4c1e8a7f6b5c4d3e2f10 --app sagas.examples.postprocessing:app --store sqlite:///sagas.db
     """
     _operate("compensate", saga_id, app_spec, broker, tls, exchange, store, timeout, actor)
 
@@ -1051,7 +1061,7 @@ def console(
 
     \b
     Example:
-      sagas console --store sqlite:///sagas.db --broker amqp://localhost// --app examples.postprocessing:app
+      sagas console --store sqlite:///sagas.db --broker amqp://localhost// --app sagas.examples.postprocessing:app
     """
     try:
         import uvicorn
