@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import getpass
 import importlib
@@ -31,7 +32,7 @@ from transport import (
     redact_url,
 )
 
-from ._errors import ConfigurationError, NotFound, SagasError
+from ._errors import NotFound, SagasError
 from ._logging import configure_logging
 from ._saga import FAILED, Saga
 from ._service import App, Service
@@ -116,36 +117,45 @@ def _tls(command: Callable[..., None]) -> Callable[..., None]:
 
 
 def _import_attribute(spec: str, example: str, default: str | None = None) -> Any:
-    """The object named by ``module:attribute`` (the current folder is importable, as for python -m)."""
+    """The object named by ``module:attribute`` (the current folder is importable, as for python -m).
+    Every command that takes an app or a saga class imports it here: a spec that does not name one is
+    ``error: ...`` and exit 2, saying what to do."""
     module_name, _, attr = spec.partition(":")
     attr = attr or (default or "")
     if not module_name or not attr:
-        raise click.BadParameter(f"expected module:attribute, e.g. {example}")
+        _usage_error(f"expected module:attribute, e.g. {example}, not {spec!r}")
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise click.BadParameter(f"cannot import {module_name!r}: {exc}") from None
+        missing = exc.name if isinstance(exc, ModuleNotFoundError) else None
+        if missing and (module_name == missing or module_name.startswith(f"{missing}.")):
+            hint = "run from the folder that holds the module, or put it on PYTHONPATH"
+            if missing == "examples":
+                hint += f"; the examples ship with the package as sagas.{module_name}"
+        else:  # the module was found, and an import inside it failed
+            hint = f"{module_name!r} itself imports something that is missing"
+        _usage_error(f"cannot import {module_name!r}: {exc} ({hint})")
     if not hasattr(module, attr):
-        raise click.BadParameter(f"module {module_name!r} has no attribute {attr!r}")
+        _usage_error(f"module {module_name!r} has no attribute {attr!r}")
     return getattr(module, attr)
 
 
 def _load_app(spec: str) -> App:
-    obj = _import_attribute(spec, "examples.notifications:app", default="app")
+    obj = _import_attribute(spec, "sagas.examples.notifications:app", default="app")
     if isinstance(obj, Service):
         obj = App(obj)
     if not isinstance(obj, App):
-        raise click.BadParameter(f"{spec!r} is not a sagas.App (found {type(obj).__name__})")
+        _usage_error(f"{spec!r} is not a sagas.App (found {type(obj).__name__})")
     return obj
 
 
 def _load_saga_class(spec: str) -> type[Saga]:
-    obj = _import_attribute(spec, "examples.postprocessing:Postprocessing")
+    obj = _import_attribute(spec, "sagas.examples.postprocessing:Postprocessing")
     if not (isinstance(obj, type) and issubclass(obj, Saga)) or obj is Saga:
         found = obj.__name__ if isinstance(obj, type) else type(obj).__name__
-        raise click.BadParameter(f"{spec!r} is not a subclass of sagas.Saga (found {found})")
+        _usage_error(f"{spec!r} is not a subclass of sagas.Saga (found {found})")
     return obj
 
 
@@ -166,15 +176,17 @@ def _fail(message: str) -> NoReturn:
 @contextlib.contextmanager
 def _existing_store(url: str) -> Iterator[Store]:
     """Open the store at ``url`` for an operator command, and close it. A store that does not exist is an
-    error (opening it would create an empty one and hide a wrong --store)."""
+    error (opening it would create an empty one and hide a wrong --store).
+
+    Every operator command opens its store here, so this is where a store that cannot be opened becomes
+    an exit code: 2, as for ``sagas run`` (docs/operations.md), whether the URL is malformed (a
+    :class:`ConfigurationError`) or names no store, a missing database or schema, or an unreachable
+    server (a :class:`StoreError`)."""
     try:
         store = open_store(url, create=False)
-    except ConfigurationError as exc:  # a malformed URL: a command-line mistake, exit 2
-        click.echo(f"error: {exc} (--store or SAGAS_STORE_URL)", err=True)
-        sys.exit(2)
     except SagasError as exc:
         hint = "" if "SAGAS_STORE_URL" in str(exc) else " (--store or SAGAS_STORE_URL)"
-        _fail(f"{exc}{hint}")
+        _usage_error(f"{exc}{hint}")
     try:
         yield store
     finally:
@@ -265,7 +277,7 @@ def run(
 
     \b
     Example:
-      sagas run examples.notifications:app --broker amqp://guest:guest@localhost//
+      sagas run sagas.examples.notifications:app --broker amqp://guest:guest@localhost//
     """
     from ._worker import Worker
 
@@ -382,7 +394,8 @@ def _operations(
     timeout: float = 10.0,
 ) -> Iterator[Operations]:
     """:class:`Operations` for a command: on the store at ``store`` (which must exist), for the app's
-    saga types, publishing on ``broker``. Errors become ``error: ...`` and exit 1."""
+    saga types, publishing on ``broker``. A store that cannot be opened is ``error: ...`` and exit 2;
+    errors of the command itself (a saga not found, an action refused) are ``error: ...`` and exit 1."""
     app = _load_app(app_spec) if app_spec else None
     bus = None
     if broker is not None:
@@ -799,7 +812,7 @@ def graph(saga_class: str, fmt: str, saga_id: str | None, store: str) -> None:
 
     \b
     Example:
-      sagas graph examples.postprocessing:Postprocessing --format dot | dot -Tsvg > postprocessing.svg
+      sagas graph sagas.examples.postprocessing:Postprocessing --format dot | dot -Tsvg > postprocessing.svg
     """
     from ._graph import draw
 
@@ -826,7 +839,8 @@ _app_option = click.option(
     "app_spec",
     envvar="SAGAS_APP",
     required=True,
-    help="The app (module:attribute) that declares the saga types. Env: SAGAS_APP.",
+    help="The app (module:attribute, importable from the current folder or PYTHONPATH) that declares the saga "
+    "types, the one the workers run; e.g. sagas.examples.postprocessing:app. Env: SAGAS_APP.",
 )
 _timeout = click.option(
     "--timeout",
@@ -861,7 +875,7 @@ def retry(
 
     \b
     Example:
-      sagas retry 3f2a9c0e5b6d4c1e8a7f6b5c4d3e2f10 --app examples.postprocessing:app --store sqlite:///sagas.db
+      sagas retry 3f2a9c0e5b6d4c1e8a7f6b5c4d3e2f10 --app sagas.examples.postprocessing:app --store sqlite:///sagas.db
     """
     _operate("retry", saga_id, app_spec, broker, tls, exchange, store, timeout, actor)
 
@@ -889,7 +903,7 @@ def compensate(
 
     \b
     Example:
-      sagas compensate 3f2a9c0e5b6d4c1e8a7f6b5c4d3e2f10 --app examples.postprocessing:app --store sqlite:///sagas.db
+      sagas compensate 3f2a9c0e5b6d4c1e8a7f6b5c4d3e2f10 --app sagas.examples.postprocessing:app --store sqlite:///sagas.db
     """
     _operate("compensate", saga_id, app_spec, broker, tls, exchange, store, timeout, actor)
 
@@ -1047,7 +1061,7 @@ def console(
 
     \b
     Example:
-      sagas console --store sqlite:///sagas.db --broker amqp://localhost// --app examples.postprocessing:app
+      sagas console --store sqlite:///sagas.db --broker amqp://localhost// --app sagas.examples.postprocessing:app
     """
     try:
         import uvicorn
@@ -1056,20 +1070,50 @@ def console(
     except ImportError:
         click.echo("error: the console needs: pip install 'kombu-sagas[console]'", err=True)
         sys.exit(2)
-    host, _, port = bind.rpartition(":")
-    if not host or not port.isdigit():
-        click.echo(f"error: --bind takes host:port, e.g. 127.0.0.1:8080, not {bind!r}", err=True)
-        sys.exit(2)
+    host, _, port_text = bind.rpartition(":")
+    if not host or not port_text.isdigit():
+        _usage_error(f"--bind takes host:port, e.g. 127.0.0.1:8080, not {bind!r}")
+    port = int(port_text)
+    if not 1 <= port <= 65535:
+        _usage_error(f"--bind: the port must be from 1 to 65535, not {port} ({bind!r})")
     host = host.strip("[]")
-    if host not in {"127.0.0.1", "localhost", "::1"} and not token:
-        click.echo(
-            f"WARNING: the console listens on {host} without a token: anyone who reaches this port reads every "
-            "saga's data (it stays read-only). Bind 127.0.0.1, or put it behind an authenticating proxy.",
-            err=True,
-        )
     publish_on = None if is_memory_url(broker) else broker
     with _operations(store, app_spec=app_spec, broker=publish_on, exchange=exchange, tls=tls, timeout=timeout) as ops:
         app = _load_app(app_spec) if app_spec else None
         web = create_app(ops, token=token, sagas=app.sagas if app else ())
+        sock = _listen(host, port, bind)
+        if host not in {"127.0.0.1", "localhost", "::1"} and not token:
+            click.echo(
+                f"WARNING: the console listens on {host} without a token: anyone who reaches this port reads "
+                "every saga's data (it stays read-only). Bind 127.0.0.1, or put it behind an authenticating proxy.",
+                err=True,
+            )
         click.echo(f"sagas console on http://{bind} ({'actions allowed with the token' if token else 'read-only'})")
-        uvicorn.run(web, host=host, port=int(port), log_level="warning")
+        uvicorn.Server(uvicorn.Config(web, log_level="warning")).run(sockets=[sock])
+
+
+def _listen(host: str, port: int, bind: str) -> socket.socket:
+    """A socket listening on ``host:port``, for uvicorn to serve on, so that an address that cannot be
+    bound (taken by another program, not of this host, a host name that does not resolve) is an
+    ``error: ...`` and exit 2 before the console announces it."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except (socket.gaierror, UnicodeError) as exc:
+        _usage_error(f"cannot listen on {bind}: the host {host!r} does not resolve ({exc}); fix --bind")
+    sock = socket.socket(family, kind, proto)
+    try:
+        if os.name != "nt":  # as uvicorn does: restart at once on a port whose old connections linger
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            _usage_error(
+                f"cannot listen on {bind}: address already in use (another console or program uses it; "
+                "pick another with --bind)"
+            )
+        _usage_error(f"cannot listen on {bind}: {exc.strerror or exc} (pick another address with --bind)")
+    return sock

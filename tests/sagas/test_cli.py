@@ -319,3 +319,84 @@ def test_a_malformed_url_is_an_error_without_a_traceback(args: list[str], messag
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
     assert ":pw@" not in proc.stderr
+
+
+APP_COMMANDS = {
+    "run": ["run", "{spec}"],
+    "graph": ["graph", "{spec}"],
+    "retry": ["retry", "some-id", "--app", "{spec}", "--store", "{store}"],
+    "compensate": ["compensate", "some-id", "--app", "{spec}", "--store", "{store}"],
+    "console": ["console", "--app", "{spec}", "--store", "{store}"],
+}
+
+
+def _sagas_in(folder: Path, args: list[str]) -> subprocess.CompletedProcess[str]:
+    """`python -m sagas ARGS` started in ``folder``, with no PYTHONPATH (as a user outside the clone)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return subprocess.run(
+        [sys.executable, "-m", "sagas", *args], cwd=folder, env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+@pytest.mark.parametrize("command", APP_COMMANDS, ids=str)
+def test_an_app_that_cannot_be_imported_says_what_to_do(tmp_path: Path, command: str) -> None:
+    """Outside the clone `examples` is not importable: every command that takes an app or a saga class
+    says `error: cannot import ...` with what to do (and where the examples ship), exit 2, no usage lines."""
+    from sagas._store import open_store
+
+    store = f"sqlite:///{tmp_path / 'sagas.db'}"
+    open_store(store).close()
+    spec = "examples.postprocessing:Postprocessing" if command == "graph" else "examples.postprocessing:app"
+    proc = _sagas_in(tmp_path, [a.format(spec=spec, store=store) for a in APP_COMMANDS[command]])
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == (
+        "error: cannot import 'examples.postprocessing': No module named 'examples' (run from the folder that "
+        "holds the module, or put it on PYTHONPATH; the examples ship with the package as "
+        "sagas.examples.postprocessing)\n"
+    )
+    assert "Usage:" not in proc.stderr
+
+
+def test_the_packaged_examples_work_from_any_folder(tmp_path: Path) -> None:
+    """The spelling the --help examples and docs/console.md give, sagas.examples...., imports anywhere."""
+    proc = _sagas_in(tmp_path, ["graph", "sagas.examples.postprocessing:Postprocessing"])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("stateDiagram-v2")
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        (
+            "no_such_module_x1:app",
+            "cannot import 'no_such_module_x1': No module named 'no_such_module_x1' (run from "
+            "the folder that holds the module, or put it on PYTHONPATH)",
+        ),
+        (
+            "tests.sagas.broken_app_x1:app",
+            "cannot import 'tests.sagas.broken_app_x1': No module named 'tests.sagas.broken_app_x1' (run from",
+        ),
+        ("sagas:nothing_here", "module 'sagas' has no attribute 'nothing_here'"),
+        ("sagas:Saga", "'sagas:Saga' is not a sagas.App (found type)"),
+        (":app", "expected module:attribute"),
+    ],
+)
+def test_a_bad_app_is_a_usage_error(spec: str, message: str) -> None:
+    """Whatever is wrong with --app, it is `error: ...` and exit 2, without click's usage lines."""
+    result = CliRunner().invoke(cli, ["retry", "x", "--app", spec, "--store", "memory://"])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("error: "), result.stderr
+    assert message in result.stderr
+    assert "Usage:" not in result.output
+
+
+def test_an_app_whose_own_import_fails_says_so(tmp_path: Path) -> None:
+    """A module that is found but imports something missing is not a PYTHONPATH problem: the message says
+    the module itself imports something missing."""
+    (tmp_path / "shaky_app.py").write_text("import no_such_dependency_x1\n")
+    proc = _sagas_in(tmp_path, ["run", "shaky_app:app"])
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == (
+        "error: cannot import 'shaky_app': No module named 'no_such_dependency_x1' ('shaky_app' itself imports "
+        "something that is missing)\n"
+    )

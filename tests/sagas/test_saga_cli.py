@@ -329,10 +329,35 @@ def test_ls_stuck_lists_sagas_overdue_by_more_than_stuck_after(tmp_path: Path) -
 
 
 def test_ls_on_a_missing_sqlite_file_fails_without_creating_it(tmp_path: Path) -> None:
-    """A --store pointing at no SQLite file is an error (exit 1), and no empty store is created."""
+    """A --store pointing at no SQLite file is an error (exit 2), and no empty store is created."""
     result = invoke("ls", "--store", f"sqlite:///{tmp_path}/nope.db")
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "error: no SQLite store" in result.output
+    assert not (tmp_path / "nope.db").exists()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["ls"],
+        ["show", "some-id"],
+        ["counts"],
+        ["retry", "some-id", "--app", "examples.postprocessing:app"],
+        ["compensate", "some-id", "--app", "examples.postprocessing:app"],
+        ["graph", "examples.postprocessing:Postprocessing", "--id", "some-id"],
+    ],
+    ids=lambda args: args[0],
+)
+@pytest.mark.parametrize("url", ["sqlite:///{tmp}/nope.db", "mysql://db/sagas"], ids=["missing", "malformed"])
+def test_a_store_that_cannot_be_opened_exits_2(tmp_path: Path, args: list[str], url: str) -> None:
+    """Every operator command exits 2 with `error: ...` and no traceback for a store it cannot open, as
+    the exit code tables of docs/operations.md and docs/worker.md say: a missing SQLite file as a
+    malformed URL."""
+    result = invoke(*args, "--store", url.format(tmp=tmp_path))
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("error: "), result.stderr
+    assert "(--store or SAGAS_STORE_URL)" in result.stderr
+    assert "Traceback" not in result.output
     assert not (tmp_path / "nope.db").exists()
 
 
@@ -859,12 +884,24 @@ def test_show_needs_an_id_or_a_type_and_key(run: Run) -> None:
 
 @pytest.mark.postgres
 def test_a_mistyped_postgres_schema_is_an_error_and_creates_nothing(postgres_url: str, unique: str) -> None:
-    """`ls` on a schema that holds no store says so (exit 1) instead of listing nothing, and creates nothing."""
+    """`ls` on a schema that holds no store says so (exit 2) instead of listing nothing, and creates nothing."""
     import psycopg
 
     result = invoke("ls", "--store", f"{postgres_url}?schema={unique}")
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == 2, result.output
     assert f"error: no sagas store in schema '{unique}'" in result.output
     with psycopg.connect(postgres_url, autocommit=True) as conn:
         found = conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (unique,)).fetchone()
     assert found is None
+
+
+@pytest.mark.postgres
+def test_a_wrong_postgres_database_exits_2(postgres_url: str, unique: str) -> None:
+    """A database that does not exist cannot be opened: `error: ...`, exit 2, as a missing SQLite file."""
+    from urllib.parse import urlsplit
+
+    wrong = urlsplit(postgres_url)._replace(path=f"/{unique}").geturl()
+    result = invoke("ls", "--store", wrong)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("error: cannot open the PostgreSQL store"), result.stderr
+    assert "Traceback" not in result.output

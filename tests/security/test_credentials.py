@@ -146,7 +146,7 @@ def test_cli_never_prints_passwords(tmp_path: Path, unique: str, pg_schema: str,
             ),
             3,
         ),
-        "ls-unreachable-store": (_sagas("ls", "--store", dead_pg, cwd=tmp_path), 1),
+        "ls-unreachable-store": (_sagas("ls", "--store", dead_pg, cwd=tmp_path), 2),
     }
     started = _sagas(
         "run",
