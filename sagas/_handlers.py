@@ -37,6 +37,7 @@ import structlog
 from transport import CONTENT_TYPE, ConnectionLost, Event, EventBus, Inbound, TransportError, encode
 from transport import decode as decode_event
 
+from . import _tracing
 from ._errors import Failure, NoReply, Reject
 from ._protocol import reply_event
 from ._redelivery import encode_events, retry_or_dead_letter, send_back
@@ -69,6 +70,8 @@ class HandlerOutcome:
     outbox: list[Event] = field(default_factory=list)
     duration: float = 0.0
     result: Any = None
+    #: the handler's span, when tracing is on (:mod:`sagas._tracing`)
+    trace: Any = None
 
     @property
     def deduplicated(self) -> bool:
@@ -448,6 +451,7 @@ class HandlerPipeline:
                 # Copies that waited on this one go first, and now meet the inbox.
                 self._ready.extendleft(reversed(self._busy.pop((o.spec.key, o.event.id), [])))
 
+    @_tracing.within
     def _decide(self, o: HandlerOutcome, generation: int) -> _Settling | None:
         """What a finished message turns into: its reply (for a request), its error, what it publishes."""
         spec, inbound, event = o.spec, o.inbound, o.event
@@ -535,6 +539,7 @@ class HandlerPipeline:
                 failed += f" with {type(error).__name__}, which is not retried (Retry.give_up_on)"
             outcome = retry_or_dead_letter(self.bus, inbound, error, failed, spec.retry)
         log.warning("message.failed", error=repr(error)[:500], **s.fields(outcome))
+        _tracing.settled(s.o.trace, s.o.event, outcome, error)
 
 
 def run_handlers(work: list[Work]) -> list[HandlerOutcome]:
@@ -542,6 +547,7 @@ def run_handlers(work: list[Work]) -> list[HandlerOutcome]:
     return [_run_handler(*item) for item in work]
 
 
+@_tracing.handler_span
 def _run_handler(spec: HandlerSpec, inbound: Inbound, event: Event, generation: int) -> HandlerOutcome:
     """Run one handler on a pool thread. Never raises: the outcome carries the error."""
     outcome = HandlerOutcome(inbound, event, spec, generation)

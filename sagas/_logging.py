@@ -11,6 +11,8 @@ import structlog
 
 from transport import redact_url
 
+from . import _tracing
+
 _URL_KEYS = ("broker", "url", "store")
 
 
@@ -36,6 +38,8 @@ def configure_logging(*, json: bool = False, level: str | int = "info") -> None:
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         redact_credentials,
     ]
+    if _tracing.ENABLED:
+        processors.append(_tracing.add_trace_ids)
     if json:
         processors += [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
     else:

@@ -25,6 +25,8 @@ from typing import Any
 
 from transport import Event
 
+from . import _tracing
+
 #: Header of a request and its reply: the request's id (a reply to an older request is recognised).
 REQUEST_ID_HEADER = "request_id"
 #: Header of a request and its reply: the type of the saga that sent the request.
@@ -98,14 +100,15 @@ def request_event(
 ) -> Event:
     """The request a saga sends on entering a state at ``version`` (a stable id: the same transition
     applied again builds the same request)."""
+    request_id = uuid.uuid5(_SAGA_IDS, f"{saga_id}/{version}/request").hex
     return Event(
         type=request_type,
         payload=dict(payload),
         source=saga_type,
         correlation_id=saga_id,
-        id=uuid.uuid5(_SAGA_IDS, f"{saga_id}/{version}/request").hex,
+        id=request_id,
         causation_id=causation_id,
-        headers={SAGA_TYPE_HEADER: saga_type},
+        headers=_tracing.outgoing(request_type, request_id, {SAGA_TYPE_HEADER: saga_type}),
     )
 
 
@@ -119,13 +122,15 @@ def saga_event(
     causation_id: str | None,
 ) -> Event:
     """The ``index``-th event a saga publishes in the transition to ``version`` (a stable id)."""
+    event_id = uuid.uuid5(_SAGA_IDS, f"{saga_id}/{version}/{index}").hex
     return Event(
         type=event_type,
         payload=payload,
         source=saga_type,
-        id=uuid.uuid5(_SAGA_IDS, f"{saga_id}/{version}/{index}").hex,
+        id=event_id,
         correlation_id=saga_id,
         causation_id=causation_id,
+        headers=_tracing.outgoing(event_type, event_id, {}),
     )
 
 
@@ -143,14 +148,16 @@ def reply_event(
 ) -> Event:
     """The reply of ``handler`` (``service.name``) to a saga's request: a stable id (a repeat is
     recognised), the request id and saga type in its headers."""
+    reply_id, kind = uuid.uuid5(_REPLY_IDS, f"{request.id}/{handler}").hex, reply_type(request.type)
+    headers = {REQUEST_ID_HEADER: request.id, SAGA_TYPE_HEADER: request.headers.get(SAGA_TYPE_HEADER, "")}
     return Event(
-        type=reply_type(request.type),
+        type=kind,
         payload={"ok": ok, "result": dict(result) if result else None, "reason": reason},
         source=source,
-        id=uuid.uuid5(_REPLY_IDS, f"{request.id}/{handler}").hex,
+        id=reply_id,
         correlation_id=request.correlation_id,
         causation_id=request.id,
-        headers={REQUEST_ID_HEADER: request.id, SAGA_TYPE_HEADER: request.headers.get(SAGA_TYPE_HEADER, "")},
+        headers=_tracing.outgoing(kind, reply_id, headers),
     )
 
 

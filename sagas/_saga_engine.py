@@ -35,7 +35,7 @@ import transitions
 
 from transport import CONTENT_TYPE, Event, decode, encode
 
-from . import _late
+from . import _late, _tracing
 from ._errors import ActionRefused, ConfigurationError, NotFound, SagaCodeError, SagasError
 from ._protocol import (
     COMPENSATE,
@@ -153,6 +153,7 @@ class SagaEngine:
 
     # -- messages ----------------------------------------------------------------------------------
 
+    @_tracing.saga_message
     def handle(self, saga_type: str, event: Event) -> Applied:
         """Apply ``event`` to the saga it belongs to. Retries on version conflicts."""
         d = self.definitions[saga_type]
@@ -282,6 +283,7 @@ class SagaEngine:
         )
         return Applied(record, True, rows)
 
+    @_tracing.transition
     def _enter(
         self,
         d: SagaDefinition,
@@ -402,6 +404,7 @@ class SagaEngine:
                         continue
         return rows
 
+    @_tracing.deadline
     def fire(self, record: SagaRecord) -> list[OutboxRow]:
         d = self.definitions.get(record.type)
         if d is None:

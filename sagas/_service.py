@@ -25,6 +25,7 @@ from transport import (
     validate_pattern,
 )
 
+from . import _tracing
 from ._errors import ConfigurationError
 from ._protocol import follow_up_id
 from ._types import Handler
@@ -117,14 +118,15 @@ class Context:
         The id is derived from the handled event's id, this handler and the follow-up's position, so a
         handler that runs again for the same event publishes the same ids, and receivers' inboxes can
         drop the repeats."""
+        event_id = follow_up_id(self.event.id, f"{self.service}.{self.handler}", len(self.outbox))
         event = Event(
             type=type,
             payload=payload or {},
             source=self.service,
-            id=follow_up_id(self.event.id, f"{self.service}.{self.handler}", len(self.outbox)),
+            id=event_id,
             correlation_id=self.event.correlation_id,
             causation_id=self.event.id,
-            headers=headers or {},
+            headers=_tracing.outgoing(type, event_id, headers or {}),
         )
         self.outbox.append(event)
         return event

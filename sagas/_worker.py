@@ -44,6 +44,7 @@ from transport import (
     redact_url,
 )
 
+from . import _tracing
 from ._clock import SteadyClock
 from ._errors import ConfigurationError, SagasError
 from ._handlers import DEFAULT_CLAIM_LEASE, HandlerPipeline, Ready, Work
@@ -128,6 +129,7 @@ class Worker:
         self.claim_lease = claim_lease
         self.app = app
         self.broker = broker or os.environ.get("SAGAS_BROKER_URL") or "memory://"
+        _tracing.set_system(self.broker)
         self.exchange = exchange or app.exchange
         self.concurrency = concurrency
         self.grace_period = grace_period

@@ -1,0 +1,297 @@
+"""OpenTelemetry traces: one saga is one trace, across processes.
+
+Optional: ``pip install 'kombu-sagas[otel]'`` installs ``opentelemetry-api``. Without it nothing of
+OpenTelemetry is imported, the decorators below return the functions they decorate unchanged, and
+:func:`outgoing` returns the headers it is given (one ``is None`` check). With the API and no SDK
+configured, the API's no-op tracer makes spans that record nothing and inject nothing.
+
+The W3C trace context (``traceparent``, ``tracestate``) travels in the envelope's ``headers``:
+
+- every event the framework builds (a handler's follow-up, a reply, a saga's request or event) gets a
+  PRODUCER span ``<type> publish``, child of the span current where it is built, and carries that
+  span's context. A saga's outgoing messages are built inside its transition and written to the
+  outbox with their headers, so the relay's later publish keeps the parent;
+- a handler runs in a CONSUMER span ``<type> process``, child of the publish span in the message's
+  headers; its reply and follow-ups are built under it. A failure sets the status to ERROR and records
+  the exception; a retry or dead letter adds a child span saying so;
+- a saga message is applied in a CONSUMER span, each transition in an INTERNAL span under it. A saga
+  keeps the context of its first transition in ``meta["trace"]``: its deadlines (the timer loop) and
+  the transitions an operator or the relay causes use it as their parent.
+
+Attributes follow the messaging semantic conventions (``messaging.system``,
+``messaging.destination.name``, ``messaging.operation``, ``messaging.message.id``) plus
+``sagas.saga.id``, ``sagas.saga.type``, ``sagas.saga.state``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping, MutableMapping
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from transport import Event, Inbound
+
+    from ._handlers import HandlerOutcome
+    from ._saga_engine import Applied
+    from ._service import HandlerSpec
+    from ._store import OutboxRow, SagaRecord
+
+try:
+    from opentelemetry import propagate, trace
+    from opentelemetry.trace import SpanKind, Status, StatusCode
+except ImportError:  # the otel extra is not installed: tracing is off
+    trace = None  # type: ignore[assignment]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: Whether OpenTelemetry's API is installed (then spans are made; they record nothing without an SDK).
+ENABLED = trace is not None
+#: The key of a saga's own trace context in its meta.
+TRACE_META = "trace"
+_NAME = "sagas"
+
+_provider: Any = None
+_system = "rabbitmq"
+
+
+def set_tracer_provider(provider: Any) -> None:
+    """Make spans with ``provider`` instead of OpenTelemetry's global one (None: the global one again).
+    For tests and for applications that keep more than one provider."""
+    global _provider
+    _provider = provider
+
+
+def set_system(broker_url: str) -> None:
+    """``messaging.system`` from the worker's broker URL: ``rabbitmq``, or ``memory`` for ``memory://``."""
+    global _system
+    _system = "memory" if broker_url.startswith("memory") else "rabbitmq"
+
+
+def _tracer() -> Any:
+    if _provider is not None:
+        return _provider.get_tracer(_NAME)
+    return trace.get_tracer(_NAME)
+
+
+def _messaging(operation: str, destination: str, message_id: str, routing_key: str) -> dict[str, Any]:
+    return {
+        "messaging.system": _system,
+        "messaging.operation": operation,
+        "messaging.destination.name": destination,
+        "messaging.message.id": message_id,
+        "messaging.rabbitmq.destination.routing_key": routing_key,
+    }
+
+
+def _parent(carrier: Mapping[str, Any] | None) -> Any:
+    """The context a message's (or a saga's) trace headers carry, or None without any."""
+    if not carrier or "traceparent" not in carrier:
+        return None
+    return propagate.extract(dict(carrier))
+
+
+def _fail(span: Any, error: BaseException, description: str = "") -> None:
+    span.record_exception(error)
+    span.set_status(Status(StatusCode.ERROR, description or f"{type(error).__name__}: {error}"[:500]))
+
+
+# -- publishing -------------------------------------------------------------------------------------------
+
+
+def outgoing(event_type: str, event_id: str, headers: Mapping[str, str]) -> Mapping[str, str]:
+    """``headers`` with the trace context of a new PRODUCER span for the event (child of the current
+    span), or ``headers`` themselves when tracing is off or nothing records."""
+    if trace is None:
+        return headers
+    span = _tracer().start_span(
+        f"{event_type} publish",
+        kind=SpanKind.PRODUCER,
+        attributes=_messaging("publish", event_type, event_id, event_type),
+    )
+    span.end()
+    if not span.get_span_context().is_valid:
+        return headers
+    carrier: dict[str, str] = dict(headers)
+    propagate.inject(carrier, context=trace.set_span_in_context(span))
+    return carrier
+
+
+# -- handlers ---------------------------------------------------------------------------------------------
+
+
+def handler_span(
+    run: Callable[[HandlerSpec, Inbound, Event, int], HandlerOutcome],
+) -> Callable[[HandlerSpec, Inbound, Event, int], HandlerOutcome]:
+    """Decorates the function that runs one handler: a CONSUMER span around it, child of the message's
+    publish span, current while the handler runs (its follow-ups and log lines are under it). The span
+    ends with the handler; the outcome keeps it (``trace``) for the reply and the settling."""
+    if trace is None:
+        return run
+    from ._errors import NoReply
+
+    @functools.wraps(run)
+    def traced(spec: HandlerSpec, inbound: Inbound, event: Event, generation: int) -> HandlerOutcome:
+        attributes = _messaging("process", inbound.subscription.queue, event.id, event.type)
+        attributes.update({"sagas.service": spec.service, "sagas.handler": spec.name, "sagas.attempt": inbound.attempt})
+        saga_type = event.headers.get("saga_type")
+        if saga_type:
+            attributes.update({"sagas.saga.id": event.correlation_id, "sagas.saga.type": saga_type})
+        span = _tracer().start_span(
+            f"{event.type} process", context=_parent(event.headers), kind=SpanKind.CONSUMER, attributes=attributes
+        )
+        with trace.use_span(span, end_on_exit=True, record_exception=False, set_status_on_exception=False):
+            outcome = run(spec, inbound, event, generation)
+            if isinstance(outcome.error, NoReply):
+                span.set_attribute("sagas.outcome", "no-reply")
+            elif outcome.error is not None:
+                _fail(span, outcome.error)
+        outcome.trace = span
+        return outcome
+
+    return traced
+
+
+def within(method: F) -> F:
+    """Decorates a pipeline method whose first argument is a handler's outcome: runs it with the
+    handler's span current again (the reply is built there, a child of the handler span)."""
+    if trace is None:
+        return method
+
+    @functools.wraps(method)
+    def traced(self: Any, o: Any, *args: Any, **kwargs: Any) -> Any:
+        if o.trace is None:
+            return method(self, o, *args, **kwargs)
+        with trace.use_span(o.trace, end_on_exit=False):
+            return method(self, o, *args, **kwargs)
+
+    return traced  # type: ignore[return-value]
+
+
+def settled(span: Any, event: Event, outcome: str, error: BaseException) -> None:
+    """A handler failed and its message was retried or dead-lettered (``outcome``): a child span of the
+    handler's saying so, with status ERROR and the exception."""
+    if span is None:
+        return
+    with _tracer().start_as_current_span(
+        f"{event.type} {outcome}",
+        context=trace.set_span_in_context(span),
+        attributes={"sagas.outcome": outcome, "messaging.message.id": event.id},
+        record_exception=False,
+        set_status_on_exception=False,
+    ) as child:
+        _fail(child, error, f"{outcome}: {type(error).__name__}: {error}"[:500])
+
+
+# -- sagas ------------------------------------------------------------------------------------------------
+
+
+def saga_message(handle: F) -> F:
+    """Decorates ``SagaEngine.handle(saga_type, event)``: a CONSUMER span, child of the message's publish
+    span, with the saga's id, type, state and what became of the message."""
+    if trace is None:
+        return handle
+
+    @functools.wraps(handle)
+    def traced(self: Any, saga_type: str, event: Event) -> Applied:
+        attributes = _messaging("process", f"saga:{saga_type}", event.id, event.type)
+        attributes["sagas.saga.type"] = saga_type
+        with _tracer().start_as_current_span(
+            f"{event.type} process", context=_parent(event.headers), kind=SpanKind.CONSUMER, attributes=attributes
+        ) as span:
+            applied: Applied = handle(self, saga_type, event)
+            span.set_attribute("sagas.outcome", applied.outcome)
+            if applied.saga is not None:
+                span.set_attributes({"sagas.saga.id": applied.saga.id, "sagas.saga.state": applied.saga.state})
+            if applied.refused:
+                span.set_status(Status(StatusCode.ERROR, f"refused: {applied.note}"[:500]))
+            return applied
+
+    return traced  # type: ignore[return-value]
+
+
+def transition(enter: F) -> F:
+    """Decorates ``SagaEngine._enter(d, record, new_state, ...)``: an INTERNAL span per transition, under
+    the current span or, with none (a deadline, an operator, the relay), under the saga's own trace. A
+    saga's first traced transition stores its context in ``meta["trace"]``."""
+    if trace is None:
+        return enter
+
+    @functools.wraps(enter)
+    def traced(self: Any, d: Any, record: SagaRecord, new_state: str, *args: Any, **kwargs: Any) -> list[OutboxRow]:
+        parent = None
+        if not trace.get_current_span().get_span_context().is_valid:
+            parent = _parent(record.meta.get(TRACE_META))
+        with _tracer().start_as_current_span(
+            f"saga {record.type} {record.state or '-'} -> {new_state}",
+            context=parent,
+            attributes={
+                "sagas.saga.id": record.id,
+                "sagas.saga.type": record.type,
+                "sagas.saga.state": new_state,
+                "sagas.saga.from_state": record.state or "-",
+            },
+        ) as span:
+            if TRACE_META not in record.meta and span.get_span_context().is_valid:
+                carrier: dict[str, str] = {}
+                propagate.inject(carrier)
+                record.meta = {**record.meta, TRACE_META: carrier}
+            rows: list[OutboxRow] = enter(self, d, record, new_state, *args, **kwargs)
+            return rows
+
+    return traced  # type: ignore[return-value]
+
+
+def deadline(fire: F) -> F:
+    """Decorates ``SagaEngine.fire(record)``: an INTERNAL span ``saga <type> deadline`` under the saga's
+    own trace (``meta["trace"]``); a re-sent request or the timeout's transition is under it."""
+    if trace is None:
+        return fire
+
+    @functools.wraps(fire)
+    def traced(self: Any, record: SagaRecord) -> list[OutboxRow]:
+        with _tracer().start_as_current_span(
+            f"saga {record.type} deadline",
+            context=_parent(record.meta.get(TRACE_META)),
+            attributes={
+                "sagas.saga.id": record.id,
+                "sagas.saga.type": record.type,
+                "sagas.saga.state": record.state,
+                "sagas.attempt": record.attempts,
+            },
+        ) as span:
+            rows: list[OutboxRow] = fire(self, record)
+            span.set_attribute("sagas.messages", len(rows))
+            return rows
+
+    return traced  # type: ignore[return-value]
+
+
+# -- logs -------------------------------------------------------------------------------------------------
+
+
+def add_trace_ids(logger: Any, method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """structlog processor: ``trace_id`` and ``span_id`` of the current span, when one records."""
+    if trace is None:
+        return event_dict
+    ctx = trace.get_current_span().get_span_context()
+    if ctx.is_valid:
+        event_dict.setdefault("trace_id", format(ctx.trace_id, "032x"))
+        event_dict.setdefault("span_id", format(ctx.span_id, "016x"))
+    return event_dict
+
+
+__all__ = [
+    "ENABLED",
+    "TRACE_META",
+    "add_trace_ids",
+    "deadline",
+    "handler_span",
+    "outgoing",
+    "saga_message",
+    "set_system",
+    "set_tracer_provider",
+    "settled",
+    "transition",
+    "within",
+]

@@ -1,0 +1,190 @@
+"""OpenTelemetry traces (sagas._tracing): spans with the SDK's in-memory exporter, one tree per saga."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import pytest
+import structlog
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
+
+from examples import postprocessing
+from sagas import App, Context, Event, Retry, Service, _tracing
+from sagas._logging import configure_logging
+from sagas.testing import Drop, Harness
+
+PING, BOOM = "demo.tracing.ping", "demo.tracing.boom"
+
+svc = Service("tracer")
+handled: list[dict[str, Any]] = []
+
+
+@svc.on(PING, name="ping")
+def ping(event: Event, ctx: Context) -> None:
+    structlog.get_logger("test").info("ping.handled")
+    ctx.publish(PING + "ed", {"n": event.payload["n"]})
+
+
+@svc.on(BOOM, name="boom", retry=Retry(attempts=3, initial=0.5))
+def boom(event: Event) -> None:
+    raise RuntimeError("the handler broke")
+
+
+app = App(svc)
+
+
+@pytest.fixture
+def spans() -> Iterator[InMemorySpanExporter]:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    _tracing.set_tracer_provider(provider)
+    try:
+        yield exporter
+    finally:
+        _tracing.set_tracer_provider(None)
+        provider.shutdown()
+
+
+def _traced_event(type: str, payload: dict[str, Any]) -> Event:
+    """An event as a traced publisher sends it: with the trace context of its publish span."""
+    event = Event(type=type, payload=payload, source="test")
+    return Event(type=type, payload=payload, source="test", id=event.id, headers=_tracing.outgoing(type, event.id, {}))
+
+
+def _one_tree(spans: Sequence[ReadableSpan]) -> ReadableSpan:
+    """All spans share one trace id, every parent is among them, and there is one root: return it."""
+    assert spans
+    assert len({s.context.trace_id for s in spans}) == 1, sorted({s.name for s in spans})
+    ids = {s.context.span_id for s in spans}
+    roots = [s for s in spans if s.parent is None]
+    assert len(roots) == 1, [s.name for s in roots]
+    orphans = [s.name for s in spans if s.parent is not None and s.parent.span_id not in ids]
+    assert orphans == []
+    return roots[0]
+
+
+def test_a_handler_span_is_the_child_of_the_publish_span(spans: InMemorySpanExporter) -> None:
+    event = _traced_event(PING, {"n": 1})
+    assert event.headers["traceparent"].startswith("00-")
+    with Harness(app) as h:
+        h.send(event)
+        h.settle()
+    finished = spans.get_finished_spans()
+    publish = next(s for s in finished if s.name == f"{PING} publish")
+    handler = next(s for s in finished if s.name == f"{PING} process")
+    follow_up = next(s for s in finished if s.name == f"{PING}ed publish")
+    assert publish.kind is SpanKind.PRODUCER
+    assert handler.kind is SpanKind.CONSUMER
+    assert handler.parent is not None
+    assert handler.parent.span_id == publish.context.span_id
+    assert handler.context.trace_id == publish.context.trace_id
+    assert follow_up.parent is not None
+    assert follow_up.parent.span_id == handler.context.span_id
+    attrs = dict(handler.attributes or {})
+    assert attrs["messaging.system"] == "memory"
+    assert attrs["messaging.operation"] == "process"
+    assert attrs["messaging.message.id"] == event.id
+    assert attrs["messaging.destination.name"]
+    assert attrs["sagas.handler"] == "ping"
+    assert attrs["sagas.attempt"] == 1
+    assert dict(publish.attributes or {})["messaging.operation"] == "publish"
+    assert handler.status.status_code is StatusCode.UNSET
+    _one_tree(finished)
+
+
+def test_a_failing_handler_sets_error_records_the_exception_and_shows_its_retries(
+    spans: InMemorySpanExporter,
+) -> None:
+    with Harness(app) as h:
+        h.send(_traced_event(BOOM, {}))
+        h.settle()
+        assert len(h.dead_letters()) == 1
+    finished = spans.get_finished_spans()
+    runs = sorted((s for s in finished if s.name == f"{BOOM} process"), key=lambda s: s.start_time or 0)
+    assert [dict(s.attributes or {})["sagas.attempt"] for s in runs] == [1, 2, 3]
+    for run in runs:
+        assert run.status.status_code is StatusCode.ERROR
+        assert [e.name for e in run.events] == ["exception"]
+        assert dict(run.events[0].attributes or {})["exception.type"] == "RuntimeError"
+    settled = [s.name.removeprefix(f"{BOOM} ") for s in sorted(finished, key=lambda s: s.start_time or 0)]
+    assert [n for n in settled if n in ("retry", "dead-letter")] == ["retry", "retry", "dead-letter"]
+    assert all(s.status.status_code is StatusCode.ERROR for s in finished if s.name.endswith(("retry", "letter")))
+    _one_tree(finished)
+
+
+UPLOAD = "ocis.storage.bytes_received"
+
+
+def test_one_saga_is_one_trace_and_one_tree_through_a_lost_reply_and_a_deadline(
+    spans: InMemorySpanExporter,
+) -> None:
+    with Harness(postprocessing.app) as h:
+        h.inject(Drop(), match="ocis.antivirus.scan.reply")  # the first reply is lost: the deadline re-sends
+        h.send(_traced_event(UPLOAD, {"upload_id": "u1", "name": "a.txt", "size": 10, "user": "marie"}))
+        h.settle()
+        record = h.saga(postprocessing.Postprocessing, "u1")
+    assert record.state == "done"
+    assert record.meta["trace"]["traceparent"].startswith("00-")
+    finished = spans.get_finished_spans()
+    root = _one_tree(finished)
+    assert root.name == f"{UPLOAD} publish"
+    names = [s.name for s in finished]
+    # the re-sent request is answered from the reply cache (no handler run): its deadline is in the tree
+    assert names.count("ocis.antivirus.scan process") == 1
+    assert "saga postprocessing deadline" in names
+    assert "saga postprocessing - -> scanning" in names
+    assert "saga postprocessing finishing -> done" in names
+    assert "ocis.postprocessing.finished process" in names  # the event the saga publishes, handled
+    transition = next(s for s in finished if s.name == "saga postprocessing scanning -> checking")
+    assert dict(transition.attributes or {})["sagas.saga.id"] == record.id
+    consumer = next(s for s in finished if s.name == f"{UPLOAD} process")
+    assert dict(consumer.attributes or {})["sagas.saga.state"] == "scanning"
+
+
+def test_logs_carry_the_trace_and_span_ids(spans: InMemorySpanExporter, capsys: pytest.CaptureFixture[str]) -> None:
+    configure_logging(json=True, level="info")
+    try:
+        with Harness(app) as h:
+            h.send(_traced_event(PING, {"n": 2}))
+            h.settle()
+    finally:
+        structlog.reset_defaults()
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+    line = next(line for line in lines if line["event"] == "ping.handled")
+    handler = next(s for s in spans.get_finished_spans() if s.name == f"{PING} process")
+    assert line["trace_id"] == format(handler.context.trace_id, "032x")
+    assert line["span_id"] == format(handler.context.span_id, "016x")
+
+
+def test_without_opentelemetry_the_worker_runs_and_traces_nothing() -> None:
+    code = textwrap.dedent(
+        """
+        import sys
+        sys.modules["opentelemetry"] = None  # as if it were not installed: importing it fails
+        from sagas import _tracing
+        from sagas.testing import Harness
+        from examples import postprocessing
+        assert not _tracing.ENABLED
+        assert _tracing.outgoing("a.b", "x", {}) == {}
+        assert _tracing.transition(len) is len and _tracing.saga_message(len) is len  # undecorated
+        with Harness(postprocessing.app) as h:
+            h.publish("ocis.storage.bytes_received", {"upload_id": "u1", "name": "a", "size": 1, "user": "m"})
+            h.settle()
+            record = h.saga(postprocessing.Postprocessing, "u1")
+        assert record.state == "done" and "trace" not in record.meta, record
+        assert not any(name.startswith("opentelemetry") for name in sys.modules if sys.modules[name] is not None)
+        print("ok")
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines()[-1] == "ok"
