@@ -2,8 +2,9 @@
 
 Optional: ``pip install 'kombu-sagas[otel]'`` installs ``opentelemetry-api``. Without it nothing of
 OpenTelemetry is imported, the decorators below return the functions they decorate unchanged, and
-:func:`outgoing` returns the headers it is given (one ``is None`` check). With the API and no SDK
-configured, the API's no-op tracer makes spans that record nothing and inject nothing.
+:func:`outgoing` returns the headers it is given (one ``is None`` check). With the API installed and
+no provider configured (OpenTelemetry's default proxy provider), each traced point checks that and does
+nothing else.
 
 The W3C trace context (``traceparent``, ``tracestate``) travels in the envelope's ``headers``:
 
@@ -52,6 +53,7 @@ TRACE_META = "trace"
 _NAME = "sagas"
 
 _provider: Any = None
+_global: Any = None  # the global provider's tracer, once there is one
 _system = "rabbitmq"
 
 
@@ -69,9 +71,16 @@ def set_system(broker_url: str) -> None:
 
 
 def _tracer() -> Any:
+    """The tracer, or None while nothing would record: no provider is configured (OpenTelemetry's
+    default proxy, or its no-op provider). Then nothing is traced, at the cost of this check."""
     if _provider is not None:
         return _provider.get_tracer(_NAME)
-    return trace.get_tracer(_NAME)
+    global _global
+    if _global is None:
+        if isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider | trace.NoOpTracerProvider):
+            return None
+        _global = trace.get_tracer(_NAME)  # (a provider, once set, stays: OpenTelemetry sets it once)
+    return _global
 
 
 def _messaging(operation: str, destination: str, message_id: str, routing_key: str) -> dict[str, Any]:
@@ -102,9 +111,10 @@ def _fail(span: Any, error: BaseException, description: str = "") -> None:
 def outgoing(event_type: str, event_id: str, headers: Mapping[str, str]) -> Mapping[str, str]:
     """``headers`` with the trace context of a new PRODUCER span for the event (child of the current
     span), or ``headers`` themselves when tracing is off or nothing records."""
-    if trace is None:
+    tracer = _tracer() if trace is not None else None
+    if tracer is None:
         return headers
-    span = _tracer().start_span(
+    span = tracer.start_span(
         f"{event_type} publish",
         kind=SpanKind.PRODUCER,
         attributes=_messaging("publish", event_type, event_id, event_type),
@@ -132,12 +142,15 @@ def handler_span(
 
     @functools.wraps(run)
     def traced(spec: HandlerSpec, inbound: Inbound, event: Event, generation: int) -> HandlerOutcome:
+        tracer = _tracer()
+        if tracer is None:
+            return run(spec, inbound, event, generation)
         attributes = _messaging("process", inbound.subscription.queue, event.id, event.type)
         attributes.update({"sagas.service": spec.service, "sagas.handler": spec.name, "sagas.attempt": inbound.attempt})
         saga_type = event.headers.get("saga_type")
         if saga_type:
             attributes.update({"sagas.saga.id": event.correlation_id, "sagas.saga.type": saga_type})
-        span = _tracer().start_span(
+        span = tracer.start_span(
             f"{event.type} process", context=_parent(event.headers), kind=SpanKind.CONSUMER, attributes=attributes
         )
         with trace.use_span(span, end_on_exit=True, record_exception=False, set_status_on_exception=False):
@@ -171,9 +184,10 @@ def within(method: F) -> F:
 def settled(span: Any, event: Event, outcome: str, error: BaseException) -> None:
     """A handler failed and its message was retried or dead-lettered (``outcome``): a child span of the
     handler's saying so, with status ERROR and the exception."""
-    if span is None:
+    tracer = _tracer() if span is not None else None
+    if tracer is None:
         return
-    with _tracer().start_as_current_span(
+    with tracer.start_as_current_span(
         f"{event.type} {outcome}",
         context=trace.set_span_in_context(span),
         attributes={"sagas.outcome": outcome, "messaging.message.id": event.id},
@@ -194,9 +208,12 @@ def saga_message(handle: F) -> F:
 
     @functools.wraps(handle)
     def traced(self: Any, saga_type: str, event: Event) -> Applied:
+        tracer = _tracer()
+        if tracer is None:
+            return handle(self, saga_type, event)  # type: ignore[no-any-return]
         attributes = _messaging("process", f"saga:{saga_type}", event.id, event.type)
         attributes["sagas.saga.type"] = saga_type
-        with _tracer().start_as_current_span(
+        with tracer.start_as_current_span(
             f"{event.type} process", context=_parent(event.headers), kind=SpanKind.CONSUMER, attributes=attributes
         ) as span:
             applied: Applied = handle(self, saga_type, event)
@@ -219,10 +236,13 @@ def transition(enter: F) -> F:
 
     @functools.wraps(enter)
     def traced(self: Any, d: Any, record: SagaRecord, new_state: str, *args: Any, **kwargs: Any) -> list[OutboxRow]:
+        tracer = _tracer()
+        if tracer is None:
+            return enter(self, d, record, new_state, *args, **kwargs)  # type: ignore[no-any-return]
         parent = None
         if not trace.get_current_span().get_span_context().is_valid:
             parent = _parent(record.meta.get(TRACE_META))
-        with _tracer().start_as_current_span(
+        with tracer.start_as_current_span(
             f"saga {record.type} {record.state or '-'} -> {new_state}",
             context=parent,
             attributes={
@@ -250,7 +270,10 @@ def deadline(fire: F) -> F:
 
     @functools.wraps(fire)
     def traced(self: Any, record: SagaRecord) -> list[OutboxRow]:
-        with _tracer().start_as_current_span(
+        tracer = _tracer()
+        if tracer is None:
+            return fire(self, record)  # type: ignore[no-any-return]
+        with tracer.start_as_current_span(
             f"saga {record.type} deadline",
             context=_parent(record.meta.get(TRACE_META)),
             attributes={

@@ -188,3 +188,14 @@ def test_without_opentelemetry_the_worker_runs_and_traces_nothing() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.splitlines()[-1] == "ok"
+
+
+def test_with_the_api_and_no_provider_nothing_is_traced() -> None:
+    assert _tracing.ENABLED
+    assert _tracing.outgoing(PING, "x", {"a": "b"}) == {"a": "b"}
+    with Harness(postprocessing.app) as h:
+        h.publish(UPLOAD, {"upload_id": "u2", "name": "a.txt", "size": 10, "user": "marie"})
+        h.settle()
+        record = h.saga(postprocessing.Postprocessing, "u2")
+    assert record.state == "done"
+    assert "trace" not in record.meta
