@@ -27,6 +27,7 @@ Attributes follow the messaging semantic conventions (``messaging.system``,
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -52,16 +53,17 @@ ENABLED = trace is not None
 TRACE_META = "trace"
 _NAME = "sagas"
 
-_provider: Any = None
+_own_tracer: Any = None  # the tracer of the provider set with set_tracer_provider, if any
 _global: Any = None  # the global provider's tracer, once there is one
+_next_check = 0.0  # when to look at the global provider again (time.monotonic)
 _system = "rabbitmq"
 
 
 def set_tracer_provider(provider: Any) -> None:
     """Make spans with ``provider`` instead of OpenTelemetry's global one (None: the global one again).
     For tests and for applications that keep more than one provider."""
-    global _provider
-    _provider = provider
+    global _own_tracer
+    _own_tracer = None if provider is None else provider.get_tracer(_NAME)
 
 
 def set_system(broker_url: str) -> None:
@@ -72,11 +74,16 @@ def set_system(broker_url: str) -> None:
 
 def _tracer() -> Any:
     """The tracer, or None while nothing would record: no provider is configured (OpenTelemetry's
-    default proxy, or its no-op provider). Then nothing is traced, at the cost of this check."""
-    if _provider is not None:
-        return _provider.get_tracer(_NAME)
-    global _global
+    default proxy, or its no-op provider). Then nothing is traced, at the cost of this check (the
+    global provider is looked at once a second: spans start within a second of it being set)."""
+    global _global, _next_check
+    if _own_tracer is not None:
+        return _own_tracer
     if _global is None:
+        now = time.monotonic()
+        if now < _next_check:
+            return None
+        _next_check = now + 1.0
         if isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider | trace.NoOpTracerProvider):
             return None
         _global = trace.get_tracer(_NAME)  # (a provider, once set, stays: OpenTelemetry sets it once)
