@@ -38,6 +38,7 @@ from transport import CONTENT_TYPE, ConnectionLost, Event, EventBus, Inbound, Tr
 from transport import decode as decode_event
 
 from ._errors import Failure, NoReply, Reject
+from ._observe import NULL_OBSERVER, Observer
 from ._protocol import reply_event
 from ._redelivery import encode_events, retry_or_dead_letter, send_back
 from ._service import Context, Delivery, HandlerSpec
@@ -127,6 +128,7 @@ class HandlerPipeline:
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] | None = None,
         lease: float = DEFAULT_CLAIM_LEASE,
+        observer: Observer = NULL_OBSERVER,
     ) -> None:
         #: queue name -> the handler consuming it
         self.routes = dict(specs)
@@ -159,6 +161,8 @@ class HandlerPipeline:
         self._held: list[tuple[float, Ready]] = []
         #: copies held back by another worker's claim (sent back or held here)
         self.held_back = 0
+        #: told of every message's outcome and publish (see :mod:`sagas._observe`)
+        self.observer = observer
 
     # -- what the loop asks ----------------------------------------------------------------------------
 
@@ -434,6 +438,8 @@ class HandlerPipeline:
                     done = []
             self.bus.ack_many([s.o.inbound for s in done])
             self.handled += len(done)
+            for s in done:
+                self.observer.message(s.o.spec.service, s.o.spec.name, s.o.event.type, "ok", s.o.duration)
             debug = _debug_enabled()
             for s in settling:
                 if s.error is not None:
@@ -508,7 +514,9 @@ class HandlerPipeline:
             return
         try:
             items = [(e.type, body, e.id, False) for s in sending for e, body in zip(s.o.outbox, s.bodies, strict=True)]
+            t0 = time.perf_counter()
             self.bus.publish_encoded(items)
+            self.observer.published(len(items), time.perf_counter() - t0)
         except ConnectionLost:
             raise
         except TransportError as exc:
@@ -534,6 +542,7 @@ class HandlerPipeline:
             if spec.retry.gives_up(error):
                 failed += f" with {type(error).__name__}, which is not retried (Retry.give_up_on)"
             outcome = retry_or_dead_letter(self.bus, inbound, error, failed, spec.retry)
+        self.observer.message(spec.service, spec.name, s.o.event.type, outcome, s.o.duration)
         log.warning("message.failed", error=repr(error)[:500], **s.fields(outcome))
 
 
