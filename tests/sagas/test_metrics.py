@@ -350,3 +350,30 @@ def _ok(url: str) -> bool:
         return get(url)[0] == 200
     except OSError:
         return False
+
+
+def test_the_dashboard_and_the_alert_rules_name_only_metrics_a_worker_exports() -> None:
+    """docs/observability: every sagas_* series the Grafana dashboard and the alert rules query exists."""
+    import re
+
+    import yaml  # type: ignore[import-untyped]
+
+    store = MemoryStore()
+    with Harness(postprocessing.app, store=store) as h:
+        h.publish("ocis.storage.bytes_received", UPLOAD)
+        h.run()
+        m = Metrics(store, instance="a")
+        m.sample()
+    families = {f.name: f.type for f in m.registry.collect()}
+    suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_count", "_sum"], "gauge": [""]}
+    exported = {name + suffix for name, kind in families.items() for suffix in suffixes[kind]}
+    docs = ROOT / "docs" / "observability"
+    dashboard = json.loads((docs / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    rules = yaml.safe_load((docs / "alerts.yml").read_text())
+    exprs += [r["expr"] for g in rules["groups"] for r in g["rules"]]
+    named = {n for e in exprs for n in re.findall(r"\bsagas_[a-z_]+", e)}
+    assert named
+    assert named <= exported, named - exported
+    table = (ROOT / "docs" / "observability.md").read_text()
+    assert all(f"`{f}_total`" in table or f"`{f}`" in table for f in families), families
