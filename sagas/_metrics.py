@@ -223,7 +223,8 @@ class Metrics:
 
     def _open_store(self) -> Store:
         if self._store is None:
-            self._store = open_store(self._store_arg)
+            # (create=False: the worker creates the store; until it has, the store is not ready)
+            self._store = open_store(self._store_arg, create=False)
         return self._store
 
     def _ping(self) -> None:

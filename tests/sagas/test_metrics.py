@@ -330,13 +330,15 @@ def test_a_worker_under_fail_rate_serves_retry_transition_and_deadline_series(
                 retries > 0
                 and _series(text, "sagas_saga_transitions_total") > 0
                 and _series(text, "sagas_deadlines_fired_total") > 0
+                and _series(text, "sagas_requests_resent_total") > 0
             )
 
-        wait_for(scraped, 90, "non-zero retry, transition and deadline series")
-        text = get(f"{base}/metrics")[1]
-        assert _series(text, "sagas_requests_resent_total") > 0
-        assert _series(text, "sagas_broker_connected") == 1
-        wait_for(lambda: "sagas_sagas{" in get(f"{base}/metrics")[1], 10, "the store gauges (sampled every 2 s)")
+        try:
+            wait_for(scraped, 90, "non-zero retry, transition, deadline and re-sent request series")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; last scrape:\n{get(f'{base}/metrics')[1][-4000:]}") from None
+        assert _series(get(f"{base}/metrics")[1], "sagas_broker_connected") == 1
+        wait_for(lambda: "sagas_sagas{" in get(f"{base}/metrics")[1], 20, "the store gauges (sampled every 2 s)")
         assert get(f"{base}/livez")[0] == 200
     finally:
         _stop(proc)
