@@ -621,7 +621,7 @@ def start(
 
 
 def ignored_notes(logs: Sequence[Mapping[str, Any]]) -> list[str]:
-    return [str(e.get("note")) for e in logs if e.get("event") == "message.handled" and e.get("outcome") == "ignored"]
+    return [str(e.get("reason")) for e in logs if e.get("event") == "message.ignored"]
 
 
 def test_replies_for_unknown_and_finished_sagas_are_ignored_logged_and_acked(
