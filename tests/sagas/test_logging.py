@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import structlog
 
-from sagas import App, Event, Failure, Final, NoReply, Reject, Retry, Saga, Service, Start, State
+from sagas import App, Event, Failure, Final, MemoryStore, NoReply, Reject, Retry, Saga, Service, Start, State
 from sagas._protocol import request_event
 from sagas.testing import Harness
 
@@ -65,7 +65,11 @@ def h() -> Iterator[Harness]:
 
 def _outcomes(logs: Logs) -> Logs:
     """The lines about one message's outcome at info or above (not the worker's or a saga's own)."""
-    return [e for e in logs if e["event"].startswith("message.") and e["log_level"] != "debug"]
+    return [
+        e
+        for e in logs
+        if (e["event"].startswith("message.") or e["event"] == "saga.message_failed") and e["log_level"] != "debug"
+    ]
 
 
 def _one(logs: Logs, **match: Any) -> MutableMapping[str, Any]:
@@ -196,3 +200,31 @@ def test_a_saga_message_that_moves_no_saga_is_logged_ignored_with_its_reason(
     assert line["reason"].startswith(reason)
     assert (line["saga_type"], line["event_type"]) == ("lg_order", message.type)
     assert line["saga_id"] == (h.saga(Order, "o1").id if kind == "not-applicable" else None)
+
+
+class _StoreDownOnce(MemoryStore):
+    """A store whose first saga write fails, as a database that restarts."""
+
+    failures = 1
+
+    def save_saga(self, *args: Any, **kwargs: Any) -> Any:
+        if self.failures:
+            self.failures -= 1
+            raise ConnectionError("the database restarts")
+        return super().save_saga(*args, **kwargs)
+
+
+def test_a_saga_message_sent_back_because_the_store_failed_is_logged_with_its_type() -> None:
+    """A saga message whose step raised is sent back and logged saga.message_failed at warning, with its
+    message id, event type and the error; once applied, nothing more is logged for it."""
+    with Harness(app, store=_StoreDownOnce()) as h, structlog.testing.capture_logs() as logs:
+        placed = h.publish(PLACED, {"order_id": "o3", "owner": PERSONAL})
+        h.run()
+        line = _one(logs, message_id=placed.id)
+        h.advance(5)  # (the retry's delay)
+        h.run()
+    assert (line["event"], line["log_level"], line["outcome"]) == ("saga.message_failed", "warning", "retry")
+    assert (line["saga_type"], line["event_type"], line["attempt"]) == ("lg_order", PLACED, 1)
+    assert "the database restarts" in line["error"]
+    assert h.saga(Order, "o3").state == "awaiting_payment"
+    assert _one(logs, message_id=placed.id) is line
