@@ -610,7 +610,14 @@ class SagaEngine:
             reason = f"late success: {came}: {undone_step} is undone after all"
             if record.state == FAILED and not meta[COMPENSATION_META]["not_undone"] and "compensated" in d.states:
                 # parked because that compensation went unanswered: now nothing is left to undo
-                log.warning("saga.late_success", saga_id=record.id, saga_type=d.type, state=record.state, what=what)
+                log.warning(
+                    "saga.late_success",
+                    saga_id=record.id,
+                    saga_type=d.type,
+                    state=record.state,
+                    what=what,
+                    reason=reason,
+                )
                 record.meta = {k: v for k, v in meta.items() if k not in ("failed_from", "reason")}
                 ctx = _context(d, record, event, result)
                 rows = self._enter(

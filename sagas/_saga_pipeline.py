@@ -119,17 +119,17 @@ class SagaPipeline:
                 "saga_id": a.saga.id if a.saga else None,
                 "attempt": inbound.attempt,
                 "kind": a.outcome,
-                "note": a.note or None,
+                "reason": a.note or None,
             }
             if a.moved:
                 log.debug("message.handled", outcome="moved", **fields)
             elif a.refused:
                 sent = send_back(bus, inbound, a.error, None, f"saga {saga_type} refused it: {a.note}")
-                log.warning("message.handled", outcome="refused", sent_back=sent, **fields)
+                log.warning("message.dead_lettered", outcome=sent, **fields)
             elif a.outcome in _WARN:
-                log.warning("message.handled", outcome="ignored", **fields)
+                log.warning("message.ignored", **fields)
             else:
-                log.info("message.handled", outcome="ignored", **fields)
+                log.info("message.ignored", **fields)
         for inbound, problem in failed:
             outcome = retry_or_dead_letter(bus, inbound, problem, f"saga {saga_type} could not apply it", SAGA_RETRY)
             self.observer.message(saga_type, "saga", inbound.event.type if inbound.event else "", outcome, None)
@@ -137,13 +137,22 @@ class SagaPipeline:
                 "saga.message_failed",
                 saga_type=saga_type,
                 message_id=inbound.message_id,
+                event_type=inbound.event.type if inbound.event else None,
                 error=repr(problem)[:500],
                 attempt=inbound.attempt,
                 outcome=outcome,
             )
         for inbound in inbounds:
             if inbound.event is None:
-                send_back(bus, inbound, None, None, f"undecodable message: {inbound.error}")
+                reason = f"undecodable message: {inbound.error}"
+                sent = send_back(bus, inbound, None, None, reason)
+                log.warning(
+                    "message.dead_lettered",
+                    saga_type=saga_type,
+                    message_id=inbound.message_id,
+                    reason=reason,
+                    outcome=sent,
+                )
 
     # -- timers --------------------------------------------------------------------------------------
 
