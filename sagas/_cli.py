@@ -264,6 +264,26 @@ def cli(log_json: bool, log_level: str) -> None:
     type=click.FloatRange(min=0),
     help="Exit non-zero (3) if the broker stays unreachable this many seconds.",
 )
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    envvar="SAGAS_METRICS_PORT",
+    help="Serve /metrics (Prometheus), /livez and /readyz on this port (needs kombu-sagas[metrics]). "
+    "Env: SAGAS_METRICS_PORT.",
+)
+@click.option(
+    "--metrics-host",
+    default="0.0.0.0",  # noqa: S104 - probes and scrapes come from other hosts
+    show_default=True,
+    help="Address the metrics port listens on.",
+)
+@click.option(
+    "--metrics-store-interval",
+    default=30.0,
+    show_default=True,
+    type=click.FloatRange(min=1),
+    help="Seconds between samples of the store's gauges (one worker of the cluster samples at a time).",
+)
 def run(
     app: str,
     broker: str,
@@ -272,25 +292,51 @@ def run(
     store: str,
     concurrency: int,
     grace_period: float,
+    metrics_port: int | None,
+    metrics_host: str,
+    metrics_store_interval: float,
 ) -> None:
     """Run every service of APP (module:attribute) until SIGTERM or SIGINT.
 
     \b
     Example:
       sagas run sagas.examples.notifications:app --broker amqp://guest:guest@localhost//
+      sagas run sagas.examples.notifications:app --metrics-port 9464   # /metrics, /livez, /readyz
     """
+    from ._store import open_store
     from ._worker import Worker
 
+    metrics = None
+    if metrics_port is not None:
+        try:
+            from ._metrics import Metrics
+        except ImportError:
+            _usage_error("--metrics-port needs prometheus_client: pip install 'kombu-sagas[metrics]'")
+    # With metrics, one memory store is shared by the worker and the sampler (a URL opens a new one).
+    worker_store = open_store(store) if metrics_port is not None and is_memory_url(store) else store
+    loaded = _load_app(app)
     worker = Worker(
-        _load_app(app),
+        loaded,
         broker=broker,
-        store=store,
+        store=worker_store,
         exchange=exchange,
         concurrency=concurrency,
         grace_period=grace_period,
         ssl=tls,
     )
-    sys.exit(worker.run(install_signals=True))
+    if metrics_port is not None:
+        metrics = Metrics(worker_store, instance=worker.instance, store_interval=metrics_store_interval)
+        worker.observer = metrics
+        try:
+            metrics.serve(metrics_port, metrics_host)
+        except OSError as exc:
+            _usage_error(f"--metrics-port {metrics_port}: {exc}")
+    try:
+        code = worker.run(install_signals=True)
+    finally:
+        if metrics is not None:
+            metrics.close()
+    sys.exit(code)
 
 
 @cli.command()

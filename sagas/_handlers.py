@@ -39,6 +39,7 @@ from transport import decode as decode_event
 
 from . import _tracing
 from ._errors import Failure, NoReply, Reject
+from ._observe import NULL_OBSERVER, Observer
 from ._protocol import reply_event
 from ._redelivery import encode_events, retry_or_dead_letter, send_back
 from ._service import Context, Delivery, HandlerSpec
@@ -94,6 +95,8 @@ class _Settling:
     reply_body: bytes = b""
     #: the outbox encoded once, in its order (the reply last)
     bodies: list[bytes] = field(default_factory=list)
+    #: a request not answered as it asked, logged at info or warning: (outcome, reason, warning?)
+    unusual: tuple[str, str, bool] | None = None
 
     def fields(self, outcome: str) -> dict[str, Any]:
         o = self.o
@@ -130,6 +133,7 @@ class HandlerPipeline:
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] | None = None,
         lease: float = DEFAULT_CLAIM_LEASE,
+        observer: Observer = NULL_OBSERVER,
     ) -> None:
         #: queue name -> the handler consuming it
         self.routes = dict(specs)
@@ -162,6 +166,8 @@ class HandlerPipeline:
         self._held: list[tuple[float, Ready]] = []
         #: copies held back by another worker's claim (sent back or held here)
         self.held_back = 0
+        #: told of every message's outcome and publish (see :mod:`sagas._observe`)
+        self.observer = observer
 
     # -- what the loop asks ----------------------------------------------------------------------------
 
@@ -208,14 +214,14 @@ class HandlerPipeline:
         spec = self.routes[inbound.subscription.queue]
         event = inbound.event
         if event is None:
-            send_back(self.bus, inbound, None, None, f"undecodable message: {inbound.error}")
+            sent = send_back(self.bus, inbound, None, None, f"undecodable message: {inbound.error}")
             log.warning(
                 "message.dead_lettered",
                 service=spec.service,
                 handler=spec.name,
                 message_id=inbound.message_id,
-                reason=inbound.error,
-                outcome="dead-letter",
+                reason=f"undecodable message: {inbound.error}",
+                outcome=sent,
             )
             return None
         dedupe = spec.idempotent or (spec.replies and spec.cache_replies)
@@ -258,7 +264,7 @@ class HandlerPipeline:
         """Ack a message handled before (inbox), or answer a request again with its cached reply."""
         if spec.idempotent and self.store.seen(spec.key, event.id):
             self.bus.ack(inbound)
-            self._debug(spec, event, inbound, "duplicate")
+            self._ignored(spec, event, inbound, "duplicate", "handled before: its id is in the inbox")
             return True
         if spec.replies and spec.cache_replies:
             cached = self.store.cached_reply(spec.key, event.id)
@@ -266,7 +272,13 @@ class HandlerPipeline:
                 # A re-sent request: answer as before, without running the work again.
                 self.bus.publish(decode_event(cached.encode(), CONTENT_TYPE))
                 self.bus.ack(inbound)
-                self._debug(spec, event, inbound, "cached-reply")
+                self._ignored(
+                    spec,
+                    event,
+                    inbound,
+                    "cached-reply",
+                    "a request handled before: answered again from the reply cache",
+                )
                 return True
         return False
 
@@ -336,16 +348,17 @@ class HandlerPipeline:
         except Exception:  # noqa: BLE001 - released at the next tick
             self._unreleased.add((key, event_id))
 
-    def _debug(self, spec: HandlerSpec, event: Event, inbound: Inbound, outcome: str) -> None:
-        log.debug(
-            "message.handled",
+    def _ignored(self, spec: HandlerSpec, event: Event, inbound: Inbound, kind: str, reason: str) -> None:
+        """Log a message acked without running its handler (a repeat), at info: never in silence."""
+        log.info(
+            "message.ignored",
             event_id=event.id,
             event_type=event.type,
             service=spec.service,
             handler=spec.name,
             attempt=inbound.attempt,
-            outcome=outcome,
-            duration_ms=0.0,
+            kind=kind,
+            reason=reason,
         )
 
     def start(self, work: list[Work]) -> None:
@@ -437,13 +450,21 @@ class HandlerPipeline:
                     done = []
             self.bus.ack_many([s.o.inbound for s in done])
             self.handled += len(done)
+            for s in done:
+                self.observer.message(s.o.spec.service, s.o.spec.name, s.o.event.type, "ok", s.o.duration)
             debug = _debug_enabled()
+            settled = {id(s) for s in done}
             for s in settling:
                 if s.error is not None:
                     self._fail(s)
+                elif id(s) not in settled:
+                    continue  # given back (message.not_processed)
+                elif s.unusual is not None:
+                    outcome, reason, warn = s.unusual
+                    name = "message." + outcome.replace("-", "_")  # message.no_reply, message.failure_reply
+                    (log.warning if warn else log.info)(name, reason=reason, **s.fields(outcome))
                 elif debug:
-                    failed_reply = s.reply is not None and not s.reply.payload["ok"]
-                    log.debug("message.handled", **s.fields("failure-reply" if failed_reply else "ok"))
+                    log.debug("message.handled", **s.fields("ok"))
         finally:
             for o in outcomes:
                 # Failed, or given back: release, so that the retry (here or elsewhere) claims it again.
@@ -472,6 +493,7 @@ class HandlerPipeline:
             bodies, error = encode_events(o.outbox, limit)
         reply: Event | None = None
         reply_body = b""
+        unusual: tuple[str, str, bool] | None = None
         if spec.replies:
             if error is None:
                 if o.result is None or isinstance(o.result, Mapping):
@@ -486,6 +508,7 @@ class HandlerPipeline:
             permanent = error is not None and spec.retry.gives_up(error)
             exhausted = error is not None and (not durable or permanent or inbound.attempt >= spec.retry.attempts)
             if isinstance(error, NoReply):
+                unusual = ("no-reply", (str(error) or "NoReply")[:500], False)
                 error = None
             elif error is not None and (isinstance(error, Failure | Reject) or exhausted):
                 reason = (
@@ -498,11 +521,13 @@ class HandlerPipeline:
                     bodies = []
                 reply = reply_event(event, spec.key, spec.service, ok=False, reason=reason[:2000])
                 reply_body = encode(reply, limit)
+                # (a Failure the handler raised is its answer; a Reject, or an error it gave up on, is not)
+                unusual = ("failure-reply", reason[:500], not isinstance(o.error, Failure))
                 error = None
             if reply is not None:
                 o.outbox.append(reply)
                 bodies.append(reply_body)
-        return _Settling(o, error, reply, reply_body, bodies)
+        return _Settling(o, error, reply, reply_body, bodies, unusual)
 
     def _publish(self, settling: Sequence[_Settling]) -> None:
         """Publish the follow-ups and replies of every message that succeeded, with pipelined confirms.
@@ -512,7 +537,9 @@ class HandlerPipeline:
             return
         try:
             items = [(e.type, body, e.id, False) for s in sending for e, body in zip(s.o.outbox, s.bodies, strict=True)]
+            t0 = time.perf_counter()
             self.bus.publish_encoded(items)
+            self.observer.published(len(items), time.perf_counter() - t0)
         except ConnectionLost:
             raise
         except TransportError as exc:
@@ -538,6 +565,7 @@ class HandlerPipeline:
             if spec.retry.gives_up(error):
                 failed += f" with {type(error).__name__}, which is not retried (Retry.give_up_on)"
             outcome = retry_or_dead_letter(self.bus, inbound, error, failed, spec.retry)
+        self.observer.message(spec.service, spec.name, s.o.event.type, outcome, s.o.duration)
         log.warning("message.failed", error=repr(error)[:500], **s.fields(outcome))
         _tracing.settled(s.o.trace, s.o.event, outcome, error)
 

@@ -12,12 +12,14 @@ engine decides where that leads), instead of waiting out every retry.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import structlog
 
 from transport import ConnectionLost, EventBus, PublishError
 
+from ._observe import NULL_OBSERVER, Observer
 from ._saga_engine import SagaEngine
 from ._store import OutboxRow, Store
 
@@ -33,10 +35,13 @@ class OutboxPublisher:
     Without an ``engine``, an unroutable request is only logged (its saga's deadline takes over).
     """
 
-    def __init__(self, bus: EventBus, store: Store, engine: SagaEngine | None = None) -> None:
+    def __init__(
+        self, bus: EventBus, store: Store, engine: SagaEngine | None = None, *, observer: Observer = NULL_OBSERVER
+    ) -> None:
         self.bus = bus
         self.store = store
         self.engine = engine
+        self.observer = observer
 
     def publish(self, rows: Sequence[OutboxRow]) -> None:
         """Publish ``rows``, wait for the confirms, mark them sent.
@@ -52,7 +57,9 @@ class OutboxPublisher:
                 return
             failed: dict[str, str] = {}
             try:
+                t0 = time.perf_counter()
                 self.bus.publish_encoded([(r.routing_key, r.body.encode(), r.message_id, r.mandatory) for r in pending])
+                self.observer.published(len(pending), time.perf_counter() - t0)
             except ConnectionLost:
                 raise
             except PublishError as exc:

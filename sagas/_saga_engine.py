@@ -37,6 +37,7 @@ from transport import CONTENT_TYPE, Event, decode, encode
 
 from . import _late, _tracing
 from ._errors import ActionRefused, ConfigurationError, NotFound, SagaCodeError, SagasError
+from ._observe import NULL_OBSERVER, Observer
 from ._protocol import (
     COMPENSATE,
     TIMEOUT,
@@ -136,9 +137,12 @@ class SagaEngine:
         *,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
+        observer: Observer = NULL_OBSERVER,
     ) -> None:
         self.store = store
         self.clock = clock
+        #: told of every transition, deadline fired and request re-sent (see :mod:`sagas._observe`)
+        self.observer = observer
         self.rng = rng or random.Random()
         self._seeded = rng
         self.definitions: dict[str, SagaDefinition] = {}
@@ -372,6 +376,7 @@ class SagaEngine:
             reason=reason,
             final=record.final,
         )
+        self.observer.transition(d.type, previous or "-", new_state, record.final)
         return rows
 
     def _event_out(
@@ -394,6 +399,7 @@ class SagaEngine:
                 try:
                     with self.store.group():
                         rows += self.fire(record)
+                    self.observer.deadline_fired(record.type)
                 except VersionConflict:
                     continue  # another worker fired it, or a message moved the saga meanwhile
                 except SagaCodeError as error:
@@ -442,6 +448,7 @@ class SagaEngine:
             return self._trigger(d, record, TIMEOUT, ctx, message_id, what, None).rows
         if pending and record.attempts < state.retries + 1:
             record.attempts += 1
+            self.observer.request_resent(d.type, pending["type"])
             reason = f"deadline passed: re-sent {pending['type']} (attempt {record.attempts})"
             resend = Outgoing(pending["id"], pending["type"], pending["body"], mandatory=True)
             deadline = now + state.deadline_after(record.attempts, self.rng)
@@ -606,7 +613,14 @@ class SagaEngine:
             reason = f"late success: {came}: {undone_step} is undone after all"
             if record.state == FAILED and not meta[COMPENSATION_META]["not_undone"] and "compensated" in d.states:
                 # parked because that compensation went unanswered: now nothing is left to undo
-                log.warning("saga.late_success", saga_id=record.id, saga_type=d.type, state=record.state, what=what)
+                log.warning(
+                    "saga.late_success",
+                    saga_id=record.id,
+                    saga_type=d.type,
+                    state=record.state,
+                    what=what,
+                    reason=reason,
+                )
                 record.meta = {k: v for k, v in meta.items() if k not in ("failed_from", "reason")}
                 ctx = _context(d, record, event, result)
                 rows = self._enter(

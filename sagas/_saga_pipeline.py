@@ -23,6 +23,7 @@ import structlog
 
 from transport import ConnectionLost, Inbound
 
+from ._observe import NULL_OBSERVER, Observer
 from ._outbox import OutboxPublisher
 from ._redelivery import retry_or_dead_letter, send_back
 from ._saga_engine import NOT_APPLICABLE, UNKNOWN_SAGA, UNRELATED, Applied, SagaEngine
@@ -54,6 +55,7 @@ class SagaPipeline:
         monotonic: Callable[[], float] | None = None,
         timer_interval: float,
         relay_interval: float,
+        observer: Observer = NULL_OBSERVER,
     ) -> None:
         self.routes = dict(routes)
         self.engine = engine
@@ -70,6 +72,8 @@ class SagaPipeline:
         self.handled = 0
         #: how many messages had each outcome (``Applied.outcome``: moved, duplicate, late-reply, refused, ...)
         self.outcomes: Counter[str] = Counter()
+        #: told of every message's outcome (see :mod:`sagas._observe`)
+        self.observer = observer
 
     # -- messages ------------------------------------------------------------------------------------
 
@@ -104,6 +108,7 @@ class SagaPipeline:
         debug = log.is_enabled_for(logging.DEBUG) if hasattr(log, "is_enabled_for") else True
         for inbound, a in applied:
             self.outcomes[a.outcome] += 1
+            self.observer.message(saga_type, "saga", inbound.event.type if inbound.event else "", a.outcome, None)
             if a.moved and not debug:
                 continue
             event = inbound.event
@@ -114,30 +119,40 @@ class SagaPipeline:
                 "saga_id": a.saga.id if a.saga else None,
                 "attempt": inbound.attempt,
                 "kind": a.outcome,
-                "note": a.note or None,
+                "reason": a.note or None,
             }
             if a.moved:
                 log.debug("message.handled", outcome="moved", **fields)
             elif a.refused:
                 sent = send_back(bus, inbound, a.error, None, f"saga {saga_type} refused it: {a.note}")
-                log.warning("message.handled", outcome="refused", sent_back=sent, **fields)
+                log.warning("message.dead_lettered", outcome=sent, **fields)
             elif a.outcome in _WARN:
-                log.warning("message.handled", outcome="ignored", **fields)
+                log.warning("message.ignored", **fields)
             else:
-                log.info("message.handled", outcome="ignored", **fields)
+                log.info("message.ignored", **fields)
         for inbound, problem in failed:
             outcome = retry_or_dead_letter(bus, inbound, problem, f"saga {saga_type} could not apply it", SAGA_RETRY)
+            self.observer.message(saga_type, "saga", inbound.event.type if inbound.event else "", outcome, None)
             log.warning(
                 "saga.message_failed",
                 saga_type=saga_type,
                 message_id=inbound.message_id,
+                event_type=inbound.event.type if inbound.event else None,
                 error=repr(problem)[:500],
                 attempt=inbound.attempt,
                 outcome=outcome,
             )
         for inbound in inbounds:
             if inbound.event is None:
-                send_back(bus, inbound, None, None, f"undecodable message: {inbound.error}")
+                reason = f"undecodable message: {inbound.error}"
+                sent = send_back(bus, inbound, None, None, reason)
+                log.warning(
+                    "message.dead_lettered",
+                    saga_type=saga_type,
+                    message_id=inbound.message_id,
+                    reason=reason,
+                    outcome=sent,
+                )
 
     # -- timers --------------------------------------------------------------------------------------
 

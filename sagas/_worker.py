@@ -48,6 +48,7 @@ from . import _tracing
 from ._clock import SteadyClock
 from ._errors import ConfigurationError, SagasError
 from ._handlers import DEFAULT_CLAIM_LEASE, HandlerPipeline, Ready, Work
+from ._observe import DOWN, NULL_OBSERVER, RECONNECTED, UP, Observer
 from ._outbox import OutboxPublisher
 from ._saga_engine import SagaEngine
 from ._saga_pipeline import SAGA_RETRY, SagaPipeline
@@ -82,6 +83,9 @@ class Worker:
     ``claim_lease`` (seconds; default ``SAGAS_CLAIM_LEASE`` or 30) is how long this worker's claim on a
     de-duplicated message outlives the worker if it dies; while the handler runs it is renewed every
     third of it. ``instance`` names the worker in those claims: it must be unique among the workers.
+
+    ``observer`` is told what the worker does as it goes (see :mod:`sagas._observe`; the metrics extra's
+    :class:`sagas._metrics.Metrics` is one): nothing by default.
     """
 
     bus: EventBus
@@ -111,6 +115,7 @@ class Worker:
         ssl: bool | Mapping[str, Any] | None = None,
         batch_size: int = 256,
         claim_lease: float | None = None,
+        observer: Observer | None = None,
     ) -> None:
         if isinstance(app, Service):
             app = App(app)
@@ -165,6 +170,8 @@ class Worker:
         self._subscriptions: list[Subscription] = []
         #: reconnections after a lost connection
         self.reconnects = 0
+        #: what the worker reports to (see :mod:`sagas._observe`)
+        self.observer: Observer = observer or NULL_OBSERVER
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
@@ -185,8 +192,12 @@ class Worker:
             sub = spec.subscription(self.exchange, self.instance)
             routes[sub.queue] = spec
             self._subscriptions.append(sub)
-        engine = SagaEngine(self.app.sagas, self.store, clock=self.now, rng=self.rng) if self.app.sagas else None
-        self.outbox = OutboxPublisher(self.bus, self.store, engine)
+        engine = (
+            SagaEngine(self.app.sagas, self.store, clock=self.now, rng=self.rng, observer=self.observer)
+            if self.app.sagas
+            else None
+        )
+        self.outbox = OutboxPublisher(self.bus, self.store, engine, observer=self.observer)
         saga_routes: dict[str, str] = {}
         for d in engine.definitions.values() if engine else ():
             sub = Subscription(
@@ -209,6 +220,7 @@ class Worker:
             clock=self.now,
             monotonic=self.monotonic,
             lease=self.claim_lease,
+            observer=self.observer,
         )
         self.sagas = (
             SagaPipeline(
@@ -220,6 +232,7 @@ class Worker:
                 monotonic=self.monotonic,
                 timer_interval=self.timer_interval,
                 relay_interval=self.relay_interval,
+                observer=self.observer,
             )
             if engine is not None
             else None
@@ -230,6 +243,7 @@ class Worker:
             self.close()  # e.g. a permission or topology error: leave no connection, thread or store open
             raise
         self._started = True
+        self.observer.consuming(self._subscriptions)
         log.info(
             "worker.started",
             broker=redact_url(self.broker),
@@ -249,9 +263,11 @@ class Worker:
             try:
                 self.bus.connect(timeout=max(0.1, min(5.0, deadline - time.monotonic())))
                 self.bus.consume(self._subscriptions, self._on_message)
+                self.observer.connection(UP)
                 return
             except (BrokerUnavailable, ConnectionLost, PublishError, OSError) as exc:
                 self.bus.close()
+                self.observer.connection(DOWN)
                 if time.monotonic() >= deadline or self._stop.is_set():
                     raise BrokerUnavailable(
                         f"broker {redact_url(self.broker)} unreachable for the grace period "
@@ -370,6 +386,7 @@ class Worker:
             if self.sagas is not None:
                 self.sagas.tick()
             self._read(0.001 if (self.handlers.inflight or self._ready) else timeout)
+            self.observer.turn(self.handlers.inflight, len(self._ready))
         except ConnectionLost as exc:
             self._on_connection_lost(exc)
 
@@ -441,11 +458,13 @@ class Worker:
     def _on_connection_lost(self, exc: ConnectionLost) -> None:
         log.warning("worker.connection_lost", error=str(exc))
         self._generation += 1
+        self.observer.connection(DOWN)
         # Unacked at-least-once messages will be redelivered; at-most-once ones were acked: keep them.
         self._drop_pending()
         self.bus.close()
         self._connect(time.monotonic() + self.grace_period)
         self.reconnects += 1
+        self.observer.connection(RECONNECTED)
         log.info("worker.reconnected", broker=redact_url(self.broker))
 
     # -- helpers for tests and the demo ---------------------------------------------------------------

@@ -30,6 +30,7 @@ from transport import DeadLetter, Event, EventBus, Inbound, encode, isolated_tra
 
 from .._errors import SagasError
 from .._handlers import HandlerOutcome
+from .._observe import Observer
 from .._saga import Saga
 from .._service import App, Service
 from .._store import HistoryEntry, MemoryStore, OutboxRow, SagaRecord, Store, open_store
@@ -429,6 +430,7 @@ class Harness:
         timer_interval: float = 0.2,
         relay_interval: float = 5.0,
         handler_seconds: float | Mapping[str, float] | Callable[[HandlerOutcome], float] = 0.0,
+        observer: Observer | None = None,
     ) -> None:
         self.app = app if isinstance(app, App) else App(app)
         if workers < 1:
@@ -446,6 +448,8 @@ class Harness:
         #: how long each handler call takes, in virtual seconds: a number for all, a mapping by handler
         #: (``"service.name"``), or a function of the call's outcome; 0 runs every call inline
         self.handler_seconds = handler_seconds
+        #: told what every worker does (see :mod:`sagas._observe`)
+        self.observer = observer
         self._executors: list[InlineExecutor | None] = [None] * workers
         self._first = 0  # the worker that steps first in the next round of run()
         self._rng = random.Random(seed)
@@ -509,6 +513,7 @@ class Harness:
             timer_interval=self.timer_interval,
             relay_interval=self.relay_interval,
             grace_period=1.0,
+            observer=self.observer,
             # with handlers that take time, a worker reads one message a turn, so that copies of a
             # message spread over the workers as a broker's round-robin spreads them
             batch_size=1 if self.handler_seconds else 256,

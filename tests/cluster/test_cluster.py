@@ -163,7 +163,7 @@ def _start_worker(schema: str, exchange: str, log: Path) -> subprocess.Popen[byt
     }
     with open(log, "ab") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "sagas", "--log-json", "--log-level", "info", "run", "examples.postprocessing:app"],
+            [sys.executable, "-m", "sagas", "--log-json", "--log-level", "debug", "run", "examples.postprocessing:app"],
             env=env,
             stdout=out,
             stderr=out,

@@ -452,9 +452,11 @@ def test_messages_that_move_no_saga_are_logged_with_their_reason_and_counted(
         assert pipeline is not None
         wait_for(lambda: sum(pipeline.outcomes.values()) >= 4 or None, what="the three messages")
     assert pipeline.outcomes == {"moved": 1, "duplicate-start": 1, "refused": 1, "unknown-saga": 1}
-    handled = {e["event_id"]: e for e in logs if e.get("event") == "message.handled"}
-    assert (handled[again.id]["log_level"], handled[again.id]["kind"]) == ("info", "duplicate-start")
-    assert (handled[keyless.id]["log_level"], handled[keyless.id]["outcome"]) == ("warning", "refused")
-    assert handled[keyless.id]["note"] == "start event without a usable key: the payload has no 'parcel_id'"
-    assert handled[keyless.id]["sent_back"] == "dead-letter"
+    handled = {e["event_id"]: e for e in logs if e.get("event") in ("message.ignored", "message.dead_lettered")}
+    assert (handled[again.id]["event"], handled[again.id]["log_level"]) == ("message.ignored", "info")
+    assert handled[again.id]["kind"] == "duplicate-start"
+    assert (handled[keyless.id]["event"], handled[keyless.id]["log_level"]) == ("message.dead_lettered", "warning")
+    assert handled[keyless.id]["kind"] == "refused"
+    assert handled[keyless.id]["reason"] == "start event without a usable key: the payload has no 'parcel_id'"
+    assert handled[keyless.id]["outcome"] == "dead-letter"
     assert (handled[stray.id]["log_level"], handled[stray.id]["kind"]) == ("warning", "unknown-saga")

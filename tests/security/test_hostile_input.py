@@ -621,7 +621,7 @@ def start(
 
 
 def ignored_notes(logs: Sequence[Mapping[str, Any]]) -> list[str]:
-    return [str(e.get("note")) for e in logs if e.get("event") == "message.handled" and e.get("outcome") == "ignored"]
+    return [str(e.get("reason")) for e in logs if e.get("event") == "message.ignored"]
 
 
 def test_replies_for_unknown_and_finished_sagas_are_ignored_logged_and_acked(
@@ -765,8 +765,10 @@ def test_hostile_messages_on_a_saga_queue(broker_url: str, unique: str, buses: l
         assert "the payload has no 'trip_id'" in letters[keyless[-1].id].reason
         assert '(send it as the string "7")' in letters[keyless[5].id].reason
         assert "1025 bytes long in UTF-8; the limit is 1024" in letters[keyless[7].id].reason
-        refused = [e for e in logs if e.get("outcome") == "refused" and e["log_level"] == "warning"]
+        dead = [e for e in logs if e["event"] == "message.dead_lettered" and e["log_level"] == "warning"]
+        refused = [e for e in dead if e.get("kind") == "refused"]
         assert sorted(e["event_id"] for e in refused) == sorted(e.id for e in keyless)
+        assert [e["message_id"] for e in dead if "kind" not in e] == ["truncated"]
         assert store.list_sagas() == []
         start(r, store, requests, "trip", TRIP_REQUESTED, "trip_id", "good", HOTEL)
 
