@@ -76,6 +76,83 @@ def _payload(i: int) -> dict[str, Any]:
     return {"file": "/home/a.txt", "grantee": "marie", "n": i}  # ~100 bytes once in the envelope
 
 
+# -- observability variants ---------------------------------------------------------------------------
+
+#: the variants ``--variants`` may name: tracing and metrics off, metrics on, tracing on, both on
+VARIANTS = ("off", "metrics", "tracing", "both")
+
+
+def missing_extras(variants: Sequence[str]) -> str | None:
+    """What the variants need that is not installed (an install hint), or None."""
+    needs = []
+    if any(v in ("tracing", "both") for v in variants):
+        try:
+            import opentelemetry.sdk.trace  # noqa: F401
+        except ImportError:
+            needs.append("the OpenTelemetry SDK (pip install 'kombu-sagas[otel]' opentelemetry-sdk)")
+    if any(v in ("metrics", "both") for v in variants):
+        try:
+            import prometheus_client  # noqa: F401
+        except ImportError:
+            needs.append("prometheus_client (pip install 'kombu-sagas[metrics]')")
+    return " and ".join(needs) or None
+
+
+class _CountingExporter:
+    """A span exporter that counts the spans it is given (and keeps none)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def export(self, spans: Sequence[Any]) -> Any:
+        from opentelemetry.sdk.trace.export import SpanExportResult
+
+        self.count += len(spans)
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        pass
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return True
+
+
+@contextlib.contextmanager
+def _observed(variant: str, worker: Worker, store: str | Store) -> Iterator[dict[str, Any]]:
+    """Run ``worker`` with the variant's tracing and metrics: tracing, an SDK TracerProvider with a
+    BatchSpanProcessor and a counting exporter; metrics, the Prometheus observer serving on an
+    ephemeral port of 127.0.0.1 (as ``sagas run --metrics-port`` does; nothing scrapes it). Yields a
+    dict that holds ``spans``, the spans exported, once the block ends."""
+    from . import _tracing
+
+    out: dict[str, Any] = {"spans": 0}
+    provider = exporter = metrics = None
+    if variant in ("tracing", "both"):
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+        exporter = _CountingExporter()
+        provider = TracerProvider()
+        provider.add_span_processor(BatchSpanProcessor(exporter))  # type: ignore[arg-type]
+        _tracing.set_tracer_provider(provider)
+    if variant in ("metrics", "both"):
+        from ._metrics import Metrics
+
+        metrics = Metrics(store, instance=worker.instance)
+        worker.observer = metrics
+        metrics.serve(0, "127.0.0.1")
+    try:
+        yield out
+    finally:
+        if metrics is not None:
+            metrics.close()
+        if provider is not None and exporter is not None:
+            provider.force_flush()
+            provider.shutdown()
+            _tracing.set_tracer_provider(None)
+            out["spans"] = exporter.count
+
+
 # -- events ---------------------------------------------------------------------------------------
 
 
@@ -108,14 +185,15 @@ def _events_app(exchange: str, collector: _Collector) -> App:
     return App(svc, exchange=exchange)
 
 
-def _events_worker(broker: str, exchange: str, n: int, ready: Any, results: Any) -> None:
+def _events_worker(broker: str, exchange: str, n: int, variant: str, ready: Any, results: Any) -> None:
     configure_logging(level="warning")
     collector = _Collector(n)
-    worker = Worker(_events_app(exchange, collector), broker=broker, store="memory://")
-    with worker.running():
+    store = open_store("memory://")
+    worker = Worker(_events_app(exchange, collector), broker=broker, store=store)
+    with _observed(variant, worker, store) as seen, worker.running():
         ready.set()
         collector.done.wait(600)
-    results.put(collector.report())
+    results.put({**collector.report(), "spans": seen["spans"]})
 
 
 def _publish_events(bus: EventBus, n: int) -> tuple[float, float]:
@@ -130,18 +208,20 @@ def _publish_events(bus: EventBus, n: int) -> tuple[float, float]:
     return t0, time.time()
 
 
-def bench_events(broker: str, n: int) -> dict[str, Any]:
+def bench_events(broker: str, n: int, variant: str | None = None) -> dict[str, Any]:
+    """``variant`` (one of :data:`VARIANTS`): run with that tracing and metrics, and report ``spans``."""
     exchange = f"bench-{uuid.uuid4().hex[:8]}"
     bus = EventBus(broker, exchange=exchange)
     if broker.startswith("memory://"):
         collector = _Collector(n)
-        worker = Worker(_events_app(exchange, collector), broker=broker, store="memory://")
-        with worker.running():
+        store = open_store("memory://")
+        worker = Worker(_events_app(exchange, collector), broker=broker, store=store)
+        with _observed(variant or "off", worker, store) as seen, worker.running():
             t0, t1 = _publish_events(bus, n)
             collector.done.wait(600)
-        got = collector.report()
+        got = {**collector.report(), "spans": seen["spans"]}
     else:
-        child, results = _spawn(_events_worker, broker, exchange, n)
+        child, results = _spawn(_events_worker, broker, exchange, n, variant or "off")
         try:
             t0, t1 = _publish_events(bus, n)
             got = results.get(timeout=600)
@@ -149,7 +229,10 @@ def bench_events(broker: str, n: int) -> dict[str, Any]:
             child.join(30)
             _cleanup(bus, [f"{exchange}.bench.noop"])
     _done_progress()
-    return _figures("events", broker, n, t0, t1, got)
+    figures = _figures("events", broker, n, t0, t1, got)
+    if variant is not None:
+        figures["spans"] = got["spans"]
+    return figures
 
 
 def _spawn(target: Callable[..., None], *args: Any) -> tuple[Any, Any]:
@@ -369,17 +452,23 @@ class _CountingStore:
             self._depth -= 1
 
 
-def _run_saga_worker(broker: str, store_url: str, exchange: str, stop: Any, ready: Any, results: Any) -> None:
+def _run_saga_worker(
+    broker: str, store_url: str, exchange: str, variant: str, stop: Any, ready: Any, results: Any
+) -> None:
     configure_logging(level="warning")
     store = _CountingStore(open_store(store_url))
     worker = Worker(_sagas_app(exchange), broker=broker, store=store)
-    with worker.running():
+    # the sampler opens its own connection, as with ``sagas run --metrics-port``
+    with _observed(variant, worker, store_url) as seen, worker.running():
         ready.set()
         stop.wait(3600)
-    results.put(store.report(worker))
+    results.put({**store.report(worker), "spans": seen["spans"]})
 
 
-def bench_sagas(broker: str, store_url: str | None, n: int, workers: int = 1) -> dict[str, Any]:
+def bench_sagas(
+    broker: str, store_url: str | None, n: int, workers: int = 1, variant: str | None = None
+) -> dict[str, Any]:
+    """``variant`` (one of :data:`VARIANTS`): run with that tracing and metrics, and report ``spans``."""
     exchange = f"bench-{uuid.uuid4().hex[:8]}"
     memory = broker.startswith("memory://")
     tmp = tempfile.mkdtemp(prefix="sagas-bench-")
@@ -393,19 +482,24 @@ def bench_sagas(broker: str, store_url: str | None, n: int, workers: int = 1) ->
         for i in range(n)
     ]
     if memory:
-        store = _CountingStore(open_store(store_url))
+        inner = open_store(store_url)  # shared by the worker and the metrics' sampler
+        store = _CountingStore(inner)
         worker = Worker(_sagas_app(exchange), broker=broker, store=store)
-        with worker.running():
+        with _observed(variant or "off", worker, inner) as seen, worker.running():
             t0 = _publish_and_wait(bus, starts, store, n)
             t1 = time.time()
             records = _own_sagas(store, exchange)  # (the worker closes the store it was given)
-        stats = [store.report(worker)]
+        stats = [{**store.report(worker), "spans": seen["spans"]}]
     else:
         ctx = mp.get_context("spawn")
         stop, results = ctx.Event(), ctx.Queue()
         readies = [ctx.Event() for _ in range(workers)]
         children = [
-            ctx.Process(target=_run_saga_worker, args=(broker, store_url, exchange, stop, r, results), daemon=True)
+            ctx.Process(
+                target=_run_saga_worker,
+                args=(broker, store_url, exchange, variant or "off", stop, r, results),
+                daemon=True,
+            )
             for r in readies
         ]
         for c in children:
@@ -460,6 +554,8 @@ def bench_sagas(broker: str, store_url: str | None, n: int, workers: int = 1) ->
         "store_commits_per_saga": round(sum(s["commits"] for s in stats) / n, 2),
         "worker_peak_rss_mib": max(s["rss_mib"] for s in stats),
     }
+    if variant is not None:
+        result["spans"] = sum(s["spans"] for s in stats)
     return result
 
 
@@ -561,6 +657,56 @@ def bench_deadlines(store_url: str | None, due: int = 1000, idle: Sequence[int] 
 # -- the command -------------------------------------------------------------------------------------
 
 
+#: the throughput a variant is compared by, per workload
+_THROUGHPUT = {"events": "end_to_end_per_s", "sagas": "sagas_per_s"}
+
+
+def run_variants(
+    what: str, broker: str, store: str | None, n: int, workers: int, repeat: int, variants: Sequence[str]
+) -> dict[str, Any]:
+    """Run events and/or sagas once per variant, ``repeat`` times, alternating the variants (each
+    round starts one variant later, so none is always first); report each variant's median throughput
+    and its ratio to ``off`` (or to the first variant, without ``off``)."""
+    workloads = [w for w in ("events", "sagas") if what in (w, "all")]
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for r in range(repeat):
+        order = [variants[(i + r) % len(variants)] for i in range(len(variants))]
+        for workload in workloads:
+            for variant in order:
+                _progress(f"{workload} [{variant}] run {r + 1} of {repeat}")
+                if workload == "events":
+                    figures = bench_events(broker, n, variant)
+                else:
+                    figures = bench_sagas(broker, store, n, workers, variant)
+                runs.setdefault(f"{workload}[{variant}]", []).append(figures)
+    _done_progress()
+    report = _medians(runs)
+    base = "off" if "off" in variants else variants[0]
+    report["variants"] = {}
+    for workload in workloads:
+        key = _THROUGHPUT[workload]
+        base_rate = report["median"][f"{workload}[{base}]"][key]
+        report["variants"][workload] = {
+            v: {
+                key: report["median"][f"{workload}[{v}]"][key],
+                f"ratio_to_{base}": round(report["median"][f"{workload}[{v}]"][key] / base_rate, 3)
+                if base_rate
+                else None,
+                "spans": report["median"][f"{workload}[{v}]"]["spans"],
+            }
+            for v in variants
+        }
+    return report
+
+
+def _medians(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    report: dict[str, Any] = {"python": sys.version.split()[0], "cpus": os.cpu_count(), "runs": runs, "median": {}}
+    for name, items in runs.items():
+        numeric = {k for k, v in items[0].items() if isinstance(v, int | float) and k not in ("n", "workers")}
+        report["median"][name] = {k: statistics.median(i[k] for i in items) for k in sorted(numeric)}
+    return report
+
+
 def run(what: str, broker: str, store: str | None, n: int, workers: int, repeat: int) -> dict[str, Any]:
     """Run the workloads ``repeat`` times; report each run and the medians (with ratios to raw)."""
     runs: dict[str, list[dict[str, Any]]] = {}
@@ -574,10 +720,7 @@ def run(what: str, broker: str, store: str | None, n: int, workers: int, repeat:
             runs.setdefault("sagas", []).append(bench_sagas(broker, store, n, workers))
         if what in ("deadlines", "all"):
             runs.setdefault("deadlines", []).append(bench_deadlines(store))
-    report: dict[str, Any] = {"python": sys.version.split()[0], "cpus": os.cpu_count(), "runs": runs, "median": {}}
-    for name, items in runs.items():
-        numeric = {k for k, v in items[0].items() if isinstance(v, int | float) and k not in ("n", "workers")}
-        report["median"][name] = {k: statistics.median(i[k] for i in items) for k in sorted(numeric)}
+    report = _medians(runs)
     for kind in ("quorum", "classic"):
         raw = report["median"].get(f"raw-{kind}")
         ratios = {
@@ -611,4 +754,14 @@ def table(report: dict[str, Any]) -> str:
         for k, v in report.get(f"ratio_to_raw_{kind}", {}).items():
             workload, figure = k.split(".")
             lines.append(f"{workload} / raw-{kind:<8} {figure:<18} {v:>8.2f}")
+    for workload, by_variant in report.get("variants", {}).items():
+        key = _THROUGHPUT[workload]
+        lines.append(f"{workload}: {key} by variant (tracing and metrics)")
+        for variant, row in by_variant.items():
+            ratio_key = next(k for k in row if k.startswith("ratio_to_"))
+            ratio = row[ratio_key]
+            lines.append(
+                f"  {variant:<10} {row[key]:>10,.0f}/s   {ratio_key} {'-' if ratio is None else f'{ratio:.3f}':>6}"
+                f"   spans {row['spans']:>10,.0f}"
+            )
     return "\n".join(lines)

@@ -1023,6 +1023,14 @@ def demo(shares: int) -> None:
     help="Timed requests of each page kind per run (console workload).",
 )
 @click.option("--repeat", default=1, show_default=True, help="Runs of each workload; the report gives medians.")
+@click.option(
+    "--variants",
+    default=None,
+    metavar="off,metrics,tracing,both",
+    help="events and sagas: run once per variant in each round, alternating (tracing: an SDK TracerProvider "
+    "with a BatchSpanProcessor and a counting exporter; metrics: the Prometheus observer), and report "
+    "each variant's throughput and its ratio to off.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (every run, medians, ratios).")
 def bench(
     workload: str,
@@ -1032,6 +1040,7 @@ def bench(
     workers: int,
     requests: int,
     repeat: int,
+    variants: str | None,
     as_json: bool,
 ) -> None:
     """Measure events/s and sagas/s on a broker and store, beside the raw py-amqp ceiling; or the
@@ -1043,6 +1052,7 @@ def bench(
       sagas bench sagas --broker amqp://guest:guest@localhost// --store sqlite:////tmp/bench.db -n 5000
       sagas bench all --json
       sagas bench console --store 'postgresql://postgres@127.0.0.1/test?schema=bench_console_1m' --repeat 3
+      sagas bench events --variants off,metrics,tracing,both --repeat 3   # the cost of observability
     """
     from . import _bench
 
@@ -1050,7 +1060,19 @@ def bench(
     if workload == "console":
         _bench_console(broker, store, requests, repeat, as_json)
         return
-    report = _bench.run(workload, broker, store, n, workers, repeat)
+    if variants is not None:
+        chosen = [v.strip() for v in variants.split(",") if v.strip()]
+        unknown = [v for v in chosen if v not in _bench.VARIANTS]
+        if not chosen or unknown or len(set(chosen)) != len(chosen):
+            _usage_error(f"--variants: a comma-separated list of {', '.join(_bench.VARIANTS)}, not {variants!r}")
+        if workload not in ("events", "sagas", "all"):
+            _usage_error(f"--variants applies to events and sagas, not {workload}")
+        missing = _bench.missing_extras(chosen)
+        if missing:
+            _usage_error(f"--variants {','.join(chosen)} needs {missing}")
+        report = _bench.run_variants(workload, broker, store, n, workers, repeat, chosen)
+    else:
+        report = _bench.run(workload, broker, store, n, workers, repeat)
     click.echo(json.dumps(report) if as_json else _bench.table(report))
 
 

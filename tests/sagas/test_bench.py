@@ -170,3 +170,38 @@ def test_console_needs_a_store() -> None:
     result = CliRunner().invoke(cli, ["bench", "console"], env={"SAGAS_BENCH_STORE_URL": ""})
     assert result.exit_code == 2
     assert "error: sagas bench console needs --store" in result.output
+
+
+@pytest.mark.parametrize("workload", ["events", "sagas"])
+def test_variants_report_each_ratio_to_off_and_export_spans_when_traced(workload: str) -> None:
+    args = ["bench", workload, "-n", "60", "--variants", "off,metrics,tracing,both", "--repeat", "2", "--json"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output.strip().splitlines()[-1])
+    key = {"events": "end_to_end_per_s", "sagas": "sagas_per_s"}[workload]
+    variants = report["variants"][workload]
+    assert list(variants) == ["off", "metrics", "tracing", "both"]
+    for name, row in variants.items():
+        assert set(row) == {key, "ratio_to_off", "spans"}
+        assert row[key] > 0
+        assert len(report["runs"][f"{workload}[{name}]"]) == 2
+    assert variants["off"]["ratio_to_off"] == 1.0
+    assert variants["off"]["spans"] == variants["metrics"]["spans"] == 0
+    assert variants["tracing"]["spans"] > 0
+    assert variants["both"]["spans"] > 0
+
+
+def test_variants_are_checked() -> None:
+    result = CliRunner().invoke(cli, ["bench", "events", "-n", "10", "--variants", "off,loud"])
+    assert result.exit_code == 2
+    assert "error: --variants" in result.output
+
+
+def test_variants_without_the_extras_say_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "opentelemetry.sdk.trace", None)
+    monkeypatch.setitem(sys.modules, "prometheus_client", None)
+    result = CliRunner().invoke(cli, ["bench", "sagas", "-n", "10", "--variants", "off,both"])
+    assert result.exit_code == 2
+    assert "error: --variants off,both needs" in result.output
+    assert "opentelemetry-sdk" in result.output
+    assert "kombu-sagas[metrics]" in result.output
