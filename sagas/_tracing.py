@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from ._store import OutboxRow, SagaRecord
 
 try:
+    from opentelemetry import context as otel_context
     from opentelemetry import propagate, trace
     from opentelemetry.trace import SpanKind, Status, StatusCode
 except ImportError:  # the otel extra is not installed: tracing is off
@@ -104,7 +105,30 @@ def _parent(carrier: Mapping[str, Any] | None) -> Any:
     """The context a message's (or a saga's) trace headers carry, or None without any."""
     if not carrier or "traceparent" not in carrier:
         return None
-    return propagate.extract(dict(carrier))
+    return propagate.extract(carrier)  # (read with .get: a mapping needs no copy)
+
+
+class _Current:
+    """``span`` current in the block, ended after it; an exception that escapes is recorded and sets the
+    status to ERROR. What ``start_as_current_span`` does, at about half its cost (no generator-based
+    context manager, no ``use_span`` around it): the traced paths make several spans per message."""
+
+    __slots__ = ("span", "token")
+
+    def __init__(self, span: Any) -> None:
+        self.span = span
+
+    def __enter__(self) -> Any:
+        self.token = otel_context.attach(trace.set_span_in_context(self.span))
+        return self.span
+
+    def __exit__(self, kind: Any, error: BaseException | None, tb: Any) -> None:
+        try:
+            if error is not None and isinstance(error, Exception):
+                _fail(self.span, error)
+        finally:
+            otel_context.detach(self.token)
+            self.span.end()
 
 
 def _fail(span: Any, error: BaseException, description: str = "") -> None:
@@ -160,12 +184,16 @@ def handler_span(
         span = tracer.start_span(
             f"{event.type} process", context=_parent(event.headers), kind=SpanKind.CONSUMER, attributes=attributes
         )
-        with trace.use_span(span, end_on_exit=True, record_exception=False, set_status_on_exception=False):
+        token = otel_context.attach(trace.set_span_in_context(span))
+        try:
             outcome = run(spec, inbound, event, generation)
             if isinstance(outcome.error, NoReply):
                 span.set_attribute("sagas.outcome", "no-reply")
             elif outcome.error is not None:
                 _fail(span, outcome.error)
+        finally:
+            otel_context.detach(token)
+            span.end()
         outcome.trace = span
         return outcome
 
@@ -220,8 +248,10 @@ def saga_message(handle: F) -> F:
             return handle(self, saga_type, event)  # type: ignore[no-any-return]
         attributes = _messaging("process", f"saga:{saga_type}", event.id, event.type)
         attributes["sagas.saga.type"] = saga_type
-        with tracer.start_as_current_span(
-            f"{event.type} process", context=_parent(event.headers), kind=SpanKind.CONSUMER, attributes=attributes
+        with _Current(
+            tracer.start_span(
+                f"{event.type} process", context=_parent(event.headers), kind=SpanKind.CONSUMER, attributes=attributes
+            )
         ) as span:
             applied: Applied = handle(self, saga_type, event)
             span.set_attribute("sagas.outcome", applied.outcome)
@@ -249,15 +279,17 @@ def transition(enter: F) -> F:
         parent = None
         if not trace.get_current_span().get_span_context().is_valid:
             parent = _parent(record.meta.get(TRACE_META))
-        with tracer.start_as_current_span(
-            f"saga {record.type} {record.state or '-'} -> {new_state}",
-            context=parent,
-            attributes={
-                "sagas.saga.id": record.id,
-                "sagas.saga.type": record.type,
-                "sagas.saga.state": new_state,
-                "sagas.saga.from_state": record.state or "-",
-            },
+        with _Current(
+            tracer.start_span(
+                f"saga {record.type} {record.state or '-'} -> {new_state}",
+                context=parent,
+                attributes={
+                    "sagas.saga.id": record.id,
+                    "sagas.saga.type": record.type,
+                    "sagas.saga.state": new_state,
+                    "sagas.saga.from_state": record.state or "-",
+                },
+            )
         ) as span:
             if TRACE_META not in record.meta and span.get_span_context().is_valid:
                 carrier: dict[str, str] = {}
@@ -280,15 +312,17 @@ def deadline(fire: F) -> F:
         tracer = _tracer()
         if tracer is None:
             return fire(self, record)  # type: ignore[no-any-return]
-        with tracer.start_as_current_span(
-            f"saga {record.type} deadline",
-            context=_parent(record.meta.get(TRACE_META)),
-            attributes={
-                "sagas.saga.id": record.id,
-                "sagas.saga.type": record.type,
-                "sagas.saga.state": record.state,
-                "sagas.attempt": record.attempts,
-            },
+        with _Current(
+            tracer.start_span(
+                f"saga {record.type} deadline",
+                context=_parent(record.meta.get(TRACE_META)),
+                attributes={
+                    "sagas.saga.id": record.id,
+                    "sagas.saga.type": record.type,
+                    "sagas.saga.state": record.state,
+                    "sagas.attempt": record.attempts,
+                },
+            )
         ) as span:
             rows: list[OutboxRow] = fire(self, record)
             span.set_attribute("sagas.messages", len(rows))
