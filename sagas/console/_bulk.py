@@ -55,6 +55,11 @@ def known(values: Mapping[str, Any], names: Sequence[str], *, what: str = "param
         raise ConfigurationError(f"unknown {what} {unknown[0][:40]!r}: use {', '.join(names)}")
 
 
+def _page_of(noun: str) -> str:
+    """The page a bulk action over ``noun`` ("sagas" or "dead letters") belongs to."""
+    return "/sagas" if noun == "sagas" else "/dead-letters"
+
+
 def _is_api(request: Request) -> bool:
     return request.url.path.startswith("/api/")
 
@@ -216,7 +221,7 @@ class BulkActions:
             if problem:
                 body["error"] = problem
             return JSONResponse(body, status_code=status)
-        base = "/sagas" if noun == "sagas" else "/dead-letters"
+        base = _page_of(noun)
         return self.console.render(
             request,
             "bulk_confirm.html",
@@ -243,7 +248,7 @@ class BulkActions:
         done: list[str],
         refused: dict[str, list[str]],
     ) -> Response:
-        base = "/sagas" if noun == "sagas" else "/dead-letters"
+        base = _page_of(noun)
         return self.console.render(
             request,
             "bulk_result.html",

@@ -42,18 +42,16 @@ class OverviewCache:
 
     def due(self) -> bool:
         """Whether the overview should be read again (none yet, too old, or from a clock that went back)."""
-        if self.last is None:
-            return True
-        age = self._clock() - self.last.as_of
-        return not 0 <= age < self.lifetime
+        return not self._younger_than(self.lifetime)
 
     def stale(self) -> bool:
         """Whether the last overview is too old to show while a newer one is read (older than three
         lifetimes: a console nobody looked at for a while reads it again before the page shows it)."""
-        if self.last is None:
-            return True
-        age = self._clock() - self.last.as_of
-        return not 0 <= age < 3 * self.lifetime
+        return not self._younger_than(3 * self.lifetime)
+
+    def _younger_than(self, seconds: float) -> bool:
+        """Whether there is an overview, read less than ``seconds`` ago by a clock that did not go back."""
+        return self.last is not None and 0 <= self._clock() - self.last.as_of < seconds
 
     def refresh(self) -> Overview:
         """Read the overview now (on the console's worker thread), keep it, and return it."""

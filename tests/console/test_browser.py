@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -46,14 +46,9 @@ class Console:
     harness: Harness
     store_url: str
 
-    @contextmanager
-    def store(self) -> Iterator[Store]:
+    def store(self) -> closing[Store]:
         """A connection of the test's own to the store the console reads (what is on disk)."""
-        store = open_store(self.store_url, create=False)
-        try:
-            yield store
-        finally:
-            store.close()
+        return closing(open_store(self.store_url, create=False))
 
 
 def _upload(h: Harness, upload_id: str, name: str = "a.txt") -> None:

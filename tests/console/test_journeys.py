@@ -35,7 +35,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -153,14 +153,9 @@ class World:
     #: the ids of the two dead-lettered events: one to replay, one to drop
     letters: tuple[str, str] = ("", "")
 
-    @contextmanager
-    def store(self) -> Iterator[Store]:
+    def store(self) -> closing[Store]:
         """A connection of the test's own to the store the console reads."""
-        store = open_store(self.store_url, create=False)
-        try:
-            yield store
-        finally:
-            store.close()
+        return closing(open_store(self.store_url, create=False))
 
     @contextmanager
     def bus(self) -> Iterator[EventBus]:
