@@ -23,7 +23,6 @@ import click
 from transport import (
     DEFAULT_MAX_EVENT_SIZE,
     DeadLetter,
-    Event,
     EventBus,
     TransportError,
     Unroutable,
@@ -34,6 +33,7 @@ from transport import (
 
 from ._errors import NotFound, SagasError
 from ._logging import configure_logging
+from ._protocol import start_event
 from ._saga import FAILED, Saga
 from ._service import App, Service
 from ._store import MemoryStore, Store, open_store
@@ -384,7 +384,7 @@ def publish(
         raise click.BadParameter(f"PAYLOAD is not JSON: {exc}") from None
     if not isinstance(data, dict):
         raise click.BadParameter("PAYLOAD must be a JSON object")
-    event = Event(type=type, payload=data, source=source, correlation_id=correlation_id)
+    event = start_event(type, data, source=source, correlation_id=correlation_id)  # (traced, as other events)
     encode(event, DEFAULT_MAX_EVENT_SIZE)  # an event no bus would take is refused before the broker is
     if is_memory_url(broker):
         click.echo(

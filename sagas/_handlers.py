@@ -269,18 +269,23 @@ class HandlerPipeline:
         if spec.replies and spec.cache_replies:
             cached = self.store.cached_reply(spec.key, event.id)
             if cached is not None:
-                # A re-sent request: answer as before, without running the work again.
-                self.bus.publish(decode_event(cached.encode(), CONTENT_TYPE))
-                self.bus.ack(inbound)
-                self._ignored(
-                    spec,
-                    event,
-                    inbound,
-                    "cached-reply",
-                    "a request handled before: answered again from the reply cache",
-                )
+                self._answer_from_cache(spec, inbound, event, cached)
                 return True
         return False
+
+    @_tracing.reply_cache
+    def _answer_from_cache(self, spec: HandlerSpec, inbound: Inbound, event: Event, cached: str) -> None:
+        """A re-sent request: answer as before, without running the work again (traced as a handler
+        span with ``sagas.outcome = reply-cache``; the reply published again is its child)."""
+        self.bus.publish(_tracing.republished(decode_event(cached.encode(), CONTENT_TYPE)))
+        self.bus.ack(inbound)
+        self._ignored(
+            spec,
+            event,
+            inbound,
+            "cached-reply",
+            "a request handled before: answered again from the reply cache",
+        )
 
     def _hold_back(self, spec: HandlerSpec, event: Event, generation: int, inbound: Inbound) -> None:
         """Another worker holds the message's claim: send this copy back through the shortest delay
@@ -374,14 +379,16 @@ class HandlerPipeline:
     def _outcomes_ready(self, future: Future[list[HandlerOutcome]]) -> None:
         self._outcomes.put(future.result())
 
-    def give_back(self, inbound: Inbound, exc: Exception) -> None:
-        """The worker (not the handler) failed on a message, typically because the store is down."""
+    def give_back(self, inbound: Inbound, exc: Exception) -> str | None:
+        """The worker (not the handler) failed on a message, typically because the store is down. Returns
+        what became of it (``retry``, ``dead-letter``...), or None for a message acked already."""
         log.error(
             "message.not_processed", message_id=inbound.message_id, error=repr(exc)[:500], attempt=inbound.attempt
         )
-        if not inbound.acked:  # (an at-most-once message whose handler had started was acked)
-            spec = self.routes[inbound.subscription.queue]
-            retry_or_dead_letter(self.bus, inbound, exc, "the worker could not process it", spec.retry)
+        if inbound.acked:  # (an at-most-once message whose handler had started was acked)
+            return None
+        spec = self.routes[inbound.subscription.queue]
+        return retry_or_dead_letter(self.bus, inbound, exc, "the worker could not process it", spec.retry)
 
     def drop_pending(self) -> None:
         """Forget messages that did not start (the loop forgets its ready ones): nothing acked them, so
@@ -446,7 +453,10 @@ class HandlerPipeline:
                     raise
                 except Exception as exc:  # noqa: BLE001 - e.g. the store failed after the handlers ran
                     for s in done:
-                        self.give_back(s.o.inbound, exc)
+                        _tracing.given_back(s.o.trace, exc)
+                        outcome = self.give_back(s.o.inbound, exc)
+                        if outcome is not None:
+                            _tracing.settled(s.o.trace, s.o.event, outcome, exc)
                     done = []
             self.bus.ack_many([s.o.inbound for s in done])
             self.handled += len(done)
@@ -467,6 +477,7 @@ class HandlerPipeline:
                     log.debug("message.handled", **s.fields("ok"))
         finally:
             for o in outcomes:
+                _tracing.end(o.trace)  # (the handler's span: ended once its message is settled)
                 # Failed, or given back: release, so that the retry (here or elsewhere) claims it again.
                 self._release(o.spec.key, o.event.id)
                 # Copies that waited on this one go first, and now meet the inbox.

@@ -134,6 +134,28 @@ def saga_event(
     )
 
 
+# -- what starts work from outside ---------------------------------------------------------------------
+
+
+def start_event(type: str, payload: Mapping[str, Any], *, source: str, correlation_id: str = "") -> Event:
+    """An event published from outside any handler or saga (``sagas publish``), traced as every event
+    the framework builds: a PRODUCER span ``<type> publish``, child of the current span, whose context
+    it carries (nothing is added while no tracer provider records)."""
+    event = Event(type=type, payload=payload, source=source, correlation_id=correlation_id)  # (validated first)
+    headers = _tracing.outgoing(type, event.id, {})
+    if not headers:
+        return event
+    return Event(
+        type=type,
+        payload=payload,
+        source=source,
+        id=event.id,
+        time=event.time,
+        correlation_id=event.correlation_id,
+        headers=headers,
+    )
+
+
 # -- what a participant sends --------------------------------------------------------------------------
 
 
@@ -210,4 +232,5 @@ __all__ = [
     "reply_type",
     "request_event",
     "saga_event",
+    "start_event",
 ]

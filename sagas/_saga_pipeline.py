@@ -23,6 +23,7 @@ import structlog
 
 from transport import ConnectionLost, Inbound
 
+from . import _tracing
 from ._observe import NULL_OBSERVER, Observer
 from ._outbox import OutboxPublisher
 from ._redelivery import retry_or_dead_letter, send_back
@@ -82,21 +83,23 @@ class SagaPipeline:
         bus = self.outbox.bus
         applied: list[tuple[Inbound, Applied]] = []
         failed: list[tuple[Inbound, Exception]] = []
-        try:
-            with self.store.group():
-                for inbound in inbounds:
-                    event = inbound.event
-                    if event is None:
-                        continue
-                    try:
-                        with self.store.group():  # a message that fails rolls back alone
-                            applied.append((inbound, self.engine.handle(saga_type, event)))
-                    except Exception as exc:  # noqa: BLE001 - a failing saga step is retried, then dead-lettered
-                        failed.append((inbound, exc))
-        except (ConnectionLost, KeyboardInterrupt):
-            raise
-        except Exception as error:  # noqa: BLE001 - the commit failed (the store is down): try them later
-            applied, failed = [], [(i, error) for i in inbounds if i.event is not None]
+        with _tracing.Held() as held:  # (the messages' spans end once the group has committed, or not)
+            try:
+                with self.store.group():
+                    for inbound in inbounds:
+                        event = inbound.event
+                        if event is None:
+                            continue
+                        try:
+                            with self.store.group():  # a message that fails rolls back alone
+                                applied.append((inbound, self.engine.handle(saga_type, event)))
+                        except Exception as exc:  # noqa: BLE001 - a failing saga step is retried, then dead-lettered
+                            failed.append((inbound, exc))
+            except (ConnectionLost, KeyboardInterrupt):
+                raise
+            except Exception as error:  # noqa: BLE001 - the commit failed (the store is down): try them later
+                applied, failed = [], [(i, error) for i in inbounds if i.event is not None]
+                held.given_back(error)
         try:
             self.outbox.publish([row for _, a in applied for row in a.rows])
         except (ConnectionLost, KeyboardInterrupt):

@@ -26,6 +26,8 @@ Attributes follow the messaging semantic conventions (``messaging.system``,
 
 from __future__ import annotations
 
+import contextvars
+import dataclasses
 import functools
 import time
 from collections.abc import Callable, Mapping, MutableMapping
@@ -136,6 +138,22 @@ def _fail(span: Any, error: BaseException, description: str = "") -> None:
     span.set_status(Status(StatusCode.ERROR, description or f"{type(error).__name__}: {error}"[:500]))
 
 
+def given_back(span: Any, error: BaseException) -> None:
+    """The worker gave a message back (retried or dead-lettered it) because the store failed, after its
+    handler or saga step ran: its span (not ended yet) gets status ERROR, the exception, and
+    ``sagas.outcome = given-back``."""
+    if span is None or trace is None:
+        return
+    _fail(span, error, f"given back: {type(error).__name__}: {error}"[:500])
+    span.set_attribute("sagas.outcome", "given-back")
+
+
+def end(span: Any) -> None:
+    """End a span whose end was left to whoever settles its message (a handler's)."""
+    if span is not None:
+        span.end()
+
+
 # -- publishing -------------------------------------------------------------------------------------------
 
 
@@ -158,6 +176,16 @@ def outgoing(event_type: str, event_id: str, headers: Mapping[str, str]) -> Mapp
     return carrier
 
 
+def republished(event: Event) -> Event:
+    """``event`` (built and traced before, say a cached reply) published again: with the trace context of
+    a new PRODUCER span, child of the current span, in place of the one it carried."""
+    if trace is None or _tracer() is None:
+        return event
+    headers = {k: v for k, v in event.headers.items() if k not in ("traceparent", "tracestate")}
+    carrier = outgoing(event.type, event.id, headers)
+    return event if carrier is headers else dataclasses.replace(event, headers=carrier)
+
+
 # -- handlers ---------------------------------------------------------------------------------------------
 
 
@@ -165,8 +193,9 @@ def handler_span(
     run: Callable[[HandlerSpec, Inbound, Event, int], HandlerOutcome],
 ) -> Callable[[HandlerSpec, Inbound, Event, int], HandlerOutcome]:
     """Decorates the function that runs one handler: a CONSUMER span around it, child of the message's
-    publish span, current while the handler runs (its follow-ups and log lines are under it). The span
-    ends with the handler; the outcome keeps it (``trace``) for the reply and the settling."""
+    publish span, current while the handler runs (its follow-ups and log lines are under it). The outcome
+    keeps it (``trace``) for the reply and the settling, which ends it (:func:`end`): a message given
+    back when the store fails after the handler ran is an error of its span (:func:`given_back`)."""
     if trace is None:
         return run
     from ._errors import NoReply
@@ -176,14 +205,7 @@ def handler_span(
         tracer = _tracer()
         if tracer is None:
             return run(spec, inbound, event, generation)
-        attributes = _messaging("process", inbound.subscription.queue, event.id, event.type)
-        attributes.update({"sagas.service": spec.service, "sagas.handler": spec.name, "sagas.attempt": inbound.attempt})
-        saga_type = event.headers.get("saga_type")
-        if saga_type:
-            attributes.update({"sagas.saga.id": event.correlation_id, "sagas.saga.type": saga_type})
-        span = tracer.start_span(
-            f"{event.type} process", context=_parent(event.headers), kind=SpanKind.CONSUMER, attributes=attributes
-        )
+        span = _handler_span(tracer, spec, inbound, event)
         token = otel_context.attach(trace.set_span_in_context(span))
         try:
             outcome = run(spec, inbound, event, generation)
@@ -191,13 +213,47 @@ def handler_span(
                 span.set_attribute("sagas.outcome", "no-reply")
             elif outcome.error is not None:
                 _fail(span, outcome.error)
+        except BaseException:
+            span.end()  # (run never raises; if it did, nothing would settle the message and end the span)
+            raise
         finally:
             otel_context.detach(token)
-            span.end()
         outcome.trace = span
         return outcome
 
     return traced
+
+
+def _handler_span(tracer: Any, spec: HandlerSpec, inbound: Inbound, event: Event) -> Any:
+    """A CONSUMER span ``<type> process`` for ``spec`` handling ``event``, child of its publish span."""
+    attributes = _messaging("process", inbound.subscription.queue, event.id, event.type)
+    attributes.update({"sagas.service": spec.service, "sagas.handler": spec.name, "sagas.attempt": inbound.attempt})
+    saga_type = event.headers.get("saga_type")
+    if saga_type:
+        attributes.update({"sagas.saga.id": event.correlation_id, "sagas.saga.type": saga_type})
+    return tracer.start_span(
+        f"{event.type} process", context=_parent(event.headers), kind=SpanKind.CONSUMER, attributes=attributes
+    )
+
+
+def reply_cache(answer: F) -> F:
+    """Decorates the pipeline method that answers a request from the reply cache,
+    ``answer(self, spec, inbound, event)``: a CONSUMER span ``<type> process`` as a handler's, child of
+    the request's publish span, with ``sagas.outcome = reply-cache``, current while the cached reply is
+    published again (:func:`republished` makes that publish a child of it)."""
+    if trace is None:
+        return answer
+
+    @functools.wraps(answer)
+    def traced(self: Any, spec: HandlerSpec, inbound: Inbound, event: Event, *args: Any) -> Any:
+        tracer = _tracer()
+        if tracer is None:
+            return answer(self, spec, inbound, event, *args)
+        with _Current(_handler_span(tracer, spec, inbound, event)) as span:
+            span.set_attribute("sagas.outcome", "reply-cache")
+            return answer(self, spec, inbound, event, *args)
+
+    return traced  # type: ignore[return-value]
 
 
 def within(method: F) -> F:
@@ -235,9 +291,39 @@ def settled(span: Any, event: Event, outcome: str, error: BaseException) -> None
 # -- sagas ------------------------------------------------------------------------------------------------
 
 
+#: the spans of saga messages applied in the current store group, ended when it is settled (see :class:`Held`)
+_held: contextvars.ContextVar[list[Any] | None] = contextvars.ContextVar("sagas_held_spans", default=None)
+
+
+class Held:
+    """While open, the spans of the saga messages applied are kept open instead of ended with the step:
+    the saga pipeline applies a group of messages in one store transaction, and only its commit decides
+    what became of them. :meth:`given_back` marks them all when it fails; closing ends them."""
+
+    __slots__ = ("spans", "token")
+
+    def __init__(self) -> None:
+        self.spans: list[Any] = []
+
+    def __enter__(self) -> Held:
+        self.token = _held.set(self.spans)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _held.reset(self.token)
+        for span in self.spans:
+            span.end()
+
+    def given_back(self, error: BaseException) -> None:
+        """The group did not commit: every message of it is given back (see :func:`given_back`)."""
+        for span in self.spans:
+            given_back(span, error)
+
+
 def saga_message(handle: F) -> F:
     """Decorates ``SagaEngine.handle(saga_type, event)``: a CONSUMER span, child of the message's publish
-    span, with the saga's id, type, state and what became of the message."""
+    span, with the saga's id, type, state and what became of the message. Inside :class:`Held` the span
+    is ended when the group is settled, and a step that raises is given back (the pipeline retries it)."""
     if trace is None:
         return handle
 
@@ -248,11 +334,12 @@ def saga_message(handle: F) -> F:
             return handle(self, saga_type, event)  # type: ignore[no-any-return]
         attributes = _messaging("process", f"saga:{saga_type}", event.id, event.type)
         attributes["sagas.saga.type"] = saga_type
-        with _Current(
-            tracer.start_span(
-                f"{event.type} process", context=_parent(event.headers), kind=SpanKind.CONSUMER, attributes=attributes
-            )
-        ) as span:
+        span = tracer.start_span(
+            f"{event.type} process", context=_parent(event.headers), kind=SpanKind.CONSUMER, attributes=attributes
+        )
+        held = _held.get()
+        token = otel_context.attach(trace.set_span_in_context(span))
+        try:
             applied: Applied = handle(self, saga_type, event)
             span.set_attribute("sagas.outcome", applied.outcome)
             if applied.saga is not None:
@@ -260,6 +347,18 @@ def saga_message(handle: F) -> F:
             if applied.refused:
                 span.set_status(Status(StatusCode.ERROR, f"refused: {applied.note}"[:500]))
             return applied
+        except Exception as error:
+            if held is None:
+                _fail(span, error)
+            else:
+                given_back(span, error)
+            raise
+        finally:
+            otel_context.detach(token)
+            if held is None:
+                span.end()
+            else:
+                held.append(span)
 
     return traced  # type: ignore[return-value]
 
@@ -348,10 +447,15 @@ def add_trace_ids(logger: Any, method: str, event_dict: MutableMapping[str, Any]
 __all__ = [
     "ENABLED",
     "TRACE_META",
+    "Held",
     "add_trace_ids",
     "deadline",
+    "end",
+    "given_back",
     "handler_span",
     "outgoing",
+    "reply_cache",
+    "republished",
     "saga_message",
     "set_system",
     "set_tracer_provider",

@@ -1,14 +1,47 @@
-"""Helpers for tests: waiting on an observable condition, and raw publishing of hostile messages."""
+"""Helpers for tests: waiting on an observable condition, raw publishing of hostile messages, and a
+store whose commit fails once."""
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from kombu.connection import Connection
 
+from sagas import SQLiteStore
 from transport import _memory
+
+
+class CommitFailsOnce(SQLiteStore):
+    """An SQLite store whose first group (transaction) that saves a saga or records an inbox entry fails
+    to commit, as a database that restarts at that moment: everything the group wrote is rolled back,
+    and the worker redoes the work. ``failures`` counts the failures still to come."""
+
+    failures = 1
+    _wrote = False
+
+    @contextlib.contextmanager
+    def group(self) -> Iterator[None]:
+        outer = not self._depth
+        try:
+            with super().group():
+                yield
+                if outer and self._wrote and self.failures:
+                    self.failures -= 1
+                    raise ConnectionError("the database restarted: the commit failed")
+        finally:
+            if outer:
+                self._wrote = False
+
+    def save_saga(self, *args: Any, **kwargs: Any) -> Any:
+        self._wrote = True
+        return super().save_saga(*args, **kwargs)
+
+    def remember(self, consumer: str, message_id: str) -> None:
+        self._wrote = True
+        super().remember(consumer, message_id)
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:

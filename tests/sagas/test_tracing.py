@@ -7,19 +7,22 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator, Sequence
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar
 
 import pytest
 import structlog
+from click.testing import CliRunner
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
 from examples import postprocessing
-from sagas import App, Context, Event, Retry, Service, _tracing
+from sagas import App, Context, Event, Retry, Service, _cli, _tracing
 from sagas._logging import configure_logging
 from sagas.testing import Drop, Harness
+from tests.helpers import CommitFailsOnce
 
 PING, BOOM = "demo.tracing.ping", "demo.tracing.boom"
 
@@ -138,8 +141,9 @@ def test_one_saga_is_one_trace_and_one_tree_through_a_lost_reply_and_a_deadline(
     root = _one_tree(finished)
     assert root.name == f"{UPLOAD} publish"
     names = [s.name for s in finished]
-    # the re-sent request is answered from the reply cache (no handler run): its deadline is in the tree
-    assert names.count("ocis.antivirus.scan process") == 1
+    # the re-sent request is answered from the reply cache (no handler run, a span of its own): its
+    # deadline is in the tree
+    assert names.count("ocis.antivirus.scan process") == 2
     assert "saga postprocessing deadline" in names
     assert "saga postprocessing - -> scanning" in names
     assert "saga postprocessing finishing -> done" in names
@@ -148,6 +152,136 @@ def test_one_saga_is_one_trace_and_one_tree_through_a_lost_reply_and_a_deadline(
     assert dict(transition.attributes or {})["sagas.saga.id"] == record.id
     consumer = next(s for s in finished if s.name == f"{UPLOAD} process")
     assert dict(consumer.attributes or {})["sagas.saga.state"] == "scanning"
+
+
+def test_a_request_answered_from_the_reply_cache_has_a_consumer_span_and_its_reply_is_a_child(
+    spans: InMemorySpanExporter,
+) -> None:
+    """A re-sent request answered from the reply cache gets a CONSUMER span (sagas.outcome=reply-cache),
+    child of the request's publish span; the reply published again is a child of that span."""
+    with Harness(postprocessing.app) as h:
+        h.inject(Drop(), match="ocis.antivirus.scan.reply")  # the first reply is lost: the deadline re-sends
+        h.send(_traced_event(UPLOAD, {"upload_id": "u3", "name": "a.txt", "size": 10, "user": "marie"}))
+        h.settle()
+        assert h.saga(postprocessing.Postprocessing, "u3").state == "done"
+    finished = spans.get_finished_spans()
+    request = next(s for s in finished if s.name == "ocis.antivirus.scan publish")
+    runs = sorted((s for s in finished if s.name == "ocis.antivirus.scan process"), key=lambda s: s.start_time or 0)
+    assert [dict(s.attributes or {}).get("sagas.outcome") for s in runs] == [None, "reply-cache"]
+    cached = runs[1]
+    assert cached.kind is SpanKind.CONSUMER
+    assert cached.parent is not None
+    assert cached.parent.span_id == request.context.span_id
+    attrs = dict(cached.attributes or {})
+    assert (attrs["sagas.service"], attrs["sagas.handler"], attrs["messaging.operation"]) == (
+        "antivirus",
+        "scan",
+        "process",
+    )
+    replies = [s for s in finished if s.name == "ocis.antivirus.scan.reply publish"]
+    assert sorted(s.parent.span_id for s in replies if s.parent) == sorted(
+        [runs[0].context.span_id, cached.context.span_id]
+    )
+    # the saga moved on the cached copy: its message span is the child of the reply published again
+    moved = next(
+        s
+        for s in finished
+        if s.name == "ocis.antivirus.scan.reply process" and dict(s.attributes or {})["sagas.outcome"] == "moved"
+    )
+    again = next(s for s in replies if s.parent and s.parent.span_id == cached.context.span_id)
+    assert moved.parent is not None
+    assert moved.parent.span_id == again.context.span_id
+    _one_tree(finished)
+
+
+def test_a_handled_message_given_back_because_the_commit_failed_ends_its_span_with_error(
+    spans: InMemorySpanExporter, tmp_path: Path
+) -> None:
+    """A handler ran, then the store failed to commit its inbox record: the message is given back, and
+    the handler's span ends with ERROR, the exception and sagas.outcome=given-back, with a retry child."""
+    notes = Service("notes")
+    ran: list[str] = []
+    notes.on(PING, name="note", idempotent=True, retry=Retry(attempts=3, initial=0.5))(lambda e: ran.append(e.id))
+    store = CommitFailsOnce(str(tmp_path / "s.db"))
+    event = _traced_event(PING, {"n": 3})
+    with Harness(App(notes), store=store) as h:
+        h.send(event)
+        h.settle()
+    assert store.failures == 0
+    assert ran == [event.id, event.id]  # (the commit that failed was rolled back: it ran again)
+    finished = spans.get_finished_spans()
+    runs = sorted((s for s in finished if s.name == f"{PING} process"), key=lambda s: s.start_time or 0)
+    assert len(runs) == 2
+    first, second = runs
+    assert first.status.status_code is StatusCode.ERROR
+    assert (first.status.description or "").startswith("given back: ConnectionError")
+    assert dict(first.attributes or {})["sagas.outcome"] == "given-back"
+    assert [dict(e.attributes or {})["exception.type"] for e in first.events] == ["ConnectionError"]
+    retry = next(s for s in finished if s.name == f"{PING} retry")
+    assert retry.parent is not None
+    assert retry.parent.span_id == first.context.span_id
+    assert second.status.status_code is StatusCode.UNSET
+    assert "sagas.outcome" not in dict(second.attributes or {})
+    _one_tree(finished)
+
+
+def test_a_saga_message_given_back_because_the_commit_failed_ends_its_span_with_error(
+    spans: InMemorySpanExporter, tmp_path: Path
+) -> None:
+    """A saga message applied in a group whose commit failed (rolled back) is given back: its span ends
+    with ERROR, the exception and sagas.outcome=given-back; applied again, its span says moved."""
+    store = CommitFailsOnce(str(tmp_path / "s.db"))
+    with Harness(postprocessing.app, store=store) as h:
+        h.send(_traced_event(UPLOAD, {"upload_id": "u4", "name": "a.txt", "size": 10, "user": "marie"}))
+        h.settle()
+        assert h.saga(postprocessing.Postprocessing, "u4").state == "done"
+    assert store.failures == 0
+    finished = spans.get_finished_spans()
+    runs = sorted((s for s in finished if s.name == f"{UPLOAD} process"), key=lambda s: s.start_time or 0)
+    assert [dict(s.attributes or {})["sagas.outcome"] for s in runs] == ["given-back", "moved"]
+    assert [s.status.status_code for s in runs] == [StatusCode.ERROR, StatusCode.UNSET]
+    assert (runs[0].status.description or "").startswith("given back: ConnectionError")
+    assert [dict(e.attributes or {})["exception.type"] for e in runs[0].events] == ["ConnectionError"]
+    _one_tree(finished)
+
+
+class _RecordingBus:
+    """Stands in for the EventBus of `sagas publish`: keeps what it is asked to publish."""
+
+    published: ClassVar[list[Event]] = []
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __enter__(self) -> _RecordingBus:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def publish(self, event: Event, **kwargs: Any) -> None:
+        self.published.append(event)
+
+
+def test_sagas_publish_makes_a_producer_span_and_carries_its_context(
+    spans: InMemorySpanExporter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a tracer provider, `sagas publish` builds its event as the framework builds others: a
+    PRODUCER span `<type> publish`, whose context travels in the event's headers."""
+    monkeypatch.setattr(_cli, "EventBus", _RecordingBus)
+    monkeypatch.setattr(_RecordingBus, "published", [])
+    result = CliRunner().invoke(
+        _cli.cli, ["publish", "ocis.cli.poked", '{"n": 1}', "--broker", "amqp://guest:guest@127.0.0.1:5672//"]
+    )
+    assert result.exit_code == 0, result.output
+    [event] = _RecordingBus.published
+    assert result.output.strip() == event.id
+    [span] = spans.get_finished_spans()
+    assert (span.name, span.kind) == ("ocis.cli.poked publish", SpanKind.PRODUCER)
+    assert dict(span.attributes or {})["messaging.message.id"] == event.id
+    trace_id, span_id = event.headers["traceparent"].split("-")[1:3]
+    assert (trace_id, span_id) == (format(span.context.trace_id, "032x"), format(span.context.span_id, "016x"))
+    assert (event.payload, event.source, event.correlation_id) == ({"n": 1}, "cli", event.id)
 
 
 def test_logs_carry_the_trace_and_span_ids(spans: InMemorySpanExporter, capsys: pytest.CaptureFixture[str]) -> None:
