@@ -9,8 +9,9 @@ health probes. Every call is made on the worker's I/O thread and must not block 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Protocol
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Protocol
 
 from transport import Subscription
 
@@ -80,4 +81,51 @@ class NullObserver:
 #: the observer of a worker that was given none
 NULL_OBSERVER: Observer = NullObserver()
 
-__all__ = ["DOWN", "NULL_OBSERVER", "RECONNECTED", "UP", "NullObserver", "Observer"]
+
+class _Groups(Protocol):
+    def group(self) -> contextlib.AbstractContextManager[None]: ...
+
+
+class AfterCommit:
+    """Holds back what is observed inside store groups until the outermost group has committed.
+
+    A saga's transition, a deadline fired or a request re-sent happen inside a store group; when the
+    group's commit fails, nothing of it happened, and the work is redone (the message comes back, the
+    deadline is still due): reported at once, it would count twice. :meth:`group` wraps
+    :meth:`Store.group`: calls given to :meth:`report` inside it wait, are dropped with a group (outer or
+    inner, which rolls back alone) that raises, and are made once the outermost group has committed.
+    Outside any group, :meth:`report` calls at once (the store commits each write by itself)."""
+
+    __slots__ = ("_depth", "_pending")
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[Callable[..., None], tuple[Any, ...]]] = []
+        self._depth = 0
+
+    @contextlib.contextmanager
+    def group(self, store: _Groups) -> Iterator[None]:
+        """``store.group()``, with the calls reported inside it held until the outermost one commits."""
+        mark = len(self._pending)
+        self._depth += 1
+        try:
+            with store.group():
+                yield
+        except BaseException:
+            del self._pending[mark:]  # rolled back: what it observed did not happen
+            raise
+        finally:
+            self._depth -= 1
+        if not self._depth and self._pending:
+            pending, self._pending = self._pending, []
+            for call, args in pending:
+                call(*args)
+
+    def report(self, call: Callable[..., None], *args: Any) -> None:
+        """``call(*args)`` once the current group commits, or now outside any group."""
+        if self._depth:
+            self._pending.append((call, args))
+        else:
+            call(*args)
+
+
+__all__ = ["DOWN", "NULL_OBSERVER", "RECONNECTED", "UP", "AfterCommit", "NullObserver", "Observer"]

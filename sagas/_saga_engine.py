@@ -26,7 +26,7 @@ import time
 import traceback
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,7 +37,7 @@ from transport import CONTENT_TYPE, Event, decode, encode
 
 from . import _late, _tracing
 from ._errors import ActionRefused, ConfigurationError, NotFound, SagaCodeError, SagasError
-from ._observe import NULL_OBSERVER, Observer
+from ._observe import NULL_OBSERVER, AfterCommit, Observer
 from ._protocol import (
     COMPENSATE,
     TIMEOUT,
@@ -141,8 +141,10 @@ class SagaEngine:
     ) -> None:
         self.store = store
         self.clock = clock
-        #: told of every transition, deadline fired and request re-sent (see :mod:`sagas._observe`)
+        #: told of every transition, deadline fired and request re-sent (see :mod:`sagas._observe`), once
+        #: the store group they happened in has committed (:meth:`group`)
         self.observer = observer
+        self._after_commit = AfterCommit()
         self.rng = rng or random.Random()
         self._seeded = rng
         self.definitions: dict[str, SagaDefinition] = {}
@@ -376,7 +378,7 @@ class SagaEngine:
             reason=reason,
             final=record.final,
         )
-        self.observer.transition(d.type, previous or "-", new_state, record.final)
+        self._after_commit.report(self.observer.transition, d.type, previous or "-", new_state, record.final)
         return rows
 
     def _event_out(
@@ -386,25 +388,31 @@ class SagaEngine:
         out = saga_event(record.id, record.type, record.version, index, type, payload, causation)
         return Outgoing(out.id, type, encode(out).decode(), mandatory=False)
 
+    def group(self) -> AbstractContextManager[None]:
+        """A store group (:meth:`Store.group`, nested ones are savepoints) whose transitions, deadlines
+        fired and requests re-sent are told to the observer only once the outermost group has committed:
+        a commit that fails is redone, and must not count twice. Apply messages inside one."""
+        return self._after_commit.group(self.store)
+
     # -- deadlines ---------------------------------------------------------------------------------
 
     def fire_due(self, limit: int = 500) -> list[OutboxRow]:
         """Fire every deadline that has passed (up to ``limit``), in one store transaction (group commit),
         with a savepoint per saga. Returns the committed rows to publish."""
         rows: list[OutboxRow] = []
-        with self.store.group():
+        with self.group():
             for record in self.store.due_sagas(self.clock(), limit, types=tuple(self.definitions)):
                 # Each saga alone: one whose own code raises is parked, and the others fire.
                 message_id = f"deadline:{record.id}:{record.version}"
                 try:
-                    with self.store.group():
+                    with self.group():
                         rows += self.fire(record)
-                    self.observer.deadline_fired(record.type)
+                    self._after_commit.report(self.observer.deadline_fired, record.type)
                 except VersionConflict:
                     continue  # another worker fired it, or a message moved the saga meanwhile
                 except SagaCodeError as error:
                     try:
-                        with self.store.group():
+                        with self.group():
                             rows += self._park_broken(self.definitions[record.type], error, message_id, None).rows
                     except VersionConflict:
                         continue
@@ -448,7 +456,7 @@ class SagaEngine:
             return self._trigger(d, record, TIMEOUT, ctx, message_id, what, None).rows
         if pending and record.attempts < state.retries + 1:
             record.attempts += 1
-            self.observer.request_resent(d.type, pending["type"])
+            self._after_commit.report(self.observer.request_resent, d.type, pending["type"])
             reason = f"deadline passed: re-sent {pending['type']} (attempt {record.attempts})"
             resend = Outgoing(pending["id"], pending["type"], pending["body"], mandatory=True)
             deadline = now + state.deadline_after(record.attempts, self.rng)

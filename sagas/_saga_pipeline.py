@@ -85,13 +85,13 @@ class SagaPipeline:
         failed: list[tuple[Inbound, Exception]] = []
         with _tracing.Held() as held:  # (the messages' spans end once the group has committed, or not)
             try:
-                with self.store.group():
+                with self.engine.group():
                     for inbound in inbounds:
                         event = inbound.event
                         if event is None:
                             continue
                         try:
-                            with self.store.group():  # a message that fails rolls back alone
+                            with self.engine.group():  # a message that fails rolls back alone
                                 applied.append((inbound, self.engine.handle(saga_type, event)))
                         except Exception as exc:  # noqa: BLE001 - a failing saga step is retried, then dead-lettered
                             failed.append((inbound, exc))

@@ -24,6 +24,7 @@ from sagas._metrics import LEASE, Metrics
 from sagas._saga_pipeline import SAGA_RETRY
 from sagas._store import MemoryStore, Store, open_store
 from sagas.testing import Drop, Harness
+from tests.helpers import CommitFailsOnce
 from transport import Subscription
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -73,6 +74,30 @@ def test_the_metrics_count_what_the_harness_runs() -> None:
     assert value(m, "sagas_published_messages_total") >= 4
     assert value(m, "sagas_publish_confirm_seconds_count") >= 1
     assert value(m, "sagas_broker_connected") == 1
+
+
+def test_a_commit_that_failed_and_was_redone_counts_its_transitions_and_deadline_once(tmp_path: Path) -> None:
+    """The start's group and, later, the deadline's group each fail to commit once (rolled back, then
+    redone): the transitions, the start, the deadline fired and the request re-sent are counted once."""
+    store = CommitFailsOnce(str(tmp_path / "s.db"))
+    m = Metrics(MemoryStore(), instance="w1")
+    with Harness(postprocessing.app, store=store, observer=m) as h:
+        h.inject(Drop(), match="ocis.antivirus.scan", times=1)
+        h.publish("ocis.storage.bytes_received", UPLOAD)
+        h.run()
+        assert store.failures == 0  # the start's group failed; the message comes back after its delay
+        h.advance(SAGA_RETRY.initial + 0.5)
+        assert h.saga(postprocessing.Postprocessing, "u1").state == "scanning"
+        assert value(m, "sagas_deadlines_fired_total", saga_type="postprocessing") == 0
+        store.failures = 1  # the next group that writes is the deadline's (the request was lost)
+        h.settle()
+    assert store.failures == 0
+    t = "postprocessing"
+    assert value(m, "sagas_saga_transitions_total", saga_type=t, from_state="-", to_state="scanning") == 1
+    assert value(m, "sagas_sagas_started_total", saga_type=t) == 1
+    assert value(m, "sagas_deadlines_fired_total", saga_type=t) == 1
+    assert value(m, "sagas_requests_resent_total", saga_type=t, request_type="ocis.antivirus.scan") == 1
+    assert value(m, "sagas_sagas_finished_total", saga_type=t, state="done") == 1
 
 
 def test_parked_and_compensated_sagas_and_reconnects_are_counted() -> None:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from examples import postprocessing
 from sagas import App, Event, Retry, Service
 from sagas._observe import NULL_OBSERVER, NullObserver, Observer
 from sagas.testing import Drop, Harness
+from tests.helpers import CommitFailsOnce
 from transport import Subscription
 
 UPLOAD = {"upload_id": "u1", "name": "a.txt", "size": 10, "user": "marie"}
@@ -91,6 +93,44 @@ def test_a_lost_reply_reports_the_deadline_and_the_request_resent() -> None:
         assert h.saga(postprocessing.Postprocessing, "u1").state == "done"
     assert ("postprocessing",) in rec.of("deadline_fired")
     assert rec.of("request_resent") == [("postprocessing", "ocis.antivirus.scan")]
+
+
+def test_transitions_are_reported_once_when_the_commit_of_their_group_failed_and_was_redone(tmp_path: Path) -> None:
+    """The first message's group fails to commit (rolled back, the message comes back and moves the saga
+    again): each transition is reported once, after the commit that kept it."""
+    rec = Recording()
+    store = CommitFailsOnce(str(tmp_path / "s.db"))
+    with Harness(postprocessing.app, store=store, observer=rec) as h:
+        h.publish("ocis.storage.bytes_received", UPLOAD)
+        h.settle()
+        assert h.saga(postprocessing.Postprocessing, "u1").state == "done"
+    assert store.failures == 0
+    outcomes = [o for s, _, e, o, _ in rec.of("message") if e == "ocis.storage.bytes_received"]
+    assert outcomes == ["retry", "moved"]  # (the group that failed was redone)
+    moves = [(f, t) for saga_type, f, t, _ in rec.of("transition") if saga_type == "postprocessing"]
+    assert moves == [("-", "scanning"), ("scanning", "checking"), ("checking", "finishing"), ("finishing", "done")]
+
+
+def test_a_deadline_is_reported_once_when_the_commit_of_its_group_failed_and_was_redone(tmp_path: Path) -> None:
+    """A deadline fires in a group whose commit fails (rolled back: it is still due, and fires again):
+    the deadline fired and the request re-sent are reported once."""
+    rec = Recording()
+    store = CommitFailsOnce(str(tmp_path / "s.db"))
+    store.failures = 0
+    with Harness(postprocessing.app, store=store, observer=rec) as h:
+        h.inject(Drop(), match="ocis.antivirus.scan", times=1)
+        h.publish("ocis.storage.bytes_received", UPLOAD)
+        h.run()
+        assert h.saga(postprocessing.Postprocessing, "u1").state == "scanning"
+        assert rec.of("deadline_fired") == []
+        store.failures = 1  # the next group that writes is the deadline's
+        h.settle()
+        assert h.saga(postprocessing.Postprocessing, "u1").state == "done"
+    assert store.failures == 0
+    assert rec.of("deadline_fired") == [("postprocessing",)]
+    assert rec.of("request_resent") == [("postprocessing", "ocis.antivirus.scan")]
+    moves = [(f, t) for saga_type, f, t, _ in rec.of("transition") if saga_type == "postprocessing"]
+    assert moves == [("-", "scanning"), ("scanning", "checking"), ("checking", "finishing"), ("finishing", "done")]
 
 
 def test_a_failing_handler_reports_its_retries_then_its_dead_letter() -> None:
