@@ -233,7 +233,47 @@ def _table(rows: Sequence[Sequence[str]]) -> list[str]:
     return ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows]
 
 
-@click.group()
+class _Mistake(click.ClickException):
+    """A usage mistake, shown as ``error: <message>`` on stderr (exit 2), without click's usage lines."""
+
+    exit_code = 2
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"error: {self.format_message()}", err=True)
+
+
+def _mistake(error: click.UsageError) -> click.ClickException:
+    """What a usage mistake is shown as (a group called without a command still shows its help)."""
+    if isinstance(error, click.exceptions.NoArgsIsHelpError):
+        return error
+    if isinstance(error, click.BadParameter) and error.param is None and error.param_hint is None:
+        return _Mistake(error.message)  # (said by the command itself: without click's "Invalid value: ")
+    return _Mistake(error.format_message())
+
+
+class _Commands(click.Group):
+    """The ``sagas`` group. A usage mistake in any command below it (a missing argument or id, an
+    unknown command or option, a bad option value or PAYLOAD: a ``click.UsageError`` or
+    ``BadParameter``, raised while parsing or by the command) prints ``error: <message>`` on stderr and
+    exits 2, with no usage lines and no traceback; ``--help`` is unchanged. Every subcommand's context
+    is made inside :meth:`invoke` of this group, so catching here covers them all."""
+
+    def make_context(
+        self, info_name: str | None, args: list[str], parent: click.Context | None = None, **extra: Any
+    ) -> click.Context:
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.UsageError as error:
+            raise _mistake(error) from None
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as error:
+            raise _mistake(error) from None
+
+
+@click.group(cls=_Commands)
 @click.option("--log-json", is_flag=True, envvar="SAGAS_LOG_JSON", help="Log JSON lines instead of text.")
 @click.option(
     "--log-level",

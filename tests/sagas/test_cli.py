@@ -105,6 +105,57 @@ def test_publish_rejects_bad_input() -> None:
     assert "JSON object" in runner.invoke(cli, ["publish", "ocis.a.b", "[1]"]).output
 
 
+USAGE_MISTAKES = [
+    (["dead", "replay"], "error: give either --all or one or more dead-letter ids\n"),
+    (["dead", "drop"], "error: give either --all or one or more dead-letter ids\n"),
+    (["dead", "show"], "error: Missing argument 'LETTER_ID'.\n"),
+    (["show"], "error: give a saga id, or a type and a key (TYPE KEY, or --type and --key)\n"),
+    (["show", "--type", "postprocessing"], "error: give a saga id, or a type and a key"),
+    (["publish"], "error: Missing argument 'TYPE'.\n"),
+    (["publish", "ocis.a.b", "{nope"], "error: PAYLOAD is not JSON: "),
+    (["publish", "ocis.a.b", "[1]"], "error: PAYLOAD must be a JSON object\n"),
+    (["retry"], "error: Missing argument 'SAGA_ID'.\n"),
+    (["graph"], "error: Missing argument 'SAGA_CLASS'.\n"),
+    (["run", "x", "--concurrency", "0"], "error: Invalid value for '--concurrency': 0 is not in the range x>=1.\n"),
+    (["ls", "--limit", "abc"], "error: Invalid value for '--limit': 'abc' is not a valid integer range.\n"),
+    (["counts", "extra"], "error: Got unexpected extra argument (extra)\n"),
+    (["nope"], "error: No such command 'nope'.\n"),
+    (["--bogus"], "error: No such option '--bogus'.\n"),
+]
+
+
+@pytest.mark.parametrize(("args", "expected"), USAGE_MISTAKES, ids=[" ".join(a) for a, _ in USAGE_MISTAKES])
+def test_a_usage_mistake_is_an_error_line_and_exit_2(args: list[str], expected: str) -> None:
+    """Any command's usage mistake prints `error: ...` on stderr and exits 2: no usage block, no traceback."""
+    result = CliRunner().invoke(cli, args, env={"SAGAS_BROKER_URL": "memory://", "SAGAS_STORE_URL": "memory://"})
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith(expected), result.stderr
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert "Usage:" not in result.output
+    assert "Traceback" not in result.output
+    assert result.stdout == ""
+
+
+def test_a_usage_mistake_through_the_sagas_script_has_no_usage_lines() -> None:
+    """The installed entry point (sagas._cli.main, as `python -m sagas`) prints the same one line."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "sagas", "dead", "replay"], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == "error: give either --all or one or more dead-letter ids\n"
+    assert proc.stdout == ""
+
+
+@pytest.mark.parametrize("args", [["--help"], ["dead", "--help"], ["show", "--help"], ["publish", "--help"]])
+def test_help_still_prints_the_usage(args: list[str]) -> None:
+    """--help is unchanged: the usage and the help text on stdout, exit 0."""
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("Usage: ")
+    assert "Show this message and exit." in result.stdout
+    assert result.stderr == ""
+
+
 def test_publish_with_an_invalid_name_fails_clearly() -> None:
     """An invalid event name exits 2 and names the rule."""
     proc = subprocess.run(
