@@ -78,19 +78,41 @@ def _payload(i: int) -> dict[str, Any]:
 
 # -- observability variants ---------------------------------------------------------------------------
 
-#: the variants ``--variants`` may name: tracing and metrics off, metrics on, tracing on, both on
+#: the variants ``--variants`` may name: tracing and metrics off, metrics on, tracing on, both on;
+#: ``tracing`` and ``both`` take a head-sampling ratio, ``tracing@0.1`` (default: every trace recorded)
 VARIANTS = ("off", "metrics", "tracing", "both")
+
+
+def parse_variant(variant: str) -> tuple[str, float]:
+    """``(kind, sampling ratio)`` of a variant: ``both@0.1`` is ``("both", 0.1)``, ``tracing`` is
+    ``("tracing", 1.0)``. Raises ValueError on a name not in :data:`VARIANTS`, a ratio outside
+    ``(0, 1]``, or a ratio on a variant that does not trace."""
+    kind, at, ratio = variant.partition("@")
+    if kind not in VARIANTS:
+        raise ValueError(f"unknown variant {kind!r}")
+    if not at:
+        return kind, 1.0
+    if kind not in ("tracing", "both"):
+        raise ValueError(f"{kind!r} does not trace: it takes no sampling ratio")
+    try:
+        value = float(ratio)
+    except ValueError:
+        raise ValueError(f"the sampling ratio of {variant!r} is not a number") from None
+    if not 0.0 < value <= 1.0:
+        raise ValueError(f"the sampling ratio of {variant!r} is not in (0, 1]")
+    return kind, value
 
 
 def missing_extras(variants: Sequence[str]) -> str | None:
     """What the variants need that is not installed (an install hint), or None."""
     needs = []
-    if any(v in ("tracing", "both") for v in variants):
+    kinds = [parse_variant(v)[0] for v in variants]
+    if any(v in ("tracing", "both") for v in kinds):
         try:
             import opentelemetry.sdk.trace  # noqa: F401
         except ImportError:
             needs.append("the OpenTelemetry SDK (pip install 'kombu-sagas[otel]' opentelemetry-sdk)")
-    if any(v in ("metrics", "both") for v in variants):
+    if any(v in ("metrics", "both") for v in kinds):
         try:
             import prometheus_client  # noqa: F401
         except ImportError:
@@ -120,22 +142,25 @@ class _CountingExporter:
 @contextlib.contextmanager
 def _observed(variant: str, worker: Worker, store: str | Store) -> Iterator[dict[str, Any]]:
     """Run ``worker`` with the variant's tracing and metrics: tracing, an SDK TracerProvider with a
-    BatchSpanProcessor and a counting exporter; metrics, the Prometheus observer serving on an
-    ephemeral port of 127.0.0.1 (as ``sagas run --metrics-port`` does; nothing scrapes it). Yields a
-    dict that holds ``spans``, the spans exported, once the block ends."""
+    BatchSpanProcessor and a counting exporter (with a ratio, ``both@0.1``, sampled at the root by
+    ``ParentBased(TraceIdRatioBased(ratio))``, the SDK's head sampling); metrics, the Prometheus
+    observer serving on an ephemeral port of 127.0.0.1 (as ``sagas run --metrics-port`` does; nothing
+    scrapes it). Yields a dict that holds ``spans``, the spans exported, once the block ends."""
     from . import _tracing
 
     out: dict[str, Any] = {"spans": 0}
     provider = exporter = metrics = None
-    if variant in ("tracing", "both"):
+    kind, ratio = parse_variant(variant)
+    if kind in ("tracing", "both"):
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
+        from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
         exporter = _CountingExporter()
-        provider = TracerProvider()
+        provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(ratio)))
         provider.add_span_processor(BatchSpanProcessor(exporter))  # type: ignore[arg-type]
         _tracing.set_tracer_provider(provider)
-    if variant in ("metrics", "both"):
+    if kind in ("metrics", "both"):
         from ._metrics import Metrics
 
         metrics = Metrics(store, instance=worker.instance)

@@ -1068,8 +1068,8 @@ def demo(shares: int) -> None:
     default=None,
     metavar="off,metrics,tracing,both",
     help="events and sagas: run once per variant in each round, alternating (tracing: an SDK TracerProvider "
-    "with a BatchSpanProcessor and a counting exporter; metrics: the Prometheus observer), and report "
-    "each variant's throughput and its ratio to off.",
+    "with a BatchSpanProcessor and a counting exporter; tracing@0.1, both@0.1: with head sampling at that "
+    "ratio; metrics: the Prometheus observer), and report each variant's throughput and its ratio to off.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (every run, medians, ratios).")
 def bench(
@@ -1093,6 +1093,7 @@ def bench(
       sagas bench all --json
       sagas bench console --store 'postgresql://postgres@127.0.0.1/test?schema=bench_console_1m' --repeat 3
       sagas bench events --variants off,metrics,tracing,both --repeat 3   # the cost of observability
+      sagas bench sagas --variants off,both,both@0.1 --repeat 3           # ... with 10 % of traces sampled
     """
     from . import _bench
 
@@ -1102,8 +1103,15 @@ def bench(
         return
     if variants is not None:
         chosen = [v.strip() for v in variants.split(",") if v.strip()]
-        unknown = [v for v in chosen if v not in _bench.VARIANTS]
-        if not chosen or unknown or len(set(chosen)) != len(chosen):
+        for v in chosen:
+            try:
+                _bench.parse_variant(v)
+            except ValueError as e:
+                _usage_error(
+                    f"--variants: {e} (a comma-separated list of {', '.join(_bench.VARIANTS)}, "
+                    f"tracing and both with an optional sampling ratio: both@0.1)"
+                )
+        if not chosen or len(set(chosen)) != len(chosen):
             _usage_error(f"--variants: a comma-separated list of {', '.join(_bench.VARIANTS)}, not {variants!r}")
         if workload not in ("events", "sagas", "all"):
             _usage_error(f"--variants applies to events and sagas, not {workload}")

@@ -205,3 +205,31 @@ def test_variants_without_the_extras_say_what_to_install(monkeypatch: pytest.Mon
     assert "error: --variants off,both needs" in result.output
     assert "opentelemetry-sdk" in result.output
     assert "kombu-sagas[metrics]" in result.output
+
+
+def test_a_sampled_variant_records_a_share_of_the_traces() -> None:
+    args = ["bench", "sagas", "-n", "60", "--variants", "tracing,tracing@0.1", "--json"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    variants = json.loads(result.output.strip().splitlines()[-1])["variants"]["sagas"]
+    assert list(variants) == ["tracing", "tracing@0.1"]
+    assert "ratio_to_tracing" in variants["tracing@0.1"]
+    # every saga makes the same spans; at 0.1 about one saga in ten is recorded
+    assert 0 <= variants["tracing@0.1"]["spans"] < variants["tracing"]["spans"] / 2
+
+
+@pytest.mark.parametrize(
+    ("variant", "reason"),
+    [
+        ("metrics@0.1", "does not trace"),
+        ("both@0", "not in (0, 1]"),
+        ("both@1.5", "not in (0, 1]"),
+        ("tracing@half", "not a number"),
+        ("loud@0.1", "unknown variant"),
+    ],
+)
+def test_sampling_ratios_are_checked(variant: str, reason: str) -> None:
+    result = CliRunner().invoke(cli, ["bench", "sagas", "-n", "10", "--variants", f"off,{variant}"])
+    assert result.exit_code == 2
+    assert "error: --variants" in result.output
+    assert reason in result.output
