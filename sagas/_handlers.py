@@ -108,6 +108,7 @@ class _Settling:
             "attempt": o.inbound.attempt,
             "outcome": outcome,
             "duration_ms": round(o.duration * 1000, 3),
+            **_tracing.ids(o.trace),
         }
 
 
@@ -215,6 +216,7 @@ class HandlerPipeline:
         event = inbound.event
         if event is None:
             sent = send_back(self.bus, inbound, None, None, f"undecodable message: {inbound.error}")
+            self.observer.message(spec.service, spec.name, "", sent, None)
             log.warning(
                 "message.dead_lettered",
                 service=spec.service,
@@ -461,7 +463,8 @@ class HandlerPipeline:
             self.bus.ack_many([s.o.inbound for s in done])
             self.handled += len(done)
             for s in done:
-                self.observer.message(s.o.spec.service, s.o.spec.name, s.o.event.type, "ok", s.o.duration)
+                outcome = s.unusual[0] if s.unusual is not None else "ok"  # (no-reply, failure-reply)
+                self.observer.message(s.o.spec.service, s.o.spec.name, s.o.event.type, outcome, s.o.duration)
             debug = _debug_enabled()
             settled = {id(s) for s in done}
             for s in settling:

@@ -99,7 +99,8 @@ class Metrics:
         self.messages = PromCounter(
             "sagas_messages",
             "Messages settled, by service (saga type for sagas), handler ('saga' for sagas), event type and "
-            "outcome (ok, retry, dead-letter, kept-unacked; for sagas moved, duplicate, late-reply, refused...).",
+            "outcome (ok, no-reply, failure-reply, retry, dead-letter, kept-unacked; for sagas moved, duplicate, "
+            "late-reply, refused...; event type '' for an undecodable message).",
             ["service", "handler", "event_type", "outcome"],
             registry=r,
         )
@@ -246,8 +247,7 @@ class Metrics:
         stuck = Counter(r.type for r in store.list_sagas(stuck_before=now - self.stuck_after, limit=STUCK_LIMIT))
         backlog = store.outbox_backlog()
         for c in counts:
-            if not c.final:
-                stuck.setdefault(c.type, 0)
+            stuck.setdefault(c.type, 0)  # (0 for every type in the store: a dashboard shows 0, not "no data")
         self.last_sample = _Sample(now, [(c.type, c.state, c.count) for c in counts], dict(stuck), backlog)
         return True
 
@@ -260,7 +260,9 @@ class Metrics:
                     next_sample = self.monotonic() + self.store_interval
                     self.sample()
             except Exception as exc:  # noqa: BLE001 - the store is down: not ready; try again
-                log.warning("metrics.store_unavailable", error=repr(exc)[:300])
+                # (until the store first answered, the worker may still be creating it: debug, not warning)
+                level = log.warning if self.last_store_answer is not None else log.debug
+                level("metrics.store_unavailable", error=repr(exc)[:300])
                 self._close_store()
             self._stop.wait(1.0)
         self._close_store()

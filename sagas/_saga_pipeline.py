@@ -83,7 +83,8 @@ class SagaPipeline:
         bus = self.outbox.bus
         applied: list[tuple[Inbound, Applied]] = []
         failed: list[tuple[Inbound, Exception]] = []
-        with _tracing.Held() as held:  # (the messages' spans end once the group has committed, or not)
+        queue = inbounds[0].subscription.queue if inbounds else None
+        with _tracing.Held(queue) as held:  # (the messages' spans end once the group has committed, or not)
             try:
                 with self.engine.group():
                     for inbound in inbounds:
@@ -123,7 +124,10 @@ class SagaPipeline:
                 "attempt": inbound.attempt,
                 "kind": a.outcome,
                 "reason": a.note or None,
+                **_tracing.ids(held.by_message.get(event.id) if event else None),
             }
+            if fields["saga_id"] is None:
+                del fields["saga_id"]  # (no saga was found)
             if a.moved:
                 log.debug("message.handled", outcome="moved", **fields)
             elif a.refused:
@@ -144,11 +148,13 @@ class SagaPipeline:
                 error=repr(problem)[:500],
                 attempt=inbound.attempt,
                 outcome=outcome,
+                **_tracing.ids(held.by_message.get(inbound.event.id) if inbound.event else None),
             )
         for inbound in inbounds:
             if inbound.event is None:
                 reason = f"undecodable message: {inbound.error}"
                 sent = send_back(bus, inbound, None, None, reason)
+                self.observer.message(saga_type, "saga", "", sent, None)
                 log.warning(
                     "message.dead_lettered",
                     saga_type=saga_type,

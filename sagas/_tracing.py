@@ -292,21 +292,25 @@ def settled(span: Any, event: Event, outcome: str, error: BaseException) -> None
 
 
 #: the spans of saga messages applied in the current store group, ended when it is settled (see :class:`Held`)
-_held: contextvars.ContextVar[list[Any] | None] = contextvars.ContextVar("sagas_held_spans", default=None)
+_held: contextvars.ContextVar[Held | None] = contextvars.ContextVar("sagas_held_spans", default=None)
 
 
 class Held:
     """While open, the spans of the saga messages applied are kept open instead of ended with the step:
     the saga pipeline applies a group of messages in one store transaction, and only its commit decides
-    what became of them. :meth:`given_back` marks them all when it fails; closing ends them."""
+    what became of them. :meth:`given_back` marks them all when it fails; closing ends them. ``queue``
+    is the queue the messages came from (``messaging.destination.name`` of their spans)."""
 
-    __slots__ = ("spans", "token")
+    __slots__ = ("by_message", "queue", "spans", "token")
 
-    def __init__(self) -> None:
+    def __init__(self, queue: str | None = None) -> None:
+        self.queue = queue
         self.spans: list[Any] = []
+        #: each message's span, by message id (for :func:`ids` of the lines logged about it)
+        self.by_message: dict[str, Any] = {}
 
     def __enter__(self) -> Held:
-        self.token = _held.set(self.spans)
+        self.token = _held.set(self)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -332,12 +336,13 @@ def saga_message(handle: F) -> F:
         tracer = _tracer()
         if tracer is None:
             return handle(self, saga_type, event)  # type: ignore[no-any-return]
-        attributes = _messaging("process", f"saga:{saga_type}", event.id, event.type)
+        held = _held.get()
+        queue = held.queue if held is not None and held.queue else f"saga:{saga_type}"
+        attributes = _messaging("process", queue, event.id, event.type)
         attributes["sagas.saga.type"] = saga_type
         span = tracer.start_span(
             f"{event.type} process", context=_parent(event.headers), kind=SpanKind.CONSUMER, attributes=attributes
         )
-        held = _held.get()
         token = otel_context.attach(trace.set_span_in_context(span))
         try:
             applied: Applied = handle(self, saga_type, event)
@@ -358,7 +363,8 @@ def saga_message(handle: F) -> F:
             if held is None:
                 span.end()
             else:
-                held.append(span)
+                held.spans.append(span)
+                held.by_message[event.id] = span
 
     return traced  # type: ignore[return-value]
 
@@ -425,12 +431,25 @@ def deadline(fire: F) -> F:
         ) as span:
             rows: list[OutboxRow] = fire(self, record)
             span.set_attribute("sagas.messages", len(rows))
+            if rows:  # (a re-sent request is the same message as before: its spans stay under its publish)
+                span.set_attribute("sagas.message_ids", [row.message_id for row in rows])
             return rows
 
     return traced  # type: ignore[return-value]
 
 
 # -- logs -------------------------------------------------------------------------------------------------
+
+
+def ids(span: Any) -> dict[str, str]:
+    """``trace_id`` and ``span_id`` of ``span`` (ended or not) for a log line about its message, written
+    where the span is no longer current; nothing without a span that records."""
+    if span is None:
+        return {}
+    ctx = span.get_span_context()
+    if not ctx.is_valid or not ctx.trace_flags.sampled:
+        return {}
+    return {"trace_id": format(ctx.trace_id, "032x"), "span_id": format(ctx.span_id, "016x")}
 
 
 def add_trace_ids(logger: Any, method: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
@@ -453,6 +472,7 @@ __all__ = [
     "end",
     "given_back",
     "handler_span",
+    "ids",
     "outgoing",
     "reply_cache",
     "republished",

@@ -18,7 +18,7 @@ import pytest
 from click.testing import CliRunner
 
 from examples import postprocessing
-from sagas import Event, EventBus
+from sagas import Event, EventBus, NoReply
 from sagas._cli import cli
 from sagas._metrics import LEASE, Metrics
 from sagas._saga_pipeline import SAGA_RETRY
@@ -98,6 +98,41 @@ def test_a_commit_that_failed_and_was_redone_counts_its_transitions_and_deadline
     assert value(m, "sagas_deadlines_fired_total", saga_type=t) == 1
     assert value(m, "sagas_requests_resent_total", saga_type=t, request_type="ocis.antivirus.scan") == 1
     assert value(m, "sagas_sagas_finished_total", saga_type=t, state="done") == 1
+
+
+@pytest.mark.parametrize(
+    ("routing_key", "labels"),
+    [
+        ("ocis.policies.check", {"service": "policies", "handler": "check"}),
+        ("ocis.storage.bytes_received", {"service": "postprocessing", "handler": "saga"}),
+    ],
+    ids=["handler", "saga"],
+)
+def test_an_undecodable_message_is_counted_dead_lettered(routing_key: str, labels: dict[str, str]) -> None:
+    m = Metrics(MemoryStore(), instance="w1")
+    with Harness(postprocessing.app, observer=m) as h:
+        h.client_bus().publish_encoded([(routing_key, b"not json", "garbled-1", False)])
+        h.run()
+        assert len(h.dead_letters()) == 1
+    assert value(m, "sagas_messages_total", event_type="", outcome="dead-letter", **labels) == 1
+
+
+def test_a_request_dropped_with_no_reply_is_counted_as_such_not_ok(monkeypatch: pytest.MonkeyPatch) -> None:
+    drops = [NoReply("simulated lost reply")]  # the first request handled (the scan) drops its reply
+
+    def drop_once() -> None:
+        if drops:
+            raise drops.pop()
+
+    monkeypatch.setattr(postprocessing, "_maybe_drop", drop_once)
+    m = Metrics(MemoryStore(), instance="w1")
+    with Harness(postprocessing.app, observer=m) as h:
+        h.publish("ocis.storage.bytes_received", UPLOAD)
+        h.settle()
+        assert h.saga(postprocessing.Postprocessing, "u1").state == "done"
+    scan = {"service": "antivirus", "handler": "scan", "event_type": "ocis.antivirus.scan"}
+    assert value(m, "sagas_messages_total", outcome="no-reply", **scan) == 1
+    assert value(m, "sagas_messages_total", outcome="ok", **scan) == 1  # the deadline's re-send
 
 
 def test_parked_and_compensated_sagas_and_reconnects_are_counted() -> None:
@@ -186,6 +221,18 @@ def test_stuck_sagas_are_counted() -> None:
     m = Metrics(store, instance="a", stuck_after=60, clock=lambda: later)
     assert m.sample()
     assert value(m, "sagas_stuck_sagas", saga_type="postprocessing") == 1
+
+
+def test_a_type_whose_sagas_all_ended_has_a_stuck_series_at_zero() -> None:
+    """A dashboard shows 0 stuck sagas for a type whose sagas all ended, not "no data"."""
+    store = MemoryStore()
+    with Harness(postprocessing.app, store=store) as h:
+        h.publish("ocis.storage.bytes_received", UPLOAD)
+        h.settle()
+        assert h.saga(postprocessing.Postprocessing, "u1").final
+    m = Metrics(store, instance="a")
+    assert m.sample()
+    assert m.registry.get_sample_value("sagas_stuck_sagas", {"saga_type": "postprocessing"}) == 0
 
 
 # -- the HTTP server ---------------------------------------------------------------------------------

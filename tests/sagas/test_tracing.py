@@ -145,6 +145,15 @@ def test_one_saga_is_one_trace_and_one_tree_through_a_lost_reply_and_a_deadline(
     # deadline is in the tree
     assert names.count("ocis.antivirus.scan process") == 2
     assert "saga postprocessing deadline" in names
+    deadline = next(s for s in finished if s.name == "saga postprocessing deadline")
+    scans = [s for s in finished if s.name == "ocis.antivirus.scan process"]
+    # the deadline span names the request it re-sent: the same message, handled twice
+    assert list(dict(deadline.attributes or {})["sagas.message_ids"]) == [
+        dict(scans[0].attributes or {})["messaging.message.id"]
+    ]
+    assert {dict(s.attributes or {})["messaging.message.id"] for s in scans} == set(
+        dict(deadline.attributes or {})["sagas.message_ids"]
+    )
     assert "saga postprocessing - -> scanning" in names
     assert "saga postprocessing finishing -> done" in names
     assert "ocis.postprocessing.finished process" in names  # the event the saga publishes, handled
@@ -152,6 +161,9 @@ def test_one_saga_is_one_trace_and_one_tree_through_a_lost_reply_and_a_deadline(
     assert dict(transition.attributes or {})["sagas.saga.id"] == record.id
     consumer = next(s for s in finished if s.name == f"{UPLOAD} process")
     assert dict(consumer.attributes or {})["sagas.saga.state"] == "scanning"
+    # a saga message's span names the saga type's queue, as a handler's names its own
+    queue = f"{postprocessing.app.exchange}.saga.postprocessing"
+    assert dict(consumer.attributes or {})["messaging.destination.name"] == queue
 
 
 def test_a_request_answered_from_the_reply_cache_has_a_consumer_span_and_its_reply_is_a_child(
@@ -297,6 +309,30 @@ def test_logs_carry_the_trace_and_span_ids(spans: InMemorySpanExporter, capsys: 
     handler = next(s for s in spans.get_finished_spans() if s.name == f"{PING} process")
     assert line["trace_id"] == format(handler.context.trace_id, "032x")
     assert line["span_id"] == format(handler.context.span_id, "016x")
+
+
+@pytest.mark.parametrize("where", ["handler", "saga"])
+def test_the_lines_about_an_unusual_outcome_carry_the_ids_of_the_message_span(
+    spans: InMemorySpanExporter, where: str
+) -> None:
+    """The framework's own lines about a message are written once it is settled, outside its span
+    (here: a handler's failed attempt; a saga message that finds no saga), and still carry the ids of
+    its span (capture_logs runs no processor: the ids are in the line itself)."""
+    if where == "handler":
+        with Harness(app) as h, structlog.testing.capture_logs() as logs:
+            h.send(_traced_event(BOOM, {}))
+            h.run()
+        line = next(line for line in logs if line["event"] == "message.failed")
+        span = next(s for s in spans.get_finished_spans() if s.name == f"{BOOM} process")
+    else:
+        with Harness(postprocessing.app) as h, structlog.testing.capture_logs() as logs:
+            h.send(_traced_event("ocis.antivirus.scan.reply", {"upload_id": "nobody"}))
+            h.run()
+        line = next(line for line in logs if line["event"] == "message.ignored")
+        span = next(s for s in spans.get_finished_spans() if s.kind is SpanKind.CONSUMER)
+        assert "saga_id" not in line  # (no saga was found)
+    assert line["trace_id"] == format(span.context.trace_id, "032x")
+    assert line["span_id"] == format(span.context.span_id, "016x")
 
 
 def test_without_opentelemetry_the_worker_runs_and_traces_nothing() -> None:
