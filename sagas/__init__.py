@@ -8,6 +8,7 @@ from transport import Event, EventBus
 
 from ._errors import ActionRefused, ConfigurationError, Failure, NoReply, NotFound, Reject, SagasError, StoreError
 from ._logging import configure_logging
+from ._retention import Pruner, Retention
 from ._saga import (
     FAILED,
     Compensate,
@@ -71,8 +72,10 @@ __all__ = [
     "NoReply",
     "NotFound",
     "PostgresStore",
+    "Pruner",
     "Reject",
     "Request",
+    "Retention",
     "Retry",
     "SQLiteStore",
     "Saga",

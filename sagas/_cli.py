@@ -36,7 +36,7 @@ from ._logging import configure_logging
 from ._protocol import start_event
 from ._saga import FAILED, Saga
 from ._service import App, Service
-from ._store import MemoryStore, Store, open_store
+from ._store import MemoryStore, PrunableStore, Store, open_store
 from .operations import MAX_PAGE, InvalidCursor, Operations, SagaView, encode_cursor
 
 _broker = click.option(
@@ -324,6 +324,20 @@ def cli(log_json: bool, log_level: str) -> None:
     type=click.FloatRange(min=1),
     help="Seconds between samples of the store's gauges (one worker of the cluster samples at a time).",
 )
+@click.option(
+    "--no-prune",
+    is_flag=True,
+    envvar="SAGAS_NO_PRUNE",
+    help="Do not prune old rows from this worker (prune from a cron job with `sagas prune` instead). "
+    "Env: SAGAS_NO_PRUNE.",
+)
+@click.option(
+    "--prune-interval",
+    default=300.0,
+    show_default=True,
+    type=click.FloatRange(min=1),
+    help="Seconds between prunes (one worker of the store prunes at a time; see docs/operations.md).",
+)
 def run(
     app: str,
     broker: str,
@@ -335,6 +349,8 @@ def run(
     metrics_port: int | None,
     metrics_host: str,
     metrics_store_interval: float,
+    no_prune: bool,
+    prune_interval: float,
 ) -> None:
     """Run every service of APP (module:attribute) until SIGTERM or SIGINT.
 
@@ -363,6 +379,8 @@ def run(
         concurrency=concurrency,
         grace_period=grace_period,
         ssl=tls,
+        prune=not no_prune,
+        prune_interval=prune_interval,
     )
     if metrics_port is not None:
         metrics = Metrics(worker_store, instance=worker.instance, store_interval=metrics_store_interval)
@@ -648,6 +666,46 @@ def health(broker: str, tls: dict[str, Any] | None, timeout: float) -> None:
     bus.close()
     click.echo(f"{'ok' if ok else 'unreachable'}: {redact_url(broker)}")
     sys.exit(0 if ok else 1)
+
+
+@cli.command("prune")
+@click.argument("app")
+@_store
+@click.option("--dry-run", is_flag=True, help="Count what would be deleted, and delete nothing.")
+def prune_command(app: str, store: str, dry_run: bool) -> None:
+    """Delete what the store no longer needs, by APP's retention (module:attribute), in batches.
+
+    For workers run with --no-prune (a cron job instead). Prints the rows per table that went, or with
+    --dry-run that would go. See docs/operations.md, "Retention".
+
+    \b
+    Example:
+      sagas prune sagas.examples.postprocessing:app --store sqlite:///sagas.db --dry-run
+    """
+    from ._retention import Pruner
+
+    loaded = _load_app(app)
+    with _existing_store(store) as opened:
+        clock = getattr(opened, "database_time", time.time)
+        pruner = Pruner(
+            opened,
+            loaded.retention,
+            instance=f"cli-{socket.gethostname()}-{os.getpid()}",
+            finished_by_type=loaded.keep_finished,
+            clock=clock,
+        )
+        if not isinstance(opened, PrunableStore):
+            _usage_error(f"a {type(opened).__name__} cannot be pruned")
+        try:
+            counts = opened.prune_counts(pruner.cutoffs()) if dry_run else dict(pruner.prune_once())
+        except SagasError as exc:
+            _fail(str(exc))
+    heading = "would delete" if dry_run else "deleted"
+    tables = ("sagas", "saga_history", "outbox", "inbox", "reply_cache")
+    for line in _table([("table", heading), *((t, str(counts.get(t, 0))) for t in tables)]):
+        click.echo(line)
+    if dry_run:
+        click.echo("dry run: nothing was deleted")
 
 
 @cli.command("ls")

@@ -28,6 +28,7 @@ from transport import (
 from . import _tracing
 from ._errors import ConfigurationError
 from ._protocol import follow_up_id
+from ._retention import Retention, check_retention
 from ._types import Handler
 
 _NAME_RE = re.compile(r"[a-z][a-z0-9_-]{0,62}")
@@ -324,8 +325,18 @@ class App:
     services: list[Service] = field(default_factory=list)
     exchange: str = "sagas"
     sagas: list[type[Any]] = field(default_factory=list)
+    #: how long the store keeps what it no longer needs (see :class:`sagas.Retention`)
+    retention: Retention = field(default_factory=Retention)
+    #: ended sagas' windows of the saga types that set ``keep_finished``, by type
+    keep_finished: dict[str, float] = field(default_factory=dict)
 
-    def __init__(self, *services: Service, sagas: Sequence[type[Any]] = (), exchange: str = "sagas") -> None:
+    def __init__(
+        self,
+        *services: Service,
+        sagas: Sequence[type[Any]] = (),
+        exchange: str = "sagas",
+        retention: Retention | None = None,
+    ) -> None:
         names = [s.name for s in services]
         dupes = {n for n in names if names.count(n) > 1}
         if dupes:
@@ -335,6 +346,10 @@ class App:
         self.exchange = exchange
         for saga in self.sagas:
             saga.definition()  # a wrong definition fails here, at start-up, with what to fix
+        if retention is not None and not isinstance(retention, Retention):
+            raise ConfigurationError(f"retention= takes a sagas.Retention, not {type(retention).__name__}")
+        self.retention = retention or Retention()
+        self.keep_finished = check_retention(self.retention, self.sagas)
 
     @property
     def handlers(self) -> list[HandlerSpec]:

@@ -16,7 +16,7 @@ import sqlite3
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -28,7 +28,7 @@ from ._types import InboxStore
 DEFAULT_STORE_URL = "sqlite:///sagas.db"
 #: the state a saga is parked in when it failed (``sagas.FAILED``)
 FAILED_STATE = "failed"
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 #: The most ids :meth:`Store.last_reasons` reads in one statement (SQLite allows 32,766 parameters).
 _ID_CHUNK = 500
 
@@ -162,6 +162,30 @@ class Outgoing:
     mandatory: bool
 
 
+#: The tables a prune deletes from, in the order :class:`sagas.Pruner` prunes them.
+PRUNED_TABLES = ("sagas", "saga_history", "outbox", "inbox", "reply_cache")
+
+
+@dataclass(frozen=True, slots=True)
+class PruneCutoffs:
+    """What a prune may delete: rows older than these times (seconds since the epoch), see
+    :class:`sagas.Retention`. ``finished`` is the cutoff of ended sagas (and their history and outbox
+    rows), ``finished_by_type`` overrides it per saga type; the others are the cutoffs of inbox records
+    (``handled_at``), sent outbox rows (``sent_at``) and cached replies (``cached_at``).
+
+    An ended saga goes only when it is final, not parked in ``failed`` (it waits for an operator), has
+    no deadline (no compensation of a late success in flight) and no unsent outbox row."""
+
+    finished: float
+    inbox: float
+    outbox_sent: float
+    replies: float
+    finished_by_type: Mapping[str, float] = field(default_factory=dict)
+
+    def finished_for(self, saga_type: str) -> float:
+        return self.finished_by_type.get(saga_type, self.finished)
+
+
 @runtime_checkable
 class Store(InboxStore, Protocol):
     """Everything a worker needs from a store: the inbox, the reply cache, sagas and the outbox."""
@@ -252,12 +276,31 @@ class Store(InboxStore, Protocol):
         ...
 
 
+@runtime_checkable
+class PrunableStore(Protocol):
+    """A store whose old rows can be pruned (every store of this module; see :mod:`sagas._retention`)."""
+
+    def prune_counts(self, cutoffs: PruneCutoffs) -> dict[str, int]:
+        """How many rows of each table of :data:`PRUNED_TABLES` a prune with ``cutoffs`` would delete now."""
+        ...
+
+    def prune(self, table: str, cutoffs: PruneCutoffs, limit: int) -> dict[str, int]:
+        """Delete one batch, in one short transaction: the oldest ``limit`` rows of ``table`` ("sagas",
+        "outbox", "inbox" or "reply_cache") past their cutoff; for "sagas", with their history and outbox
+        rows. Returns the rows deleted per table; fewer than ``limit`` (in ``table``) means it is done."""
+        ...
+
+
 class MemoryStore:
     """Keeps everything in this process; lost when it exits. For tests and demos."""
 
-    def __init__(self) -> None:
-        self._inbox: set[tuple[str, str]] = set()
-        self._replies: dict[tuple[str, str], str] = {}
+    def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
+        #: the clock of the inbox's, reply cache's and outbox's timestamps (a harness sets its own)
+        self.clock = clock
+        #: (consumer, message id) -> handled at
+        self._inbox: dict[tuple[str, str], float] = {}
+        #: (consumer, request id) -> (body, cached at)
+        self._replies: dict[tuple[str, str], tuple[str, float]] = {}
         #: (consumer, message id) -> (owner, expires at)
         self._claims: dict[tuple[str, str], tuple[str, float]] = {}
         #: saga id -> its record's columns (data and meta left empty) and the JSON text of (data, meta):
@@ -276,13 +319,14 @@ class MemoryStore:
         return (consumer, message_id) in self._inbox
 
     def remember(self, consumer: str, message_id: str) -> None:
-        self._inbox.add((consumer, message_id))
+        self._inbox.setdefault((consumer, message_id), self.clock())
 
     def cached_reply(self, consumer: str, request_id: str) -> str | None:
-        return self._replies.get((consumer, request_id))
+        cached = self._replies.get((consumer, request_id))
+        return None if cached is None else cached[0]
 
     def cache_reply(self, consumer: str, request_id: str, body: str) -> None:
-        self._replies.setdefault((consumer, request_id), body)
+        self._replies.setdefault((consumer, request_id), (body, self.clock()))
 
     def claim(self, consumer: str, message_id: str, owner: str, until: float, now: float) -> bool:
         with self._lock:
@@ -343,7 +387,7 @@ class MemoryStore:
             self._documents[r.id] = json.dumps((r.data, r.meta))
             self._history.setdefault(record.id, []).append(history)
             if inbox is not None:
-                self._inbox.add(inbox)
+                self._inbox.setdefault(inbox, self.clock())
             rows = []
             for out in outbox:
                 row = OutboxRow(
@@ -452,7 +496,7 @@ class MemoryStore:
 
     def mark_sent(self, ids: Sequence[int]) -> None:
         with self._lock:
-            now = time.time()
+            now = self.clock()
             for i in ids:
                 if i in self._outbox:
                     self._outbox[i] = (self._outbox[i][0], now)
@@ -479,6 +523,68 @@ class MemoryStore:
 
     def close(self) -> None:
         pass
+
+    # retention
+
+    def _prunable_sagas(self, cutoffs: PruneCutoffs) -> list[SagaRecord]:
+        unsent = {row.saga_id for row, sent in self._outbox.values() if sent is None}
+        found = [
+            r
+            for r in self._sagas.values()
+            if r.final
+            and r.state != FAILED_STATE
+            and r.deadline is None
+            and r.updated_at < cutoffs.finished_for(r.type)
+            and r.id not in unsent
+        ]
+        return sorted(found, key=lambda r: (r.updated_at, r.id))
+
+    def prune_counts(self, cutoffs: PruneCutoffs) -> dict[str, int]:
+        with self._lock:
+            sagas = {r.id for r in self._prunable_sagas(cutoffs)}
+            return {
+                "sagas": len(sagas),
+                "saga_history": sum(len(self._history.get(i, ())) for i in sagas),
+                "outbox": sum(
+                    1
+                    for row, sent in self._outbox.values()
+                    if sent is not None and (sent < cutoffs.outbox_sent or row.saga_id in sagas)
+                ),
+                "inbox": sum(1 for at in list(self._inbox.values()) if at < cutoffs.inbox),
+                "reply_cache": sum(1 for _, at in list(self._replies.values()) if at < cutoffs.replies),
+            }
+
+    def prune(self, table: str, cutoffs: PruneCutoffs, limit: int) -> dict[str, int]:
+        with self._lock:
+            if table == "sagas":
+                gone = self._prunable_sagas(cutoffs)[:limit]
+                ids = {r.id for r in gone}
+                history = 0
+                for r in gone:
+                    del self._sagas[r.id], self._documents[r.id], self._keys[(r.type, r.key)]
+                    history += len(self._history.pop(r.id, ()))
+                rows = [i for i, (row, sent) in self._outbox.items() if sent is not None and row.saga_id in ids]
+                for i in rows:
+                    del self._outbox[i]
+                return {"sagas": len(gone), "saga_history": history, "outbox": len(rows)}
+            if table == "outbox":
+                old = sorted((sent, i) for i, (_, sent) in self._outbox.items() if sent is not None)
+                rows = [i for sent, i in old if sent < cutoffs.outbox_sent][:limit]
+                for i in rows:
+                    del self._outbox[i]
+                return {"outbox": len(rows)}
+            if table in ("inbox", "reply_cache"):
+                # (the hot path adds to these maps without the lock: copy them first)
+                if table == "inbox":
+                    aged = sorted((at, k) for k, at in list(self._inbox.items()) if at < cutoffs.inbox)
+                    for _, k in aged[:limit]:
+                        self._inbox.pop(k, None)
+                else:
+                    aged = sorted((at, k) for k, (_, at) in list(self._replies.items()) if at < cutoffs.replies)
+                    for _, k in aged[:limit]:
+                        self._replies.pop(k, None)
+                return {table: len(aged[:limit])}
+            raise ConfigurationError(f"cannot prune {table!r}: prune sagas, outbox, inbox or reply_cache")
 
 
 # -- SQL stores ------------------------------------------------------------------------------------
@@ -515,6 +621,8 @@ class _SqlStore:
     _db: Any
     #: how many transactions are open on the connection: the outer one, then savepoints (nested groups)
     _depth = 0
+    #: the clock of the inbox's, reply cache's and outbox's timestamps (a harness sets its own)
+    clock: Callable[[], float] = staticmethod(time.time)
 
     def _sql(self, statement: str) -> str:
         return statement
@@ -574,6 +682,11 @@ class _SqlStore:
             # a saga's messages on its page (schema 6)
             "CREATE INDEX IF NOT EXISTS outbox_by_saga ON outbox (saga_id, id)",
             "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)",
+            # Retention (schema 7): each prune batch reads the oldest rows past a cutoff off an index.
+            "CREATE INDEX IF NOT EXISTS inbox_by_handled ON inbox (handled_at)",
+            "CREATE INDEX IF NOT EXISTS reply_cache_by_cached ON reply_cache (cached_at)",
+            "CREATE INDEX IF NOT EXISTS outbox_by_sent ON outbox (sent_at) WHERE sent_at IS NOT NULL",
+            "CREATE INDEX IF NOT EXISTS sagas_ended_by_updated ON sagas (updated_at) WHERE final = 1",
         ]
         with self._transaction():
             for statement in statements:
@@ -596,6 +709,8 @@ class _SqlStore:
                     # (version 5 added the listing indexes above; this one is a prefix of sagas_by_type_state)
                     self._execute("DROP INDEX IF EXISTS sagas_by_state")
                 # (version 6 added the index outbox_by_saga, created above)
+                if 0 < current < 7:
+                    pass  # (version 7 added the retention indexes above: inbox_by_handled and the others)
                 self._execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
 
     # inbox and reply cache
@@ -613,7 +728,7 @@ class _SqlStore:
     def _insert_inbox(self, consumer: str, message_id: str) -> None:
         self._execute(
             "INSERT INTO inbox (consumer, message_id, handled_at) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
-            (consumer, message_id, time.time()),
+            (consumer, message_id, self.clock()),
         )
 
     def cached_reply(self, consumer: str, request_id: str) -> str | None:
@@ -627,7 +742,7 @@ class _SqlStore:
             self._execute(
                 "INSERT INTO reply_cache (consumer, request_id, body, cached_at) VALUES (?, ?, ?, ?)"
                 " ON CONFLICT DO NOTHING",
-                (consumer, request_id, body, time.time()),
+                (consumer, request_id, body, self.clock()),
             )
 
     # claims
@@ -875,13 +990,100 @@ class _SqlStore:
         return [OutboxRow(int(r[0]), r[1], r[2], r[3], r[4], bool(r[5]), float(r[6])) for r in rows]
 
     def mark_sent(self, ids: Sequence[int]) -> None:
-        now = time.time()
+        now = self.clock()
         with self._atomic():
             for start in range(0, len(ids), 500):
                 chunk = ids[start : start + 500]
                 self._execute(
                     f"UPDATE outbox SET sent_at = ? WHERE id IN ({', '.join('?' for _ in chunk)})", (now, *chunk)
                 )
+
+    # retention (schema 7)
+
+    def _ended(self, cutoffs: PruneCutoffs) -> tuple[str, list[Any]]:
+        """The condition (on ``sagas``) of an ended saga a prune may delete, and its parameters (see
+        :class:`PruneCutoffs`). The range on updated_at reads the partial index sagas_ended_by_updated."""
+        where = (
+            "final = 1 AND state <> ? AND deadline IS NULL AND updated_at < ?"
+            " AND NOT EXISTS (SELECT 1 FROM outbox u WHERE u.saga_id = sagas.id AND u.sent_at IS NULL)"
+        )
+        latest = max([cutoffs.finished, *cutoffs.finished_by_type.values()])
+        params: list[Any] = [FAILED_STATE, latest]
+        if cutoffs.finished_by_type:
+            cases = " ".join("WHEN ? THEN ?" for _ in cutoffs.finished_by_type)
+            where += f" AND updated_at < (CASE type {cases} ELSE ? END)"
+            for saga_type, cutoff in sorted(cutoffs.finished_by_type.items()):
+                params.extend((saga_type, float(cutoff)))
+            params.append(float(cutoffs.finished))
+        return where, params
+
+    def prune_counts(self, cutoffs: PruneCutoffs) -> dict[str, int]:
+        where, params = self._ended(cutoffs)
+        ended = f"SELECT id FROM sagas WHERE {where}"
+
+        def count(statement: str, values: Sequence[Any]) -> int:
+            return int(self._execute(statement, values).fetchone()[0])
+
+        return {
+            "sagas": count(f"SELECT count(*) FROM sagas WHERE {where}", params),
+            "saga_history": count(f"SELECT count(*) FROM saga_history WHERE saga_id IN ({ended})", params),
+            "outbox": count(
+                f"SELECT count(*) FROM outbox WHERE sent_at IS NOT NULL AND (sent_at < ? OR saga_id IN ({ended}))",
+                (cutoffs.outbox_sent, *params),
+            ),
+            "inbox": count("SELECT count(*) FROM inbox WHERE handled_at < ?", (cutoffs.inbox,)),
+            "reply_cache": count("SELECT count(*) FROM reply_cache WHERE cached_at < ?", (cutoffs.replies,)),
+        }
+
+    def prune(self, table: str, cutoffs: PruneCutoffs, limit: int) -> dict[str, int]:
+        with self._transaction():
+            if table == "sagas":
+                where, params = self._ended(cutoffs)
+                ids = [
+                    r[0]
+                    for r in self._execute(
+                        f"SELECT id FROM sagas WHERE {where} ORDER BY updated_at LIMIT ?", (*params, limit)
+                    ).fetchall()
+                ]
+                none = {"sagas": 0, "saga_history": 0, "outbox": 0}
+                if not ids:
+                    return none
+                marks = ", ".join("?" for _ in ids)
+                # (the condition again: on PostgreSQL, a saga a worker changed meanwhile is re-checked, and kept)
+                gone = [
+                    r[0]
+                    for r in self._execute(
+                        f"DELETE FROM sagas WHERE id IN ({marks}) AND {where} RETURNING id", (*ids, *params)
+                    ).fetchall()
+                ]
+                if not gone:
+                    return none
+                marks = ", ".join("?" for _ in gone)
+                history = self._execute(f"DELETE FROM saga_history WHERE saga_id IN ({marks})", gone).rowcount
+                outbox = self._execute(
+                    f"DELETE FROM outbox WHERE sent_at IS NOT NULL AND saga_id IN ({marks})", gone
+                ).rowcount
+                return {"sagas": len(gone), "saga_history": int(history), "outbox": int(outbox)}
+            if table == "outbox":
+                cur = self._execute(
+                    "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE sent_at IS NOT NULL"
+                    " AND sent_at < ? ORDER BY sent_at LIMIT ?)",
+                    (cutoffs.outbox_sent, limit),
+                )
+                return {"outbox": int(cur.rowcount)}
+            if table in ("inbox", "reply_cache"):
+                key, at, cutoff = (
+                    ("message_id", "handled_at", cutoffs.inbox)
+                    if table == "inbox"
+                    else ("request_id", "cached_at", cutoffs.replies)
+                )
+                cur = self._execute(
+                    f"DELETE FROM {table} WHERE (consumer, {key}) IN (SELECT consumer, {key} FROM {table}"
+                    f" WHERE {at} < ? ORDER BY {at} LIMIT ?)",
+                    (cutoff, limit),
+                )
+                return {table: int(cur.rowcount)}
+            raise ConfigurationError(f"cannot prune {table!r}: prune sagas, outbox, inbox or reply_cache")
 
 
 class SQLiteStore(_SqlStore):
@@ -983,6 +1185,8 @@ class PostgresStore(_SqlStore):
         import psycopg
         from psycopg import sql
 
+        #: the session advisory locks this connection holds (see :meth:`hold_lock`)
+        self._locks: set[str] = set()
         # Named in pg_stat_activity after the schema, so an operator can tell the store's sessions apart.
         self._db = psycopg.connect(
             self._url, autocommit=True, connect_timeout=10, application_name=f"sagas:{self.schema}"[:63]
@@ -1019,6 +1223,23 @@ class PostgresStore(_SqlStore):
                 yield
         finally:
             self._depth -= 1
+
+    @property
+    def url(self) -> str:
+        """The URL that opens this store again (with its ``schema``): for a connection of its own."""
+        return f"{self._url}{'&' if '?' in self._url else '?'}schema={self.schema}"
+
+    def hold_lock(self, name: str) -> bool:
+        """Take, or keep, the session advisory lock ``name`` (per schema) without waiting: whether this
+        connection holds it. It is released when the connection closes or breaks (then a later call
+        takes it again, if no other session did): how one worker per store is elected to prune."""
+        self._live()
+        if name not in self._locks:
+            row = self._db.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (f"{name}:{self.schema}",)).fetchone()
+            if not row[0]:
+                return False
+            self._locks.add(name)
+        return True
 
     def database_time(self) -> float:
         """The database's clock, in seconds since the epoch: the one clock every worker of this store

@@ -50,6 +50,7 @@ from ._errors import ConfigurationError, SagasError
 from ._handlers import DEFAULT_CLAIM_LEASE, HandlerPipeline, Ready, Work
 from ._observe import DOWN, NULL_OBSERVER, RECONNECTED, UP, Observer
 from ._outbox import OutboxPublisher
+from ._retention import Pruner, pruner_store
 from ._saga_engine import SagaEngine
 from ._saga_pipeline import SAGA_RETRY, SagaPipeline
 from ._service import App, HandlerSpec, Service
@@ -116,6 +117,8 @@ class Worker:
         batch_size: int = 256,
         claim_lease: float | None = None,
         observer: Observer | None = None,
+        prune: bool = True,
+        prune_interval: float = 300.0,
     ) -> None:
         if isinstance(app, Service):
             app = App(app)
@@ -172,6 +175,12 @@ class Worker:
         self.reconnects = 0
         #: what the worker reports to (see :mod:`sagas._observe`)
         self.observer: Observer = observer or NULL_OBSERVER
+        if not prune_interval > 0:
+            raise ConfigurationError("prune_interval must be more than 0 seconds")
+        #: whether this worker runs a pruner (pruning only while it holds the store's pruner lease), and how often
+        self.prune = prune
+        self.prune_interval = prune_interval
+        self.pruner: Pruner | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
@@ -243,6 +252,7 @@ class Worker:
             self.close()  # e.g. a permission or topology error: leave no connection, thread or store open
             raise
         self._started = True
+        self._start_pruner()
         self.observer.consuming(self._subscriptions)
         log.info(
             "worker.started",
@@ -252,6 +262,24 @@ class Worker:
             handlers=len(routes),
             concurrency=self.concurrency,
         )
+
+    def _start_pruner(self) -> None:
+        """Start the retention pruner's thread (see :mod:`sagas._retention`), unless ``prune`` is off."""
+        if not self.prune:
+            return
+        source = pruner_store(self._store_arg, self.store)
+        if source is None:
+            log.warning("retention.not_pruning", reason=f"a {type(self.store).__name__} is not opened again")
+            return
+        self.pruner = Pruner(
+            source,
+            self.app.retention,
+            instance=self.instance,
+            finished_by_type=self.app.keep_finished,
+            interval=self.prune_interval,
+            clock=self.now,
+        )
+        self.pruner.start()
 
     @property
     def started(self) -> bool:
@@ -336,6 +364,9 @@ class Worker:
     def close(self) -> None:
         """Close at once, without finishing anything: the connection (unacked messages go back to their
         queues), the pool (a handler still running is abandoned) and the store."""
+        if self.pruner is not None:
+            self.pruner.stop()
+            self.pruner = None
         if hasattr(self, "bus"):
             self.bus.close()
         if self._pool is not None:

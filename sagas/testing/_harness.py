@@ -31,6 +31,7 @@ from transport import DeadLetter, Event, EventBus, Inbound, encode, isolated_tra
 from .._errors import SagasError
 from .._handlers import HandlerOutcome
 from .._observe import Observer
+from .._retention import Pruner, Retention
 from .._saga import Saga
 from .._service import App, Service
 from .._store import HistoryEntry, MemoryStore, OutboxRow, SagaRecord, Store, open_store
@@ -439,6 +440,8 @@ class Harness:
         self.exchange = self.app.exchange
         self.transport = isolated_transport(self.clock)
         self.store: Store = open_store(store if store is not None else MemoryStore())
+        if hasattr(self.store, "clock"):
+            self.store.clock = self.clock  # (the inbox's, reply cache's and outbox's timestamps: for pruning)
         self._crashing_store = _CrashingStore(self, self.store)
         self.network = Network(self)
         self.stats = Stats()
@@ -514,6 +517,7 @@ class Harness:
             relay_interval=self.relay_interval,
             grace_period=1.0,
             observer=self.observer,
+            prune=False,  # (no threads here: a test prunes with prune())
             # with handlers that take time, a worker reads one message a turn, so that copies of a
             # message spread over the workers as a broker's round-robin spreads them
             batch_size=1 if self.handler_seconds else 256,
@@ -525,6 +529,20 @@ class Harness:
             self.current = None
         self.workers[slot] = worker
         return worker
+
+    def prune(self, retention: Retention | None = None) -> Counter[str]:
+        """Prune the store now, on the harness's clock, as the elected worker's pruner would: with the
+        app's retention (or ``retention``) and its saga types' ``keep_finished``. Returns the rows
+        deleted per table."""
+        pruner = Pruner(
+            self.store,
+            retention or self.app.retention,
+            instance="harness-pruner",
+            finished_by_type=self.app.keep_finished,
+            pause=0.0,
+            clock=self.clock,
+        )
+        return pruner.prune_once()
 
     def crash(self, slot: int = 0) -> None:
         """Kill worker ``slot`` as ``kill -9`` would: unacked messages go back, its memory is gone."""
