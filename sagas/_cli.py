@@ -1102,7 +1102,7 @@ def demo(shares: int) -> None:
 
 
 @cli.command()
-@click.argument("workload", type=click.Choice(["events", "sagas", "raw", "deadlines", "all", "console"]))
+@click.argument("workload", type=click.Choice(["events", "sagas", "raw", "deadlines", "all", "console", "retention"]))
 @_broker
 @click.option(
     "--store",
@@ -1152,12 +1152,21 @@ def bench(
       sagas bench console --store 'postgresql://postgres@127.0.0.1/test?schema=bench_console_1m' --repeat 3
       sagas bench events --variants off,metrics,tracing,both --repeat 3   # the cost of observability
       sagas bench sagas --variants off,both,both@0.1 --repeat 3           # ... with 10 % of traces sampled
+      sagas bench retention -n 50000 --repeat 3   # rows and bytes over time; throughput, pruner off/on
     """
     from . import _bench
 
     configure_logging(level="warning")
     if workload == "console":
         _bench_console(broker, store, requests, repeat, as_json)
+        return
+    if workload == "retention":
+        from ._bench_retention import bench_retention
+        from ._bench_retention import table as retention_table
+
+        # -n sagas, with four events each, in 2 x --repeat segments alternating the pruner off and on
+        retained = bench_retention(broker, n, 4 * n, rounds=repeat)
+        click.echo(json.dumps(retained) if as_json else retention_table(retained))
         return
     if variants is not None:
         chosen = [v.strip() for v in variants.split(",") if v.strip()]

@@ -233,3 +233,16 @@ def test_sampling_ratios_are_checked(variant: str, reason: str) -> None:
     assert result.exit_code == 2
     assert "error: --variants" in result.output
     assert reason in result.output
+
+
+def test_retention_runs_segments_with_the_pruner_off_and_on_and_samples_the_tables() -> None:
+    """``sagas bench retention``: segments alternate the pruner off and on, each handles its share, and
+    the samples count the rows of every pruned table (none pruned yet: all inside their windows)."""
+    result = CliRunner().invoke(cli, ["bench", "retention", "-n", "40", "--repeat", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output.strip().splitlines()[-1])
+    assert [s["pruner"] for s in report["segments"]] == ["off", "on"]
+    assert all(s["sagas"] == 20 and s["events"] == 80 and s["sagas_per_s"] > 0 for s in report["segments"])
+    last = report["last"]
+    assert last["sagas"] == 40 and last["inbox"] >= 160 and last["reply_cache"] == 80 and last["file_mib"] > 0
+    assert report["ratio_on_to_off"] > 0
