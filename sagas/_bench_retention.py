@@ -29,6 +29,8 @@ from ._worker import Worker
 
 #: short windows that pass the floors for the saga below (its requests re-send for at most 31.5 s)
 SHORT = Retention(finished=32, inbox=16, outbox_sent=2, replies=32)
+#: sagas in flight at most (and four times as many events)
+WINDOW = 200
 TABLES = ("sagas", "saga_history", "outbox", "inbox", "reply_cache")
 
 
@@ -109,7 +111,12 @@ def bench_retention(broker: str, sagas: int, events: int, rounds: int = 3) -> di
                 happened = [Event("bench.retained.happened", {"i": i}, source="bench") for i in range(per_events)]
                 t0 = time.monotonic()
                 step = max(1, per_events // max(1, per_sagas))
+                base_sagas, base_events = ends.ended, handled[0]
                 for i in range(0, max(per_sagas, 1)):
+                    # (a steady load, not a backlog: at most WINDOW sagas in flight, so no request outwaits
+                    # its 5 s deadline in a queue)
+                    while i - (ends.ended - base_sagas) > WINDOW or i * step - (handled[0] - base_events) > 4 * WINDOW:
+                        time.sleep(0.001)
                     batch = starts[i : i + 1] + happened[i * step : (i + 1) * step]
                     if batch:
                         bus.publish_many(batch)
