@@ -4,8 +4,9 @@ throughput with and without the pruner.
 One worker (on this process's thread; memory:// broker by default, or RabbitMQ with a fresh
 exchange) runs three-step sagas and an idempotent event handler over a fresh SQLite file, with
 windows of seconds. The load comes in segments of equal size, alternating with and without a pruner
-(a :class:`Pruner` on its own thread and connection, every second, as the elected worker runs it);
-each round starts with the other one, so neither is always first. Every two seconds, and at the end
+(a :class:`Pruner` on its own thread and connection, every second, with the default batches and
+pauses, as the elected worker runs it);
+each round starts with the other one, so neither is always first. Every two seconds (a thread), and at the end
 of each segment, it samples the tables' row counts and the file's size (with its WAL).
 """
 
@@ -15,6 +16,7 @@ import os
 import sqlite3
 import statistics
 import tempfile
+import threading
 import time
 import uuid
 from typing import Any
@@ -95,13 +97,22 @@ def bench_retention(broker: str, sagas: int, events: int, rounds: int = 3) -> di
     samples: list[dict[str, Any]] = []
     runs: list[dict[str, Any]] = []
     t_start = time.monotonic()
+    current = ["off"]
+    done = threading.Event()
+
+    def sample_every_2s() -> None:
+        while not done.wait(2.0):
+            samples.append({**_sample(path, t_start), "mode": current[0]})
+
+    sampler = threading.Thread(target=sample_every_2s, name="bench-sampler", daemon=True)
     with worker.running():
+        sampler.start()
         for r in range(rounds):
             for mode in ("off", "on") if r % 2 == 0 else ("on", "off"):
                 seg = len(runs)
                 pruner = None
                 if mode == "on":
-                    pruner = Pruner(url, SHORT, instance="bench", interval=1.0, first_after=0.0, pause=0.01)
+                    pruner = Pruner(url, SHORT, instance="bench", interval=1.0, first_after=0.0)
                     pruner.start()
                 target_sagas, target_events = ends.ended + per_sagas, handled[0] + per_events
                 starts = [
@@ -109,6 +120,7 @@ def bench_retention(broker: str, sagas: int, events: int, rounds: int = 3) -> di
                     for i in range(per_sagas)
                 ]
                 happened = [Event("bench.retained.happened", {"i": i}, source="bench") for i in range(per_events)]
+                current[0] = mode
                 t0 = time.monotonic()
                 step = max(1, per_events // max(1, per_sagas))
                 base_sagas, base_events = ends.ended, handled[0]
@@ -122,14 +134,10 @@ def bench_retention(broker: str, sagas: int, events: int, rounds: int = 3) -> di
                         bus.publish_many(batch)
                 if per_sagas * step < per_events:
                     bus.publish_many(happened[per_sagas * step :])
-                next_sample = time.monotonic() + 2
                 deadline = time.monotonic() + max(600.0, (per_sagas + per_events) / 20)
                 while ends.ended < target_sagas or handled[0] < target_events:
                     if time.monotonic() > deadline:
                         raise RuntimeError(f"segment {seg} did not finish in time")
-                    if time.monotonic() >= next_sample:
-                        samples.append({**_sample(path, t_start), "mode": mode})
-                        next_sample += 2
                     time.sleep(0.02)
                 seconds = time.monotonic() - t0
                 if pruner is not None:
@@ -146,6 +154,8 @@ def bench_retention(broker: str, sagas: int, events: int, rounds: int = 3) -> di
                         "events_per_s": round(per_events / seconds, 1),
                     }
                 )
+        done.set()
+        sampler.join()
     bus.close()
     median = {
         mode: {k: statistics.median(x[k] for x in runs if x["pruner"] == mode) for k in ("sagas_per_s", "events_per_s")}

@@ -686,13 +686,11 @@ def prune_command(app: str, store: str, dry_run: bool) -> None:
 
     loaded = _load_app(app)
     with _existing_store(store) as opened:
-        clock = getattr(opened, "database_time", time.time)
         pruner = Pruner(
             opened,
             loaded.retention,
             instance=f"cli-{socket.gethostname()}-{os.getpid()}",
             finished_by_type=loaded.keep_finished,
-            clock=clock,
         )
         if not isinstance(opened, PrunableStore):
             _usage_error(f"a {type(opened).__name__} cannot be pruned")

@@ -173,7 +173,8 @@ class Pruner:
     ``store`` is the store's URL (the pruner opens its own connection, on its own thread) or a
     :class:`MemoryStore` shared with the worker. ``instance`` names this worker in the lease. A prune
     runs every ``interval`` seconds (the first after ``first_after``), in batches of ``batch`` rows with
-    ``pause`` seconds between them; ``clock`` is the worker's (deadlines') clock.
+    ``pause`` seconds between them. ``clock`` tells the time (default: the database's clock on
+    PostgreSQL, read on the pruner's own connection, else the host's).
     """
 
     def __init__(
@@ -187,7 +188,7 @@ class Pruner:
         first_after: float | None = None,
         batch: int = 500,
         pause: float = 0.05,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         if not interval > 0:
             raise ConfigurationError("the prune interval must be more than 0 seconds")
@@ -215,19 +216,25 @@ class Pruner:
             self._store = open_store(self._store_arg, create=False)
         return self._store
 
+    def now(self) -> float:
+        if self.clock is not None:
+            return self.clock()
+        store = self._open()
+        return store.database_time() if isinstance(store, PostgresStore) else time.time()
+
     def elect(self) -> bool:
         """Take or renew the pruner's lease; whether this worker holds it."""
         store = self._open()
         if isinstance(store, PostgresStore):
             held = store.hold_lock(LOCK)
         else:
-            now = self.clock()
+            now = self.now()
             held = store.claim(*LEASE, self.instance, now + 2 * self.interval + 60, now)
         self.pruning = held
         return held
 
     def cutoffs(self) -> PruneCutoffs:
-        return self.retention.cutoffs(self.clock(), self.finished_by_type)
+        return self.retention.cutoffs(self.now(), self.finished_by_type)
 
     def prune_once(self) -> Counter[str]:
         """Prune every table, batch by batch, until each has nothing left past its window (or the pruner

@@ -1105,6 +1105,8 @@ class SQLiteStore(_SqlStore):
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
             self._db.execute("PRAGMA busy_timeout=10000")
+            # (a WAL that grew while checkpoints waited for readers is cut back to 64 MiB when it restarts)
+            self._db.execute("PRAGMA journal_size_limit=67108864")
             self._create_schema(serial="INTEGER PRIMARY KEY AUTOINCREMENT", real="REAL")
         except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"cannot open the SQLite store at {path!r}: {exc}") from exc

@@ -277,7 +277,8 @@ class Worker:
             instance=self.instance,
             finished_by_type=self.app.keep_finished,
             interval=self.prune_interval,
-            clock=self.now,
+            # (not self.now: on PostgreSQL it reads the worker's connection, which only its own thread uses)
+            clock=None if self._host_clock else self.clock,
         )
         self.pruner.start()
 

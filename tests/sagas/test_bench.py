@@ -244,5 +244,8 @@ def test_retention_runs_segments_with_the_pruner_off_and_on_and_samples_the_tabl
     assert [s["pruner"] for s in report["segments"]] == ["off", "on"]
     assert all(s["sagas"] == 20 and s["events"] == 80 and s["sagas_per_s"] > 0 for s in report["segments"])
     last = report["last"]
-    assert last["sagas"] == 40 and last["inbox"] >= 160 and last["reply_cache"] == 80 and last["file_mib"] > 0
+    assert last["sagas"] == 40
+    assert last["inbox"] >= 160
+    assert last["reply_cache"] == 80
+    assert last["file_mib"] > 0
     assert report["ratio_on_to_off"] > 0
