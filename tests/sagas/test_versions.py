@@ -270,6 +270,32 @@ def test_a_migrate_that_is_not_a_function_is_refused() -> None:
 # -- the recipes of docs/upgrades.md ------------------------------------------------------------------
 
 
+class TripPaying(Saga):
+    """Safe: a new state, paying, between the flight and the confirmation."""
+
+    type = "trip"
+    start = Start(REQUESTED, key="trip_id", to="booking_hotel")
+    correlate = {CONFIRMED: "trip_id"}
+    states = _trip_states(
+        booking_flight=State(
+            "booking_flight", sends=FLIGHT, timeout=5.0, on_reply="paying", on_failure="cancelling_hotel"
+        ),
+        paying=State("paying", sends="travel.payment.charge", timeout=5.0, on_reply="confirming"),
+    )
+
+
+def test_recipe_add_a_state(store: Store) -> None:
+    """Adding a state strands nothing: the check passes, and sagas before it go through it."""
+    before, past = _live(store, TripV1, ["t1"]), _live(store, TripV1, ["t2"], replies=2)
+    report = check({"trip": TripPaying.definition()}, store)
+    assert report.compatible
+    assert report.live == 2
+    _finish(_app(TripPaying), store)
+    through = [h.to_state for h in store.saga_history(before[0])]
+    assert "paying" in through
+    assert "paying" not in [h.to_state for h in store.saga_history(past[0])]
+
+
 class TripRenamed(Saga):
     """Unsafe: booking_hotel renamed to reserving_hotel, without a migration."""
 
