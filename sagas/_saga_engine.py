@@ -153,6 +153,8 @@ class SagaEngine:
             if d.type in self.definitions:
                 raise ConfigurationError(f"two saga classes share the type {d.type!r}")
             self.definitions[d.type] = d
+        #: the outbox rows of the migrations applied while handling the current message or deadline
+        self._migration_rows: list[OutboxRow] = []
         self._reply_of: dict[str, dict[str, str]] = {
             d.type: {rt: req for req, rt in d.requests.items()} for d in self.definitions.values()
         }
@@ -163,14 +165,17 @@ class SagaEngine:
     def handle(self, saga_type: str, event: Event) -> Applied:
         """Apply ``event`` to the saga it belongs to. Retries on version conflicts."""
         d = self.definitions[saga_type]
+        self._migration_rows = []
         for _ in range(_CONFLICT_RETRIES):
             try:
                 try:
-                    return self._handle_once(d, event)
+                    applied = self._handle_once(d, event)
                 except SagaCodeError as error:
-                    return self._park_broken(d, error, event.id, (f"saga:{d.type}", event.id), event)
+                    applied = self._park_broken(d, error, event.id, (f"saga:{d.type}", event.id), event)
             except VersionConflict:
                 continue
+            migrated, self._migration_rows = self._migration_rows, []
+            return dataclasses.replace(applied, rows=[*migrated, *applied.rows]) if migrated else applied
         raise SagasError(f"saga message {event.id} kept conflicting with other workers")
 
     def _handle_once(self, d: SagaDefinition, event: Event) -> Applied:
@@ -424,7 +429,15 @@ class SagaEngine:
         d = self.definitions.get(record.type)
         if d is None:
             return []
+        self._migration_rows = []
+        version = record.version
         record = self._migrate(d, record)
+        migrated, self._migration_rows = self._migration_rows, []
+        if record.version != version and (record.final or record.deadline is None or record.deadline > self.clock()):
+            return migrated  # the migration entered a state: its deadline is new
+        return [*migrated, *self._fire(d, record)]
+
+    def _fire(self, d: SagaDefinition, record: SagaRecord) -> list[OutboxRow]:
         late = record.meta.get(_late.LATE_META) or []
         if late:
             first = min(late, key=lambda e: float(e["due"]))
@@ -909,7 +922,9 @@ class SagaEngine:
             ctx = _context(d, record, None)
             ctx.data = data
             with self.group():
-                self._enter(d, record, to, ctx, message_id, reason, None, expected_version=record.version)
+                self._migration_rows += self._enter(
+                    d, record, to, ctx, message_id, reason, None, expected_version=record.version
+                )
             return record
         # the same state, or one that waits for the same reply: the saga goes on waiting there
         previous = record.state

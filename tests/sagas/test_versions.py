@@ -662,3 +662,17 @@ def test_sagas_check_usage_mistakes_exit_2(apps: str, tmp_path: Path) -> None:
     wrong = runner.invoke(cli, ["check", "versions_apps:nothing", "--store", apps])
     assert wrong.exit_code == 2
     assert "error:" in wrong.output
+
+
+def test_a_migration_at_a_deadline_sends_the_new_request_once_and_returns_it(store: Store) -> None:
+    """A deadline that meets a saga of an old version migrates it into the new state, whose request is
+    sent once (in the rows to publish at once) with a fresh deadline: not re-sent on top of it."""
+    (saga_id,) = _live(store, TripV1, ["t1"], replies=1)
+    engine = SagaEngine([TripReservingFlightSafe], store, clock=lambda: BEFORE + 3600)
+    rows = engine.fire_due()
+    assert [r.routing_key for r in rows] == [RESERVE_FLIGHT]
+    record = store.get_saga(saga_id)
+    assert record is not None
+    assert (record.state, record.attempts) == ("reserving_flight", 1)
+    assert record.deadline is not None
+    assert record.deadline > BEFORE + 3600
