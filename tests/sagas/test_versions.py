@@ -222,6 +222,34 @@ def test_a_version_6_store_gets_the_fingerprint_column_with_unknown_values(tmp_p
         store.close()
 
 
+@pytest.mark.postgres
+def test_a_version_6_postgres_store_gets_the_fingerprint_column(postgres_url: str, unique: str) -> None:
+    """On PostgreSQL too, opening a schema-6 store adds the fingerprint column and the definitions table."""
+    import psycopg
+    from psycopg import sql
+
+    url = f"{postgres_url}?schema={unique}"
+    try:
+        store = open_store(url)
+        _live(store, TripV1, ["t1"])
+        store.close()
+        with psycopg.connect(postgres_url, autocommit=True) as conn:  # as version 6 left it
+            conn.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(unique)))
+            conn.execute("ALTER TABLE sagas DROP COLUMN fingerprint")
+            conn.execute("DROP TABLE definitions")
+            conn.execute("UPDATE schema_version SET version = 6")
+        store = open_store(url)
+        try:
+            assert [r.fingerprint for r in store.list_sagas()] == [None]
+            assert store.definition_graph("trip", TripV1.definition().fingerprint) is None
+            assert check({"trip": TripV1.definition()}, store).compatible
+        finally:
+            store.close()
+    finally:
+        with psycopg.connect(postgres_url, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(unique)))
+
+
 # -- migrations at compile time ----------------------------------------------------------------------
 
 
