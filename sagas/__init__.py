@@ -47,6 +47,7 @@ from ._store import (
     open_store,
 )
 from ._types import InboxStore
+from ._versions import CompatibilityReport, StrandedSagas
 from ._worker import Worker
 
 __all__ = [
@@ -56,6 +57,7 @@ __all__ = [
     "FAILED",
     "ActionRefused",
     "App",
+    "CompatibilityReport",
     "Compensate",
     "ConfigurationError",
     "Context",
@@ -91,6 +93,7 @@ __all__ = [
     "StepSaga",
     "Store",
     "StoreError",
+    "StrandedSagas",
     "Worker",
     "compensate",
     "configure_logging",
