@@ -28,7 +28,7 @@ from ._types import InboxStore
 DEFAULT_STORE_URL = "sqlite:///sagas.db"
 #: the state a saga is parked in when it failed (``sagas.FAILED``)
 FAILED_STATE = "failed"
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 9
 #: The most ids :meth:`Store.last_reasons` reads in one statement (SQLite allows 32,766 parameters).
 _ID_CHUNK = 500
 
@@ -162,6 +162,44 @@ class Outgoing:
     mandatory: bool
 
 
+@dataclass(frozen=True, slots=True)
+class QueueRecord:
+    """A durable queue an app declares on its exchange, as the queue registry keeps it (schema 9).
+
+    ``consumer`` says what consumes it (``handler <service>.<name>`` or ``saga <type>``), ``app`` names
+    the app whose workers declared it (see :func:`sagas._queues.app_name`), ``patterns`` are its bindings
+    and ``delay_queues`` its retry delay queues; ``declared_at`` is when a worker of that app last
+    declared it."""
+
+    exchange: str
+    queue: str
+    app: str
+    consumer: str
+    patterns: tuple[str, ...] = ()
+    delay_queues: tuple[str, ...] = ()
+    declared_at: float = 0.0
+
+
+@runtime_checkable
+class QueueRegistry(Protocol):
+    """The store's record of the durable queues each app declared on each exchange (schema 9). AMQP
+    cannot list the queues bound to an exchange, so the apps keep their own topology here; see
+    :mod:`sagas._queues` for what reads it."""
+
+    def register_queues(self, records: Sequence[QueueRecord]) -> None:
+        """Insert or refresh (``consumer``, ``patterns``, ``delay_queues``, ``declared_at``) each record,
+        keyed by (exchange, queue, app), in one transaction."""
+        ...
+
+    def registered_queues(self, exchange: str) -> list[QueueRecord]:
+        """Every record of ``exchange``, by queue, then app."""
+        ...
+
+    def forget_queue(self, exchange: str, queue: str, app: str) -> None:
+        """Drop the record of ``queue`` declared by ``app`` (nothing if there is none)."""
+        ...
+
+
 @runtime_checkable
 class Store(InboxStore, Protocol):
     """Everything a worker needs from a store: the inbox, the reply cache, sagas and the outbox."""
@@ -268,6 +306,8 @@ class MemoryStore:
         self._history: dict[str, list[HistoryEntry]] = {}
         self._outbox: dict[int, tuple[OutboxRow, float | None]] = {}
         self._next_row = 1
+        #: the queue registry: (exchange, queue, app) -> record
+        self._queues: dict[tuple[str, str, str], QueueRecord] = {}
         # Reads take the lock too: a save writes several maps, and a reader on another thread (a test,
         # the console) must see all of a save or none of it.
         self._lock = threading.Lock()
@@ -460,6 +500,19 @@ class MemoryStore:
     def group(self) -> AbstractContextManager[None]:
         return nullcontext()  # every write applies at once, and whole
 
+    def register_queues(self, records: Sequence[QueueRecord]) -> None:
+        with self._lock:
+            for r in records:
+                self._queues[(r.exchange, r.queue, r.app)] = r
+
+    def registered_queues(self, exchange: str) -> list[QueueRecord]:
+        with self._lock:
+            return [r for key, r in sorted(self._queues.items()) if key[0] == exchange]
+
+    def forget_queue(self, exchange: str, queue: str, app: str) -> None:
+        with self._lock:
+            self._queues.pop((exchange, queue, app), None)
+
     def _read(self, r: SagaRecord) -> SagaRecord:
         data, meta = json.loads(self._documents[r.id])
         return SagaRecord(
@@ -574,6 +627,10 @@ class _SqlStore:
             # a saga's messages on its page (schema 6)
             "CREATE INDEX IF NOT EXISTS outbox_by_saga ON outbox (saga_id, id)",
             "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)",
+            # the queue registry (schema 9): the durable queues each app declared on each exchange
+            "CREATE TABLE IF NOT EXISTS queue_registry (exchange TEXT NOT NULL, queue TEXT NOT NULL,"
+            " app TEXT NOT NULL, consumer TEXT NOT NULL, patterns TEXT NOT NULL, delay_queues TEXT NOT NULL,"
+            f" declared_at {real} NOT NULL, PRIMARY KEY (exchange, queue, app))",
         ]
         with self._transaction():
             for statement in statements:
@@ -596,6 +653,7 @@ class _SqlStore:
                     # (version 5 added the listing indexes above; this one is a prefix of sagas_by_type_state)
                     self._execute("DROP INDEX IF EXISTS sagas_by_state")
                 # (version 6 added the index outbox_by_saga, created above)
+                # (version 9 added the table queue_registry, created above)
                 self._execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
 
     # inbox and reply cache
@@ -882,6 +940,44 @@ class _SqlStore:
                 self._execute(
                     f"UPDATE outbox SET sent_at = ? WHERE id IN ({', '.join('?' for _ in chunk)})", (now, *chunk)
                 )
+
+    # the queue registry (schema 9)
+
+    def register_queues(self, records: Sequence[QueueRecord]) -> None:
+        with self._atomic():
+            for r in records:
+                self._execute(
+                    "INSERT INTO queue_registry (exchange, queue, app, consumer, patterns, delay_queues, declared_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (exchange, queue, app) DO UPDATE SET"
+                    " consumer = excluded.consumer, patterns = excluded.patterns,"
+                    " delay_queues = excluded.delay_queues, declared_at = excluded.declared_at",
+                    (
+                        r.exchange,
+                        r.queue,
+                        r.app,
+                        r.consumer,
+                        json.dumps(list(r.patterns)),
+                        json.dumps(list(r.delay_queues)),
+                        r.declared_at,
+                    ),
+                )
+
+    def registered_queues(self, exchange: str) -> list[QueueRecord]:
+        rows = self._execute(
+            "SELECT exchange, queue, app, consumer, patterns, delay_queues, declared_at FROM queue_registry"
+            f" WHERE exchange = ? ORDER BY queue {_C_MARK}, app {_C_MARK}",
+            (exchange,),
+        ).fetchall()
+        return [
+            QueueRecord(r[0], r[1], r[2], r[3], tuple(json.loads(r[4])), tuple(json.loads(r[5])), float(r[6]))
+            for r in rows
+        ]
+
+    def forget_queue(self, exchange: str, queue: str, app: str) -> None:
+        with self._atomic():
+            self._execute(
+                "DELETE FROM queue_registry WHERE exchange = ? AND queue = ? AND app = ?", (exchange, queue, app)
+            )
 
 
 class SQLiteStore(_SqlStore):

@@ -1007,7 +1007,7 @@ def test_a_version_5_store_gets_the_outbox_index_when_it_opens(tmp_path: Path) -
     assert [o.row.message_id for o in store.outbox_rows(saga.id)] == ["msg-1"]
     store.close()
     db = sqlite3.connect(path)
-    assert db.execute("SELECT max(version) FROM schema_version").fetchone()[0] == SCHEMA_VERSION == 6
+    assert db.execute("SELECT max(version) FROM schema_version").fetchone()[0] == SCHEMA_VERSION
     names = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'outbox'")}
     assert "outbox_by_saga" in names
     plan = " ".join(
