@@ -1,19 +1,23 @@
-"""Orphaned queues (``sagas._queues``): the registry a worker writes, its warning, and apps sharing an
-exchange, on memory:// and RabbitMQ."""
+"""Orphaned queues (``sagas._queues``): the worker's warning, ``sagas queues --orphaned [--delete]``, apps
+sharing an exchange, and the renamed-saga-type drill of issue 16, on memory:// and RabbitMQ."""
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import structlog
+from click.testing import CliRunner
 
 from sagas import App, Event, EventBus, Final, Request, Saga, SagaContext, Service, Start, State, Worker, open_store
+from sagas._cli import cli
 from sagas._queues import app_name, app_queues, find_orphans
 from sagas._store import QueueRegistry
 from tests.helpers import wait_for
+from transport import Subscription
 
 BOOK, CHARGE = "trips.booking.book", "trips.payments.charge"
 REQUESTED = "trips.trip.requested"
@@ -97,6 +101,62 @@ def _booked(store_url: str, saga_type: str, trip: str) -> bool:
 
 def _request(bus: EventBus, *trips: str) -> None:
     bus.publish_many([Event(REQUESTED, {"trip_id": t}) for t in trips])
+
+
+def _drill(broker_url: str, unique: str, store_url: str, buses: list[object], *, procedure: bool) -> str:
+    """Deploy A, rename it to B, switch back to A; with ``procedure``, the operator runs
+    ``sagas queues --orphaned --delete`` once each deploy is up, as docs/operations.md says. Returns
+    what that command printed during the rename."""
+    publisher = EventBus(broker_url, exchange=unique)
+    buses.append(publisher)
+    common = ["--exchange", unique, "--store", store_url, "--broker", broker_url]
+    printed = ""
+    with _deploy(V1, broker_url, unique, store_url, buses).running():
+        _request(publisher, "t1", "t2")
+        wait_for(lambda: all(_booked(store_url, "trip_a", t) for t in ("t1", "t2")), what="t1, t2 booked by A")
+    with _deploy(V2, broker_url, unique, store_url, buses).running():
+        if procedure:
+            out = CliRunner().invoke(cli, ["queues", f"{__name__}:V2", *common, "--orphaned", "--delete"])
+            assert out.exit_code == 0, out.output
+            printed = out.output
+        # A's queue, if still bound, collects a copy of each of these start events
+        _request(publisher, "t3", "t4")
+        wait_for(lambda: all(_booked(store_url, "trip_b", t) for t in ("t3", "t4")), what="t3, t4 booked by B")
+    with _deploy(V1, broker_url, unique, store_url, buses).running():
+        if procedure:
+            out = CliRunner().invoke(cli, ["queues", f"{__name__}:V1", *common, "--orphaned", "--delete"])
+            assert out.exit_code == 0, out.output
+        _request(publisher, "t5")
+        # A's queue is first in, first out: whatever it had collected is started before t5, and each
+        # participant's queue (one handler at a time) books and charges in that order too.
+        wait_for(lambda: _booked(store_url, "trip_a", "t5"), what="t5 booked by A")
+    return printed
+
+
+def test_without_the_procedure_switching_back_replays_the_old_queue(
+    broker_url: str, unique: str, store_url: str, buses: list[object]
+) -> None:
+    """The hazard of issue 16: A's queue, left bound while B ran, replays t3 and t4 when A comes back,
+    and they are booked and charged twice."""
+    _drill(broker_url, unique, store_url, buses, procedure=False)
+    assert effects[("book", "t3")] == 2
+    assert effects[("charge", "t4")] == 2
+
+
+def test_the_renamed_type_drill_books_each_trip_once(
+    broker_url: str, unique: str, store_url: str, buses: list[object]
+) -> None:
+    """With the documented rename procedure (delete the orphaned queue once the new deploy is up), each
+    trip is booked once and each card charged once, across A -> B -> A."""
+    printed = _drill(broker_url, unique, store_url, buses, procedure=True)
+    assert f"deleted {unique}.saga.trip_a (saga trip_a)" in printed
+    trips = ("t1", "t2", "t3", "t4", "t5")
+    assert effects == Counter({(what, t): 1 for what in ("book", "charge") for t in trips})
+    store = open_store(store_url)
+    try:
+        assert store.find_saga("trip_a", "t3") is None  # A never saw B's trips
+    finally:
+        store.close()
 
 
 def _depth(bus: EventBus, queue: str) -> int:
@@ -274,3 +334,74 @@ def test_an_app_is_named_by_its_services() -> None:
     assert app_name(V1) == app_name(V2) == "booking+payments"
     assert app_name(App(sagas=[TripB])) == "sagas:trip_b"
     assert [r.queue for r in app_queues(V1, "x")] == ["x.booking.book", "x.payments.charge", "x.saga.trip_a"]
+
+
+# -- the command --------------------------------------------------------------------------------------
+
+
+def test_queues_command_lists_deletes_and_refuses(
+    broker_url: str, unique: str, store_url: str, buses: list[object]
+) -> None:
+    """`sagas queues` lists the app's queues; --orphaned lists A's queue with its depth; --delete removes
+    it unless something consumes it (kept, exit 1); it is gone afterwards."""
+    publisher = EventBus(broker_url, exchange=unique)
+    buses.append(publisher)
+    old = _deploy(V1, broker_url, unique, store_url, buses)
+    old.start()
+    old.close()
+    _request(publisher, "t1", "t2")
+    queue = f"{unique}.saga.trip_a"
+    wait_for(lambda: _depth(publisher, queue) == 2, what="2 start events in A's queue")
+    new = _deploy(V2, broker_url, unique, store_url, buses)
+    new.start()
+    new.close()
+    runner = CliRunner()
+    common = ["--exchange", unique, "--store", store_url, "--broker", broker_url]
+    listed = runner.invoke(cli, ["queues", f"{__name__}:V2", *common])
+    assert listed.exit_code == 0, listed.output
+    assert f"{unique}.saga.trip_b" in listed.output
+    assert "saga trip_b" in listed.output
+    orphaned = runner.invoke(cli, ["queues", f"{__name__}:V2", *common, "--orphaned", "--json"])
+    assert orphaned.exit_code == 0, orphaned.output
+    (row,) = json.loads(orphaned.output)
+    assert (row["queue"], row["depth"], row["consumers"], row["consumer"]) == (queue, 2, 0, "saga trip_a")
+    reader = EventBus(broker_url, exchange=unique)
+    buses.append(reader)
+    reader.consume([Subscription(queue, TripA.definition().patterns)], lambda inbound: None)
+    busy = runner.invoke(cli, ["queues", f"{__name__}:V2", *common, "--orphaned", "--delete"])
+    assert busy.exit_code == 0, busy.output  # with a consumer it is not orphaned at all
+    assert "no orphaned queues" in busy.output
+    assert _depth(publisher, queue) >= 0
+    reader.close()
+    deleted = runner.invoke(cli, ["queues", f"{__name__}:V2", *common, "--orphaned", "--delete"])
+    assert deleted.exit_code == 0, deleted.output
+    assert f"deleted {queue} (saga trip_a): 2 message(s) dropped" in deleted.output
+    assert publisher.inspect_queue(queue) is None
+    after = runner.invoke(cli, ["queues", f"{__name__}:V2", *common, "--orphaned"])
+    assert "no orphaned queues" in after.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--delete"], "--delete removes orphaned queues only: add --orphaned"),
+        (["--orphaned", "--store", "sqlite:////nonexistent/dir/s.db"], "no SQLite store"),
+    ],
+)
+def test_queues_command_usage_mistakes(args: list[str], message: str, store_url: str) -> None:
+    """A usage mistake is `error: ...` on stderr and exit 2, with no traceback."""
+    open_store(store_url).close()
+    result = CliRunner().invoke(cli, ["queues", f"{__name__}:V2", "--store", store_url, *args])
+    assert result.exit_code == 2
+    assert f"error: {message}" in result.stderr
+    assert "Traceback" not in result.output
+
+
+def test_queues_command_says_when_the_broker_does_not_answer(store_url: str) -> None:
+    """An unreachable broker is `error: ...` and exit 1, not an empty list."""
+    open_store(store_url).close()
+    result = CliRunner().invoke(
+        cli, ["queues", f"{__name__}:V2", "--store", store_url, "--broker", "amqp://guest:guest@127.0.0.1:1//"]
+    )
+    assert result.exit_code == 1
+    assert "error: the broker amqp://guest:***@127.0.0.1:1// does not answer" in result.stderr
