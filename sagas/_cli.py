@@ -695,7 +695,7 @@ def queues(
     try:
         with _existing_store(store) as st:
             if not bus.health(timeout=5.0):  # (declares nothing; an empty registry would not connect at all)
-                _fail(f"the broker {redact_url(broker)} does not answer")
+                _usage_error(f"the broker {redact_url(broker)} does not answer")
             if not orphaned:
                 rows = []
                 for r in _queues.app_queues(loaded, exchange):
@@ -744,8 +744,8 @@ def queues(
                     failed = True
                     continue
                 click.echo(f"deleted {o.record.queue} ({o.record.consumer}): {held} message(s) dropped")
-    except TransportError as exc:
-        _fail(f"{exc} (broker {redact_url(broker)})")
+    except TransportError as exc:  # (as for the other commands: exit 2)
+        _usage_error(f"{exc} (broker {redact_url(broker)})")
     finally:
         bus.close()
     if failed:

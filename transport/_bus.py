@@ -308,9 +308,11 @@ class EventBus:
             try:
                 ok = ch.queue_declare(queue=queue, passive=True)
             except Exception as exc:
-                if self._channel_error(exc) and getattr(exc, "code", None) in (404, "404"):
+                if not self._channel_error(exc):
+                    raise
+                if getattr(exc, "code", None) in (404, "404"):
                     return None
-                raise
+                raise TransportError(f"the broker refused to inspect queue {queue!r}: {exc}") from None
         return QueueInfo(queue, int(ok.message_count), int(ok.consumer_count))
 
     def unbind_queue(self, queue: str, patterns: Sequence[str]) -> None:
@@ -319,8 +321,13 @@ class EventBus:
         if self.inspect_queue(queue) is None:
             return
         with self._admin_channel() as ch:
-            for pattern in patterns:
-                ch.queue_unbind(queue=queue, exchange=self.exchange, routing_key=pattern)
+            try:
+                for pattern in patterns:
+                    ch.queue_unbind(queue=queue, exchange=self.exchange, routing_key=pattern)
+            except Exception as exc:
+                if not self._channel_error(exc):
+                    raise
+                raise TransportError(f"the broker refused to unbind queue {queue!r}: {exc}") from None
 
     def delete_queue(self, queue: str) -> int:
         """Delete ``queue`` and the messages in it; return how many it held (0 when it did not exist).
@@ -336,7 +343,12 @@ class EventBus:
                 f"queue {queue!r} has {info.consumers} consumer(s): something still reads it; stop it first"
             )
         with self._admin_channel() as ch:
-            held = ch.queue_delete(queue=queue)
+            try:
+                held = ch.queue_delete(queue=queue)
+            except Exception as exc:
+                if not self._channel_error(exc):
+                    raise
+                raise TransportError(f"the broker refused to delete queue {queue!r}: {exc}") from None
         self.declared_queues.discard(queue)
         return int(held or 0)
 

@@ -17,7 +17,7 @@ from sagas._cli import cli
 from sagas._queues import app_name, app_queues, find_orphans
 from sagas._store import QueueRegistry
 from tests.helpers import wait_for
-from transport import Subscription
+from transport import Subscription, TransportError
 
 BOOK, CHARGE = "trips.booking.book", "trips.payments.charge"
 REQUESTED = "trips.trip.requested"
@@ -398,10 +398,30 @@ def test_queues_command_usage_mistakes(args: list[str], message: str, store_url:
 
 
 def test_queues_command_says_when_the_broker_does_not_answer(store_url: str) -> None:
-    """An unreachable broker is `error: ...` and exit 1, not an empty list."""
+    """An unreachable broker is `error: ...` and exit 2 (as for every command), not an empty list."""
     open_store(store_url).close()
     result = CliRunner().invoke(
         cli, ["queues", f"{__name__}:V2", "--store", store_url, "--broker", "amqp://guest:guest@127.0.0.1:1//"]
     )
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "error: the broker amqp://guest:***@127.0.0.1:1// does not answer" in result.stderr
+
+
+def test_a_broker_that_refuses_the_look_does_not_stop_the_worker(
+    unique: str, made: list[object], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A broker error while looking at the registry's queues (a user without the permission, say) is
+    logged as worker.queue_check_failed, and the worker starts and consumes."""
+    store = open_store("memory://")
+    _start(V1, store, unique, made).bus.close()
+
+    def refuse(self: EventBus, queue: str) -> None:
+        raise TransportError(f"the broker refused to inspect queue {queue!r}: ACCESS_REFUSED")
+
+    monkeypatch.setattr(EventBus, "inspect_queue", refuse)
+    with structlog.testing.capture_logs() as logs:
+        worker = _start(V2, store, unique, made)
+    assert worker.started
+    (failed,) = [e for e in logs if e["event"] == "worker.queue_check_failed"]
+    assert "ACCESS_REFUSED" in failed["error"]
+    assert failed["log_level"] == "warning"
