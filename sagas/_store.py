@@ -1095,8 +1095,11 @@ class PostgresStore(_SqlStore):
 
     def _live(self) -> None:
         """Reconnect if the connection broke (PostgreSQL restarted, or the session was killed). The call
-        that met the break failed; the next one gets a new connection."""
-        if self._db.closed or self._db.broken:
+        that met the break failed; the next one gets a new connection. Never inside a transaction: what
+        the group wrote before the break is gone with the old connection, and writes on a new one would
+        commit one by one (an outbox row or an inbox record without the saga they belong with). There
+        the statement runs on the broken connection and raises, and so does the group."""
+        if self._depth == 0 and (self._db.closed or self._db.broken):
             self._connect()
 
     def _execute(self, statement: str, params: Sequence[Any] = ()) -> Any:

@@ -525,6 +525,49 @@ def test_postgres_store_reconnects_after_its_session_is_killed(private_postgres:
         _drop_schema(postgres_url, unique)
 
 
+@pytest.mark.postgres
+def test_a_group_whose_session_is_killed_fails_whole_and_writes_nothing(
+    private_postgres: PostgresCluster, unique: str
+) -> None:
+    """A group (one transaction) whose session dies between two writes fails as a whole: the write after
+    the break does not reconnect and commit on its own (an inbox record without the saga it belongs
+    with), and the first write is gone with the transaction. Outside the group, the store reconnects."""
+    import psycopg
+
+    postgres_url = private_postgres.url
+    store = open_store(f"{postgres_url}?schema={unique}")
+    try:
+
+        def group_with_a_break() -> None:
+            with store.group():
+                store.remember("c", "before-the-break")
+                with psycopg.connect(postgres_url, autocommit=True) as admin:
+                    (pid,) = admin.execute(
+                        "SELECT pid FROM pg_stat_activity WHERE application_name = %s", (f"sagas:{unique}",)
+                    ).fetchone() or (None,)
+                    assert pid is not None
+                    admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+                # as the saga pipeline does: each message in a part of its own, a failing part skipped
+                try:
+                    with store.group():
+                        store.remember("c", "meets-the-break")
+                except psycopg.OperationalError:
+                    pass
+                with store.group():
+                    store.remember("c", "after-the-break")
+
+        with pytest.raises(psycopg.OperationalError):
+            group_with_a_break()
+        assert not store.seen("c", "after-the-break")
+        assert not store.seen("c", "meets-the-break")
+        assert not store.seen("c", "before-the-break")
+        store.remember("c", "later")
+        assert store.seen("c", "later")
+    finally:
+        store.close()
+        _drop_schema(postgres_url, unique)
+
+
 def test_deadlines_fire_in_one_group_and_a_conflict_skips_only_its_saga(reopen: Opener) -> None:
     """fire_due applies the due sagas in one transaction with a savepoint each: a saga that a message
     moved after the due query is skipped, and the others' firings are committed."""
