@@ -46,6 +46,7 @@ from ._store import (
     open_store,
 )
 from ._types import InboxStore
+from ._versions import CompatibilityReport, StrandedSagas
 from ._worker import Worker
 
 __all__ = [
@@ -55,6 +56,7 @@ __all__ = [
     "FAILED",
     "ActionRefused",
     "App",
+    "CompatibilityReport",
     "Compensate",
     "ConfigurationError",
     "Context",
@@ -88,6 +90,7 @@ __all__ = [
     "StepSaga",
     "Store",
     "StoreError",
+    "StrandedSagas",
     "Worker",
     "compensate",
     "configure_logging",

@@ -325,6 +325,19 @@ def cli(log_json: bool, log_level: str) -> None:
     type=click.FloatRange(min=1),
     help="Seconds between samples of the store's gauges (one worker of the cluster samples at a time).",
 )
+@click.option(
+    "--allow-stranded",
+    is_flag=True,
+    help="Start even when the app's saga definitions would strand live sagas: park those in 'failed', "
+    "with the reason (see `sagas check`).",
+)
+@click.option(
+    "--shared-store",
+    is_flag=True,
+    envvar="SAGAS_SHARED_STORE",
+    help="Other apps keep their own saga types in this store: live sagas of types this app does not "
+    "define are theirs, not stranded. Env: SAGAS_SHARED_STORE.",
+)
 def run(
     app: str,
     broker: str,
@@ -336,8 +349,13 @@ def run(
     metrics_port: int | None,
     metrics_host: str,
     metrics_store_interval: float,
+    allow_stranded: bool,
+    shared_store: bool,
 ) -> None:
     """Run every service of APP (module:attribute) until SIGTERM or SIGINT.
+
+    Before it starts, it checks the app's saga definitions against the live sagas in the store, as
+    `sagas check` does, and exits 4 naming those that would be stranded (unless --allow-stranded).
 
     \b
     Example:
@@ -364,6 +382,8 @@ def run(
         concurrency=concurrency,
         grace_period=grace_period,
         ssl=tls,
+        allow_stranded=allow_stranded,
+        shared_store=shared_store,
     )
     if metrics_port is not None:
         metrics = Metrics(worker_store, instance=worker.instance, store_interval=metrics_store_interval)
@@ -377,7 +397,43 @@ def run(
     finally:
         if metrics is not None:
             metrics.close()
+    if worker.compatibility is not None and not worker.compatibility.compatible and not allow_stranded:
+        for line in worker.compatibility.lines():
+            click.echo(line, err=True)
     sys.exit(code)
+
+
+@cli.command("check")
+@click.argument("app")
+@_store
+@click.option(
+    "--shared-store",
+    is_flag=True,
+    envvar="SAGAS_SHARED_STORE",
+    help="Other apps keep their own saga types in this store: their sagas are listed, not judged.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def check_definitions(app: str, store: str, shared_store: bool, as_json: bool) -> None:
+    """Check APP's saga definitions against the live sagas in the store, without starting: exit 0 when
+    none would be stranded, 4 (naming them) when some would. For a deploy pipeline.
+
+    \b
+    Example:
+      sagas check myapp:app --store postgresql://sagas@db/sagas
+    """
+    from ._saga_engine import SagaEngine
+    from ._versions import check
+
+    loaded = _load_app(app)
+    with _existing_store(store) as opened:
+        definitions = SagaEngine(loaded.sagas, opened).definitions
+        report = check(definitions, opened, shared_store=shared_store)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        for line in report.lines():
+            click.echo(line)
+    sys.exit(0 if report.compatible else 4)
 
 
 @cli.command()

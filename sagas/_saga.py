@@ -128,6 +128,9 @@ def steps_to_meta(steps: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]
 
 
 Guard = Callable[[SagaContext], bool]
+#: A saga type's data upgrade: the data of a saga created or last moved under the version with this
+#: fingerprint (None: unknown, from before fingerprints were kept) -> its data under this version.
+Migrate = Callable[[dict[str, Any], str | None], dict[str, Any]]
 Action = Callable[[SagaContext], None]
 PayloadBuilder = Callable[[SagaContext], Mapping[str, Any]]
 
@@ -378,6 +381,17 @@ class SagaDefinition:
     late: dict[str, dict[str, LateUndo]] = field(default_factory=dict)
     #: a step saga's undo states -> the step each undoes
     undo_states: dict[str, str] = field(default_factory=dict)
+    #: states of earlier versions of the type -> the state a saga in one is moved to when a worker loads
+    #: it (see docs/upgrades.md)
+    migrations: dict[str, str] = field(default_factory=dict)
+    #: ``migrate(data, from_fingerprint) -> data``: upgrades the data of a saga created or last moved
+    #: under another version of the type, when a worker first loads it (None: the data is kept)
+    migrate: Migrate | None = field(default=None, repr=False)
+    #: the version of the saga's data the type declares (``data_version``): part of the graph, so that a
+    #: change of the data alone changes the fingerprint and ``migrate`` runs (None: not declared)
+    data_version: str | int | None = None
+    #: the graph's fingerprint (:func:`sagas._versions.fingerprint`), set when compiled
+    fingerprint: str = ""
 
     def late_undo(self, awaited: Mapping[str, Any], state: str, meta: Mapping[str, Any]) -> LateUndo | None:
         """What undoes ``awaited`` (a request or event a saga stopped waiting for, as the engine keeps
@@ -432,6 +446,11 @@ class Saga:
     start: ClassVar[Start | list[Start]]
     states: ClassVar[list[State]]
     correlate: ClassVar[dict[str, str]] = {}
+    #: states of earlier versions -> the state of this one a saga in them moves to (docs/upgrades.md);
+    #: with a ``migrate(data, from_fingerprint) -> data`` function (a staticmethod) to upgrade the data
+    migrations: ClassVar[dict[str, str]] = {}
+    #: the version of the saga's data: change it when only the data changes, so that ``migrate`` runs
+    data_version: ClassVar[str | int | None] = None
 
     @classmethod
     def definition(cls) -> SagaDefinition:
@@ -634,7 +653,46 @@ def compile_saga(cls: type[Saga]) -> SagaDefinition:
     else:
         declared, starts = list(getattr(cls, "states", [])), _declared_starts(cls, where)
     correlate = dict(getattr(cls, "correlate", {}))
-    return _compile(where, name, declared, {s.event: s for s in starts}, correlate, steps=steps)
+    d = _compile(where, name, declared, {s.event: s for s in starts}, correlate, steps=steps)
+    d.migrations, d.migrate = _migrations(where, cls, d.states)
+    d.data_version = getattr(cls, "data_version", None)
+    if d.data_version is not None and (not isinstance(d.data_version, str | int) or isinstance(d.data_version, bool)):
+        raise ConfigurationError(f"{where}: data_version is a string or an integer, not {d.data_version!r}")
+    from ._versions import fingerprint  # (it reads the compiled definition)
+
+    d.fingerprint = fingerprint(d)
+    return d
+
+
+def _migrations(where: str, cls: type[Saga], states: Mapping[str, State]) -> tuple[dict[str, str], Migrate | None]:
+    """``cls.migrations`` and ``cls.migrate``, checked: each source a state this version no longer has,
+    each target one it has."""
+    declared = getattr(cls, "migrations", None) or {}
+    if not isinstance(declared, Mapping):
+        raise ConfigurationError(
+            f"{where}: `migrations` maps old state names to new ones, e.g. migrations = {{'charging': 'paying'}}"
+        )
+    out: dict[str, str] = {}
+    for old, new in declared.items():
+        if not isinstance(old, str) or not isinstance(new, str):
+            raise ConfigurationError(f"{where}: migrations[{old!r}] = {new!r}: both are state names (strings)")
+        if old in states:
+            raise ConfigurationError(
+                f"{where}: migrations moves sagas out of state {old!r}, which this version still has: "
+                "a migration is for a state that was renamed or removed; remove that entry"
+            )
+        if new not in states:
+            raise ConfigurationError(
+                f"{where}: migrations moves sagas from {old!r} to unknown state {new!r}: declare it in `states`"
+            )
+        out[old] = new
+    migrate = getattr(cls, "migrate", None)
+    if migrate is not None and not callable(migrate):
+        raise ConfigurationError(
+            f"{where}: `migrate` is {migrate!r}; write a function migrate(data, from_fingerprint) -> data "
+            "(a @staticmethod)"
+        )
+    return out, migrate
 
 
 def _compile(

@@ -153,6 +153,8 @@ class SagaEngine:
             if d.type in self.definitions:
                 raise ConfigurationError(f"two saga classes share the type {d.type!r}")
             self.definitions[d.type] = d
+        #: the outbox rows of the migrations applied while handling the current message or deadline
+        self._migration_rows: list[OutboxRow] = []
         self._reply_of: dict[str, dict[str, str]] = {
             d.type: {rt: req for req, rt in d.requests.items()} for d in self.definitions.values()
         }
@@ -163,14 +165,17 @@ class SagaEngine:
     def handle(self, saga_type: str, event: Event) -> Applied:
         """Apply ``event`` to the saga it belongs to. Retries on version conflicts."""
         d = self.definitions[saga_type]
+        self._migration_rows = []
         for _ in range(_CONFLICT_RETRIES):
             try:
                 try:
-                    return self._handle_once(d, event)
+                    applied = self._handle_once(d, event)
                 except SagaCodeError as error:
-                    return self._park_broken(d, error, event.id, (f"saga:{d.type}", event.id), event)
+                    applied = self._park_broken(d, error, event.id, (f"saga:{d.type}", event.id), event)
             except VersionConflict:
                 continue
+            migrated, self._migration_rows = self._migration_rows, []
+            return dataclasses.replace(applied, rows=[*migrated, *applied.rows]) if migrated else applied
         raise SagasError(f"saga message {event.id} kept conflicting with other workers")
 
     def _handle_once(self, d: SagaDefinition, event: Event) -> Applied:
@@ -183,7 +188,7 @@ class SagaEngine:
             key, problem = _key(event.payload, start.key)
             if key is None:
                 return Applied(None, False, [], f"start event without a usable key: {problem}", REFUSED)
-            existing: SagaRecord | None = self.store.find_saga(d.type, key)
+            existing: SagaRecord | None = self._migrated(d, self.store.find_saga(d.type, key))
             if existing is not None:
                 trigger = on_event(event.type)
                 if not existing.final and trigger in d.triggers_from(existing.state):
@@ -218,7 +223,7 @@ class SagaEngine:
             found: SagaRecord | None = self.store.get_saga(event.correlation_id)
             if found is None or found.type != d.type:
                 return Applied(None, False, [], f"reply for unknown saga {event.correlation_id[:64]!r}", UNKNOWN_SAGA)
-            record = found
+            record = self._migrate(d, found)
             pending = record.meta.get("request") or {}
             reply = read_reply(event)
             live = reply.request_id == pending.get("id")
@@ -238,7 +243,7 @@ class SagaEngine:
             key, problem = _key(event.payload, key_field)
             if key is None:
                 return Applied(None, False, [], f"correlated event without a usable key: {problem}", REFUSED)
-            waiting: SagaRecord | None = self.store.find_saga(d.type, key)
+            waiting: SagaRecord | None = self._migrated(d, self.store.find_saga(d.type, key))
             trigger = on_event(event.type)
             if waiting is not None and (waiting.final or trigger not in d.triggers_from(waiting.state)):
                 late = _late.awaited(waiting.meta, what=event.type)
@@ -321,6 +326,7 @@ class SagaEngine:
         record.state = new_state
         record.data = ctx.data
         record.updated_at = now
+        record.fingerprint = d.fingerprint  # (the definition it last moved under)
         with _saga_code("an event the transition publishes", record.id):
             outgoing = [self._event_out(record, ctx, i, t, p) for i, (t, p) in enumerate(ctx.outbox)]
         meta = dict(old_meta)
@@ -423,6 +429,15 @@ class SagaEngine:
         d = self.definitions.get(record.type)
         if d is None:
             return []
+        self._migration_rows = []
+        version = record.version
+        record = self._migrate(d, record)
+        migrated, self._migration_rows = self._migration_rows, []
+        if record.version != version and (record.final or record.deadline is None or record.deadline > self.clock()):
+            return migrated  # the migration entered a state: its deadline is new
+        return [*migrated, *self._fire(d, record)]
+
+    def _fire(self, d: SagaDefinition, record: SagaRecord) -> list[OutboxRow]:
         late = record.meta.get(_late.LATE_META) or []
         if late:
             first = min(late, key=lambda e: float(e["due"]))
@@ -495,6 +510,10 @@ class SagaEngine:
             if record is None or record.final:
                 return []
             d = self.definitions[record.type]
+            try:
+                record = self._migrate(d, record)
+            except SagaCodeError as error:
+                return self._park_broken(d, error, f"unroutable:{request_id}", None).rows
             pending = record.meta.get("request") or {}
             late = [e for e in record.meta.get(_late.LATE_META) or () if e["id"] == request_id]
             if late:
@@ -860,6 +879,67 @@ class SagaEngine:
             raise NotFound(
                 f"saga {saga_id} is of type {record.type!r}, which this app does not declare: give the app that runs it"
             )
+        with _refused_if_code_fails(saga_id):
+            return self._migrate(self.definitions[record.type], record)
+
+    # -- migrations --------------------------------------------------------------------------------
+
+    def _migrated(self, d: SagaDefinition, record: SagaRecord | None) -> SagaRecord | None:
+        """:meth:`_migrate` for a saga that may not exist."""
+        return None if record is None else self._migrate(d, record)
+
+    def _migrate(self, d: SagaDefinition, record: SagaRecord) -> SagaRecord:
+        """``record`` as this version of its type has it: a live saga created or last moved under another
+        version (its fingerprint differs) whose state the type's ``migrations`` maps, or whose type has a
+        ``migrate`` function, is migrated, once, in one store transaction with its history entry, and
+        stamped with this version's fingerprint. Any other saga is returned as it is."""
+        if record.final or record.fingerprint == d.fingerprint:
+            return record
+        target = d.migrations.get(record.state)
+        if target is None and (d.migrate is None or record.state not in d.states):
+            return record  # nothing to do (its next move stamps this version), or stranded: parked on its next move
+        old = record.fingerprint
+        data = copy.deepcopy(record.data)
+        if d.migrate is not None:
+            with _saga_code(f"the migrate function of saga type {d.type}", record.id):
+                data = d.migrate(data, old)
+                if not isinstance(data, dict):
+                    raise TypeError(f"migrate() returned {type(data).__name__}, not the saga's data (a dict)")
+        how = []
+        if target is not None:
+            how.append(f"migrations[{record.state!r}] = {target!r}")
+        if d.migrate is not None:
+            how.append("migrate()")
+        reason = f"migrated from definition {(old or 'unknown')[:12]} to {d.fingerprint[:12]} by {' and '.join(how)}"
+        message_id = f"migration:{record.id}:{record.version}"
+        now = self.clock()
+        pending = (record.meta.get("request") or {}).get("type")
+        to = target or record.state
+        spec = d.states[to].request_spec if to in d.states else None
+        log.info("saga.migrated", saga_id=record.id, saga_type=d.type, from_state=record.state, to_state=to)
+        if target is not None and target != record.state and (pending is None or spec is None or spec.type != pending):
+            # the new state waits for something else: enter it (its request, its deadline)
+            ctx = _context(d, record, None)
+            ctx.data = data
+            with self.group():
+                self._migration_rows += self._enter(
+                    d, record, to, ctx, message_id, reason, None, expected_version=record.version
+                )
+            return record
+        # the same state, or one that waits for the same reply: the saga goes on waiting there
+        previous = record.state
+        record.version += 1
+        record.state, record.data, record.updated_at, record.fingerprint = to, data, now, d.fingerprint
+        history = HistoryEntry(now, message_id, previous, to, reason)
+        try:
+            with self.group():
+                self.store.save_saga(
+                    record, expected_version=record.version - 1, history=history, inbox=None, outbox=[]
+                )
+        except (TypeError, ValueError) as exc:
+            raise SagaCodeError(
+                "the saga's data after migrate() (it cannot be stored as JSON)", exc, record.id
+            ) from exc
         return record
 
 

@@ -72,6 +72,9 @@ class SagaRecord:
     final: bool = False
     created_at: float = 0.0
     updated_at: float = 0.0
+    #: the fingerprint of the saga type's definition it was created or last moved or migrated under
+    #: (None: unknown, a saga from before schema 8); see :mod:`sagas._versions`
+    fingerprint: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -87,6 +90,7 @@ class SagaRecord:
             "meta": self.meta,
             "created_at": self.created_at,
             "updated_at": self.updated_at,
+            "fingerprint": self.fingerprint,
         }
 
 
@@ -120,6 +124,18 @@ class StateCount:
     type: str
     state: str
     final: bool
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class LiveGroup:
+    """How many live (not final) sagas of ``type`` are in ``state``, under the definition ``fingerprint``
+    (None: unknown), waiting for a reply to ``awaits`` (a request type; None: none)."""
+
+    type: str
+    state: str
+    fingerprint: str | None
+    awaits: str | None
     count: int
 
 
@@ -281,6 +297,19 @@ class Store(InboxStore, Protocol):
         ...
 
     def count_by_state(self) -> list[StateCount]: ...
+    def live_groups(self) -> list[LiveGroup]:
+        """The live (not final) sagas, counted by type, state, definition fingerprint and the request
+        type each waits on (one grouped query): what ``sagas check`` compares with an app's definitions."""
+        ...
+
+    def save_definition(self, saga_type: str, fingerprint: str, graph: str, now: float) -> None:
+        """Keep the graph (JSON) of a saga type's definition under its fingerprint, once (first seen ``now``)."""
+        ...
+
+    def definition_graph(self, saga_type: str, fingerprint: str) -> str | None:
+        """The graph (JSON) kept for this saga type and fingerprint, or None."""
+        ...
+
     def outbox_backlog(self) -> OutboxBacklog: ...
     def unsent(self, created_before: float, limit: int = 500) -> list[OutboxRow]: ...
     def mark_sent(self, ids: Sequence[int]) -> None: ...
@@ -306,6 +335,8 @@ class MemoryStore:
         self._history: dict[str, list[HistoryEntry]] = {}
         self._outbox: dict[int, tuple[OutboxRow, float | None]] = {}
         self._next_row = 1
+        #: (saga type, fingerprint) -> (graph JSON, first seen)
+        self._definitions: dict[tuple[str, str], tuple[str, float]] = {}
         #: the queue registry: (exchange, queue, app) -> record
         self._queues: dict[tuple[str, str, str], QueueRecord] = {}
         # Reads take the lock too: a save writes several maps, and a reader on another thread (a test,
@@ -379,6 +410,7 @@ class MemoryStore:
                 r.final,
                 r.created_at,
                 r.updated_at,
+                r.fingerprint,
             )
             self._documents[r.id] = json.dumps((r.data, r.meta))
             self._history.setdefault(record.id, []).append(history)
@@ -528,7 +560,26 @@ class MemoryStore:
             r.final,
             r.created_at,
             r.updated_at,
+            r.fingerprint,
         )
+
+    def live_groups(self) -> list[LiveGroup]:
+        with self._lock:
+            counts: Counter[tuple[str, str, str | None, str | None]] = Counter()
+            for r in self._sagas.values():
+                if not r.final:
+                    request = json.loads(self._documents[r.id])[1].get("request") or {}
+                    counts[(r.type, r.state, r.fingerprint, request.get("type"))] += 1
+            return [LiveGroup(*group, n) for group, n in sorted(counts.items(), key=lambda g: str(g[0]))]
+
+    def save_definition(self, saga_type: str, fingerprint: str, graph: str, now: float) -> None:
+        with self._lock:
+            self._definitions.setdefault((saga_type, fingerprint), (graph, now))
+
+    def definition_graph(self, saga_type: str, fingerprint: str) -> str | None:
+        with self._lock:
+            found = self._definitions.get((saga_type, fingerprint))
+            return None if found is None else found[0]
 
     def close(self) -> None:
         pass
@@ -536,7 +587,9 @@ class MemoryStore:
 
 # -- SQL stores ------------------------------------------------------------------------------------
 
-_SAGA_COLUMNS = "id, type, key, state, data, version, deadline, attempts, meta, final, created_at, updated_at"
+_SAGA_COLUMNS = (
+    "id, type, key, state, data, version, deadline, attempts, meta, final, created_at, updated_at, fingerprint"
+)
 
 
 def _record(row: Sequence[Any]) -> SagaRecord:
@@ -553,6 +606,7 @@ def _record(row: Sequence[Any]) -> SagaRecord:
         final=bool(row[9]),
         created_at=float(row[10]),
         updated_at=float(row[11]),
+        fingerprint=row[12],
     )
 
 
@@ -604,7 +658,7 @@ class _SqlStore:
             "CREATE TABLE IF NOT EXISTS sagas (id TEXT PRIMARY KEY, type TEXT NOT NULL, key TEXT NOT NULL,"
             " state TEXT NOT NULL, data TEXT NOT NULL, version INTEGER NOT NULL,"
             f" deadline {real}, attempts INTEGER NOT NULL, meta TEXT NOT NULL, final INTEGER NOT NULL,"
-            f" created_at {real} NOT NULL, updated_at {real} NOT NULL, UNIQUE (type, key))",
+            f" created_at {real} NOT NULL, updated_at {real} NOT NULL, fingerprint TEXT, UNIQUE (type, key))",
             # Finding the due sagas of an engine's types reads this partial index only: O(due), not O(all).
             # (An index on the deadline alone lost to the (type, state) index, which reads every saga of the type.)
             "CREATE INDEX IF NOT EXISTS sagas_due_by_type ON sagas (type, deadline) WHERE deadline IS NOT NULL",
@@ -627,6 +681,9 @@ class _SqlStore:
             # a saga's messages on its page (schema 6)
             "CREATE INDEX IF NOT EXISTS outbox_by_saga ON outbox (saga_id, id)",
             "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)",
+            # the graph of each version of each saga type's definition, by fingerprint (schema 8)
+            "CREATE TABLE IF NOT EXISTS definitions (type TEXT NOT NULL, fingerprint TEXT NOT NULL,"
+            f" graph TEXT NOT NULL, first_seen {real} NOT NULL, PRIMARY KEY (type, fingerprint))",
             # the queue registry (schema 9): the durable queues each app declared on each exchange
             "CREATE TABLE IF NOT EXISTS queue_registry (exchange TEXT NOT NULL, queue TEXT NOT NULL,"
             " app TEXT NOT NULL, consumer TEXT NOT NULL, patterns TEXT NOT NULL, delay_queues TEXT NOT NULL,"
@@ -653,8 +710,22 @@ class _SqlStore:
                     # (version 5 added the listing indexes above; this one is a prefix of sagas_by_type_state)
                     self._execute("DROP INDEX IF EXISTS sagas_by_state")
                 # (version 6 added the index outbox_by_saga, created above)
+                if 0 < current < 8:
+                    # the definition each saga was created or last moved under (NULL: unknown); version 8
+                    # also added the definitions table, created above
+                    self._add_column("sagas", "fingerprint", "TEXT")
                 # (version 9 added the table queue_registry, created above)
                 self._execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+
+    def _add_column(self, table: str, column: str, sql_type: str) -> None:
+        """Add a column to ``table`` unless it has it (a store created by this version has it already)."""
+        if column not in self._columns(table):
+            self._execute(f"ALTER TABLE {table} ADD COLUMN {column} {sql_type}")
+
+    def _columns(self, table: str) -> set[str]:
+        """The names of ``table``'s columns."""
+        rows = self._execute("SELECT name FROM pragma_table_info(?)", (table,)).fetchall()
+        return {str(r[0]) for r in rows}
 
     # inbox and reply cache
 
@@ -737,6 +808,7 @@ class _SqlStore:
             json.dumps(record.meta),
             int(record.final),
             record.updated_at,
+            record.fingerprint,
         )
         rows: list[OutboxRow] = []
         # DuplicateSaga and VersionConflict are raised before anything is written, and without a
@@ -744,16 +816,16 @@ class _SqlStore:
         with self._atomic():
             if expected_version is None:
                 cur = self._execute(
-                    f"INSERT INTO sagas ({_SAGA_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                    f"INSERT INTO sagas ({_SAGA_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
                     " ON CONFLICT DO NOTHING",
-                    (record.id, record.type, record.key, *values[:7], record.created_at, record.updated_at),
+                    (record.id, record.type, record.key, *values[:7], record.created_at, *values[7:]),
                 )
                 if cur.rowcount != 1:
                     raise DuplicateSaga(f"saga {record.type}/{record.key} exists")
             else:
                 cur = self._execute(
                     "UPDATE sagas SET state = ?, data = ?, version = ?, deadline = ?, attempts = ?,"
-                    " meta = ?, final = ?, updated_at = ? WHERE id = ? AND version = ?",
+                    " meta = ?, final = ?, updated_at = ?, fingerprint = ? WHERE id = ? AND version = ?",
                     (*values, record.id, expected_version),
                 )
                 if cur.rowcount != 1:
@@ -869,6 +941,31 @@ class _SqlStore:
             "SELECT type, state, final, count(*) FROM sagas GROUP BY type, state, final ORDER BY type, state"
         ).fetchall()
         return [StateCount(r[0], r[1], bool(r[2]), int(r[3])) for r in rows]
+
+    #: the request type a saga waits on, from its metadata's JSON text
+    _AWAITS = "json_extract(meta, '$.request.type')"
+
+    def live_groups(self) -> list[LiveGroup]:
+        # (the partial index of sagas that have not ended: the live ones only)
+        rows = self._execute(
+            f"SELECT type, state, fingerprint, {self._AWAITS} AS awaits, count(*) FROM sagas WHERE final = 0"
+            " GROUP BY type, state, fingerprint, awaits ORDER BY type, state"
+        ).fetchall()
+        return [LiveGroup(r[0], r[1], r[2], r[3], int(r[4])) for r in rows]
+
+    def save_definition(self, saga_type: str, fingerprint: str, graph: str, now: float) -> None:
+        with self._atomic():
+            self._execute(
+                "INSERT INTO definitions (type, fingerprint, graph, first_seen) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT DO NOTHING",
+                (saga_type, fingerprint, graph, now),
+            )
+
+    def definition_graph(self, saga_type: str, fingerprint: str) -> str | None:
+        row = self._execute(
+            "SELECT graph FROM definitions WHERE type = ? AND fingerprint = ?", (saga_type, fingerprint)
+        ).fetchone()
+        return None if row is None else str(row[0])
 
     def outbox_backlog(self) -> OutboxBacklog:
         row = self._execute("SELECT count(*), min(created_at) FROM outbox WHERE sent_at IS NULL").fetchone()
@@ -1105,6 +1202,16 @@ class PostgresStore(_SqlStore):
     def _execute(self, statement: str, params: Sequence[Any] = ()) -> Any:
         self._live()
         return self._db.execute(self._sql(statement), params)
+
+    _AWAITS = "(meta::jsonb #>> '{request,type}')"
+
+    def _columns(self, table: str) -> set[str]:
+        rows = self._execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_schema = current_schema()"
+            " AND table_name = ?",
+            (table,),
+        ).fetchall()
+        return {str(r[0]) for r in rows}
 
     def _sql(self, statement: str) -> str:
         return statement.replace("?", "%s").replace(_C_MARK, ' COLLATE "C"')

@@ -54,6 +54,7 @@ from ._saga_engine import SagaEngine
 from ._saga_pipeline import SAGA_RETRY, SagaPipeline
 from ._service import App, HandlerSpec, Service
 from ._store import Store, open_store
+from ._versions import CompatibilityReport, StrandedSagas, check, park, record_definitions
 
 log = structlog.get_logger("sagas.worker")
 
@@ -61,6 +62,9 @@ log = structlog.get_logger("sagas.worker")
 EXIT_BROKER_UNAVAILABLE = 3
 #: Exit code of a worker whose broker refused the login (a wrong user or password: not retried).
 EXIT_LOGIN_REFUSED = 4
+#: Exit code of a worker whose saga definitions would strand live sagas (see :mod:`sagas._versions`):
+#: like a refused login, a human must act, and restarting does not help.
+EXIT_STRANDED = 4
 #: messages a saga type's queue sends ahead
 _SAGA_PREFETCH = 256
 
@@ -86,6 +90,12 @@ class Worker:
 
     ``observer`` is told what the worker does as it goes (see :mod:`sagas._observe`; the metrics extra's
     :class:`sagas._metrics.Metrics` is one): nothing by default.
+
+    Before it connects, a worker of an app with sagas compares its definitions with the live sagas in
+    the store (:func:`sagas._versions.check`) and refuses to start (:class:`StrandedSagas`, exit code 4
+    from :meth:`run`) when some would be stranded; with ``allow_stranded`` it parks those in ``failed``
+    and starts. ``shared_store``: other apps keep their own saga types in this store (their sagas are
+    not judged). :attr:`compatibility` holds the report.
     """
 
     bus: EventBus
@@ -116,6 +126,8 @@ class Worker:
         batch_size: int = 256,
         claim_lease: float | None = None,
         observer: Observer | None = None,
+        allow_stranded: bool = False,
+        shared_store: bool = False,
     ) -> None:
         if isinstance(app, Service):
             app = App(app)
@@ -172,6 +184,10 @@ class Worker:
         self.reconnects = 0
         #: what the worker reports to (see :mod:`sagas._observe`)
         self.observer: Observer = observer or NULL_OBSERVER
+        self.allow_stranded = allow_stranded
+        self.shared_store = shared_store
+        #: what the check of the definitions against the live sagas found at start (None: not checked)
+        self.compatibility: CompatibilityReport | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
@@ -198,6 +214,12 @@ class Worker:
             else None
         )
         self.outbox = OutboxPublisher(self.bus, self.store, engine, observer=self.observer)
+        if engine is not None:
+            try:
+                self._check_definitions(engine)
+            except BaseException:
+                self.close()
+                raise
         saga_routes: dict[str, str] = {}
         for d in engine.definitions.values() if engine else ():
             sub = Subscription(
@@ -255,6 +277,17 @@ class Worker:
             concurrency=self.concurrency,
         )
 
+    def _check_definitions(self, engine: SagaEngine) -> None:
+        """Refuse to start when the definitions would strand live sagas (or park those, with
+        ``allow_stranded``); then keep the definitions' graphs in the store."""
+        report = self.compatibility = check(engine.definitions, self.store, shared_store=self.shared_store)
+        if not report.compatible:
+            if not self.allow_stranded:
+                raise StrandedSagas(report)
+            parked = park(report, self.store, self.now(), message_id=f"deploy:{self.instance}")
+            log.warning("worker.stranded_parked", parked=parked, stranded=[s.line() for s in report.stranded])
+        record_definitions(engine.definitions.values(), self.store, self.now())
+
     @property
     def started(self) -> bool:
         return self._started
@@ -285,7 +318,7 @@ class Worker:
 
     def run(self, *, install_signals: bool = False) -> int:
         """Run until stopped. Returns the process exit code: 0, 3 if the broker stayed away, or 4 at once
-        if it refused the login."""
+        if it refused the login or its definitions would strand live sagas."""
         if install_signals:
             self._install_signals()
         try:
@@ -300,6 +333,10 @@ class Worker:
             log.error("worker.login_refused", error=str(exc))
             self.close()
             return EXIT_LOGIN_REFUSED
+        except StrandedSagas as exc:
+            log.error("worker.stranded_sagas", stranded=[s.line() for s in exc.report.stranded])
+            self.close()
+            return EXIT_STRANDED
         self.shutdown()
         return 0
 
