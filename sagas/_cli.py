@@ -24,6 +24,7 @@ from transport import (
     DEFAULT_MAX_EVENT_SIZE,
     DeadLetter,
     EventBus,
+    QueueInUse,
     TransportError,
     Unroutable,
     encode,
@@ -760,6 +761,107 @@ def prune_command(app: str, store: str, dry_run: bool) -> None:
         click.echo(line)
     if dry_run:
         click.echo("dry run: nothing was deleted")
+
+
+@cli.command()
+@click.argument("app")
+@_broker
+@_tls
+@_exchange
+@_store
+@click.option(
+    "--orphaned",
+    is_flag=True,
+    help="Only the queues a worker of APP declared once and that no current handler or saga type of APP, "
+    "no other app and no consumer uses.",
+)
+@click.option("--delete", is_flag=True, help="With --orphaned: delete them, and the messages they hold.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
+def queues(
+    app: str,
+    broker: str,
+    tls: dict[str, Any] | None,
+    exchange: str | None,
+    store: str,
+    orphaned: bool,
+    delete: bool,
+    as_json: bool,
+) -> None:
+    """List the durable queues of APP with their depth and consumers; with --orphaned, those it left
+    behind (a renamed or removed handler or saga type), as the workers' registry in the store knows
+    them. --delete removes them, never one with a consumer.
+
+    \b
+    Example:
+      sagas queues examples.order:app --store sqlite:///sagas.db --broker amqp://guest:guest@localhost// --orphaned
+      sagas queues examples.order:app --store ... --broker ... --orphaned --delete
+    """
+    from . import _queues
+
+    if delete and not orphaned:
+        _usage_error("--delete removes orphaned queues only: add --orphaned")
+    loaded = _load_app(app)
+    exchange = exchange or loaded.exchange
+    bus = EventBus(broker, exchange=exchange, connect_timeout=5.0, ssl=tls)
+    failed = False
+    try:
+        with _existing_store(store) as st:
+            if not bus.health(timeout=5.0):  # (declares nothing; an empty registry would not connect at all)
+                _usage_error(f"the broker {redact_url(broker)} does not answer")
+            if not orphaned:
+                rows = []
+                for r in _queues.app_queues(loaded, exchange):
+                    info = bus.inspect_queue(r.queue)
+                    rows.append(
+                        {
+                            "queue": r.queue,
+                            "exists": info is not None,
+                            "depth": info.messages if info else 0,
+                            "consumers": info.consumers if info else 0,
+                            "consumer": r.consumer,
+                        }
+                    )
+                if as_json:
+                    click.echo(json.dumps(rows, indent=2))
+                    return
+                table = [("QUEUE", "DEPTH", "CONSUMERS", "CONSUMED BY")]
+                for row in rows:
+                    depth = str(row["depth"]) if row["exists"] else "(not declared)"
+                    table.append((str(row["queue"]), depth, str(row["consumers"]), str(row["consumer"])))
+                for line in _table(table):
+                    click.echo(line)
+                return
+            orphans = _queues.find_orphans(st, bus, loaded, exchange, forget=False)
+            if as_json and not delete:
+                click.echo(json.dumps([o.to_dict() for o in orphans], indent=2))
+                return
+            if not orphans:
+                click.echo(f"no orphaned queues of {_queues.app_name(loaded)} on exchange {exchange}")
+                return
+            if not delete:
+                listing = [("QUEUE", "DEPTH", "DELAYED", "CONSUMERS", "WAS CONSUMED BY", "LAST DECLARED")]
+                for o in orphans:
+                    r = o.record
+                    listing.append(
+                        (r.queue, str(o.depth), str(o.delayed), str(o.consumers), r.consumer, _iso(r.declared_at))
+                    )
+                for line in _table(listing):
+                    click.echo(line)
+                return
+            for o in orphans:
+                try:
+                    held = _queues.remove(st, bus, o)
+                except QueueInUse as exc:
+                    click.echo(f"kept {o.record.queue}: {exc}", err=True)
+                    failed = True
+                    continue
+                click.echo(f"deleted {o.record.queue} ({o.record.consumer}): {held} message(s) dropped")
+    except TransportError as exc:  # (as for the other commands: exit 2)
+        _usage_error(f"{exc} (broker {redact_url(broker)})")
+    finally:
+        bus.close()
+    if failed:
+        sys.exit(1)
 
 
 @cli.command("ls")

@@ -28,7 +28,7 @@ from ._types import InboxStore
 DEFAULT_STORE_URL = "sqlite:///sagas.db"
 #: the state a saga is parked in when it failed (``sagas.FAILED``)
 FAILED_STATE = "failed"
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 #: The most ids :meth:`Store.last_reasons` reads in one statement (SQLite allows 32,766 parameters).
 _ID_CHUNK = 500
 
@@ -202,6 +202,44 @@ class PruneCutoffs:
         return self.finished_by_type.get(saga_type, self.finished)
 
 
+@dataclass(frozen=True, slots=True)
+class QueueRecord:
+    """A durable queue an app declares on its exchange, as the queue registry keeps it (schema 9).
+
+    ``consumer`` says what consumes it (``handler <service>.<name>`` or ``saga <type>``), ``app`` names
+    the app whose workers declared it (see :func:`sagas._queues.app_name`), ``patterns`` are its bindings
+    and ``delay_queues`` its retry delay queues; ``declared_at`` is when a worker of that app last
+    declared it."""
+
+    exchange: str
+    queue: str
+    app: str
+    consumer: str
+    patterns: tuple[str, ...] = ()
+    delay_queues: tuple[str, ...] = ()
+    declared_at: float = 0.0
+
+
+@runtime_checkable
+class QueueRegistry(Protocol):
+    """The store's record of the durable queues each app declared on each exchange (schema 9). AMQP
+    cannot list the queues bound to an exchange, so the apps keep their own topology here; see
+    :mod:`sagas._queues` for what reads it."""
+
+    def register_queues(self, records: Sequence[QueueRecord]) -> None:
+        """Insert or refresh (``consumer``, ``patterns``, ``delay_queues``, ``declared_at``) each record,
+        keyed by (exchange, queue, app), in one transaction."""
+        ...
+
+    def registered_queues(self, exchange: str) -> list[QueueRecord]:
+        """Every record of ``exchange``, by queue, then app."""
+        ...
+
+    def forget_queue(self, exchange: str, queue: str, app: str) -> None:
+        """Drop the record of ``queue`` declared by ``app`` (nothing if there is none)."""
+        ...
+
+
 @runtime_checkable
 class Store(InboxStore, Protocol):
     """Everything a worker needs from a store: the inbox, the reply cache, sagas and the outbox."""
@@ -342,6 +380,8 @@ class MemoryStore:
         self._next_row = 1
         #: (saga type, fingerprint) -> (graph JSON, first seen)
         self._definitions: dict[tuple[str, str], tuple[str, float]] = {}
+        #: the queue registry: (exchange, queue, app) -> record
+        self._queues: dict[tuple[str, str, str], QueueRecord] = {}
         # Reads take the lock too: a save writes several maps, and a reader on another thread (a test,
         # the console) must see all of a save or none of it.
         self._lock = threading.Lock()
@@ -535,6 +575,19 @@ class MemoryStore:
 
     def group(self) -> AbstractContextManager[None]:
         return nullcontext()  # every write applies at once, and whole
+
+    def register_queues(self, records: Sequence[QueueRecord]) -> None:
+        with self._lock:
+            for r in records:
+                self._queues[(r.exchange, r.queue, r.app)] = r
+
+    def registered_queues(self, exchange: str) -> list[QueueRecord]:
+        with self._lock:
+            return [r for key, r in sorted(self._queues.items()) if key[0] == exchange]
+
+    def forget_queue(self, exchange: str, queue: str, app: str) -> None:
+        with self._lock:
+            self._queues.pop((exchange, queue, app), None)
 
     def _read(self, r: SagaRecord) -> SagaRecord:
         data, meta = json.loads(self._documents[r.id])
@@ -744,6 +797,10 @@ class _SqlStore:
             # the graph of each version of each saga type's definition, by fingerprint (schema 8)
             "CREATE TABLE IF NOT EXISTS definitions (type TEXT NOT NULL, fingerprint TEXT NOT NULL,"
             f" graph TEXT NOT NULL, first_seen {real} NOT NULL, PRIMARY KEY (type, fingerprint))",
+            # the queue registry (schema 9): the durable queues each app declared on each exchange
+            "CREATE TABLE IF NOT EXISTS queue_registry (exchange TEXT NOT NULL, queue TEXT NOT NULL,"
+            " app TEXT NOT NULL, consumer TEXT NOT NULL, patterns TEXT NOT NULL, delay_queues TEXT NOT NULL,"
+            f" declared_at {real} NOT NULL, PRIMARY KEY (exchange, queue, app))",
         ]
         with self._transaction():
             for statement in statements:
@@ -772,6 +829,7 @@ class _SqlStore:
                     # the definition each saga was created or last moved under (NULL: unknown); version 8
                     # also added the definitions table, created above
                     self._add_column("sagas", "fingerprint", "TEXT")
+                # (version 9 added the table queue_registry, created above)
                 self._execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
 
     def _add_column(self, table: str, column: str, sql_type: str) -> None:
@@ -1181,6 +1239,44 @@ class _SqlStore:
                 )
                 return {table: int(cur.rowcount)}
             raise ConfigurationError(f"cannot prune {table!r}: prune sagas, outbox, inbox or reply_cache")
+
+    # the queue registry (schema 9)
+
+    def register_queues(self, records: Sequence[QueueRecord]) -> None:
+        with self._atomic():
+            for r in records:
+                self._execute(
+                    "INSERT INTO queue_registry (exchange, queue, app, consumer, patterns, delay_queues, declared_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (exchange, queue, app) DO UPDATE SET"
+                    " consumer = excluded.consumer, patterns = excluded.patterns,"
+                    " delay_queues = excluded.delay_queues, declared_at = excluded.declared_at",
+                    (
+                        r.exchange,
+                        r.queue,
+                        r.app,
+                        r.consumer,
+                        json.dumps(list(r.patterns)),
+                        json.dumps(list(r.delay_queues)),
+                        r.declared_at,
+                    ),
+                )
+
+    def registered_queues(self, exchange: str) -> list[QueueRecord]:
+        rows = self._execute(
+            "SELECT exchange, queue, app, consumer, patterns, delay_queues, declared_at FROM queue_registry"
+            f" WHERE exchange = ? ORDER BY queue {_C_MARK}, app {_C_MARK}",
+            (exchange,),
+        ).fetchall()
+        return [
+            QueueRecord(r[0], r[1], r[2], r[3], tuple(json.loads(r[4])), tuple(json.loads(r[5])), float(r[6]))
+            for r in rows
+        ]
+
+    def forget_queue(self, exchange: str, queue: str, app: str) -> None:
+        with self._atomic():
+            self._execute(
+                "DELETE FROM queue_registry WHERE exchange = ? AND queue = ? AND app = ?", (exchange, queue, app)
+            )
 
 
 class SQLiteStore(_SqlStore):

@@ -44,7 +44,7 @@ from transport import (
     redact_url,
 )
 
-from . import _tracing
+from . import _queues, _tracing
 from ._clock import SteadyClock
 from ._errors import ConfigurationError, SagasError
 from ._handlers import DEFAULT_CLAIM_LEASE, HandlerPipeline, Ready, Work
@@ -270,6 +270,8 @@ class Worker:
         )
         try:
             self._connect(time.monotonic() + self.grace_period)
+            # the queue registry, and a warning for each orphaned queue (see sagas._queues)
+            _queues.check_at_start(self.store, self.bus, self.app, self.exchange, self.now())
         except BaseException:
             self.close()  # e.g. a permission or topology error: leave no connection, thread or store open
             raise

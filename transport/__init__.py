@@ -18,13 +18,14 @@ from ._errors import (
     LoginRefused,
     PublishError,
     PublishTimeout,
+    QueueInUse,
     TopologyMismatch,
     TransportError,
     Unroutable,
 )
 from ._memory import isolated_transport
 from ._names import topic_matches, validate_event_name, validate_pattern
-from ._topology import DEFAULT_PREFETCH, Subscription
+from ._topology import DEFAULT_PREFETCH, QueueInfo, Subscription, delay_queue
 
 __all__ = [
     "ATTEMPT_HEADER",
@@ -45,11 +46,14 @@ __all__ = [
     "LoginRefused",
     "PublishError",
     "PublishTimeout",
+    "QueueInUse",
+    "QueueInfo",
     "Subscription",
     "TopologyMismatch",
     "TransportError",
     "Unroutable",
     "decode",
+    "delay_queue",
     "encode",
     "is_memory_url",
     "isolated_transport",

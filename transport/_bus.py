@@ -17,7 +17,8 @@ Every ack goes through :meth:`EventBus.ack`, also those of :meth:`~EventBus.ack_
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import structlog
@@ -28,11 +29,11 @@ from ._connection import ConnectionLost, FailoverConnection, is_connection_error
 from ._consumer import Consumer, Inbound
 from ._deadletters import DeadLetter, DeadLetterOffice
 from ._envelope import DEFAULT_MAX_EVENT_SIZE, Event, encode
-from ._errors import TopologyMismatch, TransportError
+from ._errors import QueueInUse, TopologyMismatch, TransportError
 from ._publisher import Publisher
-from ._topology import Subscription, dead_queue, declare
+from ._topology import QueueInfo, Subscription, dead_queue, declare
 
-__all__ = ["DeadLetter", "EventBus"]
+__all__ = ["DeadLetter", "EventBus", "QueueInfo"]
 
 log = structlog.get_logger("transport")
 
@@ -280,6 +281,76 @@ class EventBus:
                 pub.queue_delete(queue=queue)
             pub.exchange_delete(exchange=self.exchange)
             self.declared_queues.clear()
+
+    # -- queue administration (operator tools: orphaned queues) --------------------------------------
+    #
+    # AMQP cannot list the queues bound to an exchange (only the management plugin can, and it is not
+    # always there): the caller names the queues, and these calls work on each, on a channel of its own
+    # (RabbitMQ closes a channel that names a queue that does not exist).
+
+    @contextlib.contextmanager
+    def _admin_channel(self) -> Iterator[Any]:
+        ch = self.channel()
+        try:
+            yield ch
+        finally:
+            if getattr(ch, "is_open", True):  # (RabbitMQ closed it after an error; memory's has no such flag)
+                ch.close()
+
+    def _channel_error(self, exc: BaseException) -> bool:
+        conn = self._link.current
+        return conn is not None and isinstance(exc, tuple(conn.channel_errors))
+
+    def inspect_queue(self, queue: str) -> QueueInfo | None:
+        """The messages ready in ``queue`` and the consumers attached to it now (a passive declare,
+        which creates nothing), or None when no such queue exists."""
+        with self._admin_channel() as ch:
+            try:
+                ok = ch.queue_declare(queue=queue, passive=True)
+            except Exception as exc:
+                if not self._channel_error(exc):
+                    raise
+                if getattr(exc, "code", None) in (404, "404"):
+                    return None
+                raise TransportError(f"the broker refused to inspect queue {queue!r}: {exc}") from None
+        return QueueInfo(queue, int(ok.message_count), int(ok.consumer_count))
+
+    def unbind_queue(self, queue: str, patterns: Sequence[str]) -> None:
+        """Remove the bindings of ``queue`` to the events exchange by ``patterns``: from now on it
+        receives no new events (what it holds stays). A queue that does not exist is a no-op."""
+        if self.inspect_queue(queue) is None:
+            return
+        with self._admin_channel() as ch:
+            try:
+                for pattern in patterns:
+                    ch.queue_unbind(queue=queue, exchange=self.exchange, routing_key=pattern)
+            except Exception as exc:
+                if not self._channel_error(exc):
+                    raise
+                raise TransportError(f"the broker refused to unbind queue {queue!r}: {exc}") from None
+
+    def delete_queue(self, queue: str) -> int:
+        """Delete ``queue`` and the messages in it; return how many it held (0 when it did not exist).
+
+        Raises :class:`QueueInUse` when a consumer is attached to it. (The check is a passive declare
+        just before the delete: RabbitMQ's quorum queues refuse ``if_unused``, so a consumer that
+        attaches between the two is cancelled by the delete.)"""
+        info = self.inspect_queue(queue)
+        if info is None:
+            return 0
+        if info.consumers:
+            raise QueueInUse(
+                f"queue {queue!r} has {info.consumers} consumer(s): something still reads it; stop it first"
+            )
+        with self._admin_channel() as ch:
+            try:
+                held = ch.queue_delete(queue=queue)
+            except Exception as exc:
+                if not self._channel_error(exc):
+                    raise
+                raise TransportError(f"the broker refused to delete queue {queue!r}: {exc}") from None
+        self.declared_queues.discard(queue)
+        return int(held or 0)
 
     # -- consuming ---------------------------------------------------------------------------------
 

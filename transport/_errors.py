@@ -62,3 +62,7 @@ class LoginRefused(TransportError):
 class TopologyMismatch(TransportError):
     """A queue or exchange exists on the broker with other arguments (RabbitMQ's PRECONDITION_FAILED).
     Changing a queue's arguments is a migration; the message says how."""
+
+
+class QueueInUse(TransportError):
+    """A queue was not deleted because a consumer is attached to it: something still reads it."""

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from queue import Empty, Queue
 from typing import Any, ClassVar
 
+from amqp.exceptions import NotFound
 from amqp.protocol import queue_declare_ok_t
 from kombu.transport import memory, virtual
 from kombu.transport.virtual.exchange import TopicExchange as _KombuTopicExchange
@@ -100,8 +101,16 @@ class Channel(memory.Channel):
         super()._new_queue(queue, **kwargs)
 
     def queue_declare(self, queue: str | None = None, passive: bool = False, **kwargs: Any) -> Any:
-        if passive and queue in self.queues:
-            return queue_declare_ok_t(queue, self._size(queue), 0)
+        if passive and queue is not None and queue in self.queues:
+            # as RabbitMQ answers: the messages in the queue (here with those waiting out its TTL) and its
+            # consumers, on every connection to this broker
+            with self.lock:
+                waiting = sum(1 for entry in self.delayed if entry[2] == queue)
+                consumers = max(0, self.consumer_counts.get(queue, 0))
+            return queue_declare_ok_t(queue, self._size(queue) + waiting, consumers)
+        if passive:
+            # RabbitMQ's answer (kombu's virtual channel raises a ChannelError with code 0)
+            raise NotFound(f"NOT_FOUND - no queue {queue!r}", (50, 10), "Channel.queue_declare")
         return super().queue_declare(queue, passive, **kwargs)
 
     def _has_queue(self, queue: str, **kwargs: Any) -> bool:

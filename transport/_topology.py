@@ -63,6 +63,16 @@ class Subscription:
             raise TransportError("retry delays must be positive")
 
 
+@dataclass(frozen=True, slots=True)
+class QueueInfo:
+    """What the broker says about a queue that exists: the messages ready in it (not those delivered
+    and unacked) and the consumers attached to it now."""
+
+    queue: str
+    messages: int
+    consumers: int
+
+
 def delay_ms(delay: float) -> int:
     """A delay in seconds, rounded to the millisecond level its queue is named by."""
     return max(1, round(delay * 1000))

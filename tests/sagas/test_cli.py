@@ -28,6 +28,7 @@ COMMANDS = [
     ["health"],
     ["demo"],
     ["counts"],
+    ["queues"],
 ]
 
 
