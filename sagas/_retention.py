@@ -69,7 +69,12 @@ def _seconds(name: str, value: Any) -> float:
 
 
 def _days(seconds: float) -> str:
-    return f"{seconds / DAY:g} days" if seconds >= DAY else f"{seconds:g}s"
+    if seconds >= 100 * 365 * DAY:
+        return "more than a century"  # (a re-send span with a large backoff: past any sensible window)
+    if seconds >= DAY:
+        days = seconds / DAY
+        return f"{days:g} day" if days == 1 else f"{days:g} days"
+    return f"{seconds:g}s"
 
 
 @dataclass(frozen=True, slots=True, init=False)

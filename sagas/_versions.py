@@ -139,8 +139,9 @@ class CompatibilityReport:
         out += [f"  not this app's (shared store) {g.type}/{g.state}: {g.count} saga(s)" for g in self.others]
         if self.stranded:
             out.append(
-                "fix the definitions (keep the state, or add a migration: see docs/upgrades.md), or start with "
-                "--allow-stranded to park them in 'failed'"
+                "fix the definitions (keep the state or the saga type until its sagas have left it, or add a "
+                "migration for a state: see docs/upgrades.md), or start with --allow-stranded to park them in "
+                "'failed'"
             )
         return out
 
