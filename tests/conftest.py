@@ -32,6 +32,8 @@ if SCRIPTS not in sys.path:
 if TYPE_CHECKING:
     from private_services import PostgresCluster, RabbitNode
 
+    from sagas import Store
+
 AMQP_URL = os.environ.get("SAGAS_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
 POSTGRES_URL = os.environ.get("SAGAS_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 IN_CI = bool(os.environ.get("CI"))
@@ -71,6 +73,34 @@ def _default_logging() -> Iterator[None]:
 def unique() -> str:
     """A name no other test or run uses (for exchanges, queues and schemas)."""
     return f"t{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(params=["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def any_store(request: pytest.FixtureRequest, tmp_path: Path, unique: str) -> Iterator[Store]:
+    """A fresh store of each backend: memory, SQLite (a file of the test's), PostgreSQL (a schema of its
+    own, dropped after the test); closed after the test."""
+    from sagas import MemoryStore, open_store
+
+    if request.param == "memory":
+        yield MemoryStore()
+        return
+    if request.param == "sqlite":
+        store = open_store(f"sqlite:///{tmp_path}/s.db")
+        try:
+            yield store
+        finally:
+            store.close()
+        return
+    url = request.getfixturevalue("postgres_url")
+    store = open_store(f"{url}?schema={unique}")
+    try:
+        yield store
+    finally:
+        store.close()
+        import psycopg
+
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{unique}" CASCADE')
 
 
 @pytest.fixture

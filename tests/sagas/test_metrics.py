@@ -11,7 +11,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -22,7 +22,7 @@ from sagas import Event, EventBus, NoReply
 from sagas._cli import cli
 from sagas._metrics import LEASE, Metrics
 from sagas._saga_pipeline import SAGA_RETRY
-from sagas._store import MemoryStore, Store, open_store
+from sagas._store import MemoryStore, Store
 from sagas.testing import Drop, Harness
 from tests.helpers import CommitFailsOnce
 from transport import Subscription
@@ -157,27 +157,10 @@ def test_parked_and_compensated_sagas_and_reconnects_are_counted() -> None:
 # -- the store sampler -------------------------------------------------------------------------------
 
 
-@pytest.fixture(params=["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def shared_store(request: pytest.FixtureRequest, tmp_path: Path, unique: str) -> Iterator[Store]:
+@pytest.fixture
+def shared_store(any_store: Store) -> Store:
     """One store the workers of a cluster share: memory, SQLite, PostgreSQL (its own schema)."""
-    if request.param == "memory":
-        yield MemoryStore()
-        return
-    if request.param == "sqlite":
-        store = open_store(f"sqlite:///{tmp_path}/s.db")
-        yield store
-        store.close()
-        return
-    url = request.getfixturevalue("postgres_url")
-    store = open_store(f"{url}?schema={unique}")
-    try:
-        yield store
-    finally:
-        store.close()
-        import psycopg
-
-        with psycopg.connect(url, autocommit=True) as conn:
-            conn.execute(f'DROP SCHEMA IF EXISTS "{unique}" CASCADE')
+    return any_store
 
 
 def test_one_worker_at_a_time_samples_the_store(shared_store: Store) -> None:

@@ -4,36 +4,18 @@ and PostgreSQL alike (``sagas._store``)."""
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from sagas import MemoryStore, SQLiteStore, Store, open_store
+from sagas import SQLiteStore, Store, open_store
 from sagas._store import SCHEMA_VERSION, QueueRecord, QueueRegistry
 
 
-@pytest.fixture(params=["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def registry(request: pytest.FixtureRequest, tmp_path: Path, unique: str) -> Iterator[Store]:
+@pytest.fixture
+def registry(any_store: Store) -> Store:
     """An empty store of each backend (PostgreSQL in its own schema)."""
-    if request.param == "memory":
-        yield MemoryStore()
-        return
-    if request.param == "sqlite":
-        store = open_store(f"sqlite:///{tmp_path}/s.db")
-        yield store
-        store.close()
-        return
-    url = request.getfixturevalue("postgres_url")
-    store = open_store(f"{url}?schema={unique}")
-    try:
-        yield store
-    finally:
-        store.close()
-        import psycopg
-
-        with psycopg.connect(url, autocommit=True) as conn:
-            conn.execute(f'DROP SCHEMA IF EXISTS "{unique}" CASCADE')
+    return any_store
 
 
 def _rec(queue: str, app: str = "app1", at: float = 1.0, exchange: str = "ex") -> QueueRecord:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -33,27 +32,13 @@ DAY = 86400.0
 NOW = 1_800_000_000.0
 
 
-@pytest.fixture(params=["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def store(request: pytest.FixtureRequest, tmp_path: Path, unique: str) -> Iterator[Store]:
+@pytest.fixture
+def store(any_store: Store) -> Store:
     """A store of each backend, whose inbox, reply-cache and outbox timestamps follow ``clock`` (NOW)."""
-    if request.param == "memory":
-        opened: Store = MemoryStore()
-    elif request.param == "sqlite":
-        opened = open_store(f"sqlite:///{tmp_path}/s.db")
-    else:
-        opened = open_store(f"{request.getfixturevalue('postgres_url')}?schema={unique}")
     clock = [NOW]
-    opened.clock = lambda: clock[0]  # type: ignore[attr-defined]
-    opened.test_clock = clock  # type: ignore[attr-defined]
-    try:
-        yield opened
-    finally:
-        opened.close()
-        if request.param == "postgres":
-            import psycopg
-
-            with psycopg.connect(request.getfixturevalue("postgres_url"), autocommit=True) as conn:
-                conn.execute(f'DROP SCHEMA IF EXISTS "{unique}" CASCADE')
+    any_store.clock = lambda: clock[0]  # type: ignore[attr-defined]
+    any_store.test_clock = clock  # type: ignore[attr-defined]
+    return any_store
 
 
 def at(store: Store, when: float) -> None:

@@ -7,7 +7,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -118,27 +118,10 @@ class _Kept:
         pass
 
 
-@pytest.fixture(params=["memory", "sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def store(request: pytest.FixtureRequest, tmp_path: Path, unique: str) -> Iterator[Store]:
+@pytest.fixture
+def store(any_store: Store) -> Store:
     """A store on memory, SQLite and PostgreSQL (a schema of its own), open until the test ends."""
-    if request.param == "memory":
-        yield MemoryStore()
-        return
-    if request.param == "sqlite":
-        opened = open_store(f"sqlite:///{tmp_path}/s.db")
-        yield _Kept(opened)
-        opened.close()
-        return
-    url = request.getfixturevalue("postgres_url")
-    opened = open_store(f"{url}?schema={unique}")
-    try:
-        yield _Kept(opened)
-    finally:
-        opened.close()
-        import psycopg
-
-        with psycopg.connect(url, autocommit=True) as conn:
-            conn.execute(f'DROP SCHEMA IF EXISTS "{unique}" CASCADE')
+    return any_store if isinstance(any_store, MemoryStore) else _Kept(any_store)
 
 
 def _finish(app: App, store: Store) -> None:
