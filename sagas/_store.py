@@ -1424,11 +1424,24 @@ class PostgresStore(_SqlStore):
 
     @contextmanager
     def _transaction(self) -> Iterator[None]:
+        import psycopg
+        from psycopg import pq
+
         self._live()
         self._depth += 1  # (psycopg nests transaction() blocks as savepoints)
         try:
-            with self._db.transaction():
+            with self._db.transaction() as tx:
                 yield
+                if self._db.info.transaction_status == pq.TransactionStatus.INERROR:
+                    # (a failed statement whose error was caught: PostgreSQL answers COMMIT with a rollback)
+                    raise psycopg.OperationalError("a statement of the transaction failed: it was rolled back")
+            # psycopg ends a block on a broken connection without COMMIT (or RELEASE) and without an
+            # error when nothing raised inside it: a group whose parts caught the break (the saga
+            # pipeline skips a message that fails) would look committed while it wrote nothing.
+            if tx.status != tx.Status.COMMITTED:
+                raise psycopg.OperationalError(
+                    f"the connection broke: the {'savepoint' if self._depth > 1 else 'transaction'} was not committed"
+                )
         finally:
             self._depth -= 1
 

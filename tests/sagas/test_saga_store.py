@@ -568,6 +568,162 @@ def test_a_group_whose_session_is_killed_fails_whole_and_writes_nothing(
         _drop_schema(postgres_url, unique)
 
 
+@pytest.mark.postgres
+def test_a_group_whose_last_part_meets_a_killed_session_raises_instead_of_committing_nothing(
+    private_postgres: PostgresCluster, unique: str
+) -> None:
+    """psycopg ends a ``transaction()`` block on a broken connection without COMMIT and without an
+    error when nothing raised inside it. The saga pipeline catches each message's failure inside its
+    group: when the session dies during the last message, the group's block ends without an error, the
+    earlier messages' writes are gone, and the pipeline would publish their requests and ack them (a
+    request for a saga that was never committed). The group must raise instead."""
+    import psycopg
+
+    postgres_url = private_postgres.url
+    store = open_store(f"{postgres_url}?schema={unique}")
+    try:
+
+        def group_whose_last_part_meets_the_break() -> None:
+            with store.group():
+                with store.group():
+                    store.remember("c", "before-the-break")
+                with psycopg.connect(postgres_url, autocommit=True) as admin:
+                    (pid,) = admin.execute(
+                        "SELECT pid FROM pg_stat_activity WHERE application_name = %s", (f"sagas:{unique}",)
+                    ).fetchone() or (None,)
+                    assert pid is not None
+                    admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+                # as the saga pipeline does: each message in a part of its own, a failing part skipped
+                try:
+                    with store.group():
+                        store.remember("c", "meets-the-break")
+                except psycopg.OperationalError:
+                    pass
+
+        with pytest.raises(psycopg.OperationalError):
+            group_whose_last_part_meets_the_break()
+        assert not store.seen("c", "before-the-break")
+        assert not store.seen("c", "meets-the-break")
+        store.remember("c", "later")
+        assert store.seen("c", "later")
+    finally:
+        store.close()
+        _drop_schema(postgres_url, unique)
+
+
+@pytest.mark.postgres
+def test_a_group_with_a_failed_statement_whose_error_was_caught_raises(
+    private_postgres: PostgresCluster, unique: str
+) -> None:
+    """PostgreSQL answers COMMIT of a transaction in which a statement failed with a rollback, and no
+    error: a group whose failed statement's error was caught raises, instead of looking committed."""
+    import psycopg
+
+    postgres_url = private_postgres.url
+    store = open_store(f"{postgres_url}?schema={unique}")
+    try:
+
+        def group_with_a_caught_error() -> None:
+            with store.group():
+                store.remember("c", "before")
+                with pytest.raises(psycopg.errors.NumericValueOutOfRange):
+                    _insert(store, _record("a", version=2**40))  # (the version column is an INTEGER)
+
+        with pytest.raises(psycopg.OperationalError, match="rolled back"):
+            group_with_a_caught_error()
+        assert not store.seen("c", "before")
+        store.remember("c", "later")
+        assert store.seen("c", "later")
+    finally:
+        store.close()
+        _drop_schema(postgres_url, unique)
+
+
+class _RecordingBus:
+    """What the saga pipeline does with the broker: publishes, acks, retries and dead-letters, recorded."""
+
+    def __init__(self) -> None:
+        self.published: list[str] = []
+        self.acked: list[str] = []
+        self.given_back: list[str] = []
+
+    def publish_encoded(self, messages: list[tuple[str, bytes, str, bool]]) -> None:
+        self.published += [routing_key for routing_key, *_ in messages]
+
+    def ack_many(self, inbounds: list[Any]) -> None:
+        self.acked += [i.event.id for i in inbounds]
+
+    def retry(self, inbound: Any, delay: float, error: BaseException | None, **kwargs: Any) -> None:
+        self.given_back.append(inbound.event.id)
+
+    def dead_letter(self, inbound: Any, reason: str, error: BaseException | None) -> None:
+        self.given_back.append(inbound.event.id)
+
+
+@pytest.mark.postgres
+def test_a_saga_group_whose_session_dies_at_its_last_message_publishes_and_acks_nothing(
+    private_postgres: PostgresCluster, unique: str
+) -> None:
+    """The saga pipeline applies a batch in one group and skips a message that fails: when PostgreSQL
+    drops the session while it applies the last message of the batch, the starts before it are not
+    committed, so their requests are not published, nor their messages acked: the batch is given back.
+    (Publishing them was a request for a saga that never existed: its reply was for an unknown saga.)"""
+    from types import SimpleNamespace
+
+    import psycopg
+
+    from sagas._bench import BenchSaga
+    from sagas._outbox import OutboxPublisher
+    from sagas._saga_engine import SagaEngine
+    from sagas._saga_pipeline import SagaPipeline
+    from transport import Event
+
+    postgres_url = private_postgres.url
+    store = open_store(f"{postgres_url}?schema={unique}")
+    try:
+        engine = SagaEngine([BenchSaga], store, clock=time.time)
+        bus = _RecordingBus()
+        outbox = OutboxPublisher(bus, store, engine)  # type: ignore[arg-type]
+        pipeline = SagaPipeline(
+            {"bench": "bench"}, engine, store, outbox, clock=time.time, timer_interval=1.0, relay_interval=5.0
+        )
+        subscription = SimpleNamespace(queue="bench", durable=True)
+        inbounds = [
+            SimpleNamespace(
+                subscription=subscription,
+                event=Event("bench.orders.placed", {"order": f"o{i}"}),
+                attempt=1,
+                message_id=f"m{i}",
+            )
+            for i in range(3)
+        ]
+        handle = engine.handle
+
+        def handle_then_lose_the_session(saga_type: str, event: Event) -> Any:
+            if event.id == inbounds[-1].event.id:  # the last message meets a restart of PostgreSQL
+                with psycopg.connect(postgres_url, autocommit=True) as admin:
+                    admin.execute(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
+                        (f"sagas:{unique}",),
+                    )
+            return handle(saga_type, event)
+
+        engine.handle = handle_then_lose_the_session  # type: ignore[method-assign]
+        pipeline.apply("bench", inbounds)  # type: ignore[arg-type]
+        assert bus.published == []
+        assert bus.acked == []
+        assert sorted(bus.given_back) == sorted(i.event.id for i in inbounds)
+        assert store.count_sagas() == 0
+        engine.handle = handle  # type: ignore[method-assign]
+        pipeline.apply("bench", inbounds)  # type: ignore[arg-type]  # (redelivered: the store reconnected)
+        assert bus.published == ["bench.stock.reserve"] * 3
+        assert sorted(bus.acked) == sorted(i.event.id for i in inbounds)
+        assert store.count_sagas() == 3
+    finally:
+        store.close()
+        _drop_schema(postgres_url, unique)
+
+
 def test_deadlines_fire_in_one_group_and_a_conflict_skips_only_its_saga(reopen: Opener) -> None:
     """fire_due applies the due sagas in one transaction with a savepoint each: a saga that a message
     moved after the due query is skipped, and the others' firings are committed."""
