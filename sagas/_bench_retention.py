@@ -13,7 +13,6 @@ of each segment, it samples the tables' row counts and the file's size (with its
 from __future__ import annotations
 
 import os
-import sqlite3
 import statistics
 import tempfile
 import threading
@@ -27,13 +26,14 @@ from ._observe import NullObserver
 from ._retention import Pruner, Retention
 from ._saga import SagaContext, Start, Step, StepSaga
 from ._service import App, Service
+from ._store import RETAINED_TABLES, SQLiteStore, open_store
 from ._worker import Worker
 
 #: short windows that pass the floors for the saga below (its requests re-send for at most 31.5 s)
 SHORT = Retention(finished=32, inbox=16, outbox_sent=2, replies=32)
 #: sagas in flight at most (and four times as many events)
 WINDOW = 200
-TABLES = ("sagas", "saga_history", "outbox", "inbox", "reply_cache")
+TABLES = RETAINED_TABLES
 
 
 def _keep(ctx: SagaContext) -> None:
@@ -73,11 +73,12 @@ def _app(exchange: str, handled: list[int]) -> App:
 
 
 def _sample(path: str, t0: float) -> dict[str, Any]:
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    store = open_store(f"sqlite:///{path}", create=False)  # (a connection of its own, on the caller's thread)
+    assert isinstance(store, SQLiteStore)
     try:
-        rows = {t: int(db.execute(f"SELECT count(*) FROM {t}").fetchone()[0]) for t in TABLES}
+        rows = store.row_counts()
     finally:
-        db.close()
+        store.close()
     size = sum(os.path.getsize(p) for p in (path, f"{path}-wal") if os.path.exists(p))
     return {"t": round(time.monotonic() - t0, 1), **rows, "file_mib": round(size / 2**20, 2)}
 

@@ -29,6 +29,17 @@ DEFAULT_STORE_URL = "sqlite:///sagas.db"
 #: the state a saga is parked in when it failed (``sagas.FAILED``)
 FAILED_STATE = "failed"
 SCHEMA_VERSION = 9
+#: the condition (on ``sagas``) of an ended saga a prune may delete: not parked, no late compensation
+#: pending (a deadline), no unsent outbox row, ended before the cutoff (parameters: ``_ended_params``)
+_ENDED = (
+    "final = 1 AND state <> ? AND deadline IS NULL AND updated_at < ?"
+    " AND NOT EXISTS (SELECT 1 FROM outbox u WHERE u.saga_id = sagas.id AND u.sent_at IS NULL)"
+)
+#: the request type a saga waits on, from its metadata's JSON text, in SQLite and in PostgreSQL
+_AWAITS_SQLITE = "json_extract(meta, '$.request.type')"
+_AWAITS_POSTGRES = "(meta::jsonb #>> '{request,type}')"
+#: the tables whose rows retention bounds (``row_counts``)
+RETAINED_TABLES = ("sagas", "saga_history", "outbox", "inbox", "reply_cache")
 #: The most ids :meth:`Store.last_reasons` reads in one statement (SQLite allows 32,766 parameters).
 _ID_CHUNK = 500
 
@@ -1057,13 +1068,14 @@ class _SqlStore:
         ).fetchall()
         return [StateCount(r[0], r[1], bool(r[2]), int(r[3])) for r in rows]
 
-    #: the request type a saga waits on, from its metadata's JSON text
-    _AWAITS = "json_extract(meta, '$.request.type')"
+    #: how the database reads JSON text (the request type a saga waits on, in ``live_groups``)
+    _JSON = "sqlite"
 
     def live_groups(self) -> list[LiveGroup]:
+        awaits = _AWAITS_POSTGRES if self._JSON == "postgres" else _AWAITS_SQLITE
         # (the partial index of sagas that have not ended: the live ones only)
         rows = self._execute(
-            f"SELECT type, state, fingerprint, {self._AWAITS} AS awaits, count(*) FROM sagas WHERE final = 0"
+            f"SELECT type, state, fingerprint, {awaits} AS awaits, count(*) FROM sagas WHERE final = 0"
             " GROUP BY type, state, fingerprint, awaits ORDER BY type, state"
         ).fetchall()
         return [LiveGroup(r[0], r[1], r[2], r[3], int(r[4])) for r in rows]
@@ -1153,47 +1165,57 @@ class _SqlStore:
                     f"UPDATE outbox SET sent_at = ? WHERE id IN ({', '.join('?' for _ in chunk)})", (now, *chunk)
                 )
 
+    def row_counts(self) -> dict[str, int]:
+        """Rows in each table retention bounds (:data:`RETAINED_TABLES`): for measuring, not the hot path."""
+        counts: dict[str, int] = {}
+        for table in RETAINED_TABLES:
+            counts[table] = int(self._execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+        return counts
+
     # retention (schema 7)
 
-    def _ended(self, cutoffs: PruneCutoffs) -> tuple[str, list[Any]]:
-        """The condition (on ``sagas``) of an ended saga a prune may delete, and its parameters (see
-        :class:`PruneCutoffs`). The range on updated_at reads the partial index sagas_ended_by_updated."""
-        where = (
-            "final = 1 AND state <> ? AND deadline IS NULL AND updated_at < ?"
-            " AND NOT EXISTS (SELECT 1 FROM outbox u WHERE u.saga_id = sagas.id AND u.sent_at IS NULL)"
-        )
+    @staticmethod
+    def _ended_params(cutoffs: PruneCutoffs) -> list[Any]:
+        """The parameters of the condition (on ``sagas``) of an ended saga a prune may delete:
+        :data:`_ENDED` and, with cutoffs per saga type, one ``WHEN ? THEN ?`` each (:func:`_ended_cases`).
+        The range on updated_at reads the partial index sagas_ended_by_updated."""
         latest = max([cutoffs.finished, *cutoffs.finished_by_type.values()])
         params: list[Any] = [FAILED_STATE, latest]
         if cutoffs.finished_by_type:
-            cases = " ".join("WHEN ? THEN ?" for _ in cutoffs.finished_by_type)
-            where += f" AND updated_at < (CASE type {cases} ELSE ? END)"
             for saga_type, cutoff in sorted(cutoffs.finished_by_type.items()):
                 params.extend((saga_type, float(cutoff)))
             params.append(float(cutoffs.finished))
-        return where, params
+        return params
 
     def prune_counts(self, cutoffs: PruneCutoffs) -> dict[str, int]:
-        where, params = self._ended(cutoffs)
+        cases = " ".join("WHEN ? THEN ?" for _ in cutoffs.finished_by_type)
+        where = _ENDED + (f" AND updated_at < (CASE type {cases} ELSE ? END)" if cases else "")
+        params = self._ended_params(cutoffs)
         ended = f"SELECT id FROM sagas WHERE {where}"
-
-        def count(statement: str, values: Sequence[Any]) -> int:
-            return int(self._execute(statement, values).fetchone()[0])
-
+        sagas = self._execute(f"SELECT count(*) FROM sagas WHERE {where}", params).fetchone()[0]
+        history = self._execute(f"SELECT count(*) FROM saga_history WHERE saga_id IN ({ended})", params).fetchone()[0]
+        outbox = self._execute(
+            f"SELECT count(*) FROM outbox WHERE sent_at IS NOT NULL AND (sent_at < ? OR saga_id IN ({ended}))",
+            (cutoffs.outbox_sent, *params),
+        ).fetchone()[0]
+        inbox = self._execute("SELECT count(*) FROM inbox WHERE handled_at < ?", (cutoffs.inbox,)).fetchone()[0]
+        replies = self._execute("SELECT count(*) FROM reply_cache WHERE cached_at < ?", (cutoffs.replies,)).fetchone()[
+            0
+        ]
         return {
-            "sagas": count(f"SELECT count(*) FROM sagas WHERE {where}", params),
-            "saga_history": count(f"SELECT count(*) FROM saga_history WHERE saga_id IN ({ended})", params),
-            "outbox": count(
-                f"SELECT count(*) FROM outbox WHERE sent_at IS NOT NULL AND (sent_at < ? OR saga_id IN ({ended}))",
-                (cutoffs.outbox_sent, *params),
-            ),
-            "inbox": count("SELECT count(*) FROM inbox WHERE handled_at < ?", (cutoffs.inbox,)),
-            "reply_cache": count("SELECT count(*) FROM reply_cache WHERE cached_at < ?", (cutoffs.replies,)),
+            "sagas": int(sagas),
+            "saga_history": int(history),
+            "outbox": int(outbox),
+            "inbox": int(inbox),
+            "reply_cache": int(replies),
         }
 
     def prune(self, table: str, cutoffs: PruneCutoffs, limit: int) -> dict[str, int]:
         with self._transaction():
             if table == "sagas":
-                where, params = self._ended(cutoffs)
+                cases = " ".join("WHEN ? THEN ?" for _ in cutoffs.finished_by_type)
+                where = _ENDED + (f" AND updated_at < (CASE type {cases} ELSE ? END)" if cases else "")
+                params = self._ended_params(cutoffs)
                 ids = [
                     r[0]
                     for r in self._execute(
@@ -1226,18 +1248,20 @@ class _SqlStore:
                     (cutoffs.outbox_sent, limit),
                 )
                 return {"outbox": int(cur.rowcount)}
-            if table in ("inbox", "reply_cache"):
-                key, at, cutoff = (
-                    ("message_id", "handled_at", cutoffs.inbox)
-                    if table == "inbox"
-                    else ("request_id", "cached_at", cutoffs.replies)
-                )
+            if table == "inbox":
                 cur = self._execute(
-                    f"DELETE FROM {table} WHERE (consumer, {key}) IN (SELECT consumer, {key} FROM {table}"
-                    f" WHERE {at} < ? ORDER BY {at} LIMIT ?)",
-                    (cutoff, limit),
+                    "DELETE FROM inbox WHERE (consumer, message_id) IN (SELECT consumer, message_id FROM inbox"
+                    " WHERE handled_at < ? ORDER BY handled_at LIMIT ?)",
+                    (cutoffs.inbox, limit),
                 )
-                return {table: int(cur.rowcount)}
+                return {"inbox": int(cur.rowcount)}
+            if table == "reply_cache":
+                cur = self._execute(
+                    "DELETE FROM reply_cache WHERE (consumer, request_id) IN (SELECT consumer, request_id"
+                    " FROM reply_cache WHERE cached_at < ? ORDER BY cached_at LIMIT ?)",
+                    (cutoffs.replies, limit),
+                )
+                return {"reply_cache": int(cur.rowcount)}
             raise ConfigurationError(f"cannot prune {table!r}: prune sagas, outbox, inbox or reply_cache")
 
     # the queue registry (schema 9)
@@ -1409,7 +1433,7 @@ class PostgresStore(_SqlStore):
         self._live()
         return self._db.execute(self._sql(statement), params)
 
-    _AWAITS = "(meta::jsonb #>> '{request,type}')"
+    _JSON = "postgres"
 
     def _columns(self, table: str) -> set[str]:
         rows = self._execute(
