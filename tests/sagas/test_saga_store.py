@@ -499,6 +499,19 @@ def test_two_workers_fire_one_due_deadline_once(reopen: Opener) -> None:
     assert reasons.count("deadline passed: re-sent ocis.waiter.ping (attempt 2)") == 1
 
 
+def _end_session(postgres_url: str, schema: str) -> None:
+    """End the PostgreSQL session of the store on ``schema`` (it names itself ``sagas:<schema>``), as a
+    restart would: on the test's private cluster only."""
+    import psycopg
+
+    with psycopg.connect(postgres_url, autocommit=True) as admin:
+        (pid,) = admin.execute(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = %s", (f"sagas:{schema}",)
+        ).fetchone() or (None,)
+        assert pid is not None, "the store's session names itself after its schema"
+        admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+
+
 @pytest.mark.postgres
 def test_postgres_store_reconnects_after_its_session_is_killed(private_postgres: PostgresCluster, unique: str) -> None:
     """When PostgreSQL drops the store's session (a restart), the call that meets it fails and the next
@@ -509,12 +522,7 @@ def test_postgres_store_reconnects_after_its_session_is_killed(private_postgres:
     store = open_store(f"{postgres_url}?schema={unique}")
     try:
         store.remember("c", "m1")
-        with psycopg.connect(postgres_url, autocommit=True) as admin:
-            (pid,) = admin.execute(
-                "SELECT pid FROM pg_stat_activity WHERE application_name = %s", (f"sagas:{unique}",)
-            ).fetchone() or (None,)
-            assert pid is not None, "the store's session names itself after its schema"
-            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        _end_session(postgres_url, unique)
         with pytest.raises(psycopg.OperationalError):
             store.seen("c", "m1")
         assert store.seen("c", "m1")
@@ -541,12 +549,7 @@ def test_a_group_whose_session_is_killed_fails_whole_and_writes_nothing(
         def group_with_a_break() -> None:
             with store.group():
                 store.remember("c", "before-the-break")
-                with psycopg.connect(postgres_url, autocommit=True) as admin:
-                    (pid,) = admin.execute(
-                        "SELECT pid FROM pg_stat_activity WHERE application_name = %s", (f"sagas:{unique}",)
-                    ).fetchone() or (None,)
-                    assert pid is not None
-                    admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+                _end_session(postgres_url, unique)
                 # as the saga pipeline does: each message in a part of its own, a failing part skipped
                 try:
                     with store.group():
@@ -587,12 +590,7 @@ def test_a_group_whose_last_part_meets_a_killed_session_raises_instead_of_commit
             with store.group():
                 with store.group():
                     store.remember("c", "before-the-break")
-                with psycopg.connect(postgres_url, autocommit=True) as admin:
-                    (pid,) = admin.execute(
-                        "SELECT pid FROM pg_stat_activity WHERE application_name = %s", (f"sagas:{unique}",)
-                    ).fetchone() or (None,)
-                    assert pid is not None
-                    admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+                _end_session(postgres_url, unique)
                 # as the saga pipeline does: each message in a part of its own, a failing part skipped
                 try:
                     with store.group():
@@ -670,8 +668,6 @@ def test_a_saga_group_whose_session_dies_at_its_last_message_publishes_and_acks_
     (Publishing them was a request for a saga that never existed: its reply was for an unknown saga.)"""
     from types import SimpleNamespace
 
-    import psycopg
-
     from sagas._bench import BenchSaga
     from sagas._outbox import OutboxPublisher
     from sagas._saga_engine import SagaEngine
@@ -701,11 +697,7 @@ def test_a_saga_group_whose_session_dies_at_its_last_message_publishes_and_acks_
 
         def handle_then_lose_the_session(saga_type: str, event: Event) -> Any:
             if event.id == inbounds[-1].event.id:  # the last message meets a restart of PostgreSQL
-                with psycopg.connect(postgres_url, autocommit=True) as admin:
-                    admin.execute(
-                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
-                        (f"sagas:{unique}",),
-                    )
+                _end_session(postgres_url, unique)
             return handle(saga_type, event)
 
         engine.handle = handle_then_lose_the_session  # type: ignore[method-assign]
