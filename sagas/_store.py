@@ -813,6 +813,11 @@ class _SqlStore:
             " app TEXT NOT NULL, consumer TEXT NOT NULL, patterns TEXT NOT NULL, delay_queues TEXT NOT NULL,"
             f" declared_at {real} NOT NULL, PRIMARY KEY (exchange, queue, app))",
         ]
+        if self._stored_version() == SCHEMA_VERSION:
+            # Nothing to create, and nothing to lock: a worker that joins running ones, or an operator tool
+            # that opens the store, must not take the DDL locks (CREATE INDEX takes a table lock even when
+            # the index exists) against their transactions, which lock the tables in another order.
+            return
         with self._transaction():
             for statement in statements:
                 self._execute(statement)
@@ -842,6 +847,18 @@ class _SqlStore:
                     self._add_column("sagas", "fingerprint", "TEXT")
                 # (version 9 added the table queue_registry, created above)
                 self._execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+
+    def _stored_version(self) -> int:
+        """The store's schema version: 0 when it has none yet."""
+        if not self._has_table("schema_version"):
+            return 0
+        row = self._execute("SELECT max(version) FROM schema_version").fetchone()
+        return int(row[0]) if row and row[0] is not None else 0
+
+    def _has_table(self, table: str) -> bool:
+        """Whether the store's schema holds ``table``."""
+        row = self._execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)).fetchone()
+        return row is not None
 
     def _add_column(self, table: str, column: str, sql_type: str) -> None:
         """Add a column to ``table`` unless it has it (a store created by this version has it already)."""
@@ -1442,6 +1459,13 @@ class PostgresStore(_SqlStore):
             (table,),
         ).fetchall()
         return {str(r[0]) for r in rows}
+
+    def _has_table(self, table: str) -> bool:
+        row = self._execute(
+            "SELECT 1 FROM information_schema.tables WHERE table_schema = current_schema() AND table_name = ?",
+            (table,),
+        ).fetchone()
+        return row is not None
 
     def _sql(self, statement: str) -> str:
         return statement.replace("?", "%s").replace(_C_MARK, ' COLLATE "C"')
