@@ -294,7 +294,11 @@ class AsyncPublisher:
         stopping = False
         try:
             while not stopping:
-                first = take()
+                try:
+                    first = take(timeout=self._bus.tick)
+                except queue.Empty:
+                    self._keep_alive()
+                    continue
                 if first is _STOP:
                     break
                 batch: list[_Item] = first
@@ -313,6 +317,13 @@ class AsyncPublisher:
                 self._bus.close()
             with contextlib.suppress(RuntimeError):  # the loop was closed meanwhile
                 loop.call_soon_threadsafe(_resolve, stopped)
+
+    def _keep_alive(self) -> None:
+        """While idle: service the connection's heartbeats, so that the broker keeps it open."""
+        try:
+            self._bus.keep_alive()
+        except Exception as exc:  # noqa: BLE001 - the next publish reconnects, or raises what is wrong
+            log.warning("publisher.keep_alive_failed", error=str(exc) or type(exc).__name__)
 
     def _send(self, loop: asyncio.AbstractEventLoop, batch: list[_Item]) -> None:
         """Publish ``batch`` (one bus call per distinct timeout, in order) and settle its futures at once."""

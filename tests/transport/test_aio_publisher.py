@@ -302,3 +302,22 @@ def test_a_broker_that_is_not_there_raises_publish_error_like_the_sync_bus(uniqu
         await pub.close()
 
     run(main())
+
+
+@pytest.mark.rabbitmq
+def test_an_idle_publisher_keeps_its_connection_through_missed_heartbeats(amqp_url: str, unique: str) -> None:
+    """Idle for 4 heartbeat intervals (heartbeat 1 s), the publisher keeps its connection open (its thread
+    services the heartbeats), and the next publish confirms on that same connection. (Without that, the
+    broker closes the connection after 2 missed heartbeats, and that publish fails.)"""
+    url = f"{amqp_url}?heartbeat=1"
+
+    async def main() -> None:
+        async with AsyncPublisher(url, exchange=unique) as pub:
+            await pub.publish("ocis.aio.idle", {})
+            before = pub.bus.connection
+            await asyncio.sleep(4)  # idle: the condition under test
+            await pub.publish("ocis.aio.idle", {})
+            assert pub.bus.connection is before
+            pub.bus.delete_topology()
+
+    run(main())
