@@ -1258,7 +1258,9 @@ def demo(shares: int) -> None:
 
 
 @cli.command()
-@click.argument("workload", type=click.Choice(["events", "sagas", "raw", "deadlines", "all", "console", "retention"]))
+@click.argument(
+    "workload", type=click.Choice(["events", "sagas", "raw", "deadlines", "all", "console", "retention", "publish"])
+)
 @_broker
 @click.option(
     "--store",
@@ -1285,6 +1287,13 @@ def demo(shares: int) -> None:
     "with a BatchSpanProcessor and a counting exporter; tracing@0.1, both@0.1: with head sampling at that "
     "ratio; metrics: the Prometheus observer), and report each variant's throughput and its ratio to off.",
 )
+@click.option(
+    "--in-flight",
+    default=500,
+    show_default=True,
+    type=click.IntRange(1, 100_000),
+    help="publish: events awaited at a time by the asyncio publisher (and the sync bus's batch size).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (every run, medians, ratios).")
 def bench(
     workload: str,
@@ -1295,6 +1304,7 @@ def bench(
     requests: int,
     repeat: int,
     variants: str | None,
+    in_flight: int,
     as_json: bool,
 ) -> None:
     """Measure events/s and sagas/s on a broker and store, beside the raw py-amqp ceiling; or the
@@ -1309,12 +1319,20 @@ def bench(
       sagas bench events --variants off,metrics,tracing,both --repeat 3   # the cost of observability
       sagas bench sagas --variants off,both,both@0.1 --repeat 3           # ... with 10 % of traces sampled
       sagas bench retention -n 50000 --repeat 3   # rows and bytes over time; throughput, pruner off/on
+      sagas bench publish --in-flight 500 --repeat 3   # the sync bus beside the asyncio publisher
     """
     from . import _bench
 
     configure_logging(level="warning")
     if workload == "console":
         _bench_console(broker, store, requests, repeat, as_json)
+        return
+    if workload == "publish":
+        from ._bench_aio import bench_publish
+        from ._bench_aio import table as publish_table
+
+        published = bench_publish(broker, n, in_flight, repeat)
+        click.echo(json.dumps(published) if as_json else publish_table(published))
         return
     if workload == "retention":
         from ._bench_retention import bench_retention

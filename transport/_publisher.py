@@ -60,6 +60,63 @@ class _Confirms:
         self.failed[mid] = f"unroutable: no queue is bound to {exchange!r} for {routing_key!r}"
 
 
+#: frames of this many messages go to the socket in one write (see :class:`_CoalescedWrites`)
+_WRITE_EVERY = 64
+
+
+class _CoalescedWrites:
+    """Gathers the frames py-amqp writes for a batch of messages and sends them in one socket write per
+    :data:`_WRITE_EVERY` messages, instead of one per message.
+
+    A write per message costs a system call and, worse, releases the GIL each time: with another busy
+    thread in the process (an asyncio loop), getting it back can take the interpreter's switch interval
+    (5 ms). py-amqp writes through ``transport._write`` (the socket's ``sendall``, or the TLS write); it
+    is replaced for the batch and put back by :meth:`end`, which also sends what is left, so that what
+    the broker received always matches the confirms counted. A write that fails raises from
+    ``transport.write`` as it would have, at the flush."""
+
+    def __init__(self, conn: Any) -> None:
+        transport = getattr(getattr(conn, "connection", None), "transport", None)
+        self._transport = transport if transport is not None and hasattr(transport, "_write") else None
+        self._chunks: list[bytes] = []
+        if self._transport is None:
+            return
+        self._own = "_write" in vars(self._transport)  # the TCP transport sets it per connection
+        self._real = self._transport._write  # noqa: SLF001 - py-amqp's socket write (see the class)
+        self._transport._write = self._chunks_append  # noqa: SLF001
+
+    def _chunks_append(self, data: Any) -> None:
+        self._chunks.append(bytes(data))  # py-amqp hands over a view of a buffer it reuses
+
+    def flush(self) -> None:
+        transport = self._transport
+        if transport is None or not self._chunks:
+            return
+        data = b"".join(self._chunks)
+        self._chunks.clear()
+        transport._write = self._real  # noqa: SLF001
+        try:
+            transport.write(data)
+        finally:
+            transport._write = self._chunks_append  # noqa: SLF001
+
+    def end(self) -> None:
+        """Send what is left (a failure then is the connection's, and shows on the next use) and put
+        py-amqp's write back."""
+        transport = self._transport
+        if transport is None:
+            return
+        try:
+            with contextlib.suppress(Exception):
+                self.flush()
+        finally:
+            if self._own:
+                transport._write = self._real  # noqa: SLF001
+            else:
+                del transport._write  # noqa: SLF001
+            self._transport = None
+
+
 class Publisher:
     """Sends messages on the publishing channel of a :class:`FailoverConnection` and waits for confirms.
 
@@ -111,6 +168,7 @@ class Publisher:
             ch, confirms = self._channel, self._confirms
             ids = []
             unroutable: dict[str, str] = {}
+            writes = _CoalescedWrites(link.current) if confirms is not None else None
             try:
                 for exchange, routing_key, body, message_id, headers, mandatory in items:
                     message = ch.prepare_message(
@@ -126,11 +184,15 @@ class Publisher:
                         unroutable[message_id] = f"unroutable: {exc}"
                         continue
                     ids.append(message_id)
-                    if confirms is not None:
+                    if confirms is not None and writes is not None:
                         confirms.sent(message_id)
+                        if len(ids) % _WRITE_EVERY == 0:
+                            writes.flush()
                         if len(confirms.pending) >= self.confirm_window:
+                            writes.flush()
                             self._wait_confirms(confirms, deadline, self.confirm_window // 2)
-                if confirms is not None:
+                if confirms is not None and writes is not None:
+                    writes.flush()
                     self._wait_confirms(confirms, deadline, 0)
             except PublishTimeout:
                 # A broker that did not confirm in time may not answer a close either: the connection
@@ -146,6 +208,9 @@ class Publisher:
                         f"publish failed, the broker connection broke: {exc or type(exc).__name__}"
                     ) from None
                 raise
+            finally:
+                if writes is not None:
+                    writes.end()
             failed = dict(unroutable)
             if confirms is not None and confirms.failed:
                 failed.update({i: confirms.failed.pop(i) for i in ids if i in confirms.failed})
