@@ -32,6 +32,7 @@ from ._harness import (
     Stats,
     VirtualClock,
 )
+from ._loop import NotVirtual, VirtualTimeLoop
 
 __all__ = [
     "STAGES",
@@ -47,8 +48,10 @@ __all__ = [
     "MailSink",
     "MessageFault",
     "NotSettled",
+    "NotVirtual",
     "Reorder",
     "Stage",
     "Stats",
     "VirtualClock",
+    "VirtualTimeLoop",
 ]
