@@ -1285,6 +1285,12 @@ def demo(shares: int) -> None:
     "with a BatchSpanProcessor and a counting exporter; tracing@0.1, both@0.1: with head sampling at that "
     "ratio; metrics: the Prometheus observer), and report each variant's throughput and its ratio to off.",
 )
+@click.option(
+    "--async-handlers",
+    is_flag=True,
+    help="events: run each round twice, with a plain and with an async def handler (alternating which goes "
+    "first), and report the async one's ratio to the sync one.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (every run, medians, ratios).")
 def bench(
     workload: str,
@@ -1295,6 +1301,7 @@ def bench(
     requests: int,
     repeat: int,
     variants: str | None,
+    async_handlers: bool,
     as_json: bool,
 ) -> None:
     """Measure events/s and sagas/s on a broker and store, beside the raw py-amqp ceiling; or the
@@ -1309,6 +1316,7 @@ def bench(
       sagas bench events --variants off,metrics,tracing,both --repeat 3   # the cost of observability
       sagas bench sagas --variants off,both,both@0.1 --repeat 3           # ... with 10 % of traces sampled
       sagas bench retention -n 50000 --repeat 3   # rows and bytes over time; throughput, pruner off/on
+      sagas bench events --async-handlers --repeat 3   # async def handlers beside plain ones
     """
     from . import _bench
 
@@ -1324,6 +1332,8 @@ def bench(
         retained = bench_retention(broker, n, 4 * n, rounds=repeat)
         click.echo(json.dumps(retained) if as_json else retention_table(retained))
         return
+    if async_handlers and (workload not in ("events", "all") or variants is not None):
+        _usage_error("--async-handlers applies to the events workload (bench events or all), without --variants")
     if variants is not None:
         chosen = [v.strip() for v in variants.split(",") if v.strip()]
         for v in chosen:
@@ -1343,7 +1353,7 @@ def bench(
             _usage_error(f"--variants {','.join(chosen)} needs {missing}")
         report = _bench.run_variants(workload, broker, store, n, workers, repeat, chosen)
     else:
-        report = _bench.run(workload, broker, store, n, workers, repeat)
+        report = _bench.run(workload, broker, store, n, workers, repeat, async_handlers=async_handlers)
     click.echo(json.dumps(report) if as_json else _bench.table(report))
 
 

@@ -15,10 +15,10 @@ from typing import Any, ClassVar
 import pytest
 import structlog
 from click.testing import CliRunner
+from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry import trace
 from opentelemetry.trace import SpanKind, StatusCode
 
 from examples import postprocessing
@@ -136,8 +136,10 @@ def test_an_async_handler_span_is_the_child_of_the_publish_span_and_its_follow_u
     publish = next(s for s in finished if s.name == f"{PING} publish")
     handler = next(s for s in finished if s.name == f"{PING} process")
     follow_up = next(s for s in finished if s.name == f"{PING}ed publish")
-    assert handler.parent is not None and handler.parent.span_id == publish.context.span_id
-    assert follow_up.parent is not None and follow_up.parent.span_id == handler.context.span_id
+    assert handler.parent is not None
+    assert handler.parent.span_id == publish.context.span_id
+    assert follow_up.parent is not None
+    assert follow_up.parent.span_id == handler.context.span_id
     assert lines == [{"trace_id": f"{handler.context.trace_id:032x}", "span_id": f"{handler.context.span_id:016x}"}]
     failed = next(s for s in finished if s.name == f"{BOOM} process")
     assert failed.status.status_code is StatusCode.ERROR
