@@ -296,7 +296,11 @@ def cli(log_json: bool, log_level: str) -> None:
 @_exchange
 @_store
 @click.option(
-    "--concurrency", default=4, show_default=True, type=click.IntRange(min=1), help="Handlers running at once."
+    "--concurrency",
+    default=4,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Handler calls running at once, sync (on threads) and async def (on one event loop) together.",
 )
 @click.option(
     "--grace-period",
@@ -352,6 +356,13 @@ def cli(log_json: bool, log_level: str) -> None:
     help="Other apps keep their own saga types in this store: live sagas of types this app does not "
     "define are theirs, not stranded. Env: SAGAS_SHARED_STORE.",
 )
+@click.option(
+    "--slow-callback-duration",
+    default=0.1,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Warn (handler.blocked_loop) when an async def handler runs this many seconds without awaiting.",
+)
 def run(
     app: str,
     broker: str,
@@ -367,6 +378,7 @@ def run(
     prune_interval: float,
     allow_stranded: bool,
     shared_store: bool,
+    slow_callback_duration: float,
 ) -> None:
     """Run every service of APP (module:attribute) until SIGTERM or SIGINT.
 
@@ -402,6 +414,7 @@ def run(
         prune_interval=prune_interval,
         allow_stranded=allow_stranded,
         shared_store=shared_store,
+        slow_callback_duration=slow_callback_duration,
     )
     if metrics_port is not None:
         metrics = Metrics(worker_store, instance=worker.instance, store_interval=metrics_store_interval)
