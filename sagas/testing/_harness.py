@@ -7,7 +7,8 @@ a run non-deterministic:
   routing, TTL delay queues and dead-lettering), whose TTLs run on the harness's clock;
 - the clock is a :class:`VirtualClock` that moves only when the harness moves it, so a deadline an
   hour away costs nothing to reach;
-- handlers run inline on the harness's thread (no thread pool), and deadline jitter uses a seeded RNG.
+- handlers run inline on the harness's thread (no thread pool), ``async def`` ones on an asyncio loop on
+  the virtual clock (:class:`VirtualTimeLoop`), and deadline jitter uses a seeded RNG.
 
 Between the workers and the broker sits a :class:`Network` that can drop, duplicate, delay or
 reorder any message a worker or the test publishes. Crash points sit on the worker's side effects
@@ -487,6 +488,8 @@ class Harness:
         #: told what every worker does (see :mod:`sagas._observe`)
         self.observer = observer
         self._executors: list[InlineExecutor | None] = [None] * workers
+        #: whether the app has async def handlers (their awaits may take virtual time)
+        self._awaits = any(spec.is_async for spec in self.app.handlers)
         self._first = 0  # the worker that steps first in the next round of run()
         self._rng = random.Random(seed)
         self._counts: Counter[tuple[Stage, str]] = Counter()
@@ -552,14 +555,15 @@ class Harness:
             monotonic=self.clock,
             rng=random.Random(self._rng.random()),
             executor=executor,
+            async_executor=executor,  # (async def handlers: on the executor's loop, on virtual time)
             timer_interval=self.timer_interval,
             relay_interval=self.relay_interval,
             grace_period=1.0,
             observer=self.observer,
             prune=False,  # (no threads here: a test prunes with prune())
-            # with handlers that take time, a worker reads one message a turn, so that copies of a
-            # message spread over the workers as a broker's round-robin spreads them
-            batch_size=1 if self.handler_seconds else 256,
+            # with handlers that take time (or may: async ones that await), a worker reads one message
+            # a turn, so that copies of a message spread over the workers as a broker's round-robin does
+            batch_size=1 if self.handler_seconds or self._awaits else 256,
         )
         self.current = slot
         try:
