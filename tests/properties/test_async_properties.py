@@ -201,3 +201,18 @@ def test_real_network_io_in_an_async_handler_fails_the_test_saying_what_to_do() 
         h.publish("files.fetch.requested")
         with pytest.raises(NotVirtual, match=r"httpx\.MockTransport"):
             h.run()
+
+
+def test_an_await_nothing_completes_fails_the_test_instead_of_hanging() -> None:
+    """An async handler waiting on an event nobody sets fails the test with NotVirtual at once."""
+    _quiet()
+    svc = Service("waiter")
+
+    @svc.on("files.wait.requested")
+    async def wait(event: Event) -> None:
+        await asyncio.Event().wait()
+
+    with Harness(svc) as h:
+        h.publish("files.wait.requested")
+        with pytest.raises(NotVirtual, match="nothing will ever complete"):
+            h.run()
