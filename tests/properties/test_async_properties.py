@@ -16,7 +16,6 @@ import pytest
 import structlog
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import rule
 
 from sagas import App, Event, Failure, Service
 from sagas.testing import Drop, FaultSchedule, Harness, NotVirtual
@@ -69,14 +68,6 @@ class AsyncSagaFaults(SagaFaults):
 
     app = async_app
     scenario = "sagas with async participants under any fault schedule (hypothesis)"
-
-    @rule()
-    def restart_broker(self) -> None:
-        """The broker restarts between handler calls. (A call still running when its connection breaks
-        finishes unrecorded, and its redelivered message runs the work again: sync calls that take
-        time do the same, and the harness does not count that as the crash window.)"""
-        if not self.h.pending()["handling"]:
-            super().restart_broker()
 
 
 TestAsyncSagaFaults = AsyncSagaFaults.TestCase
