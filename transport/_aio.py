@@ -4,11 +4,13 @@ broker confirmed, without blocking the caller's event loop.
 kombu and py-amqp are blocking and not thread-safe, so the publisher owns one :class:`EventBus` on one
 daemon thread of its own, which alone touches it. ``publish()`` encodes the event on the caller's loop
 (a bad payload raises there, at once), then queues it with a future of that loop; what one turn of the
-loop published is handed to the thread in one piece. The thread takes everything queued as one batch,
-publishes it with pipelined confirms (:meth:`EventBus.publish_encoded`), and settles every future of
-the batch with one ``call_soon_threadsafe``: thousands of concurrent awaits go through in a few batches.
-Connecting, reconnecting and the errors a publish raises are the bus's own, so an awaiting caller sees
-exactly what a caller of :meth:`EventBus.publish` would see.
+loop published is handed to the thread in one piece. The thread sends everything queued at once
+(:meth:`EventBus.send_encoded`) without waiting for the confirms of what is already in flight (up to
+``confirm_window``), collects the confirms as they come (:meth:`EventBus.collect_confirms`), and hands
+the outcomes back to the loop with one ``call_soon_threadsafe`` per round: thousands of concurrent awaits
+go through in a few batches, and the broker always has work. Connecting, reconnecting and the errors a
+publish raises are the bus's own, so an awaiting caller sees what a caller of :meth:`EventBus.publish`
+would see.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import collections
 import contextlib
 import queue
 import threading
+import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -25,7 +28,7 @@ import structlog
 
 from ._bus import EventBus
 from ._envelope import DEFAULT_MAX_EVENT_SIZE, Event, encode
-from ._errors import EventLoopMismatch, PublisherClosed, PublishError, Unroutable
+from ._errors import EventLoopMismatch, PublisherClosed, PublishError, PublishTimeout, Unroutable
 
 __all__ = ["AsyncPublisher"]
 
@@ -40,6 +43,8 @@ _STOP = object()
 #: a turn of the loop that publishes more than this hands them over in pieces of this size, so the
 #: thread publishes the first while the loop still encodes the next
 _HANDOVER = 1024
+#: seconds the thread waits for a confirm while nothing new is queued (it looks at the queue again after)
+_COLLECT_WAIT = 0.005
 #: futures settled per turn of the loop (see :meth:`AsyncPublisher._settle_slice`)
 _SETTLE_SLICE = 64
 
@@ -108,8 +113,9 @@ class AsyncPublisher:
 
     @property
     def bus(self) -> EventBus:
-        """The bus the publisher's thread publishes on. Its URL, exchange and declared queues are there to
-        read; publishing on it from another thread works too (the bus holds a lock while it publishes)."""
+        """The bus the publisher's thread publishes on, to read its URL, exchange and declared queues.
+        Publish through the publisher, never on this bus: its thread streams confirms on the bus's
+        channel, and a publish from another thread would take them for its own."""
         return self._bus
 
     @property
@@ -287,37 +293,58 @@ class AsyncPublisher:
     # -- the publisher's thread --------------------------------------------------------------------
 
     def _run(self) -> None:
+        """The thread: send what the loop queued as soon as it comes, without waiting for the confirms of
+        what is in flight (at most ``confirm_window`` unconfirmed), and hand each outcome back as its
+        confirm arrives. While nothing is in flight, wait for publishes and keep the connection alive."""
         loop, stopped = self._loop, self._stopped
         assert loop is not None
         assert stopped is not None
-        take = self._queue.get
-        take_now = self._queue.get_nowait
+        bus = self._bus
+        flight = _InFlight()
         stopping = False
         try:
-            while not stopping:
-                try:
-                    first = take(timeout=self._bus.tick)
-                except queue.Empty:
-                    self._keep_alive()
-                    continue
-                if first is _STOP:
-                    break
-                batch: list[_Item] = first
-                while True:
+            while not (stopping and not flight.count):
+                batch: list[_Item] = []
+                if not stopping and flight.count < bus.confirm_window:
+                    if flight.count:
+                        stopping = self._take_queued(batch)
+                    else:
+                        try:
+                            first = self._queue.get(timeout=bus.tick)
+                        except queue.Empty:
+                            self._keep_alive()
+                            continue
+                        if first is _STOP:
+                            break
+                        batch.extend(first)
+                        stopping = self._take_queued(batch)
+                outcomes: list[_Outcome] = []
+                if batch:
+                    self._send(batch, flight, outcomes)
+                if flight.count:
+                    wait = 0.0 if batch or not self._queue.empty() else _COLLECT_WAIT
+                    self._collect(flight, outcomes, wait)
+                if outcomes:
                     try:
-                        more = take_now()
-                    except queue.Empty:
-                        break
-                    if more is _STOP:
-                        stopping = True
-                        break
-                    batch.extend(more)
-                self._send(loop, batch)
+                        loop.call_soon_threadsafe(self._settle, outcomes)
+                    except RuntimeError:  # the loop is closed: nobody awaits these any more
+                        log.warning("publisher.loop_closed", events=len(outcomes))
         finally:
             with contextlib.suppress(Exception):
-                self._bus.close()
+                bus.close()
             with contextlib.suppress(RuntimeError):  # the loop was closed meanwhile
                 loop.call_soon_threadsafe(_resolve, stopped)
+
+    def _take_queued(self, batch: list[_Item]) -> bool:
+        """Add everything queued to ``batch`` without waiting; return whether the stop mark came."""
+        while True:
+            try:
+                more = self._queue.get_nowait()
+            except queue.Empty:
+                return False
+            if more is _STOP:
+                return True
+            batch.extend(more)
 
     def _keep_alive(self) -> None:
         """While idle: service the connection's heartbeats, so that the broker keeps it open."""
@@ -326,42 +353,67 @@ class AsyncPublisher:
         except Exception as exc:  # noqa: BLE001 - the next publish reconnects, or raises what is wrong
             log.warning("publisher.keep_alive_failed", error=str(exc) or type(exc).__name__)
 
-    def _send(self, loop: asyncio.AbstractEventLoop, batch: list[_Item]) -> None:
-        """Publish ``batch`` (one bus call per distinct timeout, in order) and settle its futures at once."""
-        outcomes: list[_Outcome] = []
-        groups: dict[float | None, list[_Item]] = {}
-        for item in batch:
-            groups.setdefault(item[4], []).append(item)
-        for timeout, items in groups.items():
-            outcomes.extend(self._publish(items, timeout))
-        try:
-            loop.call_soon_threadsafe(self._settle, outcomes)
-        except RuntimeError:  # the loop is closed: nobody awaits these any more
-            log.warning("publisher.loop_closed", events=len(outcomes))
-
-    def _publish(self, items: list[_Item], timeout: float | None) -> list[_Outcome]:
+    def _send(self, batch: list[_Item], flight: _InFlight, outcomes: list[_Outcome]) -> None:
+        """Send ``batch``; what fails at once (and, when the connection broke, everything in flight) goes
+        to ``outcomes``."""
         self.batches += 1
-        self.largest_batch = max(self.largest_batch, len(items))
+        self.largest_batch = max(self.largest_batch, len(batch))
+        now = time.monotonic()
+        default = self._bus.publish_timeout
+        for _, _, mid, _, timeout, future in batch:
+            flight.add(mid, future, now + (default if timeout is None else timeout))
+        connect_within = min(default if item[4] is None else item[4] for item in batch)
         try:
-            self._bus.publish_encoded(
-                [(rk, body, mid, mandatory) for rk, body, mid, mandatory, _, _ in items], timeout=timeout
+            known = self._bus.send_encoded(
+                [(rk, body, mid, mandatory) for rk, body, mid, mandatory, _, _ in batch], timeout=connect_within
             )
         except PublishError as exc:
-            outcomes: list[_Outcome] = []
-            for _, _, mid, _, _, future in items:
-                if exc.failed and mid not in exc.failed:
-                    outcomes.append((future, None))
-                    self.confirmed += 1
-                    continue
-                reason = exc.failed.get(mid, str(exc))
-                cls = Unroutable if exc.failed and reason.startswith("unroutable") else type(exc)
-                outcomes.append((future, cls(str(exc) if not exc.failed else reason, failed={mid: reason})))
-            return outcomes
+            self._fail_all(flight, outcomes, exc)
+            return
         except Exception as exc:  # noqa: BLE001 - not a publish failure (a refused login): every awaiter gets it
-            log.warning("publisher.batch_failed", events=len(items), error=str(exc) or type(exc).__name__)
-            return [(future, exc) for *_, future in items]
-        self.confirmed += len(items)
-        return [(future, None) for *_, future in items]
+            log.warning("publisher.batch_failed", events=flight.count, error=str(exc) or type(exc).__name__)
+            outcomes.extend((future, exc) for future in flight.clear())
+            return
+        self._outcomes_of(flight, known, outcomes)
+
+    def _collect(self, flight: _InFlight, outcomes: list[_Outcome], wait: float) -> None:
+        """Take the confirms that came; fail everything in flight when the connection broke or the oldest
+        publish waited past its timeout (the connection is then dropped, as the sync bus does)."""
+        try:
+            self._outcomes_of(flight, self._bus.collect_confirms(wait), outcomes)
+        except PublishError as exc:
+            self._fail_all(flight, outcomes, exc)
+            return
+        except Exception as exc:  # noqa: BLE001 - not a publish failure: every awaiter gets it
+            log.warning("publisher.batch_failed", events=flight.count, error=str(exc) or type(exc).__name__)
+            outcomes.extend((future, exc) for future in flight.clear())
+            return
+        if flight.count and flight.expired(time.monotonic()):
+            self._bus.lost(TimeoutError("no publisher confirm in time"))
+            timeout = PublishTimeout(
+                f"the broker did not confirm {flight.count} message(s) in time; they may or may not have been taken"
+            )
+            self._fail_all(flight, outcomes, timeout)
+
+    def _outcomes_of(self, flight: _InFlight, known: list[tuple[str, str | None]], outcomes: list[_Outcome]) -> None:
+        for mid, failure in known:
+            future = flight.pop(mid)
+            if future is None:
+                continue
+            if failure is None:
+                self.confirmed += 1
+                outcomes.append((future, None))
+                continue
+            cls = Unroutable if failure.startswith("unroutable") else PublishError
+            outcomes.append(
+                (future, cls(f"1 of 1 message(s) not taken by the broker: {failure}", failed={mid: failure}))
+            )
+
+    def _fail_all(self, flight: _InFlight, outcomes: list[_Outcome], exc: PublishError) -> None:
+        """Every publish in flight gets an error like ``exc`` (of its class, with its own id in ``failed``)."""
+        for mid, future in flight.items():
+            outcomes.append((future, type(exc)(str(exc), failed={mid: str(exc)})))
+        flight.clear()
 
     def _settle(self, outcomes: list[_Outcome]) -> None:
         """On the loop: queue ``outcomes`` to be handed to their awaiters (see :meth:`_settle_slice`)."""
@@ -391,6 +443,48 @@ class AsyncPublisher:
         self._settling = False
         if self._settled is not None:
             _resolve(self._settled)
+
+
+class _InFlight:
+    """The publishes sent and not yet settled, by message id (an id may be in flight twice), with their
+    deadlines."""
+
+    def __init__(self) -> None:
+        self._by_id: dict[str, collections.deque[tuple[asyncio.Future[None], float]]] = {}
+        self.count = 0
+        self._earliest = float("inf")
+
+    def add(self, mid: str, future: asyncio.Future[None], deadline: float) -> None:
+        self._by_id.setdefault(mid, collections.deque()).append((future, deadline))
+        self.count += 1
+        self._earliest = min(self._earliest, deadline)
+
+    def pop(self, mid: str) -> asyncio.Future[None] | None:
+        waiting = self._by_id.get(mid)
+        if not waiting:
+            return None
+        future, _ = waiting.popleft()
+        if not waiting:
+            del self._by_id[mid]
+        self.count -= 1
+        return future
+
+    def expired(self, now: float) -> bool:
+        """Whether a publish in flight is past its deadline."""
+        if now < self._earliest:
+            return False
+        self._earliest = min((d for w in self._by_id.values() for _, d in w), default=float("inf"))
+        return now >= self._earliest
+
+    def items(self) -> list[tuple[str, asyncio.Future[None]]]:
+        return [(mid, future) for mid, w in self._by_id.items() for future, _ in w]
+
+    def clear(self) -> list[asyncio.Future[None]]:
+        futures = [future for w in self._by_id.values() for future, _ in w]
+        self._by_id.clear()
+        self.count = 0
+        self._earliest = float("inf")
+        return futures
 
 
 def _resolve(future: asyncio.Future[None]) -> None:

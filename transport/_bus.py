@@ -245,6 +245,32 @@ class EventBus:
             [(exchange, rk, body, mid, {}, mandatory) for rk, body, mid, mandatory in items], timeout
         )
 
+    def send_encoded(
+        self, items: Sequence[tuple[str, bytes, str, bool]], *, timeout: float | None = None
+    ) -> list[tuple[str, str | None]]:
+        """Send already-encoded events ``(routing key, body, message id, mandatory)`` without waiting for
+        their confirms, for a thread that publishes alone on this bus and collects the confirms with
+        :meth:`collect_confirms` (the asyncio publisher). Returns the outcomes known at once, ``(message
+        id, failure or None)``: all of them on ``memory://``. Raises :class:`PublishError` when no
+        connection can be made within ``timeout`` (default ``publish_timeout``) or the connection broke;
+        then every message sent and not yet confirmed is lost with it."""
+        exchange = self.exchange
+        return self._publisher.send(
+            [(exchange, rk, body, mid, {}, mandatory) for rk, body, mid, mandatory in items],
+            self._publisher.timeout if timeout is None else timeout,
+        )
+
+    def collect_confirms(self, wait: float) -> list[tuple[str, str | None]]:
+        """The outcomes of messages sent by :meth:`send_encoded` whose confirm came meanwhile (waiting up
+        to ``wait`` seconds for the broker): ``(message id, failure or None)``. Raises
+        :class:`PublishError` when the connection broke."""
+        return self._publisher.collect(wait)
+
+    @property
+    def unconfirmed(self) -> int:
+        """Messages sent by :meth:`send_encoded` still waiting for their confirm."""
+        return self._publisher.unconfirmed
+
     def keep_alive(self) -> None:
         """Service the heartbeats of a connection that only publishes, between publishes: an idle
         publisher calls this every :attr:`tick` seconds so that the broker does not close the

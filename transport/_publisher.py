@@ -28,6 +28,9 @@ class _Confirms:
         self.seq = 0
         self.pending: dict[int, str] = {}
         self.failed: dict[str, str] = {}
+        #: while streaming (:meth:`Publisher.send`): each message settled since the last look, with its
+        #: failure (None when confirmed)
+        self.settled: list[tuple[str, str | None]] | None = None
         channel.confirm_select()
         channel.events["basic_ack"].add(self._on_ack)
         channel.events["basic_nack"].add(self._on_nack)
@@ -41,13 +44,17 @@ class _Confirms:
     def _settle(self, tag: int, multiple: bool, failure: str | None) -> None:
         if multiple:
             for seq in [s for s in self.pending if s <= tag]:
-                mid = self.pending.pop(seq)
-                if failure:
-                    self.failed[mid] = failure
+                self._one(self.pending.pop(seq), failure)
         else:
             mid = self.pending.pop(tag, "")
-            if failure and mid:
-                self.failed[mid] = failure
+            if mid:
+                self._one(mid, failure)
+
+    def _one(self, mid: str, failure: str | None) -> None:
+        if self.settled is not None:
+            self.settled.append((mid, failure or self.failed.pop(mid, None)))
+        elif failure:
+            self.failed[mid] = failure
 
     def _on_ack(self, tag: int, multiple: bool) -> None:
         self._settle(tag, multiple, None)
@@ -219,6 +226,94 @@ class Publisher:
                 first = next(iter(failed.values()))
                 cls = Unroutable if all(f.startswith("unroutable") for f in failed.values()) else PublishError
                 raise cls(f"{len(failed)} of {len(items)} message(s) not taken by the broker: {first}", failed=failed)
+
+    # -- streaming: send now, collect each confirm as it comes (one thread publishing alone) -----------
+
+    @property
+    def unconfirmed(self) -> int:
+        """Messages sent by :meth:`send` whose confirm has not come yet."""
+        confirms = self._confirms
+        return len(confirms.pending) if confirms is not None else 0
+
+    def send(self, items: Sequence[Outgoing], timeout: float) -> list[tuple[str, str | None]]:
+        """Send ``items`` without waiting for their confirms (collect them with :meth:`collect`); return the
+        outcomes known at once: every message on ``memory://`` (which has no confirms), else none.
+
+        Raises :class:`PublishError` as :meth:`publish` does when no connection can be made within
+        ``timeout`` or the connection breaks; the connection is then dropped, and every message sent
+        before and not yet confirmed is lost with it (the caller fails them)."""
+        if not items:
+            return []
+        link = self._link
+        with link.lock:
+            if link.current is None or self._channel is None:
+                try:
+                    link.connect(timeout=max(0.0, min(link.connect_timeout, timeout)))
+                except BrokerUnavailable as exc:
+                    raise PublishError(f"not published: {exc}") from None
+            ch, confirms = self._channel, self._confirms
+            outcomes: list[tuple[str, str | None]] = []
+            writes = None
+            if confirms is not None:
+                if confirms.settled is None:
+                    confirms.settled = []
+                writes = _CoalescedWrites(link.current)
+            try:
+                for n, (exchange, routing_key, body, message_id, headers, mandatory) in enumerate(items, 1):
+                    message = ch.prepare_message(
+                        body,
+                        content_type=CONTENT_TYPE,
+                        content_encoding="utf-8",
+                        headers=headers,
+                        properties={"message_id": message_id, "delivery_mode": 2},
+                    )
+                    try:
+                        ch.basic_publish(message, exchange=exchange, routing_key=routing_key, mandatory=mandatory)
+                    except Unroutable as exc:  # raised at once by the memory transport
+                        outcomes.append((message_id, f"unroutable: {exc}"))
+                        continue
+                    if confirms is None:
+                        outcomes.append((message_id, None))
+                    else:
+                        confirms.sent(message_id)
+                        if writes is not None and n % _WRITE_EVERY == 0:
+                            writes.flush()
+                if writes is not None:
+                    writes.flush()
+            except Exception as exc:
+                self._broken(exc)
+                raise
+            finally:
+                if writes is not None:
+                    writes.end()
+            return outcomes
+
+    def collect(self, wait: float) -> list[tuple[str, str | None]]:
+        """The outcomes of messages sent by :meth:`send` whose confirm (or refusal) came: reads what the
+        broker sent next, waiting up to ``wait`` seconds for it. Raises :class:`PublishError` when the
+        connection broke (it is dropped)."""
+        link = self._link
+        with link.lock:
+            confirms = self._confirms
+            conn = link.current
+            if confirms is None or conn is None or confirms.settled is None:
+                return []
+            try:
+                conn.heartbeat_check()
+                with contextlib.suppress(TimeoutError):
+                    conn.drain_events(timeout=wait)  # one frame: an ack often settles many messages
+            except Exception as exc:
+                self._broken(exc)
+                raise
+            settled, confirms.settled = confirms.settled, []
+            return settled
+
+    def _broken(self, exc: BaseException) -> None:
+        """After an error while streaming: a broken connection is dropped and raises :class:`PublishError`."""
+        conn = self._link.current
+        if conn is not None and is_connection_error(conn, exc):
+            self._link.lost(exc)
+            raise PublishError(f"publish failed, the broker connection broke: {exc or type(exc).__name__}") from None
 
     def keep_alive(self) -> None:
         """Between publishes: send a heartbeat if one is due, and read what the broker sent meanwhile (its

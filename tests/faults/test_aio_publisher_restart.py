@@ -1,6 +1,7 @@
 """`AsyncPublisher` across a broker restart (``rabbitmqctl stop_app`` / ``start_app`` of the session's
 private node): each awaited publish either confirms or raises the error a sync `EventBus` publishing
-beside it raises in the same outage, and publishing works again once the broker is back."""
+beside it raises in the same outage, and publishing works again once the broker is back. (A partition:
+tests/faults/test_hung_broker.py.)"""
 
 from __future__ import annotations
 

@@ -9,10 +9,12 @@ duration, never as a hung run.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import drillkit as kit  # scripts/ is on the path (tests/conftest.py)
 import pytest
@@ -20,7 +22,7 @@ from blackhole import BlackHoleProxy, black_hole
 from private_services import RabbitNode, private_rabbit_node, rabbitmq_installed
 
 from tests.conftest import _need_installed
-from transport import ConnectionLost, Event, EventBus, PublishError, Subscription
+from transport import AsyncPublisher, ConnectionLost, Event, EventBus, PublishError, PublishTimeout, Subscription
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
@@ -154,3 +156,33 @@ def test_a_worker_fails_over_from_a_silent_host_and_keeps_working(
     assert run.lost == 0, run
     assert run.moved >= run.started_during, run
     assert run.exit_code == 0, run
+
+
+def test_awaited_publishes_to_a_hung_broker_raise_publish_timeout_within_their_timeout(
+    partition: BlackHoleProxy, private_rabbit: RabbitNode, unique: str
+) -> None:
+    """50 publishes awaited with timeout=2 on a connection whose broker went silent all raise PublishTimeout
+    in under 5 s (the timeout and the bounded close), not when the partition ends; the connection is dropped."""
+    url = partition.url(private_rabbit.url)
+
+    async def main() -> tuple[list[Any], float]:
+        async with AsyncPublisher(url, exchange=unique) as pub:
+            await pub.publish("ocis.aio.hung", {"n": 0})  # connected and confirmed before the partition
+            timer = _freeze(partition)
+            t0 = time.monotonic()
+            outcomes = await asyncio.gather(
+                *(pub.publish("ocis.aio.hung", {"n": i}, timeout=2) for i in range(50)), return_exceptions=True
+            )
+            elapsed = time.monotonic() - t0
+            timer.cancel()
+            assert not pub.bus.connected
+            partition.thaw()
+            return outcomes, elapsed
+
+    try:
+        outcomes, elapsed = asyncio.run(main())
+    finally:
+        partition.thaw()
+        _delete_topology(private_rabbit.url, unique)
+    assert all(isinstance(o, PublishTimeout) for o in outcomes), outcomes[:3]
+    assert elapsed < 5.0, f"publish(timeout=2) raised after {elapsed:.1f}s"
