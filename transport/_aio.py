@@ -148,6 +148,7 @@ class AsyncPublisher:
     def _launch(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._closed = False
+        self._queue = queue.SimpleQueue()  # a thread of an earlier start that outlived its close keeps its own
         self._stopped = loop.create_future()
         self._thread = threading.Thread(target=self._run, name="sagas-aio-publisher", daemon=True)
         self._thread.start()
@@ -296,7 +297,7 @@ class AsyncPublisher:
         """The thread: send what the loop queued as soon as it comes, without waiting for the confirms of
         what is in flight (at most ``confirm_window`` unconfirmed), and hand each outcome back as its
         confirm arrives. While nothing is in flight, wait for publishes and keep the connection alive."""
-        loop, stopped = self._loop, self._stopped
+        loop, stopped, work = self._loop, self._stopped, self._queue
         assert loop is not None
         assert stopped is not None
         bus = self._bus
@@ -307,22 +308,22 @@ class AsyncPublisher:
                 batch: list[_Item] = []
                 if not stopping and flight.count < bus.confirm_window:
                     if flight.count:
-                        stopping = self._take_queued(batch)
+                        stopping = _take_queued(work, batch)
                     else:
                         try:
-                            first = self._queue.get(timeout=bus.tick)
+                            first = work.get(timeout=bus.tick)
                         except queue.Empty:
                             self._keep_alive()
                             continue
                         if first is _STOP:
                             break
                         batch.extend(first)
-                        stopping = self._take_queued(batch)
+                        stopping = _take_queued(work, batch)
                 outcomes: list[_Outcome] = []
                 if batch:
                     self._send(batch, flight, outcomes)
                 if flight.count:
-                    wait = 0.0 if batch or not self._queue.empty() else _COLLECT_WAIT
+                    wait = 0.0 if batch or not work.empty() else _COLLECT_WAIT
                     self._collect(flight, outcomes, wait)
                 if outcomes:
                     try:
@@ -334,17 +335,6 @@ class AsyncPublisher:
                 bus.close()
             with contextlib.suppress(RuntimeError):  # the loop was closed meanwhile
                 loop.call_soon_threadsafe(_resolve, stopped)
-
-    def _take_queued(self, batch: list[_Item]) -> bool:
-        """Add everything queued to ``batch`` without waiting; return whether the stop mark came."""
-        while True:
-            try:
-                more = self._queue.get_nowait()
-            except queue.Empty:
-                return False
-            if more is _STOP:
-                return True
-            batch.extend(more)
 
     def _keep_alive(self) -> None:
         """While idle: service the connection's heartbeats, so that the broker keeps it open."""
@@ -443,6 +433,18 @@ class AsyncPublisher:
         self._settling = False
         if self._settled is not None:
             _resolve(self._settled)
+
+
+def _take_queued(work: queue.SimpleQueue[Any], batch: list[_Item]) -> bool:
+    """Add everything queued to ``batch`` without waiting; return whether the stop mark came."""
+    while True:
+        try:
+            more = work.get_nowait()
+        except queue.Empty:
+            return False
+        if more is _STOP:
+            return True
+        batch.extend(more)
 
 
 class _InFlight:

@@ -86,41 +86,58 @@ class _CoalescedWrites:
         transport = getattr(getattr(conn, "connection", None), "transport", None)
         self._transport = transport if transport is not None and hasattr(transport, "_write") else None
         self._chunks: list[bytes] = []
-        if self._transport is None:
-            return
-        self._own = "_write" in vars(self._transport)  # the TCP transport sets it per connection
-        self._real = self._transport._write  # noqa: SLF001 - py-amqp's socket write (see the class)
-        self._transport._write = self._chunks_append  # noqa: SLF001
+        self._armed = False
+        if self._transport is not None:
+            self._own = "_write" in vars(self._transport)  # the TCP transport sets it per connection
+            self._real = self._transport._write  # noqa: SLF001 - py-amqp's socket write (see the class)
+            self.arm()
 
     def _chunks_append(self, data: Any) -> None:
         self._chunks.append(bytes(data))  # py-amqp hands over a view of a buffer it reuses
 
+    def arm(self) -> None:
+        """Gather writes from now on."""
+        if self._transport is not None and not self._armed:
+            self._transport._write = self._chunks_append  # noqa: SLF001
+            self._armed = True
+
     def flush(self) -> None:
+        """Send what was gathered, in one write."""
         transport = self._transport
         if transport is None or not self._chunks:
             return
         data = b"".join(self._chunks)
         self._chunks.clear()
-        transport._write = self._real  # noqa: SLF001
+        self._put_back()
         try:
             transport.write(data)
         finally:
-            transport._write = self._chunks_append  # noqa: SLF001
+            self.arm()
+
+    def disarm(self) -> None:
+        """Send what was gathered and write directly again (before waiting for confirms, so that a
+        heartbeat written meanwhile goes out at once)."""
+        self.flush()
+        self._put_back()
+
+    def _put_back(self) -> None:
+        transport = self._transport
+        if transport is None or not self._armed:
+            return
+        if self._own:
+            transport._write = self._real  # noqa: SLF001
+        else:
+            del transport._write  # noqa: SLF001
+        self._armed = False
 
     def end(self) -> None:
         """Send what is left (a failure then is the connection's, and shows on the next use) and put
         py-amqp's write back."""
-        transport = self._transport
-        if transport is None:
-            return
         try:
             with contextlib.suppress(Exception):
                 self.flush()
         finally:
-            if self._own:
-                transport._write = self._real  # noqa: SLF001
-            else:
-                del transport._write  # noqa: SLF001
+            self._put_back()
             self._transport = None
 
 
@@ -196,10 +213,11 @@ class Publisher:
                         if len(ids) % _WRITE_EVERY == 0:
                             writes.flush()
                         if len(confirms.pending) >= self.confirm_window:
-                            writes.flush()
+                            writes.disarm()
                             self._wait_confirms(confirms, deadline, self.confirm_window // 2)
+                            writes.arm()
                 if confirms is not None and writes is not None:
-                    writes.flush()
+                    writes.disarm()
                     self._wait_confirms(confirms, deadline, 0)
             except PublishTimeout:
                 # A broker that did not confirm in time may not answer a close either: the connection
