@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import pytest
+import structlog.testing
 
-from sagas import ConfigurationError, MemoryStore, PostgresStore, SagaRecord, SagasError, SQLiteStore, Store
+from sagas import (
+    ConfigurationError,
+    MemoryStore,
+    PostgresStore,
+    SagaRecord,
+    SagasError,
+    SQLiteStore,
+    Store,
+    StoreError,
+)
 from sagas._store import HistoryEntry
 from sagas.aio import SagasClient, SagaStatus, WaitTimeout
 
@@ -206,3 +216,33 @@ def test_bad_input_is_refused_with_what_to_do() -> None:
                 await client.wait(Postprocessing, "", timeout=1)
 
     asyncio.run(main())
+
+
+class _FailsTwice(MemoryStore):
+    """A memory store whose first two batched reads fail, as a database that is restarting."""
+
+    failures = 2
+
+    def find_sagas(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], SagaRecord]:
+        if self.failures:
+            self.failures -= 1
+            raise StoreError("the database is restarting")
+        return super().find_sagas(keys)
+
+
+def test_a_failed_read_is_logged_and_the_wait_goes_on() -> None:
+    """A store read that fails is logged as client.read_failed, and the waits get their answer from a later read."""
+    store = _FailsTwice()
+    record = _create(store, "u1")
+    _move(store, record, "done", final=True)
+
+    async def body(client: SagasClient) -> None:
+        with structlog.testing.capture_logs() as logs:
+            status = await client.wait("upload", "u1", timeout=5)
+        assert status.state == "done"
+        failed = [e for e in logs if e["event"] == "client.read_failed"]
+        assert len(failed) == 2
+        assert failed[0]["error"] == "the database is restarting"
+        assert failed[0]["log_level"] == "warning"
+
+    _run(SagasClient(store), body)
