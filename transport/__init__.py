@@ -3,6 +3,7 @@
 This package knows kombu and py-amqp and nothing about sagas.
 """
 
+from ._aio import AsyncPublisher
 from ._bus import EventBus
 from ._connection import ConnectionLost, is_memory_url, redact_url
 from ._consumer import ATTEMPT_HEADER, Inbound
@@ -11,11 +12,13 @@ from ._envelope import CONTENT_TYPE, DEFAULT_MAX_EVENT_SIZE, Event, decode, enco
 from ._errors import (
     BrokerUnavailable,
     DecodeError,
+    EventLoopMismatch,
     EventTooLarge,
     InvalidBrokerURL,
     InvalidEvent,
     InvalidEventName,
     LoginRefused,
+    PublisherClosed,
     PublishError,
     PublishTimeout,
     QueueInUse,
@@ -32,12 +35,14 @@ __all__ = [
     "CONTENT_TYPE",
     "DEFAULT_MAX_EVENT_SIZE",
     "DEFAULT_PREFETCH",
+    "AsyncPublisher",
     "BrokerUnavailable",
     "ConnectionLost",
     "DeadLetter",
     "DecodeError",
     "Event",
     "EventBus",
+    "EventLoopMismatch",
     "EventTooLarge",
     "Inbound",
     "InvalidBrokerURL",
@@ -46,6 +51,7 @@ __all__ = [
     "LoginRefused",
     "PublishError",
     "PublishTimeout",
+    "PublisherClosed",
     "QueueInUse",
     "QueueInfo",
     "Subscription",

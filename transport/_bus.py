@@ -245,6 +245,18 @@ class EventBus:
             [(exchange, rk, body, mid, {}, mandatory) for rk, body, mid, mandatory in items], timeout
         )
 
+    def keep_alive(self) -> None:
+        """Service the heartbeats of a connection that only publishes, between publishes: an idle
+        publisher calls this every :attr:`tick` seconds so that the broker does not close the
+        connection for missed heartbeats. A connection found broken is dropped (the next publish
+        connects again)."""
+        self._publisher.keep_alive()
+
+    @property
+    def tick(self) -> float:
+        """Seconds between two heartbeat checks: a quarter of the negotiated heartbeat, at most 1 s."""
+        return self._link.tick()
+
     # -- topology ----------------------------------------------------------------------------------
 
     def declare(self, subscription: Subscription) -> None:

@@ -66,3 +66,12 @@ class TopologyMismatch(TransportError):
 
 class QueueInUse(TransportError):
     """A queue was not deleted because a consumer is attached to it: something still reads it."""
+
+
+class PublisherClosed(TransportError):
+    """A publish on an :class:`AsyncPublisher` after its ``close()``: start it again, or make a new one."""
+
+
+class EventLoopMismatch(TransportError, RuntimeError):
+    """An :class:`AsyncPublisher` used outside the event loop it was started on (or outside any loop):
+    use one publisher per event loop."""

@@ -8,6 +8,7 @@ instead of vanishing. Publishing holds the connection's lock, so a publisher can
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -153,6 +154,26 @@ class Publisher:
                 first = next(iter(failed.values()))
                 cls = Unroutable if all(f.startswith("unroutable") for f in failed.values()) else PublishError
                 raise cls(f"{len(failed)} of {len(items)} message(s) not taken by the broker: {first}", failed=failed)
+
+    def keep_alive(self) -> None:
+        """Between publishes: send a heartbeat if one is due, and read what the broker sent meanwhile (its
+        heartbeats, or the close of a connection it ended). A connection found broken is dropped, so the
+        next publish connects again instead of failing on it. A no-op while not connected."""
+        link = self._link
+        if link.memory:
+            return
+        with link.lock:
+            conn = link.current
+            if conn is None or self._channel is None:
+                return
+            try:
+                conn.heartbeat_check()
+                with contextlib.suppress(TimeoutError):
+                    conn.drain_events(timeout=0.001)
+            except Exception as exc:
+                if not is_connection_error(conn, exc):
+                    raise
+                link.lost(exc)
 
     def _wait_confirms(self, confirms: _Confirms, deadline: float, until_pending: int) -> None:
         conn = self._link.live()
