@@ -151,6 +151,7 @@ class SagasClient:
         if self._executor is not None:
             raise SagasError("the saga client is started already")
         self._loop = asyncio.get_running_loop()
+        self._arrived = asyncio.Event()  # (of this loop: a client started again may run on another)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sagas-client")
         try:
             self._store = await self._run(open_store, self._store_arg)

@@ -246,3 +246,18 @@ def test_a_failed_read_is_logged_and_the_wait_goes_on() -> None:
         assert failed[0]["log_level"] == "warning"
 
     _run(SagasClient(store), body)
+
+
+def test_a_closed_client_starts_again_on_another_loop() -> None:
+    """A client closed on one event loop starts again, and waits, on another."""
+    store = MemoryStore()
+    record = _create(store, "u1")
+    _move(store, record, "done", final=True)
+    client = SagasClient(store)
+
+    async def once() -> str:
+        async with client:
+            return (await client.wait("upload", "u1", timeout=5)).state
+
+    assert asyncio.run(once()) == "done"
+    assert asyncio.run(once()) == "done"
