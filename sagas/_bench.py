@@ -204,17 +204,28 @@ class _Collector:
         return {"first": self.first, "last": self.last, "latencies": self.latencies, "rss_mib": _rss_mib()}
 
 
-def _events_app(exchange: str, collector: _Collector) -> App:
+def _events_app(exchange: str, collector: _Collector, async_handlers: bool = False) -> App:
+    """One handler that counts the events: a plain function, or an ``async def`` one (on the worker's
+    event loop) with ``async_handlers``."""
     svc = Service("bench")
-    svc.on(EVENT, name="noop")(collector.hit)
+    if async_handlers:
+
+        async def noop(event: Event) -> None:
+            collector.hit(event)
+
+        svc.on(EVENT, name="noop")(noop)
+    else:
+        svc.on(EVENT, name="noop")(collector.hit)
     return App(svc, exchange=exchange)
 
 
-def _events_worker(broker: str, exchange: str, n: int, variant: str, ready: Any, results: Any) -> None:
+def _events_worker(
+    broker: str, exchange: str, n: int, variant: str, async_handlers: bool, ready: Any, results: Any
+) -> None:
     configure_logging(level="warning")
     collector = _Collector(n)
     store = open_store("memory://")
-    worker = Worker(_events_app(exchange, collector), broker=broker, store=store)
+    worker = Worker(_events_app(exchange, collector, async_handlers), broker=broker, store=store)
     with _observed(variant, worker, store) as seen, worker.running():
         ready.set()
         collector.done.wait(600)
@@ -233,20 +244,21 @@ def _publish_events(bus: EventBus, n: int) -> tuple[float, float]:
     return t0, time.time()
 
 
-def bench_events(broker: str, n: int, variant: str | None = None) -> dict[str, Any]:
-    """``variant`` (one of :data:`VARIANTS`): run with that tracing and metrics, and report ``spans``."""
+def bench_events(broker: str, n: int, variant: str | None = None, async_handlers: bool = False) -> dict[str, Any]:
+    """``variant`` (one of :data:`VARIANTS`): run with that tracing and metrics, and report ``spans``.
+    ``async_handlers``: the handler is an ``async def`` one."""
     exchange = f"bench-{uuid.uuid4().hex[:8]}"
     bus = EventBus(broker, exchange=exchange)
     if broker.startswith("memory://"):
         collector = _Collector(n)
         store = open_store("memory://")
-        worker = Worker(_events_app(exchange, collector), broker=broker, store=store)
+        worker = Worker(_events_app(exchange, collector, async_handlers), broker=broker, store=store)
         with _observed(variant or "off", worker, store) as seen, worker.running():
             t0, t1 = _publish_events(bus, n)
             collector.done.wait(600)
         got = {**collector.report(), "spans": seen["spans"]}
     else:
-        child, results = _spawn(_events_worker, broker, exchange, n, variant or "off")
+        child, results = _spawn(_events_worker, broker, exchange, n, variant or "off", async_handlers)
         try:
             t0, t1 = _publish_events(bus, n)
             got = results.get(timeout=600)
@@ -732,20 +744,31 @@ def _medians(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     return report
 
 
-def run(what: str, broker: str, store: str | None, n: int, workers: int, repeat: int) -> dict[str, Any]:
-    """Run the workloads ``repeat`` times; report each run and the medians (with ratios to raw)."""
+def run(
+    what: str, broker: str, store: str | None, n: int, workers: int, repeat: int, async_handlers: bool = False
+) -> dict[str, Any]:
+    """Run the workloads ``repeat`` times; report each run and the medians (with ratios to raw). With
+    ``async_handlers``, the events workload runs a second time in each round with an ``async def``
+    handler (the two alternate which goes first), and the report gives its ratio to the sync one."""
     runs: dict[str, list[dict[str, Any]]] = {}
-    for _ in range(repeat):
+    for r in range(repeat):
         if what in ("events", "sagas", "all", "raw") and not broker.startswith("memory://"):
             runs.setdefault("raw-quorum", []).append(bench_raw(broker, n, "quorum"))
             runs.setdefault("raw-classic", []).append(bench_raw(broker, n, "classic"))
         if what in ("events", "all"):
-            runs.setdefault("events", []).append(bench_events(broker, n))
+            for flavour in (("sync", "async") if r % 2 == 0 else ("async", "sync")) if async_handlers else ("sync",):
+                name = "events" if flavour == "sync" else "events-async"
+                runs.setdefault(name, []).append(bench_events(broker, n, async_handlers=flavour == "async"))
         if what in ("sagas", "all"):
             runs.setdefault("sagas", []).append(bench_sagas(broker, store, n, workers))
         if what in ("deadlines", "all"):
             runs.setdefault("deadlines", []).append(bench_deadlines(store))
     report = _medians(runs)
+    if "events-async" in report["median"]:
+        sync, aio = report["median"]["events"], report["median"]["events-async"]
+        report["ratio_async_to_sync"] = {
+            k: round(aio[k] / sync[k], 3) for k in ("handled_per_s", "end_to_end_per_s") if sync.get(k)
+        }
     for kind in ("quorum", "classic"):
         raw = report["median"].get(f"raw-{kind}")
         ratios = {
@@ -779,6 +802,8 @@ def table(report: dict[str, Any]) -> str:
         for k, v in report.get(f"ratio_to_raw_{kind}", {}).items():
             workload, figure = k.split(".")
             lines.append(f"{workload} / raw-{kind:<8} {figure:<18} {v:>8.2f}")
+    for k, v in report.get("ratio_async_to_sync", {}).items():
+        lines.append(f"events-async / events   {k:<18} {v:>8.3f}")
     for workload, by_variant in report.get("variants", {}).items():
         key = _THROUGHPUT[workload]
         lines.append(f"{workload}: {key} by variant (tracing and metrics)")

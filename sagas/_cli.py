@@ -296,7 +296,11 @@ def cli(log_json: bool, log_level: str) -> None:
 @_exchange
 @_store
 @click.option(
-    "--concurrency", default=4, show_default=True, type=click.IntRange(min=1), help="Handlers running at once."
+    "--concurrency",
+    default=4,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Handler calls running at once, sync (on threads) and async def (on one event loop) together.",
 )
 @click.option(
     "--grace-period",
@@ -352,6 +356,13 @@ def cli(log_json: bool, log_level: str) -> None:
     help="Other apps keep their own saga types in this store: live sagas of types this app does not "
     "define are theirs, not stranded. Env: SAGAS_SHARED_STORE.",
 )
+@click.option(
+    "--slow-callback-duration",
+    default=0.1,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Warn (handler.blocked_loop) when an async def handler runs this many seconds without awaiting.",
+)
 def run(
     app: str,
     broker: str,
@@ -367,6 +378,7 @@ def run(
     prune_interval: float,
     allow_stranded: bool,
     shared_store: bool,
+    slow_callback_duration: float,
 ) -> None:
     """Run every service of APP (module:attribute) until SIGTERM or SIGINT.
 
@@ -402,6 +414,7 @@ def run(
         prune_interval=prune_interval,
         allow_stranded=allow_stranded,
         shared_store=shared_store,
+        slow_callback_duration=slow_callback_duration,
     )
     if metrics_port is not None:
         metrics = Metrics(worker_store, instance=worker.instance, store_interval=metrics_store_interval)
@@ -1285,6 +1298,12 @@ def demo(shares: int) -> None:
     "with a BatchSpanProcessor and a counting exporter; tracing@0.1, both@0.1: with head sampling at that "
     "ratio; metrics: the Prometheus observer), and report each variant's throughput and its ratio to off.",
 )
+@click.option(
+    "--async-handlers",
+    is_flag=True,
+    help="events: run each round twice, with a plain and with an async def handler (alternating which goes "
+    "first), and report the async one's ratio to the sync one.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (every run, medians, ratios).")
 def bench(
     workload: str,
@@ -1295,6 +1314,7 @@ def bench(
     requests: int,
     repeat: int,
     variants: str | None,
+    async_handlers: bool,
     as_json: bool,
 ) -> None:
     """Measure events/s and sagas/s on a broker and store, beside the raw py-amqp ceiling; or the
@@ -1309,6 +1329,7 @@ def bench(
       sagas bench events --variants off,metrics,tracing,both --repeat 3   # the cost of observability
       sagas bench sagas --variants off,both,both@0.1 --repeat 3           # ... with 10 % of traces sampled
       sagas bench retention -n 50000 --repeat 3   # rows and bytes over time; throughput, pruner off/on
+      sagas bench events --async-handlers --repeat 3   # async def handlers beside plain ones
     """
     from . import _bench
 
@@ -1324,6 +1345,8 @@ def bench(
         retained = bench_retention(broker, n, 4 * n, rounds=repeat)
         click.echo(json.dumps(retained) if as_json else retention_table(retained))
         return
+    if async_handlers and (workload not in ("events", "all") or variants is not None):
+        _usage_error("--async-handlers applies to the events workload (bench events or all), without --variants")
     if variants is not None:
         chosen = [v.strip() for v in variants.split(",") if v.strip()]
         for v in chosen:
@@ -1343,7 +1366,7 @@ def bench(
             _usage_error(f"--variants {','.join(chosen)} needs {missing}")
         report = _bench.run_variants(workload, broker, store, n, workers, repeat, chosen)
     else:
-        report = _bench.run(workload, broker, store, n, workers, repeat)
+        report = _bench.run(workload, broker, store, n, workers, repeat, async_handlers=async_handlers)
     click.echo(json.dumps(report) if as_json else _bench.table(report))
 
 

@@ -22,7 +22,9 @@ I/O thread, which owns the broker connection and the store.
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import inspect
 import logging
 import queue
 import time
@@ -38,7 +40,8 @@ from transport import CONTENT_TYPE, ConnectionLost, Event, EventBus, Inbound, Tr
 from transport import decode as decode_event
 
 from . import _tracing
-from ._errors import Failure, NoReply, Reject
+from ._aio_runner import LoopWatch, timed
+from ._errors import ConfigurationError, Failure, NoReply, Reject
 from ._observe import NULL_OBSERVER, Observer
 from ._protocol import reply_event
 from ._redelivery import encode_events, retry_or_dead_letter, send_back
@@ -135,12 +138,22 @@ class HandlerPipeline:
         monotonic: Callable[[], float] | None = None,
         lease: float = DEFAULT_CLAIM_LEASE,
         observer: Observer = NULL_OBSERVER,
+        async_pool: Executor | None = None,
+        watch: LoopWatch | None = None,
     ) -> None:
         #: queue name -> the handler consuming it
         self.routes = dict(specs)
         self.bus = bus
         self.store = store
+        #: runs chunks of sync handlers (``run_handlers``), and of async ones (``run_handlers_async``,
+        #: on an event loop: see :mod:`sagas._aio_runner`); ``watch`` times the async handlers' steps
         self.pool = pool
+        self.async_pool = async_pool
+        self.watch = watch
+        if async_pool is None and any(spec.is_async for spec in self.routes.values()):
+            raise ConfigurationError("the app has async handlers: give the pipeline an async_pool to run them on")
+        #: admitted work of one kind that waits for a free slot (both kinds were ready, one slot was free)
+        self._deferred: list[Work] = []
         self.concurrency = concurrency
         self._ready = ready
         self._outcomes: queue.SimpleQueue[list[HandlerOutcome]] = queue.SimpleQueue()
@@ -185,12 +198,23 @@ class HandlerPipeline:
     @property
     def room(self) -> int:
         """How many more messages the pool takes now."""
-        return (self.concurrency - self._tasks) * _CHUNK
+        return max(0, (self.concurrency - self._tasks) * _CHUNK - len(self._deferred))
+
+    @property
+    def deferred(self) -> bool:
+        """Whether admitted work waits for a free slot (:meth:`start` starts it first)."""
+        return bool(self._deferred)
 
     @property
     def idle(self) -> bool:
         """Nothing running, finished and unsettled, or waiting for a free slot."""
-        return not self._inflight and self._outcomes.empty() and not any(self._waiting.values()) and not self._held
+        return (
+            not self._inflight
+            and not self._deferred
+            and self._outcomes.empty()
+            and not any(self._waiting.values())
+            and not self._held
+        )
 
     def waiting(self, handler: str) -> int:
         """Messages waiting because ``handler`` (``service.name``) is at its concurrency limit."""
@@ -369,14 +393,38 @@ class HandlerPipeline:
         )
 
     def start(self, work: list[Work]) -> None:
-        """Hand the work to the pool in up to one chunk per free thread; each chunk runs in order."""
-        chunks = min(self.concurrency - self._tasks, len(work))
+        """Hand the work out in up to one chunk per free slot (``concurrency`` in all): sync handlers'
+        chunks to the pool, async handlers' to the event loop; each chunk runs in order. Work that
+        waited for a slot (:attr:`deferred`) goes first."""
+        if self._deferred:
+            work, self._deferred = [*self._deferred, *work], []
+        sync = [w for w in work if not w[0].is_async]
+        kinds = [k for k in (sync, [w for w in work if w[0].is_async] if len(sync) < len(work) else []) if k]
+        free = self.concurrency - self._tasks
+        if free <= 0:
+            self._deferred = work
+            return
+        if free < len(kinds):  # (one slot free, both kinds ready: the other kind waits for the next slot)
+            self._deferred = kinds.pop()
+        for i, kind in enumerate(kinds):
+            slots = free // len(kinds) + (1 if i < free % len(kinds) else 0)
+            self._start_chunks(kind, slots)
+
+    def _start_chunks(self, work: list[Work], slots: int) -> None:
+        chunks = min(slots, len(work))
         size = -(-len(work) // chunks)
         for i in range(0, len(work), size):
             chunk = work[i : i + size]
             self._inflight += len(chunk)
             self._tasks += 1
-            self.pool.submit(run_handlers, chunk).add_done_callback(self._outcomes_ready)
+            future: Future[list[HandlerOutcome]]
+            if chunk[0][0].is_async:
+                assert self.async_pool is not None  # (checked when the pipeline was made)
+                # (the executor awaits the coroutine: its future is of the outcomes)
+                future = self.async_pool.submit(run_handlers_async, chunk, self.watch)  # type: ignore[arg-type]
+            else:
+                future = self.pool.submit(run_handlers, chunk)
+            future.add_done_callback(self._outcomes_ready)
 
     def _outcomes_ready(self, future: Future[list[HandlerOutcome]]) -> None:
         self._outcomes.put(future.result())
@@ -585,40 +633,96 @@ class HandlerPipeline:
 
 
 def run_handlers(work: list[Work]) -> list[HandlerOutcome]:
-    """Run a chunk of handlers in order, on a pool thread."""
+    """Run a chunk of sync handlers in order, on a pool thread."""
     return [_run_handler(*item) for item in work]
 
 
-@_tracing.handler_span
+async def run_handlers_async(work: list[Work], watch: LoopWatch | None = None) -> list[HandlerOutcome]:
+    """Run a chunk of ``async def`` handlers in order, on the worker's event loop (each chunk is one
+    task, so at most ``concurrency`` handler calls run at once, as on the pool). ``watch`` times each
+    step of each handler (see :mod:`sagas._aio_runner`)."""
+    outcomes: list[HandlerOutcome] = []
+    for item in work:
+        if outcomes and isinstance(outcomes[-1].error, asyncio.CancelledError):
+            # cancelled (the worker closes): the rest of the chunk does not start either
+            outcomes.append(HandlerOutcome(item[1], item[2], item[0], item[3], error=outcomes[-1].error))
+            continue
+        outcomes.append(await _run_handler_async(*item, watch))
+    return outcomes
+
+
+class _Call:
+    """One handler call being run: its outcome, context and the log and trace context bound around it."""
+
+    __slots__ = ("args", "ctx", "outcome", "started", "t0", "tokens")
+
+    def __init__(self, spec: HandlerSpec, inbound: Inbound, event: Event, generation: int) -> None:
+        self.outcome = HandlerOutcome(inbound, event, spec, generation)
+        self.ctx = Context(event, spec.service, spec.name, inbound.attempt)
+        self.args: tuple[Any, ...] = (event, self.ctx) if spec.wants_context else (event,)
+        self.started = _tracing.handler_started(spec, inbound, event)
+        # The handler's own log lines carry the event; tokens put back whatever was bound before.
+        self.tokens = structlog.contextvars.bind_contextvars(
+            event_id=event.id,
+            event_type=event.type,
+            correlation_id=event.correlation_id,
+            service=spec.service,
+            handler=spec.name,
+            attempt=inbound.attempt,
+        )
+        self.t0 = time.perf_counter()
+
+    def returned(self, result: Any) -> HandlerOutcome:
+        self.outcome.result = result
+        self.outcome.outbox = self.ctx.outbox
+        return self._end()
+
+    def raised(self, error: BaseException) -> HandlerOutcome:
+        # SystemExit or KeyboardInterrupt raised inside a handler would otherwise vanish with the
+        # thread's (or task's) future and leave the message unsettled; they count as failures too.
+        self.outcome.error = error
+        return self._end()
+
+    def _end(self) -> HandlerOutcome:
+        self.outcome.duration = time.perf_counter() - self.t0
+        structlog.contextvars.reset_contextvars(**self.tokens)
+        _tracing.handler_finished(self.started, self.outcome)
+        return self.outcome
+
+
 def _run_handler(spec: HandlerSpec, inbound: Inbound, event: Event, generation: int) -> HandlerOutcome:
-    """Run one handler on a pool thread. Never raises: the outcome carries the error."""
-    outcome = HandlerOutcome(inbound, event, spec, generation)
-    ctx = Context(event, spec.service, spec.name, inbound.attempt)
-    t0 = time.perf_counter()
-    # The handler's own log lines carry the event; tokens put back whatever was bound before.
-    tokens = structlog.contextvars.bind_contextvars(
-        event_id=event.id,
-        event_type=event.type,
-        correlation_id=event.correlation_id,
-        service=spec.service,
-        handler=spec.name,
-        attempt=inbound.attempt,
-    )
+    """Run one sync handler on a pool thread. Never raises: the outcome carries the error."""
+    call = _Call(spec, inbound, event, generation)
     try:
-        if spec.wants_context:
-            outcome.result = spec.fn(event, ctx)
-        else:
-            outcome.result = spec.fn(event)
+        result = spec.fn(*call.args)
+        if inspect.isawaitable(result):
+            _close(result)
+            raise TypeError(
+                f"handler {spec.key} returned an awaitable: declare it 'async def' so that the worker awaits it"
+            )
     except BaseException as exc:  # noqa: BLE001 - every handler error is retried or dead-lettered
-        # SystemExit or KeyboardInterrupt raised inside a handler thread would otherwise vanish with
-        # the thread's future and leave the message unsettled; they count as failures too.
-        outcome.error = exc
-    else:
-        outcome.outbox = ctx.outbox
-    finally:
-        structlog.contextvars.reset_contextvars(**tokens)
-    outcome.duration = time.perf_counter() - t0
-    return outcome
+        return call.raised(exc)
+    return call.returned(result)
 
 
-__all__ = ["HandlerOutcome", "HandlerPipeline", "Ready", "Work", "run_handlers"]
+async def _run_handler_async(
+    spec: HandlerSpec, inbound: Inbound, event: Event, generation: int, watch: LoopWatch | None
+) -> HandlerOutcome:
+    """Run one ``async def`` handler on the worker's event loop. Never raises (not even when its task
+    is cancelled at a shutdown: the outcome carries the error, and the message is not acked)."""
+    call = _Call(spec, inbound, event, generation)
+    try:
+        result = await timed(spec.fn(*call.args), spec.key, watch)
+    except BaseException as exc:  # noqa: BLE001 - every handler error is retried or dead-lettered
+        return call.raised(exc)
+    return call.returned(result)
+
+
+def _close(awaitable: Any) -> None:
+    """Close a coroutine nobody will await (no 'never awaited' warning)."""
+    close = getattr(awaitable, "close", None)
+    if callable(close):
+        close()
+
+
+__all__ = ["HandlerOutcome", "HandlerPipeline", "Ready", "Work", "run_handlers", "run_handlers_async"]

@@ -148,6 +148,8 @@ class HandlerSpec:
     prefetch: int
     wants_context: bool
     concurrency: int | None = None
+    #: an ``async def`` handler: run on the worker's event loop, not on its thread pool
+    is_async: bool = False
     #: a request handler (``@svc.handles``): its return value is the reply
     replies: bool = False
     cache_replies: bool = False
@@ -209,10 +211,11 @@ class Service:
     ) -> Callable[[Handler], Handler]:
         """Declare a handler for events matching one or more ``patterns`` (``*`` one word, ``#`` zero or more).
 
-        The handler is ``fn(event)`` or ``fn(event, ctx)``. Options: ``delivery`` (at-least-once by
-        default), ``retry`` (a :class:`Retry`), ``idempotent`` (skip events whose id this handler
-        already handled, through the inbox store), ``broadcast`` (every instance gets every event;
-        at-most-once only), ``name`` (the queue name part, default the function name),
+        The handler is ``fn(event)`` or ``fn(event, ctx)``, a plain function (run on the worker's thread
+        pool) or an ``async def`` one (run on the worker's event loop, with the same guarantees).
+        Options: ``delivery`` (at-least-once by default), ``retry`` (a :class:`Retry`), ``idempotent``
+        (skip events whose id this handler already handled, through the inbox store), ``broadcast``
+        (every instance gets every event; at-most-once only), ``name`` (the queue name part, default the function name),
         ``prefetch`` (messages the broker sends ahead), ``concurrency`` (at most this many calls of the
         handler at once in one worker; default: the worker's pool size).
         The function is returned unchanged.
@@ -260,6 +263,7 @@ class Service:
                 prefetch=prefetch,
                 wants_context=_arity(fn) >= 2,
                 concurrency=concurrency,
+                is_async=_is_async(fn),
                 replies=_replies,
                 cache_replies=_cache_replies,
             )
@@ -277,7 +281,7 @@ class Service:
         prefetch: int = DEFAULT_PREFETCH,
         concurrency: int | None = None,
     ) -> Callable[[Handler], Handler]:
-        """Declare the handler of a saga's request (``fn(event)`` or ``fn(event, ctx)``).
+        """Declare the handler of a saga's request (``fn(event)`` or ``fn(event, ctx)``; ``async def`` too).
 
         Its return value (a JSON object, or None) becomes the success reply. Raising :class:`Failure`
         answers with a failure reply at once, and so does an error in ``retry.give_up_on`` (a reply
@@ -303,6 +307,17 @@ class Service:
             _replies=True,
             _cache_replies=cache_replies,
         )
+
+
+def _is_async(fn: Callable[..., Any]) -> bool:
+    """Whether ``fn`` is a coroutine function (``async def``, a partial of one, or an object whose
+    ``__call__`` is one). An async generator is refused: a handler returns one reply, it does not yield."""
+    call = None if inspect.isroutine(fn) else getattr(type(fn), "__call__", None)  # noqa: B004
+    if inspect.isasyncgenfunction(fn) or inspect.isasyncgenfunction(call):
+        raise ConfigurationError(
+            f"handler {getattr(fn, '__qualname__', fn)!r} is an async generator: declare it 'async def' and return"
+        )
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(call)
 
 
 def _arity(fn: Callable[..., Any]) -> int:

@@ -189,39 +189,38 @@ def republished(event: Event) -> Event:
 # -- handlers ---------------------------------------------------------------------------------------------
 
 
-def handler_span(
-    run: Callable[[HandlerSpec, Inbound, Event, int], HandlerOutcome],
-) -> Callable[[HandlerSpec, Inbound, Event, int], HandlerOutcome]:
-    """Decorates the function that runs one handler: a CONSUMER span around it, child of the message's
-    publish span, current while the handler runs (its follow-ups and log lines are under it). The outcome
-    keeps it (``trace``) for the reply and the settling, which ends it (:func:`end`): a message given
-    back when the store fails after the handler ran is an error of its span (:func:`given_back`)."""
+#: a handler's span and the context token that made it current (see :func:`handler_started`)
+Started = tuple[Any, Any]
+
+
+def handler_started(spec: HandlerSpec, inbound: Inbound, event: Event) -> Started | None:
+    """Before a handler runs (sync or async): a CONSUMER span around it, child of the message's publish
+    span, made current while the handler runs (its follow-ups and log lines are under it). None while
+    nothing is traced. :func:`handler_finished` ends the handler's part; the outcome keeps the span
+    (``trace``) for the reply and the settling, which ends it (:func:`end`): a message given back when
+    the store fails after the handler ran is an error of its span (:func:`given_back`)."""
     if trace is None:
-        return run
+        return None
+    tracer = _tracer()
+    if tracer is None:
+        return None
+    span = _handler_span(tracer, spec, inbound, event)
+    return span, otel_context.attach(trace.set_span_in_context(span))
+
+
+def handler_finished(started: Started | None, outcome: HandlerOutcome) -> None:
+    """After the handler of :func:`handler_started` returned or raised (in the same thread or task)."""
+    if started is None:
+        return
     from ._errors import NoReply
 
-    @functools.wraps(run)
-    def traced(spec: HandlerSpec, inbound: Inbound, event: Event, generation: int) -> HandlerOutcome:
-        tracer = _tracer()
-        if tracer is None:
-            return run(spec, inbound, event, generation)
-        span = _handler_span(tracer, spec, inbound, event)
-        token = otel_context.attach(trace.set_span_in_context(span))
-        try:
-            outcome = run(spec, inbound, event, generation)
-            if isinstance(outcome.error, NoReply):
-                span.set_attribute("sagas.outcome", "no-reply")
-            elif outcome.error is not None:
-                _fail(span, outcome.error)
-        except BaseException:
-            span.end()  # (run never raises; if it did, nothing would settle the message and end the span)
-            raise
-        finally:
-            otel_context.detach(token)
-        outcome.trace = span
-        return outcome
-
-    return traced
+    span, token = started
+    otel_context.detach(token)
+    if isinstance(outcome.error, NoReply):
+        span.set_attribute("sagas.outcome", "no-reply")
+    elif outcome.error is not None:
+        _fail(span, outcome.error)
+    outcome.trace = span
 
 
 def _handler_span(tracer: Any, spec: HandlerSpec, inbound: Inbound, event: Event) -> Any:
@@ -471,7 +470,8 @@ __all__ = [
     "deadline",
     "end",
     "given_back",
-    "handler_span",
+    "handler_finished",
+    "handler_started",
     "ids",
     "outgoing",
     "reply_cache",

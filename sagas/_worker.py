@@ -10,7 +10,8 @@ heartbeats going. Each turn of the loop (:meth:`Worker.step`):
 3. fires the deadlines that passed and relays unsent outbox rows (also the saga pipeline);
 4. reads the next batch from the broker.
 
-Handlers run on a small thread pool, so a long handler never starves the connection. A lost
+Handlers run on a small thread pool (``async def`` ones on an event loop of their own: see
+:mod:`sagas._aio_runner`), so a long handler never starves the connection. A lost
 connection is reconnected within the grace period; messages that came on it and were not acked are
 redelivered by the broker.
 """
@@ -45,6 +46,7 @@ from transport import (
 )
 
 from . import _queues, _tracing
+from ._aio_runner import DEFAULT_SLOW_CALLBACK, LoopExecutor, LoopWatch
 from ._clock import SteadyClock
 from ._errors import ConfigurationError, SagasError
 from ._handlers import DEFAULT_CLAIM_LEASE, HandlerPipeline, Ready, Work
@@ -82,8 +84,11 @@ class Worker:
     turns, claim renewals). Deadlines and leases read :attr:`now`, a steady clock that starts at the
     database's clock on PostgreSQL (at ``clock`` otherwise, or when ``clock`` is given) and never jumps
     when the host's clock is stepped (see :mod:`sagas._clock`). ``rng`` jitters deadlines and
-    ``executor`` runs handlers (a thread pool of ``concurrency`` threads by default):
-    :mod:`sagas.testing` replaces them to make a run reproducible.
+    ``executor`` runs sync handlers (a thread pool of ``concurrency`` threads by default) and
+    ``async_executor`` the ``async def`` ones (one event loop on a thread of its own, made only when the
+    app has async handlers): :mod:`sagas.testing` replaces them to make a run reproducible. The two share
+    ``concurrency``: at most that many handler calls run at once. An async handler step that runs
+    ``slow_callback_duration`` seconds or more without awaiting is logged (``handler.blocked_loop``).
 
     ``claim_lease`` (seconds; default ``SAGAS_CLAIM_LEASE`` or 30) is how long this worker's claim on a
     de-duplicated message outlives the worker if it dies; while the handler runs it is renewed every
@@ -123,6 +128,8 @@ class Worker:
         monotonic: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
         executor: Executor | None = None,
+        async_executor: Executor | None = None,
+        slow_callback_duration: float = DEFAULT_SLOW_CALLBACK,
         ssl: bool | Mapping[str, Any] | None = None,
         batch_size: int = 256,
         claim_lease: float | None = None,
@@ -181,6 +188,12 @@ class Worker:
         self._stop = threading.Event()
         self._started = False
         self._pool: Executor | None = None
+        self._async_executor = async_executor
+        #: runs the app's async handlers (an event loop of its own: see :mod:`sagas._aio_runner`)
+        self._async_pool: Executor | None = None
+        if not slow_callback_duration > 0:
+            raise ConfigurationError("slow_callback_duration must be more than 0 seconds")
+        self.slow_callback_duration = slow_callback_duration
         self.sagas = None
         self._subscriptions: list[Subscription] = []
         #: reconnections after a lost connection
@@ -240,6 +253,13 @@ class Worker:
             saga_routes[sub.queue] = d.type
             self._subscriptions.append(sub)
         self._pool = self._executor or ThreadPoolExecutor(self.concurrency, thread_name_prefix="sagas-handler")
+        watch: LoopWatch | None = None
+        if any(spec.is_async for spec in specs):
+            if self._async_executor is None:
+                loop = LoopExecutor(slow_callback_duration=self.slow_callback_duration)
+                self._async_pool, watch = loop, loop.watch
+            else:
+                self._async_pool = self._async_executor
         self.handlers = HandlerPipeline(
             routes,
             self.bus,
@@ -252,6 +272,8 @@ class Worker:
             monotonic=self.monotonic,
             lease=self.claim_lease,
             observer=self.observer,
+            async_pool=self._async_pool,
+            watch=watch,
         )
         self.sagas = (
             SagaPipeline(
@@ -409,9 +431,11 @@ class Worker:
             self.pruner = None
         if hasattr(self, "bus"):
             self.bus.close()
-        if self._pool is not None:
-            inflight = self.handlers.inflight if hasattr(self, "handlers") else 0
-            self._pool.shutdown(wait=inflight == 0, cancel_futures=True)
+        inflight = self.handlers.inflight if hasattr(self, "handlers") else 0
+        for pool in (self._pool, self._async_pool):
+            if pool is not None:
+                pool.shutdown(wait=inflight == 0, cancel_futures=True)
+        self._async_pool = None
         if hasattr(self, "store"):
             self.store.close()
         self._started = False
@@ -514,7 +538,7 @@ class Worker:
             if work:
                 self.handlers.start(work)
             raise
-        if work:
+        if work or self.handlers.deferred:
             self.handlers.start(work)
         if self.sagas is not None:
             for saga_type, inbounds in sagas.items():

@@ -249,3 +249,26 @@ def test_retention_runs_segments_with_the_pruner_off_and_on_and_samples_the_tabl
     assert last["reply_cache"] == 80
     assert last["file_mib"] > 0
     assert report["ratio_on_to_off"] > 0
+
+
+@pytest.mark.rabbitmq
+def test_async_handlers_run_beside_sync_ones_and_carry_their_ratio(amqp_url: str) -> None:
+    """``--async-handlers``: each round runs the events workload with a plain and with an ``async def``
+    handler, in the same invocation, and the report gives the async one's ratio to the sync one."""
+    args = ["bench", "events", "--broker", amqp_url, "-n", "200", "--repeat", "2", "--async-handlers", "--json"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output.strip().splitlines()[-1])
+    assert len(report["runs"]["events"]) == len(report["runs"]["events-async"]) == 2
+    sync, aio = report["median"]["events"], report["median"]["events-async"]
+    assert report["ratio_async_to_sync"]["end_to_end_per_s"] == round(
+        aio["end_to_end_per_s"] / sync["end_to_end_per_s"], 3
+    )
+    assert "raw-classic" in report["runs"]
+
+
+@pytest.mark.parametrize("args", [["sagas"], ["events", "--variants", "off,both"]])
+def test_async_handlers_apply_to_the_events_workload_alone(args: list[str]) -> None:
+    result = CliRunner().invoke(cli, ["bench", *args, "-n", "10", "--async-handlers"])
+    assert result.exit_code == 2
+    assert "error: --async-handlers applies to the events workload" in result.output

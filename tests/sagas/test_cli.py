@@ -118,6 +118,10 @@ USAGE_MISTAKES = [
     (["retry"], "error: Missing argument 'SAGA_ID'.\n"),
     (["graph"], "error: Missing argument 'SAGA_CLASS'.\n"),
     (["run", "x", "--concurrency", "0"], "error: Invalid value for '--concurrency': 0 is not in the range x>=1.\n"),
+    (
+        ["run", "x", "--slow-callback-duration", "0"],
+        "error: Invalid value for '--slow-callback-duration': 0.0 is not in the range x>0.\n",
+    ),
     (["ls", "--limit", "abc"], "error: Invalid value for '--limit': 'abc' is not a valid integer range.\n"),
     (["counts", "extra"], "error: Got unexpected extra argument (extra)\n"),
     (["nope"], "error: No such command 'nope'.\n"),

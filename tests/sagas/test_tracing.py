@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
 import textwrap
+import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -13,16 +15,17 @@ from typing import Any, ClassVar
 import pytest
 import structlog
 from click.testing import CliRunner
+from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
 from examples import postprocessing
-from sagas import App, Context, Event, Retry, Service, _cli, _tracing
+from sagas import App, Context, Event, EventBus, Retry, Service, Worker, _cli, _tracing
 from sagas._logging import configure_logging
 from sagas.testing import Drop, Harness
-from tests.helpers import CommitFailsOnce
+from tests.helpers import CommitFailsOnce, wait_for
 
 PING, BOOM = "demo.tracing.ping", "demo.tracing.boom"
 
@@ -102,6 +105,45 @@ def test_a_handler_span_is_the_child_of_the_publish_span(spans: InMemorySpanExpo
     assert dict(publish.attributes or {})["messaging.operation"] == "publish"
     assert handler.status.status_code is StatusCode.UNSET
     _one_tree(finished)
+
+
+def test_an_async_handler_span_is_the_child_of_the_publish_span_and_its_follow_ups_its_children(
+    spans: InMemorySpanExporter,
+) -> None:
+    """On the worker's event loop as on its pool: the handler's span is current while it awaits, so its
+    follow-up and its log lines are under it; an error of a later step is recorded on it."""
+    aio = Service("aio-tracer")
+    lines: list[dict[str, Any]] = []
+
+    @aio.on(PING, name="ping")
+    async def ping(event: Event, ctx: Context) -> None:
+        await asyncio.sleep(0)
+        lines.append(_tracing.ids(trace.get_current_span()))
+        ctx.publish(PING + "ed", {"n": event.payload["n"]})
+
+    @aio.on(BOOM, name="boom", retry=Retry(attempts=1))
+    async def boom(event: Event) -> None:
+        await asyncio.sleep(0)
+        raise RuntimeError("the async handler broke")
+
+    exchange = f"aio-tracing-{uuid.uuid4().hex[:8]}"
+    worker = Worker(App(aio, exchange=exchange), store="memory://")
+    with worker.running(), EventBus("memory://", exchange=exchange) as bus:
+        event = _traced_event(PING, {"n": 1})
+        bus.publish_many([event, _traced_event(BOOM, {})])
+        wait_for(lambda: len([s for s in spans.get_finished_spans() if s.name.endswith("process")]) == 2, what="2")
+    finished = spans.get_finished_spans()
+    publish = next(s for s in finished if s.name == f"{PING} publish")
+    handler = next(s for s in finished if s.name == f"{PING} process")
+    follow_up = next(s for s in finished if s.name == f"{PING}ed publish")
+    assert handler.parent is not None
+    assert handler.parent.span_id == publish.context.span_id
+    assert follow_up.parent is not None
+    assert follow_up.parent.span_id == handler.context.span_id
+    assert lines == [{"trace_id": f"{handler.context.trace_id:032x}", "span_id": f"{handler.context.span_id:016x}"}]
+    failed = next(s for s in finished if s.name == f"{BOOM} process")
+    assert failed.status.status_code is StatusCode.ERROR
+    assert dict(failed.events[0].attributes or {})["exception.type"] == "RuntimeError"
 
 
 def test_a_failing_handler_sets_error_records_the_exception_and_shows_its_retries(
