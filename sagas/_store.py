@@ -291,7 +291,7 @@ class Store(InboxStore, Protocol):
     def find_saga(self, saga_type: str, key: str) -> SagaRecord | None: ...
     def find_sagas(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], SagaRecord]:
         """The sagas of ``keys`` (pairs of saga type and business key) that exist, by (type, key): one
-        statement per type and 500 keys, each a lookup on the (type, key) unique index. For a reader that
+        statement per type and 500 keys, which the (type, key) unique index serves. For a reader that
         watches many sagas at once (:class:`sagas.aio.SagasClient`)."""
         ...
 
@@ -1031,7 +1031,7 @@ class _SqlStore:
         for saga_type, wanted in by_type.items():
             for start in range(0, len(wanted), _ID_CHUNK):
                 chunk = wanted[start : start + _ID_CHUNK]
-                # (type = ? AND key IN (...): probes of the (type, key) unique index, one per key)
+                # (type = ? AND key IN (...): the (type, key) unique index serves it)
                 rows = self._execute(
                     f"SELECT {_SAGA_COLUMNS} FROM sagas WHERE type = ? AND key IN ({', '.join('?' for _ in chunk)})",
                     (saga_type, *chunk),

@@ -144,8 +144,9 @@ def test_concurrent_waits_share_one_read_per_tick(tmp_path: Path) -> None:
         assert 1 <= idle_reads <= 8
 
         def end_all() -> None:
-            for r in records:
-                _move(store, r, "done", final=True)
+            with store.group():  # (one commit: the next read sees all of them final)
+                for r in records:
+                    _move(store, r, "done", final=True)
 
         await asyncio.to_thread(end_all)
         results = await asyncio.gather(*waits)
