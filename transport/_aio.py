@@ -164,6 +164,7 @@ class AsyncPublisher:
             if self._settling:  # the last outcomes are still being handed to their awaiters
                 self._settled = asyncio.get_running_loop().create_future()
                 await self._settled
+            await asyncio.sleep(0)  # the tasks the last slice woke run before close() returns
         except TimeoutError:
             log.warning("publisher.close_timed_out", seconds=bound, broker=repr(self._bus))
         self._thread = None
