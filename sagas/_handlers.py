@@ -100,6 +100,8 @@ class _Settling:
     bodies: list[bytes] = field(default_factory=list)
     #: a request not answered as it asked, logged at info or warning: (outcome, reason, warning?)
     unusual: tuple[str, str, bool] | None = None
+    #: it came on a connection that broke: settled but not acked (the broker redelivers it)
+    stale: bool = False
 
     def fields(self, outcome: str) -> dict[str, Any]:
         o = self.o
@@ -508,7 +510,7 @@ class HandlerPipeline:
                         if outcome is not None:
                             _tracing.settled(s.o.trace, s.o.event, outcome, exc)
                     done = []
-            self.bus.ack_many([s.o.inbound for s in done])
+            self.bus.ack_many([s.o.inbound for s in done if not s.stale])
             self.handled += len(done)
             for s in done:
                 outcome = s.unusual[0] if s.unusual is not None else "ok"  # (no-reply, failure-reply)
@@ -539,14 +541,13 @@ class HandlerPipeline:
         """What a finished message turns into: its reply (for a request), its error, what it publishes."""
         spec, inbound, event = o.spec, o.inbound, o.event
         durable = spec.delivery is Delivery.AT_LEAST_ONCE
-        if durable and o.generation != generation:
-            # The connection this message came on is gone, so it will be redelivered. If the handler
-            # succeeded with nothing to publish, remember it so the redelivery is skipped.
-            if o.error is None and not o.outbox and spec.idempotent:
-                try:
-                    self.store.remember(spec.key, event.id)
-                except Exception as exc:  # noqa: BLE001 - then the redelivery runs it again
-                    log.error("message.not_remembered", event_id=event.id, error=repr(exc)[:500])
+        # The connection this message came on is gone, so it will be redelivered (it cannot be acked,
+        # retried or dead-lettered on it). A de-duplicated message whose handler gave its answer is
+        # settled all the same, but for the ack: its follow-ups and reply published, its inbox record
+        # or cached reply committed, so that the redelivery is recognised instead of running the work
+        # again. Any other is left to the redelivery.
+        stale = durable and o.generation != generation
+        if stale and not (o.deduplicated and (o.error is None or isinstance(o.error, Failure | NoReply))):
             return None
         limit = self.bus.max_event_size
         bodies: list[bytes] = []
@@ -589,7 +590,9 @@ class HandlerPipeline:
             if reply is not None:
                 o.outbox.append(reply)
                 bodies.append(reply_body)
-        return _Settling(o, error, reply, reply_body, bodies, unusual)
+        if stale and error is not None:
+            return None  # (not encodable, say: the redelivery fails it again, and retries it)
+        return _Settling(o, error, reply, reply_body, bodies, unusual, stale=stale)
 
     def _publish(self, settling: Sequence[_Settling]) -> None:
         """Publish the follow-ups and replies of every message that succeeded, with pipelined confirms.

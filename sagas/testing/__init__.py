@@ -3,7 +3,8 @@
 :class:`Harness` runs an app's real workers in memory, on a virtual clock, with no threads, so that a
 run is reproducible. It injects faults: any message can be dropped, duplicated, delayed or reordered
 (:class:`Drop`, :class:`Duplicate`, :class:`Delay`, :class:`Reorder`), a worker can crash before or
-after any of its side effects (:class:`Crash`) and restart, and the broker can restart.
+after any of its side effects (:class:`Crash`) and restart, and the broker can restart. ``async def``
+handlers run on a :class:`VirtualTimeLoop`, asyncio's loop on the harness's virtual time.
 
 :mod:`sagas.testing.strategies` has hypothesis strategies for fault schedules (it needs the
 ``hypothesis`` package), and the pytest plugin (loaded automatically once ``sagas`` is installed)
@@ -32,6 +33,7 @@ from ._harness import (
     Stats,
     VirtualClock,
 )
+from ._loop import NotVirtual, VirtualTimeLoop
 
 __all__ = [
     "STAGES",
@@ -47,8 +49,10 @@ __all__ = [
     "MailSink",
     "MessageFault",
     "NotSettled",
+    "NotVirtual",
     "Reorder",
     "Stage",
     "Stats",
     "VirtualClock",
+    "VirtualTimeLoop",
 ]

@@ -7,7 +7,8 @@ a run non-deterministic:
   routing, TTL delay queues and dead-lettering), whose TTLs run on the harness's clock;
 - the clock is a :class:`VirtualClock` that moves only when the harness moves it, so a deadline an
   hour away costs nothing to reach;
-- handlers run inline on the harness's thread (no thread pool), and deadline jitter uses a seeded RNG.
+- handlers run inline on the harness's thread (no thread pool), ``async def`` ones on an asyncio loop on
+  the virtual clock (:class:`VirtualTimeLoop`), and deadline jitter uses a seeded RNG.
 
 Between the workers and the broker sits a :class:`Network` that can drop, duplicate, delay or
 reorder any message a worker or the test publishes. Crash points sit on the worker's side effects
@@ -18,10 +19,11 @@ what was committed) and, by default, starts a fresh one.
 
 from __future__ import annotations
 
+import inspect
 import math
 import random
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
@@ -37,6 +39,7 @@ from .._service import App, Service
 from .._store import HistoryEntry, MemoryStore, OutboxRow, SagaRecord, Store, open_store
 from .._worker import Worker
 from ..operations import MAX_PAGE, Operations
+from ._loop import NotVirtual, VirtualTimeLoop
 
 T = TypeVar("T")
 
@@ -194,6 +197,11 @@ class InlineExecutor(Executor):
     time is held: its effects happened when it started, and the worker learns it finished only once
     the clock has moved that far (:meth:`release`). Meanwhile other workers go on, as they would while
     a slow handler runs in another process.
+
+    With a ``loop``, it is an async executor too: a coroutine function (``async def`` handlers) runs
+    to completion on that :class:`VirtualTimeLoop`, at once, and the virtual time its awaits took
+    (its sleeps, timeouts) is added to ``seconds``: the worker learns it finished only once the
+    clock has moved that far too.
     """
 
     def __init__(
@@ -202,29 +210,53 @@ class InlineExecutor(Executor):
         *,
         clock: Callable[[], float] | None = None,
         seconds: Callable[[Any], float] | None = None,
+        loop: VirtualTimeLoop | None = None,
     ) -> None:
         self._ran = ran
         self._clock = clock
         self._seconds = seconds
+        self.loop = loop
+        self._origin = clock() if clock is not None else 0.0  # the clock's time at the loop's 0
         self._held: list[tuple[float, int, Future[Any], Any]] = []
         self._seq = 0
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
         future: Future[T] = Future()
+        awaited = 0.0
         try:
             result = fn(*args, **kwargs)
+            if inspect.iscoroutine(result):
+                result, awaited = self._await(result)
+        except NotVirtual:
+            raise  # (the test's mistake, not the handler's: the test fails, saying what to do)
         except BaseException as exc:  # noqa: BLE001 - handed to the future, as a pool would
             future.set_exception(exc)
             return future
         if self._ran is not None:
             self._ran(result)
-        takes = self._seconds(result) if self._seconds is not None else 0.0
+        takes = awaited + (self._seconds(result) if self._seconds is not None else 0.0)
         if takes > 0 and self._clock is not None:
             self._seq += 1
             self._held.append((self._clock() + takes, self._seq, future, result))
         else:
             future.set_result(result)
         return future
+
+    def _await(self, coroutine: Coroutine[Any, Any, T]) -> tuple[T, float]:
+        """Run a coroutine on the loop, from the clock's time now. Returns what it returned and the
+        virtual seconds its awaits took."""
+        if self.loop is None:
+            coroutine.close()
+            raise SagasError("this InlineExecutor runs no coroutines: give it loop=VirtualTimeLoop()")
+        if self._clock is not None:
+            # time passed outside the loop (timers that came due meanwhile run first)
+            self.loop.advance_to(self._clock() - self._origin)
+        return self.loop.run(coroutine)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Close the loop, if any (nothing runs on a thread, so there is nothing to wait for)."""
+        if self.loop is not None and not self.loop.is_closed():
+            self.loop.close()
 
     @property
     def held(self) -> int:
@@ -247,8 +279,10 @@ class InlineExecutor(Executor):
         return len(done)
 
     def abandon(self) -> None:
-        """Forget the held calls (their worker crashed: nobody learns they finished)."""
+        """Forget the held calls and close the loop (their worker crashed: nobody learns they
+        finished, and tasks left on the loop are gone with it)."""
         self._held.clear()
+        self.shutdown()
 
 
 # -- the network between the workers and the broker --------------------------------------------------
@@ -454,6 +488,8 @@ class Harness:
         #: told what every worker does (see :mod:`sagas._observe`)
         self.observer = observer
         self._executors: list[InlineExecutor | None] = [None] * workers
+        #: whether the app has async def handlers (their awaits may take virtual time)
+        self._awaits = any(spec.is_async for spec in self.app.handlers)
         self._first = 0  # the worker that steps first in the next round of run()
         self._rng = random.Random(seed)
         self._counts: Counter[tuple[Stage, str]] = Counter()
@@ -485,6 +521,9 @@ class Harness:
             if worker is not None:
                 worker.bus.close()
                 self.workers[slot] = None
+        for executor in self._executors:
+            if executor is not None:
+                executor.shutdown()
         if self._client is not None:
             self._client.close()
         self.store.close()
@@ -500,7 +539,10 @@ class Harness:
             raise SagasError(f"worker {slot} is running; crash or stop it first")
         self._generations[slot] += 1
         executor = InlineExecutor(
-            lambda outcomes: self._ran(slot, outcomes), clock=self.clock, seconds=self._seconds_of
+            lambda outcomes: self._ran(slot, outcomes),
+            clock=self.clock,
+            seconds=self._seconds_of,
+            loop=VirtualTimeLoop(),
         )
         self._executors[slot] = executor
         worker = Worker(
@@ -513,14 +555,15 @@ class Harness:
             monotonic=self.clock,
             rng=random.Random(self._rng.random()),
             executor=executor,
+            async_executor=executor,  # (async def handlers: on the executor's loop, on virtual time)
             timer_interval=self.timer_interval,
             relay_interval=self.relay_interval,
             grace_period=1.0,
             observer=self.observer,
             prune=False,  # (no threads here: a test prunes with prune())
-            # with handlers that take time, a worker reads one message a turn, so that copies of a
-            # message spread over the workers as a broker's round-robin spreads them
-            batch_size=1 if self.handler_seconds else 256,
+            # with handlers that take time (or may: async ones that await), a worker reads one message
+            # a turn, so that copies of a message spread over the workers as a broker's round-robin does
+            batch_size=1 if self.handler_seconds or self._awaits else 256,
         )
         self.current = slot
         try:

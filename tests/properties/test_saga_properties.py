@@ -133,12 +133,16 @@ TRIP_MATCHES = [
 
 
 class SagaFaults(FaultyWorld):
+    #: the app under test, and the name of its figures in the test report (a variant changes both)
+    app = app
+    scenario = "sagas under any fault schedule (hypothesis)"
+
     def __init__(self) -> None:
         super().__init__()
         structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.CRITICAL))
         EFFECTS.clear()
         BROKEN.clear()
-        self.h = Harness(app, workers=WORKERS, auto_restart=False)
+        self.h = Harness(self.app, workers=WORKERS, auto_restart=False)
         self.trips: dict[str, str] = {}
         self.starts: dict[str, list[str]] = {}  # the start events' ids of each trip
 
@@ -147,7 +151,7 @@ class SagaFaults(FaultyWorld):
             self.faults_stop_and_every_saga_ends()
             report_run(
                 self.h,
-                "sagas under any fault schedule (hypothesis)",
+                self.scenario,
                 sagas_started=len(self.h.sagas(Trip)),
                 sagas_final=sum(r.final for r in self.h.sagas(Trip)),
                 sagas_compensated=len(self.h.sagas(Trip, "compensated")),

@@ -9,7 +9,7 @@ import time
 import pytest
 import structlog
 
-from sagas import App, Event, EventBus, Service, Worker
+from sagas import App, Context, Event, EventBus, Service, Worker
 from tests.helpers import wait_for
 from transport import PublishError
 
@@ -223,3 +223,53 @@ def test_a_dead_letter_the_broker_refuses_leaves_the_message_unacked(unique: str
         assert [e["outcome"] for e in logs if e["event"] == "message.failed"] == ["kept-unacked"]
     finally:
         worker.shutdown()
+
+
+# -- a handler that finishes after its connection broke ---------------------------------------------------
+
+
+def test_a_request_handled_while_the_broker_restarted_is_answered_from_its_cache_not_run_again() -> None:
+    """A participant's call is still running when the broker restarts: its message cannot be acked on
+    the new connection and is redelivered. Its reply is published and cached all the same, so the
+    redelivery is answered from the reply cache and the booking is made once (it was made twice)."""
+    from sagas.testing import Harness
+    from tests.properties.test_saga_properties import EFFECTS, app
+
+    EFFECTS.clear()
+    with Harness(app, handler_seconds=1.0) as h:
+        h.publish("travel.trips.requested", {"trip": "trip-1"})
+        h.run()
+        assert h.pending()["handling"] == 1  # the hotel's call runs (a virtual second)
+        h.restart_broker()
+        h.settle()
+        assert {r.state for r in h.sagas()} == {"completed"}
+    assert [name for name, *_ in EFFECTS] == ["book_hotel", "rent_car", "book_flight"]
+
+
+def test_an_idempotent_handler_finished_after_the_broker_restarted_runs_once_and_publishes_once() -> None:
+    """An idempotent handler's call outlives its connection: its follow-up is published and its inbox
+    record committed on the new connection, so the redelivered event is skipped as a duplicate."""
+    from sagas.testing import Harness
+
+    svc = Service("indexer")
+    ran: list[str] = []
+    followed: list[str] = []
+
+    @svc.on("ocis.files.uploaded", idempotent=True)
+    def index(event: Event, ctx: Context) -> None:
+        ran.append(event.id)
+        ctx.publish("ocis.files.indexed", {"path": event.payload["path"]})
+
+    @svc.on("ocis.files.indexed")
+    def indexed(event: Event) -> None:
+        followed.append(event.id)
+
+    with Harness(svc, handler_seconds={"indexer.index": 1.0}) as h, structlog.testing.capture_logs() as logs:
+        h.publish("ocis.files.uploaded", {"path": "/a.txt"})
+        h.run()
+        assert h.pending()["handling"] == 1
+        h.restart_broker()
+        h.settle()
+    assert len(ran) == 1
+    assert len(followed) == 1
+    assert [line["kind"] for line in logs if line["event"] == "message.ignored"] == ["duplicate"]
