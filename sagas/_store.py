@@ -17,7 +17,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 from urllib.parse import urlsplit
@@ -1547,6 +1547,12 @@ class PostgresStore(_SqlStore):
         return float(row[0])
 
     def close(self) -> None:
+        if self._locks and not (self._db.closed or self._db.broken):
+            # Released now, not when the server notices the closed session (a moment later): another
+            # worker's next election takes the lock at once.
+            with suppress(Exception):
+                self._db.execute("SELECT pg_advisory_unlock_all()")
+            self._locks.clear()
         self._db.close()
 
 
