@@ -17,7 +17,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 from urllib.parse import urlsplit
@@ -40,7 +40,8 @@ _AWAITS_SQLITE = "json_extract(meta, '$.request.type')"
 _AWAITS_POSTGRES = "(meta::jsonb #>> '{request,type}')"
 #: the tables whose rows retention bounds (``row_counts``)
 RETAINED_TABLES = ("sagas", "saga_history", "outbox", "inbox", "reply_cache")
-#: The most ids :meth:`Store.last_reasons` reads in one statement (SQLite allows 32,766 parameters).
+#: The most ids :meth:`Store.last_reasons` (or keys :meth:`Store.find_sagas`) reads in one statement
+#: (SQLite allows 32,766 parameters).
 _ID_CHUNK = 500
 
 
@@ -288,6 +289,12 @@ class Store(InboxStore, Protocol):
     ) -> list[OutboxRow]: ...
     def get_saga(self, saga_id: str) -> SagaRecord | None: ...
     def find_saga(self, saga_type: str, key: str) -> SagaRecord | None: ...
+    def find_sagas(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], SagaRecord]:
+        """The sagas of ``keys`` (pairs of saga type and business key) that exist, by (type, key): one
+        statement per type and 500 keys, which the (type, key) unique index serves. For a reader that
+        watches many sagas at once (:class:`sagas.aio.SagasClient`)."""
+        ...
+
     def due_sagas(self, now: float, limit: int, types: Sequence[str] | None = None) -> list[SagaRecord]: ...
     def list_sagas(
         self,
@@ -490,6 +497,11 @@ class MemoryStore:
         with self._lock:
             saga_id = self._keys.get((saga_type, key))
         return None if saga_id is None else self.get_saga(saga_id)
+
+    def find_sagas(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], SagaRecord]:
+        with self._lock:
+            found = ((k, self._keys.get(k)) for k in dict.fromkeys(keys))
+            return {k: self._read(self._sagas[i]) for k, i in found if i is not None}
 
     def due_sagas(self, now: float, limit: int, types: Sequence[str] | None = None) -> list[SagaRecord]:
         with self._lock:
@@ -1011,6 +1023,24 @@ class _SqlStore:
         ).fetchone()
         return None if row is None else _record(row)
 
+    def find_sagas(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], SagaRecord]:
+        by_type: dict[str, list[str]] = {}
+        for saga_type, key in dict.fromkeys(keys):
+            by_type.setdefault(saga_type, []).append(key)
+        out: dict[tuple[str, str], SagaRecord] = {}
+        for saga_type, wanted in by_type.items():
+            for start in range(0, len(wanted), _ID_CHUNK):
+                chunk = wanted[start : start + _ID_CHUNK]
+                # (type = ? AND key IN (...): the (type, key) unique index serves it)
+                rows = self._execute(
+                    f"SELECT {_SAGA_COLUMNS} FROM sagas WHERE type = ? AND key IN ({', '.join('?' for _ in chunk)})",
+                    (saga_type, *chunk),
+                ).fetchall()
+                for row in rows:
+                    record = _record(row)
+                    out[(record.type, record.key)] = record
+        return out
+
     def due_sagas(self, now: float, limit: int, types: Sequence[str] | None = None) -> list[SagaRecord]:
         only = "" if types is None else f" AND type IN ({', '.join('?' for _ in types)})"
         rows = self._execute(
@@ -1517,6 +1547,12 @@ class PostgresStore(_SqlStore):
         return float(row[0])
 
     def close(self) -> None:
+        if self._locks and not (self._db.closed or self._db.broken):
+            # Released now, not when the server notices the closed session (a moment later): another
+            # worker's next election takes the lock at once.
+            with suppress(Exception):
+                self._db.execute("SELECT pg_advisory_unlock_all()")
+            self._locks.clear()
         self._db.close()
 
 

@@ -1,4 +1,5 @@
-"""asyncio support: publish events from an asyncio application without blocking its event loop.
+"""asyncio support: publish events from an asyncio application without blocking its event loop, and
+read and wait for sagas (``SagasClient``).
 
 ``AsyncPublisher`` is the transport's (see :mod:`transport`); :func:`lifespan` starts and closes such
 resources with a Starlette or FastAPI application.
@@ -12,7 +13,18 @@ from typing import Any, Protocol
 
 from transport import AsyncPublisher, EventLoopMismatch, PublisherClosed
 
-__all__ = ["AsyncPublisher", "AsyncResource", "EventLoopMismatch", "PublisherClosed", "lifespan"]
+from ._client import SagasClient, SagaStatus, WaitTimeout
+
+__all__ = [
+    "AsyncPublisher",
+    "AsyncResource",
+    "EventLoopMismatch",
+    "PublisherClosed",
+    "SagaStatus",
+    "SagasClient",
+    "WaitTimeout",
+    "lifespan",
+]
 
 
 class AsyncResource(Protocol):

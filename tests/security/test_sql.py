@@ -328,6 +328,8 @@ def test_injection_strings_are_stored_and_read_back_intact(sql_store: Store) -> 
         assert sql_store.seen(f"consumer {text}", text)
         assert sql_store.cached_reply(text, text) == text
     assert sorted(r.id for r in sql_store.due_sagas(now, 100, types=INJECTIONS)) == sorted(ids)
+    by_keys = sql_store.find_sagas([(text, text) for text in INJECTIONS])
+    assert sorted(r.id for r in by_keys.values()) == sorted(ids)
     unsent = sql_store.unsent(created_before=time.time() + 1)
     assert sorted(r.routing_key for r in unsent) == sorted(INJECTIONS)
     sql_store.mark_sent([r.id for r in unsent])
