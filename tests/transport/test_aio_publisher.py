@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import statistics
 import threading
 import time
 from collections.abc import Coroutine
@@ -161,9 +162,11 @@ def test_publish_many_encodes_all_first_and_reports_the_unroutable_ids(
 def test_the_callers_loop_keeps_ticking_while_5000_publishes_go_through(
     broker_url: str, unique: str, buses: list[object]
 ) -> None:
-    """A ticker task on the caller's loop never waits 50 ms or more while 5,000 publishes are awaited, 500
-    at a time. (The test runner's own objects are frozen out of the garbage collector first: a full
-    collection over them pauses every thread alike, publisher or not.)"""
+    """A ticker task on the caller's loop (a 5 ms sleep) keeps ticking while 5,000 publishes are awaited,
+    500 at a time: its median gap stays under 20 ms and 95 % of its gaps under 50 ms. A publisher that
+    blocked the loop for a batch of 500 would make most gaps that long. (Not the longest gap: on a busy
+    host the scheduler alone can pause a thread that long. The test runner's own objects are frozen out
+    of the garbage collector first: a full collection over them pauses every thread alike.)"""
 
     async def main() -> tuple[float, int]:
         gaps: list[float] = []
@@ -195,17 +198,19 @@ def test_the_callers_loop_keeps_ticking_while_5000_publishes_go_through(
             await asyncio.gather(*tasks)
             done.set()
             await tick
-            return max(gaps), pub.confirmed
+            return gaps, pub.confirmed
 
     gc.collect()
     gc.freeze()
     try:
-        worst, confirmed = run(main())
+        gaps, confirmed = run(main())
     finally:
         gc.unfreeze()
-    print(f"longest gap between ticks: {worst * 1000:.1f} ms")
+    median, p95 = statistics.median(gaps), statistics.quantiles(gaps, n=20)[-1]
+    print(f"gaps between ticks: median {median * 1000:.1f} ms, p95 {p95 * 1000:.1f} ms, max {max(gaps) * 1000:.1f} ms")
     assert confirmed == 5000
-    assert worst < 0.05, f"the loop was blocked for {worst * 1000:.1f} ms"
+    assert median < 0.02, f"the loop was blocked: median gap {median * 1000:.1f} ms"
+    assert p95 < 0.05, f"the loop was blocked: 95th percentile gap {p95 * 1000:.1f} ms"
 
 
 def test_a_cancelled_await_breaks_neither_the_thread_nor_other_awaits(
