@@ -18,7 +18,7 @@ import contextlib
 import math
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -74,18 +74,7 @@ class SagaStatus:
 
     def to_dict(self) -> dict[str, Any]:
         """The status as JSON-ready data."""
-        return {
-            "id": self.id,
-            "type": self.type,
-            "key": self.key,
-            "state": self.state,
-            "final": self.final,
-            "failed": self.failed,
-            "reason": self.reason,
-            "data": self.data,
-            "version": self.version,
-            "updated_at": self.updated_at,
-        }
+        return asdict(self)
 
 
 class WaitTimeout(TimeoutError, SagasError):

@@ -141,6 +141,24 @@ class _CoalescedWrites:
             self._transport = None
 
 
+def _basic_publish(channel: Any, item: Outgoing, content_type: str) -> str | None:
+    """Send one persistent message on ``channel``; the reason when the memory transport refused it at
+    once as unroutable (RabbitMQ returns such a message later, with its confirm)."""
+    exchange, routing_key, body, message_id, headers, mandatory = item
+    message = channel.prepare_message(
+        body,
+        content_type=content_type,
+        content_encoding="utf-8",
+        headers=headers,
+        properties={"message_id": message_id, "delivery_mode": 2},
+    )
+    try:
+        channel.basic_publish(message, exchange=exchange, routing_key=routing_key, mandatory=mandatory)
+    except Unroutable as exc:
+        return f"unroutable: {exc}"
+    return None
+
+
 class Publisher:
     """Sends messages on the publishing channel of a :class:`FailoverConnection` and waits for confirms.
 
@@ -194,18 +212,11 @@ class Publisher:
             unroutable: dict[str, str] = {}
             writes = _CoalescedWrites(link.current) if confirms is not None else None
             try:
-                for exchange, routing_key, body, message_id, headers, mandatory in items:
-                    message = ch.prepare_message(
-                        body,
-                        content_type=content_type,
-                        content_encoding="utf-8",
-                        headers=headers,
-                        properties={"message_id": message_id, "delivery_mode": 2},
-                    )
-                    try:
-                        ch.basic_publish(message, exchange=exchange, routing_key=routing_key, mandatory=mandatory)
-                    except Unroutable as exc:  # raised at once by the memory transport
-                        unroutable[message_id] = f"unroutable: {exc}"
+                for item in items:
+                    message_id = item[3]
+                    refused = _basic_publish(ch, item, content_type)
+                    if refused is not None:
+                        unroutable[message_id] = refused
                         continue
                     ids.append(message_id)
                     if confirms is not None and writes is not None:
@@ -277,18 +288,11 @@ class Publisher:
                     confirms.settled = []
                 writes = _CoalescedWrites(link.current)
             try:
-                for n, (exchange, routing_key, body, message_id, headers, mandatory) in enumerate(items, 1):
-                    message = ch.prepare_message(
-                        body,
-                        content_type=CONTENT_TYPE,
-                        content_encoding="utf-8",
-                        headers=headers,
-                        properties={"message_id": message_id, "delivery_mode": 2},
-                    )
-                    try:
-                        ch.basic_publish(message, exchange=exchange, routing_key=routing_key, mandatory=mandatory)
-                    except Unroutable as exc:  # raised at once by the memory transport
-                        outcomes.append((message_id, f"unroutable: {exc}"))
+                for n, item in enumerate(items, 1):
+                    message_id = item[3]
+                    refused = _basic_publish(ch, item, CONTENT_TYPE)
+                    if refused is not None:
+                        outcomes.append((message_id, refused))
                         continue
                     if confirms is None:
                         outcomes.append((message_id, None))
