@@ -28,7 +28,7 @@ import structlog
 
 from ._bus import EventBus
 from ._envelope import DEFAULT_MAX_EVENT_SIZE, Event, encode
-from ._errors import EventLoopMismatch, PublisherClosed, PublishError, PublishTimeout, Unroutable
+from ._errors import EventLoopMismatch, PublisherClosed, PublishError, PublishTimeout, Unroutable, seconds
 
 __all__ = ["AsyncPublisher"]
 
@@ -102,6 +102,8 @@ class AsyncPublisher:
         self._thread: threading.Thread | None = None
         self._stopped: asyncio.Future[None] | None = None
         self._closed = False
+        #: what stopped the publisher's thread, if an error did (publishing then raises PublisherClosed)
+        self._failure: Exception | None = None
         self._start_lock: asyncio.Lock | None = None
         #: outcomes to hand to their awaiters, slice by slice; whether that runs; a future set when it ends
         self._unsettled: collections.deque[_Outcome] = collections.deque()
@@ -121,7 +123,7 @@ class AsyncPublisher:
     @property
     def started(self) -> bool:
         """Whether the publisher's thread runs (after :meth:`start` or a publish, until :meth:`close`)."""
-        return self._thread is not None and not self._closed
+        return self._thread is not None and not self._closed and self._failure is None
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -148,6 +150,7 @@ class AsyncPublisher:
     def _launch(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._closed = False
+        self._failure = None
         self._queue = queue.SimpleQueue()  # a thread of an earlier start that outlived its close keeps its own
         self._stopped = loop.create_future()
         self._thread = threading.Thread(target=self._run, name="sagas-aio-publisher", daemon=True)
@@ -232,6 +235,8 @@ class AsyncPublisher:
     async def publish_event(self, event: Event, *, mandatory: bool = False, timeout: float | None = None) -> None:
         """Publish ``event`` (built by the caller); return once the broker confirmed it. Errors as
         :meth:`publish`."""
+        if timeout is not None:
+            seconds("timeout", timeout)
         body = encode(event, self._bus.max_event_size)
         future = await self._enqueue([(event.type, body, event.id, mandatory, timeout)])
         await future[0]
@@ -245,6 +250,8 @@ class AsyncPublisher:
         failure, the :class:`PublishError` (:class:`Unroutable` when every failure is one) says in
         ``failed`` which ids were not confirmed and why; the others were."""
         limit = self._bus.max_event_size
+        if timeout is not None:
+            seconds("timeout", timeout)
         items = [(e.type, encode(e, limit), e.id, mandatory, timeout) for e in events]
         futures = await self._enqueue(items)
         outcomes = await asyncio.gather(*futures, return_exceptions=True)
@@ -263,6 +270,11 @@ class AsyncPublisher:
         raise cls(f"{len(errors)} of {len(items)} event(s) not taken by the broker: {errors[0]}", failed=failed)
 
     async def _enqueue(self, items: list[tuple[str, bytes, str, bool, float | None]]) -> list[asyncio.Future[None]]:
+        if self._failure is not None:
+            raise PublisherClosed(
+                f"this AsyncPublisher's thread stopped on an error ({self._failure!r}): close() it and start() it "
+                "again, or make a new one"
+            )
         if self._closed:
             raise PublisherClosed(
                 "this AsyncPublisher was closed: start() it again (on this loop) or make a new one to publish"
@@ -303,9 +315,10 @@ class AsyncPublisher:
         bus = self._bus
         flight = _InFlight()
         stopping = False
+        batch: list[_Item] = []
         try:
             while not (stopping and not flight.count):
-                batch: list[_Item] = []
+                batch = []
                 if not stopping and flight.count < bus.confirm_window:
                     if flight.count:
                         stopping = _take_queued(work, batch)
@@ -326,15 +339,27 @@ class AsyncPublisher:
                     wait = 0.0 if batch or not work.empty() else _COLLECT_WAIT
                     self._collect(flight, outcomes, wait)
                 if outcomes:
-                    try:
-                        loop.call_soon_threadsafe(self._settle, outcomes)
-                    except RuntimeError:  # the loop is closed: nobody awaits these any more
-                        log.warning("publisher.loop_closed", events=len(outcomes))
+                    self._hand_back(loop, outcomes)
+        except Exception as exc:  # noqa: BLE001 - a bug here must not leave awaiters waiting for ever
+            log.error("publisher.failed", error=repr(exc)[:500], events=flight.count)
+            self._failure = exc
+            failed = PublishError(f"not published: the publisher's thread stopped on an error: {exc!r}")
+            queued: list[_Item] = []
+            _take_queued(work, queued)
+            lost = {id(f): f for f in [*flight.clear(), *(item[5] for item in [*batch, *queued])]}
+            self._hand_back(loop, [(future, failed) for future in lost.values()])
         finally:
             with contextlib.suppress(Exception):
                 bus.close()
             with contextlib.suppress(RuntimeError):  # the loop was closed meanwhile
                 loop.call_soon_threadsafe(_resolve, stopped)
+
+    def _hand_back(self, loop: asyncio.AbstractEventLoop, outcomes: list[_Outcome]) -> None:
+        """Hand outcomes to their awaiters, on their loop."""
+        try:
+            loop.call_soon_threadsafe(self._settle, outcomes)
+        except RuntimeError:  # the loop is closed: nobody awaits these any more
+            log.warning("publisher.loop_closed", events=len(outcomes))
 
     def _keep_alive(self) -> None:
         """While idle: service the connection's heartbeats, so that the broker keeps it open."""

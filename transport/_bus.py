@@ -29,7 +29,7 @@ from ._connection import ConnectionLost, FailoverConnection, is_connection_error
 from ._consumer import Consumer, Inbound
 from ._deadletters import DeadLetter, DeadLetterOffice
 from ._envelope import DEFAULT_MAX_EVENT_SIZE, Event, encode
-from ._errors import QueueInUse, TopologyMismatch, TransportError
+from ._errors import InvalidArgument, QueueInUse, TopologyMismatch, TransportError, seconds
 from ._publisher import Publisher
 from ._topology import QueueInfo, Subscription, dead_queue, declare
 
@@ -64,8 +64,16 @@ class EventBus:
         memory_transport: type[Any] | None = None,
         close_timeout: float = 2.0,
     ) -> None:
-        if not exchange or not exchange.replace(".", "").replace("-", "").replace("_", "").isalnum():
+        if not isinstance(url, str):
+            raise InvalidArgument(f"the broker URL is a string such as 'amqp://user:pass@host:5672/vhost', not {url!r}")
+        if not isinstance(exchange, str) or not exchange.replace(".", "").replace("-", "").replace("_", "").isalnum():
             raise TransportError(f"invalid exchange name {exchange!r}: use letters, digits, '.', '-' and '_'")
+        for name, value in (("publish_timeout", publish_timeout), ("connect_timeout", connect_timeout)):
+            seconds(name, value)
+        seconds("heartbeat", heartbeat, zero=True)
+        seconds("close_timeout", close_timeout, zero=True)
+        if isinstance(confirm_window, bool) or not isinstance(confirm_window, int) or confirm_window < 1:
+            raise InvalidArgument(f"confirm_window is a number of messages, 1 or more, not {confirm_window!r}")
         self.url = url
         self.exchange = exchange
         self.dead_queue = dead_queue(exchange)
@@ -240,6 +248,8 @@ class EventBus:
         """Publish already-encoded events ``(routing key, body, message id, mandatory)`` with pipelined
         confirms, as an outbox relay does. Raises :class:`PublishError` whose ``failed`` maps the ids
         that were not taken to the reason; the others were confirmed."""
+        if timeout is not None:
+            seconds("timeout", timeout)
         exchange = self.exchange
         self._publisher.publish(
             [(exchange, rk, body, mid, {}, mandatory) for rk, body, mid, mandatory in items], timeout

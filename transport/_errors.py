@@ -75,3 +75,18 @@ class PublisherClosed(TransportError):
 class EventLoopMismatch(TransportError, RuntimeError):
     """An :class:`AsyncPublisher` used outside the event loop it was started on (or outside any loop):
     use one publisher per event loop."""
+
+
+class InvalidArgument(TransportError, ValueError):
+    """A call got an argument of the wrong type or out of range (a timeout that is not a number of
+    seconds, say); the message says what it takes."""
+
+
+def seconds(name: str, value: object, *, zero: bool = False) -> float:
+    """``value`` as a number of seconds for the argument ``name``: a real number above 0 (or 0, with
+    ``zero``); else :class:`InvalidArgument` saying what to give."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:  # (NaN)
+        raise InvalidArgument(f"{name} is a number of seconds, not {value!r}")
+    if value < 0 or (value == 0 and not zero):
+        raise InvalidArgument(f"{name} must be {'0 or more' if zero else 'more than 0'} seconds, not {value!r}")
+    return float(value)

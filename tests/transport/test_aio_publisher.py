@@ -20,6 +20,7 @@ from transport import (
     EventBus,
     EventLoopMismatch,
     Inbound,
+    InvalidArgument,
     InvalidEvent,
     PublisherClosed,
     PublishError,
@@ -168,7 +169,7 @@ def test_the_callers_loop_keeps_ticking_while_5000_publishes_go_through(
     host the scheduler alone can pause a thread that long. The test runner's own objects are frozen out
     of the garbage collector first: a full collection over them pauses every thread alike.)"""
 
-    async def main() -> tuple[float, int]:
+    async def main() -> tuple[list[float], int]:
         gaps: list[float] = []
         done = asyncio.Event()
 
@@ -326,3 +327,75 @@ def test_an_idle_publisher_keeps_its_connection_through_missed_heartbeats(amqp_u
             pub.bus.delete_topology()
 
     run(main())
+
+
+@pytest.mark.parametrize("timeout", ["5", -1, 0, float("nan"), True])
+def test_a_bad_timeout_raises_at_the_caller_and_the_publisher_goes_on(
+    broker_url: str, unique: str, buses: list[object], consumer: tuple[EventBus, str], timeout: Any
+) -> None:
+    """``timeout=`` is checked on the caller's side: a wrong one raises InvalidArgument at once and
+    reaches neither the broker nor the publisher's thread, which goes on publishing."""
+
+    async def main() -> None:
+        async with _publisher(broker_url, unique, buses) as pub:
+            with pytest.raises(InvalidArgument, match="timeout"):
+                await pub.publish("ocis.aio.bad", {}, timeout=timeout)
+            with pytest.raises(InvalidArgument, match="timeout"):
+                await pub.publish_many([Event("ocis.aio.bad")], timeout=timeout)
+            await pub.publish("ocis.aio.after", {"n": 1})
+
+    run(main())
+    assert [e.type for e in _receive(*consumer, 1)] == ["ocis.aio.after"]
+
+
+@pytest.mark.parametrize(
+    ("options", "says"),
+    [
+        ({"publish_timeout": "x"}, "publish_timeout is a number of seconds"),
+        ({"connect_timeout": 0}, "connect_timeout must be more than 0 seconds"),
+        ({"confirm_window": 0}, "confirm_window is a number of messages"),
+    ],
+)
+def test_bad_options_are_refused_when_the_publisher_is_made(options: dict[str, Any], says: str) -> None:
+    with pytest.raises(InvalidArgument, match=says):
+        AsyncPublisher("memory://", **options)
+    with pytest.raises(InvalidArgument, match=says):
+        EventBus("memory://", **options)
+    with pytest.raises(InvalidArgument, match="broker URL is a string"):
+        AsyncPublisher(123)  # type: ignore[arg-type]
+
+
+def test_an_error_in_the_publishers_thread_fails_its_awaiters_instead_of_leaving_them_waiting(
+    unique: str, buses: list[object], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Should the publisher's thread ever fail (a bug), the publishes it held raise PublishError instead
+    of waiting for ever, later ones raise PublisherClosed saying what to do, and close() then start()
+    publishes again."""
+
+    async def main() -> tuple[object, BaseException | None, Event]:
+        pub = _publisher("memory://", unique, buses)
+        await pub.start()
+        with monkeypatch.context() as m:
+            m.setattr(pub, "_send", lambda *a: 1 / 0)
+            failed = await asyncio.wait_for(
+                asyncio.gather(pub.publish("ocis.aio.lost", {}), return_exceptions=True), timeout=5
+            )
+        wait_for(lambda: not pub.started, what="the thread to stop")
+        try:
+            await pub.publish("ocis.aio.later", {})
+        except PublisherClosed as exc:
+            later: BaseException | None = exc
+        else:
+            later = None
+        await pub.close()
+        await pub.start()
+        event = await pub.publish("ocis.aio.again", {})
+        await pub.close()
+        return failed[0], later, event
+
+    first, later, event = run(main())
+    assert isinstance(first, PublishError)
+    assert "ZeroDivisionError" in str(first)
+    assert isinstance(later, PublisherClosed)
+    assert "close() it and start() it again" in str(later)
+    assert event.type == "ocis.aio.again"
