@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable, Coroutine, Generator
+from collections.abc import Callable, Coroutine, Generator, Mapping
 from concurrent.futures import Executor, Future
 from typing import Any, TypeVar
 
@@ -49,25 +49,28 @@ class LoopWatch:
 
     def __init__(self, slow_callback_duration: float = DEFAULT_SLOW_CALLBACK) -> None:
         self.threshold = slow_callback_duration
-        #: (handler, started at) of the step running now, or None
-        self.current: tuple[str, float] | None = None
+        #: (the handler's log fields, started at) of the step running now, or None
+        self.current: tuple[Mapping[str, str], float] | None = None
         #: steps reported slow, in all
         self.slow_steps = 0
-        self._reported: dict[str, tuple[float, int]] = {}  # handler -> (last line at, slow steps since)
-        self._still: tuple[str, float] | None = None  # the running step reported as still blocking
+        #: (service, handler) -> (last line at, slow steps since)
+        self._reported: dict[tuple[str, str], tuple[float, int]] = {}
+        self._still: tuple[Mapping[str, str], float] | None = None  # the running step reported as still blocking
 
-    def slow(self, handler: str, seconds: float) -> None:
-        """A step of ``handler`` took ``seconds`` (at least the threshold)."""
+    def slow(self, fields: Mapping[str, str], seconds: float) -> None:
+        """A step of the handler of ``fields`` (service, handler, event_id) took ``seconds`` (at least the
+        threshold)."""
         self.slow_steps += 1
         now = time.monotonic()
-        last, since = self._reported.get(handler, (-REPORT_EVERY, 0))
+        key = (fields.get("service", ""), fields.get("handler", ""))
+        last, since = self._reported.get(key, (-REPORT_EVERY, 0))
         if now - last < REPORT_EVERY:
-            self._reported[handler] = (last, since + 1)
+            self._reported[key] = (last, since + 1)
             return
-        self._reported[handler] = (now, 0)
+        self._reported[key] = (now, 0)
         log.warning(
             "handler.blocked_loop",
-            handler=handler,
+            **fields,
             blocked_ms=round(seconds * 1000, 1),
             slow_steps=since + 1,
             reason=(
@@ -81,13 +84,13 @@ class LoopWatch:
         current = self.current
         if current is None or current == self._still:
             return
-        handler, started = current
+        fields, started = current
         running = time.perf_counter() - started
         if running >= max(STILL_BLOCKED, self.threshold):
             self._still = current
             log.warning(
                 "handler.blocking_loop",
-                handler=handler,
+                **fields,
                 blocked_ms=round(running * 1000, 1),
                 reason="an async handler has not awaited for this long: the worker's other async handlers wait",
             )
@@ -96,20 +99,20 @@ class LoopWatch:
 class _Timed:
     """Awaits a handler's coroutine, timing each of its steps (see :func:`timed`)."""
 
-    __slots__ = ("_coro", "_handler", "_watch")
+    __slots__ = ("_coro", "_fields", "_watch")
 
-    def __init__(self, coro: Coroutine[Any, Any, Any], handler: str, watch: LoopWatch) -> None:
+    def __init__(self, coro: Coroutine[Any, Any, Any], fields: Mapping[str, str], watch: LoopWatch) -> None:
         self._coro = coro
-        self._handler = handler
+        self._fields = fields
         self._watch = watch
 
     def __await__(self) -> Generator[Any, Any, Any]:
-        coro, handler, watch = self._coro, self._handler, self._watch
+        coro, fields, watch = self._coro, self._fields, self._watch
         value: Any = None
         error: BaseException | None = None
         while True:
             started = time.perf_counter()
-            watch.current = (handler, started)
+            watch.current = (fields, started)
             try:
                 signal = coro.send(value) if error is None else coro.throw(error)
             except StopIteration as stop:
@@ -118,7 +121,7 @@ class _Timed:
                 watch.current = None
                 took = time.perf_counter() - started
                 if took >= watch.threshold:
-                    watch.slow(handler, took)
+                    watch.slow(fields, took)
             try:
                 value, error = (yield signal), None
             except GeneratorExit:
@@ -128,10 +131,10 @@ class _Timed:
                 value, error = None, exc
 
 
-def timed(coro: Coroutine[Any, Any, T], handler: str, watch: LoopWatch | None) -> Any:
+def timed(coro: Coroutine[Any, Any, T], fields: Mapping[str, str], watch: LoopWatch | None) -> Any:
     """``await timed(coro, ...)`` awaits ``coro``, timing each step it runs on the loop with ``watch``
-    (plain ``coro`` without one)."""
-    return coro if watch is None else _Timed(coro, handler, watch)
+    (plain ``coro`` without one); ``fields`` (service, handler, event_id) name the handler in its lines."""
+    return coro if watch is None else _Timed(coro, fields, watch)
 
 
 class LoopExecutor(Executor):

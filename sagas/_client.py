@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import math
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -143,7 +144,9 @@ class SagasClient:
         self._arrived = asyncio.Event()  # (of this loop: a client started again may run on another)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sagas-client")
         try:
-            self._store = await self._run(open_store, self._store_arg)
+            # Read-only: a URL that names no store is a mistake (a typo, another folder), not a new store:
+            # StoreError says to give the workers' URL (a worker creates the store when it first starts).
+            self._store = await self._run(functools.partial(open_store, self._store_arg, create=False))
         except BaseException:
             self._executor.shutdown(wait=False)
             self._executor = None

@@ -715,7 +715,8 @@ async def _run_handler_async(
     is cancelled at a shutdown: the outcome carries the error, and the message is not acked)."""
     call = _Call(spec, inbound, event, generation)
     try:
-        result = await timed(spec.fn(*call.args), spec.key, watch)
+        fields = {"service": spec.service, "handler": spec.name, "event_id": event.id}
+        result = await timed(spec.fn(*call.args), fields, watch)
     except BaseException as exc:  # noqa: BLE001 - every handler error is retried or dead-lettered
         return call.raised(exc)
     return call.returned(result)

@@ -1436,6 +1436,7 @@ class PostgresStore(_SqlStore):
                 self._db.close()
                 raise StoreError(
                     f"no sagas store in schema {schema!r} of that database: give the store URL the workers use"
+                    " (a worker creates the store when it first starts)"
                 )
             try:
                 self._db.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
@@ -1583,7 +1584,10 @@ def open_store(url: str | Store | None = None, *, create: bool = True) -> Store:
         if synchronous.upper() not in ("NORMAL", "FULL", "EXTRA"):
             raise ConfigurationError(f"synchronous must be NORMAL, FULL or EXTRA, not {synchronous!r}")
         if not create and path != ":memory:" and not os.path.exists(path):
-            raise StoreError(f"no SQLite store at {path!r}: give the store URL the workers use")
+            raise StoreError(
+                f"no SQLite store at {path!r}: give the store URL the workers use (a worker creates the store"
+                " when it first starts)"
+            )
         return SQLiteStore(path, synchronous=synchronous)
     if parts.scheme in ("postgresql", "postgres"):
         try:

@@ -13,7 +13,7 @@ import pytest
 
 from examples import postprocessing
 from examples.upload_api import MAX_WAIT, create_app
-from sagas import App, Worker
+from sagas import App, Worker, open_store
 
 
 @asynccontextmanager
@@ -47,6 +47,13 @@ def _serve(
 
     with worker.running():
         asyncio.run(main())
+
+
+def _created_store(tmp_path: Path) -> str:
+    """The URL of an SQLite store a worker has created (the API only reads it)."""
+    url = f"sqlite:///{tmp_path}/sagas.db"
+    open_store(url).close()
+    return url
 
 
 async def _post(http: httpx.AsyncClient, name: str, size: int) -> str:
@@ -139,7 +146,7 @@ def test_a_bad_wait_is_a_400_that_says_what_to_send(wait: str, tmp_path: Path, u
     """?wait= that is not a number of seconds from 0 to the cap answers 400 with what it accepts."""
 
     async def main() -> None:
-        async with _api("memory://", f"sqlite:///{tmp_path}/sagas.db", unique) as http:
+        async with _api("memory://", _created_store(tmp_path), unique) as http:
             response = await http.get("/uploads/u1", params={"wait": wait})
             assert response.status_code == 400
             assert response.json()["error"] == f"wait is a number of seconds from 0 to {MAX_WAIT:g}, not {wait!r}"
@@ -164,7 +171,7 @@ def test_a_bad_upload_is_a_400_that_says_what_to_send(
     """A body that is not an upload (not JSON, no name, a bad size or user) answers 400 with what to send."""
 
     async def main() -> None:
-        async with _api("memory://", f"sqlite:///{tmp_path}/sagas.db", unique) as http:
+        async with _api("memory://", _created_store(tmp_path), unique) as http:
             if isinstance(payload, str):
                 response = await http.post("/uploads", content=payload)
             else:

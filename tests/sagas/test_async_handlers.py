@@ -156,7 +156,9 @@ def test_a_handler_that_blocks_the_loop_is_named(broker_url: str, unique: str, b
         wait_for(lambda: len(seen) == 2, what="two warnings")
     (while_at, while_blocking), (after_at, after) = seen
     assert while_blocking["event"] == "handler.blocking_loop"
-    assert while_blocking["handler"] == after["handler"] == "slow.blocks"
+    assert while_blocking["handler"] == after["handler"] == "blocks"
+    assert while_blocking["service"] == after["service"] == "slow"
+    assert while_blocking["event_id"] == after["event_id"]
     assert while_blocking["level"] == after["level"] == "warning"
     assert while_at < returned[1] <= after_at  # named while it blocked, and after
     assert after["event"] == "handler.blocked_loop"
@@ -176,13 +178,15 @@ def test_slow_steps_are_reported_at_most_every_ten_seconds_per_handler() -> None
     watch = LoopWatch(slow_callback_duration=0.01)
 
     async def handle() -> str:
-        return str(await timed(blocking(), "svc.blocking", watch))
+        return str(await timed(blocking(), {"service": "svc", "handler": "blocking"}, watch))
 
     with structlog.testing.capture_logs() as logs:
         results = [asyncio.run(handle()) for _ in range(3)]
     assert results == ["done"] * 3
     assert watch.slow_steps == 6
-    assert [(e["event"], e["handler"], e["slow_steps"]) for e in logs] == [("handler.blocked_loop", "svc.blocking", 1)]
+    assert [(e["event"], e["service"], e["handler"], e["slow_steps"]) for e in logs] == [
+        ("handler.blocked_loop", "svc", "blocking", 1)
+    ]
 
 
 def test_a_timed_handler_sees_cancellation_and_exceptions_as_without_the_watch() -> None:
@@ -198,7 +202,7 @@ def test_a_timed_handler_sees_cancellation_and_exceptions_as_without_the_watch()
 
     async def main() -> tuple[str, str]:
         watch = LoopWatch()
-        task = asyncio.ensure_future(timed(catches(), "svc.h", watch))
+        task = asyncio.ensure_future(timed(catches(), {"handler": "h"}, watch))
         await asyncio.sleep(0.01)
         task.cancel()
         first = await task
@@ -208,7 +212,7 @@ def test_a_timed_handler_sees_cancellation_and_exceptions_as_without_the_watch()
             raise KeyError("missing")
 
         try:
-            await timed(fails(), "svc.h", watch)
+            await timed(fails(), {"handler": "h"}, watch)
         except KeyError as exc:
             return first, repr(exc)
         return first, "no error"

@@ -262,3 +262,19 @@ def test_a_closed_client_starts_again_on_another_loop() -> None:
 
     assert asyncio.run(once()) == "done"
     assert asyncio.run(once()) == "done"
+
+
+@pytest.mark.postgres
+def test_a_store_url_that_names_no_store_is_refused_at_start(tmp_path: Path, postgres_url: str, unique: str) -> None:
+    """The client only reads: a URL that names no store (a typo, another folder, a schema the workers do
+    not use) raises StoreError at start, saying to give the workers' URL, instead of creating an empty
+    store whose sagas never come."""
+
+    async def start(url: str) -> None:
+        async with SagasClient(url, sagas=[]):
+            pass
+
+    for url in (f"sqlite:///{tmp_path}/typo.db", f"{postgres_url}?schema={unique}"):
+        with pytest.raises(StoreError, match="give the store URL the workers use"):
+            asyncio.run(start(url))
+    assert not (tmp_path / "typo.db").exists()
