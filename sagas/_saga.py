@@ -315,6 +315,11 @@ class Start:
 
     def __post_init__(self) -> None:
         validate_event_name(self.event)
+        if not isinstance(self.key, str) or not self.key:
+            raise ConfigurationError(
+                f"Start({self.event!r}): key= names the payload field that identifies the saga, e.g. "
+                f"key='upload_id', not {self.key!r}"
+            )
         if isinstance(self.keep, str):
             raise ConfigurationError(f"Start({self.event!r}): keep= is a tuple of names, e.g. keep=('id',)")
 
@@ -816,6 +821,11 @@ def _state_transitions(
             f"{where}: waiting state {st.name!r} has no deadline; give it timeout=<seconds> so that a "
             "lost message can never leave a saga stuck"
         )
+    for name, value in (("timeout", st.timeout), ("backoff", st.backoff), ("handling_timeout", st.handling_timeout)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or not value > 0):
+            raise ConfigurationError(f"{here}: {name}= is a number above 0 (seconds; backoff a factor), not {value!r}")
+    if isinstance(st.retries, bool) or not isinstance(st.retries, int) or st.retries < 0:
+        raise ConfigurationError(f"{here}: retries= is a whole number of re-sends, 0 or more, not {st.retries!r}")
     spec = st.request_spec
     if st.handling_timeout is not None and (spec is None or not st.handling_timeout > 0):
         raise ConfigurationError(

@@ -71,6 +71,12 @@ class Retry:
     give_up_on: tuple[type[BaseException], ...] = DEFAULT_PERMANENT
 
     def __post_init__(self) -> None:
+        for name in ("attempts", "initial", "factor", "maximum"):
+            value = getattr(self, name)
+            whole = name == "attempts"
+            if isinstance(value, bool) or not isinstance(value, int if whole else int | float):
+                kind = "a whole number" if whole else "a number"
+                raise ConfigurationError(f"Retry.{name} is {kind}, not {value!r}")
         if self.attempts < 1:
             raise ConfigurationError("Retry.attempts must be at least 1 (1 means: never retry)")
         if self.initial <= 0 or self.factor < 1 or self.maximum < self.initial:
@@ -238,6 +244,14 @@ class Service:
             raise ConfigurationError(
                 "broadcast handlers get a transient queue per instance: declare them with delivery=AT_MOST_ONCE"
             )
+        if retry is not None and not isinstance(retry, Retry):
+            raise ConfigurationError(f"retry= takes a sagas.Retry, e.g. retry=Retry(attempts=5), not {retry!r}")
+        for flag, value in (("idempotent", idempotent), ("broadcast", broadcast)):
+            if not isinstance(value, bool):
+                raise ConfigurationError(f"{flag}= is True or False, not {value!r}")
+        for option, number in (("prefetch", prefetch), ("concurrency", concurrency)):
+            if number is not None and (isinstance(number, bool) or not isinstance(number, int)):
+                raise ConfigurationError(f"{option}= is a whole number, not {number!r}")
         if retry is not None and mode is Delivery.AT_MOST_ONCE:
             raise ConfigurationError("at-most-once handlers are never retried; drop the retry= option")
         if prefetch < 1:
@@ -352,6 +366,13 @@ class App:
         exchange: str = "sagas",
         retention: Retention | None = None,
     ) -> None:
+        for service in services:
+            if not isinstance(service, Service):
+                raise ConfigurationError(
+                    f"App takes services as arguments, App(svc1, svc2, sagas=[...]), not {type(service).__name__}"
+                )
+        if isinstance(sagas, type) or not all(isinstance(s, type) for s in sagas):
+            raise ConfigurationError("App(sagas=...) takes a list of saga classes, e.g. sagas=[Postprocessing]")
         names = [s.name for s in services]
         dupes = {n for n in names if names.count(n) > 1}
         if dupes:
