@@ -41,9 +41,11 @@ def chromium_path() -> str | None:
     return os.environ.get("SAGAS_CHROMIUM") or shutil.which("chromium")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    """A headless Chromium for the session (the system's, not Playwright's download)."""
+    """A headless Chromium for the module (the system's, not Playwright's download). Not for the session:
+    Playwright's sync API keeps an event loop running on the main thread until it stops, and the asyncio
+    tests that come later (asyncio.run) refuse to start beside it."""
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
