@@ -11,8 +11,8 @@ state comes from the saga store (:class:`sagas.aio.SagasClient`), which the work
 and a worker that runs the saga and its participants::
 
     export SAGAS_BROKER_URL=amqp://guest:guest@localhost// SAGAS_STORE_URL=sqlite:///sagas.db
-    sagas run examples.postprocessing:app &
-    uvicorn examples.upload_api:app          # or: python -m examples.upload_api (HOST, PORT)
+    sagas run sagas.examples.postprocessing:app &   # creates the store, then runs the saga
+    uvicorn sagas.examples.upload_api:app    # or: python -m sagas.examples.upload_api (HOST, PORT)
     curl -si localhost:8000/uploads -d '{"name": "a.txt", "size": 10}'
     curl -s 'localhost:8000/uploads/<upload_id>?wait=5'
 """
@@ -129,7 +129,7 @@ _built: list[Starlette] = []
 
 
 def __getattr__(name: str) -> Any:
-    """``examples.upload_api:app`` (for uvicorn) is built on first use, from the environment: importing
+    """``sagas.examples.upload_api:app`` (for uvicorn) is built on first use, from the environment: importing
     the module reads no environment and opens nothing."""
     if name == "app":
         if not _built:
