@@ -1313,6 +1313,21 @@ def demo(shares: int) -> None:
     type=click.IntRange(1, 100_000),
     help="publish: events awaited at a time by the asyncio publisher (and the sync bus's batch size).",
 )
+@click.option(
+    "--baseline",
+    "baseline_file",
+    default=None,
+    metavar="FILE",
+    help="Compare the medians with a report saved from `sagas bench ... --json > FILE`; print the regressions "
+    "and exit 1 when there are any.",
+)
+@click.option(
+    "--tolerance",
+    default=0.1,
+    show_default=True,
+    type=click.FloatRange(0, 1),
+    help="With --baseline: how much worse than the baseline (a fraction) a figure may be before it is a regression.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (every run, medians, ratios).")
 def bench(
     workload: str,
@@ -1325,6 +1340,8 @@ def bench(
     variants: str | None,
     async_handlers: bool,
     in_flight: int,
+    baseline_file: str | None,
+    tolerance: float,
     as_json: bool,
 ) -> None:
     """Measure events/s and sagas/s on a broker and store, beside the raw py-amqp ceiling; or the
@@ -1341,10 +1358,36 @@ def bench(
       sagas bench retention -n 50000 --repeat 3   # rows and bytes over time; throughput, pruner off/on
       sagas bench events --async-handlers --repeat 3   # async def handlers beside plain ones
       sagas bench publish --in-flight 500 --repeat 3   # the sync bus beside the asyncio publisher
+      sagas bench events --repeat 3 --json > base.json; sagas bench events --repeat 3 --baseline base.json
     """
-    from . import _bench
+    from . import _bench, _bench_baseline
 
     configure_logging(level="warning")
+    baseline = None
+    if baseline_file is not None:
+        if workload in ("console", "retention"):
+            _usage_error(f"--baseline compares the events, sagas, raw, deadlines and publish workloads, not {workload}")
+        try:
+            baseline = _bench_baseline.load(baseline_file)
+        except _bench_baseline.NotABenchReport as exc:
+            _usage_error(f"--baseline: {exc}")
+
+    def emit(report: dict[str, Any], text: Callable[[dict[str, Any]], str]) -> None:
+        """Print the report (and its comparison with the baseline); exit 1 on a regression."""
+        if baseline is None or baseline_file is None:
+            click.echo(json.dumps(report) if as_json else text(report))
+            return
+        rows = _bench_baseline.compare(report, baseline)
+        notes = _bench_baseline.differences(report, baseline)
+        compared = _bench_baseline.as_json(rows, tolerance, baseline_file, notes)
+        if as_json:
+            click.echo(json.dumps({**report, "baseline": compared}))
+        else:
+            click.echo(text(report))
+            click.echo(_bench_baseline.table(rows, tolerance, baseline_file, notes))
+        if compared["regressions"]:
+            sys.exit(1)
+
     if workload == "console":
         _bench_console(broker, store, requests, repeat, as_json)
         return
@@ -1352,8 +1395,7 @@ def bench(
         from ._bench_aio import bench_publish
         from ._bench_aio import table as publish_table
 
-        published = bench_publish(broker, n, in_flight, repeat)
-        click.echo(json.dumps(published) if as_json else publish_table(published))
+        emit(bench_publish(broker, n, in_flight, repeat), publish_table)
         return
     if workload == "retention":
         from ._bench_retention import bench_retention
@@ -1385,7 +1427,7 @@ def bench(
         report = _bench.run_variants(workload, broker, store, n, workers, repeat, chosen)
     else:
         report = _bench.run(workload, broker, store, n, workers, repeat, async_handlers=async_handlers)
-    click.echo(json.dumps(report) if as_json else _bench.table(report))
+    emit(report, _bench.table)
 
 
 def _bench_console(broker: str, store: str | None, requests: int, repeat: int, as_json: bool) -> None:

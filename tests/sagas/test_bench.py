@@ -6,6 +6,7 @@ import json
 import random
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -272,3 +273,68 @@ def test_async_handlers_apply_to_the_events_workload_alone(args: list[str]) -> N
     result = CliRunner().invoke(cli, ["bench", *args, "-n", "10", "--async-handlers"])
     assert result.exit_code == 2
     assert "error: --async-handlers applies to the events workload" in result.output
+
+
+def _scaled(report: dict[str, Any], faster: float) -> dict[str, Any]:
+    """``report`` as if everything had been ``faster`` times as fast (throughputs times it, times divided)."""
+    scaled: dict[str, Any] = json.loads(json.dumps(report))
+    for medians in scaled["median"].values():
+        for figure, value in medians.items():
+            if figure.endswith("_per_s"):
+                medians[figure] = value * faster
+            elif figure.endswith(("_ms", "_mib")):
+                medians[figure] = value / faster
+    return scaled
+
+
+def test_a_baseline_comparison_prints_the_regressions_and_exits_1(tmp_path: Path) -> None:
+    """``--baseline FILE``: every figure of the saved report is compared; one worse by more than the
+    tolerance is a REGRESSION and the command exits 1; a baseline that was slower everywhere gives none."""
+    first = CliRunner().invoke(cli, ["bench", "events", "-n", "300", "--json"])
+    assert first.exit_code == 0, first.output
+    report = json.loads(first.output.strip().splitlines()[-1])
+    faster, slower = tmp_path / "faster.json", tmp_path / "slower.json"
+    faster.write_text(json.dumps(_scaled(report, 10.0)))
+    slower.write_text(json.dumps(_scaled(report, 0.1)))
+
+    regressed = CliRunner().invoke(cli, ["bench", "events", "-n", "300", "--baseline", str(faster)])
+    assert regressed.exit_code == 1, regressed.output
+    assert f"against the baseline {faster}" in regressed.output
+    assert "events end_to_end_per_s" in regressed.output
+    assert "REGRESSION" in regressed.output
+
+    fine = CliRunner().invoke(cli, ["bench", "events", "-n", "300", "--baseline", str(slower), "--json"])
+    assert fine.exit_code == 0, fine.output
+    compared = json.loads(fine.output.strip().splitlines()[-1])["baseline"]
+    assert compared["regressions"] == 0
+    assert {f["figure"] for f in compared["figures"]} >= {"end_to_end_per_s", "latency_p99_ms"}
+    assert all(not f["regression"] for f in compared["figures"])
+
+
+def test_a_regression_is_worse_than_the_tolerance_in_the_figures_direction() -> None:
+    from sagas._bench_baseline import compare
+
+    base = {"median": {"events": {"end_to_end_per_s": 1000, "latency_p99_ms": 100.0, "n": 5}}}
+    now = {"median": {"events": {"end_to_end_per_s": 905, "latency_p99_ms": 111.0, "n": 9}, "sagas": {"x_per_s": 1}}}
+    rows = {r.figure: r for r in compare(now, base)}
+    assert set(rows) == {"end_to_end_per_s", "latency_p99_ms"}  # (n has no direction; sagas not in the baseline)
+    assert not rows["end_to_end_per_s"].regressed(0.1)
+    assert rows["end_to_end_per_s"].regressed(0.05)
+    assert rows["latency_p99_ms"].regressed(0.1)
+    assert not rows["latency_p99_ms"].regressed(0.2)
+
+
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [("not json", "is not a report of `sagas bench ... --json`"), ('{"runs": {}}', "no 'median' section")],
+)
+def test_a_baseline_that_is_not_a_report_is_an_error(tmp_path: Path, content: str, says: str) -> None:
+    path = tmp_path / "base.json"
+    path.write_text(content)
+    result = CliRunner().invoke(cli, ["bench", "events", "-n", "10", "--baseline", str(path)])
+    assert result.exit_code == 2
+    assert result.output.startswith("error: --baseline: ")
+    assert says in result.output
+    missing = CliRunner().invoke(cli, ["bench", "events", "--baseline", str(tmp_path / "nope.json")])
+    assert missing.exit_code == 2
+    assert "cannot read" in missing.output
