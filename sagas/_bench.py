@@ -44,11 +44,11 @@ EVENT = "bench.events.created"
 PUBLISH_BATCH = 500
 
 
-def _progress(text: str) -> None:
+def progress(text: str) -> None:
     print(f"\r{text:<70}", end="", file=sys.stderr, flush=True)
 
 
-def _done_progress() -> None:
+def done_progress() -> None:
     print("\r" + " " * 72 + "\r", end="", file=sys.stderr, flush=True)
 
 
@@ -65,14 +65,14 @@ def _rss_mib() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-def _pct(values: Sequence[float], q: float) -> float:
+def pct(values: Sequence[float], q: float) -> float:
     if not values:
         return 0.0
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def _payload(i: int) -> dict[str, Any]:
+def payload(i: int) -> dict[str, Any]:
     return {"file": "/home/a.txt", "grantee": "marie", "n": i}  # ~100 bytes once in the envelope
 
 
@@ -182,9 +182,10 @@ def _observed(variant: str, worker: Worker, store: str | Store) -> Iterator[dict
 
 
 @dataclass
-class _Collector:
+class Collector:
     n: int
     latencies: list[float] = field(default_factory=list)
+    sent: list[float] = field(default_factory=list)  # each event's time (when its publish began)
     first: float = 0.0
     last: float = 0.0
     done: threading.Event = field(default_factory=threading.Event)
@@ -192,19 +193,27 @@ class _Collector:
 
     def hit(self, event: Event) -> None:
         now = time.time()
+        sent = event.time.timestamp()
         with self.lock:
             if not self.latencies:
                 self.first = now
-            self.latencies.append(now - event.time.timestamp())
+            self.sent.append(sent)
+            self.latencies.append(now - sent)
             if len(self.latencies) >= self.n:
                 self.last = now
                 self.done.set()
 
     def report(self) -> dict[str, Any]:
-        return {"first": self.first, "last": self.last, "latencies": self.latencies, "rss_mib": _rss_mib()}
+        return {
+            "first": self.first,
+            "last": self.last,
+            "latencies": self.latencies,
+            "sent": self.sent,
+            "rss_mib": _rss_mib(),
+        }
 
 
-def _events_app(exchange: str, collector: _Collector, async_handlers: bool = False) -> App:
+def events_app(exchange: str, collector: Collector, async_handlers: bool = False) -> App:
     """One handler that counts the events: a plain function, or an ``async def`` one (on the worker's
     event loop) with ``async_handlers``."""
     svc = Service("bench")
@@ -219,13 +228,13 @@ def _events_app(exchange: str, collector: _Collector, async_handlers: bool = Fal
     return App(svc, exchange=exchange)
 
 
-def _events_worker(
+def events_worker(
     broker: str, exchange: str, n: int, variant: str, async_handlers: bool, ready: Any, results: Any
 ) -> None:
     configure_logging(level="warning")
-    collector = _Collector(n)
+    collector = Collector(n)
     store = open_store("memory://")
-    worker = Worker(_events_app(exchange, collector, async_handlers), broker=broker, store=store)
+    worker = Worker(events_app(exchange, collector, async_handlers), broker=broker, store=store)
     with _observed(variant, worker, store) as seen, worker.running():
         ready.set()
         collector.done.wait(600)
@@ -237,10 +246,10 @@ def _publish_events(bus: EventBus, n: int) -> tuple[float, float]:
     for start in range(0, n, PUBLISH_BATCH):
         # built just before they are sent: an event's time is when its publish began
         bus.publish_many(
-            [Event(EVENT, _payload(i), source="bench") for i in range(start, min(n, start + PUBLISH_BATCH))]
+            [Event(EVENT, payload(i), source="bench") for i in range(start, min(n, start + PUBLISH_BATCH))]
         )
         if start % 5000 == 0:
-            _progress(f"events: published {start + PUBLISH_BATCH:,} of {n:,}")
+            progress(f"events: published {start + PUBLISH_BATCH:,} of {n:,}")
     return t0, time.time()
 
 
@@ -250,29 +259,29 @@ def bench_events(broker: str, n: int, variant: str | None = None, async_handlers
     exchange = f"bench-{uuid.uuid4().hex[:8]}"
     bus = EventBus(broker, exchange=exchange)
     if broker.startswith("memory://"):
-        collector = _Collector(n)
+        collector = Collector(n)
         store = open_store("memory://")
-        worker = Worker(_events_app(exchange, collector, async_handlers), broker=broker, store=store)
+        worker = Worker(events_app(exchange, collector, async_handlers), broker=broker, store=store)
         with _observed(variant or "off", worker, store) as seen, worker.running():
             t0, t1 = _publish_events(bus, n)
             collector.done.wait(600)
         got = {**collector.report(), "spans": seen["spans"]}
     else:
-        child, results = _spawn(_events_worker, broker, exchange, n, variant or "off", async_handlers)
+        child, results = spawn(events_worker, broker, exchange, n, variant or "off", async_handlers)
         try:
             t0, t1 = _publish_events(bus, n)
             got = results.get(timeout=600)
         finally:
             child.join(30)
-            _cleanup(bus, [f"{exchange}.bench.noop"])
-    _done_progress()
+            cleanup(bus, [f"{exchange}.bench.noop"])
+    done_progress()
     figures = _figures("events", broker, n, t0, t1, got)
     if variant is not None:
         figures["spans"] = got["spans"]
     return figures
 
 
-def _spawn(target: Callable[..., None], *args: Any) -> tuple[Any, Any]:
+def spawn(target: Callable[..., None], *args: Any) -> tuple[Any, Any]:
     """Start ``target(*args, ready, results)`` in a fresh process; wait until it is ready."""
     ctx = mp.get_context("spawn")
     ready, results = ctx.Event(), ctx.Queue()
@@ -295,13 +304,13 @@ def _figures(workload: str, broker: str, n: int, t0: float, t1: float, got: dict
         "publish_per_s": round(n / (t1 - t0)),
         "handled_per_s": round(n / max(got["last"] - got["first"], 1e-9)),
         "end_to_end_per_s": round(n / (got["last"] - t0)),
-        "latency_p50_ms": round(_pct(lat, 0.5) * 1000, 1),
-        "latency_p99_ms": round(_pct(lat, 0.99) * 1000, 1),
+        "latency_p50_ms": round(pct(lat, 0.5) * 1000, 1),
+        "latency_p99_ms": round(pct(lat, 0.99) * 1000, 1),
         "worker_peak_rss_mib": got["rss_mib"],
     }
 
 
-def _cleanup(bus: EventBus, queues: list[str]) -> None:
+def cleanup(bus: EventBus, queues: list[str]) -> None:
     bus.declared_queues.update(queues)
     bus.declared_queues.update(f"{q}.delay.{ms}" for q in queues for ms in (1000, 2000, 4000, 8000, 16000))
     with contextlib.suppress(Exception):
@@ -325,7 +334,7 @@ def _amqp_params(url: str) -> dict[str, Any]:
     }
 
 
-def _raw_consumer(url: str, queue: str, n: int, ready: Any, results: Any) -> None:
+def raw_consumer(url: str, queue: str, n: int, ready: Any, results: Any) -> None:
     import socket
 
     import amqp
@@ -334,7 +343,7 @@ def _raw_consumer(url: str, queue: str, n: int, ready: Any, results: Any) -> Non
     conn.connect()
     ch = conn.channel()
     ch.basic_qos(0, 256, False)
-    stamps: dict[str, Any] = {"count": 0, "first": 0.0, "last": 0.0, "lat": []}
+    stamps: dict[str, Any] = {"count": 0, "first": 0.0, "last": 0.0, "lat": [], "sent": []}
 
     def on(msg: Any) -> None:
         body = json.loads(msg.body)
@@ -344,6 +353,7 @@ def _raw_consumer(url: str, queue: str, n: int, ready: Any, results: Any) -> Non
             stamps["first"] = now
         stamps["count"] += 1
         stamps["lat"].append(now - body["t"])
+        stamps["sent"].append(body["t"])
         if stamps["count"] == n:
             stamps["last"] = now
 
@@ -353,47 +363,92 @@ def _raw_consumer(url: str, queue: str, n: int, ready: Any, results: Any) -> Non
         with contextlib.suppress(socket.timeout):
             conn.drain_events(timeout=1)
     conn.close()
-    results.put({"first": stamps["first"], "last": stamps["last"], "latencies": stamps["lat"], "rss_mib": _rss_mib()})
+    results.put(
+        {
+            "first": stamps["first"],
+            "last": stamps["last"],
+            "latencies": stamps["lat"],
+            "sent": stamps["sent"],
+            "rss_mib": _rss_mib(),
+        }
+    )
+
+
+class RawPublisher:
+    """Plain py-amqp: a fresh topic exchange with one durable queue (``quorum``, what the framework
+    declares for at-least-once, or ``classic``) bound to the bench's event, and a channel in confirm
+    mode with up to 256 confirms in flight. Each message carries its publish time (``t``)."""
+
+    IN_FLIGHT = 256
+
+    def __init__(self, broker: str, queue_type: str = "quorum") -> None:
+        import amqp
+
+        self._amqp = amqp
+        self.name = f"bench-raw-{uuid.uuid4().hex[:8]}"
+        self._conn = amqp.Connection(**_amqp_params(broker))
+        self._conn.connect()
+        self._ch = ch = self._conn.channel()
+        ch.exchange_declare(self.name, "topic", durable=True, auto_delete=False)
+        ch.queue_declare(self.name, durable=True, auto_delete=False, arguments={"x-queue-type": queue_type})
+        ch.queue_bind(self.name, self.name, EVENT)
+        self.sent = 0
+        self._acked = 0
+
+    def confirm(self) -> None:
+        """Put the channel in confirm mode (once the consumer is ready)."""
+
+        def on_ack(tag: int, multiple: bool) -> None:
+            self._acked = max(self._acked, tag)
+
+        self._ch.confirm_select()
+        self._ch.events["basic_ack"].add(on_ack)
+        self._ch.events["basic_nack"].add(on_ack)
+
+    def publish(self, count: int) -> None:
+        """Publish ``count`` messages, keeping at most 256 unconfirmed."""
+        for _ in range(count):
+            self.sent += 1
+            body = json.dumps({"id": uuid.uuid4().hex, "t": time.time(), **payload(self.sent)})
+            self._ch.basic_publish(
+                self._amqp.Message(body, delivery_mode=2, content_type="application/json"), self.name, EVENT
+            )
+            while self.sent - self._acked >= self.IN_FLIGHT:
+                self._conn.drain_events(timeout=10)
+
+    def wait_confirms(self) -> None:
+        """Return once every message published so far is confirmed."""
+        while self._acked < self.sent:
+            self._conn.drain_events(timeout=10)
+
+    def publish_confirmed(self, count: int) -> None:
+        """Publish ``count`` messages and wait for their confirms (as ``EventBus.publish_many`` does)."""
+        self.publish(count)
+        self.wait_confirms()
+
+    def close(self) -> None:
+        """Delete the queue and exchange; close the connection."""
+        with contextlib.suppress(Exception):
+            self._ch.queue_delete(self.name)
+            self._ch.exchange_delete(self.name)
+        self._conn.close()
 
 
 def bench_raw(broker: str, n: int, queue_type: str = "quorum") -> dict[str, Any]:
     """The ceiling: plain py-amqp, on a ``quorum`` queue (what the framework declares for
     at-least-once) or a ``classic`` one (what most peer benchmarks use)."""
-    import amqp
-
-    name = f"bench-raw-{uuid.uuid4().hex[:8]}"
-    conn = amqp.Connection(**_amqp_params(broker))
-    conn.connect()
-    ch = conn.channel()
-    ch.exchange_declare(name, "topic", durable=True, auto_delete=False)
-    ch.queue_declare(name, durable=True, auto_delete=False, arguments={"x-queue-type": queue_type})
-    ch.queue_bind(name, name, EVENT)
-    child, results = _spawn(_raw_consumer, broker, name, n)
+    pub = RawPublisher(broker, queue_type)
+    child, results = spawn(raw_consumer, broker, pub.name, n)
     try:
-        ch.confirm_select()
-        acked = [0]
-
-        def on_ack(tag: int, multiple: bool) -> None:
-            acked[0] = max(acked[0], tag)
-
-        ch.events["basic_ack"].add(on_ack)
-        ch.events["basic_nack"].add(on_ack)
+        pub.confirm()
         t0 = time.time()
-        for i in range(1, n + 1):
-            body = json.dumps({"id": uuid.uuid4().hex, "t": time.time(), **_payload(i)})
-            ch.basic_publish(amqp.Message(body, delivery_mode=2, content_type="application/json"), name, EVENT)
-            while i - acked[0] >= 256:
-                conn.drain_events(timeout=10)
-        while acked[0] < n:
-            conn.drain_events(timeout=10)
+        pub.publish(n)
+        pub.wait_confirms()
         t1 = time.time()
         got = results.get(timeout=600)
     finally:
         child.join(30)
-        with contextlib.suppress(Exception):
-            ch.queue_delete(name)
-            ch.exchange_delete(name)
-        conn.close()
+        pub.close()
     return _figures(f"raw-{queue_type}", broker, n, t0, t1, got)
 
 
@@ -415,7 +470,7 @@ class BenchSaga(StepSaga):
     ]
 
 
-def _sagas_app(exchange: str) -> App:
+def sagas_app(exchange: str) -> App:
     from ._errors import Failure
 
     stock, payments, shipping = Service("stock"), Service("payments"), Service("shipping")
@@ -489,12 +544,12 @@ class _CountingStore:
             self._depth -= 1
 
 
-def _run_saga_worker(
+def run_saga_worker(
     broker: str, store_url: str, exchange: str, variant: str, stop: Any, ready: Any, results: Any
 ) -> None:
     configure_logging(level="warning")
     store = _CountingStore(open_store(store_url))
-    worker = Worker(_sagas_app(exchange), broker=broker, store=store)
+    worker = Worker(sagas_app(exchange), broker=broker, store=store)
     # the sampler opens its own connection, as with ``sagas run --metrics-port``
     with _observed(variant, worker, store_url) as seen, worker.running():
         ready.set()
@@ -521,11 +576,11 @@ def bench_sagas(
     if memory:
         inner = open_store(store_url)  # shared by the worker and the metrics' sampler
         store = _CountingStore(inner)
-        worker = Worker(_sagas_app(exchange), broker=broker, store=store)
+        worker = Worker(sagas_app(exchange), broker=broker, store=store)
         with _observed(variant or "off", worker, inner) as seen, worker.running():
             t0 = _publish_and_wait(bus, starts, store, n)
             t1 = time.time()
-            records = _own_sagas(store, exchange)  # (the worker closes the store it was given)
+            records = own_sagas(store, exchange)  # (the worker closes the store it was given)
         stats = [{**store.report(worker), "spans": seen["spans"]}]
     else:
         ctx = mp.get_context("spawn")
@@ -533,7 +588,7 @@ def bench_sagas(
         readies = [ctx.Event() for _ in range(workers)]
         children = [
             ctx.Process(
-                target=_run_saga_worker,
+                target=run_saga_worker,
                 args=(broker, store_url, exchange, variant or "off", stop, r, results),
                 daemon=True,
             )
@@ -548,14 +603,14 @@ def bench_sagas(
                     raise RuntimeError("a bench worker did not start")
             t0 = _publish_and_wait(bus, starts, reader, n)
             t1 = time.time()
-            records = _own_sagas(reader, exchange)
+            records = own_sagas(reader, exchange)
         finally:
             stop.set()
             stats = [results.get(timeout=60) for _ in children]
             for c in children:
                 c.join(30)
             reader.close()
-            _cleanup(
+            cleanup(
                 bus,
                 [
                     f"{exchange}.saga.bench",
@@ -571,7 +626,7 @@ def bench_sagas(
                     ),
                 ],
             )
-    _done_progress()
+    done_progress()
     durations = [r.updated_at - r.created_at for r in records if r.final]
     states = {s: sum(1 for r in records if r.state == s) for s in {r.state for r in records}}
     handled = sum(s["handled"] for s in stats)
@@ -583,8 +638,8 @@ def bench_sagas(
         "workers": workers,
         "sagas_per_s": round(n / (t1 - t0)),
         "states": states,
-        "duration_p50_ms": round(_pct(durations, 0.5) * 1000, 1),
-        "duration_p99_ms": round(_pct(durations, 0.99) * 1000, 1),
+        "duration_p50_ms": round(pct(durations, 0.5) * 1000, 1),
+        "duration_p99_ms": round(pct(durations, 0.99) * 1000, 1),
         "messages_per_saga": round(handled / n, 2),
         "messages_per_s": round(handled / (t1 - t0)),
         "store_writes_per_saga": round(sum(s["writes"] for s in stats) / n, 2),
@@ -596,7 +651,7 @@ def bench_sagas(
     return result
 
 
-def _own_sagas(store: Store, run: str) -> list[SagaRecord]:
+def own_sagas(store: Store, run: str) -> list[SagaRecord]:
     page = Operations(store).sagas(type="bench", limit=min(MAX_PAGE, store.count_sagas() + 10))
     return [r for r in page.items if r.key.startswith(f"{run}-")]
 
@@ -606,16 +661,21 @@ def _publish_and_wait(bus: EventBus, starts: list[Event], store: Any, n: int) ->
     t0 = time.time()
     for i in range(0, n, PUBLISH_BATCH):
         bus.publish_many(starts[i : i + PUBLISH_BATCH])
+    wait_final(store, before, n)
+    return t0
+
+
+def wait_final(store: Any, before: int, n: int) -> None:
+    """Wait until ``n`` more sagas than ``before`` are final in ``store``."""
     deadline = time.monotonic() + max(600.0, n / 10)
     shown = -1
     while (final := store.count_sagas(final=True) - before) < n:
         if time.monotonic() > deadline:
             raise RuntimeError(f"only {final} of {n} sagas ended in time")
         if final != shown:
-            _progress(f"sagas: {final:,} of {n:,} final")
+            progress(f"sagas: {final:,} of {n:,} final")
             shown = final
         time.sleep(0.05)
-    return t0
 
 
 # -- deadlines and memory ----------------------------------------------------------------------------
@@ -645,7 +705,7 @@ def bench_deadlines(store_url: str | None, due: int = 1000, idle: Sequence[int] 
             for i in range(n_idle + due):
                 engine.handle(saga.type, Event("bench.orders.placed", {"order": f"o{i}"}, source="bench"))
                 if i % 5000 == 0:
-                    _progress(f"deadlines: {i + 1:,} of {n_idle + due:,} sagas started")
+                    progress(f"deadlines: {i + 1:,} of {n_idle + due:,} sagas started")
         # The first `due` sagas' deadlines pass; the others stay an hour away.
         with store.group():
             for record in store.list_sagas(saga.type, limit=due):
@@ -677,7 +737,7 @@ def bench_deadlines(store_url: str | None, due: int = 1000, idle: Sequence[int] 
         result[f"fire_{due}_due_with_{n_idle}_idle_ms"] = round(elapsed * 1000, 1)
         result[f"fired_with_{n_idle}_idle"] = fired
         store.close()
-    _done_progress()
+    done_progress()
     # memory per in-flight saga, in a MemoryStore (the SQL stores keep it on disk)
     tracemalloc.start()
     store = open_store("memory://")
@@ -710,13 +770,13 @@ def run_variants(
         order = [variants[(i + r) % len(variants)] for i in range(len(variants))]
         for workload in workloads:
             for variant in order:
-                _progress(f"{workload} [{variant}] run {r + 1} of {repeat}")
+                progress(f"{workload} [{variant}] run {r + 1} of {repeat}")
                 if workload == "events":
                     figures = bench_events(broker, n, variant)
                 else:
                     figures = bench_sagas(broker, store, n, workers, variant)
                 runs.setdefault(f"{workload}[{variant}]", []).append(figures)
-    _done_progress()
+    done_progress()
     report = _medians(runs)
     base = "off" if "off" in variants else variants[0]
     report["variants"] = {}

@@ -1272,7 +1272,8 @@ def demo(shares: int) -> None:
 
 @cli.command()
 @click.argument(
-    "workload", type=click.Choice(["events", "sagas", "raw", "deadlines", "all", "console", "retention", "publish"])
+    "workload",
+    type=click.Choice(["events", "sagas", "raw", "deadlines", "all", "console", "retention", "publish", "latency"]),
 )
 @_broker
 @click.option(
@@ -1328,6 +1329,25 @@ def demo(shares: int) -> None:
     type=click.FloatRange(0, 1),
     help="With --baseline: how much worse than the baseline (a fraction) a figure may be before it is a regression.",
 )
+@click.option(
+    "--rates",
+    default="500,2000,5000",
+    show_default=True,
+    help="latency: the event rates (events/s) to offer, comma-separated; each runs --seconds after 1 s of warm-up.",
+)
+@click.option(
+    "--saga-rates",
+    default="100,300",
+    show_default=True,
+    help="latency: the saga rates (sagas started per second) to offer, comma-separated ('' for none).",
+)
+@click.option(
+    "--seconds",
+    default=5.0,
+    show_default=True,
+    type=click.FloatRange(0.5, 600),
+    help="latency: how long each rate is offered (after 1 s of warm-up).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (every run, medians, ratios).")
 def bench(
     workload: str,
@@ -1342,6 +1362,9 @@ def bench(
     in_flight: int,
     baseline_file: str | None,
     tolerance: float,
+    rates: str,
+    saga_rates: str,
+    seconds: float,
     as_json: bool,
 ) -> None:
     """Measure events/s and sagas/s on a broker and store, beside the raw py-amqp ceiling; or the
@@ -1359,6 +1382,7 @@ def bench(
       sagas bench events --async-handlers --repeat 3   # async def handlers beside plain ones
       sagas bench publish --in-flight 500 --repeat 3   # the sync bus beside the asyncio publisher
       sagas bench events --repeat 3 --json > base.json; sagas bench events --repeat 3 --baseline base.json
+      sagas bench latency --rates 500,2000,5000 --saga-rates 100,300 --repeat 3   # p50/p99/p99.9 at steady rates
     """
     from . import _bench, _bench_baseline
 
@@ -1396,6 +1420,16 @@ def bench(
         from ._bench_aio import table as publish_table
 
         emit(bench_publish(broker, n, in_flight, repeat), publish_table)
+        return
+    if workload == "latency":
+        from . import _bench_latency
+
+        try:
+            event_rates = _bench_latency.parse_rates(rates, "--rates")
+            sagas_rates = _bench_latency.parse_rates(saga_rates, "--saga-rates", allow_empty=True)
+        except ValueError as exc:
+            _usage_error(str(exc))
+        emit(_bench_latency.run(broker, event_rates, sagas_rates, seconds, repeat), _bench_latency.table)
         return
     if workload == "retention":
         from ._bench_retention import bench_retention

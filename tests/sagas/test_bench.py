@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 import sagas.console
-from sagas import _bench
+from sagas import _bench, _bench_latency
 from sagas._cli import cli
 from sagas._store import HistoryEntry, SagaRecord, open_store
 from sagas.console import _bench as console_bench
@@ -338,3 +339,66 @@ def test_a_baseline_that_is_not_a_report_is_an_error(tmp_path: Path, content: st
     missing = CliRunner().invoke(cli, ["bench", "events", "--baseline", str(tmp_path / "nope.json")])
     assert missing.exit_code == 2
     assert "cannot read" in missing.output
+
+
+# -- sagas bench latency -------------------------------------------------------------------------------
+
+
+def test_latency_on_memory_reports_every_rate_with_its_percentiles() -> None:
+    """Each offered rate, events and sagas, has its achieved rate and p50/p99/p99.9; no raw on memory."""
+    result = CliRunner().invoke(
+        cli, ["bench", "latency", "--rates", "200,400", "--saga-rates", "50", "--seconds", "1", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output.strip().splitlines()[-1])
+    assert list(report["median"]) == ["events@200", "events@400", "sagas@50"]
+    for name, med in report["median"].items():
+        assert med["rate"] == int(name.split("@")[1])
+        assert med["achieved_per_s"] == pytest.approx(med["rate"], rel=0.1)
+        assert 0 < med["p50_ms"] <= med["p99_ms"] <= med["p99_9_ms"]
+    # the warm-up second is not counted: about one second's worth of each rate is
+    assert [r["counted"] for r in report["runs"]["events@400"]] == [pytest.approx(400, rel=0.1)]
+    assert report["not_offered"] == []
+    assert "ratio_to_raw" not in report, "the raw ceiling needs RabbitMQ"
+
+
+def test_latency_paces_to_the_offered_rate_in_small_batches() -> None:
+    """The publisher sends what the schedule owes every tick: the rate holds, in batches of a few."""
+    batches: list[tuple[float, int]] = []
+    t0, t1, sent = _bench_latency.paced(1000, 0.5, lambda k: batches.append((time.monotonic(), k)))
+    assert sent == sum(k for _, k in batches) == 500
+    assert sent / (t1 - t0) == pytest.approx(1000, rel=0.05)
+    assert max(k for _, k in batches) <= 30, "no burst: a tick owes about 10 events at 1,000/s"
+    assert len(batches) >= 40
+
+
+def test_latency_flags_a_rate_the_publisher_cannot_offer() -> None:
+    """A publisher that takes 2 ms per message cannot offer 1,000/s: its run says so."""
+    t0, t1, sent = _bench_latency.paced(1000, 0.2, lambda k: time.sleep(0.002 * k))
+    figures = _bench_latency.rate_figures(1000, 0.2, t0, t1, sent, [t0], [0.001])
+    assert figures["achieved_per_s"] < 700
+    assert figures["offered"] is False
+
+
+@pytest.mark.parametrize("option", ["--rates", "--saga-rates"])
+@pytest.mark.parametrize("value", ["500,fast", "0", "500,500"])
+def test_latency_refuses_bad_rates(option: str, value: str) -> None:
+    """A rate that is not a whole number from 1 to 100,000, or one given twice, is a usage error."""
+    result = CliRunner().invoke(cli, ["bench", "latency", option, value])
+    assert result.exit_code == 2
+    assert result.output.startswith(f"error: {option}: a comma-separated list of distinct rates")
+
+
+@pytest.mark.rabbitmq
+def test_latency_on_rabbitmq_runs_raw_at_the_same_rate_and_gives_the_ratios(amqp_url: str) -> None:
+    """Events and raw py-amqp at one rate, sagas at another: ratios are ours/raw per percentile."""
+    report = _bench_latency.run(amqp_url, [200], [50], 1, 1)
+    assert list(report["median"]) == ["events@200", "raw@200", "sagas@50"]
+    for med in report["median"].values():
+        assert med["achieved_per_s"] == pytest.approx(med["rate"], rel=0.1)
+        assert 0 < med["p50_ms"] <= med["p99_ms"] <= med["p99_9_ms"]
+    ours, raw = report["median"]["events@200"], report["median"]["raw@200"]
+    assert report["ratio_to_raw"]["200"] == {
+        p: round(ours[f"{p}_ms"] / raw[f"{p}_ms"], 2) for p in ("p50", "p99", "p99_9")
+    }
+    assert "events / raw" in _bench_latency.table(report)
