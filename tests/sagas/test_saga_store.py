@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -513,68 +514,81 @@ def _end_session(postgres_url: str, schema: str) -> None:
         admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
 
 
+@dataclass
+class _Killable:
+    """A PostgreSQL store on the test's private cluster, whose session the test may end."""
+
+    store: Store
+    url: str
+    schema: str
+
+    def end_session(self) -> None:
+        _end_session(self.url, self.schema)
+
+
+@pytest.fixture
+def killable(private_postgres: PostgresCluster, unique: str) -> Iterator[_Killable]:
+    """A store in a schema of its own on the private cluster (nothing here ends a session of the
+    machine's PostgreSQL); closed and dropped after the test."""
+    url = private_postgres.url
+    store = open_store(f"{url}?schema={unique}")
+    try:
+        yield _Killable(store, url, unique)
+    finally:
+        store.close()
+        _drop_schema(url, unique)
+
+
 @pytest.mark.postgres
-def test_postgres_store_reconnects_after_its_session_is_killed(private_postgres: PostgresCluster, unique: str) -> None:
+def test_postgres_store_reconnects_after_its_session_is_killed(killable: _Killable) -> None:
     """When PostgreSQL drops the store's session (a restart), the call that meets it fails and the next
     one reconnects and works (on the session's private cluster: nothing here ends a session of the machine's)."""
     import psycopg
 
-    postgres_url = private_postgres.url
-    store = open_store(f"{postgres_url}?schema={unique}")
-    try:
-        store.remember("c", "m1")
-        _end_session(postgres_url, unique)
-        with pytest.raises(psycopg.OperationalError):
-            store.seen("c", "m1")
-        assert store.seen("c", "m1")
-        store.remember("c", "m2")
-        assert store.seen("c", "m2")
-    finally:
-        store.close()
-        _drop_schema(postgres_url, unique)
+    store = killable.store
+    store.remember("c", "m1")
+    killable.end_session()
+    with pytest.raises(psycopg.OperationalError):
+        store.seen("c", "m1")
+    assert store.seen("c", "m1")
+    store.remember("c", "m2")
+    assert store.seen("c", "m2")
 
 
 @pytest.mark.postgres
-def test_a_group_whose_session_is_killed_fails_whole_and_writes_nothing(
-    private_postgres: PostgresCluster, unique: str
-) -> None:
+def test_a_group_whose_session_is_killed_fails_whole_and_writes_nothing(killable: _Killable) -> None:
     """A group (one transaction) whose session dies between two writes fails as a whole: the write after
     the break does not reconnect and commit on its own (an inbox record without the saga it belongs
     with), and the first write is gone with the transaction. Outside the group, the store reconnects."""
     import psycopg
 
-    postgres_url = private_postgres.url
-    store = open_store(f"{postgres_url}?schema={unique}")
-    try:
+    store = killable.store
 
-        def group_with_a_break() -> None:
-            with store.group():
-                store.remember("c", "before-the-break")
-                _end_session(postgres_url, unique)
-                # as the saga pipeline does: each message in a part of its own, a failing part skipped
-                try:
-                    with store.group():
-                        store.remember("c", "meets-the-break")
-                except psycopg.OperationalError:
-                    pass
+    def group_with_a_break() -> None:
+        with store.group():
+            store.remember("c", "before-the-break")
+            killable.end_session()
+            # as the saga pipeline does: each message in a part of its own, a failing part skipped
+            try:
                 with store.group():
-                    store.remember("c", "after-the-break")
+                    store.remember("c", "meets-the-break")
+            except psycopg.OperationalError:
+                pass
+            with store.group():
+                store.remember("c", "after-the-break")
 
-        with pytest.raises(psycopg.OperationalError):
-            group_with_a_break()
-        assert not store.seen("c", "after-the-break")
-        assert not store.seen("c", "meets-the-break")
-        assert not store.seen("c", "before-the-break")
-        store.remember("c", "later")
-        assert store.seen("c", "later")
-    finally:
-        store.close()
-        _drop_schema(postgres_url, unique)
+    with pytest.raises(psycopg.OperationalError):
+        group_with_a_break()
+    assert not store.seen("c", "after-the-break")
+    assert not store.seen("c", "meets-the-break")
+    assert not store.seen("c", "before-the-break")
+    store.remember("c", "later")
+    assert store.seen("c", "later")
 
 
 @pytest.mark.postgres
 def test_a_group_whose_last_part_meets_a_killed_session_raises_instead_of_committing_nothing(
-    private_postgres: PostgresCluster, unique: str
+    killable: _Killable,
 ) -> None:
     """psycopg ends a ``transaction()`` block on a broken connection without COMMIT and without an
     error when nothing raised inside it. The saga pipeline catches each message's failure inside its
@@ -583,59 +597,47 @@ def test_a_group_whose_last_part_meets_a_killed_session_raises_instead_of_commit
     request for a saga that was never committed). The group must raise instead."""
     import psycopg
 
-    postgres_url = private_postgres.url
-    store = open_store(f"{postgres_url}?schema={unique}")
-    try:
+    store = killable.store
 
-        def group_whose_last_part_meets_the_break() -> None:
+    def group_whose_last_part_meets_the_break() -> None:
+        with store.group():
             with store.group():
+                store.remember("c", "before-the-break")
+            killable.end_session()
+            # as the saga pipeline does: each message in a part of its own, a failing part skipped
+            try:
                 with store.group():
-                    store.remember("c", "before-the-break")
-                _end_session(postgres_url, unique)
-                # as the saga pipeline does: each message in a part of its own, a failing part skipped
-                try:
-                    with store.group():
-                        store.remember("c", "meets-the-break")
-                except psycopg.OperationalError:
-                    pass
+                    store.remember("c", "meets-the-break")
+            except psycopg.OperationalError:
+                pass
 
-        with pytest.raises(psycopg.OperationalError):
-            group_whose_last_part_meets_the_break()
-        assert not store.seen("c", "before-the-break")
-        assert not store.seen("c", "meets-the-break")
-        store.remember("c", "later")
-        assert store.seen("c", "later")
-    finally:
-        store.close()
-        _drop_schema(postgres_url, unique)
+    with pytest.raises(psycopg.OperationalError):
+        group_whose_last_part_meets_the_break()
+    assert not store.seen("c", "before-the-break")
+    assert not store.seen("c", "meets-the-break")
+    store.remember("c", "later")
+    assert store.seen("c", "later")
 
 
 @pytest.mark.postgres
-def test_a_group_with_a_failed_statement_whose_error_was_caught_raises(
-    private_postgres: PostgresCluster, unique: str
-) -> None:
+def test_a_group_with_a_failed_statement_whose_error_was_caught_raises(killable: _Killable) -> None:
     """PostgreSQL answers COMMIT of a transaction in which a statement failed with a rollback, and no
     error: a group whose failed statement's error was caught raises, instead of looking committed."""
     import psycopg
 
-    postgres_url = private_postgres.url
-    store = open_store(f"{postgres_url}?schema={unique}")
-    try:
+    store = killable.store
 
-        def group_with_a_caught_error() -> None:
-            with store.group():
-                store.remember("c", "before")
-                with pytest.raises(psycopg.errors.NumericValueOutOfRange):
-                    _insert(store, _record("a", version=2**40))  # (the version column is an INTEGER)
+    def group_with_a_caught_error() -> None:
+        with store.group():
+            store.remember("c", "before")
+            with pytest.raises(psycopg.errors.NumericValueOutOfRange):
+                _insert(store, _record("a", version=2**40))  # (the version column is an INTEGER)
 
-        with pytest.raises(psycopg.OperationalError, match="rolled back"):
-            group_with_a_caught_error()
-        assert not store.seen("c", "before")
-        store.remember("c", "later")
-        assert store.seen("c", "later")
-    finally:
-        store.close()
-        _drop_schema(postgres_url, unique)
+    with pytest.raises(psycopg.OperationalError, match="rolled back"):
+        group_with_a_caught_error()
+    assert not store.seen("c", "before")
+    store.remember("c", "later")
+    assert store.seen("c", "later")
 
 
 class _RecordingBus:
@@ -660,9 +662,7 @@ class _RecordingBus:
 
 
 @pytest.mark.postgres
-def test_a_saga_group_whose_session_dies_at_its_last_message_publishes_and_acks_nothing(
-    private_postgres: PostgresCluster, unique: str
-) -> None:
+def test_a_saga_group_whose_session_dies_at_its_last_message_publishes_and_acks_nothing(killable: _Killable) -> None:
     """The saga pipeline applies a batch in one group and skips a message that fails: when PostgreSQL
     drops the session while it applies the last message of the batch, the starts before it are not
     committed, so their requests are not published, nor their messages acked: the batch is given back.
@@ -675,46 +675,41 @@ def test_a_saga_group_whose_session_dies_at_its_last_message_publishes_and_acks_
     from sagas._saga_pipeline import SagaPipeline
     from transport import Event
 
-    postgres_url = private_postgres.url
-    store = open_store(f"{postgres_url}?schema={unique}")
-    try:
-        engine = SagaEngine([BenchSaga], store, clock=time.time)
-        bus = _RecordingBus()
-        outbox = OutboxPublisher(bus, store, engine)  # type: ignore[arg-type]
-        pipeline = SagaPipeline(
-            {"bench": "bench"}, engine, store, outbox, clock=time.time, timer_interval=1.0, relay_interval=5.0
+    store = killable.store
+    engine = SagaEngine([BenchSaga], store, clock=time.time)
+    bus = _RecordingBus()
+    outbox = OutboxPublisher(bus, store, engine)  # type: ignore[arg-type]
+    pipeline = SagaPipeline(
+        {"bench": "bench"}, engine, store, outbox, clock=time.time, timer_interval=1.0, relay_interval=5.0
+    )
+    subscription = SimpleNamespace(queue="bench", durable=True)
+    inbounds = [
+        SimpleNamespace(
+            subscription=subscription,
+            event=Event("bench.orders.placed", {"order": f"o{i}"}),
+            attempt=1,
+            message_id=f"m{i}",
         )
-        subscription = SimpleNamespace(queue="bench", durable=True)
-        inbounds = [
-            SimpleNamespace(
-                subscription=subscription,
-                event=Event("bench.orders.placed", {"order": f"o{i}"}),
-                attempt=1,
-                message_id=f"m{i}",
-            )
-            for i in range(3)
-        ]
-        handle = engine.handle
+        for i in range(3)
+    ]
+    handle = engine.handle
 
-        def handle_then_lose_the_session(saga_type: str, event: Event) -> Any:
-            if event.id == inbounds[-1].event.id:  # the last message meets a restart of PostgreSQL
-                _end_session(postgres_url, unique)
-            return handle(saga_type, event)
+    def handle_then_lose_the_session(saga_type: str, event: Event) -> Any:
+        if event.id == inbounds[-1].event.id:  # the last message meets a restart of PostgreSQL
+            killable.end_session()
+        return handle(saga_type, event)
 
-        engine.handle = handle_then_lose_the_session  # type: ignore[method-assign]
-        pipeline.apply("bench", inbounds)  # type: ignore[arg-type]
-        assert bus.published == []
-        assert bus.acked == []
-        assert sorted(bus.given_back) == sorted(i.event.id for i in inbounds)
-        assert store.count_sagas() == 0
-        engine.handle = handle  # type: ignore[method-assign]
-        pipeline.apply("bench", inbounds)  # type: ignore[arg-type]  # (redelivered: the store reconnected)
-        assert bus.published == ["bench.stock.reserve"] * 3
-        assert sorted(bus.acked) == sorted(i.event.id for i in inbounds)
-        assert store.count_sagas() == 3
-    finally:
-        store.close()
-        _drop_schema(postgres_url, unique)
+    engine.handle = handle_then_lose_the_session  # type: ignore[method-assign]
+    pipeline.apply("bench", inbounds)  # type: ignore[arg-type]
+    assert bus.published == []
+    assert bus.acked == []
+    assert sorted(bus.given_back) == sorted(i.event.id for i in inbounds)
+    assert store.count_sagas() == 0
+    engine.handle = handle  # type: ignore[method-assign]
+    pipeline.apply("bench", inbounds)  # type: ignore[arg-type]  # (redelivered: the store reconnected)
+    assert bus.published == ["bench.stock.reserve"] * 3
+    assert sorted(bus.acked) == sorted(i.event.id for i in inbounds)
+    assert store.count_sagas() == 3
 
 
 def test_deadlines_fire_in_one_group_and_a_conflict_skips_only_its_saga(reopen: Opener) -> None:
