@@ -1432,7 +1432,7 @@ class PostgresStore(_SqlStore):
         self._url = url
         try:
             self._connect(setup=True)
-            if not create and not self._has_store():
+            if not create and not self._has_table("schema_version"):
                 self._db.close()
                 raise StoreError(
                     f"no sagas store in schema {schema!r} of that database: give the store URL the workers use"
@@ -1463,10 +1463,6 @@ class PostgresStore(_SqlStore):
             # (CREATE ... IF NOT EXISTS is not safe against that): they take turns. __init__ unlocks.
             self._db.execute("SELECT pg_advisory_lock(hashtext(%s))", (_SETUP_LOCK + self.schema,))
         self._db.execute(sql.SQL("SET search_path TO {}").format(sql.Identifier(self.schema)))
-
-    def _has_store(self) -> bool:
-        row = self._db.execute("SELECT to_regclass(%s)", (f'"{self.schema}".schema_version',)).fetchone()
-        return row is not None and row[0] is not None
 
     def _live(self) -> None:
         """Reconnect if the connection broke (PostgreSQL restarted, or the session was killed). The call
