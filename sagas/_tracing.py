@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import functools
+import re
 import time
 from collections.abc import Callable, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -42,8 +43,8 @@ if TYPE_CHECKING:
     from ._store import OutboxRow, SagaRecord
 
 try:
+    from opentelemetry import baggage, propagate, trace
     from opentelemetry import context as otel_context
-    from opentelemetry import propagate, trace
     from opentelemetry.trace import SpanKind, Status, StatusCode
 except ImportError:  # the otel extra is not installed: tracing is off
     trace = None  # type: ignore[assignment]
@@ -57,16 +58,40 @@ TRACE_META = "trace"
 _NAME = "sagas"
 
 _own_tracer: Any = None  # the tracer of the provider set with set_tracer_provider, if any
+_own_drops = False  # whether that provider's sampler drops every child of an unsampled parent
 _global: Any = None  # the global provider's tracer, once there is one
+_global_drops = False  # the same, of the global provider
 _next_check = 0.0  # when to look at the global provider again (time.monotonic)
 _system = "rabbitmq"
+#: a W3C ``traceparent`` of version 00: trace id, parent span id, flags (bit 0: sampled)
+_TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 
 
 def set_tracer_provider(provider: Any) -> None:
     """Make spans with ``provider`` instead of OpenTelemetry's global one (None: the global one again).
     For tests and for applications that keep more than one provider."""
-    global _own_tracer
+    global _own_tracer, _own_drops
     _own_tracer = None if provider is None else provider.get_tracer(_NAME)
+    _own_drops = provider is not None and _drops_unsampled_children(provider)
+
+
+def _drops_unsampled_children(provider: Any) -> bool:
+    """Whether ``provider``'s sampler drops every span whose parent is not sampled, local or remote: the
+    SDK's ``ParentBased`` samplers as configured by default (``parentbased_always_on``,
+    ``parentbased_traceidratio``: the decision taken at the root holds for the whole trace). Then a span
+    point under an unsampled parent makes no span at all and carries the parent's context on: the SDK
+    would make a span that records nothing and is given to no processor, at the cost of the sampler's
+    call, new ids and its attributes (about a third of tracing's cost). Any other sampler (or a provider
+    that does not say which) is asked for every span, as OpenTelemetry does."""
+    describe = getattr(getattr(provider, "sampler", None), "get_description", None)
+    if describe is None:
+        return False
+    description = str(describe())  # (abstract in the SDK's Sampler: every sampler says what it is)
+    return (
+        description.startswith("ParentBased{")
+        and "remoteParentNotSampled:AlwaysOffSampler" in description
+        and "localParentNotSampled:AlwaysOffSampler" in description
+    )
 
 
 def set_system(broker_url: str) -> None:
@@ -79,7 +104,7 @@ def _tracer() -> Any:
     """The tracer, or None while nothing would record: no provider is configured (OpenTelemetry's
     default proxy, or its no-op provider). Then nothing is traced, at the cost of this check (the
     global provider is looked at once a second: spans start within a second of it being set)."""
-    global _global, _next_check
+    global _global, _global_drops, _next_check
     if _own_tracer is not None:
         return _own_tracer
     if _global is None:
@@ -87,10 +112,31 @@ def _tracer() -> Any:
         if now < _next_check:
             return None
         _next_check = now + 1.0
-        if isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider | trace.NoOpTracerProvider):
+        provider = trace.get_tracer_provider()
+        if isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider):
             return None
+        _global_drops = _drops_unsampled_children(provider)
         _global = trace.get_tracer(_NAME)  # (a provider, once set, stays: OpenTelemetry sets it once)
     return _global
+
+
+def _drops() -> bool:
+    """Whether the provider in use drops the children of unsampled parents (see :func:`_tracer`)."""
+    return _own_drops if _own_tracer is not None else _global_drops
+
+
+def _unsampled_remote(carrier: Mapping[str, Any] | None) -> Any:
+    """The non-recording span of the unsampled trace context ``carrier`` holds (a message's headers, a
+    saga's ``meta["trace"]``), when the sampler drops its children; None otherwise (a span is made)."""
+    if not carrier or not _drops() or "tracestate" in carrier:
+        return None
+    found = _TRACEPARENT.fullmatch(str(carrier.get("traceparent", "")))
+    if found is None:
+        return None
+    trace_id, span_id, flags = int(found[1], 16), int(found[2], 16), int(found[3], 16)
+    if not trace_id or not span_id or flags & trace.TraceFlags.SAMPLED:
+        return None
+    return trace.NonRecordingSpan(trace.SpanContext(trace_id, span_id, True, trace.TraceFlags(flags)))
 
 
 def _messaging(operation: str, destination: str, message_id: str, routing_key: str) -> dict[str, Any]:
@@ -163,6 +209,10 @@ def outgoing(event_type: str, event_id: str, headers: Mapping[str, str]) -> Mapp
     tracer = _tracer() if trace is not None else None
     if tracer is None:
         return headers
+    if _drops():
+        current = trace.get_current_span().get_span_context()
+        if current.is_valid and not current.trace_flags.sampled:  # (no span: the unsampled context travels on)
+            return _with_context(headers, current)
     span = tracer.start_span(
         f"{event_type} publish",
         kind=SpanKind.PRODUCER,
@@ -173,6 +223,20 @@ def outgoing(event_type: str, event_id: str, headers: Mapping[str, str]) -> Mapp
         return headers
     carrier: dict[str, str] = dict(headers)
     propagate.inject(carrier, context=trace.set_span_in_context(span))
+    return carrier
+
+
+def _with_context(headers: Mapping[str, str], ctx: Any) -> Mapping[str, str]:
+    """``headers`` with the W3C trace context ``ctx`` of an unsampled trace, written directly (what the
+    ``tracecontext`` propagator writes, at a fifth of the cost); through the configured propagators when
+    the context holds baggage, which they carry too."""
+    carrier = dict(headers)
+    if baggage.get_all():
+        propagate.inject(carrier)
+        return carrier
+    carrier["traceparent"] = f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{ctx.trace_flags:02x}"
+    if ctx.trace_state:
+        carrier["tracestate"] = ctx.trace_state.to_header()
     return carrier
 
 
@@ -224,7 +288,11 @@ def handler_finished(started: Started | None, outcome: HandlerOutcome) -> None:
 
 
 def _handler_span(tracer: Any, spec: HandlerSpec, inbound: Inbound, event: Event) -> Any:
-    """A CONSUMER span ``<type> process`` for ``spec`` handling ``event``, child of its publish span."""
+    """A CONSUMER span ``<type> process`` for ``spec`` handling ``event``, child of its publish span (or
+    the publish's unsampled context, as a span that records nothing: see :func:`_unsampled_remote`)."""
+    unsampled = _unsampled_remote(event.headers)
+    if unsampled is not None:
+        return unsampled
     attributes = _messaging("process", inbound.subscription.queue, event.id, event.type)
     attributes.update({"sagas.service": spec.service, "sagas.handler": spec.name, "sagas.attempt": inbound.attempt})
     saga_type = event.headers.get("saga_type")
@@ -275,7 +343,7 @@ def settled(span: Any, event: Event, outcome: str, error: BaseException) -> None
     """A handler failed and its message was retried or dead-lettered (``outcome``): a child span of the
     handler's saying so, with status ERROR and the exception."""
     tracer = _tracer() if span is not None else None
-    if tracer is None:
+    if tracer is None or not span.is_recording():
         return
     with tracer.start_as_current_span(
         f"{event.type} {outcome}",
@@ -336,12 +404,14 @@ def saga_message(handle: F) -> F:
         if tracer is None:
             return handle(self, saga_type, event)  # type: ignore[no-any-return]
         held = _held.get()
-        queue = held.queue if held is not None and held.queue else f"saga:{saga_type}"
-        attributes = _messaging("process", queue, event.id, event.type)
-        attributes["sagas.saga.type"] = saga_type
-        span = tracer.start_span(
-            f"{event.type} process", context=_parent(event.headers), kind=SpanKind.CONSUMER, attributes=attributes
-        )
+        span = _unsampled_remote(event.headers)
+        if span is None:
+            queue = held.queue if held is not None and held.queue else f"saga:{saga_type}"
+            attributes = _messaging("process", queue, event.id, event.type)
+            attributes["sagas.saga.type"] = saga_type
+            span = tracer.start_span(
+                f"{event.type} process", context=_parent(event.headers), kind=SpanKind.CONSUMER, attributes=attributes
+            )
         token = otel_context.attach(trace.set_span_in_context(span))
         try:
             applied: Applied = handle(self, saga_type, event)
@@ -381,8 +451,17 @@ def transition(enter: F) -> F:
         if tracer is None:
             return enter(self, d, record, new_state, *args, **kwargs)  # type: ignore[no-any-return]
         parent = None
-        if not trace.get_current_span().get_span_context().is_valid:
+        current = trace.get_current_span().get_span_context()
+        if not current.is_valid:
+            unsampled = _unsampled_remote(record.meta.get(TRACE_META))
+            if unsampled is not None:  # (a deadline's or an operator's transition of an unsampled saga)
+                with trace.use_span(unsampled, end_on_exit=False):
+                    return enter(self, d, record, new_state, *args, **kwargs)  # type: ignore[no-any-return]
             parent = _parent(record.meta.get(TRACE_META))
+        elif _drops() and not current.trace_flags.sampled:  # (no span: the unsampled context stays current)
+            if TRACE_META not in record.meta:
+                record.meta = {**record.meta, TRACE_META: _context_here()}
+            return enter(self, d, record, new_state, *args, **kwargs)  # type: ignore[no-any-return]
         with _Current(
             tracer.start_span(
                 f"saga {record.type} {record.state or '-'} -> {new_state}",
@@ -396,13 +475,18 @@ def transition(enter: F) -> F:
             )
         ) as span:
             if TRACE_META not in record.meta and span.get_span_context().is_valid:
-                carrier: dict[str, str] = {}
-                propagate.inject(carrier)
-                record.meta = {**record.meta, TRACE_META: carrier}
+                record.meta = {**record.meta, TRACE_META: _context_here()}
             rows: list[OutboxRow] = enter(self, d, record, new_state, *args, **kwargs)
             return rows
 
     return traced  # type: ignore[return-value]
+
+
+def _context_here() -> dict[str, str]:
+    """The current trace context, as headers (a saga's ``meta["trace"]``)."""
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return carrier
 
 
 def deadline(fire: F) -> F:
@@ -416,6 +500,10 @@ def deadline(fire: F) -> F:
         tracer = _tracer()
         if tracer is None:
             return fire(self, record)  # type: ignore[no-any-return]
+        unsampled = _unsampled_remote(record.meta.get(TRACE_META))
+        if unsampled is not None:  # (no span: what the deadline sends carries the saga's unsampled context)
+            with trace.use_span(unsampled, end_on_exit=False):
+                return fire(self, record)  # type: ignore[no-any-return]
         with _Current(
             tracer.start_span(
                 f"saga {record.type} deadline",

@@ -409,3 +409,111 @@ def test_with_the_api_and_no_provider_nothing_is_traced() -> None:
         record = h.saga(postprocessing.Postprocessing, "u2")
     assert record.state == "done"
     assert "trace" not in record.meta
+
+
+# -- head sampling: an unsampled trace costs no spans past its root ---------------------------------------
+
+
+class _CountingTracer:
+    """A tracer that counts the spans asked of it, made or not (an SDK tracer's spans)."""
+
+    def __init__(self, tracer: Any) -> None:
+        self.tracer = tracer
+        self.asked = 0
+
+    def start_span(self, *args: Any, **kwargs: Any) -> Any:
+        self.asked += 1
+        return self.tracer.start_span(*args, **kwargs)
+
+    def start_as_current_span(self, *args: Any, **kwargs: Any) -> Any:
+        self.asked += 1
+        return self.tracer.start_as_current_span(*args, **kwargs)
+
+
+class _CountingProvider(TracerProvider):
+    def get_tracer(self, *args: Any, **kwargs: Any) -> Any:
+        self.counting = _CountingTracer(super().get_tracer(*args, **kwargs))
+        return self.counting
+
+
+@pytest.fixture
+def sampled() -> Iterator[Any]:
+    """``sampled(sampler)``: trace with an SDK provider using ``sampler``; yields (exporter, counting tracer)."""
+    made: list[TracerProvider] = []
+
+    def trace_with(sampler: Any) -> tuple[InMemorySpanExporter, _CountingTracer]:
+        exporter = InMemorySpanExporter()
+        provider = _CountingProvider(sampler=sampler)
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        _tracing.set_tracer_provider(provider)
+        made.append(provider)
+        return exporter, provider.counting
+
+    try:
+        yield trace_with
+    finally:
+        _tracing.set_tracer_provider(None)
+        for provider in made:
+            provider.shutdown()
+
+
+def _upload(h: Harness, upload_id: str) -> str:
+    """Send an upload as a traced client does; return its trace id (hex)."""
+    event = _traced_event(UPLOAD, {"upload_id": upload_id, "name": "a.txt", "size": 10, "user": "marie"})
+    h.send(event)
+    return event.headers["traceparent"].split("-")[1]
+
+
+def test_a_trace_the_sampler_dropped_at_its_root_makes_no_span_after_it_and_its_context_travels(sampled: Any) -> None:
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased
+
+    spans, tracer = sampled(ParentBased(ALWAYS_OFF))
+    with Harness(postprocessing.app) as h:
+        h.inject(Drop(), match="ocis.antivirus.scan.reply")  # a deadline re-sends: its span point too
+        trace_id = _upload(h, "u1")
+        h.settle()
+        record = h.saga(postprocessing.Postprocessing, "u1")
+    assert record.state == "done"
+    assert spans.get_finished_spans() == ()
+    # the root's span was asked of the sampler, which dropped it; no other span point asked for one
+    assert tracer.asked == 1
+    # the unsampled decision travels with the saga: its deadlines and operator actions keep the trace
+    traceparent = record.meta["trace"]["traceparent"]
+    assert traceparent.split("-")[1] == trace_id
+    assert int(traceparent.split("-")[3], 16) & 1 == 0  # (not sampled)
+
+
+def test_a_sampler_that_samples_under_unsampled_parents_is_asked_for_every_span(sampled: Any) -> None:
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased
+
+    # not the default: a message from an unsampled trace starts recording again in its consumer
+    spans, tracer = sampled(ParentBased(ALWAYS_OFF, remote_parent_not_sampled=ALWAYS_ON))
+    with Harness(postprocessing.app) as h:
+        trace_id = _upload(h, "u1")
+        h.settle()
+        assert h.saga(postprocessing.Postprocessing, "u1").state == "done"
+    finished = spans.get_finished_spans()
+    assert tracer.asked > 10
+    assert finished
+    assert {format(s.context.trace_id, "032x") for s in finished} == {trace_id}
+    assert f"{UPLOAD} process" in [s.name for s in finished]
+
+
+def test_with_head_sampling_each_trace_is_recorded_whole_or_not_at_all(sampled: Any) -> None:
+    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+
+    spans, _ = sampled(ParentBased(TraceIdRatioBased(0.5)))
+    with Harness(postprocessing.app) as h:
+        traces = {_upload(h, f"u{n}"): f"u{n}" for n in range(30)}
+        h.settle()
+        assert {h.saga(postprocessing.Postprocessing, u).state for u in traces.values()} == {"done"}
+    by_trace: dict[str, list[ReadableSpan]] = {}
+    for span in spans.get_finished_spans():
+        by_trace.setdefault(format(span.context.trace_id, "032x"), []).append(span)
+    assert set(by_trace) <= set(traces)
+    assert 0 < len(by_trace) < len(traces)  # (all or none of 30 at 0.5: about 2 in a billion)
+    sizes = set()
+    for recorded in by_trace.values():
+        assert _one_tree(recorded).name == f"{UPLOAD} publish"
+        sizes.add(len(recorded))
+    assert len(sizes) == 1  # every recorded saga whole: as many spans as the others
