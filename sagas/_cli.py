@@ -384,6 +384,7 @@ def run(
 
     Before it starts, it checks the app's saga definitions against the live sagas in the store, as
     `sagas check` does, and exits 4 naming those that would be stranded (unless --allow-stranded).
+    Exits 3 when the broker stays unreachable past --grace-period, 5 when it refuses the login.
 
     \b
     Example:

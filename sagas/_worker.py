@@ -63,11 +63,12 @@ log = structlog.get_logger("sagas.worker")
 
 #: Exit code of a worker that lost its broker for longer than the grace period.
 EXIT_BROKER_UNAVAILABLE = 3
-#: Exit code of a worker whose broker refused the login (a wrong user or password: not retried).
-EXIT_LOGIN_REFUSED = 4
 #: Exit code of a worker whose saga definitions would strand live sagas (see :mod:`sagas._versions`):
-#: like a refused login, a human must act, and restarting does not help.
+#: a human must act, and restarting does not help.
 EXIT_STRANDED = 4
+#: Exit code of a worker whose broker refused the login (a wrong user or password: not retried). It
+#: was 4, shared with stranded sagas, before: a supervisor can tell them apart now.
+EXIT_LOGIN_REFUSED = 5
 #: messages a saga type's queue sends ahead
 _SAGA_PREFETCH = 256
 
@@ -368,8 +369,8 @@ class Worker:
         self._stop.set()
 
     def run(self, *, install_signals: bool = False) -> int:
-        """Run until stopped. Returns the process exit code: 0, 3 if the broker stayed away, or 4 at once
-        if it refused the login or its definitions would strand live sagas."""
+        """Run until stopped. Returns the process exit code: 0, 3 if the broker stayed away, 4 at once if
+        its definitions would strand live sagas, or 5 at once if the broker refused the login."""
         if install_signals:
             self._install_signals()
         try:
