@@ -52,7 +52,7 @@ _exchange = click.option(
     "--exchange",
     envvar="SAGAS_EXCHANGE",
     default=None,
-    help="Events exchange name (default 'sagas'; for `run`, the app's). Env: SAGAS_EXCHANGE.",
+    help="Events exchange name (default 'sagas'; for `run` and `check`, the app's). Env: SAGAS_EXCHANGE.",
 )
 _PEM = click.Path(exists=True, dir_okay=False, readable=True)
 _TLS_OPTIONS = [
@@ -444,8 +444,9 @@ def run(
     envvar="SAGAS_SHARED_STORE",
     help="Other apps keep their own saga types in this store: their sagas are listed, not judged.",
 )
+@_exchange
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def check_definitions(app: str, store: str, shared_store: bool, as_json: bool) -> None:
+def check_definitions(app: str, store: str, shared_store: bool, exchange: str | None, as_json: bool) -> None:
     """Check APP's saga definitions against the live sagas in the store, without starting: exit 0 when
     none would be stranded, 4 (naming them) when some would. For a deploy pipeline.
 
@@ -453,13 +454,17 @@ def check_definitions(app: str, store: str, shared_store: bool, as_json: bool) -
     Example:
       sagas check myapp:app --store postgresql://sagas@db/sagas
     """
+    from ._queues import request_routes
     from ._saga_engine import SagaEngine
     from ._versions import check
 
     loaded = _load_app(app)
     with _existing_store(store) as opened:
         definitions = SagaEngine(loaded.sagas, opened).definitions
-        report = check(definitions, opened, shared_store=shared_store)
+        routes = request_routes(opened, loaded, exchange or loaded.exchange)
+        report = check(
+            definitions, opened, shared_store=shared_store, unhandled=None if routes is None else routes.unhandled
+        )
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:

@@ -332,7 +332,13 @@ class Worker:
     def _check_definitions(self, engine: SagaEngine) -> None:
         """Refuse to start when the definitions would strand live sagas (or park those, with
         ``allow_stranded``); then keep the definitions' graphs in the store."""
-        report = self.compatibility = check(engine.definitions, self.store, shared_store=self.shared_store)
+        routes = _queues.request_routes(self.store, self.app, self.exchange)
+        report = self.compatibility = check(
+            engine.definitions,
+            self.store,
+            shared_store=self.shared_store,
+            unhandled=None if routes is None else routes.unhandled,
+        )
         if not report.compatible:
             if not self.allow_stranded:
                 raise StrandedSagas(report)
