@@ -37,7 +37,7 @@ from ._logging import configure_logging
 from ._protocol import start_event
 from ._saga import FAILED, Saga
 from ._service import App, Service
-from ._store import MemoryStore, PrunableStore, Store, open_store
+from ._store import PRUNED_TABLES, MemoryStore, PrunableStore, Store, open_store
 from .operations import MAX_PAGE, InvalidCursor, Operations, SagaView, encode_cursor
 
 _broker = click.option(
@@ -52,7 +52,7 @@ _exchange = click.option(
     "--exchange",
     envvar="SAGAS_EXCHANGE",
     default=None,
-    help="Events exchange name (default 'sagas'; for `run`, the app's). Env: SAGAS_EXCHANGE.",
+    help="Events exchange name (default 'sagas'; for `run` and `check`, the app's). Env: SAGAS_EXCHANGE.",
 )
 _PEM = click.Path(exists=True, dir_okay=False, readable=True)
 _TLS_OPTIONS = [
@@ -384,6 +384,7 @@ def run(
 
     Before it starts, it checks the app's saga definitions against the live sagas in the store, as
     `sagas check` does, and exits 4 naming those that would be stranded (unless --allow-stranded).
+    Exits 3 when the broker stays unreachable past --grace-period, 5 when it refuses the login.
 
     \b
     Example:
@@ -443,8 +444,9 @@ def run(
     envvar="SAGAS_SHARED_STORE",
     help="Other apps keep their own saga types in this store: their sagas are listed, not judged.",
 )
+@_exchange
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def check_definitions(app: str, store: str, shared_store: bool, as_json: bool) -> None:
+def check_definitions(app: str, store: str, shared_store: bool, exchange: str | None, as_json: bool) -> None:
     """Check APP's saga definitions against the live sagas in the store, without starting: exit 0 when
     none would be stranded, 4 (naming them) when some would. For a deploy pipeline.
 
@@ -452,13 +454,17 @@ def check_definitions(app: str, store: str, shared_store: bool, as_json: bool) -
     Example:
       sagas check myapp:app --store postgresql://sagas@db/sagas
     """
+    from ._queues import request_routes
     from ._saga_engine import SagaEngine
     from ._versions import check
 
     loaded = _load_app(app)
     with _existing_store(store) as opened:
         definitions = SagaEngine(loaded.sagas, opened).definitions
-        report = check(definitions, opened, shared_store=shared_store)
+        routes = request_routes(opened, loaded, exchange or loaded.exchange)
+        report = check(
+            definitions, opened, shared_store=shared_store, unhandled=None if routes is None else routes.unhandled
+        )
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:
@@ -738,15 +744,31 @@ def health(broker: str, tls: dict[str, Any] | None, timeout: float) -> None:
     sys.exit(0 if ok else 1)
 
 
+#: Exit code of ``sagas prune`` when another pruner (a worker's, or another ``sagas prune``) holds the
+#: store's pruner lease for longer than --wait: nothing was deleted, and nothing is wrong.
+EXIT_PRUNER_BUSY = 3
+
+
 @cli.command("prune")
 @click.argument("app")
 @_store
 @click.option("--dry-run", is_flag=True, help="Count what would be deleted, and delete nothing.")
-def prune_command(app: str, store: str, dry_run: bool) -> None:
+@click.option(
+    "--wait",
+    "wait_seconds",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    help="Seconds to wait for the pruner lease when another pruner holds it, before exiting 3.",
+)
+def prune_command(app: str, store: str, dry_run: bool, wait_seconds: float) -> None:
     """Delete what the store no longer needs, by APP's retention (module:attribute), in batches.
 
     For workers run with --no-prune (a cron job instead). Prints the rows per table that went, or with
-    --dry-run that would go. See docs/operations.md, "Retention".
+    --dry-run that would go. It takes the store's pruner lease first, as a worker's pruner does (an
+    advisory lock on PostgreSQL, a claim elsewhere): when another pruner holds it (a worker's, or
+    another `sagas prune`) for longer than --wait, it deletes nothing, says so and exits 3. --dry-run
+    takes no lease. See docs/operations.md, "Retention".
 
     \b
     Example:
@@ -765,12 +787,27 @@ def prune_command(app: str, store: str, dry_run: bool) -> None:
         if not isinstance(opened, PrunableStore):
             _usage_error(f"a {type(opened).__name__} cannot be pruned")
         try:
-            counts = opened.prune_counts(pruner.cutoffs()) if dry_run else dict(pruner.prune_once())
+            if dry_run:
+                counts = opened.prune_counts(pruner.cutoffs())
+            else:
+                deadline = time.monotonic() + wait_seconds
+                while not pruner.elect():
+                    if time.monotonic() >= deadline:
+                        click.echo(
+                            "another pruner holds the store's pruner lease (a worker's, or another `sagas prune`): "
+                            "nothing was deleted (run workers with --no-prune to prune from here, or pass --wait)",
+                            err=True,
+                        )
+                        sys.exit(EXIT_PRUNER_BUSY)
+                    time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+                try:
+                    counts = dict(pruner.prune_once())
+                finally:
+                    pruner.resign()
         except SagasError as exc:
             _fail(str(exc))
     heading = "would delete" if dry_run else "deleted"
-    tables = ("sagas", "saga_history", "outbox", "inbox", "reply_cache")
-    for line in _table([("table", heading), *((t, str(counts.get(t, 0))) for t in tables)]):
+    for line in _table([("table", heading), *((t, str(counts.get(t, 0))) for t in PRUNED_TABLES)]):
         click.echo(line)
     if dry_run:
         click.echo("dry run: nothing was deleted")

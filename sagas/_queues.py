@@ -15,6 +15,10 @@ A queue is *orphaned* for an app when
 * it exists and has no consumer right now (an older worker of the same app, in a rolling deploy, still
   reads it while it has one).
 
+The same registry tells whether a request type is still handled (:class:`RequestRoutes`, for the
+``request-unhandled`` check of :mod:`sagas._versions`): by a handler of the app, or by a queue another
+app declared in its latest registration.
+
 A worker only reports them (``worker.orphaned_queue``); ``sagas queues --orphaned --delete`` removes
 them on an operator's word. Nothing is unbound or deleted automatically: a worker of another app that
 declares the queue between the look and the delete, or an app on an older version that never
@@ -25,11 +29,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import structlog
 
-from transport import EventBus, TransportError, delay_queue
+from transport import EventBus, TransportError, delay_queue, topic_matches
 
 from ._saga_pipeline import SAGA_RETRY
 from ._service import App, Delivery
@@ -94,6 +99,62 @@ class Orphan:
         }
 
 
+def _latest(rows: Sequence[QueueRecord]) -> dict[str, float]:
+    """When each app of ``rows`` last registered its queues."""
+    latest: dict[str, float] = {}
+    for r in rows:
+        latest[r.app] = max(latest.get(r.app, r.declared_at), r.declared_at)
+    return latest
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRoutes:
+    """Who receives a request type on ``exchange``, as far as a worker of an app can know: the patterns
+    of the app's own handlers (``own``), and the queue registry's records of the exchange (``rows``) of
+    this app (``app``, by its registry name) and of the others.
+
+    A request type is **unhandled** only on evidence: no handler of the app matches it, no queue of
+    another app's latest registration binds it, and a registered queue did bind it (this app's before
+    the handler went, or another app's in an older registration). A request type no registered queue
+    ever bound may be handled by an app the registry does not know (one with a store of its own, or
+    from before schema 9): it is not judged."""
+
+    exchange: str
+    app: str
+    own: tuple[str, ...]
+    rows: tuple[QueueRecord, ...]
+
+    def unhandled(self, request: str) -> str | None:
+        """Why nothing handles ``request`` any more (naming the queue that did), or None when something
+        may."""
+        if any(topic_matches(p, request) for p in self.own):
+            return None
+        latest = _latest(self.rows)
+        binding = [r for r in self.rows if any(topic_matches(p, request) for p in r.patterns)]
+        if any(r.app != self.app and r.declared_at >= latest[r.app] for r in binding):
+            return None  # another app declares a queue that receives it
+        if not binding:
+            return None  # no evidence: nothing in this store's registry ever received it
+        last = max(binding, key=lambda r: r.declared_at)
+        when = datetime.fromtimestamp(last.declared_at, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+        return (
+            f"nothing handles {request} any more: queue {last.queue} ({last.consumer} of app {last.app!r}, last "
+            f"declared {when}) received it, and no handler of this app nor a queue another app declares on "
+            f"exchange {self.exchange!r} does now, so its reply would never come (keep a handler of {request} "
+            "until these sagas have left the state, or migrate them to a state whose request is handled; if an "
+            "app with a store of its own handles it now, delete the old queue: `sagas queues APP --orphaned "
+            "--delete`)"
+        )
+
+
+def request_routes(store: Store, app: App, exchange: str) -> RequestRoutes | None:
+    """The :class:`RequestRoutes` of ``app`` on ``exchange``; None when the store keeps no queue registry."""
+    if not isinstance(store, QueueRegistry):
+        return None
+    own = tuple(p for spec in app.handlers for p in spec.patterns)
+    return RequestRoutes(exchange, app_name(app), own, tuple(store.registered_queues(exchange)))
+
+
 def register(store: Store, app: App, exchange: str, now: float) -> list[QueueRecord]:
     """Record the queues ``app`` declares in the store's registry; return them."""
     records = app_queues(app, exchange, now)
@@ -112,9 +173,7 @@ def find_orphans(store: Store, bus: EventBus, app: App, exchange: str, *, forget
     mine = app_name(app)
     current = {r.queue for r in app_queues(app, exchange)}
     rows = store.registered_queues(exchange)
-    latest: dict[str, float] = {}
-    for r in rows:
-        latest[r.app] = max(latest.get(r.app, r.declared_at), r.declared_at)
+    latest = _latest(rows)
     # what the other apps declared in their latest registration: they may consume it still
     theirs = {r.queue for r in rows if r.app != mine and r.declared_at >= latest[r.app]}
     orphans: list[Orphan] = []
@@ -175,4 +234,14 @@ def remove(store: Store, bus: EventBus, orphan: Orphan) -> int:
     return held
 
 
-__all__: Sequence[str] = ["Orphan", "app_name", "app_queues", "check_at_start", "find_orphans", "register", "remove"]
+__all__: Sequence[str] = [
+    "Orphan",
+    "RequestRoutes",
+    "app_name",
+    "app_queues",
+    "check_at_start",
+    "find_orphans",
+    "register",
+    "remove",
+    "request_routes",
+]

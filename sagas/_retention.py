@@ -20,6 +20,14 @@ enforces, with a :class:`ConfigurationError` that says what to change:
 - ``outbox_sent`` (outbox rows the broker confirmed): nothing reads them but an operator's ``sagas
   show``; unsent rows are never pruned.
 
+Claims (the leases of messages being handled, and of the elected pruner and metrics sampler) have no
+window of their own. A live claim keeps a second copy of a message from running while the first is
+handled; an expired one keeps nothing from anyone (the next copy takes it over), but its row is what
+its owner's renewal extends, should that worker come back from a store outage still handling the
+message, and workers compare its expiry on clocks that may differ by a few minutes. A claim goes when
+it expired more than ``inbox`` ago: past the redelivery horizon, longer than any handler runs and any
+clock differs, when no copy of its message is de-duplicated any more anyway.
+
 :class:`Pruner` deletes in small batches (one short transaction each, oldest first, with a pause
 between them), on a thread and a store connection of its own, in the one worker per store that holds
 the pruner's lease: a session advisory lock on PostgreSQL, a row of the claims table elsewhere.
@@ -40,7 +48,16 @@ from typing import Any
 import structlog
 
 from ._errors import ConfigurationError
-from ._store import MemoryStore, PostgresStore, PrunableStore, PruneCutoffs, SQLiteStore, Store, open_store
+from ._store import (
+    PRUNED_TABLES,
+    MemoryStore,
+    PostgresStore,
+    PrunableStore,
+    PruneCutoffs,
+    SQLiteStore,
+    Store,
+    open_store,
+)
 
 log = structlog.get_logger("sagas.retention")
 
@@ -50,7 +67,7 @@ LEASE = ("sagas:retention", "pruner")
 #: the PostgreSQL session advisory lock that elects the pruning worker (per schema)
 LOCK = "sagas-pruner"
 #: the tables a prune deletes from, one step each (history and outbox rows of ended sagas go with them)
-STEPS = ("sagas", "outbox", "inbox", "reply_cache")
+STEPS = ("sagas", "outbox", "inbox", "reply_cache", "claims")
 #: a request's deadlines are jittered by up to +10 % (``sagas._saga.backoff_wait``)
 _JITTER = 1.1
 
@@ -115,6 +132,7 @@ class Retention:
             outbox_sent=now - self.outbox_sent,
             replies=now - self.replies,
             finished_by_type={t: now - s for t, s in (finished_by_type or {}).items()},
+            claims=now - self.inbox,
         )
 
 
@@ -211,8 +229,9 @@ class Pruner:
         self._store: Store | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        #: whether this worker held the pruner's lease at its last attempt
+        #: whether this worker held the pruner's lease at its last attempt, and when (monotonic) it took or renewed it
         self.pruning = False
+        self._elected_at = 0.0
 
     # -- one prune -------------------------------------------------------------------------------------
 
@@ -234,9 +253,37 @@ class Pruner:
             held = store.hold_lock(LOCK)
         else:
             now = self.now()
-            held = store.claim(*LEASE, self.instance, now + 2 * self.interval + 60, now)
+            held = store.claim(*LEASE, self.instance, now + self.lease_seconds, now)
         self.pruning = held
+        if held:
+            self._elected_at = time.monotonic()
         return held
+
+    @property
+    def lease_seconds(self) -> float:
+        """How long the lease lasts on a store without advisory locks, unless renewed: two intervals and a
+        minute (a prune renews it every third of an interval while it runs)."""
+        return 2 * self.interval + 60
+
+    def resign(self) -> None:
+        """Give the lease up now, so that another pruner takes it at its next election rather than when it
+        lapses (on PostgreSQL the lock goes with the connection, when the store closes)."""
+        if not self.pruning:
+            return
+        self.pruning = False
+        store = self._store
+        if store is not None and not isinstance(store, PostgresStore):
+            store.release(*LEASE, self.instance)
+
+    def _renew_while_pruning(self) -> bool:
+        """Between batches of an elected pruner: renew the lease every third of an interval (a long prune
+        must not outlast it); whether this pruner may go on."""
+        if not self.pruning or time.monotonic() - self._elected_at < self.interval / 3:
+            return True
+        if self.elect():
+            return True
+        log.warning("retention.lease_lost", instance=self.instance, hint="another pruner took the lease: stopping")
+        return False
 
     def cutoffs(self) -> PruneCutoffs:
         return self.retention.cutoffs(self.now(), self.finished_by_type)
@@ -251,8 +298,12 @@ class Pruner:
         total: Counter[str] = Counter()
         started = time.monotonic()
         batches = 0
+        lost = False
         for table in STEPS:
-            while not self._stop.is_set():
+            while not (lost or self._stop.is_set()):
+                if not self._renew_while_pruning():
+                    lost = True
+                    break
                 done = store.prune(table, cutoffs, self.batch)
                 total.update(done)
                 batches += 1
@@ -261,7 +312,7 @@ class Pruner:
                 self._stop.wait(self.pause)
         log.info(
             "retention.pruned",
-            **{t: total.get(t, 0) for t in ("sagas", "saga_history", "outbox", "inbox", "reply_cache")},
+            **{t: total.get(t, 0) for t in PRUNED_TABLES},
             batches=batches,
             seconds=round(time.monotonic() - started, 3),
         )
@@ -291,13 +342,15 @@ class Pruner:
         self._close()
 
     def _close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.resign()  # (a store that failed: the lease lapses)
         store, self._store = self._store, None
         if store is not None and store is not self._store_arg:
             with contextlib.suppress(Exception):
                 store.close()
 
     def stop(self) -> None:
-        """Stop at the end of the batch in progress; the lease lapses (or the lock goes with the connection)."""
+        """Stop at the end of the batch in progress, and give the lease up (:meth:`resign`)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=30)

@@ -191,7 +191,7 @@ class Outgoing:
 
 
 #: The tables a prune deletes from, in the order :class:`sagas.Pruner` prunes them.
-PRUNED_TABLES = ("sagas", "saga_history", "outbox", "inbox", "reply_cache")
+PRUNED_TABLES = ("sagas", "saga_history", "outbox", "inbox", "reply_cache", "claims")
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,7 +199,8 @@ class PruneCutoffs:
     """What a prune may delete: rows older than these times (seconds since the epoch), see
     :class:`sagas.Retention`. ``finished`` is the cutoff of ended sagas (and their history and outbox
     rows), ``finished_by_type`` overrides it per saga type; the others are the cutoffs of inbox records
-    (``handled_at``), sent outbox rows (``sent_at``) and cached replies (``cached_at``).
+    (``handled_at``), sent outbox rows (``sent_at``), cached replies (``cached_at``) and claims
+    (``expires_at``: a claim that expired before it; by default none goes).
 
     An ended saga goes only when it is final, not parked in ``failed`` (it waits for an operator), has
     no deadline (no compensation of a late success in flight) and no unsent outbox row."""
@@ -209,6 +210,7 @@ class PruneCutoffs:
     outbox_sent: float
     replies: float
     finished_by_type: Mapping[str, float] = field(default_factory=dict)
+    claims: float = float("-inf")
 
     def finished_for(self, saga_type: str) -> float:
         return self.finished_by_type.get(saga_type, self.finished)
@@ -371,8 +373,8 @@ class PrunableStore(Protocol):
 
     def prune(self, table: str, cutoffs: PruneCutoffs, limit: int) -> dict[str, int]:
         """Delete one batch, in one short transaction: the oldest ``limit`` rows of ``table`` ("sagas",
-        "outbox", "inbox" or "reply_cache") past their cutoff; for "sagas", with their history and outbox
-        rows. Returns the rows deleted per table; fewer than ``limit`` (in ``table``) means it is done."""
+        "outbox", "inbox", "reply_cache" or "claims") past their cutoff; for "sagas", with their history
+        and outbox rows. Returns the rows deleted per table; fewer than ``limit`` (in ``table``) means it is done."""
         ...
 
 
@@ -679,6 +681,7 @@ class MemoryStore:
                 ),
                 "inbox": sum(1 for at in list(self._inbox.values()) if at < cutoffs.inbox),
                 "reply_cache": sum(1 for _, at in list(self._replies.values()) if at < cutoffs.replies),
+                "claims": sum(1 for _, until in self._claims.values() if until < cutoffs.claims),
             }
 
     def prune(self, table: str, cutoffs: PruneCutoffs, limit: int) -> dict[str, int]:
@@ -711,7 +714,12 @@ class MemoryStore:
                     for _, k in aged[:limit]:
                         self._replies.pop(k, None)
                 return {table: len(aged[:limit])}
-            raise ConfigurationError(f"cannot prune {table!r}: prune sagas, outbox, inbox or reply_cache")
+            if table == "claims":
+                expired = sorted((until, k) for k, (_, until) in self._claims.items() if until < cutoffs.claims)
+                for _, k in expired[:limit]:
+                    del self._claims[k]
+                return {"claims": len(expired[:limit])}
+            raise ConfigurationError(f"cannot prune {table!r}: prune sagas, outbox, inbox, reply_cache or claims")
 
 
 # -- SQL stores ------------------------------------------------------------------------------------
@@ -1249,12 +1257,14 @@ class _SqlStore:
         replies = self._execute("SELECT count(*) FROM reply_cache WHERE cached_at < ?", (cutoffs.replies,)).fetchone()[
             0
         ]
+        claims = self._execute("SELECT count(*) FROM claims WHERE expires_at < ?", (cutoffs.claims,)).fetchone()[0]
         return {
             "sagas": int(sagas),
             "saga_history": int(history),
             "outbox": int(outbox),
             "inbox": int(inbox),
             "reply_cache": int(replies),
+            "claims": int(claims),
         }
 
     def prune(self, table: str, cutoffs: PruneCutoffs, limit: int) -> dict[str, int]:
@@ -1309,7 +1319,16 @@ class _SqlStore:
                     (cutoffs.replies, limit),
                 )
                 return {"reply_cache": int(cur.rowcount)}
-            raise ConfigurationError(f"cannot prune {table!r}: prune sagas, outbox, inbox or reply_cache")
+            if table == "claims":
+                # (the condition again, on the deleted row: a claim a worker took again meanwhile, with a
+                # new lease, is re-checked on PostgreSQL, and kept)
+                cur = self._execute(
+                    "DELETE FROM claims WHERE expires_at < ? AND (consumer, message_id) IN (SELECT consumer,"
+                    " message_id FROM claims WHERE expires_at < ? ORDER BY expires_at LIMIT ?)",
+                    (cutoffs.claims, cutoffs.claims, limit),
+                )
+                return {"claims": int(cur.rowcount)}
+            raise ConfigurationError(f"cannot prune {table!r}: prune sagas, outbox, inbox, reply_cache or claims")
 
     # the queue registry (schema 9)
 

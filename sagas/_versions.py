@@ -13,6 +13,10 @@ strand (see docs/upgrades.md):
 
 - ``state-removed``: the state no longer exists (and no migration moves sagas out of it);
 - ``request-changed``: the saga waits for a reply to a request its state no longer sends;
+- ``request-unhandled``: the saga waits for a reply to a request its state still sends, but nothing
+  handles it any more: no handler of the app, no queue of another app's latest registration in the
+  store's queue registry, while a registered queue did receive it (see
+  :class:`sagas._queues.RequestRoutes`; without that evidence it is not judged);
 - ``no-way-out``: the state became final, or (when the store keeps the old graph) none of the
   triggers that moved a saga out of it, but its deadline and an operator's compensate, is left;
 - ``type-removed``: a saga type the app does not define (unless the store is shared with other apps,
@@ -23,7 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +43,7 @@ log = structlog.get_logger("sagas.versions")
 #: What strands a group of sagas (:attr:`Stranded.kind`).
 STATE_REMOVED = "state-removed"
 REQUEST_CHANGED = "request-changed"
+REQUEST_UNHANDLED = "request-unhandled"
 NO_WAY_OUT = "no-way-out"
 TYPE_REMOVED = "type-removed"
 
@@ -139,9 +144,9 @@ class CompatibilityReport:
         out += [f"  not this app's (shared store) {g.type}/{g.state}: {g.count} saga(s)" for g in self.others]
         if self.stranded:
             out.append(
-                "fix the definitions (keep the state or the saga type until its sagas have left it, or add a "
-                "migration for a state: see docs/upgrades.md), or start with --allow-stranded to park them in "
-                "'failed'"
+                "fix the definitions (keep the state, the request's handler or the saga type until its sagas have "
+                "left it, or add a migration for a state: see docs/upgrades.md), or start with --allow-stranded to "
+                "park them in 'failed'"
             )
         return out
 
@@ -167,12 +172,20 @@ class StrandedSagas(SagasError):
 
 
 def check(
-    definitions: Mapping[str, SagaDefinition], store: Store, *, shared_store: bool = False
+    definitions: Mapping[str, SagaDefinition],
+    store: Store,
+    *,
+    shared_store: bool = False,
+    unhandled: Callable[[str], str | None] | None = None,
 ) -> CompatibilityReport:
     """Compare ``definitions`` (saga type -> definition) with the live sagas in ``store``.
 
     With ``shared_store``, several apps share the store: live sagas of a type these definitions do not
-    have belong to another app, and are listed, not judged. Without it, they are stranded."""
+    have belong to another app, and are listed, not judged. Without it, they are stranded.
+
+    ``unhandled(request_type)`` says why nothing handles a request type any more, or None when something
+    may (:meth:`sagas._queues.RequestRoutes.unhandled`); without it, whether requests are handled is not
+    judged."""
     report = CompatibilityReport()
     old_graphs: dict[tuple[str, str], dict[str, Any] | None] = {}
     for g in store.live_groups():
@@ -209,15 +222,20 @@ def check(
             )
             report.stranded.append(Stranded(g, REQUEST_CHANGED, why))
             continue
+        nobody = None if g.awaits is None or unhandled is None else unhandled(g.awaits)
+        if nobody is not None:
+            why = f"they wait for the reply to {g.awaits}, which state {g.state!r} sends, but {nobody}"
+            report.stranded.append(Stranded(g, REQUEST_UNHANDLED, why))
+            continue
         if g.fingerprint is not None and g.fingerprint != d.fingerprint:
             key = (g.type, g.fingerprint)
             if key not in old_graphs:
                 stored = store.definition_graph(g.type, g.fingerprint)
                 old_graphs[key] = None if stored is None else json.loads(stored)
-            gone = _ways_out_gone(old_graphs[key], d, g.state)
-            if gone:
+            lost = _ways_out_gone(old_graphs[key], d, g.state)
+            if lost:
                 why = (
-                    f"none of the ways out of state {g.state!r} it had ({', '.join(gone)}) is left: only its "
+                    f"none of the ways out of state {g.state!r} it had ({', '.join(lost)}) is left: only its "
                     "deadline moves these sagas"
                 )
                 report.stranded.append(Stranded(g, NO_WAY_OUT, why))

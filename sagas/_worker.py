@@ -63,11 +63,12 @@ log = structlog.get_logger("sagas.worker")
 
 #: Exit code of a worker that lost its broker for longer than the grace period.
 EXIT_BROKER_UNAVAILABLE = 3
-#: Exit code of a worker whose broker refused the login (a wrong user or password: not retried).
-EXIT_LOGIN_REFUSED = 4
 #: Exit code of a worker whose saga definitions would strand live sagas (see :mod:`sagas._versions`):
-#: like a refused login, a human must act, and restarting does not help.
+#: a human must act, and restarting does not help.
 EXIT_STRANDED = 4
+#: Exit code of a worker whose broker refused the login (a wrong user or password: not retried). It
+#: was 4, shared with stranded sagas, before: a supervisor can tell them apart now.
+EXIT_LOGIN_REFUSED = 5
 #: messages a saga type's queue sends ahead
 _SAGA_PREFETCH = 256
 
@@ -331,7 +332,13 @@ class Worker:
     def _check_definitions(self, engine: SagaEngine) -> None:
         """Refuse to start when the definitions would strand live sagas (or park those, with
         ``allow_stranded``); then keep the definitions' graphs in the store."""
-        report = self.compatibility = check(engine.definitions, self.store, shared_store=self.shared_store)
+        routes = _queues.request_routes(self.store, self.app, self.exchange)
+        report = self.compatibility = check(
+            engine.definitions,
+            self.store,
+            shared_store=self.shared_store,
+            unhandled=None if routes is None else routes.unhandled,
+        )
         if not report.compatible:
             if not self.allow_stranded:
                 raise StrandedSagas(report)
@@ -368,8 +375,8 @@ class Worker:
         self._stop.set()
 
     def run(self, *, install_signals: bool = False) -> int:
-        """Run until stopped. Returns the process exit code: 0, 3 if the broker stayed away, or 4 at once
-        if it refused the login or its definitions would strand live sagas."""
+        """Run until stopped. Returns the process exit code: 0, 3 if the broker stayed away, 4 at once if
+        its definitions would strand live sagas, or 5 at once if the broker refused the login."""
         if install_signals:
             self._install_signals()
         try:

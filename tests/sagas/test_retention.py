@@ -4,7 +4,9 @@ the worker's pruning thread and ``sagas prune``."""
 from __future__ import annotations
 
 import sqlite3
+import threading
 import time
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -13,7 +15,7 @@ from click.testing import CliRunner
 
 from sagas import App, ConfigurationError, Retention, Service, Start, State, Worker
 from sagas._cli import cli
-from sagas._retention import LEASE, Pruner, check_retention, resend_span
+from sagas._retention import LEASE, STEPS, Pruner, check_retention, resend_span
 from sagas._saga import Final, Saga
 from sagas._store import (
     SCHEMA_VERSION,
@@ -72,7 +74,7 @@ def cutoffs(**kw: float) -> PruneCutoffs:
 def prune_all(store: Store, c: PruneCutoffs, batch: int = 2) -> dict[str, int]:
     assert isinstance(store, PrunableStore)
     total: dict[str, int] = {}
-    for table in ("sagas", "outbox", "inbox", "reply_cache"):
+    for table in STEPS:
         while True:
             done = store.prune(table, c, batch)
             for t, n in done.items():
@@ -179,9 +181,40 @@ def test_cached_replies_past_the_window_go(store: Store) -> None:
     at(store, NOW - 6 * DAY)
     store.cache_reply("svc.h", "r-new", '{"x": 1}')
     assert store.prune_counts(cutoffs())["reply_cache"] == 1
-    assert prune_all(store, cutoffs()) == {"sagas": 0, "saga_history": 0, "outbox": 0, "inbox": 0, "reply_cache": 1}
+    assert prune_all(store, cutoffs()) == {
+        "sagas": 0,
+        "saga_history": 0,
+        "outbox": 0,
+        "inbox": 0,
+        "reply_cache": 1,
+        "claims": 0,
+    }
     assert store.cached_reply("svc.h", "r-old") is None
     assert store.cached_reply("svc.h", "r-new") == '{"x": 1}'
+
+
+def test_claims_that_expired_more_than_the_inbox_window_ago_go_and_no_other(store: Store) -> None:
+    """The pruner removes a claim that expired more than ``inbox`` ago (the redelivery horizon), oldest
+    first in batches; a live claim, and one that expired more recently (its owner may still renew it,
+    or a worker's clock may still see it live), stay. ``prune_counts`` counts them for --dry-run."""
+    assert isinstance(store, PrunableStore)
+    c = Retention().cutoffs(NOW)
+    assert c.claims == NOW - 7 * DAY
+    for key, until in [("old-1", NOW - 9 * DAY), ("old-2", NOW - 8 * DAY), ("recent", NOW - DAY), ("live", NOW + 30)]:
+        assert store.claim("svc.h", key, "w-gone", until, until - 30)
+    assert store.prune_counts(c)["claims"] == 2
+    assert store.prune("claims", c, 1) == {"claims": 1}
+    assert not store.claimed("old-1", NOW - 9 * DAY - 10)  # the oldest went first
+    assert store.claimed("old-2", NOW - 8 * DAY - 10)
+    assert prune_all(store, c)["claims"] == 1
+    assert not store.claimed("old-2", NOW - 8 * DAY - 10)
+    assert store.claimed("recent", NOW - DAY - 10)  # the row is still there
+    assert store.claimed("live", NOW)
+    assert store.prune_counts(c)["claims"] == 0
+    # the owner of the recent one renews it: it is its own again, and live
+    store.renew_claims("w-gone", NOW + 30)
+    assert store.claimed("recent", NOW)
+    assert not store.claim("svc.h", "recent", "w-other", NOW + 60, NOW)
 
 
 def test_sent_outbox_rows_past_the_window_go_and_unsent_rows_never(store: Store) -> None:
@@ -224,8 +257,9 @@ def test_ended_sagas_past_the_window_go_with_their_history_and_outbox(store: Sto
         store.mark_sent([o.row.id for o in store.outbox_rows(r.id)])
     at(store, NOW - 0.5 * DAY)  # (sent recently: only the ended saga's rows go with it)
     counts = store.prune_counts(cutoffs())
-    assert counts == {"sagas": 1, "saga_history": 2, "outbox": 1, "inbox": 0, "reply_cache": 0}
-    assert prune_all(store, cutoffs()) == {"sagas": 1, "saga_history": 2, "outbox": 1, "inbox": 0, "reply_cache": 0}
+    expected = {"sagas": 1, "saga_history": 2, "outbox": 1, "inbox": 0, "reply_cache": 0, "claims": 0}
+    assert counts == expected
+    assert prune_all(store, cutoffs()) == expected
     assert store.get_saga(gone.id) is None
     assert store.find_saga("trip", "done") is None
     assert store.saga_history(gone.id) == []
@@ -233,7 +267,14 @@ def test_ended_sagas_past_the_window_go_with_their_history_and_outbox(store: Sto
     for r in (live, failed, late, unsent, recent):
         assert store.get_saga(r.id) is not None, r.key
         assert len(store.saga_history(r.id)) == 2
-    assert store.prune_counts(cutoffs()) == {"sagas": 0, "saga_history": 0, "outbox": 0, "inbox": 0, "reply_cache": 0}
+    assert store.prune_counts(cutoffs()) == {
+        "sagas": 0,
+        "saga_history": 0,
+        "outbox": 0,
+        "inbox": 0,
+        "reply_cache": 0,
+        "claims": 0,
+    }
 
 
 def test_a_saga_types_own_window_overrides_the_default(store: Store) -> None:
@@ -255,7 +296,7 @@ def test_a_saga_types_own_window_overrides_the_default(store: Store) -> None:
 def test_pruning_an_unknown_table_is_a_configuration_error(store: Store) -> None:
     """A typo names the tables that can be pruned."""
     assert isinstance(store, PrunableStore)
-    with pytest.raises(ConfigurationError, match="prune sagas, outbox, inbox or reply_cache"):
+    with pytest.raises(ConfigurationError, match="prune sagas, outbox, inbox, reply_cache or claims"):
         store.prune("sagaz", cutoffs(), 10)
 
 
@@ -406,3 +447,113 @@ def test_sagas_prune_mistakes_exit_2(tmp_path: Path) -> None:
     assert wrong.exit_code == 2
     assert "error:" in wrong.output
     assert "Traceback" not in wrong.output
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path, unique: str) -> Iterator[str]:
+    """The URL of a fresh SQLite or PostgreSQL store (a schema of its own, dropped after the test)."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path}/lease.db"
+        open_store(url).close()
+        yield url
+        return
+    base = request.getfixturevalue("postgres_url")
+    url = f"{base}?schema={unique}"
+    open_store(url).close()
+    try:
+        yield url
+    finally:
+        import psycopg
+
+        with psycopg.connect(base, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{unique}" CASCADE')
+
+
+def test_sagas_prune_takes_the_pruner_lease_and_exits_3_while_another_holds_it(store_url: str) -> None:
+    """``sagas prune`` takes the pruner lease a worker's pruner takes (an advisory lock on PostgreSQL, a
+    claim on SQLite). While another pruner holds it, it deletes nothing, says so, and exits 3, at once
+    or after ``--wait``; once the holder gives it up, it prunes, and gives it up in turn (a worker's
+    pruner takes it at once, not when it lapses)."""
+    store = open_store(store_url)
+    store.clock = lambda: time.time() - 8 * DAY  # type: ignore[attr-defined]
+    store.remember("svc.h", "old")
+    store.close()
+    holder = Pruner(store_url, Retention(), instance="worker-a")
+    runner = CliRunner()
+    args = ["prune", "tests.sagas.test_retention:retained", "--store", store_url]
+    check = open_store(store_url)
+    try:
+        assert holder.elect()
+        busy = runner.invoke(cli, args)
+        assert busy.exit_code == 3, busy.output
+        assert "another pruner holds the store's pruner lease" in busy.output
+        assert "Traceback" not in busy.output
+        started = time.monotonic()
+        waited = runner.invoke(cli, [*args, "--wait", "0.3"])
+        assert waited.exit_code == 3, waited.output
+        assert time.monotonic() - started >= 0.3
+        assert check.seen("svc.h", "old")
+        dry = runner.invoke(cli, [*args, "--dry-run"])  # takes no lease
+        assert dry.exit_code == 0, dry.output
+        assert "inbox         1" in dry.output
+        holder.stop()  # gives the lease up
+        done = runner.invoke(cli, args)
+        assert done.exit_code == 0, done.output
+        assert not check.seen("svc.h", "old")
+        worker = Pruner(store_url, Retention(), instance="worker-b")
+        try:
+            assert worker.elect(), "sagas prune kept the lease after it finished"
+        finally:
+            worker.stop()
+    finally:
+        holder.stop()
+        check.close()
+
+
+def test_sagas_prune_wait_takes_the_lease_when_the_holder_gives_it_up(store_url: str) -> None:
+    """With ``--wait``, ``sagas prune`` waits for a pruner that gives the lease up, then prunes."""
+    store = open_store(store_url)
+    store.clock = lambda: time.time() - 8 * DAY  # type: ignore[attr-defined]
+    store.remember("svc.h", "old")
+    store.close()
+    holder = Pruner(store_url, Retention(), instance="worker-a")
+    assert holder.elect()
+    release = threading.Timer(0.3, holder.stop)
+    release.start()
+    try:
+        done = CliRunner().invoke(
+            cli, ["prune", "tests.sagas.test_retention:retained", "--store", store_url, "--wait", "60"]
+        )
+    finally:
+        release.join()
+        holder.stop()
+    assert done.exit_code == 0, done.output
+    assert "inbox         1" in done.output
+    check = open_store(store_url)
+    assert not check.seen("svc.h", "old")
+    check.close()
+
+
+def test_a_long_prune_renews_its_lease_and_stops_when_it_lost_it(tmp_path: Path) -> None:
+    """An elected pruner renews its lease between batches (every third of its interval), so that a prune
+    longer than the lease is not joined by a second pruner; one that finds the lease taken stops."""
+    url = f"sqlite:///{tmp_path}/long.db"
+    store = open_store(url)
+    store.clock = lambda: NOW - 8 * DAY  # type: ignore[attr-defined]
+    for i in range(6):
+        store.remember("svc.h", f"m-{i}")
+    store.close()
+    now = [NOW]
+    a = Pruner(url, Retention(), instance="a", interval=1e-6, batch=2, pause=0, clock=lambda: now[0])
+    b = Pruner(url, Retention(), instance="b", interval=1e-6, batch=2, pause=0, clock=lambda: now[0])
+    try:
+        assert a.elect()
+        until = NOW + a.lease_seconds
+        now[0] = until + 1  # a's lease lapsed (a long prune) and b took it
+        assert b.elect()
+        assert a.prune_once()["inbox"] == 0  # a finds the lease taken at its renewal, and stops
+        assert not a.pruning
+        assert b.prune_once()["inbox"] == 6
+    finally:
+        a.stop()
+        b.stop()

@@ -33,10 +33,12 @@ from sagas import (
 )
 from sagas._cli import cli
 from sagas._protocol import reply_event
+from sagas._queues import register, request_routes
 from sagas._saga_engine import SagaEngine
 from sagas._versions import (
     NO_WAY_OUT,
     REQUEST_CHANGED,
+    REQUEST_UNHANDLED,
     STATE_REMOVED,
     TYPE_REMOVED,
     StrandedSagas,
@@ -524,6 +526,95 @@ def test_recipe_rename_a_step(store: Store) -> None:
     assert [store.get_saga(i).state for i in ids] == ["completed", "completed"]  # type: ignore[union-attr]
 
 
+def _travel(*, without: str | None = None, renamed: str | None = None) -> App:
+    """The trip app (saga and participants), with the handler of one request type removed (``without``)
+    or renamed (``renamed``: the same request type, handled under another name, so another queue)."""
+    svc = Service("travel")
+    for i, request_type in enumerate(sorted(TripV1.definition().requests)):
+        if request_type == without:
+            continue
+        name = "reserve_seats" if request_type == renamed else f"answer_{i}"
+        svc.handles(request_type, name=name)(lambda event: {"ok": True})
+    return App(svc, sagas=[TripV1])
+
+
+def _unhandled(store: Store, app: App) -> list[Any]:
+    routes = request_routes(store, app, app.exchange)
+    assert routes is not None
+    return check({"trip": TripV1.definition()}, store, unhandled=routes.unhandled).stranded
+
+
+def test_recipe_remove_a_requests_handler(store: Store) -> None:
+    """A request type whose handler is gone strands the sagas waiting for its reply: the store's queue
+    registry shows that the app's queue received it, and nothing the app or another app declares does
+    now. ``check`` says ``request-unhandled``, a worker refuses to start; renaming the handler (same request
+    type, another queue) passes, and the sagas finish."""
+    register(store, _travel(), "sagas", BEFORE - 10)  # what the running version's workers declared
+    (waiting,) = _live(store, TripV1, ["t1"], replies=1)  # waits for the flight's reply
+    (stranded,) = _unhandled(store, _travel(without=FLIGHT))
+    assert (stranded.kind, stranded.group.awaits, stranded.examples) == (REQUEST_UNHANDLED, FLIGHT, (waiting,))
+    assert f"nothing handles {FLIGHT} any more: queue sagas.travel.answer_0 (handler travel.answer_0" in stranded.why
+    assert "keep a handler of travel.flight.book" in stranded.why
+    with pytest.raises(StrandedSagas, match="nothing handles travel") as info:
+        Worker(_travel(without=FLIGHT), store=store).start()
+    assert [s.kind for s in info.value.report.stranded] == [REQUEST_UNHANDLED]
+    assert _unhandled(store, _travel(renamed=FLIGHT)) == []
+    _finish(_travel(renamed=FLIGHT), store)
+    record = store.get_saga(waiting)
+    assert record is not None
+    assert record.state == "booked"
+
+
+def test_a_request_another_app_handles_is_not_unhandled(store: Store) -> None:
+    """A request type a queue of another app's latest registration binds is handled there; once that
+    app registers again without it, the sagas waiting for its reply are stranded, naming its old queue.
+    With ``shared_store`` the same evidence is needed, and is enough."""
+    flights = Service("flights")
+    flights.handles(FLIGHT, name="book")(lambda event: {"ok": True})
+    register(store, _travel(), "sagas", BEFORE - 20)
+    register(store, App(flights), "sagas", BEFORE - 10)
+    _live(store, TripV1, ["t1"], replies=1)
+    assert _unhandled(store, _travel(without=FLIGHT)) == []  # the flights app's queue receives it
+    report = check(
+        {"trip": TripV1.definition()},
+        store,
+        shared_store=True,
+        unhandled=request_routes(store, _travel(without=FLIGHT), "sagas").unhandled,  # type: ignore[union-attr]
+    )
+    assert report.compatible
+    moved = Service("flights")
+    moved.handles("travel.flight.change", name="change")(lambda event: {"ok": True})
+    register(store, App(moved), "sagas", BEFORE - 5)  # the flights app no longer handles it
+    register(store, _travel(without=FLIGHT), "sagas", BEFORE - 5)
+    (stranded,) = _unhandled(store, _travel(without=FLIGHT))
+    assert stranded.kind == REQUEST_UNHANDLED
+    assert "queue sagas.flights.book (handler flights.book of app 'flights'" in stranded.why
+    shared = check(
+        {"trip": TripV1.definition()},
+        store,
+        shared_store=True,
+        unhandled=request_routes(store, _travel(without=FLIGHT), "sagas").unhandled,  # type: ignore[union-attr]
+    )
+    assert [s.kind for s in shared.stranded] == [REQUEST_UNHANDLED]
+
+
+def test_a_request_no_registered_queue_ever_received_is_not_judged(store: Store) -> None:
+    """Without evidence (no queue in the store's registry ever bound the request type: its participant
+    may run in an app with a store of its own), an unhandled request strands nothing; nor on another
+    exchange than the one that bound it."""
+    _live(store, TripV1, ["t1"], replies=1)
+    assert _unhandled(store, _travel(without=FLIGHT)) == []
+    register(store, _travel(), "other-exchange", BEFORE - 10)
+    assert _unhandled(store, _travel(without=FLIGHT)) == []
+    worker = Worker(_travel(without=FLIGHT), store=store)
+    worker.start()
+    try:
+        assert worker.compatibility is not None
+        assert worker.compatibility.compatible
+    finally:
+        worker.shutdown()
+
+
 # -- data migrations -----------------------------------------------------------------------------------
 
 
@@ -584,10 +675,11 @@ def test_a_migrate_that_raises_parks_the_saga_with_its_data_unchanged(store: Sto
 
 #: the modules `sagas run` and `sagas check` import the apps from
 _MODULE = """
-from tests.sagas.test_versions import _app, TripV1, TripRenamed, TripRenamedMigrated
+from tests.sagas.test_versions import _app, _travel, FLIGHT, TripV1, TripRenamed, TripRenamedMigrated
 v1 = _app(TripV1)
 renamed = _app(TripRenamed)
 migrated = _app(TripRenamedMigrated)
+unhandled = _travel(without=FLIGHT)
 """
 
 
@@ -662,6 +754,46 @@ def test_sagas_check_exits_0_when_compatible_and_4_naming_the_stranded(apps: str
     out = json.loads(bad.output)
     assert out["compatible"] is False
     assert out["stranded"][0]["examples"] == ids
+
+
+def test_sagas_check_and_run_refuse_a_request_no_longer_handled(apps: str, tmp_path: Path) -> None:
+    """``sagas check`` reports ``request-unhandled`` (exit 4; with ``--exchange`` another exchange, whose
+    registry has no evidence, passes), ``sagas run`` exits 4 naming the sagas, and ``--allow-stranded``
+    parks them in ``failed`` with the reason."""
+    store = open_store(apps)
+    register(store, _travel(), "sagas", BEFORE - 10)
+    ids = _live(store, TripV1, ["t1"], replies=1)
+    store.close()
+    runner = CliRunner()
+    bad = runner.invoke(cli, ["check", "versions_apps:unhandled", "--store", apps, "--json"])
+    assert bad.exit_code == 4, bad.output
+    (stranded,) = json.loads(bad.output)["stranded"]
+    assert (stranded["kind"], stranded["awaits"], stranded["examples"]) == (REQUEST_UNHANDLED, FLIGHT, ids)
+    text = runner.invoke(cli, ["check", "versions_apps:unhandled", "--store", apps])
+    assert text.exit_code == 4
+    assert f"STRANDED trip/booking_flight: 1 saga(s) ({ids[0]}): they wait for the reply to {FLIGHT}" in text.output
+    other = runner.invoke(cli, ["check", "versions_apps:unhandled", "--store", apps, "--exchange", "elsewhere"])
+    assert other.exit_code == 0, other.output
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.getcwd()}"}
+    run = [sys.executable, "-m", "sagas", "run", "versions_apps:unhandled", "--broker", "memory://", "--store", apps]
+    done = subprocess.run(run, capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 4, done.stderr
+    assert f"nothing handles {FLIGHT} any more" in done.stderr
+    store = open_store(apps)
+    try:
+        worker = Worker(_travel(without=FLIGHT), store=store, allow_stranded=True)
+        worker.start()
+        worker.shutdown()
+    finally:
+        store.close()
+    store = open_store(apps)
+    try:
+        record = store.get_saga(ids[0])
+        assert record is not None
+        assert (record.state, record.final) == ("failed", True)
+        assert f"nothing handles {FLIGHT} any more" in store.saga_history(ids[0])[-1].reason
+    finally:
+        store.close()
 
 
 def test_sagas_check_usage_mistakes_exit_2(apps: str, tmp_path: Path) -> None:

@@ -171,8 +171,9 @@ def test_cli_never_prints_passwords(tmp_path: Path, unique: str, pg_schema: str,
 def test_a_wrong_password_on_the_real_broker_is_not_printed(tmp_path: Path, unique: str, pg_schema: str) -> None:
     """With the real broker: a wrong password is refused at once, not retried as if the broker were
     down. `sagas health`, `publish` and `dead ls` say so (the user, what to check, exit 2), `sagas run`
-    exits 4 long before its grace period, all without a traceback and without the password; `sagas run`
-    with the right password and a PostgreSQL store with a password starts up and stops without printing
+    exits 5 (its own code: 4 is stranded sagas) long before its grace period, all without a traceback
+    and without the password; `sagas run` with the right password and a PostgreSQL store with a
+    password starts up and stops without printing
     either. (A refused login used to escape as a traceback, then was retried for the grace period.)"""
     require(AMQP_URL, "RabbitMQ")
     wrong = AMQP_URL.replace(":guest@", f":{BROKER_PASSWORD}@")
@@ -192,7 +193,7 @@ def test_a_wrong_password_on_the_real_broker_is_not_printed(tmp_path: Path, uniq
                 cwd=tmp_path,
                 env={"SAGAS_BROKER_URL": wrong, "SAGAS_STORE_URL": "memory://"},
             ),
-            4,
+            5,
         ),
     }
     for name, (proc, expected) in procs.items():
@@ -203,7 +204,7 @@ def test_a_wrong_password_on_the_real_broker_is_not_printed(tmp_path: Path, uniq
     assert time.monotonic() - started < 30, "a refused login was retried"
     svc = Service("creds")
     svc.on("ocis.creds.work", name="work")(lambda e: None)
-    assert Worker(App(svc, exchange=unique), broker=wrong, store="memory://", grace_period=60.0).run() == 4
+    assert Worker(App(svc, exchange=unique), broker=wrong, store="memory://", grace_period=60.0).run() == 5
     assert time.monotonic() - started < 40, "a refused login was retried"
     proc = _sagas("run", "credsapp:app", cwd=tmp_path, env={"SAGAS_BROKER_URL": AMQP_URL, "SAGAS_STORE_URL": pg_schema})
     try:
