@@ -526,6 +526,11 @@ class _CountingStore:
     def claim(self, *args: Any) -> bool:
         return bool(self._write(self._store.claim, *args))
 
+    def claim_many(self, claims: Sequence[tuple[str, str]], *args: Any) -> set[tuple[str, str]]:
+        won: set[tuple[str, str]] = self._write(self._store.claim_many, claims, *args)
+        self.writes += len(claims) - 1  # (one write per claim, one commit)
+        return won
+
     def renew_claims(self, *args: Any) -> None:
         self._write(self._store.renew_claims, *args)
 

@@ -29,7 +29,7 @@ import logging
 import queue
 import time
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -174,6 +174,8 @@ class HandlerPipeline:
         self.clock = clock
         self.monotonic = monotonic or clock
         self.lease = lease
+        #: messages admitted up to their claim, claimed together by :meth:`claim_pending`
+        self._pending: list[Work] = []
         #: (handler key, event id) claimed in the store and not released yet, and releases that failed
         self._claimed: set[tuple[str, str]] = set()
         self._unreleased: set[tuple[str, str]] = set()
@@ -266,27 +268,94 @@ class HandlerPipeline:
             self._waiting[spec.key].append((generation, inbound))
             return None
         if claims:
-            # Claimed first, then the inbox and reply cache read: a holder that settles in between
-            # released its claim in the transaction that recorded the message, so it is seen here.
-            now = self.clock()
-            if not self.store.claim(spec.key, event.id, self.owner, now + self.lease, now):
-                self._hold_back(spec, event, generation, inbound)
-                return None
-            self._claimed.add((spec.key, event.id))
-            try:
-                answered = self._answered(spec, event, inbound)
-            except BaseException:
-                self._release(spec.key, event.id)
-                raise
-            if answered:
-                self._release(spec.key, event.id)
-                return None
+            # Claimed with the other messages of this turn, in one store write (claim_pending): until
+            # then, its copies wait on it and it holds its handler's place.
+            self._busy[(spec.key, event.id)] = []
+            self._running[spec.key] += 1
+            self._pending.append((spec, inbound, event, generation))
+            return None
         if dedupe:
             self._busy[(spec.key, event.id)] = []
         if not inbound.subscription.durable:
             self.bus.ack(inbound)  # at-most-once: acked before it is handled
         self._running[spec.key] += 1
         return spec, inbound, event, generation
+
+    @property
+    def pending(self) -> int:
+        """Messages admitted up to their claim, which :meth:`claim_pending` takes."""
+        return len(self._pending)
+
+    def claim_pending(self) -> tuple[list[Work], ConnectionLost | None]:
+        """Claim the messages :meth:`admit` left pending, all in one store write, then read the inbox
+        and reply cache of those claimed: the work that runs now, and the lost connection that cut
+        this short, if one did (what was not decided then goes back to the broker with it).
+
+        Claimed first, then the inbox and reply cache read: a holder that settles in between released
+        its claim in the transaction that recorded the message, so it is seen here."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return [], None
+        now = self.clock()
+        try:
+            won = self.store.claim_many(
+                [(spec.key, event.id) for spec, _, event, _ in pending], self.owner, now + self.lease, now
+            )
+        except (ConnectionLost, KeyboardInterrupt):
+            self.drop_claims_pending(pending)
+            raise
+        except Exception as exc:  # noqa: BLE001 - e.g. the store is restarting: try them later
+            self.drop_claims_pending(pending)
+            for _, inbound, _, _ in pending:
+                self.give_back(inbound, exc)
+            return [], None
+        work: list[Work] = []
+        for i, (spec, inbound, event, generation) in enumerate(pending):
+            key = (spec.key, event.id)
+            if key not in won:
+                self._unclaimed(spec, key)
+                try:
+                    self._hold_back(spec, event, generation, inbound)
+                except ConnectionLost as lost:
+                    self.drop_claims_pending(pending[i + 1 :], won)
+                    return work, lost
+                continue
+            self._claimed.add(key)
+            try:
+                answered = self._answered(spec, event, inbound)
+            except ConnectionLost as lost:
+                self.drop_claims_pending(pending[i:], won)
+                return work, lost
+            except Exception as exc:  # noqa: BLE001 - e.g. the store failed on the read: try it later
+                self._release(*key)
+                self._unclaimed(spec, key)
+                self.give_back(inbound, exc)
+                continue
+            if answered:
+                self._release(*key)
+                self._unclaimed(spec, key)
+                continue
+            work.append((spec, inbound, event, generation))
+        return work, None
+
+    def drop_claims_pending(self, pending: Sequence[Work], claimed: Collection[tuple[str, str]] = ()) -> None:
+        """Give up messages admitted up to their claim: they did not start, nothing acked them, and the
+        broker redelivers them. Those of them ``claimed`` already are released."""
+        for spec, _, event, _ in pending:
+            key = (spec.key, event.id)
+            if key in claimed:
+                self._claimed.add(key)
+                self._release(*key)
+            self._unclaimed(spec, key)
+
+    def _unclaimed(self, spec: HandlerSpec, key: tuple[str, str]) -> None:
+        """A pending message does not run: free its handler's place and let its copies go on."""
+        self._running[spec.key] -= 1
+        waiting = self._waiting.get(spec.key)
+        if waiting:
+            self._ready.extendleft(reversed(waiting))
+            waiting.clear()
+        self._ready.extendleft(reversed(self._busy.pop(key, [])))
 
     def _answered(self, spec: HandlerSpec, event: Event, inbound: Inbound) -> bool:
         """Ack a message handled before (inbox), or answer a request again with its cached reply."""
@@ -445,6 +514,10 @@ class HandlerPipeline:
     def drop_pending(self) -> None:
         """Forget messages that did not start (the loop forgets its ready ones): nothing acked them, so
         they go back to their queue when the connection closes."""
+        for spec, _, event, _ in self._pending:  # (not claimed yet)
+            self._running[spec.key] -= 1
+            self._busy.pop((spec.key, event.id), None)
+        self._pending.clear()
         self._waiting.clear()
         self._held.clear()
         for waiting in self._busy.values():

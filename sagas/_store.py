@@ -42,6 +42,8 @@ _AWAITS_POSTGRES = "(meta::jsonb #>> '{request,type}')"
 RETAINED_TABLES = ("sagas", "saga_history", "outbox", "inbox", "reply_cache")
 #: The most ids :meth:`Store.last_reasons` (or keys :meth:`Store.find_sagas`) reads in one statement
 #: (SQLite allows 32,766 parameters).
+#: claims written by one statement of :meth:`_SqlStore.claim_many` (4 parameters each)
+_CLAIM_CHUNK = 200
 _ID_CHUNK = 500
 
 
@@ -266,6 +268,14 @@ class Store(InboxStore, Protocol):
         at once (outside a group), so other workers see it."""
         ...
 
+    def claim_many(
+        self, claims: Sequence[tuple[str, str]], owner: str, until: float, now: float
+    ) -> set[tuple[str, str]]:
+        """:meth:`claim` each ``(consumer, message_id)`` of ``claims`` (no pair twice) in one write,
+        committed at once: the pairs claimed. Taken in a fixed order, so that workers claiming
+        overlapping batches never wait on each other in a cycle."""
+        ...
+
     def renew_claims(self, owner: str, until: float) -> None:
         """Extend every claim ``owner`` holds to ``until``."""
         ...
@@ -426,6 +436,18 @@ class MemoryStore:
                 return False
             self._claims[(consumer, message_id)] = (owner, until)
             return True
+
+    def claim_many(
+        self, claims: Sequence[tuple[str, str]], owner: str, until: float, now: float
+    ) -> set[tuple[str, str]]:
+        won: set[tuple[str, str]] = set()
+        with self._lock:
+            for key in sorted(claims):
+                held = self._claims.get(key)
+                if held is None or held[0] == owner or held[1] < now:
+                    self._claims[key] = (owner, until)
+                    won.add(key)
+        return won
 
     def claimed(self, message_id: str, now: float) -> bool:
         return any(m == message_id and until >= now for (_, m), (_, until) in list(self._claims.items()))
@@ -934,6 +956,26 @@ class _SqlStore:
                 (consumer, message_id, owner, until, now),
             )
             return bool(cur.rowcount == 1)
+
+    def claim_many(
+        self, claims: Sequence[tuple[str, str]], owner: str, until: float, now: float
+    ) -> set[tuple[str, str]]:
+        # One statement per chunk, in one transaction: the claim statement of claim() for many rows.
+        won: set[tuple[str, str]] = set()
+        ordered = sorted(claims)
+        with self._atomic():
+            for start in range(0, len(ordered), _CLAIM_CHUNK):
+                chunk = ordered[start : start + _CLAIM_CHUNK]
+                rows = self._execute(
+                    "INSERT INTO claims (consumer, message_id, owner, expires_at) VALUES "
+                    + ", ".join("(?, ?, ?, ?)" for _ in chunk)
+                    + " ON CONFLICT (consumer, message_id) DO UPDATE SET owner = excluded.owner,"
+                    " expires_at = excluded.expires_at WHERE claims.expires_at < ? OR claims.owner = excluded.owner"
+                    " RETURNING consumer, message_id",
+                    (*(v for c, m in chunk for v in (c, m, owner, until)), now),
+                ).fetchall()
+                won.update((str(r[0]), str(r[1])) for r in rows)
+        return won
 
     def claimed(self, message_id: str, now: float) -> bool:
         row = self._execute(

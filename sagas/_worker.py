@@ -528,7 +528,7 @@ class Worker:
         work: list[Work] = []
         room = self.handlers.room
         try:
-            while self._ready and len(work) < room:
+            while self._ready and len(work) + self.handlers.pending < room:
                 generation, inbound = self._ready.popleft()
                 if generation != self._generation:
                     continue  # came on a connection that broke: the broker redelivers it
@@ -541,10 +541,17 @@ class Worker:
                     work.append(item)
         except ConnectionLost:
             # Admitted work starts even when the connection broke meanwhile: it settles as from a lost
-            # connection and frees its place, so a redelivery of it is not parked for ever.
+            # connection and frees its place, so a redelivery of it is not parked for ever. (Work not
+            # claimed yet is dropped with the other pending messages.)
             if work:
                 self.handlers.start(work)
             raise
+        claimed, lost = self.handlers.claim_pending()  # (one store write for the turn's claims)
+        work += claimed
+        if lost is not None:
+            if work:
+                self.handlers.start(work)
+            raise lost
         if work or self.handlers.deferred:
             self.handlers.start(work)
         if self.sagas is not None:

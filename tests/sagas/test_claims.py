@@ -16,6 +16,7 @@ from sagas import (
     Event,
     EventBus,
     MemoryStore,
+    Retry,
     SagaContext,
     SagaRecord,
     Service,
@@ -301,3 +302,122 @@ def test_a_deadline_waits_on_a_claimed_request_then_times_out_past_its_handling_
         assert saga is not None
     assert saga.state != "completed"
     assert any("still being handled after 10s" in h.reason for h in store.saga_history(saga.id))
+
+
+# -- the claims of a turn, written together ----------------------------------------------------------------
+
+
+class _ClaimsSeen:
+    """A store that records how the worker claims: the size of each claim_many batch, single claims."""
+
+    def __init__(self, store: Store, fail_first: bool = False) -> None:
+        self._store = store
+        self.batches: list[int] = []
+        self.single = 0
+        self.fail_first = fail_first
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    def claim_many(self, claims: Any, *args: Any) -> set[tuple[str, str]]:
+        self.batches.append(len(claims))
+        if self.fail_first:
+            self.fail_first = False
+            from sagas import StoreError
+
+            raise StoreError("the store is restarting")
+        won: set[tuple[str, str]] = self._store.claim_many(claims, *args)
+        return won
+
+    def claim(self, *args: Any) -> bool:
+        self.single += 1
+        return bool(self._store.claim(*args))
+
+
+def _indexer(effects: _Effects, **options: Any) -> Service:
+    indexer = Service("indexer")
+
+    @indexer.on("ocis.file.uploaded", idempotent=True, **options)
+    def index(event: Event) -> None:
+        effects.add(event.id)
+
+    return indexer
+
+
+def test_the_claims_of_the_messages_a_worker_takes_at_once_are_one_store_write(any_store: Store, unique: str) -> None:
+    effects = _Effects()
+    store = _ClaimsSeen(any_store)
+    worker = Worker(App(_indexer(effects), exchange=unique), broker="memory://", store=store)
+    bus = EventBus("memory://", exchange=unique)
+    events = [Event("ocis.file.uploaded", {"n": i}) for i in range(40)]
+    try:
+        worker.start()  # (declares the queue)
+        bus.publish_many(events)
+        with worker.running():
+            wait_for(lambda: effects.total >= len(events), timeout=30.0, what="every event handled")
+            wait_for(lambda: worker.idle and worker.handlers.idle, timeout=30.0, what="idle")
+    finally:
+        worker.close()
+        bus.close()
+    assert set(effects.counts) == {e.id for e in events}
+    assert effects.duplicates() == {}
+    assert store.single == 0
+    assert sum(store.batches) == len(events)
+    assert max(store.batches) > 1, store.batches
+    assert len(store.batches) < len(events), store.batches
+
+
+def test_two_copies_of_a_message_taken_at_once_run_it_once(any_store: Store, unique: str) -> None:
+    effects = _Effects()
+    worker = Worker(App(_indexer(effects), exchange=unique), broker="memory://", store=any_store)
+    bus = EventBus("memory://", exchange=unique)
+    events = [Event("ocis.file.uploaded", {"n": i}) for i in range(10)]
+    try:
+        worker.start()
+        bus.publish_many([e for e in events for _ in range(2)])  # (each id twice, in one batch)
+        with worker.running():
+            wait_for(lambda: effects.total >= len(events), timeout=30.0, what="every event handled")
+            wait_for(lambda: worker.idle and worker.handlers.idle, timeout=30.0, what="idle")
+    finally:
+        worker.close()
+        bus.close()
+    assert effects.duplicates() == {}
+    assert set(effects.counts) == {e.id for e in events}
+    assert worker.handlers.handled == len(events)
+
+
+def test_messages_whose_claims_the_store_failed_to_write_are_handled_later(unique: str) -> None:
+    effects = _Effects()
+    store = _ClaimsSeen(MemoryStore(), fail_first=True)
+    app = App(_indexer(effects, retry=Retry(attempts=3, initial=0.05)), exchange=unique)
+    worker = Worker(app, broker="memory://", store=store)
+    bus = EventBus("memory://", exchange=unique)
+    events = [Event("ocis.file.uploaded", {"n": i}) for i in range(10)]
+    try:
+        worker.start()
+        bus.publish_many(events)
+        with worker.running():
+            wait_for(lambda: effects.total >= len(events), timeout=30.0, what="every event handled after all")
+            wait_for(lambda: worker.idle and worker.handlers.idle, timeout=30.0, what="idle")
+    finally:
+        worker.close()
+        bus.close()
+    assert store.fail_first is False  # (the first write failed)
+    assert effects.duplicates() == {}
+    assert set(effects.counts) == {e.id for e in events}
+
+
+def test_claim_many_takes_what_claim_would_take(any_store: Store) -> None:
+    now = 1_000.0
+    assert any_store.claim("svc.h", "theirs", "worker-b", now + 30, now)
+    assert any_store.claim("svc.h", "expired", "worker-b", now - 1, now - 31)
+    assert any_store.claim("svc.h", "ours", "worker-a", now + 5, now - 25)
+    asked = [("svc.h", "free"), ("svc.h", "theirs"), ("svc.h", "expired"), ("svc.h", "ours"), ("svc.g", "theirs")]
+    won = any_store.claim_many(asked, "worker-a", now + 30, now)
+    assert won == {("svc.h", "free"), ("svc.h", "expired"), ("svc.h", "ours"), ("svc.g", "theirs")}
+    # what was taken is held: worker-b now meets it, and worker-a's lease runs to its new end
+    assert not any_store.claim("svc.h", "expired", "worker-b", now + 60, now + 29)
+    assert any_store.claim("svc.h", "ours", "worker-b", now + 60, now + 31)
+    assert any_store.claim_many([], "worker-a", now, now) == set()
+    many = [("svc.h", f"m{i}") for i in range(450)]  # (more than one statement's worth)
+    assert any_store.claim_many(many, "worker-a", now + 30, now) == set(many)
