@@ -288,8 +288,9 @@ class HandlerPipeline:
 
     def claim_pending(self) -> tuple[list[Work], ConnectionLost | None]:
         """Claim the messages :meth:`admit` left pending, all in one store write, then read the inbox
-        and reply cache of those claimed: the work that runs now, and the lost connection that cut
-        this short, if one did (what was not decided then goes back to the broker with it).
+        and reply cache of those claimed (one read of each for all): the work that runs now, and the
+        lost connection that cut this short, if one did (what was not decided then goes back to the
+        broker with it).
 
         Claimed first, then the inbox and reply cache read: a holder that settles in between released
         its claim in the transaction that recorded the message, so it is seen here."""
@@ -309,6 +310,20 @@ class HandlerPipeline:
             for _, inbound, _, _ in pending:
                 self.give_back(inbound, exc)
             return [], None
+        mine = [p for p in pending if (p[0].key, p[2].id) in won]
+        try:
+            seen, cached = self.store.answers(
+                [(spec.key, event.id) for spec, _, event, _ in mine if spec.idempotent],
+                [(spec.key, event.id) for spec, _, event, _ in mine if spec.replies and spec.cache_replies],
+            )
+        except (ConnectionLost, KeyboardInterrupt):
+            self.drop_claims_pending(pending, won)
+            raise
+        except Exception as exc:  # noqa: BLE001 - e.g. the store failed on the read: try them later
+            self.drop_claims_pending(pending, won)
+            for _, inbound, _, _ in pending:
+                self.give_back(inbound, exc)
+            return [], None
         work: list[Work] = []
         for i, (spec, inbound, event, generation) in enumerate(pending):
             key = (spec.key, event.id)
@@ -322,15 +337,10 @@ class HandlerPipeline:
                 continue
             self._claimed.add(key)
             try:
-                answered = self._answered(spec, event, inbound)
+                answered = self._answer(spec, event, inbound, key in seen, cached.get(key))
             except ConnectionLost as lost:
                 self.drop_claims_pending(pending[i:], won)
                 return work, lost
-            except Exception as exc:  # noqa: BLE001 - e.g. the store failed on the read: try it later
-                self._release(*key)
-                self._unclaimed(spec, key)
-                self.give_back(inbound, exc)
-                continue
             if answered:
                 self._release(*key)
                 self._unclaimed(spec, key)
@@ -359,15 +369,22 @@ class HandlerPipeline:
 
     def _answered(self, spec: HandlerSpec, event: Event, inbound: Inbound) -> bool:
         """Ack a message handled before (inbox), or answer a request again with its cached reply."""
-        if spec.idempotent and self.store.seen(spec.key, event.id):
+        seen = spec.idempotent and self.store.seen(spec.key, event.id)
+        cached = None
+        if not seen and spec.replies and spec.cache_replies:
+            cached = self.store.cached_reply(spec.key, event.id)
+        return self._answer(spec, event, inbound, seen, cached)
+
+    def _answer(self, spec: HandlerSpec, event: Event, inbound: Inbound, seen: bool, cached: str | None) -> bool:
+        """Ack a message whose id is in the inbox (``seen``), or answer a request again with its
+        ``cached`` reply: whether it was answered."""
+        if seen:
             self.bus.ack(inbound)
             self._ignored(spec, event, inbound, "duplicate", "handled before: its id is in the inbox")
             return True
-        if spec.replies and spec.cache_replies:
-            cached = self.store.cached_reply(spec.key, event.id)
-            if cached is not None:
-                self._answer_from_cache(spec, inbound, event, cached)
-                return True
+        if cached is not None:
+            self._answer_from_cache(spec, inbound, event, cached)
+            return True
         return False
 
     @_tracing.reply_cache

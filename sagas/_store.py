@@ -40,8 +40,20 @@ _AWAITS_SQLITE = "json_extract(meta, '$.request.type')"
 _AWAITS_POSTGRES = "(meta::jsonb #>> '{request,type}')"
 #: the tables whose rows retention bounds (``row_counts``)
 RETAINED_TABLES = ("sagas", "saga_history", "outbox", "inbox", "reply_cache")
+
+
 #: The most ids :meth:`Store.last_reasons` (or keys :meth:`Store.find_sagas`) reads in one statement
 #: (SQLite allows 32,766 parameters).
+def _by_consumer(pairs: Sequence[tuple[str, str]]) -> Iterator[tuple[str, list[str]]]:
+    """``(consumer, message_id)`` pairs as each consumer's ids, in chunks of at most ``_ID_CHUNK``."""
+    ids: dict[str, list[str]] = {}
+    for consumer, message_id in dict.fromkeys(pairs):
+        ids.setdefault(consumer, []).append(message_id)
+    for consumer, wanted in ids.items():
+        for start in range(0, len(wanted), _ID_CHUNK):
+            yield consumer, wanted[start : start + _ID_CHUNK]
+
+
 #: claims written by one statement of :meth:`_SqlStore.claim_many` (4 parameters each)
 _CLAIM_CHUNK = 200
 _ID_CHUNK = 500
@@ -276,6 +288,14 @@ class Store(InboxStore, Protocol):
         overlapping batches never wait on each other in a cycle."""
         ...
 
+    def answers(
+        self, inbox: Sequence[tuple[str, str]], replies: Sequence[tuple[str, str]]
+    ) -> tuple[set[tuple[str, str]], dict[tuple[str, str], str]]:
+        """For many messages at once: which ``(consumer, message_id)`` of ``inbox`` are in the inbox
+        (:meth:`seen`), and the cached reply of each ``(consumer, request_id)`` of ``replies`` that has
+        one (:meth:`cached_reply`)."""
+        ...
+
     def renew_claims(self, owner: str, until: float) -> None:
         """Extend every claim ``owner`` holds to ``until``."""
         ...
@@ -448,6 +468,12 @@ class MemoryStore:
                     self._claims[key] = (owner, until)
                     won.add(key)
         return won
+
+    def answers(
+        self, inbox: Sequence[tuple[str, str]], replies: Sequence[tuple[str, str]]
+    ) -> tuple[set[tuple[str, str]], dict[tuple[str, str], str]]:
+        cached = {key: self._replies[key][0] for key in replies if key in self._replies}
+        return {key for key in inbox if key in self._inbox}, cached
 
     def claimed(self, message_id: str, now: float) -> bool:
         return any(m == message_id and until >= now for (_, m), (_, until) in list(self._claims.items()))
@@ -976,6 +1002,26 @@ class _SqlStore:
                 ).fetchall()
                 won.update((str(r[0]), str(r[1])) for r in rows)
         return won
+
+    def answers(
+        self, inbox: Sequence[tuple[str, str]], replies: Sequence[tuple[str, str]]
+    ) -> tuple[set[tuple[str, str]], dict[tuple[str, str], str]]:
+        seen: set[tuple[str, str]] = set()
+        for consumer, ids in _by_consumer(inbox):
+            rows = self._execute(
+                f"SELECT message_id FROM inbox WHERE consumer = ? AND message_id IN ({', '.join('?' for _ in ids)})",
+                (consumer, *ids),
+            ).fetchall()
+            seen.update((consumer, str(r[0])) for r in rows)
+        cached: dict[tuple[str, str], str] = {}
+        for consumer, ids in _by_consumer(replies):
+            rows = self._execute(
+                "SELECT request_id, body FROM reply_cache WHERE consumer = ? AND request_id IN"
+                f" ({', '.join('?' for _ in ids)})",
+                (consumer, *ids),
+            ).fetchall()
+            cached.update(((consumer, str(r[0])), str(r[1])) for r in rows)
+        return seen, cached
 
     def claimed(self, message_id: str, now: float) -> bool:
         row = self._execute(

@@ -313,7 +313,8 @@ class _ClaimsSeen:
     def __init__(self, store: Store, fail_first: bool = False) -> None:
         self._store = store
         self.batches: list[int] = []
-        self.single = 0
+        self.reads: list[int] = []  # (the size of each answers() read)
+        self.single = 0  # claims and inbox reads of one message
         self.fail_first = fail_first
 
     def __getattr__(self, name: str) -> Any:
@@ -333,6 +334,14 @@ class _ClaimsSeen:
         self.single += 1
         return bool(self._store.claim(*args))
 
+    def answers(self, inbox: Any, replies: Any) -> Any:
+        self.reads.append(len(inbox) + len(replies))
+        return self._store.answers(inbox, replies)
+
+    def seen(self, *args: Any) -> bool:
+        self.single += 1
+        return bool(self._store.seen(*args))
+
 
 def _indexer(effects: _Effects, **options: Any) -> Service:
     indexer = Service("indexer")
@@ -344,7 +353,9 @@ def _indexer(effects: _Effects, **options: Any) -> Service:
     return indexer
 
 
-def test_the_claims_of_the_messages_a_worker_takes_at_once_are_one_store_write(any_store: Store, unique: str) -> None:
+def test_the_claims_and_inbox_reads_of_the_messages_a_worker_takes_at_once_are_one_store_call_each(
+    any_store: Store, unique: str
+) -> None:
     effects = _Effects()
     store = _ClaimsSeen(any_store)
     worker = Worker(App(_indexer(effects), exchange=unique), broker="memory://", store=store)
@@ -363,6 +374,7 @@ def test_the_claims_of_the_messages_a_worker_takes_at_once_are_one_store_write(a
     assert effects.duplicates() == {}
     assert store.single == 0
     assert sum(store.batches) == len(events)
+    assert store.reads == store.batches  # (the inbox of every message claimed, read together)
     assert max(store.batches) > 1, store.batches
     assert len(store.batches) < len(events), store.batches
 
@@ -421,3 +433,16 @@ def test_claim_many_takes_what_claim_would_take(any_store: Store) -> None:
     assert any_store.claim_many([], "worker-a", now, now) == set()
     many = [("svc.h", f"m{i}") for i in range(450)]  # (more than one statement's worth)
     assert any_store.claim_many(many, "worker-a", now + 30, now) == set(many)
+
+
+def test_answers_reads_the_inbox_and_reply_cache_of_many_messages(any_store: Store) -> None:
+    any_store.remember("svc.h", "in")
+    any_store.remember("svc.other", "elsewhere")
+    any_store.cache_reply("svc.r", "req", '{"ok": 1}')
+    many = [("svc.h", f"m{i}") for i in range(1200)]  # (more than one statement's worth)
+    seen, cached = any_store.answers(
+        [("svc.h", "in"), ("svc.h", "out"), ("svc.h", "elsewhere"), *many], [("svc.r", "req"), ("svc.r", "none")]
+    )
+    assert seen == {("svc.h", "in")}
+    assert cached == {("svc.r", "req"): '{"ok": 1}'}
+    assert any_store.answers([], []) == (set(), {})

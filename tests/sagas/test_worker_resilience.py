@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from typing import Any
 
 import pytest
 import structlog
@@ -136,6 +137,12 @@ def test_a_store_failure_sends_the_message_back_instead_of_crashing(unique: str)
                 raise ConnectionError("the database is restarting")
             return super().seen(consumer, message_id)
 
+        def answers(self, inbox: Any, replies: Any) -> Any:  # (the inbox read of claimed messages)
+            if self.failures:
+                self.failures -= 1
+                raise ConnectionError("the database is restarting")
+            return super().answers(inbox, replies)
+
     got: list[str] = []
     svc = Service("steady")
     svc.on("ocis.files.uploaded", idempotent=True, name="note")(lambda e: got.append(e.id))
@@ -166,6 +173,12 @@ def test_a_store_failure_is_retried_with_the_handlers_own_retry_policy(
                 self.failures -= 1
                 raise ConnectionError("the store is restarting")
             return super().seen(consumer, message_id)
+
+        def answers(self, inbox: Any, replies: Any) -> Any:  # (the inbox read of claimed messages)
+            if self.failures:
+                self.failures -= 1
+                raise ConnectionError("the store is restarting")
+            return super().answers(inbox, replies)
 
     handled: list[str] = []
     svc = Service("indexer")
