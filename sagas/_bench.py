@@ -78,9 +78,12 @@ def payload(i: int) -> dict[str, Any]:
 
 # -- observability variants ---------------------------------------------------------------------------
 
-#: the variants ``--variants`` may name: tracing and metrics off, metrics on, tracing on, both on;
-#: ``tracing`` and ``both`` take a head-sampling ratio, ``tracing@0.1`` (default: every trace recorded)
-VARIANTS = ("off", "metrics", "tracing", "both")
+#: the variants ``--variants`` may name: tracing and metrics off, metrics on, tracing on, both on, the
+#: console on; ``tracing`` and ``both`` take a head-sampling ratio, ``tracing@0.1`` (default: every trace
+#: recorded)
+VARIANTS = ("off", "metrics", "tracing", "both", "console")
+#: how often the console variant's operator asks for the overview and the list of sagas (seconds)
+CONSOLE_REFRESH = 1.0
 
 
 def parse_variant(variant: str) -> tuple[str, float]:
@@ -117,6 +120,12 @@ def missing_extras(variants: Sequence[str]) -> str | None:
             import prometheus_client  # noqa: F401
         except ImportError:
             needs.append("prometheus_client (pip install 'kombu-sagas[metrics]')")
+    if "console" in kinds:
+        try:
+            import starlette  # noqa: F401
+            import uvicorn  # noqa: F401
+        except ImportError:
+            needs.append("the console (pip install 'kombu-sagas[console]')")
     return " and ".join(needs) or None
 
 
@@ -145,12 +154,18 @@ def _observed(variant: str, worker: Worker, store: str | Store) -> Iterator[dict
     BatchSpanProcessor and a counting exporter (with a ratio, ``both@0.1``, sampled at the root by
     ``ParentBased(TraceIdRatioBased(ratio))``, the SDK's head sampling); metrics, the Prometheus
     observer serving on an ephemeral port of 127.0.0.1 (as ``sagas run --metrics-port`` does; nothing
-    scrapes it). Yields a dict that holds ``spans``, the spans exported, once the block ends."""
+    scrapes it); console, the console over the worker's store, served on an ephemeral port, with an
+    operator asking for its overview and its list of sagas every :data:`CONSOLE_REFRESH` seconds.
+    Yields a dict that holds ``spans``, the spans exported, and ``console_pages``, the console's pages
+    served, once the block ends."""
     from . import _tracing
 
     out: dict[str, Any] = {"spans": 0}
     provider = exporter = metrics = None
     kind, ratio = parse_variant(variant)
+    console = contextlib.ExitStack()
+    if kind == "console":
+        console.enter_context(_operator(worker, store, out))
     if kind in ("tracing", "both"):
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
@@ -169,6 +184,7 @@ def _observed(variant: str, worker: Worker, store: str | Store) -> Iterator[dict
     try:
         yield out
     finally:
+        console.close()
         if metrics is not None:
             metrics.close()
         if provider is not None and exporter is not None:
@@ -176,6 +192,36 @@ def _observed(variant: str, worker: Worker, store: str | Store) -> Iterator[dict
             provider.shutdown()
             _tracing.set_tracer_provider(None)
             out["spans"] = exporter.count
+
+
+@contextlib.contextmanager
+def _operator(worker: Worker, store: str | Store, out: dict[str, Any]) -> Iterator[None]:
+    """The console over ``store`` (its own connection for a URL), and an operator who reloads its
+    overview and its list of sagas every :data:`CONSOLE_REFRESH` seconds; ``out["console_pages"]``."""
+    from .console._bench import Client, serving
+    from .operations import Operations
+
+    stop = threading.Event()
+    out["console_pages"] = 0
+    with Operations(store, sagas=worker.app.sagas) as ops, serving(ops) as port:
+
+        def reload() -> None:
+            client = Client(port)
+            try:
+                while not stop.wait(CONSOLE_REFRESH):
+                    client.get("/")
+                    client.get("/sagas?order=newest")
+                    out["console_pages"] += 2
+            finally:
+                client.close()
+
+        thread = threading.Thread(target=reload, name="bench-operator", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join(60)
 
 
 # -- events ---------------------------------------------------------------------------------------
@@ -238,7 +284,7 @@ def events_worker(
     with _observed(variant, worker, store) as seen, worker.running():
         ready.set()
         collector.done.wait(600)
-    results.put({**collector.report(), "spans": seen["spans"]})
+    results.put({**collector.report(), "spans": seen["spans"], "console_pages": seen.get("console_pages", 0)})
 
 
 def _publish_events(bus: EventBus, n: int) -> tuple[float, float]:
@@ -265,7 +311,7 @@ def bench_events(broker: str, n: int, variant: str | None = None, async_handlers
         with _observed(variant or "off", worker, store) as seen, worker.running():
             t0, t1 = _publish_events(bus, n)
             collector.done.wait(600)
-        got = {**collector.report(), "spans": seen["spans"]}
+        got = {**collector.report(), "spans": seen["spans"], "console_pages": seen.get("console_pages", 0)}
     else:
         child, results = spawn(events_worker, broker, exchange, n, variant or "off", async_handlers)
         try:
@@ -278,6 +324,7 @@ def bench_events(broker: str, n: int, variant: str | None = None, async_handlers
     figures = _figures("events", broker, n, t0, t1, got)
     if variant is not None:
         figures["spans"] = got["spans"]
+        figures["console_pages"] = got["console_pages"]
     return figures
 
 
@@ -559,7 +606,7 @@ def run_saga_worker(
     with _observed(variant, worker, store_url) as seen, worker.running():
         ready.set()
         stop.wait(3600)
-    results.put({**store.report(worker), "spans": seen["spans"]})
+    results.put({**store.report(worker), "spans": seen["spans"], "console_pages": seen.get("console_pages", 0)})
 
 
 def bench_sagas(
@@ -586,7 +633,7 @@ def bench_sagas(
             t0 = _publish_and_wait(bus, starts, store, n)
             t1 = time.time()
             records = own_sagas(store, exchange)  # (the worker closes the store it was given)
-        stats = [{**store.report(worker), "spans": seen["spans"]}]
+        stats = [{**store.report(worker), "spans": seen["spans"], "console_pages": seen.get("console_pages", 0)}]
     else:
         ctx = mp.get_context("spawn")
         stop, results = ctx.Event(), ctx.Queue()
@@ -653,6 +700,7 @@ def bench_sagas(
     }
     if variant is not None:
         result["spans"] = sum(s["spans"] for s in stats)
+        result["console_pages"] = sum(s["console_pages"] for s in stats)
     return result
 
 
@@ -795,6 +843,7 @@ def run_variants(
                 if base_rate
                 else None,
                 "spans": report["median"][f"{workload}[{v}]"]["spans"],
+                "console_pages": report["median"][f"{workload}[{v}]"].get("console_pages", 0),
             }
             for v in variants
         }
@@ -871,12 +920,13 @@ def table(report: dict[str, Any]) -> str:
         lines.append(f"events-async / events   {k:<18} {v:>8.3f}")
     for workload, by_variant in report.get("variants", {}).items():
         key = _THROUGHPUT[workload]
-        lines.append(f"{workload}: {key} by variant (tracing and metrics)")
+        lines.append(f"{workload}: {key} by variant (tracing, metrics, console)")
         for variant, row in by_variant.items():
             ratio_key = next(k for k in row if k.startswith("ratio_to_"))
             ratio = row[ratio_key]
             lines.append(
                 f"  {variant:<10} {row[key]:>10,.0f}/s   {ratio_key} {'-' if ratio is None else f'{ratio:.3f}':>6}"
                 f"   spans {row['spans']:>10,.0f}"
+                + (f"   console pages {row['console_pages']:,.0f}" if row.get("console_pages") else "")
             )
     return "\n".join(lines)

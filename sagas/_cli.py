@@ -1333,10 +1333,11 @@ def demo(shares: int) -> None:
 @click.option(
     "--variants",
     default=None,
-    metavar="off,metrics,tracing,both",
+    metavar="off,metrics,tracing,both,console",
     help="events and sagas: run once per variant in each round, alternating (tracing: an SDK TracerProvider "
     "with a BatchSpanProcessor and a counting exporter; tracing@0.1, both@0.1: with head sampling at that "
-    "ratio; metrics: the Prometheus observer), and report each variant's throughput and its ratio to off.",
+    "ratio; metrics: the Prometheus observer; console: the console over the store, its overview and list "
+    "reloaded every second), and report each variant's throughput and its ratio to off.",
 )
 @click.option(
     "--async-handlers",
@@ -1415,6 +1416,7 @@ def bench(
       sagas bench console --store 'postgresql://postgres@127.0.0.1/test?schema=bench_console_1m' --repeat 3
       sagas bench events --variants off,metrics,tracing,both --repeat 3   # the cost of observability
       sagas bench sagas --variants off,both,both@0.1 --repeat 3           # ... with 10 % of traces sampled
+      sagas bench sagas --variants off,metrics,console --repeat 3         # the cost of metrics and the console
       sagas bench retention -n 50000 --repeat 3   # rows and bytes over time; throughput, pruner off/on
       sagas bench events --async-handlers --repeat 3   # async def handlers beside plain ones
       sagas bench publish --in-flight 500 --repeat 3   # the sync bus beside the asyncio publisher

@@ -116,7 +116,7 @@ def serving(ops: Operations) -> Iterator[int]:
         sock.close()
 
 
-class _Client:
+class Client:
     """One keep-alive HTTP/1.1 connection to the console."""
 
     def __init__(self, port: int) -> None:
@@ -155,7 +155,7 @@ def measure(port: int, kinds: list[str], records: list[SagaRecord], requests: in
     """``warmup`` untimed, then ``requests`` timed requests of each kind, the kinds taking turns (so that
     the machine's noise spreads over all of them). Each request names the next sampled saga: no two
     requests in a row ask for the same one while the sample lasts."""
-    client = _Client(port)
+    client = Client(port)
     turn = 0
 
     def ask(kind: str) -> float:

@@ -184,13 +184,32 @@ def test_variants_report_each_ratio_to_off_and_export_spans_when_traced(workload
     variants = report["variants"][workload]
     assert list(variants) == ["off", "metrics", "tracing", "both"]
     for name, row in variants.items():
-        assert set(row) == {key, "ratio_to_off", "spans"}
+        assert set(row) == {key, "ratio_to_off", "spans", "console_pages"}
+        assert row["console_pages"] == 0
         assert row[key] > 0
         assert len(report["runs"][f"{workload}[{name}]"]) == 2
     assert variants["off"]["ratio_to_off"] == 1.0
     assert variants["off"]["spans"] == variants["metrics"]["spans"] == 0
     assert variants["tracing"]["spans"] > 0
     assert variants["both"]["spans"] > 0
+
+
+@pytest.mark.parametrize("workload", ["events", "sagas"])
+def test_the_console_variant_serves_the_console_while_the_workload_runs(
+    workload: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sagas import _bench
+
+    monkeypatch.setattr(_bench, "CONSOLE_REFRESH", 0.01)  # (the memory workloads run in this process)
+    args = ["bench", workload, "-n", "300", "--variants", "off,console", "--json"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output.strip().splitlines()[-1])
+    variants = report["variants"][workload]
+    assert list(variants) == ["off", "console"]
+    assert variants["off"]["console_pages"] == 0
+    assert variants["console"]["console_pages"] >= 2  # (the overview and the list, at least once)
+    assert variants["console"]["console_pages"] % 2 == 0
 
 
 def test_variants_are_checked() -> None:
