@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import enum
+import hashlib
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -37,6 +38,16 @@ REPLY_SUFFIX = ".reply"
 _SAGA_IDS = uuid.UUID("0b5c8a4e-54c4-4f7e-9a0f-6a3d8f1f2e11")
 _REPLY_IDS = uuid.UUID("7d0d2c8e-3f0a-4d7c-9d53-94a1c3b5e6f7")
 _FOLLOW_UP_IDS = uuid.UUID("6f1c2a52-9d1e-4c55-8f55-0b1e0f6a9c21")
+
+
+def name_id(namespace: uuid.UUID, name: str) -> str:
+    """``uuid.uuid5(namespace, name).hex``, the same 32 hex digits (these ids must never change: a
+    re-sent request, a redelivered reply, a worker of the next version all derive the same ones), at a
+    third of the cost: without the UUID object between the hash and its hex form."""
+    digest = bytearray(hashlib.sha1(namespace.bytes + name.encode(), usedforsecurity=False).digest()[:16])
+    digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
+    digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 4122 variant
+    return digest.hex()
 
 
 class Kind(enum.StrEnum):
@@ -100,7 +111,7 @@ def request_event(
 ) -> Event:
     """The request a saga sends on entering a state at ``version`` (a stable id: the same transition
     applied again builds the same request)."""
-    request_id = uuid.uuid5(_SAGA_IDS, f"{saga_id}/{version}/request").hex
+    request_id = name_id(_SAGA_IDS, f"{saga_id}/{version}/request")
     return Event(
         type=request_type,
         payload=dict(payload),
@@ -122,7 +133,7 @@ def saga_event(
     causation_id: str | None,
 ) -> Event:
     """The ``index``-th event a saga publishes in the transition to ``version`` (a stable id)."""
-    event_id = uuid.uuid5(_SAGA_IDS, f"{saga_id}/{version}/{index}").hex
+    event_id = name_id(_SAGA_IDS, f"{saga_id}/{version}/{index}")
     return Event(
         type=event_type,
         payload=payload,
@@ -170,7 +181,7 @@ def reply_event(
 ) -> Event:
     """The reply of ``handler`` (``service.name``) to a saga's request: a stable id (a repeat is
     recognised), the request id and saga type in its headers."""
-    reply_id, kind = uuid.uuid5(_REPLY_IDS, f"{request.id}/{handler}").hex, reply_type(request.type)
+    reply_id, kind = name_id(_REPLY_IDS, f"{request.id}/{handler}"), reply_type(request.type)
     headers = {REQUEST_ID_HEADER: request.id, SAGA_TYPE_HEADER: request.headers.get(SAGA_TYPE_HEADER, "")}
     return Event(
         type=kind,
@@ -185,7 +196,7 @@ def reply_event(
 
 def follow_up_id(event_id: str, handler: str, index: int) -> str:
     """The id of the ``index``-th follow-up ``handler`` (``service.name``) publishes for ``event_id``."""
-    return uuid.uuid5(_FOLLOW_UP_IDS, f"{event_id}/{handler}/{index}").hex
+    return name_id(_FOLLOW_UP_IDS, f"{event_id}/{handler}/{index}")
 
 
 # -- reading a reply -----------------------------------------------------------------------------------
