@@ -38,6 +38,7 @@ from transport import CONTENT_TYPE, Event, decode, encode
 from . import _late, _tracing
 from ._errors import ActionRefused, ConfigurationError, NotFound, SagaCodeError, SagasError
 from ._observe import NULL_OBSERVER, AfterCommit, Observer
+from ._prefetch import GroupReads
 from ._protocol import (
     COMPENSATE,
     TIMEOUT,
@@ -155,11 +156,38 @@ class SagaEngine:
             self.definitions[d.type] = d
         #: the outbox rows of the migrations applied while handling the current message or deadline
         self._migration_rows: list[OutboxRow] = []
+        #: the reads done ahead for the group of messages being applied (see :meth:`reading_ahead`)
+        self._reads: GroupReads | None = None
         self._reply_of: dict[str, dict[str, str]] = {
             d.type: {rt: req for req, rt in d.requests.items()} for d in self.definitions.values()
         }
 
     # -- messages ----------------------------------------------------------------------------------
+
+    @contextmanager
+    def reading_ahead(self, saga_type: str, events: Sequence[Event]) -> Iterator[None]:
+        """While open, :meth:`handle` takes the inbox records and sagas of ``events`` (messages to sagas
+        of ``saga_type``) from reads done now for all of them, one statement each (see
+        :mod:`sagas._prefetch`), instead of reading them one message at a time."""
+        d = self.definitions[saga_type]
+        replies = self._reply_of[d.type]
+        saga_ids: list[str] = []
+        keys: list[tuple[str, str]] = []
+        for event in events:  # (what _handle_once reads for each, in its order)
+            start = d.starts.get(event.type)
+            if start is None and event.type in replies:
+                saga_ids.append(event.correlation_id)
+                continue
+            field = start.key if start is not None else d.correlate.get(event.type)
+            if field is not None:
+                key, _ = _key(event.payload, field)
+                if key is not None:
+                    keys.append((d.type, key))
+        self._reads = GroupReads(self.store, f"saga:{d.type}", [e.id for e in events], saga_ids, keys)
+        try:
+            yield
+        finally:
+            self._reads = None
 
     @_tracing.saga_message
     def handle(self, saga_type: str, event: Event) -> Applied:
@@ -180,7 +208,8 @@ class SagaEngine:
 
     def _handle_once(self, d: SagaDefinition, event: Event) -> Applied:
         consumer = f"saga:{d.type}"
-        if self.store.seen(consumer, event.id):
+        reads = self._reads or self.store
+        if reads.seen(consumer, event.id):
             return Applied(None, False, [], "duplicate: this message was handled before", DUPLICATE)
         inbox = (consumer, event.id)
         start = d.starts.get(event.type)
@@ -188,7 +217,7 @@ class SagaEngine:
             key, problem = _key(event.payload, start.key)
             if key is None:
                 return Applied(None, False, [], f"start event without a usable key: {problem}", REFUSED)
-            existing: SagaRecord | None = self._migrated(d, self.store.find_saga(d.type, key))
+            existing: SagaRecord | None = self._migrated(d, reads.find_saga(d.type, key))
             if existing is not None:
                 trigger = on_event(event.type)
                 if not existing.final and trigger in d.triggers_from(existing.state):
@@ -220,7 +249,7 @@ class SagaEngine:
                 return Applied(None, False, [], "duplicate start: the saga exists", DUPLICATE_START)
             return Applied(record, True, rows)
         if event.type in self._reply_of[d.type]:
-            found: SagaRecord | None = self.store.get_saga(event.correlation_id)
+            found: SagaRecord | None = reads.get_saga(event.correlation_id)
             if found is None or found.type != d.type:
                 return Applied(None, False, [], f"reply for unknown saga {event.correlation_id[:64]!r}", UNKNOWN_SAGA)
             record = self._migrate(d, found)
@@ -243,7 +272,7 @@ class SagaEngine:
             key, problem = _key(event.payload, key_field)
             if key is None:
                 return Applied(None, False, [], f"correlated event without a usable key: {problem}", REFUSED)
-            waiting: SagaRecord | None = self._migrated(d, self.store.find_saga(d.type, key))
+            waiting: SagaRecord | None = self._migrated(d, reads.find_saga(d.type, key))
             trigger = on_event(event.type)
             if waiting is not None and (waiting.final or trigger not in d.triggers_from(waiting.state)):
                 late = _late.awaited(waiting.meta, what=event.type)

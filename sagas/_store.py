@@ -321,6 +321,10 @@ class Store(InboxStore, Protocol):
     ) -> list[OutboxRow]: ...
     def get_saga(self, saga_id: str) -> SagaRecord | None: ...
     def find_saga(self, saga_type: str, key: str) -> SagaRecord | None: ...
+    def get_sagas(self, saga_ids: Sequence[str]) -> dict[str, SagaRecord]:
+        """The sagas of ``saga_ids`` that exist, by id: one statement per 500 ids."""
+        ...
+
     def find_sagas(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], SagaRecord]:
         """The sagas of ``keys`` (pairs of saga type and business key) that exist, by (type, key): one
         statement per type and 500 keys, which the (type, key) unique index serves. For a reader that
@@ -547,6 +551,10 @@ class MemoryStore:
         with self._lock:
             saga_id = self._keys.get((saga_type, key))
         return None if saga_id is None else self.get_saga(saga_id)
+
+    def get_sagas(self, saga_ids: Sequence[str]) -> dict[str, SagaRecord]:
+        with self._lock:
+            return {i: self._read(self._sagas[i]) for i in dict.fromkeys(saga_ids) if i in self._sagas}
 
     def find_sagas(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], SagaRecord]:
         with self._lock:
@@ -1118,6 +1126,19 @@ class _SqlStore:
             f"SELECT {_SAGA_COLUMNS} FROM sagas WHERE type = ? AND key = ?", (saga_type, key)
         ).fetchone()
         return None if row is None else _record(row)
+
+    def get_sagas(self, saga_ids: Sequence[str]) -> dict[str, SagaRecord]:
+        wanted = list(dict.fromkeys(saga_ids))
+        out: dict[str, SagaRecord] = {}
+        for start in range(0, len(wanted), _ID_CHUNK):
+            chunk = wanted[start : start + _ID_CHUNK]
+            rows = self._execute(
+                f"SELECT {_SAGA_COLUMNS} FROM sagas WHERE id IN ({', '.join('?' for _ in chunk)})", chunk
+            ).fetchall()
+            for row in rows:
+                record = _record(row)
+                out[record.id] = record
+        return out
 
     def find_sagas(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], SagaRecord]:
         by_type: dict[str, list[str]] = {}
