@@ -526,6 +526,9 @@ class _CountingStore:
     def claim(self, *args: Any) -> bool:
         return bool(self._write(self._store.claim, *args))
 
+    def claim_and_read(self, *args: Any, **kwargs: Any) -> Any:
+        return self._write(self._store.claim_and_read, *args, **kwargs)
+
     def renew_claims(self, *args: Any) -> None:
         self._write(self._store.renew_claims, *args)
 

@@ -268,13 +268,24 @@ class HandlerPipeline:
         if claims:
             # Claimed first, then the inbox and reply cache read: a holder that settles in between
             # released its claim in the transaction that recorded the message, so it is seen here.
+            # (one round trip on PostgreSQL: see Store.claim_and_read)
             now = self.clock()
-            if not self.store.claim(spec.key, event.id, self.owner, now + self.lease, now):
-                self._hold_back(spec, event, generation, inbound)
-                return None
-            self._claimed.add((spec.key, event.id))
+            self._claimed.add((spec.key, event.id))  # (released below if it was not taken, or the reads failed)
             try:
-                answered = self._answered(spec, event, inbound)
+                found = self.store.claim_and_read(
+                    spec.key,
+                    event.id,
+                    self.owner,
+                    now + self.lease,
+                    now,
+                    inbox=spec.idempotent,
+                    replies=bool(spec.replies and spec.cache_replies),
+                )
+                if not found.claimed:
+                    self._claimed.discard((spec.key, event.id))
+                    self._hold_back(spec, event, generation, inbound)
+                    return None
+                answered = self._answer(spec, event, inbound, found.seen, found.reply)
             except BaseException:
                 self._release(spec.key, event.id)
                 raise
@@ -290,15 +301,22 @@ class HandlerPipeline:
 
     def _answered(self, spec: HandlerSpec, event: Event, inbound: Inbound) -> bool:
         """Ack a message handled before (inbox), or answer a request again with its cached reply."""
-        if spec.idempotent and self.store.seen(spec.key, event.id):
+        seen = spec.idempotent and self.store.seen(spec.key, event.id)
+        cached = (
+            self.store.cached_reply(spec.key, event.id) if not seen and spec.replies and spec.cache_replies else None
+        )
+        return self._answer(spec, event, inbound, seen, cached)
+
+    def _answer(self, spec: HandlerSpec, event: Event, inbound: Inbound, seen: bool, cached: str | None) -> bool:
+        """Ack a message whose id is in the inbox (``seen``), or answer a request again with its ``cached``
+        reply: whether it was answered."""
+        if seen:
             self.bus.ack(inbound)
             self._ignored(spec, event, inbound, "duplicate", "handled before: its id is in the inbox")
             return True
-        if spec.replies and spec.cache_replies:
-            cached = self.store.cached_reply(spec.key, event.id)
-            if cached is not None:
-                self._answer_from_cache(spec, inbound, event, cached)
-                return True
+        if cached is not None:
+            self._answer_from_cache(spec, inbound, event, cached)
+            return True
         return False
 
     @_tracing.reply_cache
