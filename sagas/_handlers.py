@@ -46,8 +46,10 @@ from ._observe import NULL_OBSERVER, Observer
 from ._protocol import reply_event
 from ._redelivery import encode_events, retry_or_dead_letter, send_back
 from ._service import Context, Delivery, HandlerSpec
-from ._store import Store
+from ._store import Admission, ClaimRequest, Store
 
+#: a claim taken ahead for a message (see HandlerPipeline.admit): (handler key, event id), and what was found
+_Ahead = tuple[tuple[str, str], Admission]
 log = structlog.get_logger("sagas.worker")
 
 #: a message waiting to be dispatched: (connection generation, message)
@@ -224,20 +226,71 @@ class HandlerPipeline:
 
     # -- admitting and starting ------------------------------------------------------------------------
 
-    def admit(self, generation: int, inbound: Inbound) -> Work | None:
-        """Decide whether a message runs now; answer duplicates and re-sent requests at once. A message
-        the worker cannot process (say the store is down) is sent back."""
+    def admit(self, ready: Sequence[Ready], into: list[Work]) -> None:
+        """Decide whether each message runs now, in order, appending those that do to ``into``; answer
+        duplicates and re-sent requests at once. A message the worker cannot process (say the store is
+        down) is sent back. The claims the messages need are taken together first, with their inbox and
+        reply-cache reads (one round trip on PostgreSQL)."""
         if self._claimed and self.monotonic() >= self._next_renewal:
             self.renew()  # (a long batch must not outlast the leases of the messages being handled)
+        ahead = self._claim_ahead(ready)
         try:
-            return self._admit(generation, inbound)
-        except (ConnectionLost, KeyboardInterrupt):
-            raise
-        except Exception as exc:  # noqa: BLE001 - e.g. the store is restarting: try it later
-            self.give_back(inbound, exc)
-            return None
+            for generation, inbound in ready:
+                found = ahead.pop(id(inbound), None)
+                try:
+                    if isinstance(found, Exception):
+                        raise found
+                    item = self._admit(generation, inbound, found)
+                except (ConnectionLost, KeyboardInterrupt):
+                    raise
+                except Exception as exc:  # noqa: BLE001 - e.g. the store is restarting: try it later
+                    self.give_back(inbound, exc)
+                    continue
+                if item is not None:
+                    into.append(item)
+        finally:
+            for left in ahead.values():
+                if not isinstance(left, Exception):
+                    self._release(*left[0])  # (a claim taken for a message not reached: the connection broke)
 
-    def _admit(self, generation: int, inbound: Inbound) -> Work | None:
+    def _claim_ahead(self, ready: Sequence[Ready]) -> dict[int, _Ahead | Exception]:
+        """Take the claims of the messages that will ask for one (de-duplicated, durable, not a copy of
+        one being handled, of a handler without a concurrency limit), with their reads, at once: by the
+        message's id(), what was found, or the error that kept it from being found."""
+        wanted: dict[tuple[str, str], tuple[int, ClaimRequest]] = {}
+        for _, inbound in ready:
+            spec = self.routes[inbound.subscription.queue]
+            event = inbound.event
+            replies = bool(spec.replies and spec.cache_replies)
+            if event is None or not (spec.idempotent or replies) or not inbound.subscription.durable:
+                continue
+            if spec.concurrency is not None or (spec.key, event.id) in self._busy:
+                continue
+            wanted.setdefault(
+                (spec.key, event.id), (id(inbound), ClaimRequest(spec.key, event.id, spec.idempotent, replies))
+            )
+        if not wanted:
+            return {}
+        now = self.clock()
+        self._claimed.update(wanted)  # (released below if it was not taken, or when the call failed)
+        try:
+            found = self.store.claim_and_read([r for _, r in wanted.values()], self.owner, now + self.lease, now)
+        except (ConnectionLost, KeyboardInterrupt):
+            for key in wanted:
+                self._release(*key)
+            raise
+        except Exception as exc:  # noqa: BLE001 - e.g. the store is restarting: those messages go back
+            for key in wanted:
+                self._release(*key)
+            return {i: exc for i, _ in wanted.values()}
+        ahead: dict[int, _Ahead | Exception] = {}
+        for (key, (i, _)), f in zip(wanted.items(), found, strict=True):
+            if not f.claimed:
+                self._claimed.discard(key)
+            ahead[i] = (key, f)
+        return ahead
+
+    def _admit(self, generation: int, inbound: Inbound, ahead: _Ahead | None) -> Work | None:
         spec = self.routes[inbound.subscription.queue]
         event = inbound.event
         if event is None:
@@ -268,23 +321,26 @@ class HandlerPipeline:
         if claims:
             # Claimed first, then the inbox and reply cache read: a holder that settles in between
             # released its claim in the transaction that recorded the message, so it is seen here.
-            # (one round trip on PostgreSQL: see Store.claim_and_read)
-            now = self.clock()
-            self._claimed.add((spec.key, event.id))  # (released below if it was not taken, or the reads failed)
-            try:
-                found = self.store.claim_and_read(
-                    spec.key,
-                    event.id,
-                    self.owner,
-                    now + self.lease,
-                    now,
-                    inbox=spec.idempotent,
-                    replies=bool(spec.replies and spec.cache_replies),
-                )
+            # (taken ahead with the others of the batch, see admit_many; or here, for a copy that waited)
+            if ahead is None:
+                now = self.clock()
+                self._claimed.add((spec.key, event.id))  # (released below if it was not taken, or it failed)
+                try:
+                    request = ClaimRequest(
+                        spec.key, event.id, spec.idempotent, bool(spec.replies and spec.cache_replies)
+                    )
+                    (found,) = self.store.claim_and_read([request], self.owner, now + self.lease, now)
+                except BaseException:
+                    self._release(spec.key, event.id)
+                    raise
                 if not found.claimed:
                     self._claimed.discard((spec.key, event.id))
-                    self._hold_back(spec, event, generation, inbound)
-                    return None
+            else:
+                found = ahead[1]
+            if not found.claimed:
+                self._hold_back(spec, event, generation, inbound)
+                return None
+            try:
                 answered = self._answer(spec, event, inbound, found.seen, found.reply)
             except BaseException:
                 self._release(spec.key, event.id)

@@ -86,7 +86,8 @@ class SagaPipeline:
         queue = inbounds[0].subscription.queue if inbounds else None
         with _tracing.Held(queue) as held:  # (the messages' spans end once the group has committed, or not)
             try:
-                with self.engine.group():
+                events = [inbound.event for inbound in inbounds if inbound.event is not None]
+                with self.engine.group(), self.engine.reading_ahead(saga_type, events):
                     for inbound in inbounds:
                         event = inbound.event
                         if event is None:

@@ -191,6 +191,17 @@ class Outgoing:
 
 
 @dataclass(frozen=True, slots=True)
+class ClaimRequest:
+    """A claim :meth:`Store.claim_and_read` takes for ``consumer`` on ``message_id``, and what it reads
+    when it was taken: whether the inbox holds the id (``inbox``), the cached reply (``replies``)."""
+
+    consumer: str
+    message_id: str
+    inbox: bool = False
+    replies: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Admission:
     """What :meth:`Store.claim_and_read` found: whether the claim was taken, whether the message's id
     is in the inbox (false when not asked), and its cached reply (None: none, or not asked)."""
@@ -198,6 +209,16 @@ class Admission:
     claimed: bool
     seen: bool = False
     reply: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ReadAhead:
+    """What :meth:`Store.read_ahead` found: the message ids the inbox holds, and the sagas that exist,
+    by key and by id."""
+
+    seen: frozenset[str]
+    by_key: dict[str, SagaRecord]
+    by_id: dict[str, SagaRecord]
 
 
 #: The tables a prune deletes from, in the order :class:`sagas.Pruner` prunes them.
@@ -280,14 +301,12 @@ class Store(InboxStore, Protocol):
         """Extend every claim ``owner`` holds to ``until``."""
         ...
 
-    def claim_and_read(
-        self, consumer: str, message_id: str, owner: str, until: float, now: float, *, inbox: bool, replies: bool
-    ) -> Admission:
-        """:meth:`claim`, then, when the claim was taken, the reads a handler admits a message by: whether
-        the inbox holds ``message_id`` (``inbox``) and its cached reply (``replies``). Two steps in this
-        order, the claim committed before the reads run: a holder that settles in between released its
-        claim in the transaction that recorded the message, so the reads see the record. (PostgreSQL sends
-        them together: one round trip.)"""
+    def claim_and_read(self, requests: Sequence[ClaimRequest], owner: str, until: float, now: float) -> list[Admission]:
+        """:meth:`claim` for each request, each committed on its own, then, for each claim taken, the
+        reads a handler admits a message by: whether the inbox holds its id (``inbox``) and its cached
+        reply (``replies``). The claims are committed before the reads run: a holder that settles in
+        between released its claim in the transaction that recorded the message, so the reads see the
+        record. (PostgreSQL sends them all at once: one round trip.)"""
         ...
 
     def claimed(self, message_id: str, now: float) -> bool:
@@ -315,6 +334,14 @@ class Store(InboxStore, Protocol):
         """The sagas of ``keys`` (pairs of saga type and business key) that exist, by (type, key): one
         statement per type and 500 keys, which the (type, key) unique index serves. For a reader that
         watches many sagas at once (:class:`sagas.aio.SagasClient`)."""
+        ...
+
+    def read_ahead(
+        self, consumer: str, message_ids: Sequence[str], saga_type: str, keys: Sequence[str], saga_ids: Sequence[str]
+    ) -> ReadAhead:
+        """Which of ``message_ids`` the inbox of ``consumer`` holds, the sagas of ``saga_type`` with
+        ``keys`` and those with ``saga_ids``: the first reads of a batch of saga messages, at once (one
+        statement per table and 500 values; on PostgreSQL, one round trip for them all)."""
         ...
 
     def due_sagas(self, now: float, limit: int, types: Sequence[str] | None = None) -> list[SagaRecord]: ...
@@ -447,13 +474,18 @@ class MemoryStore:
             self._claims[(consumer, message_id)] = (owner, until)
             return True
 
-    def claim_and_read(
-        self, consumer: str, message_id: str, owner: str, until: float, now: float, *, inbox: bool, replies: bool
-    ) -> Admission:
-        if not self.claim(consumer, message_id, owner, until, now):
-            return Admission(False)
-        seen = inbox and self.seen(consumer, message_id)
-        return Admission(True, seen, self.cached_reply(consumer, message_id) if replies else None)
+    def claim_and_read(self, requests: Sequence[ClaimRequest], owner: str, until: float, now: float) -> list[Admission]:
+        taken = [self.claim(r.consumer, r.message_id, owner, until, now) for r in requests]
+        return [
+            Admission(
+                True,
+                r.inbox and self.seen(r.consumer, r.message_id),
+                self.cached_reply(r.consumer, r.message_id) if r.replies else None,
+            )
+            if claimed
+            else Admission(False)
+            for r, claimed in zip(requests, taken, strict=True)
+        ]
 
     def claimed(self, message_id: str, now: float) -> bool:
         return any(m == message_id and until >= now for (_, m), (_, until) in list(self._claims.items()))
@@ -527,6 +559,14 @@ class MemoryStore:
         with self._lock:
             saga_id = self._keys.get((saga_type, key))
         return None if saga_id is None else self.get_saga(saga_id)
+
+    def read_ahead(
+        self, consumer: str, message_ids: Sequence[str], saga_type: str, keys: Sequence[str], saga_ids: Sequence[str]
+    ) -> ReadAhead:
+        seen = frozenset(m for m in message_ids if self.seen(consumer, m))
+        by_key = {k: r for k in keys if (r := self.find_saga(saga_type, k)) is not None}
+        by_id = {i: r for i in saga_ids if (r := self.get_saga(i)) is not None}
+        return ReadAhead(seen, by_key, by_id)
 
     def find_sagas(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], SagaRecord]:
         with self._lock:
@@ -979,13 +1019,18 @@ class _SqlStore:
             (consumer, message_id, owner, until, now),
         )
 
-    def claim_and_read(
-        self, consumer: str, message_id: str, owner: str, until: float, now: float, *, inbox: bool, replies: bool
-    ) -> Admission:
-        if not self.claim(consumer, message_id, owner, until, now):
-            return Admission(False)
-        seen = inbox and self.seen(consumer, message_id)
-        return Admission(True, seen, self.cached_reply(consumer, message_id) if replies else None)
+    def claim_and_read(self, requests: Sequence[ClaimRequest], owner: str, until: float, now: float) -> list[Admission]:
+        taken = [self.claim(r.consumer, r.message_id, owner, until, now) for r in requests]
+        return [
+            Admission(
+                True,
+                r.inbox and self.seen(r.consumer, r.message_id),
+                self.cached_reply(r.consumer, r.message_id) if r.replies else None,
+            )
+            if claimed
+            else Admission(False)
+            for r, claimed in zip(requests, taken, strict=True)
+        ]
 
     def claimed(self, message_id: str, now: float) -> bool:
         row = self._execute(
@@ -1116,6 +1161,40 @@ class _SqlStore:
             f"SELECT {_SAGA_COLUMNS} FROM sagas WHERE type = ? AND key = ?", (saga_type, key)
         ).fetchone()
         return None if row is None else _record(row)
+
+    def read_ahead(
+        self, consumer: str, message_ids: Sequence[str], saga_type: str, keys: Sequence[str], saga_ids: Sequence[str]
+    ) -> ReadAhead:
+        # Every statement sent before the first result is read (PostgreSQL in a group: one round trip).
+        inbox: list[Any] = []
+        by_key: list[Any] = []
+        by_id: list[Any] = []
+        for start in range(0, len(message_ids), _ID_CHUNK):
+            chunk = message_ids[start : start + _ID_CHUNK]
+            inbox.append(
+                self._execute(
+                    "SELECT message_id FROM inbox WHERE consumer = ?"
+                    f" AND message_id IN ({', '.join('?' for _ in chunk)})",
+                    (consumer, *chunk),
+                )
+            )
+        for start in range(0, len(keys), _ID_CHUNK):
+            chunk = keys[start : start + _ID_CHUNK]
+            by_key.append(
+                self._execute(
+                    f"SELECT {_SAGA_COLUMNS} FROM sagas WHERE type = ? AND key IN ({', '.join('?' for _ in chunk)})",
+                    (saga_type, *chunk),
+                )
+            )
+        for start in range(0, len(saga_ids), _ID_CHUNK):
+            chunk = saga_ids[start : start + _ID_CHUNK]
+            by_id.append(
+                self._execute(f"SELECT {_SAGA_COLUMNS} FROM sagas WHERE id IN ({', '.join('?' for _ in chunk)})", chunk)
+            )
+        seen = frozenset(str(row[0]) for cur in inbox for row in cur.fetchall())
+        keyed = [_record(row) for cur in by_key for row in cur.fetchall()]
+        found = [_record(row) for cur in by_id for row in cur.fetchall()]
+        return ReadAhead(seen, {r.key: r for r in keyed}, {r.id: r for r in found})
 
     def find_sagas(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], SagaRecord]:
         by_type: dict[str, list[str]] = {}
@@ -1673,28 +1752,45 @@ class PostgresStore(_SqlStore):
             else:
                 self._db.execute("ROLLBACK")
 
-    def claim_and_read(
-        self, consumer: str, message_id: str, owner: str, until: float, now: float, *, inbox: bool, replies: bool
-    ) -> Admission:
+    def claim(self, consumer: str, message_id: str, owner: str, until: float, now: float) -> bool:
         if self._depth:
-            return super().claim_and_read(consumer, message_id, owner, until, now, inbox=inbox, replies=replies)
+            return super().claim(consumer, message_id, owner, until, now)
+        return self.claim_and_read([ClaimRequest(consumer, message_id)], owner, until, now)[0].claimed
+
+    def claim_and_read(self, requests: Sequence[ClaimRequest], owner: str, until: float, now: float) -> list[Admission]:
+        if self._depth:
+            return super().claim_and_read(requests, owner, until, now)
         self._live()
-        # One round trip: the claim in a transaction of its own, committed before the reads run (each
-        # reads with a snapshot taken after that commit).
+        # One round trip: each claim in a transaction of its own (one lock held at a time, as a claim
+        # alone), committed before the reads run (each reads with a snapshot taken after the commits).
         with self._db.pipeline():  # (its end waits for every result)
-            self._db.execute("BEGIN")
-            claim = self._claim(consumer, message_id, owner, until, now)
-            self._db.execute("COMMIT")
-            seen = inbox and self._execute(
-                "SELECT 1 FROM inbox WHERE consumer = ? AND message_id = ?", (consumer, message_id)
+            claims = []
+            for r in requests:
+                self._db.execute("BEGIN")
+                claims.append(self._claim(r.consumer, r.message_id, owner, until, now))
+                self._db.execute("COMMIT")
+            reads = [
+                (
+                    r.inbox
+                    and self._execute(
+                        "SELECT 1 FROM inbox WHERE consumer = ? AND message_id = ?", (r.consumer, r.message_id)
+                    ),
+                    r.replies
+                    and self._execute(
+                        "SELECT body FROM reply_cache WHERE consumer = ? AND request_id = ?", (r.consumer, r.message_id)
+                    ),
+                )
+                for r in requests
+            ]
+        found: list[Admission] = []
+        for claim, (seen, reply) in zip(claims, reads, strict=True):
+            cached = reply.fetchone() if reply else None
+            found.append(
+                Admission(True, bool(seen and seen.fetchone() is not None), None if cached is None else str(cached[0]))
+                if claim.rowcount == 1
+                else Admission(False)
             )
-            reply = replies and self._execute(
-                "SELECT body FROM reply_cache WHERE consumer = ? AND request_id = ?", (consumer, message_id)
-            )
-        if claim.rowcount != 1:
-            return Admission(False)
-        cached = reply.fetchone() if reply else None
-        return Admission(True, bool(seen and seen.fetchone() is not None), None if cached is None else str(cached[0]))
+        return found
 
     @property
     def url(self) -> str:

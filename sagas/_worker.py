@@ -529,16 +529,19 @@ class Worker:
         room = self.handlers.room
         try:
             while self._ready and len(work) < room:
-                generation, inbound = self._ready.popleft()
-                if generation != self._generation:
-                    continue  # came on a connection that broke: the broker redelivers it
-                saga_type = saga_routes.get(inbound.subscription.queue)
-                if saga_type is not None:
-                    sagas.setdefault(saga_type, []).append(inbound)
-                    continue
-                item = self.handlers.admit(generation, inbound)
-                if item is not None:
-                    work.append(item)
+                # up to the room left, admitted together (their claims in one round trip)
+                batch: list[tuple[int, Inbound]] = []
+                while self._ready and len(work) + len(batch) < room:
+                    generation, inbound = self._ready.popleft()
+                    if generation != self._generation:
+                        continue  # came on a connection that broke: the broker redelivers it
+                    saga_type = saga_routes.get(inbound.subscription.queue)
+                    if saga_type is not None:
+                        sagas.setdefault(saga_type, []).append(inbound)
+                        continue
+                    batch.append((generation, inbound))
+                if batch:
+                    self.handlers.admit(batch, work)
         except ConnectionLost:
             # Admitted work starts even when the connection broke meanwhile: it settles as from a lost
             # connection and frees its place, so a redelivery of it is not parked for ever.

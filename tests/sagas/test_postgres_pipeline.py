@@ -12,7 +12,7 @@ from typing import IO, Any
 import pytest
 
 from sagas import SagaRecord, open_store
-from sagas._store import DuplicateSaga, HistoryEntry, Outgoing, PostgresStore, VersionConflict
+from sagas._store import ClaimRequest, DuplicateSaga, HistoryEntry, Outgoing, PostgresStore, VersionConflict
 
 pytestmark = pytest.mark.postgres
 
@@ -130,15 +130,16 @@ def test_a_saga_group_takes_three_round_trips_per_message_and_one_to_commit(
     assert store.unsent(T0 + 10) == []
 
 
-def test_a_settle_group_and_a_claim_with_its_reads_take_one_round_trip_each(
+def test_a_settle_group_and_a_batch_of_claims_with_their_reads_take_one_round_trip_each(
     traced: tuple[PostgresStore, _Wire],
 ) -> None:
     """What a handler's settle writes (inbox records, cached replies, releases of claims) commits in one
-    round trip; a handler's admission (the claim, committed, then the inbox and reply-cache reads) is one
+    round trip; a batch of admissions (each claim committed, then the inbox and reply-cache reads) is one
     round trip too."""
     store, wire = traced
-    admitted = [store.claim_and_read("svc.h", f"m{i}", "w1", T0 + 30, T0, inbox=True, replies=True) for i in range(10)]
-    assert wire.round_trips() == 10
+    requests = [ClaimRequest("svc.h", f"m{i}", inbox=True, replies=True) for i in range(10)]
+    admitted = store.claim_and_read(requests, "w1", T0 + 30, T0)
+    assert wire.round_trips() == 1
     assert all(a.claimed and not a.seen and a.reply is None for a in admitted)
     with store.group():
         for i in range(10):
@@ -146,10 +147,24 @@ def test_a_settle_group_and_a_claim_with_its_reads_take_one_round_trip_each(
             store.cache_reply("svc.h", f"m{i}", f"reply-{i}")
             store.release("svc.h", f"m{i}", "w1")
     assert wire.round_trips() == 1
-    again = store.claim_and_read("svc.h", "m3", "w2", T0 + 30, T0, inbox=True, replies=True)
-    assert (again.claimed, again.seen, again.reply) == (True, True, "reply-3")
-    assert not store.claim_and_read("svc.h", "m3", "w1", T0 + 30, T0, inbox=True, replies=True).claimed
-    assert wire.round_trips() == 2
+    assert store.claim("svc.h", "m4", "w3", T0 + 30, T0)
+    assert wire.round_trips() == 1
+    again = store.claim_and_read(
+        [
+            ClaimRequest("svc.h", "m3", inbox=True, replies=True),
+            ClaimRequest("svc.h", "m4"),
+            ClaimRequest("svc.h", "m9"),
+        ],
+        "w2",
+        T0 + 30,
+        T0,
+    )
+    assert wire.round_trips() == 1
+    assert [(a.claimed, a.seen, a.reply) for a in again] == [
+        (True, True, "reply-3"),
+        (False, False, None),
+        (True, False, None),
+    ]
 
 
 def test_a_conflict_or_duplicate_found_after_the_writes_were_sent_leaves_nothing_of_them(
@@ -188,3 +203,30 @@ def test_a_conflict_or_duplicate_found_after_the_writes_were_sent_leaves_nothing
     assert store.saga_history("id-twin") == []
     assert [store.seen("c", m) for m in ("m1", "m2", "m3", "m4")] == [False, False, False, True]
     assert [r.message_id for r in store.unsent(T0 + 10)] == ["out-b-0"] == [r.message_id for r in rows]
+
+
+def test_a_batch_reads_its_inbox_records_and_sagas_ahead_in_one_round_trip(
+    traced: tuple[PostgresStore, _Wire],
+) -> None:
+    """The first reads of a batch of saga messages (inbox records and sagas, by key and by id) take one
+    round trip inside the group; each message's save then takes one."""
+    store, wire = traced
+    for i in range(10):
+        record = _record(f"k{i}")
+        store.save_saga(record, expected_version=None, history=_entry(record, f"s{i}"), inbox=("saga:trip", f"s{i}"),
+                        outbox=[])  # fmt: skip
+    wire.round_trips()
+    with store.group():
+        found = store.read_ahead(
+            "saga:trip", [f"s{i}" for i in range(3)] + ["m0", "m1"], "trip", ["k0", "k1", "nope"], ["id-k2", "id-x"]
+        )
+        for i in range(10):
+            moved = _record(f"k{i}", version=2, state="car")
+            store.save_saga(moved, expected_version=1, history=_entry(moved, f"m{i}"), inbox=("saga:trip", f"m{i}"),
+                            outbox=_outs(f"k{i}", 1))  # fmt: skip
+    assert wire.round_trips() == 1 + 10 + 1
+    assert found.seen == {"s0", "s1", "s2"}
+    assert sorted(found.by_key) == ["k0", "k1"]
+    assert (found.by_key["k1"].id, found.by_key["k1"].version) == ("id-k1", 1)  # (read before the move)
+    assert sorted(found.by_id) == ["id-k2"]
+    assert found.by_id["id-k2"].key == "k2"
