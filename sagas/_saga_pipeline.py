@@ -1,13 +1,13 @@
 """The saga pipeline: saga messages applied as a group, deadlines fired, and the outbox relayed.
 
 Saga messages are applied inline on the worker's I/O thread (no user I/O runs in a saga's guards and
-actions), as one group: every state change in one store transaction with a savepoint per message
-(group commit), then their outbox rows published with pipelined confirms and marked sent, then the
-acks. A message whose step raises rolls back alone and is retried through a delay queue, then
-dead-lettered; the rest of the group commits. A message the engine refuses (a start or correlated
-event without an acceptable key) is dead-lettered with the reason; one that moves no saga (a duplicate,
-a late reply, an event the saga's state does not take) is acked and logged at info or warning with the
-reason. ``SagaPipeline.outcomes`` counts every outcome.
+actions), as one group: what each first reads (its inbox record and saga) read ahead for them all, every
+state change in one store transaction with a savepoint per message (group commit), then their outbox
+rows published with pipelined confirms and marked sent, then the acks. A message whose step raises rolls
+back alone and is retried through a delay queue, then dead-lettered; the rest of the group commits. A
+message the engine refuses (a start or correlated event without an acceptable key) is dead-lettered with
+the reason; one that moves no saga (a duplicate, a late reply, an event the saga's state does not take)
+is acked and logged at info or warning with the reason. ``SagaPipeline.outcomes`` counts every outcome.
 
 Every ``timer_interval`` the pipeline fires the deadlines that have passed, and every
 ``relay_interval`` it republishes outbox rows a crash or an outage left unsent.

@@ -6,6 +6,9 @@ caused it and the messages it sends are written in one transaction. Concurrency 
 update names the version it read, and fails with :class:`VersionConflict` if another worker got there
 first. Every store is used from one thread, the worker's I/O thread. All SQL takes values as
 parameters. The schema is created, and upgraded, when a store opens (``schema_version`` table).
+
+On PostgreSQL a group runs in psycopg's pipeline mode: its writes are sent without waiting, and what
+waits is a read, a row count (``save_saga``'s conflict check) and the commit, each one round trip.
 """
 
 from __future__ import annotations
