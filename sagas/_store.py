@@ -6,6 +6,9 @@ caused it and the messages it sends are written in one transaction. Concurrency 
 update names the version it read, and fails with :class:`VersionConflict` if another worker got there
 first. Every store is used from one thread, the worker's I/O thread. All SQL takes values as
 parameters. The schema is created, and upgraded, when a store opens (``schema_version`` table).
+
+On PostgreSQL a group runs in psycopg's pipeline mode: its writes are sent without waiting, and what
+waits is a read, a row count (``save_saga``'s conflict check) and the commit, each one round trip.
 """
 
 from __future__ import annotations
@@ -818,8 +821,21 @@ class _SqlStore:
     #: the clock of the inbox's, reply cache's and outbox's timestamps (a harness sets its own)
     clock: Callable[[], float] = staticmethod(time.time)
 
+    #: whether a statement's row count is checked after the statements that follow it were sent
+    #: (PostgreSQL in pipeline mode); then :meth:`save_saga` undoes its writes on a conflict
+    _checks_after_writes = False
+
     def _sql(self, statement: str) -> str:
         return statement
+
+    def _flush(self) -> None:
+        """Wait for the results of every statement sent so far (PostgreSQL in a pipeline; elsewhere
+        each statement has its result when it returns)."""
+
+    def _count(self, cur: Any) -> int:
+        """The number of rows the statement of ``cur`` changed (waiting for it first)."""
+        self._flush()
+        return int(cur.rowcount)
 
     def group(self) -> AbstractContextManager[None]:
         """One transaction for every write inside (see :meth:`Store.group`)."""
@@ -836,7 +852,8 @@ class _SqlStore:
         """The writes of one store call: a transaction of their own or, inside a group, part of the
         group's. There they take no savepoint: a call raises before it writes (a duplicate, a version
         conflict), or it raises out of the group, or out of the inner group its caller opened, which
-        undoes what it wrote. Saves a savepoint and its release per call (round trips on PostgreSQL)."""
+        undoes what it wrote. (On PostgreSQL, :meth:`save_saga` sends its writes before it knows of a
+        conflict, and takes a savepoint of its own, sent with them.)"""
         return nullcontext() if self._depth else self._transaction()
 
     def _create_schema(self, serial: str, real: str) -> None:
@@ -983,13 +1000,15 @@ class _SqlStore:
     def claim(self, consumer: str, message_id: str, owner: str, until: float, now: float) -> bool:
         # One statement, committed at once: a new claim, or one taken over (expired, or already ours).
         with self._atomic():
-            cur = self._execute(
-                "INSERT INTO claims (consumer, message_id, owner, expires_at) VALUES (?, ?, ?, ?)"
-                " ON CONFLICT (consumer, message_id) DO UPDATE SET owner = excluded.owner,"
-                " expires_at = excluded.expires_at WHERE claims.expires_at < ? OR claims.owner = excluded.owner",
-                (consumer, message_id, owner, until, now),
-            )
-            return bool(cur.rowcount == 1)
+            return self._count(self._claim(consumer, message_id, owner, until, now)) == 1
+
+    def _claim(self, consumer: str, message_id: str, owner: str, until: float, now: float) -> Any:
+        return self._execute(
+            "INSERT INTO claims (consumer, message_id, owner, expires_at) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (consumer, message_id) DO UPDATE SET owner = excluded.owner,"
+            " expires_at = excluded.expires_at WHERE claims.expires_at < ? OR claims.owner = excluded.owner",
+            (consumer, message_id, owner, until, now),
+        )
 
     def claim_many(
         self, claims: Sequence[tuple[str, str]], owner: str, until: float, now: float
@@ -1069,53 +1088,87 @@ class _SqlStore:
             record.updated_at,
             record.fingerprint,
         )
-        rows: list[OutboxRow] = []
-        # DuplicateSaga and VersionConflict are raised before anything is written, and without a
-        # database error: inside a group, no savepoint of its own is needed (see _atomic).
+        conflict: StoreError
+        # On SQLite, DuplicateSaga and VersionConflict are raised before anything is written, and without
+        # a database error: inside a group, no savepoint of its own is needed (see _atomic). PostgreSQL
+        # sends every statement at once (one round trip) and checks afterwards: inside a group, a
+        # savepoint (sent with them) undoes the call's writes when it meets a conflict.
+        undo = self._checks_after_writes and self._depth > 0
         with self._atomic():
+            if undo:
+                self._execute("SAVEPOINT save")
             if expected_version is None:
                 cur = self._execute(
                     f"INSERT INTO sagas ({_SAGA_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
                     " ON CONFLICT DO NOTHING",
                     (record.id, record.type, record.key, *values[:7], record.created_at, *values[7:]),
                 )
-                if cur.rowcount != 1:
-                    raise DuplicateSaga(f"saga {record.type}/{record.key} exists")
+                conflict = DuplicateSaga(f"saga {record.type}/{record.key} exists")
             else:
                 cur = self._execute(
                     "UPDATE sagas SET state = ?, data = ?, version = ?, deadline = ?, attempts = ?,"
                     " meta = ?, final = ?, updated_at = ?, fingerprint = ? WHERE id = ? AND version = ?",
                     (*values, record.id, expected_version),
                 )
+                conflict = VersionConflict(f"saga {record.id} is not at version {expected_version}")
+            if not self._checks_after_writes:
                 if cur.rowcount != 1:
-                    raise VersionConflict(f"saga {record.id} is not at version {expected_version}")
+                    raise conflict
+                return self._save_rest(record, history, inbox, outbox)
+            try:
+                rows = self._save_rest(record, history, inbox, outbox)
+            except Exception:
+                with suppress(Exception):
+                    self._flush()  # (the statements after the failed one are skipped: wait for them all)
+                if cur.rowcount != 0:
+                    # A failure of its own (not explained by a conflict): the transaction is in error,
+                    # and the group fails unless the caller's part rolls back (see _transaction).
+                    raise
+                rows = []  # (a conflict: a write after it may fail, say the history entry's sequence is taken)
+            if cur.rowcount != 1:
+                if undo:
+                    self._execute("ROLLBACK TO save")
+                    self._execute("RELEASE save")
+                raise conflict
+            if undo:
+                self._execute("RELEASE save")
+            return rows
+
+    def _save_rest(
+        self, record: SagaRecord, history: HistoryEntry, inbox: tuple[str, str] | None, outbox: Sequence[Outgoing]
+    ) -> list[OutboxRow]:
+        """The writes of :meth:`save_saga` after the saga's row: its history entry, inbox record and
+        outbox rows (their ids read once every statement was sent)."""
+        self._execute(
+            "INSERT INTO saga_history (saga_id, seq, at, message_id, from_state, to_state, reason, actor)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                record.id,
+                record.version,
+                history.at,
+                history.message_id,
+                history.from_state,
+                history.to_state,
+                history.reason,
+                history.actor,
+            ),
+        )
+        if inbox is not None:
+            self._insert_inbox(*inbox)
+        now = history.at  # the engine's clock, which the relay compares with
+        sent = [
             self._execute(
-                "INSERT INTO saga_history (saga_id, seq, at, message_id, from_state, to_state, reason, actor)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    record.id,
-                    record.version,
-                    history.at,
-                    history.message_id,
-                    history.from_state,
-                    history.to_state,
-                    history.reason,
-                    history.actor,
-                ),
+                "INSERT INTO outbox (saga_id, message_id, routing_key, body, mandatory, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
+                (record.id, out.message_id, out.routing_key, out.body, int(out.mandatory), now),
             )
-            if inbox is not None:
-                self._insert_inbox(*inbox)
-            now = history.at  # the engine's clock, which the relay compares with
-            for out in outbox:
-                row = self._execute(
-                    "INSERT INTO outbox (saga_id, message_id, routing_key, body, mandatory, created_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
-                    (record.id, out.message_id, out.routing_key, out.body, int(out.mandatory), now),
-                ).fetchone()
-                rows.append(
-                    OutboxRow(int(row[0]), record.id, out.message_id, out.routing_key, out.body, out.mandatory, now)
-                )
-        return rows
+            for out in outbox
+        ]
+        self._flush()
+        return [
+            OutboxRow(int(c.fetchone()[0]), record.id, out.message_id, out.routing_key, out.body, out.mandatory, now)
+            for c, out in zip(sent, outbox, strict=True)
+        ]
 
     def get_saga(self, saga_id: str) -> SagaRecord | None:
         row = self._execute(f"SELECT {_SAGA_COLUMNS} FROM sagas WHERE id = ?", (saga_id,)).fetchone()
@@ -1402,32 +1455,30 @@ class _SqlStore:
                 if not gone:
                     return none
                 marks = ", ".join("?" for _ in gone)
-                history = self._execute(f"DELETE FROM saga_history WHERE saga_id IN ({marks})", gone).rowcount
-                outbox = self._execute(
-                    f"DELETE FROM outbox WHERE sent_at IS NOT NULL AND saga_id IN ({marks})", gone
-                ).rowcount
-                return {"sagas": len(gone), "saga_history": int(history), "outbox": int(outbox)}
+                history = self._execute(f"DELETE FROM saga_history WHERE saga_id IN ({marks})", gone)
+                outbox = self._execute(f"DELETE FROM outbox WHERE sent_at IS NOT NULL AND saga_id IN ({marks})", gone)
+                return {"sagas": len(gone), "saga_history": self._count(history), "outbox": self._count(outbox)}
             if table == "outbox":
                 cur = self._execute(
                     "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE sent_at IS NOT NULL"
                     " AND sent_at < ? ORDER BY sent_at LIMIT ?)",
                     (cutoffs.outbox_sent, limit),
                 )
-                return {"outbox": int(cur.rowcount)}
+                return {"outbox": self._count(cur)}
             if table == "inbox":
                 cur = self._execute(
                     "DELETE FROM inbox WHERE (consumer, message_id) IN (SELECT consumer, message_id FROM inbox"
                     " WHERE handled_at < ? ORDER BY handled_at LIMIT ?)",
                     (cutoffs.inbox, limit),
                 )
-                return {"inbox": int(cur.rowcount)}
+                return {"inbox": self._count(cur)}
             if table == "reply_cache":
                 cur = self._execute(
                     "DELETE FROM reply_cache WHERE (consumer, request_id) IN (SELECT consumer, request_id"
                     " FROM reply_cache WHERE cached_at < ? ORDER BY cached_at LIMIT ?)",
                     (cutoffs.replies, limit),
                 )
-                return {"reply_cache": int(cur.rowcount)}
+                return {"reply_cache": self._count(cur)}
             if table == "claims":
                 # (the condition again, on the deleted row: a claim a worker took again meanwhile, with a
                 # new lease, is re-checked on PostgreSQL, and kept)
@@ -1436,7 +1487,7 @@ class _SqlStore:
                     " message_id FROM claims WHERE expires_at < ? ORDER BY expires_at LIMIT ?)",
                     (cutoffs.claims, cutoffs.claims, limit),
                 )
-                return {"claims": int(cur.rowcount)}
+                return {"claims": self._count(cur)}
             raise ConfigurationError(f"cannot prune {table!r}: prune sagas, outbox, inbox, reply_cache or claims")
 
     # the queue registry (schema 9)
@@ -1625,28 +1676,88 @@ class PostgresStore(_SqlStore):
     def _sql(self, statement: str) -> str:
         return statement.replace("?", "%s").replace(_C_MARK, ' COLLATE "C"')
 
+    #: statements are sent in pipeline mode inside a group: save_saga checks its row count after the rest
+    _checks_after_writes = True
+    #: the pipeline of the open group (None outside one): its writes are sent, not waited for, and the
+    #: commit waits for them all (one round trip); a read, or a row count, waits for what was sent before
+    _pipeline: Any = None
+
+    def _flush(self) -> None:
+        if self._pipeline is not None:
+            self._pipeline.sync()
+
     @contextmanager
     def _transaction(self) -> Iterator[None]:
         import psycopg
-        from psycopg import pq
 
-        self._live()
-        self._depth += 1  # (psycopg nests transaction() blocks as savepoints)
-        try:
-            with self._db.transaction() as tx:
+        if self._depth:
+            # Inside a group: a savepoint (the name resolves to the innermost one), sent with what follows.
+            self._depth += 1
+            try:
+                self._db.execute("SAVEPOINT part")
                 yield
-                if self._db.info.transaction_status == pq.TransactionStatus.INERROR:
-                    # (a failed statement whose error was caught: PostgreSQL answers COMMIT with a rollback)
-                    raise psycopg.OperationalError("a statement of the transaction failed: it was rolled back")
-            # psycopg ends a block on a broken connection without COMMIT (or RELEASE) and without an
-            # error when nothing raised inside it: a group whose parts caught the break (the saga
-            # pipeline skips a message that fails) would look committed while it wrote nothing.
-            if tx.status != tx.Status.COMMITTED:
-                raise psycopg.OperationalError(
-                    f"the connection broke: the {'savepoint' if self._depth > 1 else 'transaction'} was not committed"
-                )
+            except BaseException:
+                self._undo(part=True)
+                raise
+            finally:
+                self._depth -= 1
+            self._db.execute("RELEASE part")
+            return
+        self._live()
+        self._depth = 1
+        commit = None
+        try:
+            # (the pipeline's end sends the COMMIT and waits for every result: one round trip)
+            with self._db.pipeline() as pipeline:
+                self._pipeline = pipeline
+                try:
+                    self._db.execute("BEGIN")
+                    yield
+                except BaseException:
+                    self._undo(part=False)
+                    raise
+                commit = self._db.execute("COMMIT")
+        except psycopg.Error:
+            if commit is not None and not (self._db.closed or self._db.broken):
+                # A statement sent before the COMMIT failed: PostgreSQL skipped the rest, the COMMIT too.
+                with suppress(psycopg.Error):
+                    self._db.execute("ROLLBACK")
+            raise
         finally:
-            self._depth -= 1
+            self._pipeline = None
+            self._depth = 0
+        assert commit is not None  # (the block raised otherwise)
+        # A statement that failed inside the group (its error caught, and no savepoint rolled back to
+        # undo it) leaves the transaction in error: PostgreSQL answers COMMIT with a rollback, no error.
+        # (A connection that broke made the COMMIT, or the wait for it, raise.)
+        if commit.statusmessage != "COMMIT":
+            raise psycopg.OperationalError("a statement of the transaction failed: it was rolled back")
+
+    def _undo(self, *, part: bool) -> None:
+        """Roll back the transaction, or the ``part`` (the innermost savepoint ``part``), after an error
+        inside a group, not hiding that error: wait for what was sent (a failed statement makes PostgreSQL
+        skip what follows it until then), then send the rollback. A failure here (a broken connection)
+        makes the group's commit fail instead."""
+        import psycopg
+
+        with suppress(psycopg.Error):
+            self._flush()
+        with suppress(psycopg.Error):
+            if part:
+                self._db.execute("ROLLBACK TO part")
+                self._db.execute("RELEASE part")
+            else:
+                self._db.execute("ROLLBACK")
+
+    def renew_claims(self, owner: str, until: float) -> None:
+        # Rows locked in key order, the order claim_many takes them in: a renewal and another worker's
+        # batch of claims over the same rows never wait on each other in a cycle.
+        with self._atomic():
+            self._execute(
+                "UPDATE claims SET expires_at = ? WHERE (consumer, message_id) IN (SELECT consumer, message_id"
+                " FROM claims WHERE owner = ? ORDER BY consumer, message_id FOR UPDATE)",
+                (until, owner),
+            )
 
     @property
     def url(self) -> str:

@@ -7,7 +7,8 @@ correlation id = the saga id, header ``request_id`` = the request's id) and move
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -1021,3 +1022,92 @@ def test_failure_reply_that_no_guarded_on_failure_takes_gives_up_at_once() -> No
     h.answer("picky", fatal.id, ok=False, reason="disk on fire")
     assert h.saga(busy.id).state == "done"
     assert (h.saga(fatal.id).state, h.saga(fatal.id).meta["reason"]) == (FAILED, "disk on fire")
+
+
+# -- reading a batch ahead -----------------------------------------------------------------------------
+
+
+class _CountingReads(MemoryStore):
+    """A memory store that counts the reads of one message at a time (inbox checks, saga loads), not
+    those of a read ahead."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.single_reads = 0
+        self._inside = 0
+
+    @contextmanager
+    def _counted(self) -> Iterator[None]:
+        self.single_reads += not self._inside
+        self._inside += 1
+        try:
+            yield
+        finally:
+            self._inside -= 1
+
+    def seen(self, consumer: str, message_id: str) -> bool:
+        with self._counted():
+            return super().seen(consumer, message_id)
+
+    def get_saga(self, saga_id: str) -> SagaRecord | None:
+        with self._counted():
+            return super().get_saga(saga_id)
+
+    def find_saga(self, saga_type: str, key: str) -> SagaRecord | None:
+        with self._counted():
+            return super().find_saga(saga_type, key)
+
+    @contextmanager
+    def _ahead(self) -> Iterator[None]:
+        self._inside += 1
+        try:
+            yield
+        finally:
+            self._inside -= 1
+
+    def answers(self, inbox: Sequence[tuple[str, str]], replies: Sequence[tuple[str, str]]) -> Any:
+        with self._ahead():
+            return super().answers(inbox, replies)
+
+    def get_sagas(self, saga_ids: Sequence[str]) -> dict[str, SagaRecord]:
+        with self._ahead():
+            return super().get_sagas(saga_ids)
+
+    def find_sagas(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], SagaRecord]:
+        with self._ahead():
+            return super().find_sagas(keys)
+
+
+def test_a_batch_read_ahead_applies_as_one_message_at_a_time_and_rereads_what_it_shares() -> None:
+    """A batch whose first reads were read ahead (the saga pipeline's group) ends as the same messages
+    handled one by one: messages that reach one saga (a start and a reply to it, a start event twice, a
+    second start for one key) read their own when they are handled, after the earlier ones changed it;
+    the others read nothing more."""
+    h = Harness(Trip)
+    store = _CountingReads()
+    h.store = store
+    h.engine = h.make_engine(Trip)
+    first = _started(h, key="a")
+    second = _started(h, key="b")
+    start_c = Event(TRIP_REQUESTED, {"trip_id": "c"})
+    batch = [
+        reply_to(h.pending(first)),  # alone on its saga: read ahead
+        start_c,
+        start_c,  # the same event twice: the second is a duplicate
+        Event(TRIP_REQUESTED, {"trip_id": "d"}),  # a new saga, alone on its key: read ahead
+        Event(TRIP_REQUESTED, {"trip_id": "b"}),  # a second start of saga b ...
+        reply_to(h.pending(second)),  # ... and a reply to it: both read their own
+    ]
+    store.single_reads = 0
+    with h.engine.group(), h.engine.reading_ahead("trip", batch):
+        outcomes = []
+        for event in batch:
+            with h.engine.group():
+                outcomes.append(h.engine.handle("trip", event).outcome)
+    assert outcomes == ["moved", "moved", "duplicate", "moved", "duplicate-start", "moved"]
+    assert h.states(first) == ["hotel", "car"]
+    assert h.states(second) == ["hotel", "car"]
+    assert sorted(s.key for s in store.list_sagas(saga_type="trip")) == ["a", "b", "c", "d"]
+    # (each read ahead is given once: the copy of start_c checks the inbox again, and the reply to b
+    # loads b again after b's second start was given it)
+    assert store.single_reads == 2

@@ -840,9 +840,11 @@ def test_opening_a_current_postgres_store_takes_no_lock_against_running_groups(p
 
 
 def test_a_duplicate_or_conflict_inside_a_group_leaves_the_group_usable(reopen: Opener) -> None:
-    """Inside a group, save_saga takes no savepoint of its own: a duplicate start and a version conflict
-    are refused before anything is written, without a database error, so the group goes on and commits
-    the other writes (on PostgreSQL, a failed statement would have aborted the whole transaction)."""
+    """Inside a group, a duplicate start and a version conflict are refused without leaving anything
+    written, and without a database error, so the group goes on and commits the other writes (on
+    PostgreSQL, a failed statement would have aborted the whole transaction). SQLite refuses them before
+    it writes; PostgreSQL sends the writes first and rolls back to a savepoint of save_saga's own
+    (see test_postgres_pipeline.py)."""
     store = reopen()
     first = _record("a")
     store.save_saga(first, expected_version=None, history=_entry(first), inbox=None, outbox=[])
