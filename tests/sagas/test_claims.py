@@ -353,23 +353,31 @@ def _indexer(effects: _Effects, **options: Any) -> Service:
     return indexer
 
 
+def _handle_all(app: App, store: Any, published: list[Event], effects: _Effects, n: int) -> Worker:
+    """Publish ``published`` to a worker of ``app`` on ``store`` (memory://) whose queue exists but which
+    does not consume yet, so that it takes them in few turns; run it until ``n`` effects happened and it
+    is idle. The worker, closed."""
+    worker = Worker(app, broker="memory://", store=store)
+    bus = EventBus("memory://", exchange=app.exchange)
+    try:
+        worker.start()  # (declares the queue)
+        bus.publish_many(published)
+        with worker.running():
+            wait_for(lambda: effects.total >= n, timeout=30.0, what="every event handled")
+            wait_for(lambda: worker.idle and worker.handlers.idle, timeout=30.0, what="idle")
+    finally:
+        worker.close()
+        bus.close()
+    return worker
+
+
 def test_the_claims_and_inbox_reads_of_the_messages_a_worker_takes_at_once_are_one_store_call_each(
     any_store: Store, unique: str
 ) -> None:
     effects = _Effects()
     store = _ClaimsSeen(any_store)
-    worker = Worker(App(_indexer(effects), exchange=unique), broker="memory://", store=store)
-    bus = EventBus("memory://", exchange=unique)
     events = [Event("ocis.file.uploaded", {"n": i}) for i in range(40)]
-    try:
-        worker.start()  # (declares the queue)
-        bus.publish_many(events)
-        with worker.running():
-            wait_for(lambda: effects.total >= len(events), timeout=30.0, what="every event handled")
-            wait_for(lambda: worker.idle and worker.handlers.idle, timeout=30.0, what="idle")
-    finally:
-        worker.close()
-        bus.close()
+    _handle_all(App(_indexer(effects), exchange=unique), store, events, effects, len(events))
     assert set(effects.counts) == {e.id for e in events}
     assert effects.duplicates() == {}
     assert store.single == 0
@@ -381,18 +389,9 @@ def test_the_claims_and_inbox_reads_of_the_messages_a_worker_takes_at_once_are_o
 
 def test_two_copies_of_a_message_taken_at_once_run_it_once(any_store: Store, unique: str) -> None:
     effects = _Effects()
-    worker = Worker(App(_indexer(effects), exchange=unique), broker="memory://", store=any_store)
-    bus = EventBus("memory://", exchange=unique)
     events = [Event("ocis.file.uploaded", {"n": i}) for i in range(10)]
-    try:
-        worker.start()
-        bus.publish_many([e for e in events for _ in range(2)])  # (each id twice, in one batch)
-        with worker.running():
-            wait_for(lambda: effects.total >= len(events), timeout=30.0, what="every event handled")
-            wait_for(lambda: worker.idle and worker.handlers.idle, timeout=30.0, what="idle")
-    finally:
-        worker.close()
-        bus.close()
+    twice = [e for e in events for _ in range(2)]  # (each id twice, in one batch)
+    worker = _handle_all(App(_indexer(effects), exchange=unique), any_store, twice, effects, len(events))
     assert effects.duplicates() == {}
     assert set(effects.counts) == {e.id for e in events}
     assert worker.handlers.handled == len(events)
@@ -402,18 +401,8 @@ def test_messages_whose_claims_the_store_failed_to_write_are_handled_later(uniqu
     effects = _Effects()
     store = _ClaimsSeen(MemoryStore(), fail_first=True)
     app = App(_indexer(effects, retry=Retry(attempts=3, initial=0.05)), exchange=unique)
-    worker = Worker(app, broker="memory://", store=store)
-    bus = EventBus("memory://", exchange=unique)
     events = [Event("ocis.file.uploaded", {"n": i}) for i in range(10)]
-    try:
-        worker.start()
-        bus.publish_many(events)
-        with worker.running():
-            wait_for(lambda: effects.total >= len(events), timeout=30.0, what="every event handled after all")
-            wait_for(lambda: worker.idle and worker.handlers.idle, timeout=30.0, what="idle")
-    finally:
-        worker.close()
-        bus.close()
+    _handle_all(app, store, events, effects, len(events))
     assert store.fail_first is False  # (the first write failed)
     assert effects.duplicates() == {}
     assert set(effects.counts) == {e.id for e in events}
