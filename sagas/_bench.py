@@ -280,7 +280,7 @@ def events_worker(
     configure_logging(level="warning")
     collector = Collector(n)
     store = open_store("memory://")
-    worker = Worker(events_app(exchange, collector, async_handlers), broker=broker, store=store)
+    worker = Worker(events_app(exchange, collector, async_handlers), broker=broker, store=store, prune=False)
     with _observed(variant, worker, store) as seen, worker.running():
         ready.set()
         collector.done.wait(600)
@@ -307,7 +307,7 @@ def bench_events(broker: str, n: int, variant: str | None = None, async_handlers
     if broker.startswith("memory://"):
         collector = Collector(n)
         store = open_store("memory://")
-        worker = Worker(events_app(exchange, collector, async_handlers), broker=broker, store=store)
+        worker = Worker(events_app(exchange, collector, async_handlers), broker=broker, store=store, prune=False)
         with _observed(variant or "off", worker, store) as seen, worker.running():
             t0, t1 = _publish_events(bus, n)
             collector.done.wait(600)
@@ -601,7 +601,8 @@ def run_saga_worker(
 ) -> None:
     configure_logging(level="warning")
     store = _CountingStore(open_store(store_url))
-    worker = Worker(sagas_app(exchange), broker=broker, store=store)
+    # (no pruner: the workloads measure the hot path; `sagas bench retention` measures the pruner)
+    worker = Worker(sagas_app(exchange), broker=broker, store=store, prune=False)
     # the sampler opens its own connection, as with ``sagas run --metrics-port``
     with _observed(variant, worker, store_url) as seen, worker.running():
         ready.set()
@@ -628,7 +629,7 @@ def bench_sagas(
     if memory:
         inner = open_store(store_url)  # shared by the worker and the metrics' sampler
         store = _CountingStore(inner)
-        worker = Worker(sagas_app(exchange), broker=broker, store=store)
+        worker = Worker(sagas_app(exchange), broker=broker, store=store, prune=False)
         with _observed(variant or "off", worker, inner) as seen, worker.running():
             t0 = _publish_and_wait(bus, starts, store, n)
             t1 = time.time()
@@ -928,5 +929,11 @@ def table(report: dict[str, Any]) -> str:
                 f"  {variant:<10} {row[key]:>10,.0f}/s   {ratio_key} {'-' if ratio is None else f'{ratio:.3f}':>6}"
                 f"   spans {row['spans']:>10,.0f}"
                 + (f"   console pages {row['console_pages']:,.0f}" if row.get("console_pages") else "")
+                + (
+                    f"   (no page was served: the runs were shorter than the console's {CONSOLE_REFRESH:g} s"
+                    " refresh; give a larger -n)"
+                    if variant == "console" and not row.get("console_pages")
+                    else ""
+                )
             )
     return "\n".join(lines)

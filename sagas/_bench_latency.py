@@ -127,7 +127,8 @@ def events(broker: str, rate: int, seconds: float) -> dict[str, Any]:
 
     if broker.startswith("memory://"):
         collector = _bench.Collector(n)
-        worker = Worker(_bench.events_app(exchange, collector), broker=broker, store=open_store("memory://"))
+        app = _bench.events_app(exchange, collector)
+        worker = Worker(app, broker=broker, store=open_store("memory://"), prune=False)
         with worker.running():
             t0, t1, sent = paced(rate, WARMUP + seconds, send)
             collector.done.wait(600)
@@ -187,7 +188,7 @@ def sagas(broker: str, rate: int, seconds: float) -> dict[str, Any]:
 
     if memory:
         store = open_store("memory://")
-        worker = Worker(_bench.sagas_app(exchange), broker=broker, store=store)
+        worker = Worker(_bench.sagas_app(exchange), broker=broker, store=store, prune=False)
         with worker.running():
             t0, t1, sent = paced(rate, WARMUP + seconds, send)
             _bench.wait_final(store, 0, n)

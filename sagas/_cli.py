@@ -37,7 +37,7 @@ from ._logging import configure_logging
 from ._protocol import start_event
 from ._saga import FAILED, Saga
 from ._service import App, Service
-from ._store import PRUNED_TABLES, MemoryStore, PrunableStore, Store, open_store
+from ._store import PRUNED_TABLES, MemoryStore, PrunableStore, QueueRegistry, Store, open_store
 from .operations import MAX_PAGE, InvalidCursor, Operations, SagaView, encode_cursor
 
 _broker = click.option(
@@ -459,12 +459,23 @@ def check_definitions(app: str, store: str, shared_store: bool, exchange: str | 
     from ._versions import check
 
     loaded = _load_app(app)
+    on = exchange or loaded.exchange
     with _existing_store(store) as opened:
         definitions = SagaEngine(loaded.sagas, opened).definitions
-        routes = request_routes(opened, loaded, exchange or loaded.exchange)
+        routes = request_routes(opened, loaded, on)
         report = check(
             definitions, opened, shared_store=shared_store, unhandled=None if routes is None else routes.unhandled
         )
+        if routes is not None and not routes.rows and isinstance(opened, QueueRegistry):
+            others = opened.registered_exchanges()
+            if others:
+                # (nothing to judge requests by on this exchange: a deploy check that forgot --exchange)
+                click.echo(
+                    f"note: the store's queue registry holds no queue of exchange {on!r}, only of "
+                    f"{', '.join(map(repr, others))}: whether requests are still handled was not checked; "
+                    "pass the --exchange the workers use",
+                    err=True,
+                )
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:
@@ -793,9 +804,12 @@ def prune_command(app: str, store: str, dry_run: bool, wait_seconds: float) -> N
                 deadline = time.monotonic() + wait_seconds
                 while not pruner.elect():
                     if time.monotonic() >= deadline:
+                        waited = f" after waiting {wait_seconds:g} s" if wait_seconds else ""
+                        more = "a longer --wait" if wait_seconds else "--wait"
                         click.echo(
-                            "another pruner holds the store's pruner lease (a worker's, or another `sagas prune`): "
-                            "nothing was deleted (run workers with --no-prune to prune from here, or pass --wait)",
+                            "another pruner holds the store's pruner lease (a worker's, or another `sagas prune`)"
+                            f"{waited}: nothing was deleted (run workers with --no-prune to prune from here, or pass "
+                            f"{more})",
                             err=True,
                         )
                         sys.exit(EXIT_PRUNER_BUSY)

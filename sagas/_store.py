@@ -270,6 +270,10 @@ class QueueRegistry(Protocol):
         """Drop the record of ``queue`` declared by ``app`` (nothing if there is none)."""
         ...
 
+    def registered_exchanges(self) -> list[str]:
+        """The exchanges the registry holds records of, sorted."""
+        ...
+
 
 @runtime_checkable
 class Store(InboxStore, Protocol):
@@ -672,6 +676,10 @@ class MemoryStore:
     def forget_queue(self, exchange: str, queue: str, app: str) -> None:
         with self._lock:
             self._queues.pop((exchange, queue, app), None)
+
+    def registered_exchanges(self) -> list[str]:
+        with self._lock:
+            return sorted({key[0] for key in self._queues})
 
     def _read(self, r: SagaRecord) -> SagaRecord:
         data, meta = json.loads(self._documents[r.id])
@@ -1521,6 +1529,10 @@ class _SqlStore:
             QueueRecord(r[0], r[1], r[2], r[3], tuple(json.loads(r[4])), tuple(json.loads(r[5])), float(r[6]))
             for r in rows
         ]
+
+    def registered_exchanges(self) -> list[str]:
+        rows = self._execute(f"SELECT DISTINCT exchange FROM queue_registry ORDER BY exchange {_C_MARK}").fetchall()
+        return [str(r[0]) for r in rows]
 
     def forget_queue(self, exchange: str, queue: str, app: str) -> None:
         with self._atomic():

@@ -31,6 +31,7 @@ def test_registered_queues_round_trip_per_exchange(registry: Store) -> None:
     assert [(r.queue, r.app) for r in got] == [("ex.saga.a", "app0"), ("ex.saga.a", "app1"), ("ex.saga.b", "app1")]
     assert got[0] == _rec("ex.saga.a", app="app0")
     assert [r.queue for r in registry.registered_queues("other")] == ["other.saga.a"]
+    assert registry.registered_exchanges() == ["ex", "other"]
 
 
 def test_registering_again_refreshes_the_row(registry: Store) -> None:

@@ -492,6 +492,8 @@ def test_sagas_prune_takes_the_pruner_lease_and_exits_3_while_another_holds_it(s
         waited = runner.invoke(cli, [*args, "--wait", "0.3"])
         assert waited.exit_code == 3, waited.output
         assert time.monotonic() - started >= 0.3
+        assert "lease (a worker's, or another `sagas prune`) after waiting 0.3 s" in waited.output
+        assert "or pass a longer --wait)" in waited.output
         assert check.seen("svc.h", "old")
         dry = runner.invoke(cli, [*args, "--dry-run"])  # takes no lease
         assert dry.exit_code == 0, dry.output

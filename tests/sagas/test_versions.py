@@ -774,6 +774,8 @@ def test_sagas_check_and_run_refuse_a_request_no_longer_handled(apps: str, tmp_p
     assert f"STRANDED trip/booking_flight: 1 saga(s) ({ids[0]}): they wait for the reply to {FLIGHT}" in text.output
     other = runner.invoke(cli, ["check", "versions_apps:unhandled", "--store", apps, "--exchange", "elsewhere"])
     assert other.exit_code == 0, other.output
+    # (a deploy check run without the workers' exchange is told so: nothing to judge requests by there)
+    assert "note: the store's queue registry holds no queue of exchange 'elsewhere', only of 'sagas'" in other.output
     env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.getcwd()}"}
     run = [sys.executable, "-m", "sagas", "run", "versions_apps:unhandled", "--broker", "memory://", "--store", apps]
     done = subprocess.run(run, capture_output=True, text=True, env=env, timeout=60)
