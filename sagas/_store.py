@@ -1531,8 +1531,8 @@ class _SqlStore:
         ]
 
     def registered_exchanges(self) -> list[str]:
-        rows = self._execute(f"SELECT DISTINCT exchange FROM queue_registry ORDER BY exchange {_C_MARK}").fetchall()
-        return [str(r[0]) for r in rows]
+        rows = self._execute("SELECT DISTINCT exchange FROM queue_registry").fetchall()
+        return sorted(str(r[0]) for r in rows)
 
     def forget_queue(self, exchange: str, queue: str, app: str) -> None:
         with self._atomic():
