@@ -303,12 +303,10 @@ class HandlerPipeline:
                 [(spec.key, event.id) for spec, _, event, _ in pending], self.owner, now + self.lease, now
             )
         except (ConnectionLost, KeyboardInterrupt):
-            self.drop_claims_pending(pending)
+            self._drop_claims_pending(pending)
             raise
         except Exception as exc:  # noqa: BLE001 - e.g. the store is restarting: try them later
-            self.drop_claims_pending(pending)
-            for _, inbound, _, _ in pending:
-                self.give_back(inbound, exc)
+            self._give_back_pending(pending, set(), exc)
             return [], None
         mine = [p for p in pending if (p[0].key, p[2].id) in won]
         try:
@@ -317,12 +315,10 @@ class HandlerPipeline:
                 [(spec.key, event.id) for spec, _, event, _ in mine if spec.replies and spec.cache_replies],
             )
         except (ConnectionLost, KeyboardInterrupt):
-            self.drop_claims_pending(pending, won)
+            self._drop_claims_pending(pending, won)
             raise
         except Exception as exc:  # noqa: BLE001 - e.g. the store failed on the read: try them later
-            self.drop_claims_pending(pending, won)
-            for _, inbound, _, _ in pending:
-                self.give_back(inbound, exc)
+            self._give_back_pending(pending, won, exc)
             return [], None
         work: list[Work] = []
         for i, (spec, inbound, event, generation) in enumerate(pending):
@@ -332,14 +328,14 @@ class HandlerPipeline:
                 try:
                     self._hold_back(spec, event, generation, inbound)
                 except ConnectionLost as lost:
-                    self.drop_claims_pending(pending[i + 1 :], won)
+                    self._drop_claims_pending(pending[i + 1 :], won)
                     return work, lost
                 continue
             self._claimed.add(key)
             try:
                 answered = self._answer(spec, event, inbound, key in seen, cached.get(key))
             except ConnectionLost as lost:
-                self.drop_claims_pending(pending[i:], won)
+                self._drop_claims_pending(pending[i:], won)
                 return work, lost
             if answered:
                 self._release(*key)
@@ -348,7 +344,14 @@ class HandlerPipeline:
             work.append((spec, inbound, event, generation))
         return work, None
 
-    def drop_claims_pending(self, pending: Sequence[Work], claimed: Collection[tuple[str, str]] = ()) -> None:
+    def _give_back_pending(self, pending: Sequence[Work], claimed: Collection[tuple[str, str]], exc: Exception) -> None:
+        """The store failed while the messages of a turn were claimed or read: give them all back (see
+        :meth:`give_back`), their claims taken so far released."""
+        self._drop_claims_pending(pending, claimed)
+        for _, inbound, _, _ in pending:
+            self.give_back(inbound, exc)
+
+    def _drop_claims_pending(self, pending: Sequence[Work], claimed: Collection[tuple[str, str]] = ()) -> None:
         """Give up messages admitted up to their claim: they did not start, nothing acked them, and the
         broker redelivers them. Those of them ``claimed`` already are released."""
         for spec, _, event, _ in pending:

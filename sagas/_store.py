@@ -47,8 +47,9 @@ RETAINED_TABLES = ("sagas", "saga_history", "outbox", "inbox", "reply_cache")
 
 #: The most ids :meth:`Store.last_reasons` (or keys :meth:`Store.find_sagas`) reads in one statement
 #: (SQLite allows 32,766 parameters).
-def _by_consumer(pairs: Sequence[tuple[str, str]]) -> Iterator[tuple[str, list[str]]]:
-    """``(consumer, message_id)`` pairs as each consumer's ids, in chunks of at most ``_ID_CHUNK``."""
+def _grouped(pairs: Sequence[tuple[str, str]]) -> Iterator[tuple[str, list[str]]]:
+    """Pairs ``(consumer, message_id)`` (or ``(saga type, key)``) as the seconds of each first, in
+    chunks of at most ``_ID_CHUNK``: one ``first = ? AND second IN (...)`` statement each."""
     ids: dict[str, list[str]] = {}
     for consumer, message_id in dict.fromkeys(pairs):
         ids.setdefault(consumer, []).append(message_id)
@@ -461,12 +462,7 @@ class MemoryStore:
         self._replies.setdefault((consumer, request_id), (body, self.clock()))
 
     def claim(self, consumer: str, message_id: str, owner: str, until: float, now: float) -> bool:
-        with self._lock:
-            held = self._claims.get((consumer, message_id))
-            if held is not None and held[0] != owner and held[1] >= now:
-                return False
-            self._claims[(consumer, message_id)] = (owner, until)
-            return True
+        return (consumer, message_id) in self.claim_many([(consumer, message_id)], owner, until, now)
 
     def claim_many(
         self, claims: Sequence[tuple[str, str]], owner: str, until: float, now: float
@@ -1007,16 +1003,7 @@ class _SqlStore:
 
     def claim(self, consumer: str, message_id: str, owner: str, until: float, now: float) -> bool:
         # One statement, committed at once: a new claim, or one taken over (expired, or already ours).
-        with self._atomic():
-            return self._count(self._claim(consumer, message_id, owner, until, now)) == 1
-
-    def _claim(self, consumer: str, message_id: str, owner: str, until: float, now: float) -> Any:
-        return self._execute(
-            "INSERT INTO claims (consumer, message_id, owner, expires_at) VALUES (?, ?, ?, ?)"
-            " ON CONFLICT (consumer, message_id) DO UPDATE SET owner = excluded.owner,"
-            " expires_at = excluded.expires_at WHERE claims.expires_at < ? OR claims.owner = excluded.owner",
-            (consumer, message_id, owner, until, now),
-        )
+        return (consumer, message_id) in self.claim_many([(consumer, message_id)], owner, until, now)
 
     def claim_many(
         self, claims: Sequence[tuple[str, str]], owner: str, until: float, now: float
@@ -1042,14 +1029,14 @@ class _SqlStore:
         self, inbox: Sequence[tuple[str, str]], replies: Sequence[tuple[str, str]]
     ) -> tuple[set[tuple[str, str]], dict[tuple[str, str], str]]:
         seen: set[tuple[str, str]] = set()
-        for consumer, ids in _by_consumer(inbox):
+        for consumer, ids in _grouped(inbox):
             rows = self._execute(
                 f"SELECT message_id FROM inbox WHERE consumer = ? AND message_id IN ({', '.join('?' for _ in ids)})",
                 (consumer, *ids),
             ).fetchall()
             seen.update((consumer, str(r[0])) for r in rows)
         cached: dict[tuple[str, str], str] = {}
-        for consumer, ids in _by_consumer(replies):
+        for consumer, ids in _grouped(replies):
             rows = self._execute(
                 "SELECT request_id, body FROM reply_cache WHERE consumer = ? AND request_id IN"
                 f" ({', '.join('?' for _ in ids)})",
@@ -1202,21 +1189,16 @@ class _SqlStore:
         return out
 
     def find_sagas(self, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], SagaRecord]:
-        by_type: dict[str, list[str]] = {}
-        for saga_type, key in dict.fromkeys(keys):
-            by_type.setdefault(saga_type, []).append(key)
         out: dict[tuple[str, str], SagaRecord] = {}
-        for saga_type, wanted in by_type.items():
-            for start in range(0, len(wanted), _ID_CHUNK):
-                chunk = wanted[start : start + _ID_CHUNK]
-                # (type = ? AND key IN (...): the (type, key) unique index serves it)
-                rows = self._execute(
-                    f"SELECT {_SAGA_COLUMNS} FROM sagas WHERE type = ? AND key IN ({', '.join('?' for _ in chunk)})",
-                    (saga_type, *chunk),
-                ).fetchall()
-                for row in rows:
-                    record = _record(row)
-                    out[(record.type, record.key)] = record
+        for saga_type, chunk in _grouped(keys):
+            # (type = ? AND key IN (...): the (type, key) unique index serves it)
+            rows = self._execute(
+                f"SELECT {_SAGA_COLUMNS} FROM sagas WHERE type = ? AND key IN ({', '.join('?' for _ in chunk)})",
+                (saga_type, *chunk),
+            ).fetchall()
+            for row in rows:
+                record = _record(row)
+                out[(record.type, record.key)] = record
         return out
 
     def due_sagas(self, now: float, limit: int, types: Sequence[str] | None = None) -> list[SagaRecord]:
