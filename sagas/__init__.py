@@ -7,6 +7,7 @@ delivery guarantee each subscription picked.
 from transport import Event, EventBus
 
 from ._errors import ActionRefused, ConfigurationError, Failure, NoReply, NotFound, Reject, SagasError, StoreError
+from ._gc import tune_gc
 from ._logging import configure_logging
 from ._retention import Pruner, Retention
 from ._saga import (
@@ -99,4 +100,5 @@ __all__ = [
     "configure_logging",
     "open_store",
     "set_data",
+    "tune_gc",
 ]

@@ -33,6 +33,7 @@ from typing import Any
 
 from transport import Event, EventBus, redact_url
 
+from ._gc import tune_gc
 from ._logging import configure_logging
 from ._saga import SagaContext, Start, Step, StepSaga
 from ._service import App, Service
@@ -282,6 +283,7 @@ def events_worker(
     store = open_store("memory://")
     worker = Worker(events_app(exchange, collector, async_handlers), broker=broker, store=store, prune=False)
     with _observed(variant, worker, store) as seen, worker.running():
+        tune_gc()  # (as `sagas run` does)
         ready.set()
         collector.done.wait(600)
     results.put({**collector.report(), "spans": seen["spans"], "console_pages": seen.get("console_pages", 0)})
@@ -309,6 +311,7 @@ def bench_events(broker: str, n: int, variant: str | None = None, async_handlers
         store = open_store("memory://")
         worker = Worker(events_app(exchange, collector, async_handlers), broker=broker, store=store, prune=False)
         with _observed(variant or "off", worker, store) as seen, worker.running():
+            tune_gc()  # (this process is the worker's, as with `sagas run`)
             t0, t1 = _publish_events(bus, n)
             collector.done.wait(600)
         got = {**collector.report(), "spans": seen["spans"], "console_pages": seen.get("console_pages", 0)}
@@ -605,6 +608,7 @@ def run_saga_worker(
     worker = Worker(sagas_app(exchange), broker=broker, store=store, prune=False)
     # the sampler opens its own connection, as with ``sagas run --metrics-port``
     with _observed(variant, worker, store_url) as seen, worker.running():
+        tune_gc()  # (as `sagas run` does)
         ready.set()
         stop.wait(3600)
     results.put({**store.report(worker), "spans": seen["spans"], "console_pages": seen.get("console_pages", 0)})
@@ -631,6 +635,7 @@ def bench_sagas(
         store = _CountingStore(inner)
         worker = Worker(sagas_app(exchange), broker=broker, store=store, prune=False)
         with _observed(variant or "off", worker, inner) as seen, worker.running():
+            tune_gc()  # (this process is the worker's, as with `sagas run`)
             t0 = _publish_and_wait(bus, starts, store, n)
             t1 = time.time()
             records = own_sagas(store, exchange)  # (the worker closes the store it was given)

@@ -37,6 +37,7 @@ from typing import Any
 from transport import Event, EventBus, redact_url
 
 from . import _bench
+from ._gc import tune_gc
 from ._store import open_store
 from ._worker import Worker
 
@@ -130,6 +131,7 @@ def events(broker: str, rate: int, seconds: float) -> dict[str, Any]:
         app = _bench.events_app(exchange, collector)
         worker = Worker(app, broker=broker, store=open_store("memory://"), prune=False)
         with worker.running():
+            tune_gc()  # (this process is the worker's, as with `sagas run`)
             t0, t1, sent = paced(rate, WARMUP + seconds, send)
             collector.done.wait(600)
         got = collector.report()
@@ -190,6 +192,7 @@ def sagas(broker: str, rate: int, seconds: float) -> dict[str, Any]:
         store = open_store("memory://")
         worker = Worker(_bench.sagas_app(exchange), broker=broker, store=store, prune=False)
         with worker.running():
+            tune_gc()  # (this process is the worker's, as with `sagas run`)
             t0, t1, sent = paced(rate, WARMUP + seconds, send)
             _bench.wait_final(store, 0, n)
             records = _bench.own_sagas(store, exchange)

@@ -363,6 +363,13 @@ def cli(log_json: bool, log_level: str) -> None:
     type=click.FloatRange(min=0, min_open=True),
     help="Warn (handler.blocked_loop) when an async def handler runs this many seconds without awaiting.",
 )
+@click.option(
+    "--no-gc-tuning",
+    is_flag=True,
+    envvar="SAGAS_NO_GC_TUNING",
+    help="Keep CPython's garbage-collector settings (by default the worker freezes the loaded app out of "
+    "the collector's reach and collects less often: see docs/performance.md). Env: SAGAS_NO_GC_TUNING.",
+)
 def run(
     app: str,
     broker: str,
@@ -379,6 +386,7 @@ def run(
     allow_stranded: bool,
     shared_store: bool,
     slow_callback_duration: float,
+    no_gc_tuning: bool,
 ) -> None:
     """Run every service of APP (module:attribute) until SIGTERM or SIGINT.
 
@@ -391,6 +399,7 @@ def run(
       sagas run sagas.examples.notifications:app --broker amqp://guest:guest@localhost//
       sagas run sagas.examples.notifications:app --metrics-port 9464   # /metrics, /livez, /readyz
     """
+    from ._gc import tune_gc
     from ._store import open_store
     from ._worker import Worker
 
@@ -424,6 +433,8 @@ def run(
             metrics.serve(metrics_port, metrics_host)
         except OSError as exc:
             _usage_error(f"--metrics-port {metrics_port}: {exc}")
+    if not no_gc_tuning:
+        tune_gc()  # (the app is loaded: freeze it)
     try:
         code = worker.run(install_signals=True)
     finally:

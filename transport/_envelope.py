@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -52,9 +53,23 @@ def _finite_float(text: str) -> float:
 _decoder = json.JSONDecoder(parse_constant=_no_constant, parse_float=_finite_float)
 
 
+#: Ids drawn ahead, from one read of the OS's random source. ``os.urandom`` releases the GIL: one call per
+#: event let a busy worker thread take the interpreter from the publishing one at every event, for up to
+#: the switch interval (5 ms). ``deque`` appends and pops are atomic, so threads share the pool safely.
+_ids: deque[str] = deque()
+_IDS_PER_READ = 256
+# A forked child must not hand out the ids its parent will hand out too.
+os.register_at_fork(after_in_child=_ids.clear)
+
+
 def new_id() -> str:
     """A new random event id: 128 random bits as 32 hex digits (the form of ``uuid.uuid4().hex``)."""
-    return os.urandom(16).hex()
+    try:
+        return _ids.popleft()
+    except IndexError:
+        digits = os.urandom(16 * _IDS_PER_READ).hex()
+        _ids.extend([digits[i : i + 32] for i in range(32, len(digits), 32)])
+        return digits[:32]
 
 
 def _now() -> datetime:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import string
 from datetime import UTC, datetime, timedelta, timezone
@@ -21,6 +22,7 @@ from transport import (
     InvalidEvent,
     decode,
     encode,
+    new_id,
 )
 
 FIELDS = ("id", "type", "source", "time", "correlation_id", "causation_id", "headers", "payload")
@@ -534,3 +536,27 @@ def test_follow_up_of_a_root_event_is_correlated_by_the_root_id() -> None:
     grandchild = root.follow_up("a.b.d").follow_up("a.b.e")
     assert grandchild.correlation_id == "root"
     assert grandchild.causation_id != "root"
+
+
+def test_new_ids_are_32_hex_digits_and_unique_across_several_reads_of_the_random_source() -> None:
+    ids = [new_id() for _ in range(2_000)]  # (several pools of drawn-ahead ids)
+    assert len(set(ids)) == len(ids)
+    assert all(len(i) == 32 and set(i) <= set(string.hexdigits.lower()) for i in ids)
+
+
+def test_a_forked_child_does_not_hand_out_the_ids_its_parent_drew_ahead() -> None:
+    new_id()  # (the pool holds ids drawn ahead)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next ids, to the parent
+        os.close(read)
+        os.write(write, "".join(new_id() for _ in range(10)).encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        child = pipe.read()
+    os.waitpid(pid, 0)
+    theirs = {child[i : i + 32] for i in range(0, len(child), 32)}
+    ours = {new_id() for _ in range(10)}
+    assert len(theirs) == 10
+    assert not theirs & ours
