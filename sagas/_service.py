@@ -159,11 +159,12 @@ class HandlerSpec:
     #: a request handler (``@svc.handles``): its return value is the reply
     replies: bool = False
     cache_replies: bool = False
+    #: stable identity of the handler: ``service.name`` (the inbox is keyed by it; read several times per
+    #: message, so it is built once)
+    key: str = field(init=False, repr=False, compare=False)
 
-    @property
-    def key(self) -> str:
-        """Stable identity of the handler: ``service.name`` (the inbox is keyed by it)."""
-        return f"{self.service}.{self.name}"
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "key", f"{self.service}.{self.name}")
 
     def subscription(self, exchange: str, instance: str) -> Subscription:
         queue = f"{exchange}.{self.service}.{self.name}"
