@@ -181,4 +181,5 @@ def test_dead_letters_read_again_after_the_idle_connection_broke(amqp_url: str, 
             assert act(None) == []
             assert bus.connection is not again
     finally:
+        bus.delete_topology()  # (its dead-letter queue and exchange, on the machine's RabbitMQ)
         bus.close()
