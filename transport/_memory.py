@@ -16,9 +16,9 @@ import itertools
 import logging
 import threading
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable
-from queue import Empty, Queue
+from queue import Empty
 from typing import Any, ClassVar
 
 from amqp.exceptions import NotFound
@@ -60,6 +60,33 @@ class QoS(virtual.QoS):
         super().restore_unacked_once(stderr=_KombuLog() if stderr is None else stderr)
 
 
+class MessageQueue:
+    """A queue of the in-process broker: ``queue.Queue``'s calls that kombu's memory channel makes, on a
+    bare deque. Nothing ever blocks on these queues (the channel polls them), so the lock and the two
+    conditions of ``queue.Queue`` were taken and notified for every message for nothing; ``deque``
+    appends and pops are atomic on their own."""
+
+    __slots__ = ("queue",)
+
+    def __init__(self) -> None:
+        self.queue: deque[Any] = deque()
+
+    def put(self, item: Any) -> None:
+        self.queue.append(item)
+
+    def get(self, block: bool = False, timeout: float | None = None) -> Any:
+        try:
+            return self.queue.popleft()
+        except IndexError:
+            raise Empty() from None
+
+    def qsize(self) -> int:
+        return len(self.queue)
+
+    def empty(self) -> bool:
+        return not self.queue
+
+
 class Channel(memory.Channel):
     """Memory channel with TTL + dead-lettering, auto-delete queues and mandatory routing."""
 
@@ -98,7 +125,7 @@ class Channel(memory.Channel):
                 f"PRECONDITION_FAILED - queue {queue!r} exists with arguments {known}, not {args}. Changing "
                 "them is a migration: drain and delete the old queue, or give the handler a new name="
             )
-        super()._new_queue(queue, **kwargs)
+        self._queue_for(queue)
 
     def queue_declare(self, queue: str | None = None, passive: bool = False, **kwargs: Any) -> Any:
         if passive and queue is not None and queue in self.queues:
@@ -116,10 +143,10 @@ class Channel(memory.Channel):
     def _has_queue(self, queue: str, **kwargs: Any) -> bool:
         return queue in self.queues
 
-    def _queue_for(self, queue: str) -> Queue[Any]:
-        found: Queue[Any] | None = self.queues.get(queue)
+    def _queue_for(self, queue: str) -> MessageQueue:
+        found: MessageQueue | None = self.queues.get(queue)
         if found is None:
-            found = self.queues.setdefault(queue, Queue())
+            found = self.queues.setdefault(queue, MessageQueue())
         return found
 
     def _put(self, queue: str, message: Any, **kwargs: Any) -> None:
