@@ -43,6 +43,18 @@ class TopicExchange(_KombuTopicExchange):
     def prepare_bind(self, queue: str, exchange: str, routing_key: str, arguments: Any) -> tuple[str, str, str]:
         return routing_key, routing_key, queue
 
+    def deliver(self, message: Any, exchange: str, routing_key: str, **kwargs: Any) -> None:
+        # kombu's, but the last queue takes the published message itself (it was built for this publish,
+        # and nothing holds it after): only the others need a copy of their own (see Channel._put)
+        # (the channel is this module's Channel: its _lookup and _put, as kombu's exchange types call them)
+        channel = self.channel
+        found = channel._lookup(exchange, routing_key)  # noqa: SLF001
+        queues = [q for q in found if q and q != channel.deadletter_queue]
+        for queue in queues[:-1]:
+            channel._put(queue, message, **kwargs)  # noqa: SLF001
+        if queues:
+            channel._put(queue=queues[-1], message=message, handed_over=True, **kwargs)  # noqa: SLF001
+
 
 class _KombuLog(io.TextIOBase):
     """The stream kombu's QoS prints to when it restores unacked messages at close: kombu before 5.7
@@ -149,12 +161,14 @@ class Channel(memory.Channel):
             found = self.queues.setdefault(queue, MessageQueue())
         return found
 
-    def _put(self, queue: str, message: Any, **kwargs: Any) -> None:
+    def _put(self, queue: str, message: Any, handed_over: bool = False, **kwargs: Any) -> None:
         # kombu hands every queue a message is routed to the same dict, delivery tag included; each queue
         # needs its own copy and tag, or marking a delivery's source queue (or dead-lettering it) in one
         # queue changes the others, and two copies delivered on one channel share a tag: the second
-        # hid the first from the unacked messages that a closing channel gives back.
-        message = _own_copy(message)
+        # hid the first from the unacked messages that a closing channel gives back. (``handed_over``:
+        # the caller gives this queue the message itself, which nothing else holds.)
+        if not handed_over:
+            message = _own_copy(message)
         message["properties"]["delivery_tag"] = self._next_delivery_tag()
         if queue not in self.queues:
             # RabbitMQ drops a message sent to a queue that does not exist; so do we.
