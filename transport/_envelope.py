@@ -33,6 +33,7 @@ MAX_HEADERS = 64
 MAX_HEADER_LENGTH = 1024
 
 _FIELDS = ("id", "type", "source", "time", "correlation_id", "causation_id", "headers", "payload")
+_FIELD_SET = frozenset(_FIELDS)
 # ASCII output: every string, lone surrogates included, survives the round trip as an escape.
 _encoder = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), allow_nan=False)
 
@@ -237,11 +238,11 @@ def decode(body: bytes | str, content_type: str | None, max_size: int = DEFAULT_
         raise DecodeError("body is nested too deeply") from None
     if not isinstance(data, dict):
         raise DecodeError(f"body must be a JSON object, not {type(data).__name__}")
-    missing = [f for f in _FIELDS if f not in data]
-    if missing:
-        raise DecodeError(f"envelope is missing field(s): {', '.join(missing)}")
-    extra = sorted(set(data) - set(_FIELDS))
-    if extra:
+    if data.keys() != _FIELD_SET:
+        missing = [f for f in _FIELDS if f not in data]
+        if missing:
+            raise DecodeError(f"envelope is missing field(s): {', '.join(missing)}")
+        extra = sorted(set(data) - _FIELD_SET)
         raise DecodeError(f"envelope has unknown field(s): {', '.join(extra[:5])}")
     for name in ("id", "type", "source", "time", "correlation_id"):
         if not isinstance(data[name], str):
