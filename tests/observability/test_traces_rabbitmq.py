@@ -26,6 +26,8 @@ from tests.observability.spanfile import span_record
 ROOT = Path(__file__).resolve().parents[2]
 UPLOADS = 8
 WORKERS = 2
+#: seconds for every saga to end, with room for two of an upload's steps to run out of retries
+FINAL_WITHIN = 360
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.slow]
 
@@ -118,7 +120,11 @@ def test_every_span_of_one_upload_is_in_one_trace_and_one_tree_across_two_worker
             sagas = store.list_sagas()
             return len(sagas) == UPLOADS and all(s.final for s in sagas)
 
-        _wait(final, 150, f"{UPLOADS} sagas final", procs, tmp)
+        # Usually about 20 s. A request whose reply is dropped at all of its 5 attempts (0.3 ** 5 each, so
+        # about one run in 25 for 16 requests) ends only when its step's retries run out, which the
+        # example's schedule (5 s, backing off) puts about 160 s after the step began; then the saga
+        # reverts and finishes. Waiting for that keeps the run from failing on the dice.
+        _wait(final, FINAL_WITHIN, f"{UPLOADS} sagas final", procs, tmp)
         time.sleep(1.0)  # (the last spans of the last handlers are written after their settle)
     finally:
         _tracing.set_tracer_provider(None)
