@@ -159,6 +159,7 @@ class SagaFaults(FaultyWorld):
             )
         finally:
             self.h.close()
+            BROKEN.clear()  # (other tests run this app: no trip stays broken after the run)
 
     # -- what the world does ---------------------------------------------------------------------
 
