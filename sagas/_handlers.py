@@ -363,12 +363,18 @@ class HandlerPipeline:
 
     def _unclaimed(self, spec: HandlerSpec, key: tuple[str, str]) -> None:
         """A pending message does not run: free its handler's place and let its copies go on."""
-        self._running[spec.key] -= 1
-        waiting = self._waiting.get(spec.key)
+        self._place_freed(spec.key)
+        self._ready.extendleft(reversed(self._busy.pop(key, [])))
+
+    def _place_freed(self, handler: str) -> None:
+        """A message of ``handler`` no longer holds one of its places: the messages that waited for a
+        place go first again, all of them, in order (one that turns out to be a duplicate does not take
+        the free place, and must not keep the next one waiting for a settle that never comes)."""
+        self._running[handler] -= 1
+        waiting = self._waiting.get(handler)
         if waiting:
             self._ready.extendleft(reversed(waiting))
             waiting.clear()
-        self._ready.extendleft(reversed(self._busy.pop(key, [])))
 
     def _answered(self, spec: HandlerSpec, event: Event, inbound: Inbound) -> bool:
         """Ack a message handled before (inbox), or answer a request again with its cached reply."""
@@ -569,13 +575,7 @@ class HandlerPipeline:
         outcomes = [o for chunk in chunks for o in chunk]
         self._inflight -= len(outcomes)
         for o in outcomes:
-            self._running[o.spec.key] -= 1
-            waiting = self._waiting.get(o.spec.key)
-            if waiting:
-                # All of them, in order: one that turns out to be a duplicate does not take the free slot,
-                # and must not keep the next one waiting for a settle that never comes.
-                self._ready.extendleft(reversed(waiting))
-                waiting.clear()
+            self._place_freed(o.spec.key)
         try:
             settling = [s for o in outcomes if (s := self._decide(o, generation)) is not None]
             self._publish(settling)

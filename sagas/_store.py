@@ -22,7 +22,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 from urllib.parse import urlsplit
 
 from ._errors import ConfigurationError, StoreError
@@ -45,8 +45,10 @@ _AWAITS_POSTGRES = "(meta::jsonb #>> '{request,type}')"
 RETAINED_TABLES = ("sagas", "saga_history", "outbox", "inbox", "reply_cache")
 
 
-#: The most ids :meth:`Store.last_reasons` (or keys :meth:`Store.find_sagas`) reads in one statement
-#: (SQLite allows 32,766 parameters).
+#: an id of a statement's ``IN (...)`` list: a message, saga or outbox row id
+_Id = TypeVar("_Id", str, int)
+
+
 def _grouped(pairs: Sequence[tuple[str, str]]) -> Iterator[tuple[str, list[str]]]:
     """Pairs ``(consumer, message_id)`` (or ``(saga type, key)``) as the seconds of each first, in
     chunks of at most ``_ID_CHUNK``: one ``first = ? AND second IN (...)`` statement each."""
@@ -54,12 +56,21 @@ def _grouped(pairs: Sequence[tuple[str, str]]) -> Iterator[tuple[str, list[str]]
     for consumer, message_id in dict.fromkeys(pairs):
         ids.setdefault(consumer, []).append(message_id)
     for consumer, wanted in ids.items():
-        for start in range(0, len(wanted), _ID_CHUNK):
-            yield consumer, wanted[start : start + _ID_CHUNK]
+        for chunk in _chunked(wanted):
+            yield consumer, chunk
+
+
+def _chunked(ids: Sequence[_Id]) -> Iterator[list[_Id]]:
+    """``ids`` without repeats, in chunks of at most ``_ID_CHUNK``: one ``IN (...)`` statement each."""
+    wanted = list(dict.fromkeys(ids))
+    for start in range(0, len(wanted), _ID_CHUNK):
+        yield wanted[start : start + _ID_CHUNK]
 
 
 #: claims written by one statement of :meth:`_SqlStore.claim_many` (4 parameters each)
 _CLAIM_CHUNK = 200
+#: the most ids (or keys of one type) one ``IN (...)`` statement reads or updates: ``get_sagas``,
+#: ``find_sagas``, ``answers``, ``last_reasons``, ``mark_sent`` (SQLite allows 32,766 parameters)
 _ID_CHUNK = 500
 
 
@@ -1176,10 +1187,8 @@ class _SqlStore:
         return None if row is None else _record(row)
 
     def get_sagas(self, saga_ids: Sequence[str]) -> dict[str, SagaRecord]:
-        wanted = list(dict.fromkeys(saga_ids))
         out: dict[str, SagaRecord] = {}
-        for start in range(0, len(wanted), _ID_CHUNK):
-            chunk = wanted[start : start + _ID_CHUNK]
+        for chunk in _chunked(saga_ids):
             rows = self._execute(
                 f"SELECT {_SAGA_COLUMNS} FROM sagas WHERE id IN ({', '.join('?' for _ in chunk)})", chunk
             ).fetchall()
@@ -1326,10 +1335,8 @@ class _SqlStore:
         return [HistoryEntry(float(r[0]), r[1], r[2], r[3], r[4], r[5]) for r in rows]
 
     def last_reasons(self, saga_ids: Sequence[str]) -> dict[str, HistoryEntry]:
-        ids = list(dict.fromkeys(saga_ids))
         out: dict[str, HistoryEntry] = {}
-        for start in range(0, len(ids), _ID_CHUNK):
-            chunk = ids[start : start + _ID_CHUNK]
+        for chunk in _chunked(saga_ids):
             # (per saga, the greatest seq is one probe of the primary key (saga_id, seq))
             rows = self._execute(
                 "SELECT h.saga_id, h.at, h.message_id, h.from_state, h.to_state, h.reason, h.actor"
@@ -1366,8 +1373,7 @@ class _SqlStore:
     def mark_sent(self, ids: Sequence[int]) -> None:
         now = self.clock()
         with self._atomic():
-            for start in range(0, len(ids), 500):
-                chunk = ids[start : start + 500]
+            for chunk in _chunked(ids):
                 self._execute(
                     f"UPDATE outbox SET sent_at = ? WHERE id IN ({', '.join('?' for _ in chunk)})", (now, *chunk)
                 )
